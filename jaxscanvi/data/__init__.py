@@ -1,0 +1,6 @@
+"""AnnData -> validated registry -> arrays -> minibatches."""
+
+from .batch import Batch, DeviceCells, device_batch, host_batch, nnz_cap
+from .cells import CellData, cell_data
+from .registry import Registry, registry_of, setup_anndata
+from .synthetic import synthetic_atlas

@@ -1,0 +1,180 @@
+"""AnnData -> host arrays, read the way a registry says.
+
+`CellData` holds the counts as CSR (never densified whole) plus per-cell
+arrays. It is what every minibatch source draws from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.special import gammaln
+
+from ..errors import InputError
+from .registry import Registry, check_counts, counts_matrix
+
+
+@dataclass
+class CellData:
+    """Model inputs for N cells, on the host."""
+
+    X: sp.csr_matrix            # (N, G) float32 counts
+    batch: np.ndarray           # (N,) int32
+    labels: np.ndarray          # (N,) int32; n_labels marks "unlabelled"
+    cat_covs: np.ndarray        # (N, k) int32
+    cont_covs: np.ndarray       # (N, m) float32
+    log_size_factor: np.ndarray | None  # (N,) float32, or None
+    log_library: np.ndarray     # (N,) float32: log of total counts
+    lgamma_const: np.ndarray    # (N,) float32: sum_g lgamma(x_g + 1)
+    obs_names: pd.Index
+
+    @property
+    def n_obs(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def n_vars(self) -> int:
+        return self.X.shape[1]
+
+    def row_nnz(self) -> np.ndarray:
+        return np.diff(self.X.indptr)
+
+    def subset(self, idx: np.ndarray) -> CellData:
+        idx = np.asarray(idx)
+        return CellData(
+            X=self.X[idx], batch=self.batch[idx], labels=self.labels[idx],
+            cat_covs=self.cat_covs[idx], cont_covs=self.cont_covs[idx],
+            log_size_factor=None if self.log_size_factor is None else self.log_size_factor[idx],
+            log_library=self.log_library[idx], lgamma_const=self.lgamma_const[idx],
+            obs_names=self.obs_names[idx])
+
+
+def to_csr(X) -> sp.csr_matrix:
+    """A float32 CSR view/copy of X without densifying sparse input."""
+    if hasattr(X, "to_memory"):
+        X = X.to_memory()
+    if sp.issparse(X):
+        X = X.tocsr()
+        if X.dtype != np.float32:
+            X = X.astype(np.float32)
+    else:
+        X = sp.csr_matrix(np.asarray(X, dtype=np.float32))
+    X.sum_duplicates()
+    X.eliminate_zeros()
+    return X
+
+
+def encode(series: pd.Series, categories: tuple[str, ...], field: str, *,
+           extra: str | None = None) -> np.ndarray:
+    """Codes of ``series`` in ``categories``; ``extra`` maps to len(categories)."""
+    if series.isna().any():
+        raise InputError(field, "NaN", "the column has missing values",
+                         "fill them with a category of their own, or drop those cells")
+    values = series.astype(str).to_numpy()
+    lookup = {c: i for i, c in enumerate(categories)}
+    if extra is not None:
+        lookup[extra] = len(categories)
+    codes = np.fromiter((lookup.get(v, -1) for v in values), dtype=np.int32,
+                        count=len(values))
+    if (codes < 0).any():
+        unseen = sorted(set(values[codes < 0]))
+        raise InputError(field, unseen[:10], f"categories the model has never seen "
+                         f"(it knows {list(categories)[:12]})",
+                         "rename them to known categories, or map the new data as a query "
+                         "with load_query_data(...)")
+    return codes
+
+
+def check_var_names(adata, registry: Registry) -> None:
+    names = tuple(str(v) for v in adata.var_names)
+    if names == registry.var_names:
+        return
+    ours, theirs = set(registry.var_names), set(names)
+    missing = len(ours - theirs)
+    raise InputError(
+        "adata.var_names", f"{len(names)} genes ({missing} of the model's "
+        f"{len(ours)} missing)", "genes differ from the ones the model was trained on "
+        "(names or order)", "reorder/subset with adata[:, model.registry.var_names], or "
+        "use prepare_query_anndata(adata, model) to pad missing genes")
+
+
+def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellData:
+    """Read ``adata`` as ``registry`` says. Raises InputError on any mismatch."""
+    if adata.n_obs == 0:
+        raise InputError("adata.n_obs", 0, "the AnnData has no cells",
+                         "pass an AnnData with at least one cell")
+    if check_genes:
+        check_var_names(adata, registry)
+    raw = counts_matrix(adata, registry.layer)
+    field = f"adata.layers[{registry.layer!r}]" if registry.layer else "adata.X"
+    check_counts(raw, field, allow_noninteger=registry.allow_noninteger_counts)
+    X = to_csr(raw)
+    n = X.shape[0]
+    obs = adata.obs
+
+    def column(key: str, fname: str) -> pd.Series:
+        if key not in obs.columns:
+            raise InputError(fname, key, "not a column of adata.obs",
+                             "add the column the model was set up with")
+        return obs[key]
+
+    if registry.batch_key is not None:
+        batch = encode(column(registry.batch_key, "batch_key"), registry.batch_categories,
+                       f"adata.obs[{registry.batch_key!r}]")
+    else:
+        batch = np.zeros(n, np.int32)
+
+    if registry.labels_key is not None and registry.labels_key in obs.columns:
+        labels = encode(obs[registry.labels_key], registry.label_categories,
+                        f"adata.obs[{registry.labels_key!r}]",
+                        extra=registry.unlabeled_category)
+    elif registry.labels_key is not None and registry.unlabeled_category is not None:
+        labels = np.full(n, registry.n_labels, np.int32)  # query without labels
+    elif registry.labels_key is not None:
+        column(registry.labels_key, "labels_key")
+        raise AssertionError  # column() raised
+    else:
+        labels = np.zeros(n, np.int32)
+
+    cat_covs = np.zeros((n, len(registry.categorical_covariate_keys)), np.int32)
+    for j, (k, cats) in enumerate(zip(registry.categorical_covariate_keys,
+                                      registry.categorical_covariate_categories)):
+        cat_covs[:, j] = encode(column(k, "categorical_covariate_keys"), cats,
+                                f"adata.obs[{k!r}]")
+    cont_covs = np.zeros((n, len(registry.continuous_covariate_keys)), np.float32)
+    for j, k in enumerate(registry.continuous_covariate_keys):
+        col = column(k, "continuous_covariate_keys")
+        if not pd.api.types.is_numeric_dtype(col.dtype):
+            raise InputError(f"adata.obs[{k!r}]", str(col.dtype), "not numeric",
+                             "convert it with pd.to_numeric")
+        v = col.to_numpy(dtype=np.float64)
+        if not np.isfinite(v).all():
+            raise InputError(f"adata.obs[{k!r}]", "NaN", "NaN or inf values",
+                             "impute or drop those cells")
+        cont_covs[:, j] = v
+
+    log_sf = None
+    if registry.size_factor_key is not None:
+        sf = column(registry.size_factor_key, "size_factor_key").to_numpy(dtype=np.float64)
+        if not np.isfinite(sf).all() or (sf <= 0).any():
+            raise InputError(f"adata.obs[{registry.size_factor_key!r}]", "non-positive",
+                             "size factors must be finite and positive",
+                             "recompute the size factors")
+        log_sf = np.log(sf).astype(np.float32)
+
+    totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+    if (totals <= 0).any():
+        i = int(np.flatnonzero(totals <= 0)[0])
+        raise InputError(field, f"cell {adata.obs_names[i]!r} (row {i})",
+                         f"{int((totals <= 0).sum())} cell(s) have no counts",
+                         "drop cells with zero total counts before using the model")
+    # sum of lgamma(x+1) per row, via a cumulative sum (empty rows give 0)
+    cs = np.concatenate([[0.0], np.cumsum(gammaln(X.data.astype(np.float64) + 1.0))])
+    lg = cs[X.indptr[1:]] - cs[X.indptr[:-1]]
+    return CellData(
+        X=X, batch=batch, labels=labels, cat_covs=cat_covs, cont_covs=cont_covs,
+        log_size_factor=log_sf, log_library=np.log(totals).astype(np.float32),
+        lgamma_const=lg.astype(np.float32), obs_names=pd.Index(adata.obs_names))

@@ -1,0 +1,336 @@
+"""setup_anndata: validate an AnnData once and record how to read it.
+
+The record is a frozen, JSON-serialisable dataclass (`Registry`) kept in
+``adata.uns`` as a JSON string and saved with every model, so a model can read
+a new AnnData exactly as it read the training one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._version import FORMAT_VERSION
+from ..errors import InputError
+
+UNS_KEY = "_jaxscanvi_registry"
+
+
+@dataclass(frozen=True)
+class Registry:
+    """How to turn an AnnData into model inputs.
+
+    Categories are stored as strings in a fixed order; a code is the position
+    in that order. ``label_categories`` lists the classes only: the unlabelled
+    category, when there is one, is not a class and gets code
+    ``len(label_categories)``.
+    """
+
+    var_names: tuple[str, ...]
+    layer: str | None = None
+    batch_key: str | None = None
+    batch_categories: tuple[str, ...] = ("0",)
+    labels_key: str | None = None
+    label_categories: tuple[str, ...] = ("0",)
+    unlabeled_category: str | None = None
+    size_factor_key: str | None = None
+    categorical_covariate_keys: tuple[str, ...] = ()
+    categorical_covariate_categories: tuple[tuple[str, ...], ...] = ()
+    continuous_covariate_keys: tuple[str, ...] = ()
+    allow_noninteger_counts: bool = False
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.var_names)
+
+    @property
+    def n_batch(self) -> int:
+        return len(self.batch_categories)
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_categories)
+
+    @property
+    def n_cats_per_cov(self) -> tuple[int, ...]:
+        return tuple(len(c) for c in self.categorical_covariate_categories)
+
+    @property
+    def n_continuous_cov(self) -> int:
+        return len(self.continuous_covariate_keys)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Registry:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"registry has unknown fields {sorted(unknown)}")
+        d = dict(d)
+        for k in ("var_names", "batch_categories", "label_categories",
+                  "categorical_covariate_keys", "continuous_covariate_keys"):
+            if k in d:
+                d[k] = tuple(d[k])
+        if "categorical_covariate_categories" in d:
+            d["categorical_covariate_categories"] = tuple(
+                tuple(c) for c in d["categorical_covariate_categories"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> Registry:
+        return cls.from_dict(json.loads(s))
+
+    def replace(self, **changes: Any) -> Registry:
+        return dataclasses.replace(self, **changes)
+
+
+def counts_matrix(adata, layer: str | None):
+    """The counts matrix named by ``layer`` (``None`` means ``adata.X``)."""
+    if layer is None:
+        if adata.X is None:
+            raise InputError("layer", None, "adata.X is empty (None)",
+                             "pass layer= naming the layer that holds raw counts")
+        return adata.X
+    if layer not in adata.layers:
+        raise InputError(
+            "layer", layer, f"no such layer; adata.layers has {sorted(adata.layers.keys())}",
+            "pass the name of the layer holding raw counts, or layer=None for adata.X")
+    return adata.layers[layer]
+
+
+def _stored_values(X) -> np.ndarray:
+    """The explicitly stored values of a matrix, without densifying sparse ones."""
+    if sp.issparse(X):
+        return np.asarray(X.data)
+    if hasattr(X, "to_memory"):  # anndata backed sparse dataset
+        return np.asarray(X.to_memory().data)
+    return np.asarray(X).ravel()
+
+
+def check_counts(X, field: str, *, allow_noninteger: bool = False,
+                 chunk: int = 1 << 22) -> None:
+    """Raise if stored values are NaN/inf, negative, or (unless allowed) not integers."""
+    values = _stored_values(X)
+    for start in range(0, max(values.size, 1), chunk):
+        v = values[start:start + chunk]
+        if v.size == 0:
+            break
+        if not np.issubdtype(v.dtype, np.number):
+            raise InputError(field, str(v.dtype), "counts are not numeric",
+                             "store raw counts as an integer or float matrix")
+        finite = np.isfinite(v)
+        if not finite.all():
+            bad = v[~finite][0]
+            raise InputError(field, float(bad), "counts contain NaN or inf",
+                             "remove or repair the cells/genes with non-finite values")
+        if (v < 0).any():
+            raise InputError(field, float(v[v < 0][0]), "counts contain negative values",
+                             "pass raw (un-normalised, non-negative) counts")
+        if not allow_noninteger:
+            frac = v != np.round(v)
+            if frac.any():
+                raise InputError(
+                    field, float(v[frac][0]),
+                    "counts contain non-integer values (normalised or log data?)",
+                    "pass raw integer counts via layer=..., or setup_anndata(..., "
+                    "allow_noninteger_counts=True) to accept them with a warning")
+    if allow_noninteger and np.issubdtype(values.dtype, np.floating) and values.size:
+        if (values != np.round(values)).any():
+            warnings.warn(f"{field}: non-integer counts accepted "
+                          "(allow_noninteger_counts=True); the count likelihood assumes "
+                          "integers", UserWarning, stacklevel=3)
+
+
+def row_sums(X) -> np.ndarray:
+    if sp.issparse(X):
+        return np.asarray(X.sum(axis=1)).ravel()
+    return np.asarray(X).sum(axis=1).ravel()
+
+
+def categories_of(series: pd.Series, field: str) -> tuple[str, ...]:
+    """Categories actually present, in the column's category order (or sorted)."""
+    if series.isna().any():
+        first = series.index[series.isna().to_numpy()][0]
+        raise InputError(field, "NaN", f"the column has missing values (first at obs "
+                         f"'{first}', {int(series.isna().sum())} in all)",
+                         "fill them with a category of their own, e.g. .cat.add_categories"
+                         "('unknown').fillna('unknown'), or drop those cells")
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        present = set(series.cat.remove_unused_categories().cat.categories)
+        cats = [c for c in series.cat.categories if c in present]
+    else:
+        cats = sorted(pd.unique(series.to_numpy()), key=lambda v: (str(type(v)), v))
+    out = tuple(str(c) for c in cats)
+    if len(set(out)) != len(out):
+        raise InputError(field, list(cats), "categories collide once written as text",
+                         "rename the categories so that their string forms differ")
+    return out
+
+
+def _obs_column(adata, key: str, field: str) -> pd.Series:
+    if key not in adata.obs.columns:
+        close = [c for c in adata.obs.columns if c.lower() == str(key).lower()]
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(field, key, f"not a column of adata.obs{hint}; columns are "
+                         f"{list(adata.obs.columns)[:20]}",
+                         "pass the name of an existing adata.obs column")
+    return adata.obs[key]
+
+
+def setup_anndata(
+    adata,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    size_factor_key: str | None = None,
+    categorical_covariate_keys: Sequence[str] | None = None,
+    continuous_covariate_keys: Sequence[str] | None = None,
+    *,
+    unlabeled_category: str | None = None,
+    allow_noninteger_counts: bool = False,
+) -> Registry:
+    """Validate ``adata`` and store its registry in ``adata.uns``; also return it."""
+    registry = build_registry(
+        adata, layer=layer, batch_key=batch_key, labels_key=labels_key,
+        size_factor_key=size_factor_key,
+        categorical_covariate_keys=categorical_covariate_keys,
+        continuous_covariate_keys=continuous_covariate_keys,
+        unlabeled_category=unlabeled_category,
+        allow_noninteger_counts=allow_noninteger_counts)
+    adata.uns[UNS_KEY] = registry.to_json()
+    return registry
+
+
+def build_registry(
+    adata,
+    *,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    size_factor_key: str | None = None,
+    categorical_covariate_keys: Sequence[str] | None = None,
+    continuous_covariate_keys: Sequence[str] | None = None,
+    unlabeled_category: str | None = None,
+    allow_noninteger_counts: bool = False,
+) -> Registry:
+    if not hasattr(adata, "obs") or not hasattr(adata, "var_names"):
+        raise InputError("adata", type(adata).__name__, "not an AnnData",
+                         "pass an anndata.AnnData (e.g. anndata.read_h5ad(path))")
+    if adata.n_obs == 0:
+        raise InputError("adata.n_obs", 0, "the AnnData has no cells",
+                         "pass an AnnData with at least one cell")
+    if adata.n_vars == 0:
+        raise InputError("adata.n_vars", 0, "the AnnData has no genes",
+                         "pass an AnnData with at least one gene")
+    var_names = pd.Index(adata.var_names)
+    if var_names.has_duplicates:
+        dup = var_names[var_names.duplicated()][0]
+        raise InputError("adata.var_names", str(dup), "gene names are duplicated",
+                         "make them unique with adata.var_names_make_unique()")
+
+    X = counts_matrix(adata, layer)
+    field = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+    check_counts(X, field, allow_noninteger=allow_noninteger_counts)
+    sums = row_sums(X)
+    if (sums <= 0).any():
+        idx = int(np.flatnonzero(sums <= 0)[0])
+        raise InputError(
+            field, f"cell {adata.obs_names[idx]!r} (row {idx})",
+            f"{int((sums <= 0).sum())} cell(s) have no counts at all, so their library "
+            "size is zero", "drop them first, e.g. adata = adata[np.asarray("
+            f"{'adata.X' if layer is None else f'adata.layers[{layer!r}]'}.sum(1)).ravel()"
+            " > 0].copy()")
+
+    batch_cats: tuple[str, ...] = ("0",)
+    if batch_key is not None:
+        batch_cats = categories_of(_obs_column(adata, batch_key, "batch_key"),
+                                   f"adata.obs[{batch_key!r}]")
+
+    label_cats: tuple[str, ...] = ("0",)
+    if labels_key is not None:
+        col = _obs_column(adata, labels_key, "labels_key")
+        label_cats = categories_of(col, f"adata.obs[{labels_key!r}]")
+        if unlabeled_category is not None:
+            unl = str(unlabeled_category)
+            if unl not in label_cats:
+                present = set(str(c) for c in getattr(col.dtype, "categories", []))
+                where = "among the column's categories but no cell has it" \
+                    if unl in present else "not among the labels"
+                raise InputError(
+                    "unlabeled_category", unlabeled_category,
+                    f"{where} of adata.obs[{labels_key!r}] ({list(label_cats)[:12]}); "
+                    "every cell would count as labelled",
+                    "pass the value that marks unlabelled cells (e.g. 'Unknown'), or mark "
+                    "some cells with it")
+            label_cats = tuple(c for c in label_cats if c != unl)
+            if len(label_cats) == 0:
+                raise InputError("labels_key", labels_key,
+                                 "no cell has a label (all are the unlabelled category)",
+                                 "label at least two cell types")
+    elif unlabeled_category is not None:
+        raise InputError("labels_key", None, "unlabeled_category is given but labels_key "
+                         "is not", "pass labels_key naming the cell-type column")
+
+    if size_factor_key is not None:
+        sf = _obs_column(adata, size_factor_key, "size_factor_key")
+        vals = pd.to_numeric(sf, errors="coerce").to_numpy(dtype=float)
+        if not np.isfinite(vals).all() or (vals <= 0).any():
+            raise InputError(f"adata.obs[{size_factor_key!r}]", "non-positive or NaN",
+                             "size factors must be finite and positive",
+                             "recompute the size factors, or leave size_factor_key=None")
+
+    cat_keys = tuple(categorical_covariate_keys or ())
+    cat_cats = tuple(categories_of(_obs_column(adata, k, "categorical_covariate_keys"),
+                                   f"adata.obs[{k!r}]") for k in cat_keys)
+    cont_keys = tuple(continuous_covariate_keys or ())
+    for k in cont_keys:
+        col = _obs_column(adata, k, "continuous_covariate_keys")
+        if not pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype):
+            raise InputError(f"adata.obs[{k!r}]", str(col.dtype), "a continuous covariate "
+                             "must be numeric", "convert it with pd.to_numeric, or pass it "
+                             "in categorical_covariate_keys instead")
+        v = col.to_numpy(dtype=float)
+        if not np.isfinite(v).all():
+            raise InputError(f"adata.obs[{k!r}]", "NaN", "the continuous covariate has "
+                             "NaN or inf values", "impute or drop those cells")
+
+    for key, cats, fname in [(batch_key, batch_cats, "batch_key")]:
+        if key is not None:
+            counts = adata.obs[key].astype(str).value_counts()
+            single = [c for c in cats if counts.get(c, 0) == 1]
+            if single:
+                warnings.warn(f"{fname}: batch(es) {single[:5]} of adata.obs[{key!r}] have a "
+                              "single cell; their batch effect cannot be estimated",
+                              UserWarning, stacklevel=3)
+
+    return Registry(
+        var_names=tuple(str(v) for v in var_names),
+        layer=layer, batch_key=batch_key, batch_categories=batch_cats,
+        labels_key=labels_key, label_categories=label_cats,
+        unlabeled_category=None if unlabeled_category is None else str(unlabeled_category),
+        size_factor_key=size_factor_key,
+        categorical_covariate_keys=cat_keys, categorical_covariate_categories=cat_cats,
+        continuous_covariate_keys=cont_keys,
+        allow_noninteger_counts=allow_noninteger_counts)
+
+
+def registry_of(adata) -> Registry:
+    """The registry that setup_anndata stored in ``adata``."""
+    if UNS_KEY not in getattr(adata, "uns", {}):
+        raise InputError("adata", "not set up", "setup_anndata has not been run on this "
+                         "AnnData", "call SCVI.setup_anndata(adata, ...) (or "
+                         "SCANVI.setup_anndata) first")
+    return Registry.from_json(str(adata.uns[UNS_KEY]))

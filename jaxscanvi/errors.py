@@ -1,0 +1,25 @@
+"""Exceptions raised on bad input. Each names the field, the value and the fix."""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad user input, caught before anything is compiled."""
+
+    def __init__(self, field: str, value: object, problem: str, fix: str):
+        self.field = field
+        self.value = value
+        self.problem = problem
+        self.fix = fix
+        shown = repr(value)
+        if len(shown) > 120:
+            shown = shown[:117] + "..."
+        super().__init__(f"{field}={shown}: {problem}. Fix: {fix}")
+
+
+class ModelFormatError(ValueError):
+    """A folder that is not, or no longer, a readable jaxscanvi model."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf; the model keeps its last finite parameters."""

@@ -1,0 +1,199 @@
+"""Pickle-free, atomic, validated model folders.
+
+A folder holds ``metadata.json`` and the files it names. Parameter files are
+named by the sha256 of their bytes, written to a temporary file, fsynced and
+renamed; ``metadata.json`` is replaced last, by rename. A crash at any moment
+leaves ``metadata.json`` pointing at complete files: the earlier save, or the
+new one. Loading checks the format tag, the version and every checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from flax import serialization
+
+from ._version import FORMAT_VERSION, __version__
+from .errors import ModelFormatError
+
+FORMAT_TAG = "jaxscanvi-model"
+METADATA = "metadata.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old or the new file whole."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_folder(dir_path, metadata: dict[str, Any], blobs: dict[str, bytes], *,
+                 overwrite: bool, extra_files: dict[str, Path] | None = None) -> None:
+    """Write named byte blobs and metadata atomically into ``dir_path``.
+
+    ``extra_files`` are already-written files (e.g. an .h5ad) to move in under
+    a content-addressed name.
+    """
+    d = Path(dir_path)
+    if d.exists() and not d.is_dir():
+        raise FileExistsError(f"{d} exists and is not a folder")
+    if d.exists() and (d / METADATA).exists() and not overwrite:
+        raise FileExistsError(f"{d} already holds a saved model; pass overwrite=True to "
+                              "replace it")
+    d.mkdir(parents=True, exist_ok=True)
+    old_files = set(_listed_files(d))
+    files = {}
+    for name, data in blobs.items():
+        digest = sha256(data)
+        fname = f"{name}-{digest[:16]}.msgpack"
+        if not (d / fname).exists():
+            atomic_write_bytes(d / fname, data)
+        files[name] = {"file": fname, "sha256": digest}
+    for name, src in (extra_files or {}).items():
+        digest = _file_sha256(src)
+        fname = f"{name}-{digest[:16]}{''.join(Path(src).suffixes)}"
+        os.replace(src, d / fname)
+        files[name] = {"file": fname, "sha256": digest}
+    meta = {"format": FORMAT_TAG, "format_version": FORMAT_VERSION,
+            "jaxscanvi_version": __version__, **metadata, "files": files}
+    atomic_write_bytes(d / METADATA, json.dumps(meta, indent=1).encode())
+    keep = {f["file"] for f in files.values()}
+    for f in old_files - keep:
+        try:
+            os.unlink(d / f)
+        except OSError:
+            pass
+
+
+def _file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _listed_files(d: Path) -> list[str]:
+    try:
+        meta = json.loads((d / METADATA).read_text())
+        return [f["file"] for f in meta.get("files", {}).values()]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+
+
+def read_metadata(dir_path) -> dict[str, Any]:
+    d = Path(dir_path)
+    if not d.exists():
+        raise FileNotFoundError(f"no model folder at {str(d)!r}: the path does not exist. "
+                                "Fix: pass the folder given to model.save(...)")
+    if not d.is_dir():
+        raise ModelFormatError(f"{str(d)!r} is a file, not a model folder. Fix: pass the "
+                               "folder given to model.save(...)")
+    if not (d / METADATA).exists():
+        hint = (" It looks like a scvi-tools model (model.pt); load it with "
+                "from_scvi_tools(...)." if (d / "model.pt").exists() else "")
+        raise ModelFormatError(f"{str(d)!r} is not a jaxscanvi model folder: it has no "
+                               f"{METADATA}.{hint}")
+    try:
+        meta = json.loads((d / METADATA).read_text())
+    except ValueError as e:
+        raise ModelFormatError(f"{str(d / METADATA)!r} is damaged (not valid JSON: {e}). "
+                               "Fix: save the model again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_TAG:
+        raise ModelFormatError(f"{str(d)!r} is not a jaxscanvi model folder (format tag "
+                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFormatError(
+            f"{str(d)!r} was written with model format {version!r} (jaxscanvi "
+            f"{meta.get('jaxscanvi_version')}); this jaxscanvi {__version__} reads formats "
+            f"up to {FORMAT_VERSION}. Fix: upgrade jaxscanvi (pip install -U jaxscanvi)")
+    return meta
+
+
+def read_blob(dir_path, meta: dict[str, Any], name: str) -> bytes:
+    entry = meta.get("files", {}).get(name)
+    if entry is None:
+        raise ModelFormatError(f"{str(dir_path)!r}: metadata names no {name!r} file; the "
+                               "folder is damaged. Fix: save the model again")
+    path = Path(dir_path) / entry["file"]
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise ModelFormatError(f"{str(path)!r} is missing; the folder is damaged. Fix: "
+                               "save the model again") from None
+    if sha256(data) != entry["sha256"]:
+        raise ModelFormatError(f"{str(path)!r} does not match its checksum; the file is "
+                               "damaged. Fix: save the model again")
+    return data
+
+
+def file_path(dir_path, meta: dict[str, Any], name: str) -> Path | None:
+    entry = meta.get("files", {}).get(name)
+    if entry is None:
+        return None
+    path = Path(dir_path) / entry["file"]
+    if not path.exists() or _file_sha256(path) != entry["sha256"]:
+        raise ModelFormatError(f"{str(path)!r} is missing or damaged. Fix: save again")
+    return path
+
+
+def to_bytes(tree) -> bytes:
+    return serialization.msgpack_serialize(serialization.to_state_dict(tree))
+
+
+def from_bytes(template, data: bytes, what: str):
+    """Restore ``template``'s structure from bytes, checking every leaf's shape."""
+    import jax
+    import numpy as np
+    try:
+        raw = serialization.msgpack_restore(data)
+        tree = serialization.from_state_dict(template, raw)
+    except Exception as e:  # msgpack or structure mismatch
+        raise ModelFormatError(f"the saved {what} do not fit this model's structure "
+                               f"({type(e).__name__}: {e})") from None
+    bad = []
+
+    def check(path, t, v):
+        if np.shape(t) != np.shape(v):
+            bad.append(f"{jax.tree_util.keystr(path)}: {np.shape(v)} vs {np.shape(t)}")
+        return v
+
+    tree = jax.tree_util.tree_map_with_path(check, template, tree)
+    if bad:
+        raise ModelFormatError(f"saved {what} have wrong shapes: {bad[:5]}")
+    return tree

@@ -1,0 +1,3 @@
+"""User-facing model classes."""
+
+from .scvi import SCVI

@@ -1,0 +1,545 @@
+"""What SCVI and SCANVI share: data split, training, inference, save/load.
+
+The model classes are thin: they hold a registry, an architecture config, a
+linen module and its variables, and wire them to the pure loss and the
+training engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from .. import io
+from ..data.batch import host_batch
+from ..data.cells import CellData, cell_data
+from ..data.registry import Registry, registry_of
+from ..errors import InputError, ModelFormatError, NonFiniteLossError
+from ..train.loop import FitConfig, LoopState, fit, make_eval_step, make_train_step
+from ..train.sources import make_source
+from ..train.state import KLSchedule, TrainState, make_optimizer
+
+# Step functions by their full specification, so models with the same
+# architecture and settings share compiled code.
+_STEP_FNS: dict = {}
+
+
+def max_epochs_heuristic(n_obs: int, epochs_cap: int = 400,
+                         decay_at_n_obs: int = 20_000) -> int:
+    """scvi-tools' default: 400 epochs up to 20k cells, then fewer."""
+    return max(min(round((decay_at_n_obs / n_obs) * epochs_cap), epochs_cap), 1)
+
+
+def split_indices(n: int, train_size: float, validation_size: float | None,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """scvi-tools' DataSplitter: a seeded permutation, validation cells first."""
+    if not (isinstance(train_size, (int, float)) and 0 < train_size <= 1):
+        raise InputError("train_size", train_size, "must lie in (0, 1]",
+                         "pass e.g. train_size=0.9")
+    n_train = math.ceil(train_size * n)
+    if validation_size is None:
+        n_val = n - n_train
+    else:
+        if not (0 <= validation_size < 1) or train_size + validation_size > 1:
+            raise InputError("validation_size", validation_size,
+                             "must lie in [0, 1) with train_size + validation_size <= 1",
+                             "pass e.g. validation_size=0.1, or None for the rest")
+        n_val = math.floor(n * validation_size)
+    if n_train == 0:
+        raise InputError("train_size", train_size, "leaves no training cells",
+                         "increase train_size")
+    perm = np.random.RandomState(seed=seed).permutation(n)
+    return np.sort(perm[n_val:n_val + n_train]), np.sort(perm[:n_val])
+
+
+def check_positive_int(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise InputError(name, value, "must be a positive integer",
+                         f"pass e.g. {name}=128" if "batch" in name else f"pass {name}=1 "
+                         "or more")
+
+
+PLAN_KEYS = {"lr", "eps", "weight_decay", "n_epochs_kl_warmup", "n_steps_kl_warmup",
+             "max_kl_weight", "min_kl_weight", "reduce_lr_on_plateau", "lr_factor",
+             "lr_patience", "lr_threshold", "lr_min", "lr_scheduler_metric",
+             "classification_ratio", "objective", "sparse_likelihood"}
+
+
+class BaseModel:
+    """Shared machinery; use `SCVI` or `SCANVI`."""
+
+    _kind = "base"
+
+    # ----------------------------------------------------------------- setup
+    def _init_common(self, adata, registry: Registry, module, variables, *, seed: int):
+        self.adata = adata
+        self.registry = registry
+        self.module = module
+        self.params = variables["params"]
+        self.state = {k: v for k, v in variables.items() if k != "params"}
+        self.init_seed = seed
+        self.is_trained = False
+        self._history = pd.DataFrame()
+        self.train_indices = np.zeros(0, np.int64)
+        self.validation_indices = np.zeros(0, np.int64)
+        self._cells: CellData | None = None
+        self.train_state: TrainState | None = None
+        self.loss_term_names: tuple[str, ...] = ()
+
+    def _train_cells(self) -> CellData:
+        if self._cells is None:
+            self._cells = cell_data(self.adata, self.registry)
+        return self._cells
+
+    def _cells_for(self, adata) -> CellData:
+        if adata is None or adata is self.adata:
+            if self.adata is None:
+                raise InputError("adata", None, "this model was loaded without data",
+                                 "pass adata=... set up like the training data")
+            return self._train_cells()
+        return cell_data(adata, self.registry)
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """Per-epoch training history (one row per epoch)."""
+        return self._history
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, **self.state}
+
+    # -------------------------------------------------------------- training
+    def _loss(self, *, train: bool, plan: dict, extra_terms, extra_weights) -> Callable:
+        raise NotImplementedError
+
+    def _step_fns(self, plan: dict, on_nonfinite: str, schedule: KLSchedule,
+                  extra_terms: dict | None, extra_weights: dict | None,
+                  trainable_mask=None):
+        ex_key = tuple(sorted((extra_terms or {}).items(), key=lambda kv: kv[0]))
+        w_key = tuple(sorted((extra_weights or {}).items()))
+        mask_key = None if trainable_mask is None else tuple(
+            jax.tree_util.tree_leaves(trainable_mask))
+        key = (self._kind, self.module, tuple(sorted(plan.items())), on_nonfinite, schedule,
+               ex_key, w_key, mask_key,
+               None if trainable_mask is None else jax.tree_util.tree_structure(
+                   trainable_mask))
+        if key not in _STEP_FNS:
+            tx = make_optimizer(plan.get("lr", 1e-3), plan.get("eps", 0.01),
+                                plan.get("weight_decay", 1e-6), trainable_mask)
+            train_loss = self._loss(train=True, plan=plan, extra_terms=extra_terms,
+                                    extra_weights=extra_weights)
+            eval_loss = self._loss(train=False, plan=plan, extra_terms=extra_terms,
+                                   extra_weights=extra_weights)
+            _STEP_FNS[key] = (tx, make_train_step(train_loss, tx, schedule, on_nonfinite),
+                              make_eval_step(eval_loss, schedule))
+        return _STEP_FNS[key]
+
+    def _fit(self, *, max_epochs, batch_size, train_size, validation_size, early_stopping,
+             early_stopping_patience, early_stopping_monitor, check_val_every_n_epoch,
+             plan_kwargs, seed, progress_bar, on_nonfinite, data_source,
+             labelled_idx=None, val_labelled=None, loss_terms=None, loss_weights=None,
+             trainable_mask=None, extra_val_metrics=None, default_plan=None):
+        cells = self._train_cells()
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("max_epochs", max_epochs)
+        if on_nonfinite not in ("raise", "skip_step"):
+            raise InputError("on_nonfinite", on_nonfinite, "not 'raise' or 'skip_step'",
+                             "pass on_nonfinite='raise' (default) or 'skip_step'")
+        plan = dict(default_plan or {})
+        unknown = set(plan_kwargs or {}) - PLAN_KEYS
+        if unknown:
+            raise InputError("plan_kwargs", sorted(unknown), "unknown training-plan "
+                             "options", f"use only {sorted(PLAN_KEYS)}")
+        plan.update(plan_kwargs or {})
+        lr = plan.get("lr", 1e-3)
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise InputError("plan_kwargs['lr']", lr, "must be a positive number",
+                             "pass e.g. plan_kwargs={'lr': 1e-3}")
+        schedule = KLSchedule(
+            n_epochs_kl_warmup=plan.pop("n_epochs_kl_warmup", 400),
+            n_steps_kl_warmup=plan.pop("n_steps_kl_warmup", None),
+            max_kl_weight=plan.pop("max_kl_weight", 1.0),
+            min_kl_weight=plan.pop("min_kl_weight", 0.0))
+        fit_keys = ("reduce_lr_on_plateau", "lr_factor", "lr_patience", "lr_threshold",
+                    "lr_min", "lr_scheduler_metric")
+        fit_plan = {k: plan.pop(k) for k in fit_keys if k in plan}
+        weights = self._resolve_weights(loss_terms, loss_weights)
+        tx, train_step, eval_step = self._step_fns(
+            plan, on_nonfinite, schedule, loss_terms, weights, trainable_mask)
+
+        train_idx, val_idx = split_indices(cells.n_obs, train_size, validation_size, seed)
+        self.train_indices, self.validation_indices = train_idx, val_idx
+        cfg = FitConfig(max_epochs=max_epochs, batch_size=batch_size, seed=seed,
+                        check_val_every_n_epoch=check_val_every_n_epoch,
+                        early_stopping=early_stopping,
+                        early_stopping_monitor=early_stopping_monitor,
+                        early_stopping_patience=early_stopping_patience,
+                        on_nonfinite=on_nonfinite, progress_bar=progress_bar, **fit_plan)
+        key = jax.random.PRNGKey(seed)
+        ts = TrainState(params=self.params, state=self.state,
+                        opt_state=tx.init(self.params), rng=key,
+                        step=jnp.asarray(0, jnp.int32), epoch=jnp.asarray(0, jnp.int32))
+        source = make_source(data_source, cells, batch_size)
+        self.loss_term_names = tuple(sorted(loss_terms or {}))
+        try:
+            ts, loop = fit(ts, cfg=cfg, source=source, train_step=train_step,
+                           eval_step=eval_step, train_idx=train_idx, val_idx=val_idx,
+                           labelled_idx=labelled_idx, val_labelled=val_labelled,
+                           extra_val_metrics=extra_val_metrics)
+        except NonFiniteLossError as err:
+            ts = getattr(err, "train_state", ts)
+            self._adopt(ts, getattr(err, "loop_state", LoopState()))
+            raise
+        self._adopt(ts, loop)
+        self.is_trained = True
+        return self
+
+    def _adopt(self, ts: TrainState, loop: LoopState) -> None:
+        self.params, self.state = ts.params, ts.state
+        self.train_state = ts
+        self._history = pd.DataFrame(loop.history).set_index("epoch") \
+            if loop.history else pd.DataFrame()
+
+    def _resolve_weights(self, loss_terms, loss_weights):
+        if not loss_terms:
+            return None
+        loss_weights = dict(loss_weights or {})
+        unknown = set(loss_weights) - set(loss_terms)
+        if unknown:
+            raise InputError("loss_weights", sorted(unknown), "names no loss term",
+                             f"use names of loss_terms: {sorted(loss_terms)}")
+        return {k: float(loss_weights.get(k, 1.0)) for k in loss_terms}
+
+    # ------------------------------------------------------------- inference
+    def _chunks(self, cells: CellData, indices, batch_size: int | None):
+        idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= cells.n_obs):
+            raise InputError("indices", f"[{idx.min()}, {idx.max()}]", "out of range for "
+                             f"{cells.n_obs} cells", "pass indices in [0, n_obs)")
+        B = _chunk_size(batch_size)
+        for s in range(0, len(idx), B):
+            rows = idx[s:s + B]
+            yield len(rows), host_batch(cells, rows, B, _nnz_bucket(cells, rows))
+
+    def _map(self, fn, cells: CellData, indices, batch_size, seed: int = 0):
+        """Apply jitted fn(variables, batch, key) over chunks of cells, in order.
+
+        ``fn`` returns arrays with the cell axis first.
+        """
+        outs = []
+        key = jax.random.PRNGKey(seed)
+        for i, (n, b) in enumerate(self._chunks(cells, indices, batch_size)):
+            res = fn(self.variables, b, jax.random.fold_in(key, i))
+            outs.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], res))
+        if not outs:
+            raise InputError("indices", [], "selects no cells", "pass at least one index")
+        return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=0), *outs)
+
+    def get_latent_representation(self, adata=None, indices=None, give_mean: bool = True,
+                                  mc_samples: int = 5000, batch_size: int | None = None,
+                                  return_dist: bool = False):
+        """Latent representation of each cell: the posterior mean (or a sample).
+
+        With ``return_dist=True`` returns ``(qz_mean, qz_var)``. For
+        latent_distribution="ln" and give_mean, the mean of softmax(z) is
+        estimated from ``mc_samples`` draws, as scvi-tools does.
+        """
+        fn = partial(_latent_fn, self.module, give_mean=give_mean,
+                     mc_samples=int(mc_samples) if self.module.config.latent_distribution
+                     == "ln" else 1)
+        out = self._map(_jitted(fn), self._cells_for(adata), indices, batch_size)
+        if return_dist:
+            return out["qz_m"], out["qz_v"]
+        return out["z"]
+
+    def get_normalized_expression(self, adata=None, indices=None, transform_batch=None,
+                                  gene_list: Sequence[str] | None = None,
+                                  library_size: float | str = 1, n_samples: int = 1,
+                                  n_samples_overall: int | None = None,
+                                  batch_size: int | None = None, return_mean: bool = True,
+                                  return_numpy: bool | None = None):
+        """Denoised expression rho (times ``library_size``), scvi-tools' semantics.
+
+        ``transform_batch`` (a batch name or list of names) decodes every cell
+        as if from that batch; with several, the result is their average.
+        ``library_size="latent"`` uses each cell's (observed or inferred) library.
+        """
+        cells = self._cells_for(adata)
+        reg = self.registry
+        check_positive_int("n_samples", n_samples)
+        if n_samples_overall is not None:
+            check_positive_int("n_samples_overall", n_samples_overall)
+            pool = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
+            indices = np.random.default_rng(0).choice(pool, n_samples_overall)
+            n_samples = 1
+        batches = _transform_batches(reg, transform_batch)
+        if gene_list is None:
+            gene_mask = None
+        else:
+            missing = [g for g in gene_list if g not in set(reg.var_names)]
+            if missing:
+                raise InputError("gene_list", missing[:5], "genes the model does not have",
+                                 "pass names from model.registry.var_names")
+            pos = {g: i for i, g in enumerate(reg.var_names)}
+            gene_mask = np.asarray([pos[g] for g in gene_list])
+        if not (library_size == "latent" or (isinstance(library_size, (int, float))
+                                             and library_size > 0)):
+            raise InputError("library_size", library_size, "must be a positive number or "
+                             "'latent'", "pass e.g. library_size=1e4")
+        fn = partial(_expression_fn, self.module, n_samples=int(n_samples),
+                     latent_library=library_size == "latent")
+        jfn = _jitted(fn)
+        acc = None
+        for b in batches:
+            def run(variables, batch, key, b=b):
+                return jfn(variables, batch, key, b)
+            out = self._map(run, cells, indices, batch_size)
+            acc = out if acc is None else acc + out
+        expr = acc / len(batches)
+        if library_size != "latent":
+            expr = expr * float(library_size)
+        if gene_mask is not None:
+            expr = expr[..., gene_mask]
+        if n_samples > 1:  # kernels give (cells, samples, genes)
+            expr = expr.mean(1) if return_mean else np.swapaxes(expr, 0, 1)
+        if return_numpy is None:
+            return_numpy = n_samples > 1 and not return_mean
+        if return_numpy:
+            return expr
+        names = reg.var_names if gene_list is None else list(gene_list)
+        idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
+        return pd.DataFrame(expr, index=cells.obs_names[idx], columns=list(names))
+
+    def _elbo_terms(self, adata, indices, batch_size):
+        fn = partial(_terms_fn, self.module, self._kind)
+        return self._map(_jitted(fn), self._cells_for(adata), indices, batch_size)
+
+    def get_elbo(self, adata=None, indices=None, batch_size: int | None = None) -> float:
+        """The ELBO (a negative number; higher is better), mean over cells.
+
+        scvi-tools' sign convention: returns -(reconstruction + KL) averaged.
+        """
+        t = self._elbo_terms(adata, indices, batch_size)
+        return -float(np.mean(t["reconstruction_loss"] + t["kl_local"]))
+
+    def get_reconstruction_error(self, adata=None, indices=None,
+                                 batch_size: int | None = None) -> dict[str, float]:
+        """Mean reconstruction loss -log p(x|z), as scvi-tools returns it."""
+        t = self._elbo_terms(adata, indices, batch_size)
+        return {"reconstruction_loss": float(np.mean(t["reconstruction_loss"]))}
+
+    def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000,
+                        batch_size: int | None = None) -> float:
+        """Importance-sampled log p(x), mean over cells (scvi-tools returns its negative)."""
+        check_positive_int("n_mc_samples", n_mc_samples)
+        per_pass = min(int(n_mc_samples), 100)
+        n_pass = -(-int(n_mc_samples) // per_pass)
+        fn = _jitted(partial(_log_weights_fn, self.module, n_samples=per_pass))
+        cells = self._cells_for(adata)
+        chunks = [self._map(fn, cells, indices, batch_size, seed=1000 + p)
+                  for p in range(n_pass)]
+        logw = np.concatenate(chunks, axis=1)[:, :n_mc_samples].T  # (S, N)
+        m = logw.max(0)
+        ll = m + np.log(np.exp(logw - m).sum(0)) - np.log(logw.shape[0])
+        return -float(np.mean(ll))
+
+    # ------------------------------------------------------------- save/load
+    def _extra_metadata(self) -> dict[str, Any]:
+        return {}
+
+    def save(self, dir_path, overwrite: bool = False, save_anndata: bool = False) -> None:
+        """Save parameters, config, registry and history to a folder, atomically."""
+        meta = {
+            "model_class": type(self).__name__,
+            "config": self.module.config.to_dict(),
+            "registry": self.registry.to_dict(),
+            "init_seed": self.init_seed,
+            "is_trained": self.is_trained,
+            "loss_terms": list(self.loss_term_names),
+            "history": json.loads(self._history.reset_index().to_json(orient="records"))
+            if len(self._history) else [],
+            "train_indices": np.asarray(self.train_indices).tolist(),
+            "validation_indices": np.asarray(self.validation_indices).tolist(),
+            **self._extra_metadata(),
+        }
+        blobs = {"variables": io.to_bytes(self.variables)}
+        extra = {}
+        d = Path(dir_path)
+        if save_anndata:
+            if self.adata is None:
+                raise InputError("save_anndata", True, "the model holds no AnnData",
+                                 "pass save_anndata=False")
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".adata.", suffix=".h5ad", dir=d)
+            os.close(fd)
+            self.adata.write_h5ad(tmp)
+            extra["adata"] = Path(tmp)
+        io.write_folder(d, meta, blobs, overwrite=overwrite, extra_files=extra)
+
+    @classmethod
+    def _from_metadata(cls, meta, registry, config, adata):
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, dir_path, adata=None):
+        """Load a model saved by ``save``; ``adata`` must match its genes."""
+        meta = io.read_metadata(dir_path)
+        if meta.get("model_class") != cls.__name__:
+            raise ModelFormatError(
+                f"{str(dir_path)!r} holds a {meta.get('model_class')} model, not a "
+                f"{cls.__name__}. Fix: load it with {meta.get('model_class')}.load(...)")
+        try:
+            registry = Registry.from_dict(meta["registry"])
+            config = cls._config_cls().from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFormatError(f"{str(dir_path)!r}: metadata is damaged ({e})") from None
+        if adata is None:
+            path = io.file_path(dir_path, meta, "adata")
+            if path is not None:
+                import anndata
+                adata = anndata.read_h5ad(path)
+        if adata is not None:
+            from ..data.cells import check_var_names
+            check_var_names(adata, registry)
+            adata.uns["_jaxscanvi_registry"] = registry.to_json()
+        model = cls._from_metadata(meta, registry, config, adata)
+        template = model.variables
+        restored = io.from_bytes(template, io.read_blob(dir_path, meta, "variables"),
+                                 "parameters")
+        model.params = restored["params"]
+        model.state = {k: v for k, v in restored.items() if k != "params"}
+        model.is_trained = bool(meta.get("is_trained", False))
+        model.loss_term_names = tuple(meta.get("loss_terms", ()))
+        hist = meta.get("history") or []
+        model._history = pd.DataFrame(hist).set_index("epoch") if hist else pd.DataFrame()
+        model.train_indices = np.asarray(meta.get("train_indices", []), np.int64)
+        model.validation_indices = np.asarray(meta.get("validation_indices", []), np.int64)
+        return model
+
+    @classmethod
+    def _config_cls(cls):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        c = self.module.config
+        return (f"{type(self).__name__}(n_genes={c.n_genes}, n_batch={c.n_batch}, "
+                f"n_latent={c.n_latent}, n_hidden={c.n_hidden}, n_layers={c.n_layers}, "
+                f"gene_likelihood={c.gene_likelihood!r}, dispersion={c.dispersion!r}, "
+                f"trained={self.is_trained})")
+
+
+def _chunk_size(batch_size: int | None) -> int:
+    if batch_size is None:
+        return 1024
+    check_positive_int("batch_size", batch_size)
+    return int(batch_size)
+
+
+def _nnz_bucket(cells: CellData, rows) -> int:
+    # round the non-zero cap up to a power of two so chunks reuse one compile
+    nnz = int(np.diff(cells.X.indptr)[rows].sum())
+    return 1 << max(nnz - 1, 1).bit_length()
+
+
+_JIT: dict = {}
+
+
+def _jitted(fn: partial):
+    key = (fn.func, fn.args, tuple(sorted(fn.keywords.items())))
+    if key not in _JIT:
+        _JIT[key] = jax.jit(fn)
+    return _JIT[key]
+
+
+def _transform_batches(reg: Registry, transform_batch) -> list:
+    if transform_batch is None:
+        return [None]
+    names = [transform_batch] if isinstance(transform_batch, (str, int, np.integer)) \
+        else list(transform_batch)
+    codes = []
+    for n in names:
+        s = str(n)
+        if s not in reg.batch_categories:
+            raise InputError("transform_batch", n, f"not a batch the model knows "
+                             f"({list(reg.batch_categories)[:10]})",
+                             "pass one of model.registry.batch_categories")
+        codes.append(reg.batch_categories.index(s))
+    return codes
+
+
+# ----------------------------------------------------------- jitted kernels
+def _apply(module, variables, batch, key, method=None, **kw):
+    return module.apply(variables, batch, train=False, rngs={"sample": key},
+                        method=method, **kw)
+
+
+def _latent_fn(module, variables, batch, key, *, give_mean: bool, mc_samples: int):
+    inf = module.apply(variables, batch, train=False, rngs={"sample": key},
+                       method=type(module).inference)
+    if give_mean:
+        if module.config.latent_distribution == "ln":
+            eps = jax.random.normal(key, (mc_samples,) + inf["qz_m"].shape)
+            z = jax.nn.softmax(inf["qz_m"] + jnp.sqrt(inf["qz_v"]) * eps, -1).mean(0)
+        else:
+            z = inf["qz_m"]
+    else:
+        z = inf["z"]
+    return {"z": z, "qz_m": inf["qz_m"], "qz_v": inf["qz_v"]}
+
+
+def _expression_fn(module, variables, batch, key, batch_code, *, n_samples: int,
+                   latent_library: bool):
+    def run(mdl, b):
+        inf = mdl.inference(b, train=False, n_samples=n_samples)
+        bidx = None if batch_code is None else jnp.full_like(b.batch, batch_code)
+        gen = mdl.generative(inf["z"], inf["library"], b, train=False, batch_index=bidx)
+        out = jnp.exp(gen["log_mu"] if latent_library else gen["log_scale"])
+        return jnp.swapaxes(out, 0, 1) if out.ndim == 3 else out
+
+    return module.apply(variables, batch, rngs={"sample": key}, method=run)
+
+
+def _terms_fn(module, kind, variables, batch, key):
+    from ..losses import forward, scvi_terms
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    outputs, _ = forward(module, params, state, batch, key, train=False)
+    t = scvi_terms(module, outputs, batch, state, sparse=False)
+    return {"reconstruction_loss": t["reconstruction_loss"], "kl_local": t["kl_z"] + t["kl_l"]}
+
+
+def _log_weights_fn(module, variables, batch, key, *, n_samples: int):
+    """log p(x|z,l) + log p(z) + log p(l) - log q(z|x) - log q(l|x), (S, B)."""
+    from ..distributions import normal_log_prob
+    from ..losses import reconstruction_loss
+    outputs = module.apply(variables, batch, train=False, rngs={"sample": key},
+                           n_samples=n_samples)
+    cfg = module.config
+    rec = reconstruction_loss(outputs, batch, cfg.gene_likelihood, sparse=False)
+    z = outputs["untran_z"]
+    log_pz = normal_log_prob(z, 0.0, 1.0).sum(-1)
+    log_qz = normal_log_prob(z, outputs["qz_m"], outputs["qz_v"]).sum(-1)
+    logw = -rec + log_pz - log_qz
+    if "ql_m" in outputs:
+        const = variables["constants"]
+        lib = outputs["library"]
+        m = const["library_log_means"][batch.batch]
+        v = const["library_log_vars"][batch.batch]
+        logw = logw + normal_log_prob(lib, m, v) - normal_log_prob(
+            lib, outputs["ql_m"], outputs["ql_v"])
+    return logw.T

@@ -1,0 +1,178 @@
+"""SCVI: the user-facing scVI model."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..data.registry import Registry, registry_of
+from ..data.registry import setup_anndata as _setup
+from ..errors import InputError
+from ..losses import scvi_elbo
+from ..module import VAE, VAEConfig
+from ._base import BaseModel, check_positive_int, max_epochs_heuristic
+
+
+def library_prior(cells, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-batch mean and variance of log library size (scvi-tools' _init_library_size)."""
+    means = np.zeros(n_batch, np.float32)
+    var = np.ones(n_batch, np.float32)
+    for b in range(n_batch):
+        ll = cells.log_library[cells.batch == b].astype(np.float64)
+        if ll.size:
+            means[b], var[b] = ll.mean(), ll.var()
+    return means, var
+
+
+def init_variables(module, n_genes: int, n_cont: int, n_cat: int, seed: int,
+                   constants: dict | None = None):
+    """Initialise a module's variables on a dummy batch of two cells."""
+    from ..data.batch import Batch
+    from ..distributions import NonZeros
+    B = 2
+    batch = Batch(
+        x=jnp.ones((B, n_genes)), nz=NonZeros(jnp.zeros(1, jnp.int32),
+                                              jnp.zeros(1, jnp.int32), jnp.zeros(1)),
+        weight=jnp.ones(B), batch=jnp.zeros(B, jnp.int32), labels=jnp.zeros(B, jnp.int32),
+        cat_covs=jnp.zeros((B, n_cat), jnp.int32), cont_covs=jnp.zeros((B, n_cont)),
+        log_size_factor=jnp.zeros(B), log_library=jnp.ones(B), lgamma_const=jnp.zeros(B))
+    key = jax.random.PRNGKey(seed)
+    k1, k2, k3 = jax.random.split(key, 3)
+    variables = jax.jit(partial(module.init, train=False))(
+        {"params": k1, "sample": k2, "dropout": k3}, batch)
+    variables = dict(variables)
+    variables.setdefault("batch_stats", {})
+    if constants is not None:
+        variables["constants"] = constants
+    return variables
+
+
+class SCVI(BaseModel):
+    """scVI (Lopez et al. 2018) with scvi-tools' architecture and defaults.
+
+    Examples
+    --------
+    >>> SCVI.setup_anndata(adata, layer="counts", batch_key="batch")  # doctest: +SKIP
+    >>> model = SCVI(adata)                                          # doctest: +SKIP
+    >>> model.train()                                                # doctest: +SKIP
+    >>> adata.obsm["X_scVI"] = model.get_latent_representation()     # doctest: +SKIP
+    """
+
+    _kind = "scvi"
+
+    @staticmethod
+    def setup_anndata(adata, layer: str | None = None, batch_key: str | None = None,
+                      labels_key: str | None = None, size_factor_key: str | None = None,
+                      categorical_covariate_keys: Sequence[str] | None = None,
+                      continuous_covariate_keys: Sequence[str] | None = None, *,
+                      allow_noninteger_counts: bool = False) -> None:
+        """Validate ``adata`` and record how to read it (stored in ``adata.uns``)."""
+        _setup(adata, layer=layer, batch_key=batch_key, labels_key=labels_key,
+               size_factor_key=size_factor_key,
+               categorical_covariate_keys=categorical_covariate_keys,
+               continuous_covariate_keys=continuous_covariate_keys,
+               allow_noninteger_counts=allow_noninteger_counts)
+
+    def __init__(self, adata, n_hidden: int = 128, n_latent: int = 10, n_layers: int = 1,
+                 dropout_rate: float = 0.1,
+                 dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
+                 gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
+                 use_observed_lib_size: bool = True,
+                 latent_distribution: Literal["normal", "ln"] = "normal",
+                 encode_covariates: bool = False, deeply_inject_covariates: bool = True,
+                 use_batch_norm: Literal["encoder", "decoder", "none", "both"] = "both",
+                 use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none",
+                 *, seed: int = 0, registry: Registry | None = None,
+                 _config: VAEConfig | None = None):
+        registry = registry if registry is not None else registry_of(adata)
+        config = _config or VAEConfig(
+            n_genes=registry.n_vars, n_batch=registry.n_batch, n_labels=registry.n_labels,
+            n_cats_per_cov=registry.n_cats_per_cov,
+            n_continuous_cov=registry.n_continuous_cov, n_hidden=n_hidden,
+            n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
+            dispersion=dispersion, gene_likelihood=gene_likelihood,
+            latent_distribution=latent_distribution, encode_covariates=encode_covariates,
+            deeply_inject_covariates=deeply_inject_covariates,
+            use_batch_norm=use_batch_norm, use_layer_norm=use_layer_norm,
+            use_observed_lib_size=use_observed_lib_size,
+            use_size_factor_key=registry.size_factor_key is not None)
+        module = VAE(config)
+        constants = None
+        self.adata = adata
+        self.registry = registry
+        self._cells = None
+        if adata is not None:
+            cells = self._train_cells()
+            means, var = library_prior(cells, registry.n_batch)
+            if not config.use_observed_lib_size and (var <= 0).any():
+                bad = [registry.batch_categories[i] for i in np.flatnonzero(var <= 0)]
+                raise InputError("batch_key", bad[:5], "these batches' log library sizes "
+                                 "have zero variance (one cell?), so the library prior is "
+                                 "degenerate", "merge tiny batches, or keep "
+                                 "use_observed_lib_size=True")
+            constants = {"library_log_means": jnp.asarray(means),
+                         "library_log_vars": jnp.asarray(var)}
+        else:
+            constants = {"library_log_means": jnp.zeros(registry.n_batch),
+                         "library_log_vars": jnp.ones(registry.n_batch)}
+        variables = init_variables(module, config.n_genes, config.n_continuous_cov,
+                                   len(config.n_cats_per_cov), seed, constants)
+        cells = self._cells
+        self._init_common(adata, registry, module, variables, seed=seed)
+        self._cells = cells
+
+    @classmethod
+    def _config_cls(cls):
+        return VAEConfig
+
+    @classmethod
+    def _from_metadata(cls, meta, registry, config, adata):
+        return cls(adata, registry=registry, _config=config, seed=meta.get("init_seed", 0))
+
+    def _loss(self, *, train, plan, extra_terms, extra_weights):
+        return partial(scvi_elbo, self.module, train=train,
+                       sparse=plan.get("sparse_likelihood", True),
+                       extra_terms=extra_terms, extra_weights=extra_weights)
+
+    def train(self, max_epochs: int | None = None, batch_size: int = 128,
+              train_size: float = 0.9, validation_size: float | None = None,
+              early_stopping: bool = False, early_stopping_patience: int = 45,
+              check_val_every_n_epoch: int | None = None, plan_kwargs: dict | None = None,
+              seed: int = 0, progress_bar: bool = True, *,
+              early_stopping_monitor: str = "elbo_validation",
+              on_nonfinite: Literal["raise", "skip_step"] = "raise",
+              data_source: Literal["auto", "device", "host"] = "auto",
+              loss_terms: dict | None = None, loss_weights: dict | None = None):
+        """Train with Adam (coupled L2) and linear KL warm-up, as scvi-tools does.
+
+        Parameters
+        ----------
+        max_epochs
+            Default: scvi-tools' heuristic, min(round(20000 / n_cells * 400), 400).
+        plan_kwargs
+            ``lr`` (1e-3), ``eps`` (0.01), ``weight_decay`` (1e-6),
+            ``n_epochs_kl_warmup`` (400), ``n_steps_kl_warmup``,
+            ``max_kl_weight``, ``min_kl_weight``, ``reduce_lr_on_plateau`` and
+            its ``lr_factor``/``lr_patience``/``lr_threshold``/``lr_min``.
+        data_source
+            "device" keeps all counts on the accelerator (one jitted scan per
+            epoch); "host" feeds minibatches from host memory; "auto" picks.
+        loss_terms, loss_weights
+            Extra terms ``fn(outputs, batch, params) -> scalar`` added to the
+            loss times their weight (default 1) and recorded in the history.
+        """
+        if max_epochs is None:
+            max_epochs = max_epochs_heuristic(self._train_cells().n_obs)
+        check_positive_int("max_epochs", max_epochs)
+        return self._fit(
+            max_epochs=max_epochs, batch_size=batch_size, train_size=train_size,
+            validation_size=validation_size, early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience,
+            early_stopping_monitor=early_stopping_monitor,
+            check_val_every_n_epoch=check_val_every_n_epoch, plan_kwargs=plan_kwargs,
+            seed=seed, progress_bar=progress_bar, on_nonfinite=on_nonfinite,
+            data_source=data_source, loss_terms=loss_terms, loss_weights=loss_weights)

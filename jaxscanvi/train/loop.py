@@ -1,0 +1,209 @@
+"""The training loop: epochs, validation, early stopping, LR plateau, history."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from ..data.batch import Batch
+from ..errors import NonFiniteLossError
+from .sources import epoch_rows, labelled_rows
+from .state import KLSchedule, TrainState, get_lr, set_lr
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
+                    schedule: KLSchedule, on_nonfinite: str = "raise") -> Callable:
+    """One optimisation step as a scan body: (carry, batch) -> (carry, out).
+
+    carry = (TrainState, first_bad_step). A step whose loss is not finite
+    changes nothing; with "raise", every later step of the epoch is skipped
+    too, so the state stays at the last finite parameters.
+    """
+
+    def step(carry, batch):
+        ts, bad = carry
+        kl_w = schedule(ts.epoch, ts.step)
+        key = jax.random.fold_in(ts.rng, ts.step)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            ts.params, ts.state, batch, key, kl_w)
+        updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
+        params = optax.apply_updates(ts.params, updates)
+        finite = jnp.isfinite(loss)
+        ok = finite if on_nonfinite == "skip_step" else finite & (bad < 0)
+
+        def pick(new, old):
+            return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        new_ts = ts.replace(params=pick(params, ts.params),
+                            opt_state=pick(opt_state, ts.opt_state),
+                            state=pick(aux.state, ts.state), step=ts.step + 1)
+        bad = jnp.where(~finite & (bad < 0), ts.step, bad)
+        main = batch if isinstance(batch, Batch) else batch[0]
+        return (new_ts, bad), (aux.terms, main.weight.sum(), kl_w)
+
+    return step
+
+
+def make_eval_step(loss_fn: Callable, schedule: KLSchedule) -> Callable:
+    """Evaluation (no update) as a scan body."""
+
+    def step(carry, batch):
+        ts = carry
+        kl_w = schedule(ts.epoch, ts.step)
+        key = jax.random.fold_in(jax.random.fold_in(ts.rng, 0x7A11), ts.step)
+        _, aux = loss_fn(ts.params, ts.state, batch, key, kl_w)
+        main = batch if isinstance(batch, Batch) else batch[0]
+        return ts, (aux.terms, main.weight.sum(), kl_w)
+
+    return step
+
+
+def epoch_means(terms: dict, counts) -> dict[str, float]:
+    """Cell-weighted means of per-step term means."""
+    counts = np.asarray(counts, np.float64)
+    total = max(counts.sum(), 1.0)
+    return {k: float((np.asarray(v, np.float64) * counts).sum() / total)
+            for k, v in terms.items()}
+
+
+@dataclass
+class FitConfig:
+    max_epochs: int
+    batch_size: int
+    seed: int
+    check_val_every_n_epoch: int | None = None
+    early_stopping: bool = False
+    early_stopping_monitor: str = "elbo_validation"
+    early_stopping_patience: int = 45
+    early_stopping_min_delta: float = 0.0
+    reduce_lr_on_plateau: bool = False
+    lr_factor: float = 0.6
+    lr_patience: int = 30
+    lr_threshold: float = 0.0
+    lr_min: float = 0.0
+    lr_scheduler_metric: str = "elbo_validation"
+    on_nonfinite: str = "raise"
+    progress_bar: bool = True
+    n_samples_per_label: int | None = None
+
+
+@dataclass
+class LoopState:
+    """Host-side bookkeeping that must survive a resume."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: float = math.inf
+    bad_epochs: int = 0
+    lr_best: float = math.inf
+    lr_bad_epochs: int = 0
+    stopped_early: bool = False
+
+
+def fit(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,
+        eval_step: Callable, train_idx: np.ndarray, val_idx: np.ndarray,
+        labelled_idx: Callable[[np.random.Generator], np.ndarray] | None = None,
+        val_labelled: np.ndarray | None = None,
+        loop: LoopState | None = None,
+        on_epoch_end: Callable[[TrainState, LoopState], None] | None = None,
+        extra_val_metrics: Callable[[TrainState], dict] | None = None,
+        ) -> tuple[TrainState, LoopState]:
+    """Train until max_epochs (or early stop). Epochs already in ``ts.epoch`` are skipped."""
+    loop = loop or LoopState()
+    start = int(ts.epoch)
+    check_every = cfg.check_val_every_n_epoch
+    if check_every is None and (cfg.early_stopping or cfg.reduce_lr_on_plateau):
+        check_every = 1
+    has_val = len(val_idx) > 0
+    bar = tqdm(range(start, cfg.max_epochs), initial=start, total=cfg.max_epochs,
+               desc="Training", disable=not cfg.progress_bar, leave=False)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([cfg.seed, epoch])
+        rows = epoch_rows(rng, train_idx, cfg.batch_size)
+        lab_rows = None
+        if labelled_idx is not None:
+            lab_rows = labelled_rows(rng, labelled_idx(rng), rows.shape[0], cfg.batch_size)
+        carry = (ts, jnp.asarray(-1, jnp.int32))
+        (ts_new, bad), (terms, counts, klw) = source.run_epoch(
+            train_step, carry, rows, lab_rows)
+        bad = int(bad)
+        if bad >= 0:
+            err = _nonfinite_error(ts_new, bad, terms, epoch)
+            err.train_state, err.loop_state = ts_new, loop
+            raise err
+        ts = ts_new.replace(epoch=ts_new.epoch + 1)
+        record = {"epoch": epoch}
+        record.update({f"{k}_train": v for k, v in epoch_means(terms, counts).items()})
+        record["train_loss"] = record.pop("loss_train")
+        record["kl_weight"] = float(np.asarray(klw)[-1])
+        record["lr"] = get_lr(ts.opt_state)
+        if has_val and check_every and (epoch + 1) % check_every == 0:
+            vrows = epoch_rows(rng, val_idx, cfg.batch_size, shuffle=False)
+            vlab = None
+            if val_labelled is not None:
+                vlab = labelled_rows(np.random.default_rng([cfg.seed, epoch, 1]),
+                                     val_labelled if len(val_labelled) else val_idx,
+                                     vrows.shape[0], cfg.batch_size)
+            _, (vterms, vcounts, _) = source.run_epoch(eval_step, ts, vrows, vlab)
+            v = epoch_means(vterms, vcounts)
+            record.update({f"{k}_validation": val for k, val in v.items()})
+            record["validation_loss"] = record.pop("loss_validation")
+            if extra_val_metrics is not None:
+                record.update(extra_val_metrics(ts))
+        record["epoch_seconds"] = time.perf_counter() - t0
+        loop.history.append(record)
+        bar.set_postfix(loss=f"{record['train_loss']:.4g}")
+        if cfg.reduce_lr_on_plateau and cfg.lr_scheduler_metric in record:
+            ts = _plateau(ts, loop, record[cfg.lr_scheduler_metric], cfg)
+        stop = False
+        if cfg.early_stopping and cfg.early_stopping_monitor in record:
+            m = record[cfg.early_stopping_monitor]
+            if m < loop.best - cfg.early_stopping_min_delta:
+                loop.best, loop.bad_epochs = m, 0
+            else:
+                loop.bad_epochs += 1
+                stop = loop.bad_epochs >= cfg.early_stopping_patience
+        if on_epoch_end is not None:
+            on_epoch_end(ts, loop)
+        if stop:
+            loop.stopped_early = True
+            break
+    bar.close()
+    return ts, loop
+
+
+def _plateau(ts, loop: LoopState, metric: float, cfg: FitConfig):
+    """torch ReduceLROnPlateau(mode='min', threshold_mode='abs')."""
+    if metric < loop.lr_best - cfg.lr_threshold:
+        loop.lr_best, loop.lr_bad_epochs = metric, 0
+    else:
+        loop.lr_bad_epochs += 1
+    if loop.lr_bad_epochs > cfg.lr_patience:
+        lr = get_lr(ts.opt_state)
+        new = max(lr * cfg.lr_factor, cfg.lr_min)
+        if lr - new > 1e-8:
+            ts = ts.replace(opt_state=set_lr(ts.opt_state, new))
+        loop.lr_bad_epochs = 0
+    return ts
+
+
+def _nonfinite_error(ts, bad_step, terms, epoch) -> NonFiniteLossError:
+    first = int(bad_step) - (int(ts.step) - len(np.asarray(terms["loss"])))
+    first = min(max(first, 0), len(np.asarray(terms["loss"])) - 1)
+    names = [k for k, v in terms.items() if not np.isfinite(np.asarray(v)[first])]
+    culprit = [k for k in names if k not in ("loss", "elbo")] or names
+    return NonFiniteLossError(
+        f"non-finite loss at epoch {epoch}, step {first} of the epoch (global step "
+        f"{int(bad_step)}): term(s) {culprit} became "
+        f"{[float(np.asarray(terms[k])[first]) for k in culprit]}. The model keeps the "
+        "parameters of the last finite step. Fix: lower the learning rate "
+        "(plan_kwargs={'lr': ...}), check the input counts, or pass "
+        "on_nonfinite='skip_step' to skip such steps")

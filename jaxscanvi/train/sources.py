@@ -1,0 +1,166 @@
+"""Minibatch sources behind one interface.
+
+A source runs one epoch of a step function over given rows (an int array of
+shape (n_steps, B), -1 for padding), and an evaluation pass. The order of
+cells comes from the caller, so every source sees the same cells in the same
+order and gives the same loss trajectory.
+
+* `DeviceSource`: CSR counts resident on the device; each epoch is one jitted
+  `lax.scan` that gathers and densifies minibatches inside the step.
+* `HostSource`: CSR on the host; minibatches are densified on the host by a
+  background thread, one step ahead of the device.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..data.batch import DeviceCells, device_batch, host_batch, nnz_cap
+from ..data.cells import CellData
+
+# Compiled epoch/step functions, shared by every source and model: a new
+# model with the same architecture reuses what an earlier one compiled.
+_COMPILED: dict = {}
+
+
+def epoch_rows(rng: np.random.Generator, idx: np.ndarray, batch_size: int,
+               shuffle: bool = True) -> np.ndarray:
+    """Rows of one epoch as (n_steps, B); the short last minibatch is padded with -1."""
+    order = rng.permutation(idx) if shuffle else np.asarray(idx)
+    n_steps = max(-(-len(order) // batch_size), 1)
+    rows = np.full(n_steps * batch_size, -1, np.int32)
+    rows[:len(order)] = order
+    return rows.reshape(n_steps, batch_size)
+
+
+def labelled_rows(rng: np.random.Generator, lab_idx: np.ndarray, n_steps: int,
+                  batch_size: int) -> np.ndarray:
+    """Labelled rows for every step: shuffled passes over lab_idx, cycled as needed."""
+    need = n_steps * batch_size
+    chunks, have = [], 0
+    while have < need:
+        chunks.append(rng.permutation(lab_idx))
+        have += len(lab_idx)
+    return np.concatenate(chunks)[:need].astype(np.int32).reshape(n_steps, batch_size)
+
+
+class DeviceSource:
+    """All cells on the device; an epoch is one jitted scan."""
+
+    kind = "device"
+
+    def __init__(self, cells: CellData, batch_size: int, device=None):
+        self.n_genes = cells.n_vars
+        self.batch_size = batch_size
+        self.k_cap = nnz_cap(cells.row_nnz(), batch_size)
+        self.cells = DeviceCells.from_cells(cells, device)
+
+    def _epoch_fn(self, step_fn: Callable):
+        key = ("device", step_fn, self.n_genes, self.k_cap)
+        if key not in _COMPILED:
+            G, K = self.n_genes, self.k_cap
+
+            def run(carry, cells, rows, lab_rows):
+                def body(c, r):
+                    main = device_batch(cells, r[0], G, K)
+                    if r[1] is None:
+                        return step_fn(c, main)
+                    return step_fn(c, (main, device_batch(cells, r[1], G, K)))
+                return jax.lax.scan(body, carry, (rows, lab_rows))
+
+            _COMPILED[key] = jax.jit(run)
+        return _COMPILED[key]
+
+    def run_epoch(self, step_fn, carry, rows, lab_rows=None):
+        fn = self._epoch_fn(step_fn)
+        lab = None if lab_rows is None else jnp.asarray(lab_rows)
+        return fn(carry, self.cells, jnp.asarray(rows), lab)
+
+
+class HostSource:
+    """CSR on the host; minibatches built by a prefetch thread."""
+
+    kind = "host"
+
+    def __init__(self, cells: CellData, batch_size: int, prefetch: int = 2):
+        self.host = cells
+        self.n_genes = cells.n_vars
+        self.batch_size = batch_size
+        self.k_cap = nnz_cap(cells.row_nnz(), batch_size)
+        self.prefetch = prefetch
+
+    def _batches(self, rows, lab_rows):
+        B, K = self.batch_size, self.k_cap
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            main = host_batch(self.host, r[r >= 0], B, K)
+            if lab_rows is None:
+                yield main
+            else:
+                lr = lab_rows[i]
+                yield (main, host_batch(self.host, lr[lr >= 0], B, K))
+
+    def _prefetched(self, rows, lab_rows):
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        done = object()
+
+        def produce():
+            try:
+                for b in self._batches(rows, lab_rows):
+                    q.put(jax.device_put(b))
+                q.put(done)
+            except BaseException as e:  # surface errors in the consumer
+                q.put(e)
+
+        threading.Thread(target=produce, daemon=True).start()
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def run_epoch(self, step_fn, carry, rows, lab_rows=None):
+        key = ("host", step_fn)
+        if key not in _COMPILED:
+            _COMPILED[key] = jax.jit(step_fn)
+        fn = _COMPILED[key]
+        outs = []
+        for b in self._prefetched(np.asarray(rows), lab_rows):
+            carry, out = fn(carry, b)
+            outs.append(out)
+        stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+        return carry, stacked
+
+
+def make_source(kind: str, cells: CellData, batch_size: int, *,
+                device_budget_bytes: int | None = None):
+    """Pick a source: 'device', 'host', or 'auto' (device when it fits the budget)."""
+    if kind == "auto":
+        nbytes = cells.X.data.nbytes * 2 + cells.X.indptr.nbytes + cells.n_obs * 64
+        budget = device_budget_bytes if device_budget_bytes is not None else _device_budget()
+        kind = "device" if nbytes <= budget else "host"
+    if kind == "device":
+        return DeviceSource(cells, batch_size)
+    if kind == "host":
+        return HostSource(cells, batch_size)
+    raise ValueError(f"data_source={kind!r}: use 'auto', 'device' or 'host'")
+
+
+def _device_budget() -> int:
+    dev = jax.devices()[0]
+    try:
+        stats = dev.memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        if limit:
+            return int(limit * 0.5)
+    except Exception:  # CPU devices report no memory stats
+        pass
+    return 4 << 30

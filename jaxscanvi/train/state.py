@@ -1,0 +1,85 @@
+"""The train state pytree, the optimiser, and the KL warm-up schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training; saving it makes training resumable."""
+
+    params: Any
+    state: Any          # mutable collections: batch_stats, constants
+    opt_state: Any
+    rng: jax.Array      # base key; step keys are fold_in(rng, step)
+    step: jax.Array     # int32, optimisation steps taken
+    epoch: jax.Array    # int32, epochs completed
+
+
+def make_optimizer(lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e-6,
+                   trainable_mask=None) -> optax.GradientTransformation:
+    """torch.optim.Adam(lr, eps, weight_decay): coupled L2, not AdamW.
+
+    The learning rate is an injected hyper-parameter so reduce-on-plateau can
+    change it between epochs. ``trainable_mask`` (a pytree of bools like the
+    params) freezes every leaf marked False: its update is exactly zero, weight
+    decay included.
+    """
+
+    def build(learning_rate):
+        return optax.chain(optax.add_decayed_weights(weight_decay),
+                           optax.scale_by_adam(eps=eps),
+                           optax.scale_by_learning_rate(learning_rate))
+
+    tx = optax.inject_hyperparams(build)(learning_rate=lr)
+    if trainable_mask is not None:
+        frozen = jax.tree_util.tree_map(lambda t: not t, trainable_mask)
+        tx = optax.chain(tx, optax.transforms.freeze(frozen))
+    return tx
+
+
+def get_lr(opt_state) -> float:
+    return float(_inject_state(opt_state).hyperparams["learning_rate"])
+
+
+def set_lr(opt_state, lr: float):
+    inner = _inject_state(opt_state)
+    inner.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+    return opt_state
+
+
+def _inject_state(opt_state):
+    if hasattr(opt_state, "hyperparams"):
+        return opt_state
+    return opt_state[0]  # chained with freeze
+
+
+@dataclass(frozen=True)
+class KLSchedule:
+    """scvi-tools' linear KL warm-up, by epochs (default) or by steps."""
+
+    n_epochs_kl_warmup: int | None = 400
+    n_steps_kl_warmup: int | None = None
+    max_kl_weight: float = 1.0
+    min_kl_weight: float = 0.0
+
+    def __call__(self, epoch, step):
+        slope = self.max_kl_weight - self.min_kl_weight
+        epoch = jnp.asarray(epoch, jnp.float32)
+        step = jnp.asarray(step, jnp.float32)
+        if self.n_epochs_kl_warmup:
+            n = float(self.n_epochs_kl_warmup)
+            return jnp.where(epoch < n, slope * epoch / n + self.min_kl_weight,
+                             self.max_kl_weight)
+        if self.n_steps_kl_warmup:
+            n = float(self.n_steps_kl_warmup)
+            return jnp.where(step < n, slope * step / n + self.min_kl_weight,
+                             self.max_kl_weight)
+        return jnp.asarray(self.max_kl_weight, jnp.float32)
