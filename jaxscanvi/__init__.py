@@ -4,7 +4,8 @@ from ._version import FORMAT_VERSION, __version__
 from .data.registry import Registry
 from .data.synthetic import synthetic_atlas
 from .errors import InputError, ModelFormatError, NonFiniteLossError
+from .model.scanvi import SCANVI
 from .model.scvi import SCVI
 
-__all__ = ["SCVI", "Registry", "synthetic_atlas", "InputError", "ModelFormatError",
+__all__ = ["SCVI", "SCANVI", "Registry", "synthetic_atlas", "InputError", "ModelFormatError",
            "NonFiniteLossError", "__version__", "FORMAT_VERSION"]

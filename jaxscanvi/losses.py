@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from .data.batch import Batch
-from .distributions import kl_normal, kl_standard_normal, log_nb, log_poisson, log_zinb
+from .distributions import (kl_normal, kl_standard_normal, log_nb, log_poisson, log_zinb,
+                            normal_log_prob)
 from .module import VAE
 
 
@@ -129,6 +130,171 @@ def scvi_elbo(module: VAE, params, state, batch: Batch, rng, kl_weight, *,
         "kl_z": weighted_mean(t["kl_z"], w),
         "kl_l": weighted_mean(t["kl_l"], w),
     }
+    loss, terms = add_extra_terms(loss, terms, outputs, batch, params, extra_terms,
+                                  extra_weights)
+    terms["loss"] = loss
+    return loss, LossAux(terms, new_state, outputs)
+
+
+# ---------------------------------------------------------------- scANVI
+r"""scANVI's bounds (Xu et al. 2021; the user guide's L_S and L_U).
+
+Per cell, with z1 ~ q(z1|x) and, for each class c, u ~ q(u|z1, c):
+
+.. math::
+    b_c = -\log p(z_1 \mid u, c) + \beta\,\mathrm{KL}(q(u|z_1,c)\,\|\,N(0,I))
+
+    \mathcal{L}_S(c) = \text{rec} + \log q(z_1|x) + b_c - \beta \log p(c) + \beta\,\text{KL}^\ell
+
+    \mathcal{L}_U = \text{rec} + \log q(z_1|x) + \sum_c q(c|z_1)\, b_c
+        + \beta\,\mathrm{KL}(q(c|z_1)\,\|\,p(c)) + \beta\,\text{KL}^\ell
+
+(these are negative bounds: lower is better). The sum over c is a `jax.vmap`
+of the per-class bound over the C cell types, run in chunks of
+``class_chunk_size`` classes by `lax.scan` so memory stays flat as C grows;
+the count decoder runs once per cell, never per class. The classification
+loss is the cross-entropy of q(c | E[z|x]) on a minibatch of labelled cells,
+times ``classification_ratio``.
+
+``objective="seed"`` uses L_S for labelled cells of the main minibatch and
+L_U for the others; ``objective="scvi-tools"`` marginalises every cell
+(L_U), as scvi-tools does.
+"""
+
+
+def _merge_stats(base: dict, update: dict, names) -> dict:
+    bs = dict(base.get("batch_stats", {}))
+    for n in names:
+        if n in update.get("batch_stats", {}):
+            bs[n] = update["batch_stats"][n]
+    return {**base, "batch_stats": bs}
+
+
+def class_bounds(module, params, state, z1, weight, rng, *, train: bool):
+    """-log p(z1|u,c) and KL(q(u|z1,c)||p(u)) for every class: two (B, C) arrays.
+
+    Also returns the updated batch statistics of the two class networks.
+    Classes are vmapped with batch statistics over the whole (class, cell)
+    grid, as scvi-tools computes them; above ``class_chunk_size`` classes,
+    chunks are scanned and statistics are per chunk (running averages use
+    the mean over chunks).
+    """
+    from .module_scanvi import SCANVAE
+    C = module.config.n_labels
+    chunk = module.config.class_chunk_size
+    mod = module.clone(class_axis="classes")
+    variables = {"params": params, **state}
+
+    def one(c, valid, key):
+        ks, kd = jax.random.split(key)
+        mask = weight * valid
+        kw = dict(rngs={"sample": ks, "dropout": kd}, method=SCANVAE.class_bound)
+        if train:
+            (nll, kl2), upd = mod.apply(variables, z1, c, mask, train=True,
+                                        mutable=["batch_stats"], **kw)
+            sub = {k: upd["batch_stats"][k] for k in ("encoder_z2_z1", "decoder_z1_z2")
+                   if k in upd["batch_stats"]}
+            return nll, kl2, sub
+        nll, kl2 = mod.apply(variables, z1, c, mask, train=False, **kw)
+        return nll, kl2, {}
+
+    vone = jax.vmap(one, axis_name="classes")
+    if C <= chunk:
+        nll, kl2, sub = vone(jnp.arange(C), jnp.ones(C), jax.random.split(rng, C))
+        sub = jax.tree_util.tree_map(lambda a: a[0], sub)
+    else:
+        n_chunks = -(-C // chunk)
+        classes = jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk)
+        valid = (classes < C).astype(z1.dtype)
+        keys = jax.random.split(rng, n_chunks * chunk).reshape(n_chunks, chunk, -1)
+
+        def body(_, xs):
+            c, v, k = xs
+            n, k2, s = vone(jnp.minimum(c, C - 1), v, k)
+            return None, (n, k2, jax.tree_util.tree_map(lambda a: a[0], s))
+
+        _, (nll, kl2, sub) = jax.lax.scan(body, None, (classes, valid, keys))
+        nll = nll.reshape(-1, *nll.shape[2:])[:C]
+        kl2 = kl2.reshape(-1, *kl2.shape[2:])[:C]
+        sub = jax.tree_util.tree_map(lambda a: a.mean(0), sub)
+    return nll.T, kl2.T, sub
+
+
+def classification_loss(module, params, state, batch: Batch, rng, *, train: bool):
+    """Cross-entropy of q(c | E[z|x]) on labelled cells; returns (ce, acc, state, logits)."""
+    from .module_scanvi import SCANVAE
+    variables = {"params": params, **state}
+    k_sample, k_dropout = jax.random.split(rng)
+    kw = dict(rngs={"sample": k_sample, "dropout": k_dropout}, method=SCANVAE.classify)
+    if train:
+        logits, upd = module.apply(variables, batch, train=True, mutable=["batch_stats"],
+                                   **kw)
+        state = {**state, **upd}
+    else:
+        logits = module.apply(variables, batch, train=False, **kw)
+    labels = jnp.minimum(batch.labels, module.config.n_labels - 1)
+    logp = jax.nn.log_softmax(logits, -1)
+    ce_cell = -jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
+    w = batch.weight * (batch.labels < module.config.n_labels)
+    acc = weighted_mean((logits.argmax(-1) == labels).astype(jnp.float32), w)
+    return weighted_mean(ce_cell, w), acc, state, logits
+
+
+def scanvi_elbo(module, params, state, batches, rng, kl_weight, *, train: bool = True,
+                objective: str = "seed", classification_ratio: float = 50.0,
+                sparse: bool = True, extra_terms=None, extra_weights=None):
+    """scANVI loss: (params, state, (batch, labelled_batch), rng, kl_weight) -> (loss, LossAux).
+
+    ``batches`` is the main minibatch, or a pair (main, labelled); with the
+    pair the classification loss is added.
+    """
+    batch, labelled = (batches, None) if isinstance(batches, Batch) else batches
+    k_main, k_class, k_ce = jax.random.split(rng, 3)
+    outputs, new_state = forward(module, params, state, batch, k_main, train=train)
+    cfg = module.config
+    t = scvi_terms(module, outputs, batch, state, sparse=sparse)
+    z1 = outputs["z"]
+    log_qz1 = normal_log_prob(z1, outputs["qz_m"], outputs["qz_v"]).sum(-1)
+    nll_z1, kl_z2, sub = class_bounds(module, params, new_state, z1, batch.weight, k_class,
+                                      train=train)
+    if train:
+        new_state = _merge_stats(new_state, {"batch_stats": sub}, sub.keys())
+    probs = jax.nn.softmax(outputs["logits_z"], -1)
+    log_probs = jax.nn.log_softmax(outputs["logits_z"], -1)
+    log_prior = cfg.log_prior()
+    kl_c = (probs * (log_probs - log_prior)).sum(-1)
+    marg_z1 = (probs * nll_z1).sum(-1)
+    marg_z2 = (probs * kl_z2).sum(-1)
+    rec_u = t["reconstruction_loss"] + log_qz1 + marg_z1
+    kl_u = marg_z2 + kl_c + t["kl_l"]
+    if objective == "seed":
+        labelled_cell = batch.labels < cfg.n_labels
+        y = jnp.minimum(batch.labels, cfg.n_labels - 1)[:, None]
+        rec_s = (t["reconstruction_loss"] + log_qz1
+                 + jnp.take_along_axis(nll_z1, y, axis=1)[:, 0])
+        kl_s = (jnp.take_along_axis(kl_z2, y, axis=1)[:, 0] - log_prior[y[:, 0]]
+                + t["kl_l"])
+        rec = jnp.where(labelled_cell, rec_s, rec_u)
+        kl = jnp.where(labelled_cell, kl_s, kl_u)
+    elif objective == "scvi-tools":
+        rec, kl = rec_u, kl_u
+    else:
+        raise ValueError(f"objective={objective!r}: use 'seed' or 'scvi-tools'")
+    w = batch.weight
+    loss = weighted_mean(rec + kl_weight * kl, w)
+    terms = {
+        "elbo": weighted_mean(rec + kl, w),
+        "reconstruction_loss": weighted_mean(rec, w),
+        "kl_local": weighted_mean(kl, w),
+        "kl_z": weighted_mean(t["kl_z"], w),
+        "kl_l": weighted_mean(t["kl_l"], w),
+    }
+    if labelled is not None:
+        ce, acc, new_state, _ = classification_loss(module, params, new_state, labelled,
+                                                    k_ce, train=train)
+        loss = loss + classification_ratio * ce
+        terms["classification_loss"] = ce
+        terms["accuracy"] = acc
     loss, terms = add_extra_terms(loss, terms, outputs, batch, params, extra_terms,
                                   extra_weights)
     terms["loss"] = loss

@@ -120,14 +120,23 @@ class VAE(nn.Module):
         return (batch.batch,) + tuple(batch.cat_covs[:, j]
                                       for j in range(batch.cat_covs.shape[1]))
 
-    def inference(self, batch: Batch, *, train: bool, n_samples: int = 1,
-                  x_override=None) -> dict[str, jax.Array]:
+    def _encoder_input(self, batch: Batch):
         c = self.config
-        x = batch.x if x_override is None else x_override
-        x_ = jnp.log1p(x) if c.log_variational else x
+        x_ = jnp.log1p(batch.x) if c.log_variational else batch.x
         if c.encode_covariates and c.n_continuous_cov:
             x_ = jnp.concatenate([x_, batch.cont_covs], axis=-1)
         cats = self._cats(batch) if c.encode_covariates else ()
+        return x_, cats
+
+    def encode_z(self, batch: Batch, *, train: bool):
+        """Moments (mean, var) of q(z | x)."""
+        x_, cats = self._encoder_input(batch)
+        return self.z_encoder(x_, cats, train=train, mask=batch.weight)
+
+    def inference(self, batch: Batch, *, train: bool, n_samples: int = 1
+                  ) -> dict[str, jax.Array]:
+        c = self.config
+        x_, cats = self._encoder_input(batch)
         qz_m, qz_v = self.z_encoder(x_, cats, train=train, mask=batch.weight)
         shape = qz_m.shape if n_samples == 1 else (n_samples,) + qz_m.shape
         eps = jax.random.normal(self.make_rng("sample"), shape, qz_m.dtype)

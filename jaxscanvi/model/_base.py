@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from .. import io
-from ..data.batch import host_batch
+from ..data.batch import Batch, host_batch
+from ..distributions import NonZeros
 from ..data.cells import CellData, cell_data
 from ..data.registry import Registry, registry_of
 from ..errors import InputError, ModelFormatError, NonFiniteLossError
@@ -82,6 +83,29 @@ class BaseModel:
     """Shared machinery; use `SCVI` or `SCANVI`."""
 
     _kind = "base"
+
+    def _build(self, adata, registry: Registry, module, seed: int) -> None:
+        """Library prior from the data, parameter initialisation, bookkeeping."""
+        config = module.config
+        self.adata, self.registry, self._cells = adata, registry, None
+        if adata is not None:
+            means, var = library_prior(self._train_cells(), registry.n_batch)
+            if not config.use_observed_lib_size and (var <= 0).any():
+                bad = [registry.batch_categories[i] for i in np.flatnonzero(var <= 0)]
+                raise InputError("batch_key", bad[:5], "these batches' log library sizes "
+                                 "have zero variance (one cell?), so the library prior is "
+                                 "degenerate", "merge tiny batches, or keep "
+                                 "use_observed_lib_size=True")
+        else:
+            means = np.zeros(registry.n_batch, np.float32)
+            var = np.ones(registry.n_batch, np.float32)
+        constants = {"library_log_means": jnp.asarray(means),
+                     "library_log_vars": jnp.asarray(var)}
+        variables = init_variables(module, config.n_genes, config.n_continuous_cov,
+                                   len(config.n_cats_per_cov), seed, constants)
+        cells = self._cells
+        self._init_common(adata, registry, module, variables, seed=seed)
+        self._cells = cells
 
     # ----------------------------------------------------------------- setup
     def _init_common(self, adata, registry: Registry, module, variables, *, seed: int):
@@ -441,6 +465,38 @@ class BaseModel:
                 f"n_latent={c.n_latent}, n_hidden={c.n_hidden}, n_layers={c.n_layers}, "
                 f"gene_likelihood={c.gene_likelihood!r}, dispersion={c.dispersion!r}, "
                 f"trained={self.is_trained})")
+
+
+def library_prior(cells, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-batch mean and variance of log library size (scvi-tools' _init_library_size)."""
+    means = np.zeros(n_batch, np.float32)
+    var = np.ones(n_batch, np.float32)
+    for b in range(n_batch):
+        ll = cells.log_library[cells.batch == b].astype(np.float64)
+        if ll.size:
+            means[b], var[b] = ll.mean(), ll.var()
+    return means, var
+
+
+def init_variables(module, n_genes: int, n_cont: int, n_cat: int, seed: int,
+                   constants: dict | None = None):
+    """Initialise a module's variables on a dummy batch of two cells."""
+    B = 2
+    batch = Batch(
+        x=jnp.ones((B, n_genes)), nz=NonZeros(jnp.zeros(1, jnp.int32),
+                                              jnp.zeros(1, jnp.int32), jnp.zeros(1)),
+        weight=jnp.ones(B), batch=jnp.zeros(B, jnp.int32), labels=jnp.zeros(B, jnp.int32),
+        cat_covs=jnp.zeros((B, n_cat), jnp.int32), cont_covs=jnp.zeros((B, n_cont)),
+        log_size_factor=jnp.zeros(B), log_library=jnp.ones(B), lgamma_const=jnp.zeros(B))
+    key = jax.random.PRNGKey(seed)
+    k1, k2, k3 = jax.random.split(key, 3)
+    variables = jax.jit(partial(module.init, train=False))(
+        {"params": k1, "sample": k2, "dropout": k3}, batch)
+    variables = dict(variables)
+    variables.setdefault("batch_stats", {})
+    if constants is not None:
+        variables["constants"] = constants
+    return variables
 
 
 def _chunk_size(batch_size: int | None) -> int:

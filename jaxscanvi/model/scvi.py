@@ -17,40 +17,6 @@ from ..module import VAE, VAEConfig
 from ._base import BaseModel, check_positive_int, max_epochs_heuristic
 
 
-def library_prior(cells, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-batch mean and variance of log library size (scvi-tools' _init_library_size)."""
-    means = np.zeros(n_batch, np.float32)
-    var = np.ones(n_batch, np.float32)
-    for b in range(n_batch):
-        ll = cells.log_library[cells.batch == b].astype(np.float64)
-        if ll.size:
-            means[b], var[b] = ll.mean(), ll.var()
-    return means, var
-
-
-def init_variables(module, n_genes: int, n_cont: int, n_cat: int, seed: int,
-                   constants: dict | None = None):
-    """Initialise a module's variables on a dummy batch of two cells."""
-    from ..data.batch import Batch
-    from ..distributions import NonZeros
-    B = 2
-    batch = Batch(
-        x=jnp.ones((B, n_genes)), nz=NonZeros(jnp.zeros(1, jnp.int32),
-                                              jnp.zeros(1, jnp.int32), jnp.zeros(1)),
-        weight=jnp.ones(B), batch=jnp.zeros(B, jnp.int32), labels=jnp.zeros(B, jnp.int32),
-        cat_covs=jnp.zeros((B, n_cat), jnp.int32), cont_covs=jnp.zeros((B, n_cont)),
-        log_size_factor=jnp.zeros(B), log_library=jnp.ones(B), lgamma_const=jnp.zeros(B))
-    key = jax.random.PRNGKey(seed)
-    k1, k2, k3 = jax.random.split(key, 3)
-    variables = jax.jit(partial(module.init, train=False))(
-        {"params": k1, "sample": k2, "dropout": k3}, batch)
-    variables = dict(variables)
-    variables.setdefault("batch_stats", {})
-    if constants is not None:
-        variables["constants"] = constants
-    return variables
-
-
 class SCVI(BaseModel):
     """scVI (Lopez et al. 2018) with scvi-tools' architecture and defaults.
 
@@ -100,30 +66,7 @@ class SCVI(BaseModel):
             use_batch_norm=use_batch_norm, use_layer_norm=use_layer_norm,
             use_observed_lib_size=use_observed_lib_size,
             use_size_factor_key=registry.size_factor_key is not None)
-        module = VAE(config)
-        constants = None
-        self.adata = adata
-        self.registry = registry
-        self._cells = None
-        if adata is not None:
-            cells = self._train_cells()
-            means, var = library_prior(cells, registry.n_batch)
-            if not config.use_observed_lib_size and (var <= 0).any():
-                bad = [registry.batch_categories[i] for i in np.flatnonzero(var <= 0)]
-                raise InputError("batch_key", bad[:5], "these batches' log library sizes "
-                                 "have zero variance (one cell?), so the library prior is "
-                                 "degenerate", "merge tiny batches, or keep "
-                                 "use_observed_lib_size=True")
-            constants = {"library_log_means": jnp.asarray(means),
-                         "library_log_vars": jnp.asarray(var)}
-        else:
-            constants = {"library_log_means": jnp.zeros(registry.n_batch),
-                         "library_log_vars": jnp.ones(registry.n_batch)}
-        variables = init_variables(module, config.n_genes, config.n_continuous_cov,
-                                   len(config.n_cats_per_cov), seed, constants)
-        cells = self._cells
-        self._init_common(adata, registry, module, variables, seed=seed)
-        self._cells = cells
+        self._build(adata, registry, VAE(config), seed)
 
     @classmethod
     def _config_cls(cls):

@@ -110,7 +110,7 @@ class LoopState:
 def fit(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,
         eval_step: Callable, train_idx: np.ndarray, val_idx: np.ndarray,
         labelled_idx: Callable[[np.random.Generator], np.ndarray] | None = None,
-        val_labelled: np.ndarray | None = None,
+        val_labelled: Callable[[], np.ndarray] | None = None,
         loop: LoopState | None = None,
         on_epoch_end: Callable[[TrainState, LoopState], None] | None = None,
         extra_val_metrics: Callable[[TrainState], dict] | None = None,
@@ -149,9 +149,10 @@ def fit(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,
             vrows = epoch_rows(rng, val_idx, cfg.batch_size, shuffle=False)
             vlab = None
             if val_labelled is not None:
+                vl = val_labelled()
                 vlab = labelled_rows(np.random.default_rng([cfg.seed, epoch, 1]),
-                                     val_labelled if len(val_labelled) else val_idx,
-                                     vrows.shape[0], cfg.batch_size)
+                                     vl if len(vl) else val_idx, vrows.shape[0],
+                                     cfg.batch_size)
             _, (vterms, vcounts, _) = source.run_epoch(eval_step, ts, vrows, vlab)
             v = epoch_means(vterms, vcounts)
             record.update({f"{k}_validation": val for k, val in v.items()})

@@ -1,0 +1,326 @@
+"""SCANVI: semi-supervised annotation on top of scVI."""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from ..data.registry import build_registry, registry_of
+from ..data.registry import setup_anndata as _setup
+from ..errors import InputError
+from ..losses import scanvi_elbo
+from ..module_scanvi import SCANVAE, SCANVIConfig
+from ._base import (BaseModel, _jitted, check_positive_int, max_epochs_heuristic)
+from .scvi import SCVI
+
+_ARCH_KEYS = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion",
+              "gene_likelihood", "latent_distribution", "encode_covariates",
+              "deeply_inject_covariates", "use_batch_norm", "use_layer_norm",
+              "use_observed_lib_size")
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10
+                               ) -> float:
+    """ECE: bin cells by top-class confidence; weighted |accuracy - confidence|."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+class SCANVI(BaseModel):
+    """scANVI (Xu et al. 2021): scVI with a cell-type-structured latent prior.
+
+    The default objective is the user guide's: labelled cells use L_S with
+    their label, unlabelled cells L_U with the label marginalised, plus the
+    classifier's cross-entropy times ``classification_ratio`` (50).
+    ``plan_kwargs={"objective": "scvi-tools"}`` marginalises every cell
+    instead, as scvi-tools does.
+    """
+
+    _kind = "scanvi"
+
+    @staticmethod
+    def setup_anndata(adata, labels_key: str, unlabeled_category: str,
+                      layer: str | None = None, batch_key: str | None = None,
+                      size_factor_key: str | None = None,
+                      categorical_covariate_keys: Sequence[str] | None = None,
+                      continuous_covariate_keys: Sequence[str] | None = None, *,
+                      allow_noninteger_counts: bool = False) -> None:
+        """Validate ``adata``; ``unlabeled_category`` marks cells without a label."""
+        if labels_key is None:
+            raise InputError("labels_key", None, "scANVI needs a cell-type column",
+                             "pass labels_key naming the adata.obs column of labels")
+        if unlabeled_category is None:
+            raise InputError("unlabeled_category", None, "scANVI needs the value that "
+                             "marks unlabelled cells", "pass e.g. unlabeled_category="
+                             "'Unknown'")
+        _setup(adata, layer=layer, batch_key=batch_key, labels_key=labels_key,
+               size_factor_key=size_factor_key,
+               categorical_covariate_keys=categorical_covariate_keys,
+               continuous_covariate_keys=continuous_covariate_keys,
+               unlabeled_category=unlabeled_category,
+               allow_noninteger_counts=allow_noninteger_counts)
+
+    def __init__(self, adata, n_hidden: int = 128, n_latent: int = 10, n_layers: int = 1,
+                 dropout_rate: float = 0.1,
+                 dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
+                 gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
+                 use_observed_lib_size: bool = True,
+                 latent_distribution: Literal["normal", "ln"] = "normal",
+                 encode_covariates: bool = False, deeply_inject_covariates: bool = True,
+                 use_batch_norm: Literal["encoder", "decoder", "none", "both"] = "both",
+                 use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none",
+                 linear_classifier: bool = False, y_prior: Sequence[float] | None = None,
+                 classifier_parameters: dict | None = None, *, seed: int = 0,
+                 class_chunk_size: int = 64, registry=None, _config=None):
+        registry = registry if registry is not None else registry_of(adata)
+        if registry.unlabeled_category is None or registry.labels_key is None:
+            raise InputError("adata", "set up without unlabeled_category",
+                             "SCANVI needs labels_key and unlabeled_category",
+                             "call SCANVI.setup_anndata(adata, labels_key=..., "
+                             "unlabeled_category=...)")
+        if _config is None:
+            cls_kw = dict(classifier_parameters or {})
+            allowed = {"n_hidden", "n_layers", "dropout_rate", "use_batch_norm",
+                       "use_layer_norm"}
+            unknown = set(cls_kw) - allowed
+            if unknown:
+                raise InputError("classifier_parameters", sorted(unknown),
+                                 "unknown classifier options", f"use only {sorted(allowed)}")
+            _config = SCANVIConfig(
+                n_genes=registry.n_vars, n_batch=registry.n_batch,
+                n_labels=registry.n_labels, n_cats_per_cov=registry.n_cats_per_cov,
+                n_continuous_cov=registry.n_continuous_cov, n_hidden=n_hidden,
+                n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
+                dispersion=dispersion, gene_likelihood=gene_likelihood,
+                latent_distribution=latent_distribution,
+                encode_covariates=encode_covariates,
+                deeply_inject_covariates=deeply_inject_covariates,
+                use_batch_norm=use_batch_norm, use_layer_norm=use_layer_norm,
+                use_observed_lib_size=use_observed_lib_size,
+                use_size_factor_key=registry.size_factor_key is not None,
+                classifier_n_hidden=cls_kw.get("n_hidden", 0 if linear_classifier
+                                               else n_hidden),
+                classifier_n_layers=cls_kw.get("n_layers", 0 if linear_classifier
+                                               else n_layers),
+                classifier_dropout_rate=cls_kw.get("dropout_rate", dropout_rate),
+                classifier_use_batch_norm=cls_kw.get("use_batch_norm"),
+                classifier_use_layer_norm=cls_kw.get("use_layer_norm"),
+                y_prior=None if y_prior is None else tuple(float(p) for p in y_prior),
+                class_chunk_size=class_chunk_size)
+        self._build(adata, registry, SCANVAE(_config), seed)
+        self.was_pretrained = False
+        if adata is not None:
+            self._check_labels()
+
+    def _check_labels(self) -> None:
+        labels = self._train_cells().labels
+        present = np.unique(labels[labels < self.registry.n_labels])
+        if len(present) == 0:
+            raise InputError(f"adata.obs[{self.registry.labels_key!r}]", "all unlabelled",
+                             "no cell carries a label", "label some cells of at least two "
+                             "types")
+        if len(present) < 2:
+            raise InputError(f"adata.obs[{self.registry.labels_key!r}]",
+                             self.registry.label_categories[present[0]],
+                             "only one cell type is labelled",
+                             "label cells of at least two types")
+
+    @classmethod
+    def _config_cls(cls):
+        return SCANVIConfig
+
+    @classmethod
+    def _from_metadata(cls, meta, registry, config, adata):
+        model = cls(adata, registry=registry, _config=config, seed=meta.get("init_seed", 0))
+        model.was_pretrained = bool(meta.get("was_pretrained", False))
+        return model
+
+    def _extra_metadata(self):
+        return {"was_pretrained": self.was_pretrained}
+
+    @classmethod
+    def from_scvi_model(cls, scvi_model: SCVI, unlabeled_category: str,
+                        labels_key: str | None = None, adata=None, **scanvi_kwargs):
+        """Initialise from a trained SCVI: every shared weight is copied.
+
+        Architecture arguments already fixed by the scVI model are ignored
+        with a warning, as in scvi-tools; the classifier and the class
+        networks start fresh.
+        """
+        if not isinstance(scvi_model, SCVI):
+            raise InputError("scvi_model", type(scvi_model).__name__, "not an SCVI model",
+                             "pass a trained jaxscanvi.SCVI")
+        if not scvi_model.is_trained:
+            warnings.warn("from_scvi_model: the scVI model has not been trained",
+                          UserWarning, stacklevel=2)
+        adata = adata if adata is not None else scvi_model.adata
+        reg = scvi_model.registry
+        labels_key = labels_key or reg.labels_key
+        if labels_key is None:
+            raise InputError("labels_key", None, "the scVI model was set up without "
+                             "labels and none was given", "pass labels_key=...")
+        cfg = scvi_model.module.config
+        for k in _ARCH_KEYS:
+            if k in scanvi_kwargs:
+                warnings.warn(f"Ignoring param '{k}' as it was already passed in to the "
+                              f"pretrained SCVI model with value {getattr(cfg, k)!r}.",
+                              UserWarning, stacklevel=2)
+                scanvi_kwargs.pop(k)
+        new_reg = build_registry(
+            adata, layer=reg.layer, batch_key=reg.batch_key, labels_key=labels_key,
+            size_factor_key=reg.size_factor_key,
+            categorical_covariate_keys=reg.categorical_covariate_keys,
+            continuous_covariate_keys=reg.continuous_covariate_keys,
+            unlabeled_category=unlabeled_category,
+            allow_noninteger_counts=reg.allow_noninteger_counts)
+        # keep the scVI model's category orders for batches and covariates
+        new_reg = new_reg.replace(
+            batch_categories=reg.batch_categories,
+            categorical_covariate_categories=reg.categorical_covariate_categories)
+        adata.uns["_jaxscanvi_registry"] = new_reg.to_json()
+        if cfg.dispersion == "gene-label":
+            raise InputError("dispersion", "gene-label", "the scVI model's per-label "
+                             "dispersion does not carry over to scANVI's classes",
+                             "pretrain scVI with dispersion='gene' or 'gene-batch'")
+        arch = {k: getattr(cfg, k) for k in _ARCH_KEYS}
+        model = cls(adata, **arch, **scanvi_kwargs, seed=scvi_model.init_seed,
+                    registry=new_reg)
+        model.params = _copy_shared(scvi_model.params, model.params)
+        model.state = _copy_shared(scvi_model.state, model.state)
+        model.was_pretrained = True
+        return model
+
+    def train(self, max_epochs: int | None = None, n_samples_per_label: int | None = None,
+              check_val_every_n_epoch: int | None = None, train_size: float = 0.9,
+              validation_size: float | None = None, batch_size: int = 128,
+              early_stopping: bool = False, plan_kwargs: dict | None = None, seed: int = 0,
+              progress_bar: bool = True, *, early_stopping_patience: int = 45,
+              early_stopping_monitor: str = "elbo_validation",
+              on_nonfinite: Literal["raise", "skip_step"] = "raise",
+              data_source: Literal["auto", "device", "host"] = "auto",
+              loss_terms: dict | None = None, loss_weights: dict | None = None):
+        """Train on all cells, each minibatch paired with a minibatch of labelled cells.
+
+        ``n_samples_per_label`` re-draws, every epoch, a class-balanced subset
+        of at most that many labelled training cells per type for the
+        labelled minibatches. ``plan_kwargs`` adds ``classification_ratio``
+        (50) and ``objective`` ("seed" or "scvi-tools") to SCVI's options.
+        """
+        cells = self._train_cells()
+        if max_epochs is None:
+            max_epochs = max_epochs_heuristic(cells.n_obs)
+            if self.was_pretrained:
+                max_epochs = int(min(10, max(2, round(max_epochs / 3.0))))
+        check_positive_int("max_epochs", max_epochs)
+        check_positive_int("n_samples_per_label", n_samples_per_label, allow_none=True)
+        plan = dict(plan_kwargs or {})
+        objective = plan.get("objective", "seed")
+        if objective not in ("seed", "scvi-tools"):
+            raise InputError("plan_kwargs['objective']", objective, "unknown objective",
+                             "pass 'seed' (default) or 'scvi-tools'")
+        C = self.registry.n_labels
+        labels = cells.labels
+
+        def train_labelled(rng):
+            lab = self.train_indices[labels[self.train_indices] < C]
+            if len(lab) == 0:
+                raise InputError("train_size", train_size, "no labelled cell fell in the "
+                                 "training split", "label more cells or raise train_size")
+            if n_samples_per_label is None:
+                return lab
+            picks = []
+            for c in range(C):
+                of_c = lab[labels[lab] == c]
+                if len(of_c):
+                    picks.append(rng.choice(of_c, min(n_samples_per_label, len(of_c)),
+                                            replace=False))
+            return np.sort(np.concatenate(picks))
+
+        def val_metrics(ts):
+            val = self.validation_indices
+            val_lab = val[labels[val] < C]
+            if len(val_lab) == 0:
+                return {}
+            probs = self._probabilities(ts.params, ts.state, cells, val_lab, None, True)
+            y = labels[val_lab]
+            p_true = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)
+            return {"classification_loss_validation_labelled": float(-np.log(p_true).mean()),
+                    "accuracy_validation_labelled": float((probs.argmax(1) == y).mean()),
+                    "calibration_error_validation": expected_calibration_error(probs, y)}
+
+        self._fit(max_epochs=max_epochs, batch_size=batch_size, train_size=train_size,
+                  validation_size=validation_size, early_stopping=early_stopping,
+                  early_stopping_patience=early_stopping_patience,
+                  early_stopping_monitor=early_stopping_monitor,
+                  check_val_every_n_epoch=check_val_every_n_epoch, plan_kwargs=plan_kwargs,
+                  seed=seed, progress_bar=progress_bar, on_nonfinite=on_nonfinite,
+                  data_source=data_source, labelled_idx=train_labelled,
+                  val_labelled=lambda: self.validation_indices[
+                      labels[self.validation_indices] < C], loss_terms=loss_terms,
+                  loss_weights=loss_weights, extra_val_metrics=val_metrics,
+                  default_plan={"objective": "seed", "classification_ratio": 50.0})
+        return self
+
+    def _loss(self, *, train, plan, extra_terms, extra_weights):
+        return partial(scanvi_elbo, self.module, train=train,
+                       objective=plan.get("objective", "seed"),
+                       classification_ratio=float(plan.get("classification_ratio", 50.0)),
+                       sparse=plan.get("sparse_likelihood", True),
+                       extra_terms=extra_terms, extra_weights=extra_weights)
+
+    # ------------------------------------------------------------ prediction
+    def _probabilities(self, params, state, cells, indices, batch_size, use_posterior_mean):
+        fn = _jitted(partial(_classify_fn, self.module,
+                             use_posterior_mean=bool(use_posterior_mean)))
+        saved = self.params, self.state
+        self.params, self.state = params, state
+        try:
+            logits = self._map(fn, cells, indices, batch_size)
+        finally:
+            self.params, self.state = saved
+        return np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1), np.float64)
+
+    def predict(self, adata=None, indices=None, soft: bool = False,
+                batch_size: int | None = None, use_posterior_mean: bool = True):
+        """Predicted cell types (names), or with ``soft=True`` a DataFrame of
+        probabilities, one column per cell type, rows summing to 1."""
+        cells = self._cells_for(adata)
+        probs = self._probabilities(self.params, self.state, cells, indices, batch_size,
+                                    use_posterior_mean)
+        names = np.asarray(self.registry.label_categories, dtype=object)
+        if not soft:
+            return names[probs.argmax(1)]
+        idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
+        probs = probs / probs.sum(1, keepdims=True)
+        return pd.DataFrame(probs, index=cells.obs_names[idx], columns=list(names))
+
+
+def _classify_fn(module, variables, batch, key, *, use_posterior_mean):
+    return module.apply(variables, batch, train=False, rngs={"sample": key},
+                        use_posterior_mean=use_posterior_mean, method=SCANVAE.classify)
+
+
+def _copy_shared(src: dict, dst: dict) -> dict:
+    """dst with every leaf that also exists in src (same path and shape) taken from src."""
+    out = {}
+    for k, v in dst.items():
+        if k in src and isinstance(v, dict) and isinstance(src[k], dict):
+            out[k] = _copy_shared(src[k], v)
+        elif k in src and not isinstance(v, dict) and np.shape(src[k]) == np.shape(v):
+            out[k] = src[k]
+        else:
+            out[k] = v
+    return out
