@@ -45,7 +45,7 @@ def weighted_mean(v, weight):
 def reconstruction_loss(outputs: dict, batch: Batch, gene_likelihood: str, *,
                         sparse: bool = True):
     """-log p(x | z, l) per cell, (B,) (or (S, B) for S posterior samples)."""
-    nz = batch.nz if sparse and outputs["log_mu"].ndim == 2 else None
+    nz = batch.nz if sparse and outputs["log_mu"].ndim == 2 else None  # None: dense
     x = batch.x
     if gene_likelihood == "zinb":
         ll = log_zinb(x, outputs["log_mu"], outputs["log_theta"], outputs["zi_logits"],

@@ -19,7 +19,7 @@ from .cells import CellData
 
 class Batch(NamedTuple):
     x: jax.Array              # (B, G) float32 counts
-    nz: NonZeros              # non-zero entries of x, padded to K
+    nz: NonZeros | None       # non-zero entries of x padded to K (None: use x densely)
     weight: jax.Array         # (B,) 1 for real cells, 0 for padding
     batch: jax.Array          # (B,) int32
     labels: jax.Array         # (B,) int32
@@ -97,6 +97,38 @@ class DeviceCells(NamedTuple):
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self)
+
+
+class DenseDeviceCells(NamedTuple):
+    """A whole CellData on the device with dense counts (when they fit)."""
+
+    X: jax.Array
+    batch: jax.Array
+    labels: jax.Array
+    cat_covs: jax.Array
+    cont_covs: jax.Array
+    log_size_factor: jax.Array
+    log_library: jax.Array
+    lgamma_const: jax.Array
+
+    @staticmethod
+    def from_cells(cells: CellData, device=None) -> DenseDeviceCells:
+        lsf = (cells.log_size_factor if cells.log_size_factor is not None
+               else np.zeros(cells.n_obs, np.float32))
+        arrays = (cells.X.toarray(), cells.batch, cells.labels, cells.cat_covs,
+                  cells.cont_covs, lsf, cells.log_library, cells.lgamma_const)
+        return DenseDeviceCells(*jax.device_put(arrays, device))
+
+
+def dense_device_batch(cells: DenseDeviceCells, rows: jax.Array) -> Batch:
+    """Gather rows of dense device counts into a Batch (no COO: dense likelihood)."""
+    valid = rows >= 0
+    r = jnp.where(valid, rows, 0)
+    w = valid.astype(jnp.float32)
+    return Batch(x=cells.X[r] * w[:, None], nz=None, weight=w, batch=cells.batch[r],
+                 labels=cells.labels[r], cat_covs=cells.cat_covs[r],
+                 cont_covs=cells.cont_covs[r], log_size_factor=cells.log_size_factor[r],
+                 log_library=cells.log_library[r], lgamma_const=cells.lgamma_const[r])
 
 
 def device_batch(cells: DeviceCells, rows: jax.Array, n_genes: int, k_cap: int) -> Batch:

@@ -490,8 +490,9 @@ def init_variables(module, n_genes: int, n_cont: int, n_cat: int, seed: int,
         log_size_factor=jnp.zeros(B), log_library=jnp.ones(B), lgamma_const=jnp.zeros(B))
     key = jax.random.PRNGKey(seed)
     k1, k2, k3 = jax.random.split(key, 3)
-    variables = jax.jit(partial(module.init, train=False))(
-        {"params": k1, "sample": k2, "dropout": k3}, batch)
+    if module not in _INIT:
+        _INIT[module] = jax.jit(partial(module.init, train=False))
+    variables = _INIT[module]({"params": k1, "sample": k2, "dropout": k3}, batch)
     variables = dict(variables)
     variables.setdefault("batch_stats", {})
     if constants is not None:
@@ -513,6 +514,7 @@ def _nnz_bucket(cells: CellData, rows) -> int:
 
 
 _JIT: dict = {}
+_INIT: dict = {}
 
 
 def _jitted(fn: partial):

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data.batch import DeviceCells, device_batch, host_batch, nnz_cap
+from ..data.batch import (DenseDeviceCells, DeviceCells, dense_device_batch, device_batch,
+                          host_batch, nnz_cap)
 from ..data.cells import CellData
 
 # Compiled epoch/step functions, shared by every source and model: a new
@@ -51,27 +52,44 @@ def labelled_rows(rng: np.random.Generator, lab_idx: np.ndarray, n_steps: int,
 
 
 class DeviceSource:
-    """All cells on the device; an epoch is one jitted scan."""
+    """All cells on the device; an epoch is one jitted scan.
+
+    Counts are kept dense when they take at most ``dense_max_bytes`` (a row
+    gather is then the cheapest minibatch), otherwise as CSR, densified per
+    minibatch inside the step with the non-zeros kept for the likelihood.
+    """
 
     kind = "device"
 
-    def __init__(self, cells: CellData, batch_size: int, device=None):
+    def __init__(self, cells: CellData, batch_size: int, device=None,
+                 dense_max_bytes: int = 1 << 30):
         self.n_genes = cells.n_vars
         self.batch_size = batch_size
-        self.k_cap = nnz_cap(cells.row_nnz(), batch_size)
-        self.cells = DeviceCells.from_cells(cells, device)
+        self.dense = cells.n_obs * cells.n_vars * 4 <= dense_max_bytes
+        if self.dense:
+            self.k_cap = 0
+            self.cells = DenseDeviceCells.from_cells(cells, device)
+        else:
+            self.k_cap = nnz_cap(cells.row_nnz(), batch_size)
+            self.cells = DeviceCells.from_cells(cells, device)
 
     def _epoch_fn(self, step_fn: Callable):
-        key = ("device", step_fn, self.n_genes, self.k_cap)
+        key = ("device", step_fn, self.n_genes, self.k_cap, self.dense)
         if key not in _COMPILED:
             G, K = self.n_genes, self.k_cap
+            if self.dense:
+                def gather(cells, r):
+                    return dense_device_batch(cells, r)
+            else:
+                def gather(cells, r):
+                    return device_batch(cells, r, G, K)
 
             def run(carry, cells, rows, lab_rows):
                 def body(c, r):
-                    main = device_batch(cells, r[0], G, K)
+                    main = gather(cells, r[0])
                     if r[1] is None:
                         return step_fn(c, main)
-                    return step_fn(c, (main, device_batch(cells, r[1], G, K)))
+                    return step_fn(c, (main, gather(cells, r[1])))
                 return jax.lax.scan(body, carry, (rows, lab_rows))
 
             _COMPILED[key] = jax.jit(run)
@@ -141,14 +159,14 @@ class HostSource:
 
 
 def make_source(kind: str, cells: CellData, batch_size: int, *,
-                device_budget_bytes: int | None = None):
+                device_budget_bytes: int | None = None, dense_max_bytes: int = 1 << 30):
     """Pick a source: 'device', 'host', or 'auto' (device when it fits the budget)."""
     if kind == "auto":
         nbytes = cells.X.data.nbytes * 2 + cells.X.indptr.nbytes + cells.n_obs * 64
         budget = device_budget_bytes if device_budget_bytes is not None else _device_budget()
         kind = "device" if nbytes <= budget else "host"
     if kind == "device":
-        return DeviceSource(cells, batch_size)
+        return DeviceSource(cells, batch_size, dense_max_bytes=dense_max_bytes)
     if kind == "host":
         return HostSource(cells, batch_size)
     raise ValueError(f"data_source={kind!r}: use 'auto', 'device' or 'host'")
