@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .. import io
+from ..train import checkpoint
 from ..data.batch import Batch, host_batch
 from ..distributions import NonZeros
 from ..data.cells import CellData, cell_data
@@ -175,7 +176,8 @@ class BaseModel:
              early_stopping_patience, early_stopping_monitor, check_val_every_n_epoch,
              plan_kwargs, seed, progress_bar, on_nonfinite, data_source,
              labelled_idx=None, val_labelled=None, loss_terms=None, loss_weights=None,
-             trainable_mask=None, extra_val_metrics=None, default_plan=None):
+             trainable_mask=None, extra_val_metrics=None, default_plan=None,
+             checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False):
         cells = self._train_cells()
         check_positive_int("batch_size", batch_size)
         check_positive_int("max_epochs", max_epochs)
@@ -216,13 +218,35 @@ class BaseModel:
         ts = TrainState(params=self.params, state=self.state,
                         opt_state=tx.init(self.params), rng=key,
                         step=jnp.asarray(0, jnp.int32), epoch=jnp.asarray(0, jnp.int32))
-        source = make_source(data_source, cells, batch_size)
         self.loss_term_names = tuple(sorted(loss_terms or {}))
+        fingerprint = {"batch_size": batch_size, "seed": seed,
+                       "train_size": train_size, "validation_size": validation_size,
+                       "plan": repr(sorted(plan.items())), "schedule": repr(schedule),
+                       "loss_terms": list(self.loss_term_names), "n_obs": cells.n_obs}
+        loop = None
+        if resume:
+            if checkpoint_dir is None:
+                raise InputError("resume", True, "resuming needs checkpoint_dir",
+                                 "pass checkpoint_dir=... (the folder written by an "
+                                 "earlier train(..., checkpoint_dir=...))")
+            restored = checkpoint.load(checkpoint_dir, ts, fingerprint, self)
+            if restored is not None:
+                ts, loop = restored
+        on_epoch_end = None
+        if checkpoint_dir is not None:
+            check_positive_int("checkpoint_every", checkpoint_every)
+
+            def on_epoch_end(ts_, loop_):
+                e = int(ts_.epoch)
+                if e % checkpoint_every == 0 or e >= max_epochs or loop_.stopped_early:
+                    checkpoint.save(checkpoint_dir, ts_, loop_, fingerprint, self)
+        source = make_source(data_source, cells, batch_size)
         try:
             ts, loop = fit(ts, cfg=cfg, source=source, train_step=train_step,
                            eval_step=eval_step, train_idx=train_idx, val_idx=val_idx,
                            labelled_idx=labelled_idx, val_labelled=val_labelled,
-                           extra_val_metrics=extra_val_metrics)
+                           extra_val_metrics=extra_val_metrics, loop=loop,
+                           on_epoch_end=on_epoch_end)
         except NonFiniteLossError as err:
             ts = getattr(err, "train_state", ts)
             self._adopt(ts, getattr(err, "loop_state", LoopState()))

@@ -211,7 +211,8 @@ class SCANVI(BaseModel):
               early_stopping_monitor: str = "elbo_validation",
               on_nonfinite: Literal["raise", "skip_step"] = "raise",
               data_source: Literal["auto", "device", "host"] = "auto",
-              loss_terms: dict | None = None, loss_weights: dict | None = None):
+              loss_terms: dict | None = None, loss_weights: dict | None = None,
+              checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False):
         """Train on all cells, each minibatch paired with a minibatch of labelled cells.
 
         ``n_samples_per_label`` re-draws, every epoch, a class-balanced subset
@@ -271,7 +272,9 @@ class SCANVI(BaseModel):
                   val_labelled=lambda: self.validation_indices[
                       labels[self.validation_indices] < C], loss_terms=loss_terms,
                   loss_weights=loss_weights, extra_val_metrics=val_metrics,
-                  default_plan={"objective": "seed", "classification_ratio": 50.0})
+                  default_plan={"objective": "seed", "classification_ratio": 50.0},
+                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                  resume=resume)
         return self
 
     def _loss(self, *, train, plan, extra_terms, extra_weights):

@@ -89,7 +89,8 @@ class SCVI(BaseModel):
               early_stopping_monitor: str = "elbo_validation",
               on_nonfinite: Literal["raise", "skip_step"] = "raise",
               data_source: Literal["auto", "device", "host"] = "auto",
-              loss_terms: dict | None = None, loss_weights: dict | None = None):
+              loss_terms: dict | None = None, loss_weights: dict | None = None,
+              checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False):
         """Train with Adam (coupled L2) and linear KL warm-up, as scvi-tools does.
 
         Parameters
@@ -107,6 +108,10 @@ class SCVI(BaseModel):
         loss_terms, loss_weights
             Extra terms ``fn(outputs, batch, params) -> scalar`` added to the
             loss times their weight (default 1) and recorded in the history.
+        checkpoint_dir, checkpoint_every, resume
+            Write the whole train state atomically every ``checkpoint_every``
+            epochs; ``resume=True`` continues from it, bitwise as if never
+            interrupted.
         """
         if max_epochs is None:
             max_epochs = max_epochs_heuristic(self._train_cells().n_obs)
@@ -118,4 +123,5 @@ class SCVI(BaseModel):
             early_stopping_monitor=early_stopping_monitor,
             check_val_every_n_epoch=check_val_every_n_epoch, plan_kwargs=plan_kwargs,
             seed=seed, progress_bar=progress_bar, on_nonfinite=on_nonfinite,
-            data_source=data_source, loss_terms=loss_terms, loss_weights=loss_weights)
+            data_source=data_source, loss_terms=loss_terms, loss_weights=loss_weights,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)

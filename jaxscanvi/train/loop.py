@@ -172,10 +172,10 @@ def fit(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,
             else:
                 loop.bad_epochs += 1
                 stop = loop.bad_epochs >= cfg.early_stopping_patience
+        loop.stopped_early = stop
         if on_epoch_end is not None:
             on_epoch_end(ts, loop)
         if stop:
-            loop.stopped_early = True
             break
     bar.close()
     return ts, loop
