@@ -124,8 +124,9 @@ def read_metadata(dir_path) -> dict[str, Any]:
         raise ModelFormatError(f"{str(d)!r} is a file, not a model folder. Fix: pass the "
                                "folder given to model.save(...)")
     if not (d / METADATA).exists():
-        hint = (" It looks like a scvi-tools model (model.pt); load it with "
-                "from_scvi_tools(...)." if (d / "model.pt").exists() else "")
+        hint = (" It looks like a scvi-tools model (model.pt), which jaxscanvi does not "
+                "read; train a jaxscanvi model instead."
+                if (d / "model.pt").exists() else "")
         raise ModelFormatError(f"{str(d)!r} is not a jaxscanvi model folder: it has no "
                                f"{METADATA}.{hint}")
     try:

@@ -57,9 +57,12 @@ def to_csr(X) -> sp.csr_matrix:
     if hasattr(X, "to_memory"):
         X = X.to_memory()
     if sp.issparse(X):
+        src = X
         X = X.tocsr()
         if X.dtype != np.float32:
             X = X.astype(np.float32)
+        if X is src and (not X.has_canonical_format or (X.data == 0).any()):
+            X = X.copy()  # the clean-up below must not touch the caller's matrix
     else:
         X = sp.csr_matrix(np.asarray(X, dtype=np.float32))
     X.sum_duplicates()
@@ -83,8 +86,7 @@ def encode(series: pd.Series, categories: tuple[str, ...], field: str, *,
         unseen = sorted(set(values[codes < 0]))
         raise InputError(field, unseen[:10], f"categories the model has never seen "
                          f"(it knows {list(categories)[:12]})",
-                         "rename them to known categories, or map the new data as a query "
-                         "with load_query_data(...)")
+                         "rename them to known categories, or drop those cells")
     return codes
 
 
@@ -97,8 +99,8 @@ def check_var_names(adata, registry: Registry) -> None:
     raise InputError(
         "adata.var_names", f"{len(names)} genes ({missing} of the model's "
         f"{len(ours)} missing)", "genes differ from the ones the model was trained on "
-        "(names or order)", "reorder/subset with adata[:, model.registry.var_names], or "
-        "use prepare_query_anndata(adata, model) to pad missing genes")
+        "(names or order)", "reorder/subset with adata[:, model.registry.var_names]; "
+        "genes the data lacks must be added first (e.g. as all-zero columns)")
 
 
 def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellData:

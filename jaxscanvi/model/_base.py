@@ -184,6 +184,9 @@ class BaseModel:
         if on_nonfinite not in ("raise", "skip_step"):
             raise InputError("on_nonfinite", on_nonfinite, "not 'raise' or 'skip_step'",
                              "pass on_nonfinite='raise' (default) or 'skip_step'")
+        if data_source not in ("auto", "device", "host"):
+            raise InputError("data_source", data_source, "not 'auto', 'device' or 'host'",
+                             "pass data_source='auto' (default), 'device' or 'host'")
         plan = dict(default_plan or {})
         unknown = set(plan_kwargs or {}) - PLAN_KEYS
         if unknown:
@@ -280,6 +283,8 @@ class BaseModel:
             raise InputError("indices", f"[{idx.min()}, {idx.max()}]", "out of range for "
                              f"{cells.n_obs} cells", "pass indices in [0, n_obs)")
         B = _chunk_size(batch_size)
+        if batch_size is None:  # small requests: a power-of-two chunk, not 1024 padded rows
+            B = min(B, 1 << max(len(idx) - 1, 15).bit_length())
         for s in range(0, len(idx), B):
             rows = idx[s:s + B]
             yield len(rows), host_batch(cells, rows, B, _nnz_bucket(cells, rows))
@@ -349,9 +354,8 @@ class BaseModel:
                                              and library_size > 0)):
             raise InputError("library_size", library_size, "must be a positive number or "
                              "'latent'", "pass e.g. library_size=1e4")
-        fn = partial(_expression_fn, self.module, n_samples=int(n_samples),
-                     latent_library=library_size == "latent")
-        jfn = _jitted(fn)
+        jfn = self._expression_kernel(n_samples=int(n_samples),
+                                      latent_library=library_size == "latent")
         acc = None
         for b in batches:
             def run(variables, batch, key, b=b):
@@ -372,6 +376,10 @@ class BaseModel:
         names = reg.var_names if gene_list is None else list(gene_list)
         idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
         return pd.DataFrame(expr, index=cells.obs_names[idx], columns=list(names))
+
+    def _expression_kernel(self, **kw):
+        """jitted fn(variables, batch, key, batch_code) -> expression; SCANVI extends it."""
+        return _jitted(partial(_expression_fn, self.module, **kw))
 
     def _elbo_terms(self, adata, indices, batch_size):
         fn = partial(_terms_fn, self.module, self._kind)
@@ -428,16 +436,23 @@ class BaseModel:
         blobs = {"variables": io.to_bytes(self.variables)}
         extra = {}
         d = Path(dir_path)
-        if save_anndata:
-            if self.adata is None:
-                raise InputError("save_anndata", True, "the model holds no AnnData",
-                                 "pass save_anndata=False")
-            d.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".adata.", suffix=".h5ad", dir=d)
-            os.close(fd)
-            self.adata.write_h5ad(tmp)
-            extra["adata"] = Path(tmp)
-        io.write_folder(d, meta, blobs, overwrite=overwrite, extra_files=extra)
+        if d.is_dir() and (d / io.METADATA).exists() and not overwrite:
+            raise FileExistsError(f"{d} already holds a saved model. Fix: pass "
+                                  "overwrite=True to replace it, or another folder")
+        if save_anndata and self.adata is None:
+            raise InputError("save_anndata", True, "the model holds no AnnData",
+                             "pass save_anndata=False")
+        try:
+            if save_anndata:
+                d.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".adata.", suffix=".h5ad", dir=d)
+                os.close(fd)
+                extra["adata"] = Path(tmp)
+                self.adata.write_h5ad(tmp)
+            io.write_folder(d, meta, blobs, overwrite=overwrite, extra_files=extra)
+        finally:
+            for tmp_file in extra.values():  # moved into place on success
+                tmp_file.unlink(missing_ok=True)
 
     @classmethod
     def _from_metadata(cls, meta, registry, config, adata):
