@@ -6,6 +6,7 @@ from .data.synthetic import synthetic_atlas
 from .errors import InputError, ModelFormatError, NonFiniteLossError
 from .model.scanvi import SCANVI
 from .model.scvi import SCVI
+from . import de, pl
 
 __all__ = ["SCVI", "SCANVI", "Registry", "synthetic_atlas", "InputError", "ModelFormatError",
            "NonFiniteLossError", "__version__", "FORMAT_VERSION"]

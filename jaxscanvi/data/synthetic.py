@@ -24,7 +24,9 @@ def synthetic_atlas(n_cells: int = 2000, n_genes: int = 500, n_batches: int = 2,
 
     ``obs`` holds ``batch``, ``cell_type`` and ``lineage`` (categoricals);
     ``var`` holds ``marker_of`` (the type or lineage a gene marks, or "").
-    ``uns['synthetic']['de_genes']`` maps each type to its marker gene indices.
+    ``uns['synthetic']['de_genes']`` maps each type to its marker gene indices;
+    ``type_logits`` (types x genes), ``batch_lfc`` (batches x genes) and
+    ``type_weights`` hold the ground truth the counts were drawn from.
     """
     rng = np.random.default_rng(seed)
     n_types = n_lineages * types_per_lineage
@@ -84,6 +86,10 @@ def synthetic_atlas(n_cells: int = 2000, n_genes: int = 500, n_batches: int = 2,
                        index=[f"gene{g}" for g in range(n_genes)])
     adata = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
     adata.layers["counts"] = adata.X.copy()
-    adata.uns["synthetic"] = {"seed": seed, "de_genes": {k: v.tolist() for k, v in
-                                                        type_markers.items()}}
+    adata.uns["synthetic"] = {
+        "seed": seed, "de_genes": {k: v.tolist() for k, v in type_markers.items()},
+        # ground truth for tests: per-type log expression (up to a constant),
+        # per-batch log fold changes, and the type proportions
+        "type_logits": logits.astype(np.float32), "batch_lfc": batch_lfc.astype(np.float32),
+        "type_weights": weights.astype(np.float32)}
     return adata

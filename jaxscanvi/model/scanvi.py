@@ -17,6 +17,7 @@ from ..errors import InputError
 from ..losses import scanvi_elbo
 from ..module_scanvi import SCANVAE, SCANVIConfig
 from ._base import (BaseModel, _jitted, check_positive_int, max_epochs_heuristic)
+from ._downstream import DownstreamMixin
 from .scvi import SCVI
 
 _ARCH_KEYS = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion",
@@ -39,7 +40,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return float(ece)
 
 
-class SCANVI(BaseModel):
+class SCANVI(DownstreamMixin, BaseModel):
     """scANVI (Xu et al. 2021): scVI with a cell-type-structured latent prior.
 
     The default objective is the user guide's: labelled cells use L_S with
@@ -296,6 +297,40 @@ class SCANVI(BaseModel):
             self.params, self.state = saved
         return np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1), np.float64)
 
+    def get_normalized_expression(self, adata=None, indices=None, transform_batch=None,
+                                  gene_list: Sequence[str] | None = None,
+                                  library_size: float | str = 1, n_samples: int = 1,
+                                  n_samples_overall: int | None = None,
+                                  batch_size: int | None = None, return_mean: bool = True,
+                                  return_numpy: bool | None = None, label: str | None = None):
+        """As SCVI's, plus ``label``: decode each cell as if it were of that cell type.
+
+        Through scANVI's hierarchy: u ~ q(u | z1, c0) with c0 the cell's known
+        label (its prediction when unlabelled), then z1' = E p(z1 | u, label),
+        then the count decoder. Without ``label`` the usual z1 is decoded.
+        """
+        self._label = None
+        if label is not None:
+            cats = list(self.registry.label_categories)
+            if str(label) not in cats:
+                raise InputError("label", label, f"is not a cell type of the model ({cats[:10]})",
+                                 "pass one of model.registry.label_categories")
+            self._label = cats.index(str(label))
+        try:
+            return super().get_normalized_expression(
+                adata=adata, indices=indices, transform_batch=transform_batch,
+                gene_list=gene_list, library_size=library_size, n_samples=n_samples,
+                n_samples_overall=n_samples_overall, batch_size=batch_size,
+                return_mean=return_mean, return_numpy=return_numpy)
+        finally:
+            self._label = None
+
+    def _expression_kernel(self, **kw):
+        target = getattr(self, "_label", None)
+        if target is None:
+            return super()._expression_kernel(**kw)
+        return _jitted(partial(_label_expression_fn, self.module, target=target, **kw))
+
     def predict(self, adata=None, indices=None, soft: bool = False,
                 batch_size: int | None = None, use_posterior_mean: bool = True):
         """Predicted cell types (names), or with ``soft=True`` a DataFrame of
@@ -314,6 +349,31 @@ class SCANVI(BaseModel):
 def _classify_fn(module, variables, batch, key, *, use_posterior_mean):
     return module.apply(variables, batch, train=False, rngs={"sample": key},
                         use_posterior_mean=use_posterior_mean, method=SCANVAE.classify)
+
+
+def _label_expression_fn(module, variables, batch, key, batch_code, *, target: int,
+                         n_samples: int, latent_library: bool):
+    def run(mdl, b):
+        inf = mdl.inference(b, train=False, n_samples=n_samples)
+        z1 = inf["z"]
+        C = mdl.config.n_labels
+        qz_m, _ = mdl.encode_z(b, train=False)
+        pred = jnp.argmax(mdl.classifier(qz_m, train=False, mask=b.weight), -1)
+        src = jnp.where(b.labels < C, b.labels, pred)
+        flat = z1.reshape(-1, z1.shape[-1])
+        reps = flat.shape[0] // src.shape[0]
+        w = jnp.tile(b.weight, reps)
+        m2, v2 = mdl.encoder_z2_z1(flat, (jnp.tile(src, reps),), train=False, mask=w)
+        u = m2 + jnp.sqrt(v2) * jax.random.normal(mdl.make_rng("sample"), m2.shape)
+        z1t, _ = mdl.decoder_z1_z2(u, (jnp.full(src.shape[0] * reps, target, jnp.int32),),
+                                   train=False, mask=w)
+        z1t = z1t.reshape(z1.shape)
+        bidx = None if batch_code is None else jnp.full_like(b.batch, batch_code)
+        gen = mdl.generative(z1t, inf["library"], b, train=False, batch_index=bidx)
+        out = jnp.exp(gen["log_mu"] if latent_library else gen["log_scale"])
+        return jnp.swapaxes(out, 0, 1) if out.ndim == 3 else out
+
+    return module.apply(variables, batch, rngs={"sample": key}, method=run)
 
 
 def _copy_shared(src: dict, dst: dict) -> dict:

@@ -15,9 +15,10 @@ from ..errors import InputError
 from ..losses import scvi_elbo
 from ..module import VAE, VAEConfig
 from ._base import BaseModel, check_positive_int, max_epochs_heuristic
+from ._downstream import DownstreamMixin
 
 
-class SCVI(BaseModel):
+class SCVI(DownstreamMixin, BaseModel):
     """scVI (Lopez et al. 2018) with scvi-tools' architecture and defaults.
 
     Examples
