@@ -1,0 +1,196 @@
+"""Helpers shared by the benchmark scripts: environment record, memory, metrics.
+
+Nothing here imports scvi-tools or torch; the scripts import them only inside
+the code paths that compare against scvi-tools.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PACKAGES = ("jaxscanvi", "jax", "jaxlib", "flax", "optax", "numpyro", "numpy", "scipy",
+            "pandas", "anndata", "scvi-tools", "torch", "lightning", "psutil")
+
+
+def have_scvi_tools() -> bool:
+    """True where ``import scvi`` would find scvi-tools (without importing it)."""
+    return importlib.util.find_spec("scvi") is not None \
+        and importlib.util.find_spec("torch") is not None
+
+
+def versions() -> dict[str, str | None]:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _mem_total_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 2)
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(with_jax: bool = True) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "mem_total_gb": _mem_total_gb(),
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python_executable": sys.executable,
+        "env": {k: os.environ[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS",
+                                           "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+                if k in os.environ},
+    }
+    if with_jax:
+        import jax
+        info["jax_backend"] = jax.default_backend()
+        info["jax_devices"] = [str(d) for d in jax.devices()]
+    return info
+
+
+def loadavg() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+# --------------------------------------------------------------------- memory
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB (Linux ru_maxrss is KiB)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
+
+
+def current_rss_mb() -> float | None:
+    try:
+        import psutil
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except OSError:
+            return None
+
+
+def memory_snapshot() -> dict:
+    cur = current_rss_mb()
+    return {"peak_rss_mb": round(peak_rss_mb(), 1),
+            "rss_mb": None if cur is None else round(cur, 1)}
+
+
+class Phases:
+    """Wall time and memory at the end of each named phase of a worker."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.last = self.t0
+        self.records: dict[str, dict] = {}
+
+    def mark(self, name: str, **extra) -> dict:
+        now = time.perf_counter()
+        rec = {"seconds": round(now - self.last, 4), **memory_snapshot(), **extra}
+        self.records[name] = rec
+        self.last = now
+        return rec
+
+
+# -------------------------------------------------------------------- metrics
+def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    y_true = np.asarray(y_true).astype(str)
+    y_pred = np.asarray(y_pred).astype(str)
+    return {c: float((y_pred[y_true == c] == c).mean()) for c in np.unique(y_true)}
+
+
+def balanced_accuracy(y_true, y_pred) -> float:
+    """Mean per-class recall over the classes present in ``y_true``."""
+    rec = per_class_recall(y_true, y_pred)
+    return float(np.mean(list(rec.values()))) if rec else float("nan")
+
+
+def accuracy(y_true, y_pred) -> float:
+    y_true = np.asarray(y_true).astype(str)
+    y_pred = np.asarray(y_pred).astype(str)
+    return float((y_true == y_pred).mean()) if len(y_true) else float("nan")
+
+
+def mean_sd(values) -> dict:
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if v.size == 0:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None,
+            "n": int(v.size)}
+
+
+# ------------------------------------------------------------------- output
+def write_json(path, obj) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    tmp.replace(path)
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join([line, sep, *body])
+
+
+def _fmt(c) -> str:
+    if c is None:
+        return "-"
+    if isinstance(c, float):
+        if c != c:
+            return "nan"
+        if abs(c) >= 100:
+            return f"{c:,.0f}"
+        if abs(c) >= 10:
+            return f"{c:.1f}"
+        return f"{c:.3g}" if abs(c) < 1 else f"{c:.2f}"
+    return str(c)
