@@ -530,7 +530,10 @@ def init_variables(module, n_genes: int, n_cont: int, n_cat: int, seed: int,
     key = jax.random.PRNGKey(seed)
     k1, k2, k3 = jax.random.split(key, 3)
     if module not in _INIT:
-        _INIT[module] = jax.jit(partial(module.init, train=False))
+        # init runs once per model: skip XLA's backend optimisation, which would
+        # otherwise take most of the construction time (same values either way)
+        _INIT[module] = jax.jit(partial(module.init, train=False), compiler_options={
+            "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
     variables = _INIT[module]({"params": k1, "sample": k2, "dropout": k3}, batch)
     variables = dict(variables)
     variables.setdefault("batch_stats", {})
