@@ -87,8 +87,9 @@ def _row_sum(v, nz: NonZeros, n_rows: int):
 def _lgamma_part(x, log_theta, nz: NonZeros | None):
     """Per-cell sum of D(theta, x)."""
     if nz is None:
-        theta = jnp.exp(jnp.broadcast_to(log_theta, x.shape))
-        return lgamma_ratio(theta, x).sum(-1)
+        shape = jnp.broadcast_shapes(x.shape, jnp.shape(log_theta))
+        theta = jnp.exp(jnp.broadcast_to(log_theta, shape))
+        return lgamma_ratio(theta, jnp.broadcast_to(x, shape)).sum(-1)
     theta = jnp.exp(_gather(log_theta, nz))
     return _row_sum(lgamma_ratio(theta, nz.val), nz, x.shape[0])
 

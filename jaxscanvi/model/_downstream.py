@@ -106,9 +106,9 @@ class DownstreamMixin:
         delta: float = 0.25, batch_size: int | None = None, all_stats: bool = True,
         batch_correction: bool = False, batchid1: Sequence[str] | None = None,
         batchid2: Sequence[str] | None = None, fdr_target: float = 0.05, silent: bool = True,
-        weights: Literal["uniform"] | None = "uniform", n_samples: int = 5000,
+        weights: Literal["uniform", "importance"] | None = "uniform", n_samples: int = 5000,
         pseudocounts: float | None = None, test_mode: Literal["two", "three"] = "three",
-        seed: int = 0,
+        seed: int = 0, importance_weighting_kwargs: dict | None = None,
     ) -> pd.DataFrame:
         """Bayesian differential expression, one-vs-rest when ``group2`` is None.
 
@@ -121,11 +121,16 @@ class DownstreamMixin:
         """
         if mode not in ("vanilla", "change"):
             raise InputError("mode", mode, "is not a DE mode", "use 'vanilla' or 'change'")
-        if weights not in (None, "uniform"):
-            # scvi-tools' importance weighting needs p(x_a | z_s) for every sample
-            # and anchor cell (S x A x G); not implemented here yet
-            raise InputError("weights", weights, "only uniform weighting of posterior "
-                             "samples is implemented", "pass weights='uniform'")
+        if weights not in (None, "uniform", "importance"):
+            raise InputError("weights", weights, "is not a weighting of posterior samples",
+                             "pass weights='uniform' (default) or 'importance'")
+        iw = None
+        if weights == "importance":
+            iw = dict(importance_weighting_kwargs or {})
+            unknown = set(iw) - {"max_cells", "n_mc_samples", "truncation"}
+            if unknown:
+                raise InputError("importance_weighting_kwargs", sorted(unknown),
+                                 "are not options", "use max_cells, n_mc_samples, truncation")
         check_positive_int("n_samples", n_samples)
         if not (0 < fdr_target < 1):
             raise InputError("fdr_target", fdr_target, "must lie in (0, 1)", "e.g. 0.05")
@@ -144,8 +149,8 @@ class DownstreamMixin:
         for t, (m1, m2, g1, g2) in enumerate(self._de_masks(adata, groupby, group1, group2,
                                                            idx1, idx2)):
             rows1, rows2 = np.flatnonzero(m1), np.flatnonzero(m2)
-            s1 = self._group_samples(cells, rows1, n_samples, codes1, 2 * t, batch_size)
-            s2 = self._group_samples(cells, rows2, n_samples, codes2, 2 * t + 1, batch_size)
+            s1 = self._group_samples(cells, rows1, n_samples, codes1, 2 * t, batch_size, iw)
+            s2 = self._group_samples(cells, rows2, n_samples, codes2, 2 * t + 1, batch_size, iw)
             a, b = _pair(s1, s2, same_batches=batch_correction and set(codes1) == set(codes2))
             if mode == "vanilla":
                 info = de.vanilla(a, b)
@@ -175,11 +180,66 @@ class DownstreamMixin:
             results.append(res)
         return pd.concat(results, axis=0)
 
-    def _group_samples(self, cells, rows, n_samples, codes, seed, batch_size):
+    def _group_samples(self, cells, rows, n_samples, codes, seed, batch_size, iw=None):
         """[(samples (n_b, G), batch code)] for each batch code (None: observed batch)."""
         n_b = max(int(n_samples / len(codes)), 2)
-        return [(self._scale_samples(cells, rows, n_b, code, 1000 * seed + j, batch_size), code)
-                for j, code in enumerate(codes)]
+        out = []
+        for j, code in enumerate(codes):
+            s = 1000 * seed + j
+            if iw is None:
+                out.append((self._scale_samples(cells, rows, n_b, code, s, batch_size), code))
+            else:
+                out.append((self._importance_samples(cells, rows, n_b, code, s, batch_size,
+                                                     **iw), code))
+        return out
+
+    def _importance_samples(self, cells, rows, n, code, seed, batch_size, *,
+                            max_cells: int = 1024, n_mc_samples: int = 500,
+                            truncation: bool = False) -> np.ndarray:
+        """Scale samples resampled towards latent codes that explain many cells of the group.
+
+        scvi-tools' get_importance_weights: for a sample z_s, over anchor cells a
+        of the group, w_s = sum_a p(z_s) p(x_a | z_s) / (p(x_a) sum_a' q(z_s | x_a')),
+        with p(x_a | z_s) the sample's likelihood rescaled to a's library and
+        log p(x_a) importance-sampled.
+        """
+        rng = np.random.default_rng(seed)
+        anchors = rows if len(rows) <= max_cells else rng.choice(rows, max_cells, False)
+        picks = rng.choice(rows, n)
+        fn = _jitted(partial(_sample_fn, self.module))
+        smp = self._map(lambda v, b, k: fn(v, b, k, code), cells, picks, batch_size, seed=seed)
+        qz = self._map(_jitted(partial(_qz_fn, self.module)), cells, anchors, batch_size)
+        log_px = self._per_cell_marginal_ll(cells, anchors, n_mc_samples, batch_size)
+        xa = cells.X[anchors].toarray()
+        lib = np.log(np.maximum(xa.sum(1), 1.0))
+        kernel = _jitted(partial(_anchor_terms, self.module.config.gene_likelihood))
+        chunk = max(1, (1 << 24) // (len(anchors) * xa.shape[1]))  # ~64 MiB per temporary
+        pad = -n % chunk
+        arrays = [smp["z"], smp["log_scale"], smp.get("log_theta", smp["z"]),
+                  smp.get("zi_logits", smp["z"])]
+        arrays = [np.concatenate([a, np.repeat(a[:1], pad, 0)]) for a in arrays]
+        logw = []
+        for s0 in range(0, n + pad, chunk):
+            sl = slice(s0, s0 + chunk)
+            logw.append(np.asarray(kernel(*(a[sl] for a in arrays), qz["m"], qz["v"], xa,
+                                          lib, log_px)))
+        logw = np.concatenate(logw)[:n].astype(np.float64)
+        if truncation:
+            tau = _logsumexp(logw) - np.log(len(logw))
+            logw = np.maximum(logw, tau)
+        p = np.exp(logw - _logsumexp(logw))
+        return smp["scale"][rng.choice(n, n, p=p / p.sum())]
+
+    def _per_cell_marginal_ll(self, cells, rows, n_mc_samples, batch_size) -> np.ndarray:
+        """Importance-sampled log p(x) of each cell of rows."""
+        from ._base import _log_weights_fn
+        per_pass = min(int(n_mc_samples), 100)
+        fn = _jitted(partial(_log_weights_fn, self.module, n_samples=per_pass))
+        n_pass = -(-int(n_mc_samples) // per_pass)
+        logw = np.concatenate([self._map(fn, cells, rows, batch_size, seed=1000 + p)
+                               for p in range(n_pass)], axis=1)[:, :n_mc_samples]
+        m = logw.max(1, keepdims=True)
+        return (m[:, 0] + np.log(np.exp(logw - m).sum(1)) - np.log(logw.shape[1]))
 
     # ------------------------------------------------------------ predictive
     def posterior_predictive_sample(self, adata=None, indices=None, n_samples: int = 1,
@@ -285,6 +345,11 @@ def _pair(s1, s2, *, same_batches: bool):
     return a[:k], b[:k]
 
 
+def _logsumexp(v):
+    m = np.max(v)
+    return m + np.log(np.sum(np.exp(v - m)))
+
+
 def _concat_coo(parts):
     rows, offs = [], 0
     for p in parts:
@@ -367,3 +432,40 @@ def _denoised_fn(module, variables, batch, key, batch_code, size_factor, *, n_sa
         return jnp.moveaxis(x, 0, 1) if n_samples > 1 else x[:, None]  # (B, S, G)
 
     return module.apply(variables, batch, rngs={"sample": key}, method=run)
+
+
+def _sample_fn(module, variables, batch, key, batch_code):
+    """One posterior sample per cell: z (pre-transform), scale and likelihood params."""
+    def run(mdl, b):
+        inf, gen = _generate(mdl, b, 1, batch_code)
+        out = {"z": inf["untran_z"], "log_scale": gen["log_scale"],
+               "scale": jnp.exp(gen["log_scale"])}
+        if gen["log_theta"] is not None:
+            out["log_theta"] = jnp.broadcast_to(gen["log_theta"], gen["log_scale"].shape)
+        if gen["zi_logits"] is not None:
+            out["zi_logits"] = gen["zi_logits"]
+        return out
+
+    return module.apply(variables, batch, rngs={"sample": key}, method=run)
+
+
+def _qz_fn(module, variables, batch, key):
+    m, v = module.apply(variables, batch, train=False, method=type(module).encode_z)
+    return {"m": m, "v": v}
+
+
+def _anchor_terms(likelihood, z, log_scale, log_theta, zi, qm, qv, xa, lib, log_px):
+    """Per sample: logsumexp_a [log p(z) + log p(x_a|z) - log p(x_a)] - logsumexp_a log q(z|x_a)."""
+    from ..distributions import log_nb, log_poisson, log_zinb, normal_log_prob
+    log_pz = normal_log_prob(z, 0.0, 1.0).sum(-1)                                  # (S,)
+    log_qz = normal_log_prob(z[:, None, :], qm[None], qv[None]).sum(-1)            # (S, A)
+    log_mu = log_scale[:, None, :] + lib[None, :, None]                            # (S, A, G)
+    x = xa[None]
+    if likelihood == "poisson":
+        ll = log_poisson(x, log_mu)
+    elif likelihood == "nb":
+        ll = log_nb(x, log_mu, log_theta[:, None, :])
+    else:
+        ll = log_zinb(x, log_mu, log_theta[:, None, :], zi[:, None, :])
+    a = log_pz[:, None] + ll - log_px[None, :]
+    return jax.nn.logsumexp(a, 1) - jax.nn.logsumexp(log_qz, 1)
