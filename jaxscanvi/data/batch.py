@@ -128,7 +128,7 @@ def dense_device_batch(cells: DenseDeviceCells, rows: jax.Array) -> Batch:
     return Batch(x=cells.X[r] * w[:, None], nz=None, weight=w, batch=cells.batch[r],
                  labels=cells.labels[r], cat_covs=cells.cat_covs[r],
                  cont_covs=cells.cont_covs[r], log_size_factor=cells.log_size_factor[r],
-                 log_library=cells.log_library[r], lgamma_const=cells.lgamma_const[r])
+                 log_library=cells.log_library[r], lgamma_const=cells.lgamma_const[r] * w)
 
 
 def device_batch(cells: DeviceCells, rows: jax.Array, n_genes: int, k_cap: int) -> Batch:
@@ -151,4 +151,4 @@ def device_batch(cells: DeviceCells, rows: jax.Array, n_genes: int, k_cap: int) 
     return Batch(x=x, nz=NonZeros(slot, col, val), weight=w, batch=cells.batch[r],
                  labels=cells.labels[r], cat_covs=cells.cat_covs[r],
                  cont_covs=cells.cont_covs[r], log_size_factor=cells.log_size_factor[r],
-                 log_library=cells.log_library[r], lgamma_const=cells.lgamma_const[r])
+                 log_library=cells.log_library[r], lgamma_const=cells.lgamma_const[r] * w)
