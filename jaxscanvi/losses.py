@@ -213,7 +213,10 @@ def class_bounds(module, params, state, z1, weight, rng, *, train: bool):
             n, k2, s = vone(jnp.minimum(c, C - 1), v, k)
             return None, (n, k2, jax.tree_util.tree_map(lambda a: a[0], s))
 
-        _, (nll, kl2, sub) = jax.lax.scan(body, None, (classes, valid, keys))
+        # recompute each chunk in the backward pass: otherwise reverse mode keeps
+        # every chunk's activations and memory grows linearly with C
+        _, (nll, kl2, sub) = jax.lax.scan(jax.checkpoint(body), None,
+                                          (classes, valid, keys))
         nll = nll.reshape(-1, *nll.shape[2:])[:C]
         kl2 = kl2.reshape(-1, *kl2.shape[2:])[:C]
         sub = jax.tree_util.tree_map(lambda a: a.mean(0), sub)

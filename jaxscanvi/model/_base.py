@@ -401,7 +401,7 @@ class BaseModel:
 
     def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000,
                         batch_size: int | None = None) -> float:
-        """Importance-sampled log p(x), mean over cells (scvi-tools returns its negative)."""
+        """Importance-sampled log p(x), mean over cells (higher is better, as in scvi-tools)."""
         check_positive_int("n_mc_samples", n_mc_samples)
         per_pass = min(int(n_mc_samples), 100)
         n_pass = -(-int(n_mc_samples) // per_pass)
@@ -412,7 +412,7 @@ class BaseModel:
         logw = np.concatenate(chunks, axis=1)[:, :n_mc_samples].T  # (S, N)
         m = logw.max(0)
         ll = m + np.log(np.exp(logw - m).sum(0)) - np.log(logw.shape[0])
-        return -float(np.mean(ll))
+        return float(np.mean(ll))
 
     # ------------------------------------------------------------- save/load
     def _extra_metadata(self) -> dict[str, Any]:
@@ -642,4 +642,4 @@ def _log_weights_fn(module, variables, batch, key, *, n_samples: int):
         v = const["library_log_vars"][batch.batch]
         logw = logw + normal_log_prob(lib, m, v) - normal_log_prob(
             lib, outputs["ql_m"], outputs["ql_v"])
-    return logw.T
+    return jnp.atleast_2d(logw).T  # (B, S); with n_samples=1 logw is (B,)

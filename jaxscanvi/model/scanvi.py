@@ -191,11 +191,11 @@ class SCANVI(DownstreamMixin, BaseModel):
         new_reg = new_reg.replace(
             batch_categories=reg.batch_categories,
             categorical_covariate_categories=reg.categorical_covariate_categories)
-        adata.uns["_jaxscanvi_registry"] = new_reg.to_json()
         if cfg.dispersion == "gene-label":
             raise InputError("dispersion", "gene-label", "the scVI model's per-label "
                              "dispersion does not carry over to scANVI's classes",
                              "pretrain scVI with dispersion='gene' or 'gene-batch'")
+        adata.uns["_jaxscanvi_registry"] = new_reg.to_json()
         arch = {k: getattr(cfg, k) for k in _ARCH_KEYS}
         model = cls(adata, **arch, **scanvi_kwargs, seed=scvi_model.init_seed,
                     registry=new_reg)

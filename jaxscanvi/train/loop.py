@@ -47,7 +47,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                             state=pick(aux.state, ts.state), step=ts.step + 1)
         bad = jnp.where(~finite & (bad < 0), ts.step, bad)
         main = batch if isinstance(batch, Batch) else batch[0]
-        return (new_ts, bad), (aux.terms, main.weight.sum(), kl_w)
+        # a skipped step counts no cells, so epoch means cover the steps taken
+        return (new_ts, bad), (aux.terms, jnp.where(finite, main.weight.sum(), 0.0), kl_w)
 
     return step
 
@@ -70,7 +71,8 @@ def epoch_means(terms: dict, counts) -> dict[str, float]:
     """Cell-weighted means of per-step term means."""
     counts = np.asarray(counts, np.float64)
     total = max(counts.sum(), 1.0)
-    return {k: float((np.asarray(v, np.float64) * counts).sum() / total)
+    # where(): a skipped step's NaN terms times a zero count would still be NaN
+    return {k: float(np.where(counts > 0, np.asarray(v, np.float64), 0.0).dot(counts) / total)
             for k, v in terms.items()}
 
 
@@ -135,7 +137,7 @@ def fit(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,
         (ts_new, bad), (terms, counts, klw) = source.run_epoch(
             train_step, carry, rows, lab_rows)
         bad = int(bad)
-        if bad >= 0:
+        if bad >= 0 and cfg.on_nonfinite == "raise":
             err = _nonfinite_error(ts_new, bad, terms, epoch)
             err.train_state, err.loop_state = ts_new, loop
             raise err
