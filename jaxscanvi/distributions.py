@@ -62,16 +62,19 @@ def lgamma_ratio(theta, x):
 
     For large theta uses
     :math:`(\theta-\tfrac12)\log1p(x/\theta) + x(\log(\theta+x)-1) + c(\theta+x) - c(\theta)`
-    so that theta = 1e8 with small x keeps full relative precision.
+    so that theta = 1e8 with small x keeps full relative precision. Terms that
+    depend on theta alone are computed at theta's own shape (per gene when
+    theta is per gene), not at the broadcast (cells, genes) shape.
     """
     big = theta >= _STIRLING_FROM
     t_big = jnp.where(big, theta, _STIRLING_FROM)
-    stirling = ((t_big - 0.5) * jnp.log1p(x / t_big) + x * (jnp.log(t_big + x) - 1.0)
-                + _stirling_tail(t_big + x) - _stirling_tail(t_big))
     t_small = jnp.where(big, 1.0, theta)
-    direct = gammaln(x + t_small) - gammaln(t_small)
+    const = jnp.where(big, _stirling_tail(t_big), gammaln(t_small))  # theta's shape
+    stirling = ((t_big - 0.5) * jnp.log1p(x / t_big) + x * (jnp.log(t_big + x) - 1.0)
+                + _stirling_tail(t_big + x))
+    direct = gammaln(x + t_small)
     # exactly 0 at x = 0 (padding entries of the sparse path)
-    return jnp.where(x > 0, jnp.where(big, stirling, direct), 0.0)
+    return jnp.where(x > 0, jnp.where(big, stirling, direct) - const, 0.0)
 
 
 def _gather(a, nz: NonZeros):
@@ -89,20 +92,41 @@ def _lgamma_part(x, log_theta, nz: NonZeros | None):
     """Per-cell sum of D(theta, x)."""
     if nz is None:
         shape = jnp.broadcast_shapes(x.shape, jnp.shape(log_theta))
-        theta = jnp.exp(jnp.broadcast_to(log_theta, shape))
-        return lgamma_ratio(theta, jnp.broadcast_to(x, shape)).sum(-1)
+        return lgamma_ratio(jnp.exp(log_theta), jnp.broadcast_to(x, shape)).sum(-1)
     theta = jnp.exp(_gather(log_theta, nz))
     return _row_sum(lgamma_ratio(theta, nz.val), nz, x.shape[0])
+
+
+@jax.custom_jvp
+def softplus_pair(a):
+    """(softplus(a), softplus(-a)) from one exp and one log1p, with exact gradients.
+
+    Both share log1p(exp(-|a|)); neither is formed as the other minus a, which
+    cancels in float32 when |a| is large.
+    """
+    l = jnp.log1p(jnp.exp(-jnp.abs(a)))
+    return jnp.maximum(a, 0.0) + l, jnp.maximum(-a, 0.0) + l
+
+
+@softplus_pair.defjvp
+def _softplus_pair_jvp(primals, tangents):
+    (a,), (da,) = primals, tangents
+    e = jnp.exp(-jnp.abs(a))
+    l = jnp.log1p(e)
+    r = 1.0 / (1.0 + e)  # sigmoid(|a|); sigmoid(-|a|) = e * r
+    pos = a >= 0
+    sig_a = jnp.where(pos, r, e * r)
+    sig_neg = jnp.where(pos, e * r, r)
+    return ((jnp.maximum(a, 0.0) + l, jnp.maximum(-a, 0.0) + l),
+            (sig_a * da, -sig_neg * da))
 
 
 def nb_dense_terms(x, log_mu, log_theta):
     """A + B of the NB log-pmf, elementwise (B, G)."""
     a = log_mu - log_theta
-    sp_a = jax.nn.softplus(a)
+    sp_a, sp_neg = softplus_pair(a)
     theta = jnp.exp(log_theta)
-    # B = -x * softplus(-a); written as -x * (softplus(a) - a) it cancels in
-    # float32, value and gradient, when mu >> theta
-    return -theta * sp_a - x * jax.nn.softplus(-a), -theta * sp_a
+    return -theta * sp_a - x * sp_neg, -theta * sp_a
 
 
 def log_nb(x, log_mu, log_theta, *, nz: NonZeros | None = None, lgamma_const=None):
