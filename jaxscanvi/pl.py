@@ -107,9 +107,16 @@ def de_volcano(de_result: pd.DataFrame, n_labels: int = 10, save=None, title=Non
     ax.scatter(x, y, s=5, c="0.6", linewidths=0)
     top_idx = (y + 1e-3 * x.abs()).sort_values(ascending=False).index[:n_labels]
     ax.scatter(x[top_idx], y[top_idx], s=10, c="C3")
-    for g in top_idx:
-        ax.annotate(str(g), (x[g], y[g]), fontsize=7, xytext=(2, 2),
-                    textcoords="offset points")
+    # top genes often share the same evidence (e.g. P = 1): fan their labels
+    # out below the points, per side, so they stay readable
+    span = float(y.max() - y.min()) or 1.0
+    for side in (x[top_idx] >= 0, x[top_idx] < 0):
+        genes = x[top_idx][side].abs().sort_values(ascending=False).index
+        for i, g in enumerate(genes):
+            ty = y[g] - span * (0.07 + 0.06 * i)
+            ax.annotate(str(g), (x[g], y[g]), xytext=(x[g], ty), fontsize=7,
+                        ha="right" if x[g] >= 0 else "left",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.4"})
     ax.set_xlabel("log2 fold change")
     ax.set_ylabel(ylab)
     if title or "comparison" in df:
