@@ -341,15 +341,7 @@ class BaseModel:
             indices = np.random.default_rng(0).choice(pool, n_samples_overall)
             n_samples = 1
         batches = _transform_batches(reg, transform_batch)
-        if gene_list is None:
-            gene_mask = None
-        else:
-            missing = [g for g in gene_list if g not in set(reg.var_names)]
-            if missing:
-                raise InputError("gene_list", missing[:5], "genes the model does not have",
-                                 "pass names from model.registry.var_names")
-            pos = {g: i for i, g in enumerate(reg.var_names)}
-            gene_mask = np.asarray([pos[g] for g in gene_list])
+        gene_mask = self._gene_positions(gene_list)
         if not (library_size == "latent" or (isinstance(library_size, (int, float))
                                              and library_size > 0)):
             raise InputError("library_size", library_size, "must be a positive number or "
@@ -377,6 +369,17 @@ class BaseModel:
         idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
         return pd.DataFrame(expr, index=cells.obs_names[idx], columns=list(names))
 
+    def _gene_positions(self, gene_list) -> np.ndarray | None:
+        if gene_list is None:
+            return None
+        names = list(self.registry.var_names)
+        pos = {g: i for i, g in enumerate(names)}
+        missing = [g for g in gene_list if g not in pos]
+        if missing:
+            raise InputError("gene_list", missing[:5], "genes the model does not have",
+                             "pass names from model.registry.var_names")
+        return np.asarray([pos[g] for g in gene_list])
+
     def _expression_kernel(self, **kw):
         """jitted fn(variables, batch, key, batch_code) -> expression; SCANVI extends it."""
         return _jitted(partial(_expression_fn, self.module, **kw))
@@ -403,16 +406,18 @@ class BaseModel:
                         batch_size: int | None = None) -> float:
         """Importance-sampled log p(x), mean over cells (higher is better, as in scvi-tools)."""
         check_positive_int("n_mc_samples", n_mc_samples)
+        return float(np.mean(self._marginal_ll_per_cell(self._cells_for(adata), indices,
+                                                        n_mc_samples, batch_size)))
+
+    def _marginal_ll_per_cell(self, cells, indices, n_mc_samples, batch_size) -> np.ndarray:
+        """Importance-sampled log p(x) of each selected cell, up to 100 samples per pass."""
         per_pass = min(int(n_mc_samples), 100)
         n_pass = -(-int(n_mc_samples) // per_pass)
         fn = _jitted(partial(_log_weights_fn, self.module, n_samples=per_pass))
-        cells = self._cells_for(adata)
-        chunks = [self._map(fn, cells, indices, batch_size, seed=1000 + p)
-                  for p in range(n_pass)]
-        logw = np.concatenate(chunks, axis=1)[:, :n_mc_samples].T  # (S, N)
-        m = logw.max(0)
-        ll = m + np.log(np.exp(logw - m).sum(0)) - np.log(logw.shape[0])
-        return float(np.mean(ll))
+        logw = np.concatenate([self._map(fn, cells, indices, batch_size, seed=1000 + p)
+                               for p in range(n_pass)], axis=1)[:, :n_mc_samples]  # (N, S)
+        m = logw.max(1, keepdims=True)
+        return m[:, 0] + np.log(np.exp(logw - m).sum(1)) - np.log(logw.shape[1])
 
     # ------------------------------------------------------------- save/load
     def _extra_metadata(self) -> dict[str, Any]:

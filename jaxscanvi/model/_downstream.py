@@ -26,17 +26,6 @@ class DownstreamMixin:
     """Methods that scvi-tools' RNASeqMixin offers, on the same arguments."""
 
     # ------------------------------------------------------------ helpers
-    def _gene_positions(self, gene_list) -> np.ndarray | None:
-        if gene_list is None:
-            return None
-        names = list(self.registry.var_names)
-        pos = {g: i for i, g in enumerate(names)}
-        missing = [g for g in gene_list if g not in pos]
-        if missing:
-            raise InputError("gene_list", missing[:5], "genes the model does not have",
-                             "pass names from model.registry.var_names")
-        return np.asarray([pos[g] for g in gene_list])
-
     def _scale_samples(self, cells, rows: np.ndarray, n: int, batch_code, seed: int,
                        batch_size) -> np.ndarray:
         """(n, G) posterior samples of normalized expression, cells drawn uniformly from rows.
@@ -209,7 +198,7 @@ class DownstreamMixin:
         fn = _jitted(partial(_sample_fn, self.module))
         smp = self._map(lambda v, b, k: fn(v, b, k, code), cells, picks, batch_size, seed=seed)
         qz = self._map(_jitted(partial(_qz_fn, self.module)), cells, anchors, batch_size)
-        log_px = self._per_cell_marginal_ll(cells, anchors, n_mc_samples, batch_size)
+        log_px = self._marginal_ll_per_cell(cells, anchors, n_mc_samples, batch_size)
         xa = cells.X[anchors].toarray()
         lib = np.log(np.maximum(xa.sum(1), 1.0))
         kernel = _jitted(partial(_anchor_terms, self.module.config.gene_likelihood))
@@ -229,17 +218,6 @@ class DownstreamMixin:
             logw = np.maximum(logw, tau)
         p = np.exp(logw - _logsumexp(logw))
         return smp["scale"][rng.choice(n, n, p=p / p.sum())]
-
-    def _per_cell_marginal_ll(self, cells, rows, n_mc_samples, batch_size) -> np.ndarray:
-        """Importance-sampled log p(x) of each cell of rows."""
-        from ._base import _log_weights_fn
-        per_pass = min(int(n_mc_samples), 100)
-        fn = _jitted(partial(_log_weights_fn, self.module, n_samples=per_pass))
-        n_pass = -(-int(n_mc_samples) // per_pass)
-        logw = np.concatenate([self._map(fn, cells, rows, batch_size, seed=1000 + p)
-                               for p in range(n_pass)], axis=1)[:, :n_mc_samples]
-        m = logw.max(1, keepdims=True)
-        return (m[:, 0] + np.log(np.exp(logw - m).sum(1)) - np.log(logw.shape[1]))
 
     # ------------------------------------------------------------ predictive
     def posterior_predictive_sample(self, adata=None, indices=None, n_samples: int = 1,
