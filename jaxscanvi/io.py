@@ -22,6 +22,9 @@ from ._version import FORMAT_VERSION, __version__
 from .errors import ModelFormatError
 
 FORMAT_TAG = "jaxscanvi-model"
+# Oldest model format this release reads; FORMAT_VERSION is the newest (and the
+# one it writes). tests/fixtures/format_v1 holds a frozen format-1 save.
+OLDEST_FORMAT_VERSION = 1
 METADATA = "metadata.json"
 
 
@@ -138,11 +141,27 @@ def read_metadata(dir_path) -> dict[str, Any]:
         raise ModelFormatError(f"{str(d)!r} is not a jaxscanvi model folder (format tag "
                                f"{meta.get('format') if isinstance(meta, dict) else None!r})")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    writer = meta.get("jaxscanvi_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelFormatError(
+            f"{str(d)!r} has no valid model format version (model format {version!r} in "
+            f"{METADATA}, written by jaxscanvi {writer}); this jaxscanvi {__version__} "
+            f"reads formats {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}, so the folder is "
+            "damaged or was not written by a jaxscanvi release. Fix: restore the folder's "
+            f"original {METADATA}, or save the model again with jaxscanvi")
+    if version > FORMAT_VERSION:
         raise ModelFormatError(
             f"{str(d)!r} was written with model format {version!r} (jaxscanvi "
-            f"{meta.get('jaxscanvi_version')}); this jaxscanvi {__version__} reads formats "
+            f"{writer}); this jaxscanvi {__version__} reads formats "
             f"up to {FORMAT_VERSION}. Fix: upgrade jaxscanvi (pip install -U jaxscanvi)")
+    if version < OLDEST_FORMAT_VERSION:
+        pin = f" (pip install 'jaxscanvi=={writer}')" if isinstance(writer, str) else ""
+        raise ModelFormatError(
+            f"{str(d)!r} was written with model format {version!r} (jaxscanvi {writer}), "
+            f"an older format that this jaxscanvi {__version__} cannot read (it reads "
+            f"formats {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}). Fix: load it with the "
+            f"jaxscanvi release that wrote it{pin} and use "
+            "it from there, or train and save the model again with this release")
     return meta
 
 

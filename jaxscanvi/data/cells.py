@@ -59,9 +59,14 @@ def to_csr(X) -> sp.csr_matrix:
     if sp.issparse(X):
         src = X
         X = X.tocsr()
+        if not isinstance(X, sp.csr_matrix):  # a sparse array (csr_array): one type
+            X = sp.csr_matrix(X)
         if X.dtype != np.float32:
             X = X.astype(np.float32)
-        if X is src and (not X.has_canonical_format or (X.data == 0).any()):
+        shares = X is src or any(
+            np.shares_memory(getattr(X, k), getattr(src, k))
+            for k in ("data", "indices", "indptr") if hasattr(src, k))
+        if shares and (not X.has_canonical_format or (X.data == 0).any()):
             X = X.copy()  # the clean-up below must not touch the caller's matrix
     else:
         X = sp.csr_matrix(np.asarray(X, dtype=np.float32))

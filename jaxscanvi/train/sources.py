@@ -44,11 +44,32 @@ def labelled_rows(rng: np.random.Generator, lab_idx: np.ndarray, n_steps: int,
                   batch_size: int) -> np.ndarray:
     """Labelled rows for every step: shuffled passes over lab_idx, cycled as needed."""
     need = n_steps * batch_size
+    if need > 0 and len(lab_idx) == 0:  # would cycle through nothing forever
+        raise ValueError("labelled_rows: no labelled cells to draw minibatches from")
     chunks, have = [], 0
     while have < need:
         chunks.append(rng.permutation(lab_idx))
         have += len(lab_idx)
     return np.concatenate(chunks)[:need].astype(np.int32).reshape(n_steps, batch_size)
+
+
+def rows_nnz(row_nnz: np.ndarray, rows) -> int:
+    """Most non-zeros any minibatch of ``rows`` (n_steps, B; -1 padding) holds.
+
+    `nnz_cap` bounds minibatches of distinct cells, which `epoch_rows` gives;
+    labelled minibatches repeat cells when there are fewer labelled cells than
+    the batch size, and may hold more.
+    """
+    r = np.asarray(rows)
+    if r.size == 0:
+        return 0
+    return int(np.where(r >= 0, row_nnz[np.maximum(r, 0)], 0).sum(axis=-1).max())
+
+
+def grown_cap(k_cap: int, row_nnz: np.ndarray, rows) -> int:
+    """``k_cap``, or 25% more than ``rows`` need when they need more (few regrowths)."""
+    need = rows_nnz(row_nnz, rows)
+    return k_cap if need <= k_cap else max(need + need // 4, k_cap)
 
 
 class DeviceSource:
@@ -70,7 +91,8 @@ class DeviceSource:
             self.k_cap = 0
             self.cells = DenseDeviceCells.from_cells(cells, device)
         else:
-            self.k_cap = nnz_cap(cells.row_nnz(), batch_size)
+            self.row_nnz = cells.row_nnz()
+            self.k_cap = nnz_cap(self.row_nnz, batch_size)
             self.cells = DeviceCells.from_cells(cells, device)
 
     def _epoch_fn(self, step_fn: Callable):
@@ -96,6 +118,8 @@ class DeviceSource:
         return _COMPILED[key]
 
     def run_epoch(self, step_fn, carry, rows, lab_rows=None):
+        if not self.dense and lab_rows is not None:  # grow the cap (one recompile)
+            self.k_cap = grown_cap(self.k_cap, self.row_nnz, lab_rows)
         fn = self._epoch_fn(step_fn)
         lab = None if lab_rows is None else jnp.asarray(lab_rows)
         return fn(carry, self.cells, jnp.asarray(rows), lab)
@@ -110,7 +134,8 @@ class HostSource:
         self.host = cells
         self.n_genes = cells.n_vars
         self.batch_size = batch_size
-        self.k_cap = nnz_cap(cells.row_nnz(), batch_size)
+        self.row_nnz = cells.row_nnz()
+        self.k_cap = nnz_cap(self.row_nnz, batch_size)
         self.prefetch = prefetch
 
     def _batches(self, rows, lab_rows):
@@ -146,6 +171,8 @@ class HostSource:
             yield item
 
     def run_epoch(self, step_fn, carry, rows, lab_rows=None):
+        if lab_rows is not None:  # repeated labelled cells may need a larger cap
+            self.k_cap = grown_cap(self.k_cap, self.row_nnz, lab_rows)
         key = ("host", step_fn)
         if key not in _COMPILED:
             _COMPILED[key] = jax.jit(step_fn)

@@ -1,0 +1,204 @@
+"""The README's "Error catalogue" section, generated from the tests that check it.
+
+    python tests/catalogue.py           # print the section (markdown)
+    python tests/catalogue.py --write   # replace the section in README.md
+
+Rows come from every parametrised test in tests/test_errors.py and
+tests/test_io.py whose parameters name a ``field`` (an InputError naming that
+field) or an ``exc`` (that exception type): one row per case id, described by
+the id with underscores replaced. Bad inputs checked by single tests are
+listed by hand in HAND_ROWS, each with the test that covers it.
+tests/test_reliability.py checks that README.md holds exactly this text and
+that every test named here exists, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+README = TESTS.parent / "README.md"
+HEADING = "## Error catalogue"
+
+# parametrised test -> where the bad input is caught
+STAGES = {
+    "test_setup_anndata_rejects": "`setup_anndata`",
+    "test_model_construction_rejects": "`SCVI(...)`",
+    "test_scanvi_setup_rejects": "`SCANVI.setup_anndata`",
+    "test_scanvi_construction_rejects": "`SCANVI(...)`",
+    "test_scanvi_train_rejects": "`SCANVI.train`",
+    "test_train_rejects": "`train`",
+    "test_inference_rejects": "inference",
+    "test_load_refuses_foreign_or_damaged": "`load`",
+}
+SOURCES = ("test_errors", "test_io")
+
+# single tests: (where, bad input, what you get, the test that checks it)
+HAND_ROWS = [
+    ("`setup_anndata`", "not an AnnData", "`InputError` naming `adata`",
+     "tests/test_errors.py::test_setup_anndata_rejects_non_anndata"),
+    ("`setup_anndata`", "negative counts with allow_noninteger_counts=True",
+     "`InputError` naming `adata.X`",
+     "tests/test_errors.py::test_negative_counts_refused_even_when_noninteger_allowed"),
+    ("`setup_anndata`", "non-integer counts with allow_noninteger_counts=True",
+     "`UserWarning` naming `adata.X`",
+     "tests/test_errors.py::test_noninteger_counts_can_be_allowed_with_a_warning"),
+    ("`setup_anndata`", "a batch with a single cell", "`UserWarning` naming `batch_key`",
+     "tests/test_errors.py::test_single_cell_batch_warns"),
+    ("`setup_anndata`", "a gene with no counts in any cell",
+     "`UserWarning` naming `adata.X` (or the layer), the genes and the fix",
+     "tests/test_reliability.py::test_all_zero_gene_warns_with_field_genes_and_fix"),
+    ("`SCVI(...)`", "an AnnData that setup_anndata has not seen",
+     "`InputError` naming `adata`", "tests/test_errors.py::test_model_on_not_set_up_adata"),
+    ("`SCVI(...)`", "use_observed_lib_size=False with a one-cell batch",
+     "`InputError` naming `batch_key`",
+     "tests/test_errors.py::test_degenerate_library_prior_refused"),
+    ("`SCANVI(...)`", "a single labelled cell type", "`InputError` naming the labels",
+     "tests/test_errors.py::test_scanvi_single_labelled_class_refused_before_compiling"),
+    ("`SCANVI(...)`", "an AnnData set up by SCVI (no unlabeled_category)",
+     "`InputError` naming `adata`", "tests/test_errors.py::test_scanvi_on_scvi_setup_refused"),
+    ("`SCANVI(...)`", "unknown classifier parameter",
+     "`InputError` naming `classifier_parameters`",
+     "tests/test_errors.py::test_scanvi_unknown_classifier_parameter"),
+    ("`train`", "a checkpoint written with other settings (resume=True)",
+     "`InputError` naming `resume`",
+     "tests/test_scvi.py::test_resume_with_other_settings_refused"),
+    ("`train`", "the loss becomes NaN or inf",
+     "`NonFiniteLossError`, last finite parameters kept",
+     "tests/test_scvi.py::test_nonfinite_raise_keeps_last_finite_parameters"),
+    ("inference", "query with cell types the model has never seen",
+     "`InputError` naming `adata.obs[labels_key]`",
+     "tests/test_errors.py::test_scanvi_query_with_unseen_label_categories"),
+    ("inference", "query with a batch the model has never seen",
+     "`InputError` naming `adata.obs[batch_key]`",
+     "tests/test_errors.py::test_scanvi_query_with_unseen_batch"),
+    ("`save`", "save_anndata=True on a model without an AnnData",
+     "`InputError` naming `save_anndata`",
+     "tests/test_errors.py::test_save_anndata_without_adata"),
+    ("`save`", "the folder already holds a model (no overwrite=True)", "`FileExistsError`",
+     "tests/test_io.py::test_save_refuses_to_overwrite"),
+    ("`load`", "the folder does not exist", "`FileNotFoundError`",
+     "tests/test_io.py::test_load_missing_path"),
+    ("`load`", "a file, not a folder", "`ModelFormatError`",
+     "tests/test_io.py::test_load_a_file"),
+    ("`load`", "an older model format (format_version 0)",
+     "`ModelFormatError` naming the release to load it with",
+     "tests/test_reliability.py::test_format_version_refusals"),
+    ("`load`", "a SCANVI folder given to SCVI.load (or the reverse)",
+     "`ModelFormatError` naming the class to use",
+     "tests/test_io.py::test_scanvi_roundtrip_and_wrong_class"),
+    ("`load`", "the saved AnnData is damaged", "`ModelFormatError`",
+     "tests/test_io.py::test_load_with_damaged_saved_anndata"),
+    ("`load`", "genes differ from the model's (names or order)",
+     "`InputError` naming `adata.var_names`",
+     "tests/test_io.py::test_load_with_different_genes"),
+    ("`load`", "a batch the model has never seen",
+     "`InputError` naming `adata.obs[batch_key]`",
+     "tests/test_io.py::test_load_with_unseen_batch"),
+    ("reference mapping", "a query with under half of the reference's genes",
+     "`InputError` naming `adata.var_names`",
+     "tests/test_query.py::test_prepare_query_refuses_tiny_overlap"),
+    ("reference mapping", "query genes not aligned to the reference (load_query_data)",
+     "`InputError` naming `adata.var_names`, pointing to prepare_query_anndata",
+     "tests/test_query.py::test_load_query_data_needs_aligned_genes"),
+    ("reference mapping", "a reference of the wrong model class",
+     "`InputError` naming `reference_model`",
+     "tests/test_query.py::test_load_query_data_needs_aligned_genes"),
+    ("`predict`", "unassigned_threshold outside [0, 1], or with soft=True",
+     "`InputError` naming `unassigned_threshold`",
+     "tests/test_query.py::test_predict_soft_is_calibrated_and_unassigned"),
+    ("command line", "a missing file, labels or batch column",
+     "`InputError` or `FileNotFoundError` text on one line (`jaxscanvi <command>: "
+     "error: ...`), exit status 2",
+     "tests/test_query.py::test_cli_bad_input_one_line_and_exit_2"),
+]
+
+# a few words read better than their identifier form
+WORDS = {"non integer": "non-integer", "nan": "NaN", "nonpositive": "non-positive",
+         "lr": "learning rate (lr)", "var names": "var_names", "scvi tools": "scvi-tools"}
+# rows are grouped by where the input is caught, in this order
+ORDER = ["`setup_anndata`", "`SCANVI.setup_anndata`", "`SCVI(...)`", "`SCANVI(...)`",
+         "`train`", "`SCANVI.train`", "inference", "`predict`", "`save`", "`load`",
+         "reference mapping", "command line"]
+
+
+def describe(case_id: str) -> str:
+    text = case_id.replace("_", " ")
+    for k, v in WORDS.items():
+        text = re.sub(rf"\b{re.escape(k)}\b", v, text)
+    return text
+
+
+def parametrised_rows(module) -> list[tuple[str, str, str]]:
+    """(where, bad input, what you get) for each case of the module's tables."""
+    rows = []
+    for name, fn in vars(module).items():
+        if not (name.startswith("test_") and callable(fn)):
+            continue
+        for mark in getattr(fn, "pytestmark", []):
+            if mark.name != "parametrize":
+                continue
+            names = [n.strip() for n in mark.args[0].split(",")]
+            if "field" not in names and "exc" not in names:
+                continue
+            where = STAGES.get(name, f"`{name[5:].removesuffix('_rejects')}`")
+            for case_id, values in zip(mark.kwargs["ids"], mark.args[1]):
+                if "field" in names:
+                    what = f"`InputError` naming `{values[names.index('field')]}`"
+                else:
+                    what = f"`{values[names.index('exc')].__name__}`"
+                rows.append((where, describe(case_id), what))
+    return rows
+
+
+def section() -> str:
+    sys.path.insert(0, str(TESTS))
+    import importlib
+    rows = []
+    for src in SOURCES:
+        rows += parametrised_rows(importlib.import_module(src))
+    rows += [r[:3] for r in HAND_ROWS]
+    rows.sort(key=lambda r: ORDER.index(r[0]) if r[0] in ORDER else len(ORDER))
+    lines = [
+        HEADING, "",
+        "Bad input fails early with one exception that names the field, the value",
+        "and the fix: `InputError` (a `ValueError`) for data and arguments, raised",
+        "before anything is compiled; `ModelFormatError` for folders that are not,",
+        "or no longer, readable models. Suspicious but usable input gives a",
+        "`UserWarning`. The table is generated from the tests that check each row",
+        "(`python tests/catalogue.py --write`; tests/test_reliability.py fails when",
+        "the two drift apart).", "",
+        "| bad input | what you get |", "| --- | --- |",
+    ]
+    lines += [f"| {where}: {bad} | {what} |" for where, bad, what in rows]
+    return "\n".join(lines) + "\n"
+
+
+def readme_section(text: str) -> str | None:
+    """The catalogue section of README text: from its heading to the next one."""
+    m = re.search(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
+    return None if m is None else m.group(0).rstrip("\n") + "\n"
+
+
+def write() -> None:
+    text = README.read_text()
+    new = section()
+    old = readme_section(text)
+    if old is not None:
+        text = text.replace(old, new, 1)
+    else:  # before the differences from scvi-tools, else at the end
+        anchor = "## Deliberate differences from scvi-tools"
+        text = (text.replace(anchor, new + "\n" + anchor, 1) if anchor in text
+                else text.rstrip("\n") + "\n\n" + new)
+    README.write_text(text)
+
+
+if __name__ == "__main__":
+    import warnings
+    warnings.simplefilter("ignore")
+    if "--write" in sys.argv:
+        write()
+    else:
+        sys.stdout.write(section())
