@@ -31,8 +31,14 @@ Architecture: n_hidden 128, n_latent 10, n_layers 1, ZINB (both libraries'
 defaults). Default epochs are scvi-tools' heuristics for 4,808 cells: 400 for
 scVI, 10 for scANVI after pretraining.
 
+``--reference-to-query`` runs the other setting instead: a labelled
+reference batch, an unlabelled query batch mapped by scArches surgery (see
+``benchmarks/_ref_query.py``), scored by accuracy, balanced accuracy and
+macro F1, with times.
+
 Usage:
     python benchmarks/label_transfer.py                  # full run
+    python benchmarks/label_transfer.py --reference-to-query --scvi-epochs 100
     python benchmarks/label_transfer.py --quick          # smoke run
     python benchmarks/label_transfer.py --scvi-epochs 200 --seeds 0 1 2 3 4
 """
@@ -225,7 +231,13 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1,500 cells, 300 genes, seed 0, 2 scVI + 1 scANVI "
                         "epochs")
+    p.add_argument("--reference-to-query", action="store_true",
+                   help="reference batch -> query batch by surgery (see _ref_query.py)")
+    p.add_argument("--query-epochs", type=int, default=100,
+                   help="query training epochs in --reference-to-query (100)")
     args = p.parse_args(argv)
+    if args.reference_to_query:
+        return main_query(args)
     if args.quick:
         args.n_hvg, args.seeds, args.scvi_epochs, args.scanvi_epochs = 300, [0], 2, 1
         args.max_cells = args.max_cells or 1500
@@ -340,6 +352,58 @@ def main(argv=None) -> int:
                           "classes present among them"}}
     meta["machine"]["loadavg_at_end"] = loadavg()
     out = write_json(args.out, {**meta, "summary": summary, "runs": runs})
+    print(f"\nwrote {out}")
+    return 0
+
+
+def main_query(args) -> int:
+    import _ref_query as rq
+    if args.quick:
+        args.n_hvg, args.seeds, args.scvi_epochs, args.scanvi_epochs = 300, [0], 2, 1
+        args.query_epochs = 2
+    out_path = args.out or str(DEFAULT_OUT.with_name(
+        "reference_to_query_quick.json" if args.quick else "reference_to_query.json"))
+    data_path = Path(args.data)
+    if not data_path.exists():
+        print(f"label_transfer: {data_path} not found; nothing to do.", file=sys.stderr)
+        return 0
+    use_scvi = not args.no_scvi_tools and have_scvi_tools()
+    ref, query, truth = rq.split(data_path, args.labels_key, args.n_hvg, top_variance_genes)
+    print(f"reference {ref.n_obs} cells ({rq.REF_BATCH}), query {query.n_obs} cells "
+          f"({rq.QUERY_BATCH}), {ref.n_vars} genes; epochs scVI {args.scvi_epochs}, "
+          f"scANVI {args.scanvi_epochs}, query {args.query_epochs}", flush=True)
+    runs = []
+    for seed in args.seeds:
+        fns = [rq.run_jaxscanvi] + ([rq.run_scvi_tools] if use_scvi else [])
+        for fn in fns:
+            r = fn(ref, query, truth, seed, args, ARCH)
+            runs.append(r)
+            print(f"  seed {seed} {r['framework']}: acc {100 * r['accuracy']:.2f}, BA "
+                  f"{100 * r['balanced_accuracy']:.2f}, macro F1 {100 * r['macro_f1']:.2f}"
+                  f" (scVI {r['scvi_seconds']:.0f} s, scANVI {r['scanvi_seconds']:.0f} s, "
+                  f"query {r['query_seconds']:.0f} s)", flush=True)
+    frameworks = ["jaxscanvi"] + (["scvi-tools"] if use_scvi else [])
+    summary = []
+    for fw in frameworks:
+        rs = [r for r in runs if r["framework"] == fw]
+        row = {"framework": fw}
+        for m in ("accuracy", "balanced_accuracy", "macro_f1", "scvi_seconds",
+                  "scanvi_seconds", "query_seconds"):
+            row[m] = mean_sd([r[m] for r in rs])
+        summary.append(row)
+    headers = ["method", "acc %", "BA %", "macro F1 %", "scVI s", "scANVI s", "query s"]
+    rows = [[r["framework"]] + [f"{100 * r[m]['mean']:.2f}" + (
+        f" ± {100 * r[m]['sd']:.2f}" if r[m]["sd"] is not None else "")
+        for m in ("accuracy", "balanced_accuracy", "macro_f1")] +
+        [f"{r[m]['mean']:.1f}" for m in ("scvi_seconds", "scanvi_seconds", "query_seconds")]
+        for r in summary]
+    print()
+    print(f"query cells with a source label, {len(args.seeds)} seed(s)")
+    print(format_table(headers, rows))
+    meta = {"versions": versions(), "machine": machine_info(), "args": vars(args),
+            "architecture": ARCH, "setting": "reference-to-query",
+            "method": rq.__doc__, "scvi_tools_compared": use_scvi}
+    out = write_json(out_path, {**meta, "summary": summary, "runs": runs})
     print(f"\nwrote {out}")
     return 0
 

@@ -243,13 +243,41 @@ def classification_loss(module, params, state, batch: Batch, rng, *, train: bool
     return weighted_mean(ce_cell, w), acc, state, logits
 
 
+def replay_loss(module, params, state, rng, n: int, replay, *, train: bool):
+    """Cross-entropy of the classifier on latent points drawn from the reference's
+    cell types: z ~ N(mean_c, sd_c^2), c uniform over ``replay = (codes, means, sds)``.
+
+    A query that adds cell types has labelled cells of the new types only;
+    these replayed reference types are the negatives that keep the new
+    classes from taking over the old ones' cells.
+    """
+    codes, means, sds = (jnp.asarray(a) for a in replay)
+    k_c, k_z, k_d = jax.random.split(rng, 3)
+    pick = jax.random.randint(k_c, (n,), 0, codes.shape[0])
+    z = means[pick] + sds[pick] * jax.random.normal(k_z, (n, means.shape[1]))
+    variables = {"params": params, **state}
+
+    def run(mdl, z):
+        return mdl.classifier(z, train=train)
+
+    if train:
+        logits, upd = module.apply(variables, z, method=run, rngs={"dropout": k_d},
+                                   mutable=["batch_stats"])
+        state = {**state, **upd}
+    else:
+        logits = module.apply(variables, z, method=run)
+    logp = jax.nn.log_softmax(logits, -1)
+    return -jnp.take_along_axis(logp, codes[pick][:, None], axis=1).mean(), state
+
+
 def scanvi_elbo(module, params, state, batches, rng, kl_weight, *, train: bool = True,
                 objective: str = "seed", classification_ratio: float = 50.0,
-                sparse: bool = True, extra_terms=None, extra_weights=None):
+                sparse: bool = True, extra_terms=None, extra_weights=None, replay=None):
     """scANVI loss: (params, state, (batch, labelled_batch), rng, kl_weight) -> (loss, LossAux).
 
     ``batches`` is the main minibatch, or a pair (main, labelled); with the
-    pair the classification loss is added.
+    pair the classification loss is added (averaged with `replay_loss` when
+    ``replay`` is given).
     """
     batch, labelled = (batches, None) if isinstance(batches, Batch) else batches
     k_main, k_class, k_ce = jax.random.split(rng, 3)
@@ -295,6 +323,11 @@ def scanvi_elbo(module, params, state, batches, rng, kl_weight, *, train: bool =
     if labelled is not None:
         ce, acc, new_state, _ = classification_loss(module, params, new_state, labelled,
                                                     k_ce, train=train)
+        if replay is not None:
+            ce_r, new_state = replay_loss(module, params, new_state,
+                                          jax.random.fold_in(k_ce, 1),
+                                          labelled.weight.shape[0], replay, train=train)
+            ce = 0.5 * (ce + ce_r)
         loss = loss + classification_ratio * ce
         terms["classification_loss"] = ce
         terms["accuracy"] = acc

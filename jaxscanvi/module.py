@@ -47,6 +47,9 @@ class VAEConfig:
     use_observed_lib_size: bool = True
     use_size_factor_key: bool = False
     log_variational: bool = True
+    # modules whose batch norm uses its running statistics even in training
+    # (set by query surgery for frozen batch norms)
+    frozen_batchnorm: tuple[str, ...] = ()
 
     def __post_init__(self):
         validate_choice("dispersion", self.dispersion,
@@ -73,6 +76,7 @@ class VAEConfig:
     def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
         d = dict(d)
         d["n_cats_per_cov"] = tuple(d.get("n_cats_per_cov", ()))
+        d["frozen_batchnorm"] = tuple(d.get("frozen_batchnorm", ()))
         return cls(**d)
 
     def norm_flags(self) -> tuple[bool, bool, bool, bool]:
@@ -100,17 +104,20 @@ class VAE(nn.Module):
         bn_enc, bn_dec, ln_enc, ln_dec = c.norm_flags()
         cat_list = (c.n_batch,) + tuple(c.n_cats_per_cov)
         enc_cats = cat_list if c.encode_covariates else ()
+        frozen = set(c.frozen_batchnorm)
         self.z_encoder = Encoder(c.n_latent, enc_cats, c.n_layers, c.n_hidden, c.dropout_rate,
-                                 bn_enc, ln_enc, c.deeply_inject_covariates)
+                                 bn_enc, ln_enc, c.deeply_inject_covariates,
+                                 bn_frozen="z_encoder" in frozen)
         if not c.use_observed_lib_size:
             self.l_encoder = Encoder(1, enc_cats, 1, c.n_hidden, c.dropout_rate, bn_enc,
-                                     ln_enc, c.deeply_inject_covariates)
+                                     ln_enc, c.deeply_inject_covariates,
+                                     bn_frozen="l_encoder" in frozen)
         self.decoder = DecoderSCVI(
             c.n_genes, cat_list, c.n_layers, c.n_hidden, bn_dec, ln_dec,
             c.deeply_inject_covariates,
             scale_activation="softplus" if c.use_size_factor_key else "softmax",
             need_theta=c.dispersion == "gene-cell",
-            need_dropout=c.gene_likelihood == "zinb")
+            need_dropout=c.gene_likelihood == "zinb", bn_frozen="decoder" in frozen)
         shape = {"gene": (c.n_genes,), "gene-batch": (c.n_genes, c.n_batch),
                  "gene-label": (c.n_genes, c.n_labels), "gene-cell": None}[c.dispersion]
         if shape is not None and c.gene_likelihood != "poisson":

@@ -56,6 +56,7 @@ class SCANVIConfig(VAEConfig):
     def from_dict(cls, d: dict[str, Any]) -> SCANVIConfig:
         d = dict(d)
         d["n_cats_per_cov"] = tuple(d.get("n_cats_per_cov", ()))
+        d["frozen_batchnorm"] = tuple(d.get("frozen_batchnorm", ()))
         if d.get("y_prior") is not None:
             d["y_prior"] = tuple(d["y_prior"])
         return cls(**d)
@@ -88,13 +89,17 @@ class SCANVAE(VAE):
         c = self.config
         bn_enc, bn_dec, ln_enc, ln_dec = c.norm_flags()
         cls_bn, cls_ln = c.classifier_flags()
+        frozen = set(c.frozen_batchnorm)
         self.classifier = Classifier(c.n_labels, c.classifier_n_hidden, c.classifier_n_layers,
-                                     c.classifier_dropout_rate, cls_bn, cls_ln)
+                                     c.classifier_dropout_rate, cls_bn, cls_ln,
+                                     bn_frozen="classifier" in frozen)
         self.encoder_z2_z1 = Encoder(c.n_latent, (c.n_labels,), c.n_layers, c.n_hidden,
                                      c.dropout_rate, bn_enc, ln_enc, True,
-                                     bn_axis_name=self.class_axis)
+                                     bn_axis_name=self.class_axis,
+                                     bn_frozen="encoder_z2_z1" in frozen)
         self.decoder_z1_z2 = Decoder(c.n_latent, (c.n_labels,), c.n_layers, c.n_hidden,
-                                     bn_dec, ln_dec, bn_axis_name=self.class_axis)
+                                     bn_dec, ln_dec, bn_axis_name=self.class_axis,
+                                     bn_frozen="decoder_z1_z2" in frozen)
 
     def classify(self, batch: Batch, *, train: bool, use_posterior_mean: bool = True):
         """Logits of q(c | z), z the posterior mean of q(z|x) (or a sample)."""

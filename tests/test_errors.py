@@ -306,11 +306,7 @@ def _semi(a, n_unlabelled=40, classes=None):
 SCANVI_SETUP_CASES = [
     ("unlabeled_category_absent", lambda a: _semi(a),
      {"labels_key": "ct", "unlabeled_category": "unlabelled"}, "unlabeled_category",
-     r"unlabelled.*not among the labels"),
-    ("unlabeled_category_unused_category", lambda a: _obs("ct", lambda a: pd.Categorical(
-        a.obs["cell_type"].astype(str), categories=["Unknown", "L0_T0", "L0_T1"]))(a),
-     {"labels_key": "ct", "unlabeled_category": "Unknown"}, "unlabeled_category",
-     r"no cell has it"),
+     r"unlabelled.*not among the labels.*'Unknown'"),
     ("no_labelled_cells", lambda a: _semi(a, n_unlabelled=a.n_obs),
      {"labels_key": "ct", "unlabeled_category": "Unknown"}, "labels_key",
      r"no cell has a label"),

@@ -493,14 +493,16 @@ def test_train_history_and_epochs_heuristic(scanvi_model, hidden_atlas):
         assert ((hist[col] >= 0) & (hist[col] <= 1)).all(), col
     assert hist["classification_loss_train"].iloc[-1] < hist[
         "classification_loss_train"].iloc[0]
-    # the labelled-validation metrics are those of predict() on labelled validation cells
+    # the labelled-validation metrics are those of the classifier on labelled validation cells
     reg = scanvi_model.registry
     labels = hidden_atlas.obs["labels_obs"].astype(str).to_numpy()
     val = scanvi_model.validation_indices
     val_lab = val[labels[val] != UNL]
     assert len(val_lab) > 0
     y = np.asarray([reg.label_categories.index(s) for s in labels[val_lab]])
-    probs = scanvi_model.predict(indices=val_lab, soft=True).to_numpy()
+    # per-epoch metrics are those of the uncalibrated classifier (temperature 1)
+    probs = scanvi_model._probabilities(scanvi_model.params, scanvi_model.state,
+                                        scanvi_model._train_cells(), val_lab, None, True)
     last = hist.iloc[-1]
     np.testing.assert_allclose(last["accuracy_validation_labelled"],
                                (probs.argmax(1) == y).mean(), atol=1e-9)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -21,6 +23,10 @@ from .._version import FORMAT_VERSION
 from ..errors import InputError
 
 UNS_KEY = "_jaxscanvi_registry"
+# label values that mean "no label": a mismatched unlabeled_category next to one
+# of these is a typo, not a fully labelled dataset
+UNLABELLED_NAMES = {"unknown", "unlabeled", "unlabelled", "unassigned", "nan", "na", "none",
+                    "n/a", "?", ""}
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,39 @@ def row_sums(X) -> np.ndarray:
     return np.asarray(X).sum(axis=1).ravel()
 
 
+def col_sums(X) -> np.ndarray:
+    """Per-gene totals (float64), without densifying sparse matrices."""
+    if hasattr(X, "to_memory"):  # anndata backed sparse dataset
+        X = X.to_memory()
+    if sp.issparse(X):
+        return np.asarray(X.sum(axis=0, dtype=np.float64)).ravel()
+    return np.asarray(X).sum(axis=0, dtype=np.float64).ravel()
+
+
+def _user_stacklevel() -> int:
+    """stacklevel for warnings.warn called from here that points past jaxscanvi's frames."""
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 1  # the function that calls warnings.warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_zero_genes(X, field: str, var_names: pd.Index) -> None:
+    """Warn (not raise: scVI trains fine with them) about genes no cell expresses."""
+    zero = np.flatnonzero(col_sums(X) == 0)
+    if zero.size == 0:
+        return
+    shown = [str(var_names[i]) for i in zero[:5]]
+    more = f" and {zero.size - len(shown)} more" if zero.size > len(shown) else ""
+    warnings.warn(
+        f"{field}: {zero.size} of {X.shape[1]} gene(s) have no counts in any cell "
+        f"({', '.join(shown)}{more}); the model learns nothing from them and they cost "
+        "time and memory. Fix: filter them out before setup_anndata, e.g. "
+        "sc.pp.filter_genes(adata, min_counts=1), or adata = adata[:, np.asarray("
+        f"{field}.sum(0)).ravel() > 0].copy()", UserWarning, stacklevel=_user_stacklevel())
+
+
 def categories_of(series: pd.Series, field: str) -> tuple[str, ...]:
     """Categories actually present, in the column's category order (or sorted)."""
     if series.isna().any():
@@ -253,6 +292,7 @@ def build_registry(
             "size is zero", "drop them first, e.g. adata = adata[np.asarray("
             f"{'adata.X' if layer is None else f'adata.layers[{layer!r}]'}.sum(1)).ravel()"
             " > 0].copy()")
+    _warn_zero_genes(X, field, var_names)
 
     batch_cats: tuple[str, ...] = ("0",)
     if batch_key is not None:
@@ -265,16 +305,14 @@ def build_registry(
         label_cats = categories_of(col, f"adata.obs[{labels_key!r}]")
         if unlabeled_category is not None:
             unl = str(unlabeled_category)
-            if unl not in label_cats:
-                present = set(str(c) for c in getattr(col.dtype, "categories", []))
-                where = "among the column's categories but no cell has it" \
-                    if unl in present else "not among the labels"
+            suspects = [c for c in label_cats if c.strip().lower() in UNLABELLED_NAMES]
+            if unl not in label_cats and suspects:
+                # a fully labelled dataset (a reference) is fine; a typo is not
                 raise InputError(
                     "unlabeled_category", unlabeled_category,
-                    f"{where} of adata.obs[{labels_key!r}] ({list(label_cats)[:12]}); "
-                    "every cell would count as labelled",
-                    "pass the value that marks unlabelled cells (e.g. 'Unknown'), or mark "
-                    "some cells with it")
+                    f"not among the labels of adata.obs[{labels_key!r}], which has "
+                    f"{suspects[0]!r}; those cells would count as a cell type",
+                    f"pass unlabeled_category={suspects[0]!r}")
             label_cats = tuple(c for c in label_cats if c != unl)
             if len(label_cats) == 0:
                 raise InputError("labels_key", labels_key,

@@ -30,7 +30,7 @@ from ..data.registry import Registry, registry_of
 from ..errors import InputError, ModelFormatError, NonFiniteLossError
 from ..train.loop import FitConfig, LoopState, fit, make_eval_step, make_train_step
 from ..train.sources import make_source
-from ..train.state import KLSchedule, TrainState, make_optimizer
+from ..train.state import KLSchedule, TrainState, make_optimizer, mask_key
 
 # Step functions by their full specification, so models with the same
 # architecture and settings share compiled code.
@@ -123,6 +123,8 @@ class BaseModel:
         self._cells: CellData | None = None
         self.train_state: TrainState | None = None
         self.loss_term_names: tuple[str, ...] = ()
+        # (params mask, state mask) after query surgery: what train() may change
+        self._freeze = None
 
     def _train_cells(self) -> CellData:
         if self._cells is None:
@@ -150,25 +152,29 @@ class BaseModel:
     def _loss(self, *, train: bool, plan: dict, extra_terms, extra_weights) -> Callable:
         raise NotImplementedError
 
+    def _loss_key(self):
+        """Whatever else `_loss` bakes into the compiled step (hashable)."""
+        return None
+
     def _step_fns(self, plan: dict, on_nonfinite: str, schedule: KLSchedule,
                   extra_terms: dict | None, extra_weights: dict | None,
                   trainable_mask=None):
         ex_key = tuple(sorted((extra_terms or {}).items(), key=lambda kv: kv[0]))
         w_key = tuple(sorted((extra_weights or {}).items()))
-        mask_key = None if trainable_mask is None else tuple(
-            jax.tree_util.tree_leaves(trainable_mask))
+        params_mask, state_mask = trainable_mask if trainable_mask is not None \
+            else (None, None)
         key = (self._kind, self.module, tuple(sorted(plan.items())), on_nonfinite, schedule,
-               ex_key, w_key, mask_key,
-               None if trainable_mask is None else jax.tree_util.tree_structure(
-                   trainable_mask))
+               ex_key, w_key, mask_key(params_mask), mask_key(state_mask),
+               self._loss_key())
         if key not in _STEP_FNS:
             tx = make_optimizer(plan.get("lr", 1e-3), plan.get("eps", 0.01),
-                                plan.get("weight_decay", 1e-6), trainable_mask)
+                                plan.get("weight_decay", 1e-6), params_mask)
             train_loss = self._loss(train=True, plan=plan, extra_terms=extra_terms,
                                     extra_weights=extra_weights)
             eval_loss = self._loss(train=False, plan=plan, extra_terms=extra_terms,
                                    extra_weights=extra_weights)
-            _STEP_FNS[key] = (tx, make_train_step(train_loss, tx, schedule, on_nonfinite),
+            _STEP_FNS[key] = (tx, make_train_step(train_loss, tx, schedule, on_nonfinite,
+                                              state_mask),
                               make_eval_step(eval_loss, schedule))
         return _STEP_FNS[key]
 
@@ -206,6 +212,8 @@ class BaseModel:
                     "lr_min", "lr_scheduler_metric")
         fit_plan = {k: plan.pop(k) for k in fit_keys if k in plan}
         weights = self._resolve_weights(loss_terms, loss_weights)
+        if trainable_mask is None:
+            trainable_mask = self._freeze
         tx, train_step, eval_step = self._step_fns(
             plan, on_nonfinite, schedule, loss_terms, weights, trainable_mask)
 

@@ -18,6 +18,7 @@ from ..losses import scanvi_elbo
 from ..module_scanvi import SCANVAE, SCANVIConfig
 from ._base import (BaseModel, _jitted, check_positive_int, max_epochs_heuristic)
 from ._downstream import DownstreamMixin
+from ._query import QueryMixin
 from .scvi import SCVI
 
 _ARCH_KEYS = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion",
@@ -40,7 +41,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return float(ece)
 
 
-class SCANVI(DownstreamMixin, BaseModel):
+class SCANVI(QueryMixin, DownstreamMixin, BaseModel):
     """scANVI (Xu et al. 2021): scVI with a cell-type-structured latent prior.
 
     The default objective is the user guide's: labelled cells use L_S with
@@ -123,7 +124,10 @@ class SCANVI(DownstreamMixin, BaseModel):
                 class_chunk_size=class_chunk_size)
         self._build(adata, registry, SCANVAE(_config), seed)
         self.was_pretrained = False
-        if adata is not None:
+        self.temperature = 1.0
+        self.calibration: dict = {}
+        self.reference_stats: dict | None = None
+        if adata is not None and _config is None:  # internal paths may lack labels
             self._check_labels()
 
     def _check_labels(self) -> None:
@@ -147,10 +151,24 @@ class SCANVI(DownstreamMixin, BaseModel):
     def _from_metadata(cls, meta, registry, config, adata):
         model = cls(adata, registry=registry, _config=config, seed=meta.get("init_seed", 0))
         model.was_pretrained = bool(meta.get("was_pretrained", False))
+        model.temperature = float(meta.get("temperature", 1.0))
+        model.calibration = dict(meta.get("calibration") or {})
+        model.reference_stats = meta.get("reference_stats")
+        if meta.get("query_info"):
+            model.query_info = meta["query_info"]
         return model
 
     def _extra_metadata(self):
-        return {"was_pretrained": self.was_pretrained}
+        return {"was_pretrained": self.was_pretrained, "temperature": self.temperature,
+                "calibration": self.calibration, "reference_stats": self.reference_stats,
+                "query_info": getattr(self, "query_info", None)}
+
+    def _inherit_reference(self, reference_model) -> None:
+        # a frozen encoder maps reference cells as before, so the reference's
+        # calibration and latent statistics still describe them
+        self.temperature = reference_model.temperature
+        self.calibration = dict(reference_model.calibration)
+        self.reference_stats = reference_model.reference_stats
 
     @classmethod
     def from_scvi_model(cls, scvi_model: SCVI, unlabeled_category: str,
@@ -213,13 +231,17 @@ class SCANVI(DownstreamMixin, BaseModel):
               on_nonfinite: Literal["raise", "skip_step"] = "raise",
               data_source: Literal["auto", "device", "host"] = "auto",
               loss_terms: dict | None = None, loss_weights: dict | None = None,
-              checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False):
+              checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False,
+              calibrate: bool = True):
         """Train on all cells, each minibatch paired with a minibatch of labelled cells.
 
         ``n_samples_per_label`` re-draws, every epoch, a class-balanced subset
         of at most that many labelled training cells per type for the
         labelled minibatches. ``plan_kwargs`` adds ``classification_ratio``
         (50) and ``objective`` ("seed" or "scvi-tools") to SCVI's options.
+        A query model (`load_query_data`) may have no labelled cells; it then
+        trains on the unlabelled bound alone. With ``calibrate`` and labelled
+        validation cells, a temperature is fitted at the end (`calibrate`).
         """
         cells = self._train_cells()
         if max_epochs is None:
@@ -235,6 +257,9 @@ class SCANVI(DownstreamMixin, BaseModel):
                              "pass 'seed' (default) or 'scvi-tools'")
         C = self.registry.n_labels
         labels = cells.labels
+        is_query = getattr(self, "query_info", None) is not None
+        # an unlabelled query trains on the L_U bound alone
+        unlabelled_query = is_query and not (labels < C).any()
 
         def train_labelled(rng):
             lab = self.train_indices[labels[self.train_indices] < C]
@@ -269,13 +294,25 @@ class SCANVI(DownstreamMixin, BaseModel):
                   early_stopping_monitor=early_stopping_monitor,
                   check_val_every_n_epoch=check_val_every_n_epoch, plan_kwargs=plan_kwargs,
                   seed=seed, progress_bar=progress_bar, on_nonfinite=on_nonfinite,
-                  data_source=data_source, labelled_idx=train_labelled,
-                  val_labelled=lambda: self.validation_indices[
+                  data_source=data_source,
+                  labelled_idx=None if unlabelled_query else train_labelled,
+                  val_labelled=None if unlabelled_query else lambda: self.validation_indices[
                       labels[self.validation_indices] < C], loss_terms=loss_terms,
                   loss_weights=loss_weights, extra_val_metrics=val_metrics,
                   default_plan={"objective": "seed", "classification_ratio": 50.0},
                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                   resume=resume)
+        if not is_query:
+            self.reference_stats = self._novelty_stats()
+
+        val_lab = self.validation_indices[labels[self.validation_indices] < C]
+        if calibrate and len(val_lab) >= 10:
+            self.calibrate(indices=val_lab)
+            if len(self._history):
+                last = self._history.index[-1]
+                self._history.loc[last, "temperature"] = self.temperature
+                self._history.loc[last, "calibration_error_validation_calibrated"] = \
+                    self.calibration["ece_after"]
         return self
 
     def _loss(self, *, train, plan, extra_terms, extra_weights):
@@ -283,10 +320,26 @@ class SCANVI(DownstreamMixin, BaseModel):
                        objective=plan.get("objective", "seed"),
                        classification_ratio=float(plan.get("classification_ratio", 50.0)),
                        sparse=plan.get("sparse_likelihood", True),
-                       extra_terms=extra_terms, extra_weights=extra_weights)
+                       extra_terms=extra_terms, extra_weights=extra_weights,
+                       replay=self._replay())
+
+    def _replay(self):
+        """Reference cell types to replay while a query learns new ones (or None)."""
+        info = getattr(self, "query_info", None) or {}
+        stats = self.reference_stats or {}
+        if not info.get("new_labels") or "latent_means" not in stats:
+            return None
+        return (np.asarray(stats["latent_codes"], np.int32),
+                np.asarray(stats["latent_means"], np.float32),
+                np.asarray(stats["latent_sds"], np.float32))
+
+    def _loss_key(self):
+        r = self._replay()
+        return None if r is None else tuple(a.tobytes() for a in r)
 
     # ------------------------------------------------------------ prediction
-    def _probabilities(self, params, state, cells, indices, batch_size, use_posterior_mean):
+    def _logits(self, params, state, cells, indices, batch_size, use_posterior_mean
+                ) -> np.ndarray:
         fn = _jitted(partial(_classify_fn, self.module,
                              use_posterior_mean=bool(use_posterior_mean)))
         saved = self.params, self.state
@@ -295,7 +348,124 @@ class SCANVI(DownstreamMixin, BaseModel):
             logits = self._map(fn, cells, indices, batch_size)
         finally:
             self.params, self.state = saved
-        return np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1), np.float64)
+        return np.asarray(logits, np.float64)
+
+    def _probabilities(self, params, state, cells, indices, batch_size, use_posterior_mean,
+                       temperature: float = 1.0):
+        logits = self._logits(params, state, cells, indices, batch_size, use_posterior_mean)
+        return _softmax(logits / temperature)
+
+    # ----------------------------------------------------------- calibration
+    def _labelled(self, adata, indices) -> tuple:
+        """Cells, the labelled cells among ``indices`` (default: validation), their codes."""
+        cells = self._cells_for(adata)
+        C = self.registry.n_labels
+        if indices is None:
+            if adata is not None and adata is not self.adata:
+                idx = np.arange(cells.n_obs)
+            else:
+                idx = self.validation_indices
+        else:
+            idx = np.asarray(indices)
+            idx = np.flatnonzero(idx) if idx.dtype == bool else idx
+        idx = idx[cells.labels[idx] < C]
+        return cells, idx, cells.labels[idx]
+
+    def calibrate(self, adata=None, indices=None, batch_size: int | None = None) -> dict:
+        """Fit the temperature T of softmax(logits / T) on labelled cells.
+
+        Default cells: the labelled validation cells (the ones training did
+        not fit). T minimises their negative log-likelihood; it never changes
+        which type is predicted, only how confident the probabilities are.
+        Returns (and keeps in ``model.calibration``) T, the expected
+        calibration error and the NLL before and after.
+        """
+        from scipy.optimize import minimize_scalar
+        cells, idx, y = self._labelled(adata, indices)
+        if len(idx) < 10:
+            raise InputError("indices", f"{len(idx)} labelled cells", "too few labelled "
+                             "cells to fit a temperature (10 or more needed)",
+                             "train with validation cells that carry labels (train_size < 1) "
+                             "or pass adata/indices with labelled cells")
+        logits = self._logits(self.params, self.state, cells, idx, batch_size, True)
+
+        def nll(log_t):
+            z = logits / np.exp(log_t)
+            z = z - z.max(1, keepdims=True)
+            return float((np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]).mean())
+
+        res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(50.0)), method="bounded",
+                              options={"xatol": 1e-4})
+        t = float(np.exp(res.x))
+        before = _softmax(logits)
+        self.temperature = t
+        self.calibration = {
+            "temperature": t, "n_cells": int(len(idx)),
+            "nll_before": nll(0.0), "nll_after": float(res.fun),
+            "ece_before": expected_calibration_error(before, y),
+            "ece_after": expected_calibration_error(_softmax(logits / t), y)}
+        return dict(self.calibration)
+
+    def calibration_error(self, adata=None, indices=None, n_bins: int = 10,
+                          batch_size: int | None = None) -> float:
+        """Expected calibration error of ``predict(soft=True)`` on labelled cells
+        (default: the labelled validation cells)."""
+        cells, idx, y = self._labelled(adata, indices)
+        if len(idx) == 0:
+            raise InputError("indices", "no labelled cells", "the calibration error needs "
+                             "cells with known labels", "pass adata/indices with labels")
+        probs = self._probabilities(self.params, self.state, cells, idx, batch_size, True,
+                                    self.temperature)
+        return expected_calibration_error(probs, y, n_bins)
+
+    # --------------------------------------------------------------- novelty
+    def _unexplained(self, cells, indices, batch_size) -> np.ndarray:
+        fn = _jitted(partial(_excess_fn, self.module))
+        return np.asarray(self._map(fn, cells, indices, batch_size), np.float64)
+
+    def _novelty_stats(self, quantile: float = 0.99) -> dict | None:
+        """The ``quantile`` of the labelled training cells' residual scores (the
+        level above which `novelty_score` calls a cell novel), and each type's
+        latent mean and spread."""
+        cells = self._train_cells()
+        C = self.registry.n_labels
+        idx = self.train_indices[cells.labels[self.train_indices] < C]
+        if len(idx) < 10:
+            return None
+        scores = self._unexplained(cells, idx, None)
+        z = np.asarray(self.get_latent_representation(indices=idx), np.float64)
+        y = cells.labels[idx]
+        codes = [c for c in range(C) if (y == c).sum() >= 2]
+        return {"threshold": float(np.quantile(scores, quantile)), "quantile": quantile,
+                "median": float(np.median(scores)),
+                "statistic": "unexplained count fraction", "n_cells": int(len(idx)),
+                # per-type latent moments: what a query adding types replays
+                "latent_codes": codes,
+                "latent_means": [z[y == c].mean(0).tolist() for c in codes],
+                "latent_sds": [z[y == c].std(0).tolist() for c in codes]}
+
+    def novelty_score(self, adata=None, indices=None, batch_size: int | None = None
+                      ) -> np.ndarray:
+        """How poorly the reference's cell types explain each cell; above 1 means novel.
+
+        scANVI maps a cell of a type it never saw onto the nearest known
+        type, confidently, so neither the latent space nor the classifier
+        flags it. Its counts do: the decoder, given that latent position,
+        under-predicts the novel type's own genes. The statistic is the
+        fraction of the cell's counts the model leaves unexplained (the
+        excess x - mu summed over genes with x > 3 mu + 3, mu the decoder's
+        mean at the posterior mean of z), divided by the 99th percentile of
+        the same statistic over the labelled reference cells at the end of
+        reference training; a query model keeps its reference's threshold.
+        A batch effect that surgery leaves unexplained raises every query
+        cell's score: compare a type's flag rate with the query's overall rate.
+        """
+        if not self.reference_stats or "threshold" not in self.reference_stats:
+            raise InputError("model", "no reference statistics", "novelty scores need a "
+                             "model trained on labelled cells (or a query model built from "
+                             "one)", "train the reference SCANVI first")
+        scores = self._unexplained(self._cells_for(adata), indices, batch_size)
+        return scores / self.reference_stats["threshold"]
 
     def get_normalized_expression(self, adata=None, indices=None, transform_batch=None,
                                   gene_list: Sequence[str] | None = None,
@@ -332,18 +502,59 @@ class SCANVI(DownstreamMixin, BaseModel):
         return _jitted(partial(_label_expression_fn, self.module, target=target, **kw))
 
     def predict(self, adata=None, indices=None, soft: bool = False,
-                batch_size: int | None = None, use_posterior_mean: bool = True):
+                batch_size: int | None = None, use_posterior_mean: bool = True,
+                unassigned_threshold: float | None = None):
         """Predicted cell types (names), or with ``soft=True`` a DataFrame of
-        probabilities, one column per cell type, rows summing to 1."""
+        calibrated probabilities (see `calibrate`), one column per cell type,
+        rows summing to 1. With ``unassigned_threshold=p``, cells whose top
+        probability is below p are predicted "Unassigned"."""
+        if unassigned_threshold is not None:
+            if soft:
+                raise InputError("unassigned_threshold", unassigned_threshold,
+                                 "applies to hard predictions only",
+                                 "pass soft=False, or threshold the probabilities yourself")
+            if not (isinstance(unassigned_threshold, (int, float))
+                    and 0 <= unassigned_threshold <= 1):
+                raise InputError("unassigned_threshold", unassigned_threshold,
+                                 "must be a probability in [0, 1]",
+                                 "pass e.g. unassigned_threshold=0.5")
         cells = self._cells_for(adata)
         probs = self._probabilities(self.params, self.state, cells, indices, batch_size,
-                                    use_posterior_mean)
+                                    use_posterior_mean, self.temperature)
         names = np.asarray(self.registry.label_categories, dtype=object)
         if not soft:
-            return names[probs.argmax(1)]
+            pred = names[probs.argmax(1)]
+            if unassigned_threshold is not None:
+                pred = np.where(probs.max(1) < unassigned_threshold, UNASSIGNED, pred)
+            return pred
         idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
         probs = probs / probs.sum(1, keepdims=True)
         return pd.DataFrame(probs, index=cells.obs_names[idx], columns=list(names))
+
+
+UNASSIGNED = "Unassigned"
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def _excess_fn(module, variables, batch, key):
+    """Fraction of each cell's counts far above the model's expectation at the
+    posterior mean of z: sum of (x - mu) over genes with x > 3 mu + 3, over sum x."""
+    def run(mdl, b):
+        inf = mdl.inference(b, train=False)
+        z = inf["qz_m"]
+        if mdl.config.latent_distribution == "ln":
+            z = jax.nn.softmax(z, -1)
+        lib = inf.get("ql_m", inf["library"])
+        mu = jnp.exp(mdl.generative(z, lib, b, train=False)["log_mu"])
+        excess = jnp.where(b.x > 3.0 * mu + 3.0, b.x - mu, 0.0).sum(-1)
+        return excess / jnp.maximum(b.x.sum(-1), 1.0)
+
+    return module.apply(variables, batch, rngs={"sample": key}, method=run)
 
 
 def _classify_fn(module, variables, batch, key, *, use_posterior_mean):

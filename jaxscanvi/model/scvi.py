@@ -16,9 +16,10 @@ from ..losses import scvi_elbo
 from ..module import VAE, VAEConfig
 from ._base import BaseModel, check_positive_int, max_epochs_heuristic
 from ._downstream import DownstreamMixin
+from ._query import QueryMixin
 
 
-class SCVI(DownstreamMixin, BaseModel):
+class SCVI(QueryMixin, DownstreamMixin, BaseModel):
     """scVI (Lopez et al. 2018) with scvi-tools' architecture and defaults.
 
     Examples

@@ -52,6 +52,7 @@ class BatchNorm(nn.Module):
     momentum: float = 0.01
     epsilon: float = 1e-3
     axis_name: str | None = None
+    frozen: bool = False  # normalise with the running statistics even in training
 
     @nn.compact
     def __call__(self, x, *, train: bool, mask=None):
@@ -60,7 +61,7 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,))
         scale = self.param("scale", nn.initializers.ones, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
-        if not train:
+        if not train or self.frozen:
             mean, var = ra_mean.value, ra_var.value
         else:
             flat = x.reshape(-1, features)
@@ -104,6 +105,7 @@ class FCLayers(nn.Module):
     use_layer_norm: bool = False
     inject_covariates: bool = True
     bn_axis_name: str | None = None
+    bn_frozen: bool = False
 
     @nn.compact
     def __call__(self, x, cats: Sequence[jax.Array] = (), *, train: bool, mask=None):
@@ -121,7 +123,8 @@ class FCLayers(nn.Module):
                     emb = self.param(f"layer{i}_cov{j}", init, (n, n_o))
                     h = h + jnp.take(emb, code, axis=0)
             if self.use_batch_norm:
-                h = BatchNorm(axis_name=self.bn_axis_name, name=f"bn{i}")(
+                h = BatchNorm(axis_name=self.bn_axis_name, frozen=self.bn_frozen,
+                              name=f"bn{i}")(
                     h, train=train, mask=mask)
             if self.use_layer_norm:
                 h = layer_norm(h)

@@ -31,12 +31,14 @@ class Encoder(nn.Module):
     inject_covariates: bool = True
     var_eps: float = 1e-4
     bn_axis_name: str | None = None
+    bn_frozen: bool = False
 
     @nn.compact
     def __call__(self, x, cats=(), *, train: bool, mask=None):
         h = FCLayers(self.n_hidden, self.n_cats, self.n_layers, self.n_hidden,
                      self.dropout_rate, self.use_batch_norm, self.use_layer_norm,
-                     self.inject_covariates, self.bn_axis_name, name="encoder")(
+                     self.inject_covariates, self.bn_axis_name, self.bn_frozen,
+                     name="encoder")(
             x, cats, train=train, mask=mask)
         mean = Dense(self.n_out, name="mean")(h)
         var = jnp.exp(Dense(self.n_out, name="var")(h)) + self.var_eps
@@ -62,12 +64,14 @@ class DecoderSCVI(nn.Module):
     scale_activation: str = "softmax"
     need_theta: bool = False
     need_dropout: bool = True
+    bn_frozen: bool = False
 
     @nn.compact
     def __call__(self, z, cats=(), *, train: bool, mask=None):
         h = FCLayers(self.n_hidden, self.n_cats, self.n_layers, self.n_hidden, 0.0,
                      self.use_batch_norm, self.use_layer_norm, self.inject_covariates,
-                     name="px_decoder")(z, cats, train=train, mask=mask)
+                     bn_frozen=self.bn_frozen, name="px_decoder")(
+            z, cats, train=train, mask=mask)
         logits = Dense(self.n_genes, name="px_scale_decoder")(h)
         if self.scale_activation == "softmax":
             log_scale = jax.nn.log_softmax(logits, axis=-1)
@@ -91,12 +95,13 @@ class Decoder(nn.Module):
     use_batch_norm: bool = False
     use_layer_norm: bool = False
     bn_axis_name: str | None = None
+    bn_frozen: bool = False
 
     @nn.compact
     def __call__(self, x, cats=(), *, train: bool, mask=None):
         h = FCLayers(self.n_hidden, self.n_cats, self.n_layers, self.n_hidden, 0.0,
                      self.use_batch_norm, self.use_layer_norm, True, self.bn_axis_name,
-                     name="decoder")(x, cats, train=train, mask=mask)
+                     self.bn_frozen, name="decoder")(x, cats, train=train, mask=mask)
         mean = Dense(self.n_out, name="mean")(h)
         var = jnp.exp(Dense(self.n_out, name="var")(h))
         return mean, var
@@ -111,12 +116,14 @@ class Classifier(nn.Module):
     dropout_rate: float = 0.1
     use_batch_norm: bool = True
     use_layer_norm: bool = False
+    bn_frozen: bool = False
 
     @nn.compact
     def __call__(self, z, *, train: bool, mask=None):
         h = z
         if self.n_layers > 0:
             h = FCLayers(self.n_hidden, (), self.n_layers, self.n_hidden, self.dropout_rate,
-                         self.use_batch_norm, self.use_layer_norm, name="classifier")(
+                         self.use_batch_norm, self.use_layer_norm, bn_frozen=self.bn_frozen,
+                         name="classifier")(
                 h, (), train=train, mask=mask)
         return Dense(self.n_labels, name="logits")(h)

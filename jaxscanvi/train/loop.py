@@ -20,13 +20,18 @@ from .state import KLSchedule, TrainState, get_lr, set_lr
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
-                    schedule: KLSchedule, on_nonfinite: str = "raise") -> Callable:
+                    schedule: KLSchedule, on_nonfinite: str = "raise",
+                    state_mask=None) -> Callable:
     """One optimisation step as a scan body: (carry, batch) -> (carry, out).
 
     carry = (TrainState, first_bad_step). A step whose loss is not finite
     changes nothing; with "raise", every later step of the epoch is skipped
-    too, so the state stays at the last finite parameters.
+    too, so the state stays at the last finite parameters. ``state_mask``
+    (bools like the mutable state) holds the leaves marked False fixed, e.g.
+    frozen batch-norm running statistics after query surgery.
     """
+    if state_mask is not None:
+        state_mask = jax.tree_util.tree_map(lambda m: np.asarray(m, bool), state_mask)
 
     def step(carry, batch):
         ts, bad = carry
@@ -42,9 +47,14 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
         def pick(new, old):
             return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
 
+        new_state = aux.state
+        if state_mask is not None:
+            new_state = jax.tree_util.tree_map(
+                lambda a, b, m: a if m.all() else jnp.where(m, a, b), new_state, ts.state,
+                state_mask)
         new_ts = ts.replace(params=pick(params, ts.params),
                             opt_state=pick(opt_state, ts.opt_state),
-                            state=pick(aux.state, ts.state), step=ts.step + 1)
+                            state=pick(new_state, ts.state), step=ts.step + 1)
         bad = jnp.where(~finite & (bad < 0), ts.step, bad)
         main = batch if isinstance(batch, Batch) else batch[0]
         # a skipped step counts no cells, so epoch means cover the steps taken

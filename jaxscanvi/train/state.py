@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -28,9 +29,10 @@ def make_optimizer(lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e
     """torch.optim.Adam(lr, eps, weight_decay): coupled L2, not AdamW.
 
     The learning rate is an injected hyper-parameter so reduce-on-plateau can
-    change it between epochs. ``trainable_mask`` (a pytree of bools like the
-    params) freezes every leaf marked False: its update is exactly zero, weight
-    decay included.
+    change it between epochs. ``trainable_mask`` is a pytree like the params
+    whose leaves are bools (the whole leaf) or boolean arrays of the leaf's
+    shape (single rows or columns, as query surgery needs): every element
+    marked False gets an update of exactly zero, weight decay included.
     """
 
     def build(learning_rate):
@@ -40,9 +42,33 @@ def make_optimizer(lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e
 
     tx = optax.inject_hyperparams(build)(learning_rate=lr)
     if trainable_mask is not None:
-        frozen = jax.tree_util.tree_map(lambda t: not t, trainable_mask)
-        tx = optax.chain(tx, optax.transforms.freeze(frozen))
+        tx = optax.chain(tx, zero_frozen(trainable_mask))
     return tx
+
+
+def zero_frozen(trainable_mask) -> optax.GradientTransformation:
+    """Replace the update of every element whose mask is False by an exact zero."""
+    masks = jax.tree_util.tree_map(lambda m: np.asarray(m, bool), trainable_mask)
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        out = jax.tree_util.tree_map(
+            lambda u, m: u if m.all() else jnp.where(m, u, jnp.zeros_like(u)), updates, masks)
+        return out, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def mask_key(mask) -> tuple | None:
+    """A hashable summary of a mask pytree (structure and every element)."""
+    if mask is None:
+        return None
+    leaves, treedef = jax.tree_util.tree_flatten(mask)
+    return (treedef, tuple((np.shape(m), np.asarray(m, bool).tobytes()) for m in leaves))
 
 
 def get_lr(opt_state) -> float:
