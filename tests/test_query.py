@@ -403,3 +403,33 @@ def test_cli_bad_input_one_line_and_exit_2(cli_files, capsys, argv, needle):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert needle in err and "Fix:" in err, err
+
+
+def test_scvi_surgery_with_encoded_covariates_keeps_reference_exact():
+    """SCVI, batches and a categorical covariate injected into the encoder too: the
+    query's new categories train, every reference value stays bitwise."""
+    a = synthetic_atlas(n_cells=300, n_genes=60, n_batches=3, n_lineages=1,
+                        types_per_lineage=2, seed=5, markers_per_type=8)
+    a.obs["donor"] = np.where(np.arange(a.n_obs) % 3 == 0, "d0", "d1")
+    a.obs.loc[(a.obs["batch"] == "batch2").to_numpy() & (np.arange(a.n_obs) % 2 == 0),
+              "donor"] = "d2"
+    is_q = (a.obs["batch"] == "batch2").to_numpy()
+    ref, query = a[~is_q].copy(), a[is_q].copy()
+    SCVI.setup_anndata(ref, batch_key="batch", categorical_covariate_keys=["donor"])
+    vae = SCVI(ref, n_hidden=8, n_latent=3, encode_covariates=True)
+    vae.train(max_epochs=2, progress_bar=False)
+    q = SCVI.load_query_data(query, vae)
+    assert q.registry.batch_categories[-1] == "batch2"
+    assert q.registry.categorical_covariate_categories[0] == ("d0", "d1", "d2")
+    before = jax.tree_util.tree_map(np.array, q.params)
+    q.train(max_epochs=2, progress_bar=False, plan_kwargs={"weight_decay": 0.1})
+    mask = q._freeze[0]
+    enc = "z_encoder"
+    for (path, b), new, m in zip(jax.tree_util.tree_leaves_with_path(before),
+                                 jax.tree_util.tree_leaves(q.params),
+                                 jax.tree_util.tree_leaves(mask)):
+        assert np.array_equal(np.asarray(new)[~m], b[~m]), jax.tree_util.keystr(path)
+    cov = np.asarray(q.params[enc]["encoder"]["layer0_cov1"])  # donor rows in the encoder
+    assert not np.array_equal(cov[2], before[enc]["encoder"]["layer0_cov1"][2])
+    np.testing.assert_array_equal(q.get_latent_representation(vae.adata),
+                                  vae.get_latent_representation())

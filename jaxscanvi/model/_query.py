@@ -252,10 +252,8 @@ class QueryMixin:
                        freeze_batchnorm_decoder=freeze_batchnorm_decoder,
                        freeze_classifier=freeze_classifier, unfrozen=unfrozen)
         reg, added = query_registry(adata, ref_reg, new_labels)
-        if added["labels"]:
-            if not hasattr(reference_model, "predict"):
-                raise InputError("adata.obs", added["labels"], "new cell types for an SCVI "
-                                 "reference", "use SCANVI to add cell types")
+        if added["labels"] and hasattr(reference_model, "predict"):
+            # (scVI uses labels only for dispersion="gene-label", whose new columns train)
             warnings.warn(f"load_query_data: new cell types {added['labels'][:10]} are "
                           "added to the reference's "
                           f"{len(ref_reg.label_categories)}", UserWarning, stacklevel=2)
