@@ -203,6 +203,10 @@ def test_query_model_save_load_roundtrip(query_model, tmp_path):
     loaded = SCANVI.load(tmp_path / "q", adata=model.adata)
     assert loaded.temperature == model.temperature
     assert loaded.query_info == model.query_info
+    # what query training may change survives the round trip
+    for a, b in zip(jax.tree_util.tree_leaves(loaded._freeze),
+                    jax.tree_util.tree_leaves(model._freeze)):
+        np.testing.assert_array_equal(np.asarray(a, bool), np.asarray(b, bool))
     assert loaded.reference_stats == model.reference_stats
     np.testing.assert_array_equal(loaded.predict(soft=True).to_numpy(),
                                   model.predict(soft=True).to_numpy())
@@ -384,6 +388,23 @@ def test_cli_annotate_predict_train(cli_files, capsys):
     assert ad.read_h5ad(d / "ref_latent.h5ad").obsm["X_scANVI"].shape == (
         ad.read_h5ad(d / "ref.h5ad").n_obs, 4)
     assert SCANVI.load(d / "ref_model").is_trained
+
+
+def test_cli_annotate_joint_mode(cli_files, capsys):
+    from jaxscanvi.cli import main
+    d = cli_files
+    rc = main(["annotate", "--reference", str(d / "ref.h5ad"), "--query",
+               str(d / "query.h5ad"), "--labels-key", "cell_type", "--batch-key", "batch",
+               "--n-top-genes", "100", "--mode", "joint", "--out",
+               str(d / "joint.h5ad")] + SMALL)
+    assert rc == 0, capsys.readouterr().err
+    out, query = ad.read_h5ad(d / "joint.h5ad"), ad.read_h5ad(d / "query.h5ad")
+    assert list(out.obs_names) == list(query.obs_names)
+    assert out.obsm["X_scANVI"].shape == (query.n_obs, 4)
+    probs = out.obsm["prediction_probabilities"]
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+    classes = np.asarray(out.uns["prediction_classes"])
+    assert (classes[probs.argmax(1)] == out.obs["prediction"].astype(str)).all()
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -447,6 +447,9 @@ class BaseModel:
             **self._extra_metadata(),
         }
         blobs = {"variables": io.to_bytes(self.variables)}
+        if self._freeze is not None:  # a query model keeps what its training may change
+            meta["query_info"] = getattr(self, "query_info", None)
+            blobs["freeze"] = io.to_bytes({"params": self._freeze[0], "state": self._freeze[1]})
         extra = {}
         d = Path(dir_path)
         if d.is_dir() and (d / io.METADATA).exists() and not overwrite:
@@ -503,6 +506,15 @@ class BaseModel:
         model.loss_term_names = tuple(meta.get("loss_terms", ()))
         hist = meta.get("history") or []
         model._history = pd.DataFrame(hist).set_index("epoch") if hist else pd.DataFrame()
+        if "freeze" in meta.get("files", {}):
+            def as_bool(tree):
+                return jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), bool), tree)
+            masks = io.from_bytes({"params": as_bool(model.params),
+                                   "state": as_bool(model.state)},
+                                  io.read_blob(dir_path, meta, "freeze"), "freeze masks")
+            model._freeze = tuple(jax.tree_util.tree_map(lambda m: np.asarray(m, bool), t)
+                                  for t in (masks["params"], masks["state"]))
+            model.query_info = meta.get("query_info")
         model.train_indices = np.asarray(meta.get("train_indices", []), np.int64)
         model.validation_indices = np.asarray(meta.get("validation_indices", []), np.int64)
         return model

@@ -154,14 +154,11 @@ class SCANVI(QueryMixin, DownstreamMixin, BaseModel):
         model.temperature = float(meta.get("temperature", 1.0))
         model.calibration = dict(meta.get("calibration") or {})
         model.reference_stats = meta.get("reference_stats")
-        if meta.get("query_info"):
-            model.query_info = meta["query_info"]
         return model
 
     def _extra_metadata(self):
         return {"was_pretrained": self.was_pretrained, "temperature": self.temperature,
-                "calibration": self.calibration, "reference_stats": self.reference_stats,
-                "query_info": getattr(self, "query_info", None)}
+                "calibration": self.calibration, "reference_stats": self.reference_stats}
 
     def _inherit_reference(self, reference_model) -> None:
         # a frozen encoder maps reference cells as before, so the reference's
