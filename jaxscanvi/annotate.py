@@ -16,6 +16,7 @@ import pandas as pd
 
 from .data.hvg import highly_variable_genes
 from .errors import InputError
+from .model._query import align_genes
 from .model.scanvi import SCANVI, UNASSIGNED
 from .model.scvi import SCVI
 
@@ -115,7 +116,7 @@ def annotate(reference, query, s: AnnotateSettings) -> tuple[ad.AnnData, SCANVI,
     if s.mode == "joint":
         with warnings.catch_warnings():
             warnings.simplefilter("default")
-            q = SCANVI.prepare_query_anndata(q, _GeneList(ref), inplace=False)
+            q = align_genes(q, pd.Index(ref.var_names.astype(str)), inplace=False)
         q.obs[s.labels_key] = s.unlabeled
         both = ad.concat([ref, q], label="_dataset", keys=["reference", "query"],
                          index_unique="-")
@@ -131,10 +132,3 @@ def annotate(reference, query, s: AnnotateSettings) -> tuple[ad.AnnData, SCANVI,
     write_predictions(q, qmodel, s)
     return q, qmodel, ref_model
 
-
-class _GeneList:
-    """Stands in for a reference model where only its genes matter."""
-
-    def __init__(self, adata):
-        from .data.registry import Registry
-        self.registry = Registry(var_names=tuple(map(str, adata.var_names)))

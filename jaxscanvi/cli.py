@@ -118,27 +118,22 @@ def cmd_train(args) -> int:
 
 def cmd_predict(args) -> int:
     from .annotate import AnnotateSettings, map_query, write_predictions
-    from .data import registry as reg
     from .model.scanvi import SCANVI
-    model = SCANVI.load(args.model_dir)
     adata = _read(args.adata, "adata")
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        SCANVI.prepare_query_anndata(adata, args.model_dir)
+    model = SCANVI.load(args.model_dir, adata=adata)
     r = model.registry
     s = AnnotateSettings(labels_key=r.labels_key, batch_key=r.batch_key,
                          unlabeled=r.unlabeled_category, layer=r.layer,
                          query_epochs=args.query_epochs, batch_size=args.batch_size,
                          unassigned_threshold=args.unassigned_threshold,
                          seed=args.seed, progress_bar=not args.quiet)
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        SCANVI.prepare_query_anndata(adata, model)
     known = True
     if r.batch_key is not None and r.batch_key in adata.obs:
         known = set(adata.obs[r.batch_key].astype(str)) <= set(r.batch_categories)
-    if known:
-        adata.uns[reg.UNS_KEY] = r.to_json()
-        model.adata = adata
-        model._cells = None
-    else:  # unseen batches: scArches surgery first
+    if not known:  # unseen batches: scArches surgery first
         model = map_query(adata, model, s)
     write_predictions(adata, model, s)
     write_h5ad_atomic(adata, args.out)

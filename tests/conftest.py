@@ -34,15 +34,6 @@ def atlas(small_atlas):
 
 
 def hvg(adata, n_top: int = 2000):
-    """Top genes by variance of log-normalised counts (what the data README suggests)."""
-    import scipy.sparse as sp
-    X = adata.X
-    lib = np.asarray(X.sum(1)).ravel()
-    norm = sp.diags(1e4 / lib) @ X if sp.issparse(X) else X * (1e4 / lib)[:, None]
-    norm = sp.csr_matrix(norm)
-    norm.data = np.log1p(norm.data)
-    mean = np.asarray(norm.mean(0)).ravel()
-    sq = np.asarray(norm.multiply(norm).mean(0)).ravel()
-    var = sq - mean ** 2
-    top = np.argsort(-var)[:n_top]
-    return adata[:, np.sort(top)].copy()
+    """The n_top genes by variance of log-normalised counts (what the data README suggests)."""
+    from jaxscanvi.data.hvg import highly_variable_genes
+    return adata[:, highly_variable_genes(adata, n_top)].copy()

@@ -358,13 +358,16 @@ SMALL = ["--n-hidden", "16", "--n-latent", "4", "--scvi-epochs", "3", "--scanvi-
          "2", "--quiet"]
 
 
+def _annotate(d, out: str, *extra: str) -> list[str]:
+    return ["annotate", "--reference", str(d / "ref.h5ad"), "--query", str(d / "query.h5ad"),
+            "--labels-key", "cell_type", "--batch-key", "batch", "--n-top-genes", "100",
+            *extra, "--out", str(d / out)] + SMALL
+
+
 def test_cli_annotate_predict_train(cli_files, capsys):
     from jaxscanvi.cli import main
     d = cli_files
-    rc = main(["annotate", "--reference", str(d / "ref.h5ad"), "--query",
-               str(d / "query.h5ad"), "--labels-key", "cell_type", "--batch-key", "batch",
-               "--n-top-genes", "100", "--query-epochs", "2", "--out",
-               str(d / "annotated.h5ad")] + SMALL)
+    rc = main(_annotate(d, "annotated.h5ad", "--query-epochs", "2"))
     assert rc == 0, capsys.readouterr().err
     out = ad.read_h5ad(d / "annotated.h5ad")
     for col in ("prediction", "prediction_probability", "prediction_assigned",
@@ -393,10 +396,7 @@ def test_cli_annotate_predict_train(cli_files, capsys):
 def test_cli_annotate_joint_mode(cli_files, capsys):
     from jaxscanvi.cli import main
     d = cli_files
-    rc = main(["annotate", "--reference", str(d / "ref.h5ad"), "--query",
-               str(d / "query.h5ad"), "--labels-key", "cell_type", "--batch-key", "batch",
-               "--n-top-genes", "100", "--mode", "joint", "--out",
-               str(d / "joint.h5ad")] + SMALL)
+    rc = main(_annotate(d, "joint.h5ad", "--mode", "joint"))
     assert rc == 0, capsys.readouterr().err
     out, query = ad.read_h5ad(d / "joint.h5ad"), ad.read_h5ad(d / "query.h5ad")
     assert list(out.obs_names) == list(query.obs_names)

@@ -10,6 +10,7 @@ freeze switches allow (see `jaxscanvi.surgery`).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +22,7 @@ import scipy.sparse as sp
 
 from .. import io
 from ..data.registry import UNS_KEY, Registry, categories_of
-from ..errors import InputError
+from ..errors import InputError, ModelFormatError
 from ..surgery import Freeze, freeze_masks, transplant
 
 MIN_GENE_OVERLAP = 0.5   # refuse below this fraction of reference genes
@@ -34,7 +35,6 @@ def _reference_var_names(reference_model) -> pd.Index:
         try:
             return pd.Index(meta["registry"]["var_names"])
         except (KeyError, TypeError):
-            from ..errors import ModelFormatError
             raise ModelFormatError(f"{str(reference_model)!r}: metadata has no registry; "
                                    "the folder is damaged. Fix: save the model again"
                                    ) from None
@@ -81,6 +81,12 @@ def prepare_query_anndata(adata, reference_model, return_reference_var_names: bo
     ref_names = _reference_var_names(reference_model)
     if return_reference_var_names:
         return ref_names
+    return align_genes(adata, ref_names, inplace=inplace, min_gene_overlap=min_gene_overlap)
+
+
+def align_genes(adata, ref_names: pd.Index, *, inplace: bool = True,
+                min_gene_overlap: float = MIN_GENE_OVERLAP):
+    """`prepare_query_anndata` once the reference's gene names are known."""
     if not hasattr(adata, "var_names"):
         raise InputError("adata", type(adata).__name__, "not an AnnData",
                          "pass an anndata.AnnData")
@@ -131,7 +137,6 @@ def _load_reference(cls, reference_model):
         meta = io.read_metadata(reference_model)
         kind = kinds.get(meta.get("model_class"))
         if kind is None:
-            from ..errors import ModelFormatError
             raise ModelFormatError(f"{str(reference_model)!r} holds a "
                                    f"{meta.get('model_class')!r} model, not SCVI or SCANVI")
         reference_model = kind.load(reference_model)
@@ -273,7 +278,6 @@ class QueryMixin:
         if getattr(config, "y_prior", None) is not None and added["labels"]:
             p = np.asarray(config.y_prior, float) / np.sum(config.y_prior)
             changes["y_prior"] = tuple(p) + (float(p.mean()),) * len(added["labels"])
-        import dataclasses
         config = dataclasses.replace(config, **changes)
         adata.uns[UNS_KEY] = reg.to_json()
         model = cls(adata, registry=reg, _config=config, seed=reference_model.init_seed)
