@@ -99,26 +99,59 @@ def forward(module, params, state, batch: Batch, rng, *, train: bool, **kwargs):
 ExtraTerm = Callable[[dict, Batch, Any], jax.Array]
 
 
-def add_extra_terms(loss, terms, outputs, batch, params, extra_terms, extra_weights):
-    """Add user loss terms fn(outputs, batch, params) -> scalar, each times its weight."""
+def term_weight(weight, step):
+    """A loss weight at a training step: a number, or a schedule ``weight(step)``
+    (optax's convention, e.g. ``optax.linear_schedule(0.0, 10.0, 2000)``)."""
+    if callable(weight):
+        return jnp.asarray(weight(jnp.asarray(0 if step is None else step)), jnp.float32)
+    return jnp.asarray(weight, jnp.float32)
+
+
+def add_extra_terms(loss, terms, outputs, batch, params, extra_terms, extra_weights,
+                    step=None):
+    """Add user loss terms fn(outputs, batch, params) -> scalar, each times its weight.
+
+    Each term's value goes into ``terms[name]`` and its weight at this step
+    into ``terms[name + "_weight"]``, so both reach the history.
+    """
     for name, fn in (extra_terms or {}).items():
-        value = fn(outputs, batch, params)
+        value = jnp.asarray(fn(outputs, batch, params), jnp.float32)
+        w = term_weight((extra_weights or {}).get(name, 1.0), step)
         terms[name] = value
-        loss = loss + extra_weights[name] * value
+        terms[f"{name}_weight"] = w
+        loss = loss + w * value
     return loss, terms
+
+
+def scvi_per_cell(module: VAE, params, state, batch: Batch, rng, *, train: bool = False,
+                  sparse: bool = True, sample: bool = True):
+    """Per-cell scVI terms, each (B,): ``reconstruction_loss``, ``kl_z``, ``kl_l``,
+    ``kl_local`` (= kl_z + kl_l) and ``elbo`` (the negative ELBO, rec + kl_local).
+
+    Returns ``(terms, outputs, new_state)``. ``sample=False`` evaluates the
+    bound at the posterior means instead of at a sample (deterministic; what
+    the parity tests compare).
+    """
+    outputs, new_state = forward(module, params, state, batch, rng, train=train,
+                                 sample=sample)
+    t = scvi_terms(module, outputs, batch, state, sparse=sparse)
+    t["kl_local"] = t["kl_z"] + t["kl_l"]
+    t["elbo"] = t["reconstruction_loss"] + t["kl_local"]
+    return t, outputs, new_state
 
 
 def scvi_elbo(module: VAE, params, state, batch: Batch, rng, kl_weight, *,
               train: bool = True, sparse: bool = True, extra_terms=None,
-              extra_weights=None):
+              extra_weights=None, step=None):
     """scVI loss: (params, state, batch, rng, kl_weight) -> (loss, LossAux).
 
     ``LossAux.terms`` holds per-term means over the minibatch: ``loss``,
     ``elbo`` (unweighted negative ELBO), ``reconstruction_loss``, ``kl_local``,
-    ``kl_z``, ``kl_l``, plus any extra terms by name.
+    ``kl_z``, ``kl_l``, plus any extra terms by name. ``step`` (the global
+    optimisation step) is what weight schedules of extra terms are evaluated at.
     """
-    outputs, new_state = forward(module, params, state, batch, rng, train=train)
-    t = scvi_terms(module, outputs, batch, state, sparse=sparse)
+    t, outputs, new_state = scvi_per_cell(module, params, state, batch, rng, train=train,
+                                          sparse=sparse)
     w = batch.weight
     per_cell = t["reconstruction_loss"] + kl_weight * t["kl_z"] + t["kl_l"]
     loss = weighted_mean(per_cell, w)
@@ -131,7 +164,7 @@ def scvi_elbo(module: VAE, params, state, batch: Batch, rng, kl_weight, *,
         "kl_l": weighted_mean(t["kl_l"], w),
     }
     loss, terms = add_extra_terms(loss, terms, outputs, batch, params, extra_terms,
-                                  extra_weights)
+                                  extra_weights, step)
     terms["loss"] = loss
     return loss, LossAux(terms, new_state, outputs)
 
@@ -170,7 +203,8 @@ def _merge_stats(base: dict, update: dict, names) -> dict:
     return {**base, "batch_stats": bs}
 
 
-def class_bounds(module, params, state, z1, weight, rng, *, train: bool):
+def class_bounds(module, params, state, z1, weight, rng, *, train: bool,
+                 sample: bool = True):
     """-log p(z1|u,c) and KL(q(u|z1,c)||p(u)) for every class: two (B, C) arrays.
 
     Also returns the updated batch statistics of the two class networks.
@@ -188,7 +222,8 @@ def class_bounds(module, params, state, z1, weight, rng, *, train: bool):
     def one(c, valid, key):
         ks, kd = jax.random.split(key)
         mask = weight * valid
-        kw = dict(rngs={"sample": ks, "dropout": kd}, method=SCANVAE.class_bound)
+        kw = dict(rngs={"sample": ks, "dropout": kd}, method=SCANVAE.class_bound,
+                  sample=sample)
         if train:
             (nll, kl2), upd = mod.apply(variables, z1, c, mask, train=True,
                                         mutable=["batch_stats"], **kw)
@@ -270,47 +305,91 @@ def replay_loss(module, params, state, rng, n: int, replay, *, train: bool):
     return -jnp.take_along_axis(logp, codes[pick][:, None], axis=1).mean(), state
 
 
-def scanvi_elbo(module, params, state, batches, rng, kl_weight, *, train: bool = True,
-                objective: str = "seed", classification_ratio: float = 50.0,
-                sparse: bool = True, extra_terms=None, extra_weights=None, replay=None):
-    """scANVI loss: (params, state, (batch, labelled_batch), rng, kl_weight) -> (loss, LossAux).
+def marginal_bound(logits, log_prior, nll_z1, kl_z2):
+    r"""L_U's class terms per cell, with c marginalised under q(c|z1):
 
-    ``batches`` is the main minibatch, or a pair (main, labelled); with the
-    pair the classification loss is added (averaged with `replay_loss` when
-    ``replay`` is given).
+    .. math::
+        \text{rec} = \sum_c q(c|z_1)\,[-\log p(z_1|u,c)], \qquad
+        \text{kl} = \sum_c q(c|z_1)\,\mathrm{KL}(q(u|z_1,c)\,\|\,p(u))
+            + \mathrm{KL}(q(c|z_1)\,\|\,p(c))
+
+    ``logits`` (B, C) of q(c|z1), ``log_prior`` (C,), ``nll_z1`` and ``kl_z2``
+    (B, C) from `class_bounds`. Returns ``(rec, kl)``, each (B,).
     """
-    batch, labelled = (batches, None) if isinstance(batches, Batch) else batches
-    k_main, k_class, k_ce = jax.random.split(rng, 3)
-    outputs, new_state = forward(module, params, state, batch, k_main, train=train)
+    probs = jax.nn.softmax(logits, -1)
+    log_probs = jax.nn.log_softmax(logits, -1)
+    kl_c = (probs * (log_probs - log_prior)).sum(-1)
+    return (probs * nll_z1).sum(-1), (probs * kl_z2).sum(-1) + kl_c
+
+
+def labelled_bound(labels, log_prior, nll_z1, kl_z2):
+    r"""L_S's class terms per cell for its known class y:
+    :math:`-\log p(z_1|u,y)` and :math:`\mathrm{KL}(q(u|z_1,y)\|p(u)) - \log p(y)`.
+
+    ``labels`` (B,) codes below C. Returns ``(rec, kl)``, each (B,).
+    """
+    y = labels[:, None]
+    return (jnp.take_along_axis(nll_z1, y, axis=1)[:, 0],
+            jnp.take_along_axis(kl_z2, y, axis=1)[:, 0] - log_prior[labels])
+
+
+def scanvi_per_cell(module, params, state, batch: Batch, rng, *, train: bool = False,
+                    objective: str = "seed", sparse: bool = True, sample: bool = True):
+    """Per-cell scANVI terms, each (B,): ``reconstruction_loss`` (count term plus
+    log q(z1|x) plus the class-conditional z1 term), ``kl_local`` (the u, c and
+    library KLs), ``elbo`` (their sum, the negative bound), and scVI's ``kl_z``
+    and ``kl_l`` for reference.
+
+    ``objective="seed"`` uses L_S for cells whose label code is below C and
+    L_U for the rest; ``"scvi-tools"`` uses L_U for every cell. Returns
+    ``(terms, outputs, new_state)``; ``sample=False`` evaluates at the means of
+    q(z1|x), q(l|x) and q(u|z1,c) (deterministic).
+    """
+    if objective not in ("seed", "scvi-tools"):
+        raise ValueError(f"objective={objective!r}: use 'seed' or 'scvi-tools'")
+    k_main, k_class, _ = jax.random.split(rng, 3)  # the third key is scanvi_elbo's
+    outputs, new_state = forward(module, params, state, batch, k_main, train=train,
+                                 sample=sample)
     cfg = module.config
     t = scvi_terms(module, outputs, batch, state, sparse=sparse)
     z1 = outputs["z"]
     log_qz1 = normal_log_prob(z1, outputs["qz_m"], outputs["qz_v"]).sum(-1)
     nll_z1, kl_z2, sub = class_bounds(module, params, new_state, z1, batch.weight, k_class,
-                                      train=train)
+                                      train=train, sample=sample)
     if train:
         new_state = _merge_stats(new_state, {"batch_stats": sub}, sub.keys())
-    probs = jax.nn.softmax(outputs["logits_z"], -1)
-    log_probs = jax.nn.log_softmax(outputs["logits_z"], -1)
     log_prior = cfg.log_prior()
-    kl_c = (probs * (log_probs - log_prior)).sum(-1)
-    marg_z1 = (probs * nll_z1).sum(-1)
-    marg_z2 = (probs * kl_z2).sum(-1)
-    rec_u = t["reconstruction_loss"] + log_qz1 + marg_z1
-    kl_u = marg_z2 + kl_c + t["kl_l"]
+    rec_c, kl_c = marginal_bound(outputs["logits_z"], log_prior, nll_z1, kl_z2)
     if objective == "seed":
         labelled_cell = batch.labels < cfg.n_labels
-        y = jnp.minimum(batch.labels, cfg.n_labels - 1)[:, None]
-        rec_s = (t["reconstruction_loss"] + log_qz1
-                 + jnp.take_along_axis(nll_z1, y, axis=1)[:, 0])
-        kl_s = (jnp.take_along_axis(kl_z2, y, axis=1)[:, 0] - log_prior[y[:, 0]]
-                + t["kl_l"])
-        rec = jnp.where(labelled_cell, rec_s, rec_u)
-        kl = jnp.where(labelled_cell, kl_s, kl_u)
-    elif objective == "scvi-tools":
-        rec, kl = rec_u, kl_u
-    else:
-        raise ValueError(f"objective={objective!r}: use 'seed' or 'scvi-tools'")
+        rec_s, kl_s = labelled_bound(jnp.minimum(batch.labels, cfg.n_labels - 1),
+                                     log_prior, nll_z1, kl_z2)
+        rec_c = jnp.where(labelled_cell, rec_s, rec_c)
+        kl_c = jnp.where(labelled_cell, kl_s, kl_c)
+    rec = t["reconstruction_loss"] + log_qz1 + rec_c
+    kl = kl_c + t["kl_l"]
+    terms = {"reconstruction_loss": rec, "kl_local": kl, "elbo": rec + kl,
+             "kl_z": t["kl_z"], "kl_l": t["kl_l"]}
+    return terms, outputs, new_state
+
+
+def scanvi_elbo(module, params, state, batches, rng, kl_weight, *, train: bool = True,
+                objective: str = "seed", classification_ratio: float = 50.0,
+                sparse: bool = True, extra_terms=None, extra_weights=None, replay=None,
+                step=None):
+    """scANVI loss: (params, state, (batch, labelled_batch), rng, kl_weight) -> (loss, LossAux).
+
+    ``batches`` is the main minibatch, or a pair (main, labelled); with the
+    pair the classification loss is added (averaged with `replay_loss` when
+    ``replay`` is given). The per-cell bound is `scanvi_per_cell`'s, with
+    ``kl_weight`` on its KL part.
+    """
+    batch, labelled = (batches, None) if isinstance(batches, Batch) else batches
+    k_ce = jax.random.split(rng, 3)[2]
+    pc, outputs, new_state = scanvi_per_cell(module, params, state, batch, rng,
+                                             train=train, objective=objective,
+                                             sparse=sparse)
+    rec, kl, t = pc["reconstruction_loss"], pc["kl_local"], pc
     w = batch.weight
     loss = weighted_mean(rec + kl_weight * kl, w)
     terms = {
@@ -332,6 +411,6 @@ def scanvi_elbo(module, params, state, batches, rng, kl_weight, *, train: bool =
         terms["classification_loss"] = ce
         terms["accuracy"] = acc
     loss, terms = add_extra_terms(loss, terms, outputs, batch, params, extra_terms,
-                                  extra_weights)
+                                  extra_weights, step)
     terms["loss"] = loss
     return loss, LossAux(terms, new_state, outputs)

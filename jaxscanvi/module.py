@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import flax.linen as nn
 import jax
@@ -95,9 +95,17 @@ def validate_choice(name: str, value, allowed) -> None:
 
 
 class VAE(nn.Module):
-    """scVI: q(z|x) q(l|x) and p(x | z, l, s). See scvi-tools' VAE."""
+    """scVI: q(z|x) q(l|x) and p(x | z, l, s). See scvi-tools' VAE.
+
+    ``encoder_cls`` and ``decoder_cls`` swap the networks of q(z|x) and p(x|z, l, s)
+    for a user's: each is called with the `VAEConfig` and must return a linen
+    module with the call signature of `Encoder` or `DecoderSCVI` (see the
+    README's "Research API").
+    """
 
     config: VAEConfig
+    encoder_cls: Callable[[VAEConfig], nn.Module] | None = None
+    decoder_cls: Callable[[VAEConfig], nn.Module] | None = None
 
     def setup(self):
         c = self.config
@@ -105,19 +113,26 @@ class VAE(nn.Module):
         cat_list = (c.n_batch,) + tuple(c.n_cats_per_cov)
         enc_cats = cat_list if c.encode_covariates else ()
         frozen = set(c.frozen_batchnorm)
-        self.z_encoder = Encoder(c.n_latent, enc_cats, c.n_layers, c.n_hidden, c.dropout_rate,
-                                 bn_enc, ln_enc, c.deeply_inject_covariates,
-                                 bn_frozen="z_encoder" in frozen)
+        if self.encoder_cls is not None:
+            self.z_encoder = self.encoder_cls(c)
+        else:
+            self.z_encoder = Encoder(c.n_latent, enc_cats, c.n_layers, c.n_hidden,
+                                     c.dropout_rate, bn_enc, ln_enc,
+                                     c.deeply_inject_covariates,
+                                     bn_frozen="z_encoder" in frozen)
         if not c.use_observed_lib_size:
             self.l_encoder = Encoder(1, enc_cats, 1, c.n_hidden, c.dropout_rate, bn_enc,
                                      ln_enc, c.deeply_inject_covariates,
                                      bn_frozen="l_encoder" in frozen)
-        self.decoder = DecoderSCVI(
-            c.n_genes, cat_list, c.n_layers, c.n_hidden, bn_dec, ln_dec,
-            c.deeply_inject_covariates,
-            scale_activation="softplus" if c.use_size_factor_key else "softmax",
-            need_theta=c.dispersion == "gene-cell",
-            need_dropout=c.gene_likelihood == "zinb", bn_frozen="decoder" in frozen)
+        if self.decoder_cls is not None:
+            self.decoder = self.decoder_cls(c)
+        else:
+            self.decoder = DecoderSCVI(
+                c.n_genes, cat_list, c.n_layers, c.n_hidden, bn_dec, ln_dec,
+                c.deeply_inject_covariates,
+                scale_activation="softplus" if c.use_size_factor_key else "softmax",
+                need_theta=c.dispersion == "gene-cell",
+                need_dropout=c.gene_likelihood == "zinb", bn_frozen="decoder" in frozen)
         shape = {"gene": (c.n_genes,), "gene-batch": (c.n_genes, c.n_batch),
                  "gene-label": (c.n_genes, c.n_labels), "gene-cell": None}[c.dispersion]
         if shape is not None and c.gene_likelihood != "poisson":
@@ -140,13 +155,15 @@ class VAE(nn.Module):
         x_, cats = self._encoder_input(batch)
         return self.z_encoder(x_, cats, train=train, mask=batch.weight)
 
-    def inference(self, batch: Batch, *, train: bool, n_samples: int = 1
-                  ) -> dict[str, jax.Array]:
+    def inference(self, batch: Batch, *, train: bool, n_samples: int = 1,
+                  sample: bool = True) -> dict[str, jax.Array]:
+        """q(z|x) and q(l|x): moments and a sample (the means with ``sample=False``)."""
         c = self.config
         x_, cats = self._encoder_input(batch)
         qz_m, qz_v = self.z_encoder(x_, cats, train=train, mask=batch.weight)
         shape = qz_m.shape if n_samples == 1 else (n_samples,) + qz_m.shape
-        eps = jax.random.normal(self.make_rng("sample"), shape, qz_m.dtype)
+        eps = jax.random.normal(self.make_rng("sample"), shape, qz_m.dtype) if sample \
+            else jnp.zeros(shape, qz_m.dtype)
         untran_z = qz_m + jnp.sqrt(qz_v) * eps
         z = jax.nn.softmax(untran_z, -1) if c.latent_distribution == "ln" else untran_z
         out = {"qz_m": qz_m, "qz_v": qz_v, "untran_z": untran_z, "z": z}
@@ -158,7 +175,8 @@ class VAE(nn.Module):
             ql_m, ql_v = self.l_encoder(x_, cats, train=train, mask=batch.weight)
             ql_m, ql_v = ql_m[..., 0], ql_v[..., 0]
             shape = ql_m.shape if n_samples == 1 else (n_samples,) + ql_m.shape
-            eps_l = jax.random.normal(self.make_rng("sample"), shape, ql_m.dtype)
+            eps_l = jax.random.normal(self.make_rng("sample"), shape, ql_m.dtype) if sample \
+                else jnp.zeros(shape, ql_m.dtype)
             library = ql_m + jnp.sqrt(ql_v) * eps_l
             out.update(ql_m=ql_m, ql_v=ql_v)
         out["library"] = library
@@ -199,7 +217,7 @@ class VAE(nn.Module):
         return {"log_scale": log_scale, "log_mu": log_mu, "log_theta": log_theta,
                 "zi_logits": zi}
 
-    def __call__(self, batch: Batch, *, train: bool, n_samples: int = 1):
-        inf = self.inference(batch, train=train, n_samples=n_samples)
+    def __call__(self, batch: Batch, *, train: bool, n_samples: int = 1, sample: bool = True):
+        inf = self.inference(batch, train=train, n_samples=n_samples, sample=sample)
         gen = self.generative(inf["z"], inf["library"], batch, train=train)
         return {**inf, **gen}

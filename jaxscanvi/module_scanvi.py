@@ -111,18 +111,22 @@ class SCANVAE(VAE):
                 z = jax.nn.softmax(z, -1)
         return self.classifier(z, train=train, mask=batch.weight)
 
-    def class_bound(self, z1, c, mask, *, train: bool):
-        """Per-cell -log p(z1 | u, c) and KL(q(u | z1, c) || N(0, I)) for one class c."""
+    def class_bound(self, z1, c, mask, *, train: bool, sample: bool = True):
+        """Per-cell -log p(z1 | u, c) and KL(q(u | z1, c) || N(0, I)) for one class c.
+
+        u is a sample of q(u | z1, c), or its mean with ``sample=False``.
+        """
         codes = jnp.full(z1.shape[:1], c, jnp.int32)
         m2, v2 = self.encoder_z2_z1(z1, (codes,), train=train, mask=mask)
-        z2 = m2 + jnp.sqrt(v2) * jax.random.normal(self.make_rng("sample"), m2.shape)
+        z2 = m2 + jnp.sqrt(v2) * jax.random.normal(self.make_rng("sample"), m2.shape) \
+            if sample else m2
         pm, pv = self.decoder_z1_z2(z2, (codes,), train=train, mask=mask)
         nll_z1 = -normal_log_prob(z1, pm, pv).sum(-1)
         kl_z2 = kl_standard_normal(m2, v2).sum(-1)
         return nll_z1, kl_z2
 
-    def __call__(self, batch: Batch, *, train: bool, n_samples: int = 1):
-        out = super().__call__(batch, train=train, n_samples=n_samples)
+    def __call__(self, batch: Batch, *, train: bool, n_samples: int = 1, sample: bool = True):
+        out = super().__call__(batch, train=train, n_samples=n_samples, sample=sample)
         if n_samples == 1:
             out["logits_z"] = self.classifier(out["z"], train=train, mask=batch.weight)
         if self.is_initializing():

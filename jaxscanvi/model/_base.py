@@ -273,14 +273,60 @@ class BaseModel:
             if loop.history else pd.DataFrame()
 
     def _resolve_weights(self, loss_terms, loss_weights):
+        if loss_terms is not None and not isinstance(loss_terms, dict):
+            raise InputError("loss_terms", type(loss_terms).__name__, "not a dict",
+                             "pass loss_terms={'name': fn}, fn(outputs, batch, params) "
+                             "-> scalar")
+        for name, fn in (loss_terms or {}).items():
+            if not callable(fn):
+                raise InputError(f"loss_terms[{name!r}]", type(fn).__name__,
+                                 "not a function", "pass fn(outputs, batch, params) -> "
+                                 "scalar")
+        if self.loss_term_names and not loss_terms:
+            warnings.warn(f"this model was trained with extra loss terms "
+                          f"{list(self.loss_term_names)}; train() without them drops "
+                          "them. Pass loss_terms=... again to keep them", UserWarning,
+                          stacklevel=4)
         if not loss_terms:
+            if loss_weights:
+                raise InputError("loss_weights", sorted(loss_weights), "names no loss term",
+                                 "pass loss_terms={...} with these names")
             return None
         loss_weights = dict(loss_weights or {})
         unknown = set(loss_weights) - set(loss_terms)
         if unknown:
             raise InputError("loss_weights", sorted(unknown), "names no loss term",
                              f"use names of loss_terms: {sorted(loss_terms)}")
-        return {k: float(loss_weights.get(k, 1.0)) for k in loss_terms}
+        out = {}
+        for k in loss_terms:
+            w = loss_weights.get(k, 1.0)
+            if not callable(w):
+                if isinstance(w, bool) or not isinstance(w, (int, float)) \
+                        or not math.isfinite(w):
+                    raise InputError(f"loss_weights[{k!r}]", w, "not a finite number or "
+                                     "a schedule", "pass a float, or a function of the "
+                                     "step such as optax.linear_schedule(0.0, 1.0, 1000)")
+                w = float(w)
+            out[k] = w
+        return out
+
+    def minibatch(self, indices=None, adata=None) -> Batch:
+        """Cells of ``adata`` (default: the model's) as one `Batch`, the input of
+        the module and of every function in `jaxscanvi.losses`.
+
+        For research code: ``losses.scvi_per_cell(model.module, model.params,
+        model.state, model.minibatch(range(64)), key)``.
+        """
+        cells = self._cells_for(adata)
+        idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64)
+        if idx.size == 0 or idx.min() < 0 or idx.max() >= cells.n_obs:
+            raise InputError("indices", f"{idx.size} indices", f"must be non-empty and lie "
+                             f"in [0, {cells.n_obs})", "pass row positions of the cells")
+        b = host_batch(cells, idx, len(idx), max(int(cells.X[idx].nnz), 1))
+        return jax.tree_util.tree_map(jnp.asarray, b)
 
     # ------------------------------------------------------------- inference
     def _chunks(self, cells: CellData, indices, batch_size: int | None):
@@ -440,6 +486,8 @@ class BaseModel:
             "init_seed": self.init_seed,
             "is_trained": self.is_trained,
             "loss_terms": list(self.loss_term_names),
+            "custom_modules": {k: _qualified_name(getattr(self.module, f"{k}_cls"))
+                               for k in ("encoder", "decoder")},
             "history": json.loads(self._history.reset_index().to_json(orient="records"))
             if len(self._history) else [],
             "train_indices": np.asarray(self.train_indices).tolist(),
@@ -475,8 +523,12 @@ class BaseModel:
         raise NotImplementedError
 
     @classmethod
-    def load(cls, dir_path, adata=None):
-        """Load a model saved by ``save``; ``adata`` must match its genes."""
+    def load(cls, dir_path, adata=None, *, encoder=None, decoder=None):
+        """Load a model saved by ``save``; ``adata`` must match its genes.
+
+        A model built with a custom ``encoder``/``decoder`` records the class's
+        import path; it is imported again, or pass the class here.
+        """
         meta = io.read_metadata(dir_path)
         if meta.get("model_class") != cls.__name__:
             raise ModelFormatError(
@@ -496,7 +548,12 @@ class BaseModel:
             from ..data.cells import check_var_names
             check_var_names(adata, registry)
             adata.uns["_jaxscanvi_registry"] = registry.to_json()
-        model = cls._from_metadata(meta, registry, config, adata)
+        custom = meta.get("custom_modules") or {}
+        modules = {"encoder": _resolve_module(custom.get("encoder"), encoder, "encoder",
+                                              dir_path),
+                   "decoder": _resolve_module(custom.get("decoder"), decoder, "decoder",
+                                              dir_path)}
+        model = cls._from_metadata(meta, registry, config, adata, **modules)
         template = model.variables
         restored = io.from_bytes(template, io.read_blob(dir_path, meta, "variables"),
                                  "parameters")
@@ -529,6 +586,31 @@ class BaseModel:
                 f"n_latent={c.n_latent}, n_hidden={c.n_hidden}, n_layers={c.n_layers}, "
                 f"gene_likelihood={c.gene_likelihood!r}, dispersion={c.dispersion!r}, "
                 f"trained={self.is_trained})")
+
+
+def _qualified_name(obj) -> str | None:
+    if obj is None:
+        return None
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _resolve_module(name: str | None, given, what: str, dir_path):
+    """The custom module a saved model was built with: ``given``, or imported by name."""
+    if given is not None:
+        return given
+    if name is None:
+        return None
+    import importlib
+    mod_name, _, qual = name.partition(":")
+    try:
+        obj = importlib.import_module(mod_name)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except (ImportError, AttributeError):
+        raise ModelFormatError(
+            f"{str(dir_path)!r} was saved with a custom {what} {name!r}, which cannot be "
+            f"imported here. Fix: pass {what}=<that class> to load()") from None
 
 
 def library_prior(cells, n_batch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -280,7 +280,9 @@ class QueryMixin:
             changes["y_prior"] = tuple(p) + (float(p.mean()),) * len(added["labels"])
         config = dataclasses.replace(config, **changes)
         adata.uns[UNS_KEY] = reg.to_json()
-        model = cls(adata, registry=reg, _config=config, seed=reference_model.init_seed)
+        model = cls(adata, registry=reg, _config=config, seed=reference_model.init_seed,
+                    encoder=reference_model.module.encoder_cls,
+                    decoder=reference_model.module.decoder_cls)
         merged, is_new = transplant(reference_model.variables, model.variables)
         model.params = merged["params"]
         model.state = {k: v for k, v in merged.items() if k != "params"}

@@ -86,7 +86,8 @@ class SCANVI(QueryMixin, DownstreamMixin, BaseModel):
                  use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none",
                  linear_classifier: bool = False, y_prior: Sequence[float] | None = None,
                  classifier_parameters: dict | None = None, *, seed: int = 0,
-                 class_chunk_size: int = 64, registry=None, _config=None):
+                 class_chunk_size: int = 64, encoder=None, decoder=None, registry=None,
+                 _config=None):
         registry = registry if registry is not None else registry_of(adata)
         if registry.unlabeled_category is None or registry.labels_key is None:
             raise InputError("adata", "set up without unlabeled_category",
@@ -122,7 +123,8 @@ class SCANVI(QueryMixin, DownstreamMixin, BaseModel):
                 classifier_use_layer_norm=cls_kw.get("use_layer_norm"),
                 y_prior=None if y_prior is None else tuple(float(p) for p in y_prior),
                 class_chunk_size=class_chunk_size)
-        self._build(adata, registry, SCANVAE(_config), seed)
+        self._build(adata, registry,
+                    SCANVAE(_config, encoder_cls=encoder, decoder_cls=decoder), seed)
         self.was_pretrained = False
         self.temperature = 1.0
         self.calibration: dict = {}
@@ -144,12 +146,25 @@ class SCANVI(QueryMixin, DownstreamMixin, BaseModel):
                              "label cells of at least two types")
 
     @classmethod
+    def from_scvi_tools(cls, dir_path, adata=None) -> "SCANVI":
+        """Load a folder written by scvi-tools' ``SCANVI.save`` (``model.pt``).
+
+        As `SCVI.from_scvi_tools`, plus the classifier, the class networks
+        and the class prior. The unlabelled category is scvi-tools'; to train
+        further as scvi-tools would, pass ``plan_kwargs={"objective":
+        "scvi-tools"}``.
+        """
+        from ._import import import_model
+        return import_model(cls, dir_path, adata, "SCANVI")
+
+    @classmethod
     def _config_cls(cls):
         return SCANVIConfig
 
     @classmethod
-    def _from_metadata(cls, meta, registry, config, adata):
-        model = cls(adata, registry=registry, _config=config, seed=meta.get("init_seed", 0))
+    def _from_metadata(cls, meta, registry, config, adata, **modules):
+        model = cls(adata, registry=registry, _config=config, seed=meta.get("init_seed", 0),
+                    **modules)
         model.was_pretrained = bool(meta.get("was_pretrained", False))
         model.temperature = float(meta.get("temperature", 1.0))
         model.calibration = dict(meta.get("calibration") or {})
@@ -212,6 +227,8 @@ class SCANVI(QueryMixin, DownstreamMixin, BaseModel):
                              "pretrain scVI with dispersion='gene' or 'gene-batch'")
         adata.uns["_jaxscanvi_registry"] = new_reg.to_json()
         arch = {k: getattr(cfg, k) for k in _ARCH_KEYS}
+        scanvi_kwargs.setdefault("encoder", scvi_model.module.encoder_cls)
+        scanvi_kwargs.setdefault("decoder", scvi_model.module.decoder_cls)
         model = cls(adata, **arch, **scanvi_kwargs, seed=scvi_model.init_seed,
                     registry=new_reg)
         model.params = _copy_shared(scvi_model.params, model.params)

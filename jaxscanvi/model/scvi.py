@@ -54,8 +54,8 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
                  encode_covariates: bool = False, deeply_inject_covariates: bool = True,
                  use_batch_norm: Literal["encoder", "decoder", "none", "both"] = "both",
                  use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none",
-                 *, seed: int = 0, registry: Registry | None = None,
-                 _config: VAEConfig | None = None):
+                 *, seed: int = 0, encoder=None, decoder=None,
+                 registry: Registry | None = None, _config: VAEConfig | None = None):
         registry = registry if registry is not None else registry_of(adata)
         config = _config or VAEConfig(
             n_genes=registry.n_vars, n_batch=registry.n_batch, n_labels=registry.n_labels,
@@ -68,15 +68,31 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
             use_batch_norm=use_batch_norm, use_layer_norm=use_layer_norm,
             use_observed_lib_size=use_observed_lib_size,
             use_size_factor_key=registry.size_factor_key is not None)
-        self._build(adata, registry, VAE(config), seed)
+        self._build(adata, registry,
+                    VAE(config, encoder_cls=encoder, decoder_cls=decoder), seed)
+
+    @classmethod
+    def from_scvi_tools(cls, dir_path, adata=None) -> "SCVI":
+        """Load a folder written by scvi-tools' ``SCVI.save`` (``model.pt``).
+
+        Every weight, batch-norm statistic, library prior and registry entry
+        (category orders, keys, layer) is taken from the file, so the model
+        gives scvi-tools' outputs (see the README's parity table). ``adata``
+        defaults to the folder's ``adata.h5ad``. Needs torch
+        (``pip install 'jaxscanvi[scvi-tools]'``); torch unpickles the file,
+        so load only folders you trust.
+        """
+        from ._import import import_model
+        return import_model(cls, dir_path, adata, "SCVI")
 
     @classmethod
     def _config_cls(cls):
         return VAEConfig
 
     @classmethod
-    def _from_metadata(cls, meta, registry, config, adata):
-        return cls(adata, registry=registry, _config=config, seed=meta.get("init_seed", 0))
+    def _from_metadata(cls, meta, registry, config, adata, **modules):
+        return cls(adata, registry=registry, _config=config, seed=meta.get("init_seed", 0),
+                   **modules)
 
     def _loss(self, *, train, plan, extra_terms, extra_weights):
         return partial(scvi_elbo, self.module, train=train,

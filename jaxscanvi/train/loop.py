@@ -38,7 +38,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
         kl_w = schedule(ts.epoch, ts.step)
         key = jax.random.fold_in(ts.rng, ts.step)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            ts.params, ts.state, batch, key, kl_w)
+            ts.params, ts.state, batch, key, kl_w, step=ts.step)
         updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
         finite = jnp.isfinite(loss)
@@ -70,7 +70,7 @@ def make_eval_step(loss_fn: Callable, schedule: KLSchedule) -> Callable:
         ts = carry
         kl_w = schedule(ts.epoch, ts.step)
         key = jax.random.fold_in(jax.random.fold_in(ts.rng, 0x7A11), ts.step)
-        _, aux = loss_fn(ts.params, ts.state, batch, key, kl_w)
+        _, aux = loss_fn(ts.params, ts.state, batch, key, kl_w, step=ts.step)
         main = batch if isinstance(batch, Batch) else batch[0]
         return ts, (aux.terms, main.weight.sum(), kl_w)
 

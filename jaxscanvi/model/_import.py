@@ -1,0 +1,346 @@
+"""Read a model folder saved by scvi-tools (``model.pt``) into jaxscanvi.
+
+scvi-tools saves ``{"model_state_dict", "var_names", "attr_dict"}`` with
+``torch.save``. Weights map one to one:
+
+* ``<net>.fc_layers.Layer i.0.weight`` (n_out, n_in + one-hot widths) is
+  split into our ``dense{i}`` kernel (its first n_in columns, transposed) and
+  one ``layer{i}_cov{j}`` table per covariate with more than one category
+  (its block of columns, transposed): a one-hot product is a row lookup.
+* ``Layer i.1`` (BatchNorm1d) weight/bias -> ``bn{i}`` scale/bias, and
+  running_mean/running_var -> the ``batch_stats`` mean/var.
+* ``mean_encoder``/``var_encoder`` (and scANVI's ``mean_decoder``/
+  ``var_decoder``) -> ``mean``/``var``; ``decoder.px_scale_decoder.0``,
+  ``px_r_decoder``, ``px_dropout_decoder`` keep their names; the classifier's
+  last linear layer -> ``logits``.
+* ``library_log_means``/``library_log_vars`` (1, n_batch) -> constants;
+  ``y_prior`` -> the config's class prior.
+
+The registry (category orders, keys, layer) comes from ``attr_dict["registry_"]``,
+the architecture from ``attr_dict["init_params_"]`` checked against the
+weights' shapes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..data.registry import UNS_KEY, Registry
+from ..errors import InputError, ModelFormatError
+
+# init_params_ entries that do not change the network (or that we read elsewhere)
+_IGNORED = {"datamodule", "n_batch", "n_labels", "n_continuous_cov", "n_cats_per_cov",
+            "n_input"}
+_ARCH = {"n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion",
+         "gene_likelihood", "latent_distribution", "encode_covariates",
+         "deeply_inject_covariates", "use_batch_norm", "use_layer_norm",
+         "use_observed_lib_size"}
+_SCANVI_ARCH = {"linear_classifier", "classifier_parameters", "y_prior"}
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("reading a scvi-tools model needs torch. Fix: pip install "
+                          "'jaxscanvi[scvi-tools]' (or pip install torch)") from None
+    return torch
+
+
+def read_scvi_tools(dir_path) -> dict:
+    """The state dict (as numpy arrays), var_names and attr_dict of a scvi-tools folder."""
+    path = Path(dir_path) / "model.pt"
+    if not path.exists():
+        found = sorted(p.name for p in Path(dir_path).glob("*")) \
+            if Path(dir_path).is_dir() else "no such folder"
+        raise ModelFormatError(
+            f"{str(dir_path)!r} has no model.pt (found: {found}). Fix: pass the folder "
+            "that scvi-tools' model.save(dir_path) wrote (scvi-tools >= 0.15)")
+    torch = _torch()
+    # attr_dict holds numpy arrays and pandas objects, which the safe
+    # weights-only unpickler refuses: load only folders you trust
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(saved, dict) or "model_state_dict" not in saved:
+        raise ModelFormatError(f"{str(path)!r} is not a scvi-tools model file "
+                               "(no model_state_dict)")
+    state = {k: v.detach().cpu().numpy() for k, v in saved["model_state_dict"].items()
+             if hasattr(v, "detach")}
+    return {"state": state, "var_names": np.asarray(saved.get("var_names")).astype(str),
+            "attr": saved.get("attr_dict", {})}
+
+
+def _strs(a) -> tuple[str, ...]:
+    return tuple(str(v) for v in np.asarray(a).tolist())
+
+
+def registry_from_scvi_tools(attr: dict, var_names, model_name: str) -> Registry:
+    """Our `Registry` from scvi-tools' ``registry_`` (category orders kept)."""
+    reg = attr.get("registry_") or {}
+    setup = reg.get("setup_args") or {}
+    fields = reg.get("field_registries") or {}
+    if reg.get("model_name") not in (None, model_name):
+        raise ModelFormatError(f"the folder holds a scvi-tools {reg.get('model_name')} "
+                               f"model, not {model_name}. Fix: import it with "
+                               f"{reg.get('model_name')}.from_scvi_tools")
+
+    def state(name):
+        return (fields.get(name) or {}).get("state_registry") or {}
+
+    batch_cats = _strs(state("batch").get("categorical_mapping", ["0"]))
+    labels = state("labels")
+    label_cats = _strs(labels.get("categorical_mapping", ["0"]))
+    unlabeled = labels.get("unlabeled_category", setup.get("unlabeled_category"))
+    if model_name == "SCANVI":
+        unlabeled = str(unlabeled)
+        if unlabeled in label_cats:
+            if label_cats[-1] != unlabeled:
+                raise ModelFormatError(
+                    f"the unlabelled category {unlabeled!r} is not last in scvi-tools' "
+                    f"label mapping {list(label_cats)[:10]}; this scvi-tools version "
+                    "orders labels differently. Fix: re-save it with scvi-tools >= 1.0")
+            label_cats = label_cats[:-1]
+    else:
+        unlabeled = None
+    cat = state("extra_categorical_covs")
+    cat_keys = tuple(cat.get("field_keys") or setup.get("categorical_covariate_keys") or ())
+    mappings = cat.get("mappings") or {}
+    cat_cats = tuple(_strs(mappings[k]) for k in cat_keys)
+    cont_keys = _strs(state("extra_continuous_covs").get("columns", ())) \
+        if state("extra_continuous_covs") else ()
+    return Registry(
+        var_names=tuple(str(v) for v in var_names), layer=setup.get("layer"),
+        batch_key=setup.get("batch_key"), batch_categories=batch_cats,
+        labels_key=setup.get("labels_key"), label_categories=label_cats,
+        unlabeled_category=unlabeled, size_factor_key=setup.get("size_factor_key"),
+        categorical_covariate_keys=cat_keys, categorical_covariate_categories=cat_cats,
+        continuous_covariate_keys=cont_keys)
+
+
+def init_kwargs(attr: dict, model_name: str) -> dict:
+    """The architecture keywords scvi-tools recorded (nested kwargs flattened)."""
+    params = attr.get("init_params_") or {}
+    flat: dict = {}
+
+    def walk(d):
+        for k, v in d.items():
+            if k in ("kwargs", "model_kwargs", "non_kwargs") and isinstance(v, dict):
+                walk(v)
+            else:
+                flat[k] = v
+
+    walk(params)
+    allowed = _ARCH | (_SCANVI_ARCH if model_name == "SCANVI" else set())
+    unknown = set(flat) - allowed - _IGNORED
+    if unknown:
+        raise ModelFormatError(
+            f"the scvi-tools model was built with options jaxscanvi does not have: "
+            f"{sorted(unknown)}. Fix: retrain it without them, or train in jaxscanvi")
+    return {k: v for k, v in flat.items() if k in allowed}
+
+
+# --------------------------------------------------------------- weights
+_LAYER = re.compile(r"^(?P<net>.+?)\.fc_layers\.Layer (?P<i>\d+)\.(?P<j>[01])\."
+                    r"(?P<what>weight|bias|running_mean|running_var)$")
+
+# torch module prefix -> our path (for FCLayers and plain linear layers)
+_NETS_SCVI = {
+    "z_encoder.encoder": ("z_encoder", "encoder"),
+    "l_encoder.encoder": ("l_encoder", "encoder"),
+    "decoder.px_decoder": ("decoder", "px_decoder"),
+    "classifier.classifier.0": ("classifier", "classifier"),
+    "encoder_z2_z1.encoder": ("encoder_z2_z1", "encoder"),
+    "decoder_z1_z2.decoder": ("decoder_z1_z2", "decoder"),
+}
+_LINEAR = {
+    "z_encoder.mean_encoder": ("z_encoder", "mean"),
+    "z_encoder.var_encoder": ("z_encoder", "var"),
+    "l_encoder.mean_encoder": ("l_encoder", "mean"),
+    "l_encoder.var_encoder": ("l_encoder", "var"),
+    "decoder.px_scale_decoder.0": ("decoder", "px_scale_decoder"),
+    "decoder.px_r_decoder": ("decoder", "px_r_decoder"),
+    "decoder.px_dropout_decoder": ("decoder", "px_dropout_decoder"),
+    "encoder_z2_z1.mean_encoder": ("encoder_z2_z1", "mean"),
+    "encoder_z2_z1.var_encoder": ("encoder_z2_z1", "var"),
+    "decoder_z1_z2.mean_decoder": ("decoder_z1_z2", "mean"),
+    "decoder_z1_z2.var_decoder": ("decoder_z1_z2", "var"),
+}
+
+
+def _get(tree, path):
+    for p in path:
+        if not isinstance(tree, dict) or p not in tree:
+            return None
+        tree = tree[p]
+    return tree
+
+
+def _put(tree: dict, path, value, filled: set, where: str):
+    node = tree
+    for p in path[:-1]:
+        if p not in node:
+            raise ModelFormatError(f"scvi-tools weight {where!r} has no counterpart "
+                                   f"{'/'.join(path)} in the jaxscanvi model")
+        node = node[p]
+    old = node.get(path[-1])
+    if old is None:
+        raise ModelFormatError(f"scvi-tools weight {where!r} has no counterpart "
+                               f"{'/'.join(path)} in the jaxscanvi model")
+    if tuple(np.shape(old)) != tuple(value.shape):
+        raise ModelFormatError(
+            f"scvi-tools weight {where!r} has shape {tuple(value.shape)} but jaxscanvi's "
+            f"{'/'.join(path)} has {tuple(np.shape(old))}: the architectures differ")
+    node[path[-1]] = jnp.asarray(value, jnp.float32)
+    filled.add(tuple(path))
+
+
+def _mutable(tree):
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        return {k: _mutable(v) for k, v in tree.items()}
+    return tree
+
+
+def map_weights(state: dict, variables: dict, model_name: str) -> dict:
+    """Copy every scvi-tools weight into a copy of ``variables`` (paths above)."""
+    variables = _mutable(variables)
+    params, stats = variables["params"], variables.setdefault("batch_stats", {})
+    filled: set = set()
+    nets = dict(_NETS_SCVI)
+    linear = dict(_LINEAR)
+    # the classifier's last linear layer is .1 after FCLayers, .0 when linear
+    last = "classifier.classifier.1" if "classifier.classifier.1.weight" in state \
+        else "classifier.classifier.0"
+    linear[last] = ("classifier", "logits")
+    used = set()
+    for key, value in state.items():
+        if key.startswith("l_encoder.") and "l_encoder" not in params:
+            used.add(key)  # scvi-tools builds it even when the observed library is used
+            continue
+        m = _LAYER.match(key)
+        if m and m["net"] in nets:
+            base = nets[m["net"]]
+            i, what = int(m["i"]), m["what"]
+            if m["j"] == "1":  # BatchNorm1d
+                if what in ("weight", "bias"):
+                    _put(params, base + (f"bn{i}", "scale" if what == "weight" else "bias"),
+                         value, filled, key)
+                else:
+                    _put(stats, base + (f"bn{i}", "mean" if what == "running_mean"
+                                        else "var"), value, filled, key)
+            elif what == "bias":
+                _put(params, base + (f"dense{i}", "bias"), value, filled, key)
+            else:
+                kernel = _get(params, base + (f"dense{i}", "kernel"))
+                if kernel is None:
+                    raise ModelFormatError(f"scvi-tools weight {key!r} has no "
+                                           "counterpart in the jaxscanvi model")
+                n_in = kernel.shape[0]
+                _put(params, base + (f"dense{i}", "kernel"), value[:, :n_in].T, filled, key)
+                net = _get(params, base)
+                covs = sorted((int(c.group(1)), name) for name in net
+                              if (c := re.fullmatch(rf"layer{i}_cov(\d+)", name)))
+                off = n_in
+                for _, name in covs:
+                    width = net[name].shape[0]
+                    _put(params, base + (name,), value[:, off:off + width].T, filled, key)
+                    off += width
+                if off != value.shape[1]:
+                    raise ModelFormatError(
+                        f"scvi-tools weight {key!r} has {value.shape[1]} input columns; "
+                        f"jaxscanvi expects {off} (inputs plus one-hot covariates): the "
+                        "registries differ")
+            used.add(key)
+            continue
+        net, _, what = key.rpartition(".")
+        if net in ("decoder.px_r_decoder", "decoder.px_dropout_decoder") \
+                and _get(params, linear[net]) is None:
+            used.add(key)  # heads scvi-tools builds but does not use in this setting
+            continue
+        if net in linear and what in ("weight", "bias"):
+            _put(params, linear[net] + ("kernel" if what == "weight" else "bias",),
+                 value.T if what == "weight" else value, filled, key)
+            used.add(key)
+        elif key == "px_r":
+            if "px_r" in params:  # (built but unused by a Poisson likelihood)
+                _put(params, ("px_r",), value, filled, key)
+            used.add(key)
+        elif key in ("library_log_means", "library_log_vars"):
+            const = variables.setdefault("constants", {})
+            const[key] = jnp.asarray(np.reshape(value, -1), jnp.float32)
+            used.add(key)
+        elif key.endswith("num_batches_tracked") or key == "y_prior":
+            used.add(key)
+    left = sorted(set(state) - used)
+    if left:
+        raise ModelFormatError(f"scvi-tools weights with no place in jaxscanvi's "
+                               f"{model_name}: {left[:8]}")
+    missing = [p for p in _leaf_paths(params) if p not in filled]
+    if missing:
+        raise ModelFormatError(f"jaxscanvi parameters not found in the scvi-tools model: "
+                               f"{['/'.join(p) for p in missing[:8]]}")
+    return variables
+
+
+def _leaf_paths(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaf_paths(v, prefix + (k,))
+    else:
+        yield prefix
+
+
+def setup_adata(adata, registry: Registry, dir_path):
+    """Record ``registry`` in ``adata`` after checking its genes and obs columns."""
+    from ..data.cells import check_var_names, cell_data
+    check_var_names(adata, registry)
+    for key in (registry.batch_key, registry.labels_key, *registry.categorical_covariate_keys,
+                *registry.continuous_covariate_keys):
+        if key is not None and key not in adata.obs:
+            raise InputError(f"adata.obs[{key!r}]", "missing", "the scvi-tools model was "
+                             f"set up with this column", f"add adata.obs[{key!r}]")
+    adata.uns[UNS_KEY] = registry.to_json()
+    cell_data(adata, registry)  # codes every category now: unknown ones fail here
+    return adata
+
+
+def load_adata(dir_path, adata):
+    if adata is not None:
+        return adata
+    path = Path(dir_path) / "adata.h5ad"
+    if not path.exists():
+        raise InputError("adata", None, f"{str(dir_path)!r} holds no adata.h5ad",
+                         "pass adata=... (the AnnData the scvi-tools model was trained on, "
+                         "or one with the same genes and obs columns)")
+    import anndata
+    return anndata.read_h5ad(path)
+
+
+def import_model(cls, dir_path, adata, model_name: str, extra_kwargs=None):
+    """Build ``cls`` from a scvi-tools folder: registry, architecture, weights."""
+    saved = read_scvi_tools(dir_path)
+    attr = saved["attr"]
+    registry = registry_from_scvi_tools(attr, saved["var_names"], model_name)
+    kwargs = init_kwargs(attr, model_name)
+    kwargs.update(extra_kwargs or {})
+    if model_name == "SCANVI":
+        prior = saved["state"].get("y_prior")
+        if prior is not None:
+            p = np.reshape(prior, -1).astype(np.float64)
+            kwargs["y_prior"] = None if np.allclose(p, p[0]) else tuple(p.tolist())
+        else:
+            kwargs.pop("y_prior", None)
+    adata = load_adata(dir_path, adata)
+    setup_adata(adata, registry, dir_path)
+    # built without data so nothing is estimated from it: every value comes from the file
+    model = cls(None, registry=registry, **kwargs)
+    variables = map_weights(saved["state"], model.variables, model_name)
+    model.params = variables["params"]
+    model.state = {k: v for k, v in variables.items() if k != "params"}
+    model.adata, model._cells = adata, None
+    model.is_trained = bool(attr.get("is_trained_", True))
+    model.imported_from = {"scvi_version": (attr.get("registry_") or {}).get("scvi_version"),
+                           "path": str(dir_path)}
+    return model
