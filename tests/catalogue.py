@@ -97,6 +97,18 @@ HAND_ROWS = [
     ("`load`", "a batch the model has never seen",
      "`InputError` naming `adata.obs[batch_key]`",
      "tests/test_io.py::test_load_with_unseen_batch"),
+    ("`load`", "a custom encoder/decoder whose class cannot be imported",
+     "`ModelFormatError` naming the class and `encoder=` (or `decoder=`)",
+     "tests/test_research.py::test_custom_encoder_and_decoder_train_save_and_load"),
+    ("`from_scvi_tools`", "a folder without model.pt",
+     "`ModelFormatError` listing what the folder holds",
+     "tests/test_research.py::test_from_scvi_tools_errors_name_the_fix"),
+    ("`from_scvi_tools`", "torch is not installed",
+     "`ImportError` naming `pip install 'jaxscanvi[scvi-tools]'`",
+     "tests/test_research.py::test_from_scvi_tools_errors_name_the_fix"),
+    ("`from_scvi_tools`", "a SCANVI folder given to SCVI (or the reverse)",
+     "`ModelFormatError` naming the right class",
+     "tests/test_parity.py::test_import_refuses_wrong_model_class"),
     ("reference mapping", "a query with under half of the reference's genes",
      "`InputError` naming `adata.var_names`",
      "tests/test_query.py::test_prepare_query_refuses_tiny_overlap"),
@@ -121,7 +133,7 @@ WORDS = {"non integer": "non-integer", "nan": "NaN", "nonpositive": "non-positiv
 # rows are grouped by where the input is caught, in this order
 ORDER = ["`setup_anndata`", "`SCANVI.setup_anndata`", "`SCVI(...)`", "`SCANVI(...)`",
          "`train`", "`SCANVI.train`", "inference", "`predict`", "`save`", "`load`",
-         "reference mapping", "command line"]
+         "`from_scvi_tools`", "reference mapping", "command line"]
 
 
 def describe(case_id: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 if importlib.util.find_spec("scvi") is None or importlib.util.find_spec("torch") is None:
     pytest.skip("scvi-tools and torch are not installed (pip install "
-                "'jaxscanvi[scvi-tools]')", allow_module_level=True)
+                "'jaxscanvi[compare]')", allow_module_level=True)
 
 from parity import TOL, compare, train_scvi_tools  # noqa: E402
 

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import hvg, shared_file  # noqa: E402
-from metrics import batch_entropy, knn_accuracy, pca_log_normalized  # noqa: E402
+from jaxscanvi.metrics import batch_entropy, knn_accuracy, pca_log_normalized  # noqa: E402
 
 from jaxscanvi import SCVI, InputError, NonFiniteLossError, synthetic_atlas  # noqa: E402
 from jaxscanvi.model._base import max_epochs_heuristic  # noqa: E402

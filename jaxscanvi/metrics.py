@@ -1,4 +1,5 @@
-"""Small numpy/scipy metrics for judging embeddings in tests (no sklearn).
+"""Small numpy/scipy metrics for judging embeddings (no sklearn), used by the tests
+and benchmarks.
 
 * `knn_indices`: exact k nearest neighbours (Euclidean), self excluded.
 * `knn_accuracy`: leave-one-out kNN classification accuracy (majority vote).
