@@ -476,6 +476,10 @@ TRAIN_CASES = [
      r"l2"),
     ("resume_without_checkpoint_dir", {"resume": True}, "resume", r"True"),
     ("data_source_unknown", {"data_source": "gpu"}, "data_source", r"gpu"),
+    ("data_source_stream_for_data_in_memory", {"data_source": "stream"}, "data_source",
+     r"stream"),
+    ("devices_more_than_there_are", {"devices": 64}, "devices", r"64"),
+    ("devices_unknown", {"devices": "gpus"}, "devices", r"gpus"),
 ]
 
 

@@ -90,8 +90,9 @@ class DeviceCells(NamedTuple):
         X = cells.X
         lsf = (cells.log_size_factor if cells.log_size_factor is not None
                else np.zeros(cells.n_obs, np.float32))
-        arrays = (X.data.astype(np.float32), X.indices.astype(np.int32),
-                  X.indptr.astype(np.int32), cells.batch, cells.labels, cells.cat_covs,
+        # asarray, not astype: no host copy when the dtype is already right
+        arrays = (np.asarray(X.data, np.float32), np.asarray(X.indices, np.int32),
+                  np.asarray(X.indptr, np.int32), cells.batch, cells.labels, cells.cat_covs,
                   cells.cont_covs, lsf, cells.log_library, cells.lgamma_const)
         return DeviceCells(*jax.device_put(arrays, device))
 

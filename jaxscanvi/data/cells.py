@@ -14,6 +14,7 @@ import scipy.sparse as sp
 from scipy.special import gammaln
 
 from ..errors import InputError
+from .backed import BackedRows, is_backed
 from .registry import Registry, check_counts, counts_matrix
 
 
@@ -21,7 +22,7 @@ from .registry import Registry, check_counts, counts_matrix
 class CellData:
     """Model inputs for N cells, on the host."""
 
-    X: sp.csr_matrix            # (N, G) float32 counts
+    X: sp.csr_matrix            # (N, G) float32 counts (or BackedRows: on disk)
     batch: np.ndarray           # (N,) int32
     labels: np.ndarray          # (N,) int32; n_labels marks "unlabelled"
     cat_covs: np.ndarray        # (N, k) int32
@@ -108,6 +109,31 @@ def check_var_names(adata, registry: Registry) -> None:
         "genes the data lacks must be added first (e.g. as all-zero columns)")
 
 
+def row_stats(X: sp.csr_matrix, rows_per_chunk: int = 65536
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row total counts and sum of lgamma(x + 1) (float64), in row chunks so
+    the float64 temporaries stay small next to the matrix."""
+    n = X.shape[0]
+    totals, lg = np.empty(n), np.empty(n)
+    for s in range(0, n, rows_per_chunk):
+        e = min(s + rows_per_chunk, n)
+        a, b = X.indptr[s], X.indptr[e]
+        v = np.asarray(X.data[a:b], np.float64)
+        ptr = X.indptr[s:e + 1] - a
+        # per-row sums via cumulative sums (empty rows give 0)
+        cs = np.concatenate([[0.0], np.cumsum(v)])
+        totals[s:e] = cs[ptr[1:]] - cs[ptr[:-1]]
+        cs = np.concatenate([[0.0], np.cumsum(gammaln(v + 1.0))])
+        lg[s:e] = cs[ptr[1:]] - cs[ptr[:-1]]
+    return totals, lg
+
+
+def backed_row_stats(X: BackedRows) -> tuple[np.ndarray, np.ndarray]:
+    """`row_stats` of an on-disk matrix, one block at a time."""
+    parts = [row_stats(block) for _, block in X.blocks()]
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+
 def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellData:
     """Read ``adata`` as ``registry`` says. Raises InputError on any mismatch."""
     if adata.n_obs == 0:
@@ -118,7 +144,12 @@ def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellDat
     raw = counts_matrix(adata, registry.layer)
     field = f"adata.layers[{registry.layer!r}]" if registry.layer else "adata.X"
     check_counts(raw, field, allow_noninteger=registry.allow_noninteger_counts)
-    X = to_csr(raw)
+    backed = is_backed(raw) or isinstance(raw, BackedRows)
+    if backed:  # counts stay on disk; per-cell statistics come from one pass
+        X = raw if isinstance(raw, BackedRows) else BackedRows(raw)
+        totals, lg = backed_row_stats(X)
+    else:
+        X = to_csr(raw)
     n = X.shape[0]
     obs = adata.obs
 
@@ -172,15 +203,13 @@ def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellDat
                              "recompute the size factors")
         log_sf = np.log(sf).astype(np.float32)
 
-    totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+    if not backed:
+        totals, lg = row_stats(X)
     if (totals <= 0).any():
         i = int(np.flatnonzero(totals <= 0)[0])
         raise InputError(field, f"cell {adata.obs_names[i]!r} (row {i})",
                          f"{int((totals <= 0).sum())} cell(s) have no counts",
                          "drop cells with zero total counts before using the model")
-    # sum of lgamma(x+1) per row, via a cumulative sum (empty rows give 0)
-    cs = np.concatenate([[0.0], np.cumsum(gammaln(X.data.astype(np.float64) + 1.0))])
-    lg = cs[X.indptr[1:]] - cs[X.indptr[:-1]]
     return CellData(
         X=X, batch=batch, labels=labels, cat_covs=cat_covs, cont_covs=cont_covs,
         log_size_factor=log_sf, log_library=np.log(totals).astype(np.float32),

@@ -117,23 +117,27 @@ def counts_matrix(adata, layer: str | None):
     return adata.layers[layer]
 
 
-def _stored_values(X) -> np.ndarray:
-    """The explicitly stored values of a matrix, without densifying sparse ones."""
-    if sp.issparse(X):
-        return np.asarray(X.data)
-    if hasattr(X, "to_memory"):  # anndata backed sparse dataset
-        return np.asarray(X.to_memory().data)
-    return np.asarray(X).ravel()
+def _value_chunks(X, chunk: int):
+    """The explicitly stored values of a matrix in chunks, never densifying a sparse
+    one and reading a backed (on-disk) one block by block."""
+    from .backed import BackedRows, is_backed
+    if is_backed(X) or isinstance(X, BackedRows):
+        rows = X if isinstance(X, BackedRows) else BackedRows(X)
+        for _, block in rows.blocks():
+            yield np.asarray(block.data)
+        return
+    values = np.asarray(X.data) if sp.issparse(X) else np.asarray(X).ravel()
+    for start in range(0, max(values.size, 1), chunk):
+        yield values[start:start + chunk]
 
 
 def check_counts(X, field: str, *, allow_noninteger: bool = False,
                  chunk: int = 1 << 22) -> None:
     """Raise if stored values are NaN/inf, negative, or (unless allowed) not integers."""
-    values = _stored_values(X)
-    for start in range(0, max(values.size, 1), chunk):
-        v = values[start:start + chunk]
+    fractional = False
+    for v in _value_chunks(X, chunk):
         if v.size == 0:
-            break
+            continue
         if not np.issubdtype(v.dtype, np.number):
             raise InputError(field, str(v.dtype), "counts are not numeric",
                              "store raw counts as an integer or float matrix")
@@ -145,34 +149,52 @@ def check_counts(X, field: str, *, allow_noninteger: bool = False,
         if (v < 0).any():
             raise InputError(field, float(v[v < 0][0]), "counts contain negative values",
                              "pass raw (un-normalised, non-negative) counts")
-        if not allow_noninteger:
-            frac = v != np.round(v)
-            if frac.any():
+        frac = v != np.round(v)
+        if frac.any():
+            if not allow_noninteger:
                 raise InputError(
                     field, float(v[frac][0]),
                     "counts contain non-integer values (normalised or log data?)",
                     "pass raw integer counts via layer=..., or setup_anndata(..., "
                     "allow_noninteger_counts=True) to accept them with a warning")
-    if allow_noninteger and np.issubdtype(values.dtype, np.floating) and values.size:
-        if (values != np.round(values)).any():
-            warnings.warn(f"{field}: non-integer counts accepted "
-                          "(allow_noninteger_counts=True); the count likelihood assumes "
-                          "integers", UserWarning, stacklevel=3)
+            fractional = True
+    if fractional:
+        warnings.warn(f"{field}: non-integer counts accepted "
+                      "(allow_noninteger_counts=True); the count likelihood assumes "
+                      "integers", UserWarning, stacklevel=3)
+
+
+def _row_blocks(X):
+    """(start, rows) blocks of a backed matrix, or the whole in-memory matrix once."""
+    from .backed import BackedRows, is_backed
+    if is_backed(X) or isinstance(X, BackedRows):
+        yield from (X if isinstance(X, BackedRows) else BackedRows(X)).blocks()
+    else:
+        yield 0, X
 
 
 def row_sums(X) -> np.ndarray:
-    if sp.issparse(X):
-        return np.asarray(X.sum(axis=1)).ravel()
-    return np.asarray(X).sum(axis=1).ravel()
+    out = []
+    for _, block in _row_blocks(X):
+        out.append(np.asarray(block.sum(axis=1)).ravel() if sp.issparse(block)
+                   else np.asarray(block).sum(axis=1).ravel())
+    return np.concatenate(out)
 
 
 def col_sums(X) -> np.ndarray:
     """Per-gene totals (float64), without densifying sparse matrices."""
-    if hasattr(X, "to_memory"):  # anndata backed sparse dataset
-        X = X.to_memory()
-    if sp.issparse(X):
-        return np.asarray(X.sum(axis=0, dtype=np.float64)).ravel()
-    return np.asarray(X).sum(axis=0, dtype=np.float64).ravel()
+    total = np.zeros(X.shape[1], np.float64)
+    for _, block in _row_blocks(X):
+        if sp.issparse(block):
+            block = block.tocsr()
+            # bincount in chunks: a float64 copy of all values at once could be GBs
+            for a in range(0, block.nnz, 1 << 22):
+                total += np.bincount(block.indices[a:a + (1 << 22)],
+                                     weights=block.data[a:a + (1 << 22)],
+                                     minlength=X.shape[1])
+        else:
+            total += np.asarray(block).sum(axis=0, dtype=np.float64)
+    return total
 
 
 def _user_stacklevel() -> int:

@@ -28,8 +28,9 @@ from ..distributions import NonZeros
 from ..data.cells import CellData, cell_data
 from ..data.registry import Registry, registry_of
 from ..errors import InputError, ModelFormatError, NonFiniteLossError
+from ..train.parallel import DataParallel, to_default_device
 from ..train.loop import FitConfig, LoopState, fit, make_eval_step, make_train_step
-from ..train.sources import make_source
+from ..train.sources import check_source, make_source
 from ..train.state import KLSchedule, TrainState, make_optimizer, mask_key
 
 # Step functions by their full specification, so models with the same
@@ -125,6 +126,8 @@ class BaseModel:
         self.loss_term_names: tuple[str, ...] = ()
         # (params mask, state mask) after query surgery: what train() may change
         self._freeze = None
+        # the devices of the last train(devices=...), which inference shards over too
+        self._parallel = None
 
     def _train_cells(self) -> CellData:
         if self._cells is None:
@@ -183,16 +186,21 @@ class BaseModel:
              plan_kwargs, seed, progress_bar, on_nonfinite, data_source,
              labelled_idx=None, val_labelled=None, loss_terms=None, loss_weights=None,
              trainable_mask=None, extra_val_metrics=None, default_plan=None,
-             checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False):
+             checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False,
+             devices="auto"):
         cells = self._train_cells()
+        parallel = DataParallel.over(devices)
         check_positive_int("batch_size", batch_size)
         check_positive_int("max_epochs", max_epochs)
         if on_nonfinite not in ("raise", "skip_step"):
             raise InputError("on_nonfinite", on_nonfinite, "not 'raise' or 'skip_step'",
                              "pass on_nonfinite='raise' (default) or 'skip_step'")
-        if data_source not in ("auto", "device", "host"):
-            raise InputError("data_source", data_source, "not 'auto', 'device' or 'host'",
-                             "pass data_source='auto' (default), 'device' or 'host'")
+        if data_source not in ("auto", "device", "host", "stream"):
+            raise InputError("data_source", data_source,
+                             "not 'auto', 'device', 'host' or 'stream'",
+                             "pass data_source='auto' (default), 'device', 'host' or "
+                             "'stream'")
+        check_source(data_source, cells)
         plan = dict(default_plan or {})
         unknown = set(plan_kwargs or {}) - PLAN_KEYS
         if unknown:
@@ -251,7 +259,8 @@ class BaseModel:
                 e = int(ts_.epoch)
                 if e % checkpoint_every == 0 or e >= max_epochs or loop_.stopped_early:
                     checkpoint.save(checkpoint_dir, ts_, loop_, fingerprint, self)
-        source = make_source(data_source, cells, batch_size)
+        source = make_source(data_source, cells, batch_size, parallel=parallel)
+        self._parallel = parallel
         try:
             ts, loop = fit(ts, cfg=cfg, source=source, train_step=train_step,
                            eval_step=eval_step, train_idx=train_idx, val_idx=val_idx,
@@ -267,7 +276,8 @@ class BaseModel:
         return self
 
     def _adopt(self, ts: TrainState, loop: LoopState) -> None:
-        self.params, self.state = ts.params, ts.state
+        # one copy on the default device: every inference path can use it as is
+        self.params, self.state = to_default_device((ts.params, ts.state))
         self.train_state = ts
         self._history = pd.DataFrame(loop.history).set_index("epoch") \
             if loop.history else pd.DataFrame()
@@ -339,6 +349,8 @@ class BaseModel:
         B = _chunk_size(batch_size)
         if batch_size is None:  # small requests: a power-of-two chunk, not 1024 padded rows
             B = min(B, 1 << max(len(idx) - 1, 15).bit_length())
+        if self._parallel is not None:  # whole rows per device
+            B = -(-B // self._parallel.size) * self._parallel.size
         for s in range(0, len(idx), B):
             rows = idx[s:s + B]
             yield len(rows), host_batch(cells, rows, B, _nnz_bucket(cells, rows))
@@ -350,8 +362,12 @@ class BaseModel:
         """
         outs = []
         key = jax.random.PRNGKey(seed)
+        par = self._parallel
+        variables = self.variables if par is None else par.replicate(self.variables)
         for i, (n, b) in enumerate(self._chunks(cells, indices, batch_size)):
-            res = fn(self.variables, b, jax.random.fold_in(key, i))
+            if par is not None:  # rows split across the training devices
+                b = par.put(b)
+            res = fn(variables, b, jax.random.fold_in(key, i))
             outs.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], res))
         if not outs:
             raise InputError("indices", [], "selects no cells", "pass at least one index")
@@ -658,7 +674,8 @@ def _chunk_size(batch_size: int | None) -> int:
 
 def _nnz_bucket(cells: CellData, rows) -> int:
     # round the non-zero cap up to a power of two so chunks reuse one compile
-    nnz = int(np.diff(cells.X.indptr)[rows].sum())
+    indptr = cells.X.indptr
+    nnz = int((indptr[np.asarray(rows) + 1] - indptr[rows]).sum())
     return 1 << max(nnz - 1, 1).bit_length()
 
 

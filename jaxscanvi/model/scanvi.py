@@ -243,9 +243,10 @@ class SCANVI(QueryMixin, DownstreamMixin, BaseModel):
               progress_bar: bool = True, *, early_stopping_patience: int = 45,
               early_stopping_monitor: str = "elbo_validation",
               on_nonfinite: Literal["raise", "skip_step"] = "raise",
-              data_source: Literal["auto", "device", "host"] = "auto",
+              data_source: Literal["auto", "device", "host", "stream"] = "auto",
               loss_terms: dict | None = None, loss_weights: dict | None = None,
               checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False,
+              devices="auto",
               calibrate: bool = True):
         """Train on all cells, each minibatch paired with a minibatch of labelled cells.
 
@@ -315,7 +316,7 @@ class SCANVI(QueryMixin, DownstreamMixin, BaseModel):
                   loss_weights=loss_weights, extra_val_metrics=val_metrics,
                   default_plan={"objective": "seed", "classification_ratio": 50.0},
                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                  resume=resume)
+                  resume=resume, devices=devices)
         if not is_query:
             self.reference_stats = self._novelty_stats()
 

@@ -106,9 +106,10 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
               seed: int = 0, progress_bar: bool = True, *,
               early_stopping_monitor: str = "elbo_validation",
               on_nonfinite: Literal["raise", "skip_step"] = "raise",
-              data_source: Literal["auto", "device", "host"] = "auto",
+              data_source: Literal["auto", "device", "host", "stream"] = "auto",
               loss_terms: dict | None = None, loss_weights: dict | None = None,
-              checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False):
+              checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False,
+              devices="auto"):
         """Train with Adam (coupled L2) and linear KL warm-up, as scvi-tools does.
 
         Parameters
@@ -122,7 +123,10 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
             its ``lr_factor``/``lr_patience``/``lr_threshold``/``lr_min``.
         data_source
             "device" keeps all counts on the accelerator (one jitted scan per
-            epoch); "host" feeds minibatches from host memory; "auto" picks.
+            epoch); "host" feeds minibatches from host memory; "stream" reads
+            a backed AnnData (``read_h5ad(path, backed="r")``) from disk in
+            shuffled blocks; "auto" picks: "stream" for backed data, else
+            "device" when the counts fit half the device memory, else "host".
         loss_terms, loss_weights
             Extra terms ``fn(outputs, batch, params) -> scalar`` added to the
             loss times their weight (default 1) and recorded in the history.
@@ -130,6 +134,11 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
             Write the whole train state atomically every ``checkpoint_every``
             epochs; ``resume=True`` continues from it, bitwise as if never
             interrupted.
+        devices
+            "auto" (every local device), an int n (the first n), or a list of
+            devices: each minibatch is split across them (data parallelism,
+            same results as one device); ``batch_size`` is the global batch,
+            padded with masked rows to a multiple of the device count.
         """
         if max_epochs is None:
             max_epochs = max_epochs_heuristic(self._train_cells().n_obs)
@@ -142,4 +151,5 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
             check_val_every_n_epoch=check_val_every_n_epoch, plan_kwargs=plan_kwargs,
             seed=seed, progress_bar=progress_bar, on_nonfinite=on_nonfinite,
             data_source=data_source, loss_terms=loss_terms, loss_weights=loss_weights,
-            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+            devices=devices)

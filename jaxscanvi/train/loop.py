@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from ..data.batch import Batch
 from ..errors import NonFiniteLossError
-from .sources import epoch_rows, labelled_rows
 from .state import KLSchedule, TrainState, get_lr, set_lr
 
 
@@ -139,10 +138,11 @@ def fit(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,
     for epoch in bar:
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, epoch])
-        rows = epoch_rows(rng, train_idx, cfg.batch_size)
+        rows = source.order(rng, train_idx, cfg.batch_size)
         lab_rows = None
         if labelled_idx is not None:
-            lab_rows = labelled_rows(rng, labelled_idx(rng), rows.shape[0], cfg.batch_size)
+            lab_rows = source.labelled_order(rng, labelled_idx(rng), rows.shape[0],
+                                             cfg.batch_size)
         carry = (ts, jnp.asarray(-1, jnp.int32))
         (ts_new, bad), (terms, counts, klw) = source.run_epoch(
             train_step, carry, rows, lab_rows)
@@ -158,13 +158,13 @@ def fit(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,
         record["kl_weight"] = float(np.asarray(klw)[-1])
         record["lr"] = get_lr(ts.opt_state)
         if has_val and check_every and (epoch + 1) % check_every == 0:
-            vrows = epoch_rows(rng, val_idx, cfg.batch_size, shuffle=False)
+            vrows = source.order(rng, val_idx, cfg.batch_size, shuffle=False)
             vlab = None
             if val_labelled is not None:
                 vl = val_labelled()
-                vlab = labelled_rows(np.random.default_rng([cfg.seed, epoch, 1]),
-                                     vl if len(vl) else val_idx, vrows.shape[0],
-                                     cfg.batch_size)
+                vlab = source.labelled_order(np.random.default_rng([cfg.seed, epoch, 1]),
+                                             vl if len(vl) else val_idx, vrows.shape[0],
+                                             cfg.batch_size)
             _, (vterms, vcounts, _) = source.run_epoch(eval_step, ts, vrows, vlab)
             v = epoch_means(vterms, vcounts)
             record.update({f"{k}_validation": val for k, val in v.items()})

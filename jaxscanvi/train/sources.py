@@ -9,6 +9,8 @@ order and gives the same loss trajectory.
   `lax.scan` that gathers and densifies minibatches inside the step.
 * `HostSource`: CSR on the host; minibatches are densified on the host by a
   background thread, one step ahead of the device.
+* `StreamSource`: counts on disk (a backed .h5ad or .zarr), read in shuffled
+  contiguous blocks by the same background thread.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import numpy as np
 
 from ..data.batch import (DenseDeviceCells, DeviceCells, dense_device_batch, device_batch,
                           host_batch, nnz_cap)
+from ..data.backed import BackedRows, block_order
 from ..data.cells import CellData
+from ..errors import InputError
 
 # Compiled epoch/step functions, shared by every source and model: a new
 # model with the same architecture reuses what an earlier one compiled.
@@ -72,7 +76,18 @@ def grown_cap(k_cap: int, row_nnz: np.ndarray, rows) -> int:
     return k_cap if need <= k_cap else max(need + need // 4, k_cap)
 
 
-class DeviceSource:
+class Source:
+    """What every source shares: the order of an epoch's cells."""
+
+    def order(self, rng: np.random.Generator, idx: np.ndarray, batch_size: int,
+              shuffle: bool = True) -> np.ndarray:
+        return epoch_rows(rng, idx, batch_size, shuffle)
+
+    def labelled_order(self, rng, lab_idx, n_steps: int, batch_size: int) -> np.ndarray:
+        return labelled_rows(rng, lab_idx, n_steps, batch_size)
+
+
+class DeviceSource(Source):
     """All cells on the device; an epoch is one jitted scan.
 
     Counts are kept dense when they take at most ``dense_max_bytes`` (a row
@@ -83,9 +98,12 @@ class DeviceSource:
     kind = "device"
 
     def __init__(self, cells: CellData, batch_size: int, device=None,
-                 dense_max_bytes: int = 1 << 30):
+                 dense_max_bytes: int = 1 << 30, parallel=None):
         self.n_genes = cells.n_vars
         self.batch_size = batch_size
+        self.parallel = parallel
+        if parallel is not None:  # every device holds the cells; minibatches are split
+            device = parallel.replicated
         self.dense = cells.n_obs * cells.n_vars * 4 <= dense_max_bytes
         if self.dense:
             self.k_cap = 0
@@ -96,15 +114,15 @@ class DeviceSource:
             self.cells = DeviceCells.from_cells(cells, device)
 
     def _epoch_fn(self, step_fn: Callable):
-        key = ("device", step_fn, self.n_genes, self.k_cap, self.dense)
+        par = self.parallel
+        key = ("device", step_fn, self.n_genes, self.k_cap, self.dense, par)
         if key not in _COMPILED:
             G, K = self.n_genes, self.k_cap
-            if self.dense:
-                def gather(cells, r):
-                    return dense_device_batch(cells, r)
-            else:
-                def gather(cells, r):
-                    return device_batch(cells, r, G, K)
+
+            def gather(cells, r):
+                b = dense_device_batch(cells, r) if self.dense else \
+                    device_batch(cells, r, G, K)
+                return b if par is None else par.constrain(b)
 
             def run(carry, cells, rows, lab_rows):
                 def body(c, r):
@@ -120,17 +138,21 @@ class DeviceSource:
     def run_epoch(self, step_fn, carry, rows, lab_rows=None):
         if not self.dense and lab_rows is not None:  # grow the cap (one recompile)
             self.k_cap = grown_cap(self.k_cap, self.row_nnz, lab_rows)
+        if self.parallel is not None:
+            rows, lab_rows = self.parallel.pad(rows), self.parallel.pad(lab_rows)
+            carry = self.parallel.replicate(carry)
         fn = self._epoch_fn(step_fn)
         lab = None if lab_rows is None else jnp.asarray(lab_rows)
         return fn(carry, self.cells, jnp.asarray(rows), lab)
 
 
-class HostSource:
+class HostSource(Source):
     """CSR on the host; minibatches built by a prefetch thread."""
 
     kind = "host"
 
-    def __init__(self, cells: CellData, batch_size: int, prefetch: int = 2):
+    def __init__(self, cells: CellData, batch_size: int, prefetch: int = 2, parallel=None):
+        self.parallel = parallel
         self.host = cells
         self.n_genes = cells.n_vars
         self.batch_size = batch_size
@@ -139,7 +161,7 @@ class HostSource:
         self.prefetch = prefetch
 
     def _batches(self, rows, lab_rows):
-        B, K = self.batch_size, self.k_cap
+        B, K = rows.shape[1], self.k_cap
         for i in range(rows.shape[0]):
             r = rows[i]
             main = host_batch(self.host, r[r >= 0], B, K)
@@ -155,8 +177,9 @@ class HostSource:
 
         def produce():
             try:
+                put = jax.device_put if self.parallel is None else self.parallel.put
                 for b in self._batches(rows, lab_rows):
-                    q.put(jax.device_put(b))
+                    q.put(put(b))
                 q.put(done)
             except BaseException as e:  # surface errors in the consumer
                 q.put(e)
@@ -177,29 +200,91 @@ class HostSource:
         if key not in _COMPILED:
             _COMPILED[key] = jax.jit(step_fn)
         fn = _COMPILED[key]
+        par = self.parallel
+        if par is not None:
+            rows, lab_rows = par.pad(rows), par.pad(lab_rows)
+            carry = par.replicate(carry)
         outs = []
         for b in self._prefetched(np.asarray(rows), lab_rows):
             carry, out = fn(carry, b)
+            if par is not None:  # sharded steps queued back to back can stall XLA's CPU
+                jax.block_until_ready(carry)  # collectives; one step in flight at a time
             outs.append(out)
         stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
         return carry, stacked
 
 
+class StreamSource(HostSource):
+    """Counts on disk (`BackedRows`), read in blocks by the prefetch thread.
+
+    An epoch visits the blocks in a random order and the cells of each block
+    in a random order (`block_order`), so each block is read once per epoch
+    and at most a few blocks are in memory at any time.
+    """
+
+    kind = "stream"
+
+    def order(self, rng, idx, batch_size, shuffle=True):
+        if not shuffle:
+            return epoch_rows(rng, idx, batch_size, shuffle=False)
+        ordered = block_order(rng, idx, self.host.X.block_size)
+        return epoch_rows(rng, ordered, batch_size, shuffle=False)
+
+    def labelled_order(self, rng, lab_idx, n_steps, batch_size):
+        need = n_steps * batch_size
+        if need > 0 and len(lab_idx) == 0:
+            raise ValueError("labelled_rows: no labelled cells to draw minibatches from")
+        chunks, have = [], 0
+        while have < need:
+            chunks.append(block_order(rng, lab_idx, self.host.X.block_size))
+            have += len(lab_idx)
+        return np.concatenate(chunks)[:need].astype(np.int32).reshape(n_steps, batch_size)
+
+
+def check_source(kind: str, cells: CellData) -> None:
+    """Refuse a source that cannot serve where the counts are."""
+    backed = isinstance(cells.X, BackedRows)
+    if kind in ("device", "host") and backed:
+        raise InputError("data_source", kind, "the counts are on disk (a backed AnnData)",
+                         "pass data_source='stream' (or 'auto'), or load the AnnData "
+                         "into memory with adata.to_memory()")
+    if kind == "stream" and not backed:
+        raise InputError("data_source", kind, "the counts are in memory",
+                         "stream from a backed AnnData (anndata.read_h5ad(path, "
+                         "backed='r')), or pass data_source='auto'")
+
+
 def make_source(kind: str, cells: CellData, batch_size: int, *,
-                device_budget_bytes: int | None = None, dense_max_bytes: int = 1 << 30):
-    """Pick a source: 'device', 'host', or 'auto' (device when it fits the budget)."""
+                device_budget_bytes: int | None = None, dense_max_bytes: int = 1 << 30,
+                parallel=None):
+    """Pick a source: 'device', 'host', or 'auto' (device when it fits the budget).
+
+    With ``parallel`` (a `DataParallel`), minibatches are split across its devices.
+    """
+    check_source(kind, cells)
+    if kind == "auto" and isinstance(cells.X, BackedRows):
+        kind = "stream"
     if kind == "auto":
         nbytes = cells.X.data.nbytes * 2 + cells.X.indptr.nbytes + cells.n_obs * 64
         budget = device_budget_bytes if device_budget_bytes is not None else _device_budget()
         kind = "device" if nbytes <= budget else "host"
     if kind == "device":
-        return DeviceSource(cells, batch_size, dense_max_bytes=dense_max_bytes)
+        return DeviceSource(cells, batch_size, dense_max_bytes=dense_max_bytes,
+                            parallel=parallel)
     if kind == "host":
-        return HostSource(cells, batch_size)
+        return HostSource(cells, batch_size, parallel=parallel)
+    if kind == "stream":
+        return StreamSource(cells, batch_size, parallel=parallel)
     raise ValueError(f"data_source={kind!r}: use 'auto', 'device' or 'host'")
 
 
 def _device_budget() -> int:
+    """Bytes of counts "auto" puts on the device: half an accelerator's memory.
+
+    On the CPU the "device" is host memory, so a device copy doubles the
+    data's footprint; it is worth it (one scan per epoch, no Python per step)
+    only for data up to 1 GiB.
+    """
     dev = jax.devices()[0]
     try:
         stats = dev.memory_stats() or {}
@@ -208,4 +293,4 @@ def _device_budget() -> int:
             return int(limit * 0.5)
     except Exception:  # CPU devices report no memory stats
         pass
-    return 4 << 30
+    return 1 << 30

@@ -1,0 +1,334 @@
+"""Atlas scale: a million cells in memory, ten million streamed from disk,
+scANVI with many cell types, and 1 vs 2 devices.
+
+Each part runs in a fresh process, so its peak RSS is its own:
+
+1. ``memory``: a synthetic sparse atlas (default 1,000,000 cells x 2,000
+   genes) built straight into CSR, one epoch of scVI (batch 128,
+   ``data_source="auto"``); cells/s and peak RSS against the CSR's size.
+2. ``stream``: the default 10,000,000 cells written block by block to a
+   backed ``.h5ad`` (never whole in memory), then ``--stream-steps`` steps
+   streamed from it; cells/s and RSS sampled along the way (flat = no
+   growth), against the same steps on an in-memory subset.
+3. ``classes``: scANVI step time and peak RSS for C = 10, 100, 500 cell types.
+4. ``devices``: one scVI epoch on 1 and on 2 forced CPU devices.
+
+Run: ``python benchmarks/scale.py`` (all parts; about 25 minutes and 10 GB of
+disk here) or ``--parts memory classes``; prints a table per part and writes
+``benchmarks/results/scale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import (current_rss_mb, format_table, machine_info, peak_rss_mb,  # noqa: E402
+                     versions, write_json)
+
+DEFAULT_OUT = HERE / "results" / "scale.json"
+
+
+# ------------------------------------------------------------------- data
+def synthetic_csr(n_cells: int, n_genes: int, mean_nnz: float, seed: int = 0,
+                  chunk: int = 50_000):
+    """A CSR of NB-like counts built chunk by chunk into preallocated arrays, so
+    building it never holds more than the matrix plus one chunk."""
+    import scipy.sparse as sp
+    rng = np.random.default_rng(seed)
+    freq = np.clip(rng.lognormal(0.0, 1.0, n_genes), 0, None)
+    freq = np.minimum(freq / freq.mean() * mean_nnz / n_genes, 0.95).astype(np.float32)
+    cap = int(n_cells * float(freq.sum()) * 1.05) + n_genes * chunk
+    data = np.empty(cap, np.float32)  # pages are only touched as they fill
+    indices = np.empty(cap, np.int32)
+    indptr = np.zeros(n_cells + 1, np.int64)
+    nnz = 0
+    for s in range(0, n_cells, chunk):
+        e = min(s + chunk, n_cells)
+        mask = rng.random((e - s, n_genes), dtype=np.float32) < freq
+        r, c = np.nonzero(mask)
+        k = len(c)
+        if nnz + k > cap:
+            raise RuntimeError("synthetic_csr: capacity estimate too small")
+        indices[nnz:nnz + k] = c
+        data[nnz:nnz + k] = 1.0 + rng.poisson(1.5, k)
+        indptr[s + 1:e + 1] = nnz + np.cumsum(np.bincount(r, minlength=e - s))
+        nnz += k
+    return sp.csr_matrix((data[:nnz], indices[:nnz], indptr), shape=(n_cells, n_genes))
+
+
+def csr_bytes(X) -> int:
+    return int(X.data.nbytes + X.indices.nbytes + X.indptr.nbytes)
+
+
+def obs_frame(n: int, n_batch: int, n_types: int, seed: int = 0):
+    import pandas as pd
+    rng = np.random.default_rng(seed + 1)
+    return pd.DataFrame(
+        {"batch": pd.Categorical.from_codes(rng.integers(0, n_batch, n),
+                                            [f"b{i}" for i in range(n_batch)]),
+         "cell_type": pd.Categorical.from_codes(rng.integers(0, n_types, n),
+                                                [f"t{i}" for i in range(n_types)])},
+        index=pd.RangeIndex(n).astype(str))
+
+
+class RssSampler:
+    """RSS every ``every`` seconds in a thread (for the flat-memory check)."""
+
+    def __init__(self, every: float = 1.0):
+        self.samples: list[tuple[float, float]] = []
+        self.every, self._stop = every, threading.Event()
+        self.t0 = time.perf_counter()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter() - self.t0, current_rss_mb()))
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+
+
+# ---------------------------------------------------------------- workers
+def worker_memory(n_cells: int, n_genes: int, mean_nnz: float, batch_size: int) -> dict:
+    import anndata as ad
+    import jaxscanvi as js
+    base = current_rss_mb()
+    t0 = time.perf_counter()
+    X = synthetic_csr(n_cells, n_genes, mean_nnz)
+    build_s = time.perf_counter() - t0
+    size = csr_bytes(X)
+    adata = ad.AnnData(X, obs=obs_frame(n_cells, 4, 10))
+    after_data = current_rss_mb()
+    js.SCVI.setup_anndata(adata, batch_key="batch")
+    model = js.SCVI(adata)
+    t0 = time.perf_counter()
+    model.train(max_epochs=1, batch_size=batch_size, train_size=1.0, progress_bar=False)
+    epoch_s = time.perf_counter() - t0
+    peak = peak_rss_mb()
+    return {"n_cells": n_cells, "n_genes": n_genes, "nnz": int(X.nnz),
+            "csr_mb": round(size / 2**20, 1), "build_seconds": round(build_s, 1),
+            "rss_before_data_mb": round(base, 1), "rss_after_data_mb": round(after_data, 1),
+            "epoch_seconds_incl_compile": round(epoch_s, 1),
+            "cells_per_second": round(n_cells / epoch_s, 1),
+            "data_source": "auto", "peak_rss_mb": round(peak, 1),
+            "peak_rss_over_csr": round(peak / (size / 2**20), 3),
+            "train_loss": float(model.history["train_loss"].iloc[-1])}
+
+
+def write_backed(path: Path, n_cells: int, n_genes: int, mean_nnz: float,
+                 chunk: int = 250_000) -> dict:
+    """Write an .h5ad chunk by chunk: X appended block by block, obs written once."""
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    from anndata.io import sparse_dataset, write_elem
+    t0 = time.perf_counter()
+    obs = obs_frame(n_cells, 4, 10)
+    var = pd.DataFrame(index=[f"g{i}" for i in range(n_genes)])
+    ad.AnnData(obs=obs, var=var).write_h5ad(path)  # everything but X
+    with h5py.File(path, "a") as f:
+        for s in range(0, n_cells, chunk):
+            block = synthetic_csr(min(chunk, n_cells - s), n_genes, mean_nnz, seed=s)
+            if s == 0:
+                write_elem(f, "X", block)
+            else:
+                sparse_dataset(f["X"]).append(block)
+        f["X"].attrs["shape"] = (n_cells, n_genes)
+        nnz = int(f["X"]["indptr"][-1])
+    return {"write_seconds": round(time.perf_counter() - t0, 1), "nnz": nnz,
+            "file_mb": round(path.stat().st_size / 2**20, 1)}
+
+
+def worker_stream(path: str, n_steps: int, batch_size: int) -> dict:
+    import anndata as ad
+    import jaxscanvi as js
+    adata = ad.read_h5ad(path, backed="r")
+    t0 = time.perf_counter()
+    js.SCVI.setup_anndata(adata, batch_key="batch")
+    model = js.SCVI(adata)
+    setup_s = time.perf_counter() - t0
+    cells = n_steps * batch_size
+    # a fixed number of steps: the first `cells` cells of the training order
+    model.train(max_epochs=1, batch_size=batch_size, train_size=cells / adata.n_obs,
+                progress_bar=False)  # compiles (and reads a first few blocks)
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        model.train(max_epochs=1, batch_size=batch_size, train_size=cells / adata.n_obs,
+                    progress_bar=False, seed=1)
+        stream_s = time.perf_counter() - t0
+    mb = [m for _, m in rss.samples if m is not None]
+    return {"n_cells_in_file": int(adata.n_obs), "steps": n_steps,
+            "setup_seconds": round(setup_s, 1), "seconds": round(stream_s, 1),
+            "cells_per_second": round(cells / stream_s, 1),
+            "rss_first_mb": round(mb[0], 1), "rss_last_mb": round(mb[-1], 1),
+            "rss_max_mb": round(max(mb), 1), "rss_samples": len(mb),
+            "source": model._train_cells().X.__class__.__name__}
+
+
+def worker_in_memory_steps(path: str, n_steps: int, batch_size: int) -> dict:
+    """The same number of steps on cells of the same file loaded into memory."""
+    import anndata as ad
+    import jaxscanvi as js
+    backed = ad.read_h5ad(path, backed="r")
+    n = n_steps * batch_size
+    adata = ad.AnnData(backed.X[:n], obs=backed.obs.iloc[:n].copy(), var=backed.var.copy())
+    js.SCVI.setup_anndata(adata, batch_key="batch")
+    model = js.SCVI(adata)
+    model.train(max_epochs=1, batch_size=batch_size, train_size=1.0, progress_bar=False,
+                data_source="host")
+    t0 = time.perf_counter()
+    model.train(max_epochs=1, batch_size=batch_size, train_size=1.0, progress_bar=False,
+                data_source="host", seed=1)
+    s = time.perf_counter() - t0
+    return {"steps": n_steps, "seconds": round(s, 1), "cells_per_second": round(n / s, 1),
+            "data_source": "host"}
+
+
+def worker_classes(n_labels: int, n_cells: int, n_genes: int, batch_size: int) -> dict:
+    import anndata as ad
+    import jaxscanvi as js
+    X = synthetic_csr(n_cells, n_genes, 300)
+    obs = obs_frame(n_cells, 2, n_labels)
+    labels = obs["cell_type"].astype(str).to_numpy().copy()
+    labels[np.random.default_rng(0).random(n_cells) < 0.5] = "Unknown"
+    obs["label"] = labels
+    adata = ad.AnnData(X, obs=obs)
+    js.SCANVI.setup_anndata(adata, labels_key="label", unlabeled_category="Unknown",
+                            batch_key="batch")
+    model = js.SCANVI(adata)
+    before = peak_rss_mb()
+    model.train(max_epochs=1, batch_size=batch_size, train_size=1.0, progress_bar=False,
+                calibrate=False)
+    first = float(model.history["epoch_seconds"].iloc[-1])
+    model.train(max_epochs=2, batch_size=batch_size, train_size=1.0, progress_bar=False,
+                calibrate=False)
+    steps = -(-n_cells // batch_size)
+    s = float(model.history["epoch_seconds"].iloc[-1])
+    return {"n_labels": n_labels, "n_cells": n_cells, "steps_per_epoch": steps,
+            "first_epoch_seconds": round(first, 2), "epoch_seconds": round(s, 2),
+            "step_ms": round(1000 * s / steps, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_before_training_mb": round(before, 1)}
+
+
+def worker_devices(n_devices: int, n_cells: int, n_genes: int, batch_size: int) -> dict:
+    import anndata as ad
+    import jax
+    import jaxscanvi as js
+    X = synthetic_csr(n_cells, n_genes, 300)
+    adata = ad.AnnData(X, obs=obs_frame(n_cells, 2, 5))
+    js.SCVI.setup_anndata(adata, batch_key="batch")
+    model = js.SCVI(adata)
+    model.train(max_epochs=2, batch_size=batch_size, train_size=1.0, progress_bar=False,
+                devices=n_devices, data_source="device")
+    s = float(model.history["epoch_seconds"].iloc[-1])
+    return {"devices": n_devices, "local_devices": jax.local_device_count(),
+            "epoch_seconds": round(s, 2), "cells_per_second": round(n_cells / s, 1)}
+
+
+WORKERS = {"memory": worker_memory, "stream": worker_stream,
+           "in_memory_steps": worker_in_memory_steps, "classes": worker_classes,
+           "devices": worker_devices}
+
+
+def spawn(name: str, env: dict | None = None, **kw) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--kwargs", json.dumps(kw)]
+    res = subprocess.run(cmd, capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
+    for line in res.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"worker {name} failed:\n{res.stderr[-3000:]}")
+
+
+# ------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", nargs="+", default=["memory", "stream", "classes", "devices"])
+    p.add_argument("--memory-cells", type=int, default=1_000_000)
+    p.add_argument("--stream-cells", type=int, default=10_000_000)
+    p.add_argument("--stream-nnz", type=float, default=60.0,
+                   help="mean non-zeros per cell of the streamed file")
+    p.add_argument("--stream-steps", type=int, default=400)
+    p.add_argument("--n-genes", type=int, default=2000)
+    p.add_argument("--mean-nnz", type=float, default=300.0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--classes", type=int, nargs="+", default=[10, 100, 500])
+    p.add_argument("--classes-cells", type=int, default=5000)
+    p.add_argument("--devices-cells", type=int, default=20000)
+    p.add_argument("--tmp", default=None, help="folder for the streamed file")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--kwargs", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(WORKERS[args.worker](**json.loads(args.kwargs))))
+        return 0
+    out = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    out.update({"versions": versions(), "machine": machine_info(with_jax=False),
+                "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:])})
+    G, B = args.n_genes, args.batch_size
+    if "memory" in args.parts:
+        r = spawn("memory", n_cells=args.memory_cells, n_genes=G, mean_nnz=args.mean_nnz,
+                  batch_size=B)
+        out["memory"] = r
+        print(format_table(["cells", "CSR MB", "epoch s (incl. compile)", "cells/s",
+                            "peak RSS MB", "peak RSS / CSR"],
+                           [[r["n_cells"], r["csr_mb"], r["epoch_seconds_incl_compile"],
+                             r["cells_per_second"], r["peak_rss_mb"],
+                             r["peak_rss_over_csr"]]]), flush=True)
+    if "stream" in args.parts:
+        with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+            path = Path(d) / "atlas.h5ad"
+            w = write_backed(path, args.stream_cells, G, args.stream_nnz)
+            s = spawn("stream", path=str(path), n_steps=args.stream_steps, batch_size=B)
+            m = spawn("in_memory_steps", path=str(path), n_steps=args.stream_steps,
+                      batch_size=B)
+        out["stream"] = {"file": w, "streamed": s, "in_memory": m,
+                         "ratio_stream_over_memory": round(
+                             s["cells_per_second"] / m["cells_per_second"], 3)}
+        print(format_table(["cells in file", "file MB", "steps", "stream cells/s",
+                            "in-memory cells/s", "RSS first/last/max MB"],
+                           [[s["n_cells_in_file"], w["file_mb"], s["steps"],
+                             s["cells_per_second"], m["cells_per_second"],
+                             f"{s['rss_first_mb']}/{s['rss_last_mb']}/{s['rss_max_mb']}"]]),
+              flush=True)
+    if "classes" in args.parts:
+        rows = [spawn("classes", n_labels=c, n_cells=args.classes_cells, n_genes=G,
+                      batch_size=B) for c in args.classes]
+        out["classes"] = rows
+        print(format_table(["C", "step ms", "epoch s", "peak RSS MB"],
+                           [[r["n_labels"], r["step_ms"], r["epoch_seconds"],
+                             r["peak_rss_mb"]] for r in rows]), flush=True)
+    if "devices" in args.parts:
+        env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        rows = [spawn("devices", env=env, n_devices=n, n_cells=args.devices_cells,
+                      n_genes=G, batch_size=B) for n in (1, 2)]
+        out["devices"] = rows
+        print(format_table(["devices", "epoch s", "cells/s"],
+                           [[r["devices"], r["epoch_seconds"], r["cells_per_second"]]
+                            for r in rows]), flush=True)
+    write_json(args.out, out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

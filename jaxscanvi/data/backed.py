@@ -1,0 +1,101 @@
+"""Counts that stay on disk: a backed ``.h5ad`` or a ``.zarr`` store, read in blocks.
+
+anndata opens a sparse matrix lazily (``anndata.read_h5ad(path, backed="r")``,
+or ``anndata.io.sparse_dataset(zarr.open(path)["X"])``). `BackedRows` gives it
+the little of scipy's CSR interface the models use (``shape``, ``indptr``,
+``X[rows]``) and reads whole contiguous blocks of rows, keeping the last few
+in memory, so a block-shuffled epoch reads each block once and host memory
+stays flat however many cells the file holds.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import scipy.sparse as sp
+
+DEFAULT_BLOCK = 8192
+
+
+def is_backed(X) -> bool:
+    """True for anndata's lazy sparse datasets (backed h5ad, zarr)."""
+    return hasattr(X, "to_memory") and hasattr(X, "group") and hasattr(X, "format")
+
+
+class BackedRows:
+    """Row access to an on-disk CSR matrix through a small cache of row blocks."""
+
+    def __init__(self, dataset, block_size: int | None = None, cache_blocks: int = 4):
+        if getattr(dataset, "format", "csr") != "csr":
+            raise ValueError("streaming needs CSR (cells x genes, row-compressed) counts; "
+                             "re-save the matrix as CSR")
+        self.dataset = dataset
+        self.shape = tuple(dataset.shape)
+        self.block_size = int(block_size or DEFAULT_BLOCK)
+        self.cache_blocks = int(cache_blocks)
+        self.indptr = np.asarray(dataset.group["indptr"][:], np.int64)
+        self._cache: OrderedDict[int, sp.csr_matrix] = OrderedDict()
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.shape[0] // self.block_size)
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows [start, stop) as float32 CSR, straight from disk."""
+        X = self.dataset[start:stop]
+        X = sp.csr_matrix(X) if not isinstance(X, sp.csr_matrix) else X
+        return X.astype(np.float32) if X.dtype != np.float32 else X
+
+    def block(self, b: int) -> sp.csr_matrix:
+        if b in self._cache:
+            self._cache.move_to_end(b)
+            return self._cache[b]
+        X = self.read(b * self.block_size, min((b + 1) * self.block_size, self.shape[0]))
+        X.sum_duplicates()
+        self._cache[b] = X
+        while len(self._cache) > self.cache_blocks:
+            self._cache.popitem(last=False)
+        return X
+
+    def blocks(self):
+        """(start, CSR block) over the whole matrix, in order (not cached)."""
+        for b in range(self.n_blocks):
+            start = b * self.block_size
+            yield start, self.read(start, min(start + self.block_size, self.shape[0]))
+
+    def __getitem__(self, rows) -> sp.csr_matrix:
+        rows = np.asarray(rows, np.int64)
+        if rows.ndim != 1:
+            raise IndexError("BackedRows takes a 1-D array of row indices")
+        if rows.size == 0:
+            return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
+        which = rows // self.block_size
+        parts, where = [], np.empty(rows.size, np.int64)
+        offset = 0
+        for b in np.unique(which):
+            sel = np.flatnonzero(which == b)
+            parts.append(self.block(int(b))[rows[sel] - b * self.block_size])
+            where[sel] = offset + np.arange(sel.size)
+            offset += sel.size
+        stacked = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        return stacked[where] if len(parts) > 1 else stacked
+
+    def to_memory(self) -> sp.csr_matrix:
+        return self.read(0, self.shape[0])
+
+
+def block_order(rng: np.random.Generator, idx: np.ndarray, block_size: int) -> np.ndarray:
+    """``idx`` in a block-shuffled order: blocks of rows in random order, cells
+    shuffled within each block. Each block is read once per pass."""
+    idx = np.asarray(idx)
+    if idx.size == 0:
+        return idx
+    blocks = idx // block_size
+    order = np.argsort(blocks, kind="stable")
+    groups = np.split(idx[order], np.flatnonzero(np.diff(blocks[order])) + 1)
+    return np.concatenate([rng.permutation(groups[g]) for g in rng.permutation(len(groups))])
