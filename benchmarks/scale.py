@@ -7,9 +7,11 @@ Each part runs in a fresh process, so its peak RSS is its own:
    genes) built straight into CSR, one epoch of scVI (batch 128,
    ``data_source="auto"``); cells/s and peak RSS against the CSR's size.
 2. ``stream``: the default 10,000,000 cells written block by block to a
-   backed ``.h5ad`` (never whole in memory), then ``--stream-steps`` steps
-   streamed from it; cells/s and RSS sampled along the way (flat = no
-   growth), against the same steps on an in-memory subset.
+   backed ``.h5ad`` (never whole in memory), then ``--stream-steps`` steps of
+   a block-shuffled epoch over all of them, through the streaming source and
+   the model's compiled training step; cells/s and RSS sampled every second
+   (flat = no growth), against the same number of steps through the host
+   source on as many cells loaded into memory.
 3. ``classes``: scANVI step time and peak RSS for C = 10, 100, 500 cell types.
 4. ``devices``: one scVI epoch on 1 and on 2 forced CPU devices.
 
@@ -157,49 +159,73 @@ def write_backed(path: Path, n_cells: int, n_genes: int, mean_nnz: float,
             "file_mb": round(path.stat().st_size / 2**20, 1)}
 
 
+def _fixed_steps(model, source, rows, warmup: int):
+    """Run the model's compiled training step over ``rows`` (n_steps, B) through
+    ``source``, as `train` does: ``warmup`` steps first (compiling), then the rest
+    timed with RSS sampled each second."""
+    import jax
+    import jax.numpy as jnp
+    from jaxscanvi.train.state import KLSchedule, TrainState
+    schedule = KLSchedule(n_epochs_kl_warmup=400)
+    tx, step, _ = model._step_fns({}, "raise", schedule, None, None)
+    ts = TrainState(params=model.params, state=model.state, opt_state=tx.init(model.params),
+                    rng=jax.random.PRNGKey(0), step=jnp.asarray(0, jnp.int32),
+                    epoch=jnp.asarray(0, jnp.int32))
+    carry = (ts, jnp.asarray(-1, jnp.int32))
+    carry, _ = source.run_epoch(step, carry, rows[:warmup])
+    jax.block_until_ready(carry)
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        carry, terms = source.run_epoch(step, carry, rows[warmup:])
+        jax.block_until_ready(carry)
+        seconds = time.perf_counter() - t0
+    loss = np.asarray(terms[0]["loss"])
+    mb = [m for _, m in rss.samples if m is not None]
+    return seconds, mb, loss
+
+
 def worker_stream(path: str, n_steps: int, batch_size: int) -> dict:
+    """``n_steps`` steps of a block-shuffled epoch over every cell of the file."""
     import anndata as ad
     import jaxscanvi as js
+    from jaxscanvi.train.sources import make_source
     adata = ad.read_h5ad(path, backed="r")
     t0 = time.perf_counter()
     js.SCVI.setup_anndata(adata, batch_key="batch")
     model = js.SCVI(adata)
+    cells = model._train_cells()
     setup_s = time.perf_counter() - t0
-    cells = n_steps * batch_size
-    # a fixed number of steps: the first `cells` cells of the training order
-    model.train(max_epochs=1, batch_size=batch_size, train_size=cells / adata.n_obs,
-                progress_bar=False)  # compiles (and reads a first few blocks)
-    with RssSampler() as rss:
-        t0 = time.perf_counter()
-        model.train(max_epochs=1, batch_size=batch_size, train_size=cells / adata.n_obs,
-                    progress_bar=False, seed=1)
-        stream_s = time.perf_counter() - t0
-    mb = [m for _, m in rss.samples if m is not None]
-    return {"n_cells_in_file": int(adata.n_obs), "steps": n_steps,
-            "setup_seconds": round(setup_s, 1), "seconds": round(stream_s, 1),
-            "cells_per_second": round(cells / stream_s, 1),
+    source = make_source("auto", cells, batch_size)
+    rows = source.order(np.random.default_rng(0), np.arange(cells.n_obs), batch_size)
+    warm = 20
+    seconds, mb, loss = _fixed_steps(model, source, rows[:warm + n_steps], warm)
+    return {"n_cells_in_file": int(adata.n_obs), "steps": n_steps, "source": source.kind,
+            "setup_seconds": round(setup_s, 1), "seconds": round(seconds, 1),
+            "cells_per_second": round(n_steps * batch_size / seconds, 1),
+            "blocks_read": int(len(np.unique(rows[:warm + n_steps] // 8192))),
             "rss_first_mb": round(mb[0], 1), "rss_last_mb": round(mb[-1], 1),
             "rss_max_mb": round(max(mb), 1), "rss_samples": len(mb),
-            "source": model._train_cells().X.__class__.__name__}
+            "rss_trace_mb": [round(m, 1) for m in mb[::max(len(mb) // 20, 1)]],
+            "loss_first_last": [float(loss[0]), float(loss[-1])]}
 
 
 def worker_in_memory_steps(path: str, n_steps: int, batch_size: int) -> dict:
-    """The same number of steps on cells of the same file loaded into memory."""
+    """The same number of steps on as many cells of the file, loaded into memory."""
     import anndata as ad
     import jaxscanvi as js
+    from jaxscanvi.train.sources import make_source
     backed = ad.read_h5ad(path, backed="r")
-    n = n_steps * batch_size
+    warm = 20
+    n = (n_steps + warm) * batch_size
     adata = ad.AnnData(backed.X[:n], obs=backed.obs.iloc[:n].copy(), var=backed.var.copy())
     js.SCVI.setup_anndata(adata, batch_key="batch")
     model = js.SCVI(adata)
-    model.train(max_epochs=1, batch_size=batch_size, train_size=1.0, progress_bar=False,
-                data_source="host")
-    t0 = time.perf_counter()
-    model.train(max_epochs=1, batch_size=batch_size, train_size=1.0, progress_bar=False,
-                data_source="host", seed=1)
-    s = time.perf_counter() - t0
-    return {"steps": n_steps, "seconds": round(s, 1), "cells_per_second": round(n / s, 1),
-            "data_source": "host"}
+    source = make_source("host", model._train_cells(), batch_size)
+    rows = source.order(np.random.default_rng(0), np.arange(n), batch_size)
+    seconds, mb, _ = _fixed_steps(model, source, rows, warm)
+    return {"steps": n_steps, "seconds": round(seconds, 1),
+            "cells_per_second": round(n_steps * batch_size / seconds, 1),
+            "data_source": "host", "rss_max_mb": round(max(mb), 1)}
 
 
 def worker_classes(n_labels: int, n_cells: int, n_genes: int, batch_size: int) -> dict:
@@ -266,7 +292,7 @@ def main(argv=None) -> int:
     p.add_argument("--stream-cells", type=int, default=10_000_000)
     p.add_argument("--stream-nnz", type=float, default=60.0,
                    help="mean non-zeros per cell of the streamed file")
-    p.add_argument("--stream-steps", type=int, default=400)
+    p.add_argument("--stream-steps", type=int, default=2000)
     p.add_argument("--n-genes", type=int, default=2000)
     p.add_argument("--mean-nnz", type=float, default=300.0)
     p.add_argument("--batch-size", type=int, default=128)

@@ -204,14 +204,22 @@ class HostSource(Source):
         if par is not None:
             rows, lab_rows = par.pad(rows), par.pad(lab_rows)
             carry = par.replicate(carry)
-        outs = []
+        outs, parts = [], []
         for b in self._prefetched(np.asarray(rows), lab_rows):
             carry, out = fn(carry, b)
             if par is not None:  # sharded steps queued back to back can stall XLA's CPU
                 jax.block_until_ready(carry)  # collectives; one step in flight at a time
             outs.append(out)
-        stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
-        return carry, stacked
+            if len(outs) == 256:  # a few arrays per 256 steps, not a dozen per step
+                parts.append(_stack(outs))
+                outs = []
+        if outs:
+            parts.append(_stack(outs))
+        return carry, jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
+
+
+def _stack(outs):
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
 
 
 class StreamSource(HostSource):
