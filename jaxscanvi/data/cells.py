@@ -15,7 +15,7 @@ from scipy.special import gammaln
 
 from ..errors import InputError
 from .backed import BackedRows, is_backed
-from .registry import Registry, check_counts, counts_matrix
+from .registry import Registry, check_counts, counts_matrix, scan_counts
 
 
 @dataclass
@@ -128,12 +128,6 @@ def row_stats(X: sp.csr_matrix, rows_per_chunk: int = 65536
     return totals, lg
 
 
-def backed_row_stats(X: BackedRows) -> tuple[np.ndarray, np.ndarray]:
-    """`row_stats` of an on-disk matrix, one block at a time."""
-    parts = [row_stats(block) for _, block in X.blocks()]
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-
-
 def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellData:
     """Read ``adata`` as ``registry`` says. Raises InputError on any mismatch."""
     if adata.n_obs == 0:
@@ -143,12 +137,15 @@ def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellDat
         check_var_names(adata, registry)
     raw = counts_matrix(adata, registry.layer)
     field = f"adata.layers[{registry.layer!r}]" if registry.layer else "adata.X"
-    check_counts(raw, field, allow_noninteger=registry.allow_noninteger_counts)
     backed = is_backed(raw) or isinstance(raw, BackedRows)
-    if backed:  # counts stay on disk; per-cell statistics come from one pass
+    if backed:  # counts stay on disk: checks and per-cell statistics in one pass
         X = raw if isinstance(raw, BackedRows) else BackedRows(raw)
-        totals, lg = backed_row_stats(X)
+        parts, = scan_counts(X, field, allow_noninteger=registry.allow_noninteger_counts,
+                             each_block=(row_stats,))
+        totals = np.concatenate([t for t, _ in parts])
+        lg = np.concatenate([g for _, g in parts])
     else:
+        check_counts(raw, field, allow_noninteger=registry.allow_noninteger_counts)
         X = to_csr(raw)
     n = X.shape[0]
     obs = adata.obs

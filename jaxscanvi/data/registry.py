@@ -117,27 +117,22 @@ def counts_matrix(adata, layer: str | None):
     return adata.layers[layer]
 
 
-def _value_chunks(X, chunk: int):
-    """The explicitly stored values of a matrix in chunks, never densifying a sparse
-    one and reading a backed (on-disk) one block by block."""
+def _row_blocks(X):
+    """(start, rows) blocks of a backed (on-disk) matrix, or an in-memory one whole."""
     from .backed import BackedRows, is_backed
     if is_backed(X) or isinstance(X, BackedRows):
-        rows = X if isinstance(X, BackedRows) else BackedRows(X)
-        for _, block in rows.blocks():
-            yield np.asarray(block.data)
-        return
-    values = np.asarray(X.data) if sp.issparse(X) else np.asarray(X).ravel()
-    for start in range(0, max(values.size, 1), chunk):
-        yield values[start:start + chunk]
+        yield from (X if isinstance(X, BackedRows) else BackedRows(X)).blocks()
+    else:
+        yield 0, X
 
 
-def check_counts(X, field: str, *, allow_noninteger: bool = False,
-                 chunk: int = 1 << 22) -> None:
-    """Raise if stored values are NaN/inf, negative, or (unless allowed) not integers."""
+def _check_values(block, field: str, allow_noninteger: bool, chunk: int) -> bool:
+    """Raise if a block's stored values are NaN/inf, negative, or (unless allowed) not
+    integers; return whether any is fractional. Never densifies a sparse block."""
+    values = np.asarray(block.data) if sp.issparse(block) else np.asarray(block).ravel()
     fractional = False
-    for v in _value_chunks(X, chunk):
-        if v.size == 0:
-            continue
+    for start in range(0, values.size, chunk):
+        v = values[start:start + chunk]
         if not np.issubdtype(v.dtype, np.number):
             raise InputError(field, str(v.dtype), "counts are not numeric",
                              "store raw counts as an integer or float matrix")
@@ -158,42 +153,49 @@ def check_counts(X, field: str, *, allow_noninteger: bool = False,
                     "pass raw integer counts via layer=..., or setup_anndata(..., "
                     "allow_noninteger_counts=True) to accept them with a warning")
             fractional = True
+    return fractional
+
+
+def scan_counts(X, field: str, *, allow_noninteger: bool = False, each_block=(),
+                chunk: int = 1 << 22) -> list[list]:
+    """Check every stored count (see `_check_values`) and apply each function of
+    ``each_block`` to every block of rows, in one pass over the matrix (one read
+    of a backed file); returns each function's per-block results."""
+    results: list[list] = [[] for _ in each_block]
+    fractional = False
+    for _, block in _row_blocks(X):
+        fractional |= _check_values(block, field, allow_noninteger, chunk)
+        for out, fn in zip(results, each_block):
+            out.append(fn(block))
     if fractional:
         warnings.warn(f"{field}: non-integer counts accepted "
                       "(allow_noninteger_counts=True); the count likelihood assumes "
-                      "integers", UserWarning, stacklevel=3)
+                      "integers", UserWarning, stacklevel=_user_stacklevel())
+    return results
 
 
-def _row_blocks(X):
-    """(start, rows) blocks of a backed matrix, or the whole in-memory matrix once."""
-    from .backed import BackedRows, is_backed
-    if is_backed(X) or isinstance(X, BackedRows):
-        yield from (X if isinstance(X, BackedRows) else BackedRows(X)).blocks()
-    else:
-        yield 0, X
+def check_counts(X, field: str, *, allow_noninteger: bool = False) -> None:
+    """Raise if stored values are NaN/inf, negative, or (unless allowed) not integers."""
+    scan_counts(X, field, allow_noninteger=allow_noninteger)
 
 
-def row_sums(X) -> np.ndarray:
-    out = []
-    for _, block in _row_blocks(X):
-        out.append(np.asarray(block.sum(axis=1)).ravel() if sp.issparse(block)
-                   else np.asarray(block).sum(axis=1).ravel())
-    return np.concatenate(out)
+def row_sums(block) -> np.ndarray:
+    """Per-row totals of an in-memory block."""
+    if sp.issparse(block):
+        return np.asarray(block.sum(axis=1)).ravel()
+    return np.asarray(block).sum(axis=1).ravel()
 
 
-def col_sums(X) -> np.ndarray:
-    """Per-gene totals (float64), without densifying sparse matrices."""
-    total = np.zeros(X.shape[1], np.float64)
-    for _, block in _row_blocks(X):
-        if sp.issparse(block):
-            block = block.tocsr()
-            # bincount in chunks: a float64 copy of all values at once could be GBs
-            for a in range(0, block.nnz, 1 << 22):
-                total += np.bincount(block.indices[a:a + (1 << 22)],
-                                     weights=block.data[a:a + (1 << 22)],
-                                     minlength=X.shape[1])
-        else:
-            total += np.asarray(block).sum(axis=0, dtype=np.float64)
+def col_sums(block) -> np.ndarray:
+    """Per-gene totals (float64) of an in-memory block, without densifying it."""
+    if not sp.issparse(block):
+        return np.asarray(block).sum(axis=0, dtype=np.float64)
+    block = block.tocsr()
+    total = np.zeros(block.shape[1], np.float64)
+    # bincount in chunks: a float64 copy of all values at once could be GBs
+    for a in range(0, block.nnz, 1 << 22):
+        total += np.bincount(block.indices[a:a + (1 << 22)],
+                             weights=block.data[a:a + (1 << 22)], minlength=block.shape[1])
     return total
 
 
@@ -206,15 +208,15 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _warn_zero_genes(X, field: str, var_names: pd.Index) -> None:
+def _warn_zero_genes(gene_totals: np.ndarray, field: str, var_names: pd.Index) -> None:
     """Warn (not raise: scVI trains fine with them) about genes no cell expresses."""
-    zero = np.flatnonzero(col_sums(X) == 0)
+    zero = np.flatnonzero(gene_totals == 0)
     if zero.size == 0:
         return
     shown = [str(var_names[i]) for i in zero[:5]]
     more = f" and {zero.size - len(shown)} more" if zero.size > len(shown) else ""
     warnings.warn(
-        f"{field}: {zero.size} of {X.shape[1]} gene(s) have no counts in any cell "
+        f"{field}: {zero.size} of {len(gene_totals)} gene(s) have no counts in any cell "
         f"({', '.join(shown)}{more}); the model learns nothing from them and they cost "
         "time and memory. Fix: filter them out before setup_anndata, e.g. "
         "sc.pp.filter_genes(adata, min_counts=1), or adata = adata[:, np.asarray("
@@ -304,8 +306,9 @@ def build_registry(
 
     X = counts_matrix(adata, layer)
     field = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
-    check_counts(X, field, allow_noninteger=allow_noninteger_counts)
-    sums = row_sums(X)
+    rows, cols = scan_counts(X, field, allow_noninteger=allow_noninteger_counts,
+                             each_block=(row_sums, col_sums))
+    sums = np.concatenate(rows)
     if (sums <= 0).any():
         idx = int(np.flatnonzero(sums <= 0)[0])
         raise InputError(
@@ -314,7 +317,7 @@ def build_registry(
             "size is zero", "drop them first, e.g. adata = adata[np.asarray("
             f"{'adata.X' if layer is None else f'adata.layers[{layer!r}]'}.sum(1)).ravel()"
             " > 0].copy()")
-    _warn_zero_genes(X, field, var_names)
+    _warn_zero_genes(np.sum(cols, axis=0), field, var_names)
 
     batch_cats: tuple[str, ...] = ("0",)
     if batch_key is not None:

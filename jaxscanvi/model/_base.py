@@ -328,24 +328,15 @@ class BaseModel:
         model.state, model.minibatch(range(64)), key)``.
         """
         cells = self._cells_for(adata)
-        idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
-        idx = idx.astype(np.int64)
-        if idx.size == 0 or idx.min() < 0 or idx.max() >= cells.n_obs:
-            raise InputError("indices", f"{idx.size} indices", f"must be non-empty and lie "
-                             f"in [0, {cells.n_obs})", "pass row positions of the cells")
-        b = host_batch(cells, idx, len(idx), max(int(cells.X[idx].nnz), 1))
+        idx = _row_positions(cells.n_obs, indices)
+        if idx.size == 0:
+            raise InputError("indices", [], "selects no cells", "pass at least one index")
+        b = host_batch(cells, idx, len(idx), _nnz_bucket(cells, idx))
         return jax.tree_util.tree_map(jnp.asarray, b)
 
     # ------------------------------------------------------------- inference
     def _chunks(self, cells: CellData, indices, batch_size: int | None):
-        idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
-        if idx.size and (idx.min() < 0 or idx.max() >= cells.n_obs):
-            raise InputError("indices", f"[{idx.min()}, {idx.max()}]", "out of range for "
-                             f"{cells.n_obs} cells", "pass indices in [0, n_obs)")
+        idx = _row_positions(cells.n_obs, indices)
         B = _chunk_size(batch_size)
         if batch_size is None:  # small requests: a power-of-two chunk, not 1024 padded rows
             B = min(B, 1 << max(len(idx) - 1, 15).bit_length())
@@ -670,6 +661,17 @@ def _chunk_size(batch_size: int | None) -> int:
         return 1024
     check_positive_int("batch_size", batch_size)
     return int(batch_size)
+
+
+def _row_positions(n_obs: int, indices) -> np.ndarray:
+    """Row positions from ``indices`` (None: all; a bool mask; or positions), checked."""
+    idx = np.arange(n_obs) if indices is None else np.asarray(indices)
+    if idx.dtype == bool:
+        idx = np.flatnonzero(idx)
+    if idx.size and (idx.min() < 0 or idx.max() >= n_obs):
+        raise InputError("indices", f"[{idx.min()}, {idx.max()}]", "out of range for "
+                         f"{n_obs} cells", "pass indices in [0, n_obs)")
+    return idx
 
 
 def _nnz_bucket(cells: CellData, rows) -> int:

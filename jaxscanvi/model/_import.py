@@ -179,13 +179,8 @@ def _get(tree, path):
 
 
 def _put(tree: dict, path, value, filled: set, where: str):
-    node = tree
-    for p in path[:-1]:
-        if p not in node:
-            raise ModelFormatError(f"scvi-tools weight {where!r} has no counterpart "
-                                   f"{'/'.join(path)} in the jaxscanvi model")
-        node = node[p]
-    old = node.get(path[-1])
+    node = _get(tree, path[:-1])
+    old = node.get(path[-1]) if isinstance(node, dict) else None
     if old is None:
         raise ModelFormatError(f"scvi-tools weight {where!r} has no counterpart "
                                f"{'/'.join(path)} in the jaxscanvi model")

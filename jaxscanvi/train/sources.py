@@ -45,14 +45,17 @@ def epoch_rows(rng: np.random.Generator, idx: np.ndarray, batch_size: int,
 
 
 def labelled_rows(rng: np.random.Generator, lab_idx: np.ndarray, n_steps: int,
-                  batch_size: int) -> np.ndarray:
-    """Labelled rows for every step: shuffled passes over lab_idx, cycled as needed."""
+                  batch_size: int, shuffle=None) -> np.ndarray:
+    """Labelled rows for every step: shuffled passes over lab_idx, cycled as needed.
+
+    ``shuffle(rng, idx)`` orders one pass (default: a random permutation).
+    """
     need = n_steps * batch_size
     if need > 0 and len(lab_idx) == 0:  # would cycle through nothing forever
         raise ValueError("labelled_rows: no labelled cells to draw minibatches from")
     chunks, have = [], 0
     while have < need:
-        chunks.append(rng.permutation(lab_idx))
+        chunks.append(rng.permutation(lab_idx) if shuffle is None else shuffle(rng, lab_idx))
         have += len(lab_idx)
     return np.concatenate(chunks)[:need].astype(np.int32).reshape(n_steps, batch_size)
 
@@ -239,14 +242,9 @@ class StreamSource(HostSource):
         return epoch_rows(rng, ordered, batch_size, shuffle=False)
 
     def labelled_order(self, rng, lab_idx, n_steps, batch_size):
-        need = n_steps * batch_size
-        if need > 0 and len(lab_idx) == 0:
-            raise ValueError("labelled_rows: no labelled cells to draw minibatches from")
-        chunks, have = [], 0
-        while have < need:
-            chunks.append(block_order(rng, lab_idx, self.host.X.block_size))
-            have += len(lab_idx)
-        return np.concatenate(chunks)[:need].astype(np.int32).reshape(n_steps, batch_size)
+        block = self.host.X.block_size
+        return labelled_rows(rng, lab_idx, n_steps, batch_size,
+                             shuffle=lambda r, idx: block_order(r, idx, block))
 
 
 def check_source(kind: str, cells: CellData) -> None:
