@@ -480,6 +480,9 @@ TRAIN_CASES = [
      r"stream"),
     ("devices_more_than_there_are", {"devices": 64}, "devices", r"64"),
     ("devices_unknown", {"devices": "gpus"}, "devices", r"gpus"),
+    ("data_shards_zero", {"data_shards": 0}, "data_shards", r"0"),
+    ("batch_size_not_split_by_data_shards", {"batch_size": 127, "data_shards": 2},
+     "batch_size", r"127"),
 ]
 
 

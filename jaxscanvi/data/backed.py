@@ -26,7 +26,8 @@ def is_backed(X) -> bool:
 class BackedRows:
     """Row access to an on-disk CSR matrix through a small cache of row blocks."""
 
-    def __init__(self, dataset, block_size: int | None = None, cache_blocks: int = 4):
+    def __init__(self, dataset, block_size: int | None = None, cache_blocks: int = 4,
+                 rows: slice | None = None):
         if getattr(dataset, "format", "csr") != "csr":
             raise ValueError("streaming needs CSR (cells x genes, row-compressed) counts; "
                              "re-save the matrix as CSR")
@@ -35,6 +36,8 @@ class BackedRows:
         self.block_size = int(block_size or DEFAULT_BLOCK)
         self.cache_blocks = int(cache_blocks)
         self.indptr = np.asarray(dataset.group["indptr"][:], np.int64)
+        # the only rows this reader may touch (a process's slice in a many-host run)
+        self.rows = rows
         self._cache: OrderedDict[int, sp.csr_matrix] = OrderedDict()
 
     @property
@@ -51,22 +54,29 @@ class BackedRows:
         X = sp.csr_matrix(X) if not isinstance(X, sp.csr_matrix) else X
         return X.astype(np.float32) if X.dtype != np.float32 else X
 
+    def _span(self, b: int) -> tuple[int, int]:
+        """Rows [start, stop) of block b, clipped to ``self.rows``."""
+        start, stop = b * self.block_size, min((b + 1) * self.block_size, self.shape[0])
+        if self.rows is not None:
+            start, stop = max(start, self.rows.start), min(stop, self.rows.stop)
+        return start, stop
+
     def block(self, b: int) -> sp.csr_matrix:
         if b in self._cache:
             self._cache.move_to_end(b)
             return self._cache[b]
-        X = self.read(b * self.block_size, min((b + 1) * self.block_size, self.shape[0]))
+        X = self.read(*self._span(b))
         X.sum_duplicates()
         self._cache[b] = X
         while len(self._cache) > self.cache_blocks:
             self._cache.popitem(last=False)
         return X
 
-    def blocks(self):
-        """(start, CSR block) over the whole matrix, in order (not cached)."""
-        for b in range(self.n_blocks):
-            start = b * self.block_size
-            yield start, self.read(start, min(start + self.block_size, self.shape[0]))
+    def blocks(self, start: int = 0, stop: int | None = None):
+        """(start, CSR block) over rows [start, stop), in order (not cached)."""
+        stop = self.shape[0] if stop is None else stop
+        for a in range(start, stop, self.block_size):
+            yield a, self.read(a, min(a + self.block_size, stop))
 
     def __getitem__(self, rows) -> sp.csr_matrix:
         rows = np.asarray(rows, np.int64)
@@ -74,12 +84,20 @@ class BackedRows:
             raise IndexError("BackedRows takes a 1-D array of row indices")
         if rows.size == 0:
             return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
+        lim = self.rows
+        if lim is not None and (rows.min() < lim.start or rows.max() >= lim.stop):
+            from ..errors import InputError
+            raise InputError("indices", f"[{rows.min()}, {rows.max()}]", "this process "
+                             f"reads only rows [{lim.start}, {lim.stop}) of the backed "
+                             "file: its slice in a run of several processes",
+                             "pass indices=jaxscanvi.distributed.local_indices(adata.n_obs)"
+                             ", or load the AnnData into memory")
         which = rows // self.block_size
         parts, where = [], np.empty(rows.size, np.int64)
         offset = 0
         for b in np.unique(which):
             sel = np.flatnonzero(which == b)
-            parts.append(self.block(int(b))[rows[sel] - b * self.block_size])
+            parts.append(self.block(int(b))[rows[sel] - self._span(int(b))[0]])
             where[sel] = offset + np.arange(sel.size)
             offset += sel.size
         stacked = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]

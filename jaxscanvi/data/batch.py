@@ -39,33 +39,41 @@ def nnz_cap(row_nnz: np.ndarray, batch_size: int) -> int:
     return max(int(top.sum()), 1)
 
 
-def host_batch(cells: CellData, rows: np.ndarray, batch_size: int, k_cap: int) -> Batch:
-    """Build a Batch in numpy from CSR rows (``rows`` may be shorter than B)."""
-    n = len(rows)
+def host_batch(cells: CellData, rows: np.ndarray, batch_size: int,
+               k_cap: int | None) -> Batch:
+    """Build a Batch in numpy from CSR rows. ``rows`` may be shorter than B and
+    may hold -1 (padding); each cell keeps its position. ``k_cap=None`` leaves
+    out the list of non-zeros (dense likelihood)."""
+    rows = np.asarray(rows)
+    pos = np.flatnonzero(rows >= 0)
+    rows = rows[pos]
     X = cells.X[rows]
     G = X.shape[1]
     x = np.zeros((batch_size, G), np.float32)
-    if n:
-        x[:n] = X.toarray()
-    coo_row = np.repeat(np.arange(n, dtype=np.int32), np.diff(X.indptr))
-    nnz = X.nnz
-    if nnz > k_cap:
-        raise ValueError(f"minibatch has {nnz} non-zeros, more than the cap {k_cap}")
-    row = np.zeros(k_cap, np.int32)
-    col = np.zeros(k_cap, np.int32)
-    val = np.zeros(k_cap, np.float32)
-    row[:nnz], col[:nnz], val[:nnz] = coo_row, X.indices, X.data
+    if len(rows):
+        x[pos] = X.toarray()
+    nz = None
+    if k_cap is not None:
+        coo_row = np.repeat(pos.astype(np.int32), np.diff(X.indptr))
+        nnz = X.nnz
+        if nnz > k_cap:
+            raise ValueError(f"minibatch has {nnz} non-zeros, more than the cap {k_cap}")
+        row = np.zeros(k_cap, np.int32)
+        col = np.zeros(k_cap, np.int32)
+        val = np.zeros(k_cap, np.float32)
+        row[:nnz], col[:nnz], val[:nnz] = coo_row, X.indices, X.data
+        nz = NonZeros(row, col, val)
 
     def pad(a, fill=0):
         out = np.full((batch_size,) + a.shape[1:], fill, a.dtype)
-        out[:n] = a[rows]
+        out[pos] = a[rows]
         return out
 
     weight = np.zeros(batch_size, np.float32)
-    weight[:n] = 1.0
+    weight[pos] = 1.0
     lsf = (cells.log_size_factor if cells.log_size_factor is not None
            else np.zeros(cells.n_obs, np.float32))
-    return Batch(x=x, nz=NonZeros(row, col, val), weight=weight, batch=pad(cells.batch),
+    return Batch(x=x, nz=nz, weight=weight, batch=pad(cells.batch),
                  labels=pad(cells.labels), cat_covs=pad(cells.cat_covs),
                  cont_covs=pad(cells.cont_covs), log_size_factor=pad(lsf),
                  log_library=pad(cells.log_library), lgamma_const=pad(cells.lgamma_const))

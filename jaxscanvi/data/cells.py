@@ -15,7 +15,8 @@ from scipy.special import gammaln
 
 from ..errors import InputError
 from .backed import BackedRows, is_backed
-from .registry import Registry, check_counts, counts_matrix, scan_counts
+from .. import distributed
+from .registry import Registry, _cat, _scan_shards, check_counts, counts_matrix
 
 
 @dataclass
@@ -140,10 +141,12 @@ def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellDat
     backed = is_backed(raw) or isinstance(raw, BackedRows)
     if backed:  # counts stay on disk: checks and per-cell statistics in one pass
         X = raw if isinstance(raw, BackedRows) else BackedRows(raw)
-        parts, = scan_counts(X, field, allow_noninteger=registry.allow_noninteger_counts,
-                             each_block=(row_stats,))
-        totals = np.concatenate([t for t, _ in parts])
-        lg = np.concatenate([g for _, g in parts])
+        if distributed.process_count() > 1:  # read only this process's slice
+            X = BackedRows(X.dataset, X.block_size, X.cache_blocks,
+                           rows=distributed.local_slice(X.shape[0]))
+        parts, = _scan_shards(X, field, registry.allow_noninteger_counts, (row_stats,))
+        totals = distributed.gather_rows(_cat([t for t, _ in parts], np.float64))
+        lg = distributed.gather_rows(_cat([g for _, g in parts], np.float64))
     else:
         check_counts(raw, field, allow_noninteger=registry.allow_noninteger_counts)
         X = to_csr(raw)

@@ -20,6 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._version import FORMAT_VERSION
+from .. import distributed
 from ..errors import InputError
 
 UNS_KEY = "_jaxscanvi_registry"
@@ -117,11 +118,13 @@ def counts_matrix(adata, layer: str | None):
     return adata.layers[layer]
 
 
-def _row_blocks(X):
-    """(start, rows) blocks of a backed (on-disk) matrix, or an in-memory one whole."""
+def _row_blocks(X, rows: slice | None = None):
+    """(start, rows) blocks of a backed (on-disk) matrix, or an in-memory one whole;
+    only rows ``rows`` (a slice) of a backed one when given."""
     from .backed import BackedRows, is_backed
     if is_backed(X) or isinstance(X, BackedRows):
-        yield from (X if isinstance(X, BackedRows) else BackedRows(X)).blocks()
+        X = X if isinstance(X, BackedRows) else BackedRows(X)
+        yield from X.blocks(*((rows.start, rows.stop) if rows is not None else ()))
     else:
         yield 0, X
 
@@ -157,13 +160,14 @@ def _check_values(block, field: str, allow_noninteger: bool, chunk: int) -> bool
 
 
 def scan_counts(X, field: str, *, allow_noninteger: bool = False, each_block=(),
-                chunk: int = 1 << 22) -> list[list]:
+                chunk: int = 1 << 22, rows: slice | None = None) -> list[list]:
     """Check every stored count (see `_check_values`) and apply each function of
     ``each_block`` to every block of rows, in one pass over the matrix (one read
-    of a backed file); returns each function's per-block results."""
+    of a backed file); returns each function's per-block results. ``rows``
+    limits a backed matrix to a slice of its rows."""
     results: list[list] = [[] for _ in each_block]
     fractional = False
-    for _, block in _row_blocks(X):
+    for _, block in _row_blocks(X, rows):
         fractional |= _check_values(block, field, allow_noninteger, chunk)
         for out, fn in zip(results, each_block):
             out.append(fn(block))
@@ -172,6 +176,21 @@ def scan_counts(X, field: str, *, allow_noninteger: bool = False, each_block=(),
                       "(allow_noninteger_counts=True); the count likelihood assumes "
                       "integers", UserWarning, stacklevel=_user_stacklevel())
     return results
+
+
+def _scan_shards(X, field: str, allow_noninteger: bool, each_block) -> list[list]:
+    """`scan_counts` over all rows, or, for a backed matrix in a run of several
+    processes, over this process's slice only (each process reads its own)."""
+    from .backed import BackedRows, is_backed
+    rows = None
+    if distributed.process_count() > 1 and (is_backed(X) or isinstance(X, BackedRows)):
+        rows = distributed.local_slice(X.shape[0])
+    return distributed.agree(lambda: scan_counts(
+        X, field, allow_noninteger=allow_noninteger, each_block=each_block, rows=rows))
+
+
+def _cat(parts, dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 def check_counts(X, field: str, *, allow_noninteger: bool = False) -> None:
@@ -306,9 +325,9 @@ def build_registry(
 
     X = counts_matrix(adata, layer)
     field = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
-    rows, cols = scan_counts(X, field, allow_noninteger=allow_noninteger_counts,
-                             each_block=(row_sums, col_sums))
-    sums = np.concatenate(rows)
+    rows, cols = _scan_shards(X, field, allow_noninteger_counts, (row_sums, col_sums))
+    sums = distributed.gather_rows(_cat(rows, np.float64))
+    cols = [distributed.sum_all(np.sum(cols, axis=0) if cols else np.zeros(X.shape[1]))]
     if (sums <= 0).any():
         idx = int(np.flatnonzero(sums <= 0)[0])
         raise InputError(

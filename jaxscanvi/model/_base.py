@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .. import io
+from .. import distributed, io
 from ..train import checkpoint
 from ..data.batch import Batch, host_batch
 from ..distributions import NonZeros
@@ -187,10 +187,23 @@ class BaseModel:
              labelled_idx=None, val_labelled=None, loss_terms=None, loss_weights=None,
              trainable_mask=None, extra_val_metrics=None, default_plan=None,
              checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False,
-             devices="auto"):
+             devices="auto", data_shards=None):
         cells = self._train_cells()
         parallel = DataParallel.over(devices)
         check_positive_int("batch_size", batch_size)
+        hosts = jax.process_count()
+        if data_shards is None:
+            data_shards = hosts
+        check_positive_int("data_shards", data_shards)
+        if hosts > 1 and data_shards != hosts:
+            raise InputError("data_shards", data_shards, f"this run has {hosts} processes, "
+                             "each drawing from its own slice of the cells",
+                             f"leave data_shards unset (or pass {hosts})")
+        shards = None
+        if data_shards > 1:
+            distributed.check_batch_size(batch_size, data_shards,
+                                         jax.local_device_count() if hosts > 1 else 1)
+            shards = distributed.shard_bounds(cells.n_obs, data_shards)
         check_positive_int("max_epochs", max_epochs)
         if on_nonfinite not in ("raise", "skip_step"):
             raise InputError("on_nonfinite", on_nonfinite, "not 'raise' or 'skip_step'",
@@ -256,11 +269,20 @@ class BaseModel:
             check_positive_int("checkpoint_every", checkpoint_every)
 
             def on_epoch_end(ts_, loop_):
+                if not distributed.is_main():  # one writer; every process can resume
+                    return
                 e = int(ts_.epoch)
                 if e % checkpoint_every == 0 or e >= max_epochs or loop_.stopped_early:
                     checkpoint.save(checkpoint_dir, ts_, loop_, fingerprint, self)
-        source = make_source(data_source, cells, batch_size, parallel=parallel)
-        self._parallel = parallel
+        source = make_source(data_source, cells, batch_size, parallel=parallel,
+                             shards=shards)
+        # inference runs on each process's own devices
+        self._parallel = parallel if hosts == 1 else DataParallel.over("local")
+        if hosts > 1 and extra_val_metrics is not None:
+            inner = extra_val_metrics
+
+            def extra_val_metrics(ts_):
+                return inner(to_default_device(ts_))
         try:
             ts, loop = fit(ts, cfg=cfg, source=source, train_step=train_step,
                            eval_step=eval_step, train_idx=train_idx, val_idx=val_idx,
@@ -349,8 +371,37 @@ class BaseModel:
     def _map(self, fn, cells: CellData, indices, batch_size, seed: int = 0):
         """Apply jitted fn(variables, batch, key) over chunks of cells, in order.
 
-        ``fn`` returns arrays with the cell axis first.
+        ``fn`` returns arrays with the cell axis first. When each process of a
+        many-host run reads only its slice of a backed file, each maps its
+        own cells and every process gets all the results.
         """
+        if getattr(cells.X, "rows", None) is not None and jax.process_count() > 1:
+            return self._map_slices(fn, cells, indices, batch_size, seed)
+        return self._map_here(fn, cells, indices, batch_size, seed)
+
+    def _map_slices(self, fn, cells: CellData, indices, batch_size, seed: int):
+        idx = _row_positions(cells.n_obs, indices)
+        if idx.size == 0:
+            raise InputError("indices", [], "selects no cells", "pass at least one index")
+        bounds = distributed.shard_bounds(cells.n_obs, jax.process_count())
+        owner = np.searchsorted(bounds, idx, side="right") - 1
+        p = jax.process_index()
+        mine = idx[owner == p]
+        # a process none of whose cells were asked for still joins the gather
+        out = self._map_here(fn, cells, mine if mine.size else bounds[p:p + 1],
+                             batch_size, seed + 7919 * p)
+        if not mine.size:
+            out = jax.tree_util.tree_map(lambda a: a[:0], out)
+        where = np.concatenate([np.flatnonzero(owner == q) for q in range(len(bounds) - 1)])
+
+        def place(a):
+            a = distributed.gather_rows(a)
+            res = np.empty_like(a)
+            res[where] = a
+            return res
+        return jax.tree_util.tree_map(place, out)
+
+    def _map_here(self, fn, cells: CellData, indices, batch_size, seed: int = 0):
         outs = []
         key = jax.random.PRNGKey(seed)
         par = self._parallel
@@ -485,7 +536,15 @@ class BaseModel:
         return {}
 
     def save(self, dir_path, overwrite: bool = False, save_anndata: bool = False) -> None:
-        """Save parameters, config, registry and history to a folder, atomically."""
+        """Save parameters, config, registry and history to a folder, atomically.
+
+        In a run of several processes, process 0 writes and the others wait
+        for it (an error there is raised on every process).
+        """
+        distributed.agree(lambda: self._write(dir_path, overwrite, save_anndata)
+                          if distributed.is_main() else None)
+
+    def _write(self, dir_path, overwrite: bool, save_anndata: bool) -> None:
         meta = {
             "model_class": type(self).__name__,
             "config": self.module.config.to_dict(),

@@ -246,7 +246,7 @@ class SCANVI(QueryMixin, DownstreamMixin, BaseModel):
               data_source: Literal["auto", "device", "host", "stream"] = "auto",
               loss_terms: dict | None = None, loss_weights: dict | None = None,
               checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False,
-              devices="auto",
+              devices="auto", data_shards: int | None = None,
               calibrate: bool = True):
         """Train on all cells, each minibatch paired with a minibatch of labelled cells.
 
@@ -316,7 +316,7 @@ class SCANVI(QueryMixin, DownstreamMixin, BaseModel):
                   loss_weights=loss_weights, extra_val_metrics=val_metrics,
                   default_plan={"objective": "seed", "classification_ratio": 50.0},
                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                  resume=resume, devices=devices)
+                  resume=resume, devices=devices, data_shards=data_shards)
         if not is_query:
             self.reference_stats = self._novelty_stats()
 

@@ -109,7 +109,7 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
               data_source: Literal["auto", "device", "host", "stream"] = "auto",
               loss_terms: dict | None = None, loss_weights: dict | None = None,
               checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False,
-              devices="auto"):
+              devices="auto", data_shards: int | None = None):
         """Train with Adam (coupled L2) and linear KL warm-up, as scvi-tools does.
 
         Parameters
@@ -138,7 +138,14 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
             "auto" (every local device), an int n (the first n), or a list of
             devices: each minibatch is split across them (data parallelism,
             same results as one device); ``batch_size`` is the global batch,
-            padded with masked rows to a multiple of the device count.
+            padded with masked rows to a multiple of the device count. In a
+            run of several processes (`jaxscanvi.distributed`), "auto" is every
+            device of every process.
+        data_shards
+            Draw each global minibatch from this many contiguous slices of the
+            cells, ``batch_size / data_shards`` cells from each. Default: the
+            number of processes (1 on one host). Set it on one process to
+            replay a run of that many processes exactly.
         """
         if max_epochs is None:
             max_epochs = max_epochs_heuristic(self._train_cells().n_obs)
@@ -152,4 +159,4 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
             seed=seed, progress_bar=progress_bar, on_nonfinite=on_nonfinite,
             data_source=data_source, loss_terms=loss_terms, loss_weights=loss_weights,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-            devices=devices)
+            devices=devices, data_shards=data_shards)

@@ -29,6 +29,15 @@ def resolve_devices(devices) -> list | None:
     local = jax.local_devices()
     if devices is None:
         return None
+    if isinstance(devices, str) and devices == "local":  # this process's own devices
+        return local if len(local) > 1 else None
+    if jax.process_count() > 1:  # many hosts: one mesh over every device of every process
+        if devices != "auto" and devices != len(local):
+            raise InputError("devices", devices, f"this run has {jax.process_count()} "
+                             "processes, and trains on every device of each",
+                             "pass devices='auto'; choose each process's devices with "
+                             "jaxscanvi.distributed.initialize(local_device_ids=...)")
+        return jax.devices()
     if isinstance(devices, str):
         if devices != "auto":
             raise InputError("devices", devices, "not 'auto', an int or a list of devices",
@@ -100,16 +109,34 @@ class DataParallel:
         """Inside jit: lay the minibatch out across the devices."""
         return jax.lax.with_sharding_constraint(batch, self.batch_shardings(batch))
 
+    def put_local(self, batch):
+        """This process's rows of a global minibatch (runs of several processes)."""
+        return jax.tree_util.tree_map(jax.make_array_from_process_local_data,
+                                      self.batch_shardings(batch), batch)
+
     def replicate(self, tree):
-        return jax.device_put(tree, self.replicated)
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.replicated)
+        rep = self.replicated
+
+        def one(a):  # across processes, from host values that every process holds
+            if isinstance(a, jax.Array) and a.sharding == rep:
+                return a
+            return jax.device_put(np.asarray(a), rep)
+        return jax.tree_util.tree_map(one, tree)
 
 
 def to_default_device(tree):
-    """Arrays spread over several devices, gathered onto the default one."""
-    dev = jax.devices()[0]
+    """Arrays spread over several devices, gathered onto this process's first one.
+
+    Arrays replicated over several processes are read from a local copy.
+    """
+    dev = jax.local_devices()[0]
 
     def one(a):
         if isinstance(a, jax.Array) and len(a.sharding.device_set) > 1:
+            if not a.is_fully_addressable:
+                a = a.addressable_data(0)
             return jax.device_put(a, dev)
         return a
     return jax.tree_util.tree_map(one, tree)

@@ -79,15 +79,54 @@ def grown_cap(k_cap: int, row_nnz: np.ndarray, rows) -> int:
     return k_cap if need <= k_cap else max(need + need // 4, k_cap)
 
 
+def _side_by_side(parts: list[np.ndarray]) -> np.ndarray:
+    """(n_i, b) row blocks padded with -1 steps to the longest, then joined by columns."""
+    n = max(p.shape[0] for p in parts)
+    return np.concatenate([np.pad(p, ((0, n - p.shape[0]), (0, 0)), constant_values=-1)
+                           for p in parts], axis=1).astype(np.int32)
+
+
 class Source:
-    """What every source shares: the order of an epoch's cells."""
+    """What every source shares: the order of an epoch's cells.
+
+    With ``shards`` (boundaries of contiguous slices of the cells, one per
+    process), global minibatch i is the concatenation of each slice's own
+    minibatch i, drawn from that slice's cells only, so each process of a
+    many-host run reads only its slice. One process given the same shards
+    sees the same global minibatches.
+    """
+
+    shards: np.ndarray | None = None
+
+    def _order(self, rng, idx, batch_size: int, shuffle: bool) -> np.ndarray:
+        return epoch_rows(rng, idx, batch_size, shuffle)
+
+    def _labelled(self, rng, lab_idx, n_steps: int, batch_size: int) -> np.ndarray:
+        return labelled_rows(rng, lab_idx, n_steps, batch_size)
+
+    def _split(self, rng, idx, batch_size: int):
+        n = len(self.shards) - 1
+        idx = np.asarray(idx)
+        seeds = rng.integers(0, 2**63 - 1, size=n)
+        parts = [idx[(idx >= lo) & (idx < hi)] for lo, hi in zip(self.shards[:-1],
+                                                                 self.shards[1:])]
+        return [np.random.default_rng(int(s)) for s in seeds], parts, batch_size // n
 
     def order(self, rng: np.random.Generator, idx: np.ndarray, batch_size: int,
               shuffle: bool = True) -> np.ndarray:
-        return epoch_rows(rng, idx, batch_size, shuffle)
+        if self.shards is None:
+            return self._order(rng, idx, batch_size, shuffle)
+        rngs, parts, b = self._split(rng, idx, batch_size)
+        return _side_by_side([self._order(r, p, b, shuffle) for r, p in zip(rngs, parts)])
 
     def labelled_order(self, rng, lab_idx, n_steps: int, batch_size: int) -> np.ndarray:
-        return labelled_rows(rng, lab_idx, n_steps, batch_size)
+        if self.shards is None:
+            return self._labelled(rng, lab_idx, n_steps, batch_size)
+        rngs, parts, b = self._split(rng, lab_idx, batch_size)
+        # a slice without labelled cells contributes padding (weight 0)
+        return _side_by_side([self._labelled(r, p, n_steps, b) if len(p) else
+                              np.full((n_steps, b), -1, np.int32)
+                              for r, p in zip(rngs, parts)])
 
 
 class DeviceSource(Source):
@@ -154,8 +193,12 @@ class HostSource(Source):
 
     kind = "host"
 
-    def __init__(self, cells: CellData, batch_size: int, prefetch: int = 2, parallel=None):
+    def __init__(self, cells: CellData, batch_size: int, prefetch: int = 2, parallel=None,
+                 process: int | None = None):
         self.parallel = parallel
+        # in a run of several processes: this one's slice of `shards`, whose
+        # rows it feeds into the global minibatch (dense counts: no COO list)
+        self.process = process
         self.host = cells
         self.n_genes = cells.n_vars
         self.batch_size = batch_size
@@ -164,15 +207,13 @@ class HostSource(Source):
         self.prefetch = prefetch
 
     def _batches(self, rows, lab_rows):
-        B, K = rows.shape[1], self.k_cap
-        for i in range(rows.shape[0]):
-            r = rows[i]
-            main = host_batch(self.host, r[r >= 0], B, K)
+        B, K = rows.shape[1], (None if self.process is not None else self.k_cap)
+        for i in range(rows.shape[0]):  # -1 padding keeps its place, as on the device
+            main = host_batch(self.host, rows[i], B, K)
             if lab_rows is None:
                 yield main
             else:
-                lr = lab_rows[i]
-                yield (main, host_batch(self.host, lr[lr >= 0], B, K))
+                yield (main, host_batch(self.host, lab_rows[i], B, K))
 
     def _prefetched(self, rows, lab_rows):
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -180,7 +221,8 @@ class HostSource(Source):
 
         def produce():
             try:
-                put = jax.device_put if self.parallel is None else self.parallel.put
+                put = jax.device_put if self.parallel is None else \
+                    self.parallel.put_local if self.process is not None else self.parallel.put
                 for b in self._batches(rows, lab_rows):
                     q.put(put(b))
                 q.put(done)
@@ -199,12 +241,19 @@ class HostSource(Source):
     def run_epoch(self, step_fn, carry, rows, lab_rows=None):
         if lab_rows is not None:  # repeated labelled cells may need a larger cap
             self.k_cap = grown_cap(self.k_cap, self.row_nnz, lab_rows)
-        key = ("host", step_fn)
-        if key not in _COMPILED:
-            _COMPILED[key] = jax.jit(step_fn)
-        fn = _COMPILED[key]
         par = self.parallel
-        if par is not None:
+        key = ("host", step_fn, par if self.process is not None else None)
+        if key not in _COMPILED:  # across processes every output is kept replicated
+            _COMPILED[key] = jax.jit(step_fn) if self.process is None else \
+                jax.jit(step_fn, out_shardings=par.replicated)
+        fn = _COMPILED[key]
+        if self.process is not None:  # this process's columns of the global minibatches
+            b = rows.shape[1] // (len(self.shards) - 1)
+            cols = slice(self.process * b, (self.process + 1) * b)
+            rows = np.asarray(rows)[:, cols]
+            lab_rows = None if lab_rows is None else np.asarray(lab_rows)[:, cols]
+            carry = par.replicate(carry)
+        elif par is not None:
             rows, lab_rows = par.pad(rows), par.pad(lab_rows)
             carry = par.replicate(carry)
         outs, parts = [], []
@@ -235,13 +284,13 @@ class StreamSource(HostSource):
 
     kind = "stream"
 
-    def order(self, rng, idx, batch_size, shuffle=True):
+    def _order(self, rng, idx, batch_size, shuffle):
         if not shuffle:
             return epoch_rows(rng, idx, batch_size, shuffle=False)
         ordered = block_order(rng, idx, self.host.X.block_size)
         return epoch_rows(rng, ordered, batch_size, shuffle=False)
 
-    def labelled_order(self, rng, lab_idx, n_steps, batch_size):
+    def _labelled(self, rng, lab_idx, n_steps, batch_size):
         block = self.host.X.block_size
         return labelled_rows(rng, lab_idx, n_steps, batch_size,
                              shuffle=lambda r, idx: block_order(r, idx, block))
@@ -262,26 +311,40 @@ def check_source(kind: str, cells: CellData) -> None:
 
 def make_source(kind: str, cells: CellData, batch_size: int, *,
                 device_budget_bytes: int | None = None, dense_max_bytes: int = 1 << 30,
-                parallel=None):
+                parallel=None, shards: np.ndarray | None = None):
     """Pick a source: 'device', 'host', or 'auto' (device when it fits the budget).
 
-    With ``parallel`` (a `DataParallel`), minibatches are split across its devices.
+    With ``parallel`` (a `DataParallel`), minibatches are split across its
+    devices; with ``shards``, drawn slice by slice (see `Source`).
     """
     check_source(kind, cells)
     if kind == "auto" and isinstance(cells.X, BackedRows):
         kind = "stream"
+    if jax.process_count() > 1:  # each process feeds its slice from the host
+        if kind == "device":
+            raise InputError("data_source", kind, f"this run has {jax.process_count()} "
+                             "processes, and each feeds its own cells from the host",
+                             "pass data_source='auto', 'host' or 'stream'")
+        kind = "host" if kind == "auto" else kind
+        src = (StreamSource if kind == "stream" else HostSource)(
+            cells, batch_size, parallel=parallel, process=jax.process_index())
+        src.shards = shards
+        return src
     if kind == "auto":
         nbytes = cells.X.data.nbytes * 2 + cells.X.indptr.nbytes + cells.n_obs * 64
         budget = device_budget_bytes if device_budget_bytes is not None else _device_budget()
         kind = "device" if nbytes <= budget else "host"
     if kind == "device":
-        return DeviceSource(cells, batch_size, dense_max_bytes=dense_max_bytes,
-                            parallel=parallel)
-    if kind == "host":
-        return HostSource(cells, batch_size, parallel=parallel)
-    if kind == "stream":
-        return StreamSource(cells, batch_size, parallel=parallel)
-    raise ValueError(f"data_source={kind!r}: use 'auto', 'device' or 'host'")
+        src = DeviceSource(cells, batch_size, dense_max_bytes=dense_max_bytes,
+                           parallel=parallel)
+    elif kind == "host":
+        src = HostSource(cells, batch_size, parallel=parallel)
+    elif kind == "stream":
+        src = StreamSource(cells, batch_size, parallel=parallel)
+    else:
+        raise ValueError(f"data_source={kind!r}: use 'auto', 'device' or 'host'")
+    src.shards = shards
+    return src
 
 
 def _device_budget() -> int:

@@ -1,0 +1,145 @@
+"""Training on many hosts: JAX's multi-controller runtime, one process per host.
+
+Every process runs the same script on the same AnnData (a backed ``.h5ad``
+keeps only ``obs`` and ``var`` in memory) after calling `initialize`. The
+cells are cut into one contiguous slice per process (`shard_bounds`); a
+process reads the counts of its own slice only, at set-up and in training.
+Global minibatch i is the concatenation of every process's local minibatch
+i, laid out over one mesh of all devices of all processes, so the step is
+the single-host step. One process can replay a many-process run exactly with
+``train(..., data_shards=n)``. Files (saved models, checkpoints) are written
+by process 0 only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import jax
+
+from .errors import InputError
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, local_device_ids=None, **kwargs) -> None:
+    """Join the run: `jax.distributed.initialize` with gloo collectives on CPU.
+
+    Call it first, before anything runs a JAX computation. On SLURM, TPU pods
+    and other clusters JAX reads the arguments from the environment and all
+    may be left out; on your own machines pass them (the same coordinator
+    address, e.g. ``"10.0.0.1:1234"``, on every process).
+    """
+    try:  # CPU processes exchange tensors through gloo; other platforms ignore it
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):  # an older JAX without the option
+        pass
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               local_device_ids=local_device_ids, **kwargs)
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def process_index() -> int:
+    return jax.process_index()
+
+
+def is_main() -> bool:
+    """True on the process that writes files (process 0)."""
+    return jax.process_index() == 0
+
+
+def shard_bounds(n_obs: int, n_shards: int) -> np.ndarray:
+    """Boundaries (n_shards + 1,) of near-equal contiguous slices of the cells."""
+    return (np.arange(n_shards + 1, dtype=np.int64) * n_obs) // n_shards
+
+
+def local_slice(n_obs: int) -> slice:
+    """The cells this process reads: its slice of `shard_bounds`."""
+    b = shard_bounds(n_obs, jax.process_count())
+    p = jax.process_index()
+    return slice(int(b[p]), int(b[p + 1]))
+
+
+def local_indices(n_obs: int) -> np.ndarray:
+    """Row positions of this process's cells, e.g. for ``get_latent_representation(
+    indices=...)`` so that each process embeds only its own slice."""
+    s = local_slice(n_obs)
+    return np.arange(s.start, s.stop)
+
+
+def check_batch_size(batch_size: int, n_shards: int, local_devices: int = 1) -> int:
+    """The per-shard minibatch size; the global one must split evenly."""
+    step = n_shards * local_devices
+    if batch_size % step:
+        raise InputError("batch_size", batch_size,
+                         f"the minibatch is split over {n_shards} data shard(s) with "
+                         f"{local_devices} device(s) each",
+                         f"pass a multiple of {step}, e.g. batch_size="
+                         f"{-(-batch_size // step) * step}")
+    return batch_size // n_shards
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """Every process's rows (axis 0), concatenated in process order, on every process.
+
+    Sent as bytes, so any dtype arrives exact (JAX would narrow float64 to float32).
+    """
+    local = np.ascontiguousarray(local)
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils as mu
+    n = np.asarray(mu.process_allgather(np.asarray([local.shape[0]], np.int32))).ravel()
+    width = local.dtype.itemsize * int(np.prod(local.shape[1:], dtype=np.int64))
+    if width == 0:
+        return np.zeros((int(n.sum()),) + local.shape[1:], local.dtype)
+    buf = np.zeros((int(n.max()), width), np.uint8)
+    buf[:local.shape[0]] = np.frombuffer(local.tobytes(), np.uint8).reshape(-1, width)
+    allp = np.asarray(mu.process_allgather(buf))
+    rows = np.concatenate([allp[p, :int(k)] for p, k in enumerate(n)])
+    return np.ascontiguousarray(rows).view(local.dtype).reshape((-1,) + local.shape[1:])
+
+
+def sum_all(x: np.ndarray) -> np.ndarray:
+    """The sum of ``x`` over processes (in its own dtype), on every process."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    return gather_rows(x[None]).sum(axis=0)
+
+
+def agree(fn):
+    """Run ``fn()`` on every process; if it raised anywhere, raise everywhere.
+
+    A check that fails on one process's slice must stop every process: the
+    others would otherwise wait forever for it at the next collective.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils as mu
+    err, out = None, None
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+        err = e
+    msg = np.zeros(1024, np.uint8)
+    if err is not None:
+        text = f"{type(err).__name__}: {err}".encode()[:1023] or b"error"
+        msg[:len(text)] = np.frombuffer(text, np.uint8)
+    allm = np.asarray(mu.process_allgather(msg))
+    if err is not None:
+        raise err
+    for p, m in enumerate(allm):
+        if m.any():
+            text = bytes(m[m > 0]).decode(errors="replace")
+            raise RuntimeError(f"process {p} stopped the run: {text}")
+    return out
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (e.g. until process 0 has saved)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils as mu
+        mu.sync_global_devices(name)
