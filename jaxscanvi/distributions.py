@@ -13,10 +13,15 @@ For a negative binomial with mean :math:`\mu` and inverse dispersion
       + \underbrace{\log\Gamma(x+\theta)-\log\Gamma(\theta)}_{D(\theta, x)}
       - \log\Gamma(x+1).
 
-``A`` and ``B`` are cheap and computed densely. ``D`` is the expensive part and
-is zero when ``x = 0``, so it is evaluated on the non-zero entries only when
-they are given (``nz``). ``log Gamma(x+1)`` does not depend on the parameters;
-it is precomputed per cell on the host and never enters the gradient.
+``D`` is zero when ``x = 0``. It is evaluated without lgamma (`lgamma_ratio`:
+Stirling's series after shifting theta by 4), either on the non-zero entries
+when they are given (``nz``, the sparse path) or on every entry, masked. The
+dense float32 case runs as one fused pass (`jax.custom_vjp`) that computes
+the per-entry values and their derivatives in log mu, log theta and the gate
+logits together, so each entry costs 3 exp, 4 log1p, 2 log and a few
+divisions in all, forward and backward; it is the faster path on the CPU
+(`sparse_pays`). ``log Gamma(x+1)`` does not depend on the parameters; it is
+precomputed per cell on the host and never enters the gradient.
 
 ZINB with gate logits :math:`\pi` (probability of an extra zero
 :math:`\sigma(\pi)`):
@@ -34,9 +39,9 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
-# D(theta, x) switches to a Stirling expansion above this theta: there
-# lgamma(x + theta) - lgamma(theta) cancels catastrophically in float32.
-_STIRLING_FROM = 10.0
+# D(theta, x) is evaluated by Stirling's series at theta + _SHIFT, where it is
+# accurate to 4e-9, and shifted back by the recurrence of Gamma.
+_SHIFT = 4
 
 
 class NonZeros(NamedTuple):
@@ -51,30 +56,44 @@ class NonZeros(NamedTuple):
 
 
 def _stirling_tail(z):
-    # lgamma(z) - [(z - 1/2) log z - z + log(2 pi)/2], asymptotic series
+    # lgamma(z) - [(z - 1/2) log z - z + log(2 pi)/2], asymptotic series;
+    # the first omitted term, 1/(1188 z^9), is below 4e-9 for z >= 4
     zi = 1.0 / z
     zi2 = zi * zi
-    return zi * (1.0 / 12.0 - zi2 * (1.0 / 360.0 - zi2 * (1.0 / 1260.0)))
+    return zi * (1.0 / 12.0 - zi2 * (1.0 / 360.0 - zi2 * (1.0 / 1260.0
+                                                         - zi2 * (1.0 / 1680.0))))
 
 
 def lgamma_ratio(theta, x):
     r"""D(theta, x) = lgamma(x + theta) - lgamma(theta), accurate for any theta > 0.
 
-    For large theta uses
-    :math:`(\theta-\tfrac12)\log1p(x/\theta) + x(\log(\theta+x)-1) + c(\theta+x) - c(\theta)`
-    so that theta = 1e8 with small x keeps full relative precision. Terms that
-    depend on theta alone are computed at theta's own shape (per gene when
-    theta is per gene), not at the broadcast (cells, genes) shape.
+    With :math:`t = \theta + 4`, Gamma's recurrence and Stirling's series at
+    t give
+
+    .. math::
+        D(\theta, x) = (t - \tfrac12)\,\mathrm{log1p}(x/t) + x(\log(t + x) - 1)
+            + c(t + x) - c(t) - \log \prod_{k=0}^{3}\bigl(1 + \tfrac{x}{\theta + k}\bigr),
+
+    with ``c`` Stirling's remainder. No term, nor its derivative in theta,
+    cancels catastrophically in float32, from theta = 1e-4 to 1e8, and an
+    entry costs one log1p, two logs and one division, with no lgamma or
+    digamma (in the gradient): cheap
+    enough for every (cell, gene) entry. Terms of theta alone are computed
+    at theta's own shape (per gene when theta is per gene). The product
+    stays finite in float32 for counts up to 1e7. In float64 the shift is 16.
     """
-    big = theta >= _STIRLING_FROM
-    t_big = jnp.where(big, theta, _STIRLING_FROM)
-    t_small = jnp.where(big, 1.0, theta)
-    const = jnp.where(big, _stirling_tail(t_big), gammaln(t_small))  # theta's shape
-    stirling = ((t_big - 0.5) * jnp.log1p(x / t_big) + x * (jnp.log(t_big + x) - 1.0)
-                + _stirling_tail(t_big + x))
-    direct = gammaln(x + t_small)
-    # exactly 0 at x = 0 (padding entries of the sparse path)
-    return jnp.where(x > 0, jnp.where(big, stirling, direct) - const, 0.0)
+    # float64 (jax_enable_x64) shifts further, for a series error below 1e-14
+    shift = 16 if jnp.result_type(theta, x) == jnp.float64 else _SHIFT
+    t = theta + shift
+    inv_t = 1.0 / t
+    c_t = _stirling_tail(t)
+    prod = 1.0
+    for k in range(shift):
+        prod = prod * (1.0 + x * (1.0 / (theta + k)))  # 1 / (theta + k): theta's shape
+    s = ((t - 0.5) * jnp.log1p(x * inv_t) + x * (jnp.log(t + x) - 1.0)
+         + (_stirling_tail(t + x) - c_t))
+    # exactly 0 at x = 0 (zero counts and padding entries of the sparse path)
+    return jnp.where(x > 0, s - jnp.log(prod), 0.0)
 
 
 def _gather(a, nz: NonZeros):
@@ -129,8 +148,135 @@ def nb_dense_terms(x, log_mu, log_theta):
     return -theta * sp_a - x * sp_neg, -theta * sp_a
 
 
+def _softplus_sigmoid(a):
+    """softplus(a), softplus(-a), sigmoid(a), sigmoid(-a) from one exp, one log1p
+    and one division."""
+    e = jnp.exp(-jnp.abs(a))
+    l = jnp.log1p(e)
+    r = 1.0 / (1.0 + e)
+    pos = a >= 0
+    return (jnp.maximum(a, 0.0) + l, jnp.maximum(-a, 0.0) + l,
+            jnp.where(pos, r, e * r), jnp.where(pos, e * r, r))
+
+
+def _stirling_tail_grad(z):
+    # derivative of _stirling_tail
+    zi = 1.0 / z
+    zi2 = zi * zi
+    return -zi2 * (1.0 / 12.0 - zi2 * (1.0 / 120.0 - zi2 * (1.0 / 252.0
+                                                            - zi2 * (1.0 / 240.0))))
+
+
+def _lgamma_ratio_and_grad(theta, x):
+    """`lgamma_ratio` (shift 4, float32) and its derivative in theta, digamma(x +
+    theta) - digamma(theta), in one pass: the derivative's terms are rational
+    functions of what the value computes."""
+    t = theta + _SHIFT
+    inv_t = 1.0 / t
+    inv = [1.0 / (theta + k) for k in range(_SHIFT)]  # theta's shape
+    lp = jnp.log1p(x * inv_t)
+    tx = t + x
+    itx = 1.0 / tx
+    prod = (1.0 + x * inv[0]) * (1.0 + x * inv[1]) * (1.0 + x * inv[2]) * (1.0 + x * inv[3])
+    d = ((t - 0.5) * lp + x * (jnp.log(tx) - 1.0) + (_stirling_tail(tx) - _stirling_tail(t))
+         - jnp.log(prod))
+    # sum_k 1/(y + k) for y = theta + x, k < 4, in two fractions
+    y = theta + x
+    s_y = (2.0 * y + 1.0) / (y * (y + 1.0)) + (2.0 * y + 5.0) / ((y + 2.0) * (y + 3.0))
+    dd = (lp + 0.5 * x * inv_t * itx + _stirling_tail_grad(tx) - _stirling_tail_grad(t)
+          + (inv[0] + inv[1] + inv[2] + inv[3]) - s_y)
+    nonzero = x > 0
+    return jnp.where(nonzero, d, 0.0), jnp.where(nonzero, dd, 0.0)
+
+
+def _nb_entries(x, log_mu, log_theta, zi):
+    """Per-entry NB (zi None) or ZINB log-pmf without -lgamma(x+1), and its
+    derivatives in log_mu, log_theta and zi, from one pass over the entries."""
+    theta = jnp.exp(log_theta)
+    sp_a, sp_na, sig_a, sig_na = _softplus_sigmoid(log_mu - log_theta)
+    big_a = -theta * sp_a
+    d, dd = _lgamma_ratio_and_grad(theta, x)
+    nb = big_a - x * sp_na + d
+    g_mu = x * sig_na - theta * sig_a
+    g_th = big_a + theta * (sig_a + dd) - x * sig_na
+    if zi is None:
+        return nb, g_mu, g_th, None
+    sp_p, _, sig_p, _ = _softplus_sigmoid(zi)
+    sp_z, _, sig_z, sig_nz = _softplus_sigmoid(big_a - zi)
+    zero = x <= 0
+    ll = jnp.where(zero, sp_z - sp_p + zi, nb - sp_p)
+    g_mu = jnp.where(zero, -sig_z * theta * sig_a, g_mu)
+    g_th = jnp.where(zero, sig_z * (big_a + theta * sig_a), g_th)
+    g_zi = jnp.where(zero, sig_nz, 0.0) - sig_p
+    return ll, g_mu, g_th, g_zi
+
+
+def _unbroadcast(g, shape):
+    """Sum a cotangent down to the shape its input had before broadcasting."""
+    g = g.sum(tuple(range(g.ndim - len(shape)))) if g.ndim > len(shape) else g
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return g.sum(axes, keepdims=True) if axes else g
+
+
+@jax.custom_vjp
+def _fused_ll(x, log_mu, log_theta, zi):
+    return _nb_entries(x, log_mu, log_theta, zi)[0].sum(-1)
+
+
+def _fused_fwd(x, log_mu, log_theta, zi):
+    ll, g_mu, g_th, g_zi = _nb_entries(x, log_mu, log_theta, zi)
+    szi = None if zi is None else jnp.shape(zi)
+    return ll.sum(-1), (g_mu, g_th, g_zi, x, log_mu, log_theta, szi)
+
+
+def _count_grad(x, log_mu, log_theta, zero_inflated: bool):
+    """d/dx of the log-pmf, as autodiff gives it for the generic code:
+    digamma(x + theta) - log(1 + theta/mu) at x > 0; at x = 0, where D is
+    pinned to 0, -log(1 + theta/mu) for NB and 0 for ZINB (whose zero case
+    holds no x). Traced only when a caller differentiates with respect to
+    the counts; otherwise XLA drops it."""
+    theta = jnp.exp(log_theta)
+    _, sp_na, _, _ = _softplus_sigmoid(log_mu - log_theta)
+    y = theta + x
+    z = y + _SHIFT
+    s_y = (2.0 * y + 1.0) / (y * (y + 1.0)) + (2.0 * y + 5.0) / ((y + 2.0) * (y + 3.0))
+    digamma = jnp.log(z) - 0.5 / z + _stirling_tail_grad(z) - s_y
+    return jnp.where(x > 0, digamma - sp_na, 0.0 if zero_inflated else -sp_na)
+
+
+def _fused_bwd(res, ct):
+    g_mu, g_th, g_zi, x, log_mu, log_theta, szi = res
+    c = ct[..., None]
+    return (_unbroadcast(c * _count_grad(x, log_mu, log_theta, g_zi is not None),
+                         jnp.shape(x)),
+            _unbroadcast(c * g_mu, jnp.shape(log_mu)),
+            _unbroadcast(c * g_th, jnp.shape(log_theta)),
+            None if g_zi is None else _unbroadcast(c * g_zi, szi))
+
+
+_fused_ll.defvjp(_fused_fwd, _fused_bwd)
+
+
+def sparse_pays() -> bool:
+    """Whether the likelihood should use the list of non-zeros when it has one.
+
+    On the CPU the fused dense pass is faster (measured: 22,000 vs 15,000
+    cells/s for scVI at batch 128), since gathers and scatter-adds there are
+    slower than the four logs an entry costs. On accelerators, where those
+    are cheap, the sparse path keeps the D(theta, x) work to the non-zeros.
+    """
+    return jax.default_backend() != "cpu"
+
+
+def _use_fused(nz, *arrays) -> bool:
+    # dense float32 entries: the fused pass (float64 keeps autodiff's exactness)
+    return nz is None and all(jnp.result_type(a) == jnp.float32 for a in arrays)
+
+
 def log_nb(x, log_mu, log_theta, *, nz: NonZeros | None = None, lgamma_const=None):
     """Per-cell NB log-likelihood, summed over genes. x: (B, G)."""
+    if _use_fused(nz, x, log_mu, log_theta):
+        return _fused_ll(x, log_mu, log_theta, None) - _const(x, lgamma_const)
     ab, _ = nb_dense_terms(x, log_mu, log_theta)
     out = ab.sum(-1) + _lgamma_part(x, log_theta, nz)
     return out - _const(x, lgamma_const)
@@ -139,6 +285,8 @@ def log_nb(x, log_mu, log_theta, *, nz: NonZeros | None = None, lgamma_const=Non
 def log_zinb(x, log_mu, log_theta, zi_logits, *, nz: NonZeros | None = None,
              lgamma_const=None):
     """Per-cell ZINB log-likelihood, summed over genes. x: (B, G)."""
+    if _use_fused(nz, x, log_mu, log_theta, zi_logits):
+        return _fused_ll(x, log_mu, log_theta, zi_logits) - _const(x, lgamma_const)
     ab, a_term = nb_dense_terms(x, log_mu, log_theta)
     sp_pi = jax.nn.softplus(zi_logits)
     # softplus(-pi) = softplus(pi) - pi

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from .data.batch import Batch
 from .distributions import (kl_normal, kl_standard_normal, log_nb, log_poisson, log_zinb,
-                            normal_log_prob)
+                            normal_log_prob, sparse_pays)
 from .module import VAE
 
 
@@ -45,7 +45,8 @@ def weighted_mean(v, weight):
 def reconstruction_loss(outputs: dict, batch: Batch, gene_likelihood: str, *,
                         sparse: bool = True):
     """-log p(x | z, l) per cell, (B,) (or (S, B) for S posterior samples)."""
-    nz = batch.nz if sparse and outputs["log_mu"].ndim == 2 else None  # None: dense
+    # None: dense (also where the fused dense pass is the faster one)
+    nz = batch.nz if sparse and sparse_pays() and outputs["log_mu"].ndim == 2 else None
     x = batch.x
     if gene_likelihood == "zinb":
         ll = log_zinb(x, outputs["log_mu"], outputs["log_theta"], outputs["zi_logits"],

@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..data.batch import (DenseDeviceCells, DeviceCells, dense_device_batch, device_batch,
-                          host_batch, nnz_cap)
+                          host_batch)
 from ..data.backed import BackedRows, block_order
 from ..data.cells import CellData
+from ..distributions import sparse_pays
 from ..errors import InputError
 
 # Compiled epoch/step functions, shared by every source and model: a new
@@ -61,22 +62,24 @@ def labelled_rows(rng: np.random.Generator, lab_idx: np.ndarray, n_steps: int,
 
 
 def rows_nnz(row_nnz: np.ndarray, rows) -> int:
-    """Most non-zeros any minibatch of ``rows`` (n_steps, B; -1 padding) holds.
-
-    `nnz_cap` bounds minibatches of distinct cells, which `epoch_rows` gives;
-    labelled minibatches repeat cells when there are fewer labelled cells than
-    the batch size, and may hold more.
-    """
+    """Most non-zeros any minibatch of ``rows`` (n_steps, B; -1 padding) holds."""
     r = np.asarray(rows)
     if r.size == 0:
         return 0
     return int(np.where(r >= 0, row_nnz[np.maximum(r, 0)], 0).sum(axis=-1).max())
 
 
-def grown_cap(k_cap: int, row_nnz: np.ndarray, rows) -> int:
-    """``k_cap``, or 25% more than ``rows`` need when they need more (few regrowths)."""
-    need = rows_nnz(row_nnz, rows)
-    return k_cap if need <= k_cap else max(need + need // 4, k_cap)
+def grown_cap(k_cap: int, row_nnz: np.ndarray, *rows) -> int:
+    """The length of the padded non-zero lists for minibatches ``rows`` (None skipped).
+
+    ``k_cap``, or 25% more than the fullest minibatch when it holds more:
+    the list stays close to what minibatches hold (the sparse likelihood's
+    work is proportional to it), and it grows, with one recompilation,
+    rarely: the fullest of an epoch's minibatches varies little from epoch
+    to epoch.
+    """
+    need = max((rows_nnz(row_nnz, r) for r in rows if r is not None), default=0)
+    return k_cap if need <= k_cap else max(need + need // 4, k_cap, 1)
 
 
 def _side_by_side(parts: list[np.ndarray]) -> np.ndarray:
@@ -147,12 +150,11 @@ class DeviceSource(Source):
         if parallel is not None:  # every device holds the cells; minibatches are split
             device = parallel.replicated
         self.dense = cells.n_obs * cells.n_vars * 4 <= dense_max_bytes
+        self.row_nnz = cells.row_nnz()
+        self.k_cap = 0  # grown to what each epoch's minibatches hold (`grown_cap`)
         if self.dense:
-            self.k_cap = 0
             self.cells = DenseDeviceCells.from_cells(cells, device)
         else:
-            self.row_nnz = cells.row_nnz()
-            self.k_cap = nnz_cap(self.row_nnz, batch_size)
             self.cells = DeviceCells.from_cells(cells, device)
 
     def _epoch_fn(self, step_fn: Callable):
@@ -178,8 +180,8 @@ class DeviceSource(Source):
         return _COMPILED[key]
 
     def run_epoch(self, step_fn, carry, rows, lab_rows=None):
-        if not self.dense and lab_rows is not None:  # grow the cap (one recompile)
-            self.k_cap = grown_cap(self.k_cap, self.row_nnz, lab_rows)
+        if not self.dense:  # dense counts need no list of non-zeros
+            self.k_cap = grown_cap(self.k_cap, self.row_nnz, rows, lab_rows)
         if self.parallel is not None:
             rows, lab_rows = self.parallel.pad(rows), self.parallel.pad(lab_rows)
             carry = self.parallel.replicate(carry)
@@ -203,11 +205,13 @@ class HostSource(Source):
         self.n_genes = cells.n_vars
         self.batch_size = batch_size
         self.row_nnz = cells.row_nnz()
-        self.k_cap = nnz_cap(self.row_nnz, batch_size)
+        self.k_cap = 0  # grown to what each epoch's minibatches hold (`grown_cap`)
         self.prefetch = prefetch
 
     def _batches(self, rows, lab_rows):
-        B, K = rows.shape[1], (None if self.process is not None else self.k_cap)
+        # no list of non-zeros across processes, nor where the likelihood would not use it
+        sparse = self.process is None and sparse_pays()
+        B, K = rows.shape[1], (self.k_cap if sparse else None)
         for i in range(rows.shape[0]):  # -1 padding keeps its place, as on the device
             main = host_batch(self.host, rows[i], B, K)
             if lab_rows is None:
@@ -239,8 +243,7 @@ class HostSource(Source):
             yield item
 
     def run_epoch(self, step_fn, carry, rows, lab_rows=None):
-        if lab_rows is not None:  # repeated labelled cells may need a larger cap
-            self.k_cap = grown_cap(self.k_cap, self.row_nnz, lab_rows)
+        self.k_cap = grown_cap(self.k_cap, self.row_nnz, rows, lab_rows)
         par = self.parallel
         key = ("host", step_fn, par if self.process is not None else None)
         if key not in _COMPILED:  # across processes every output is kept replicated
