@@ -64,8 +64,13 @@ def local_slice(n_obs: int) -> slice:
 
 
 def local_indices(n_obs: int) -> np.ndarray:
-    """Row positions of this process's cells, e.g. for ``get_latent_representation(
-    indices=...)`` so that each process embeds only its own slice."""
+    """Row positions of this process's cells.
+
+    With an in-memory AnnData, ``get_latent_representation(indices=...)``
+    then embeds only this process's cells. Over a backed AnnData inference
+    is shared by all processes (each maps its slice, all get every result),
+    so pass the same indices everywhere and slice with `local_slice`.
+    """
     s = local_slice(n_obs)
     return np.arange(s.start, s.stop)
 

@@ -6,7 +6,8 @@ Each process opens the same backed .h5ad, trains scVI and scANVI on its own
 slice of the cells, and writes to OUT_DIR: the rows of the file it read
 (``reads_<id>.json``), its copy of the trained parameters
 (``<model>_params_<id>.npz``), the latent space every process gets
-(``<model>_latent_<id>.npy``), the error a bad count in one slice raised
+(``<model>_latent_<id>.npy``), the errors that asking for different cells
+on each process (``own_indices_<id>.json``) and a bad count in one slice raised
 (``bad_<id>.json``), and, from process 0 only, the saved model.
 tests/test_multihost.py compares all of it with one process replaying the run.
 """
@@ -55,6 +56,12 @@ def main() -> int:
     m.train(**SCVI_TRAIN)
     np.savez(out / f"scvi_params_{pid}.npz", **flat(m.params))
     np.save(out / f"scvi_latent_{pid}.npy", m.get_latent_representation())
+    try:  # each process asking for its own cells only: refused on every process
+        m.get_latent_representation(indices=distributed.local_indices(adata.n_obs))
+        own = None
+    except Exception as e:  # noqa: BLE001 - recorded for the test
+        own = f"{type(e).__name__}: {e}"
+    (out / f"own_indices_{pid}.json").write_text(json.dumps(own))
     m.save(out / "scvi_model", overwrite=True)
     (out / f"scvi_history_{pid}.json").write_text(m.history.reset_index().to_json())
     (out / f"reads_{pid}.json").write_text(json.dumps(

@@ -146,3 +146,10 @@ def test_a_bad_count_in_one_slice_stops_every_process(run):
     own, other = (json.loads((run / f"bad_{p}.json").read_text()) for p in (1, 0))
     assert own.startswith("InputError") and "negative" in own, own
     assert other.startswith("RuntimeError: process 1 stopped the run: InputError"), other
+
+
+def test_inference_over_backed_data_needs_the_same_cells_everywhere(run):
+    for p in range(2):
+        err = json.loads((run / f"own_indices_{p}.json").read_text())
+        assert err is not None and err.startswith("InputError") and "indices" in err, err
+        assert "local_slice" in err

@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import warnings
+import zlib
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -383,6 +384,15 @@ class BaseModel:
         idx = _row_positions(cells.n_obs, indices)
         if idx.size == 0:
             raise InputError("indices", [], "selects no cells", "pass at least one index")
+        # a collective: every process must ask for the same cells
+        sig = np.array([[idx.size, zlib.crc32(np.ascontiguousarray(idx, np.int64))]],
+                       np.int64)
+        if (distributed.gather_rows(sig) != sig).any():
+            raise InputError("indices", f"{idx.size} cells here", "the processes asked "
+                             "for different cells; inference over a backed AnnData is "
+                             "shared by all processes", "pass the same indices on every "
+                             "process (default: all cells) and take your own rows with "
+                             "distributed.local_slice(n_obs)")
         bounds = distributed.shard_bounds(cells.n_obs, jax.process_count())
         owner = np.searchsorted(bounds, idx, side="right") - 1
         p = jax.process_index()
