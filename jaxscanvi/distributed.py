@@ -142,9 +142,3 @@ def agree(fn):
             raise RuntimeError(f"process {p} stopped the run: {text}")
     return out
 
-
-def barrier(name: str) -> None:
-    """Wait until every process gets here (e.g. until process 0 has saved)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils as mu
-        mu.sync_global_devices(name)

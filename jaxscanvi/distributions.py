@@ -167,26 +167,22 @@ def _stirling_tail_grad(z):
                                                             - zi2 * (1.0 / 240.0))))
 
 
+def _inv_sum(y):
+    """sum_{k<4} 1/(y + k), in two fractions (two divisions, not four)."""
+    return (2.0 * y + 1.0) / (y * (y + 1.0)) + (2.0 * y + 5.0) / ((y + 2.0) * (y + 3.0))
+
+
 def _lgamma_ratio_and_grad(theta, x):
     """`lgamma_ratio` (shift 4, float32) and its derivative in theta, digamma(x +
     theta) - digamma(theta), in one pass: the derivative's terms are rational
-    functions of what the value computes."""
+    functions of what the value computes (XLA shares the common terms)."""
     t = theta + _SHIFT
     inv_t = 1.0 / t
-    inv = [1.0 / (theta + k) for k in range(_SHIFT)]  # theta's shape
-    lp = jnp.log1p(x * inv_t)
+    inv = sum(1.0 / (theta + k) for k in range(_SHIFT))  # theta's shape
     tx = t + x
-    itx = 1.0 / tx
-    prod = (1.0 + x * inv[0]) * (1.0 + x * inv[1]) * (1.0 + x * inv[2]) * (1.0 + x * inv[3])
-    d = ((t - 0.5) * lp + x * (jnp.log(tx) - 1.0) + (_stirling_tail(tx) - _stirling_tail(t))
-         - jnp.log(prod))
-    # sum_k 1/(y + k) for y = theta + x, k < 4, in two fractions
-    y = theta + x
-    s_y = (2.0 * y + 1.0) / (y * (y + 1.0)) + (2.0 * y + 5.0) / ((y + 2.0) * (y + 3.0))
-    dd = (lp + 0.5 * x * inv_t * itx + _stirling_tail_grad(tx) - _stirling_tail_grad(t)
-          + (inv[0] + inv[1] + inv[2] + inv[3]) - s_y)
-    nonzero = x > 0
-    return jnp.where(nonzero, d, 0.0), jnp.where(nonzero, dd, 0.0)
+    dd = (jnp.log1p(x * inv_t) + 0.5 * x * inv_t / tx + _stirling_tail_grad(tx)
+          - _stirling_tail_grad(t) + inv - _inv_sum(theta + x))
+    return lgamma_ratio(theta, x), jnp.where(x > 0, dd, 0.0)
 
 
 def _nb_entries(x, log_mu, log_theta, zi):
@@ -239,8 +235,7 @@ def _count_grad(x, log_mu, log_theta, zero_inflated: bool):
     _, sp_na, _, _ = _softplus_sigmoid(log_mu - log_theta)
     y = theta + x
     z = y + _SHIFT
-    s_y = (2.0 * y + 1.0) / (y * (y + 1.0)) + (2.0 * y + 5.0) / ((y + 2.0) * (y + 3.0))
-    digamma = jnp.log(z) - 0.5 / z + _stirling_tail_grad(z) - s_y
+    digamma = jnp.log(z) - 0.5 / z + _stirling_tail_grad(z) - _inv_sum(y)
     return jnp.where(x > 0, digamma - sp_na, 0.0 if zero_inflated else -sp_na)
 
 

@@ -15,6 +15,8 @@ from collections import OrderedDict
 import numpy as np
 import scipy.sparse as sp
 
+from ..errors import InputError
+
 DEFAULT_BLOCK = 8192
 
 
@@ -86,7 +88,6 @@ class BackedRows:
             return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
         lim = self.rows
         if lim is not None and (rows.min() < lim.start or rows.max() >= lim.stop):
-            from ..errors import InputError
             raise InputError("indices", f"[{rows.min()}, {rows.max()}]", "this process "
                              f"reads only rows [{lim.start}, {lim.stop}) of the backed "
                              "file: its slice in a run of several processes",

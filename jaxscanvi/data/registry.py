@@ -327,7 +327,7 @@ def build_registry(
     field = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
     rows, cols = _scan_shards(X, field, allow_noninteger_counts, (row_sums, col_sums))
     sums = distributed.gather_rows(_cat(rows, np.float64))
-    cols = [distributed.sum_all(np.sum(cols, axis=0) if cols else np.zeros(X.shape[1]))]
+    gene_totals = distributed.sum_all(np.sum(cols, axis=0) if cols else np.zeros(X.shape[1]))
     if (sums <= 0).any():
         idx = int(np.flatnonzero(sums <= 0)[0])
         raise InputError(
@@ -336,7 +336,7 @@ def build_registry(
             "size is zero", "drop them first, e.g. adata = adata[np.asarray("
             f"{'adata.X' if layer is None else f'adata.layers[{layer!r}]'}.sum(1)).ravel()"
             " > 0].copy()")
-    _warn_zero_genes(np.sum(cols, axis=0), field, var_names)
+    _warn_zero_genes(gene_totals, field, var_names)
 
     batch_cats: tuple[str, ...] = ("0",)
     if batch_key is not None:

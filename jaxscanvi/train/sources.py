@@ -201,6 +201,8 @@ class HostSource(Source):
         # in a run of several processes: this one's slice of `shards`, whose
         # rows it feeds into the global minibatch (dense counts: no COO list)
         self.process = process
+        # no list of non-zeros across processes, nor where the likelihood would not use it
+        self.sparse = process is None and sparse_pays()
         self.host = cells
         self.n_genes = cells.n_vars
         self.batch_size = batch_size
@@ -209,9 +211,7 @@ class HostSource(Source):
         self.prefetch = prefetch
 
     def _batches(self, rows, lab_rows):
-        # no list of non-zeros across processes, nor where the likelihood would not use it
-        sparse = self.process is None and sparse_pays()
-        B, K = rows.shape[1], (self.k_cap if sparse else None)
+        B, K = rows.shape[1], (self.k_cap if self.sparse else None)
         for i in range(rows.shape[0]):  # -1 padding keeps its place, as on the device
             main = host_batch(self.host, rows[i], B, K)
             if lab_rows is None:
@@ -243,7 +243,8 @@ class HostSource(Source):
             yield item
 
     def run_epoch(self, step_fn, carry, rows, lab_rows=None):
-        self.k_cap = grown_cap(self.k_cap, self.row_nnz, rows, lab_rows)
+        if self.sparse:
+            self.k_cap = grown_cap(self.k_cap, self.row_nnz, rows, lab_rows)
         par = self.parallel
         key = ("host", step_fn, par if self.process is not None else None)
         if key not in _COMPILED:  # across processes every output is kept replicated
