@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from .data.batch import Batch
 from .errors import InputError
+from .nn import prng
 from .nn.networks import DecoderSCVI, Encoder
 
 Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
@@ -162,7 +163,7 @@ class VAE(nn.Module):
         x_, cats = self._encoder_input(batch)
         qz_m, qz_v = self.z_encoder(x_, cats, train=train, mask=batch.weight)
         shape = qz_m.shape if n_samples == 1 else (n_samples,) + qz_m.shape
-        eps = jax.random.normal(self.make_rng("sample"), shape, qz_m.dtype) if sample \
+        eps = prng.normal(self.make_rng("sample"), shape, qz_m.dtype) if sample \
             else jnp.zeros(shape, qz_m.dtype)
         untran_z = qz_m + jnp.sqrt(qz_v) * eps
         z = jax.nn.softmax(untran_z, -1) if c.latent_distribution == "ln" else untran_z
@@ -175,7 +176,7 @@ class VAE(nn.Module):
             ql_m, ql_v = self.l_encoder(x_, cats, train=train, mask=batch.weight)
             ql_m, ql_v = ql_m[..., 0], ql_v[..., 0]
             shape = ql_m.shape if n_samples == 1 else (n_samples,) + ql_m.shape
-            eps_l = jax.random.normal(self.make_rng("sample"), shape, ql_m.dtype) if sample \
+            eps_l = prng.normal(self.make_rng("sample"), shape, ql_m.dtype) if sample \
                 else jnp.zeros(shape, ql_m.dtype)
             library = ql_m + jnp.sqrt(ql_v) * eps_l
             out.update(ql_m=ql_m, ql_v=ql_v)

@@ -18,6 +18,7 @@ from .data.batch import Batch
 from .distributions import kl_standard_normal, normal_log_prob
 from .errors import InputError
 from .module import VAE, VAEConfig
+from .nn import prng
 from .nn.networks import Classifier, Decoder, Encoder
 
 
@@ -106,7 +107,7 @@ class SCANVAE(VAE):
         qz_m, qz_v = self.encode_z(batch, train=train)
         z = qz_m
         if not use_posterior_mean:
-            z = qz_m + jnp.sqrt(qz_v) * jax.random.normal(self.make_rng("sample"), qz_m.shape)
+            z = qz_m + jnp.sqrt(qz_v) * prng.normal(self.make_rng("sample"), qz_m.shape)
             if self.config.latent_distribution == "ln":
                 z = jax.nn.softmax(z, -1)
         return self.classifier(z, train=train, mask=batch.weight)
@@ -118,7 +119,7 @@ class SCANVAE(VAE):
         """
         codes = jnp.full(z1.shape[:1], c, jnp.int32)
         m2, v2 = self.encoder_z2_z1(z1, (codes,), train=train, mask=mask)
-        z2 = m2 + jnp.sqrt(v2) * jax.random.normal(self.make_rng("sample"), m2.shape) \
+        z2 = m2 + jnp.sqrt(v2) * prng.normal(self.make_rng("sample"), m2.shape) \
             if sample else m2
         pm, pv = self.decoder_z1_z2(z2, (codes,), train=train, mask=mask)
         nll_z1 = -normal_log_prob(z1, pm, pv).sum(-1)

@@ -15,11 +15,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from . import prng
 
 
 def torch_uniform(fan_in: int):
@@ -29,6 +32,34 @@ def torch_uniform(fan_in: int):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
+
+
+@jax.custom_vjp
+def linear(x, kernel, bias):
+    """``x @ kernel + bias``, with a backward pass laid out for the CPU (below)."""
+    return x @ kernel + bias
+
+
+def _linear_fwd(x, kernel, bias):
+    return x @ kernel + bias, (x, kernel)
+
+
+def _linear_bwd(res, g):
+    x, kernel = res
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = g.reshape(-1, g.shape[-1])
+    n_in, n_out = kernel.shape
+    if n_out < min(n_in, 32):
+        # the kernel gradient of a narrow head (e.g. 128 -> 10) as (out, in), then
+        # transposed: XLA's CPU product with a narrow last axis is ~3x slower, and
+        # the barrier stops it folding the transpose back into the product
+        d_kernel = jax.lax.optimization_barrier(g2.T @ x2).T
+    else:
+        d_kernel = x2.T @ g2
+    return g @ kernel.T, d_kernel, g2.sum(0)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 class Dense(nn.Module):
@@ -43,7 +74,7 @@ class Dense(nn.Module):
         init = torch_uniform(fan_in)
         kernel = self.param("kernel", init, (x.shape[-1], self.features))
         bias = self.param("bias", init, (self.features,))
-        return x @ kernel + bias
+        return linear(x, kernel, bias)
 
 
 class BatchNorm(nn.Module):
@@ -62,28 +93,111 @@ class BatchNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
         if not train or self.frozen:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            flat = x.reshape(-1, features)
-            w = (jnp.ones(flat.shape[0], x.dtype) if mask is None
-                 else jnp.broadcast_to(mask, x.shape[:-1]).reshape(-1).astype(x.dtype))
-            n = w.sum()
-            s1 = (w[:, None] * flat).sum(0)
-            if self.axis_name is not None:
-                n = jax.lax.psum(n, self.axis_name)
-                s1 = jax.lax.psum(s1, self.axis_name)
-            mean = s1 / jnp.maximum(n, 1.0)
-            s2 = (w[:, None] * jnp.square(flat - mean)).sum(0)
-            if self.axis_name is not None:
-                s2 = jax.lax.psum(s2, self.axis_name)
-            var = s2 / jnp.maximum(n, 1.0)
-            if not self.is_initializing():
-                unbiased = s2 / jnp.maximum(n - 1.0, 1.0)
-                m = self.momentum
-                ra_mean.value = (1 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
-                ra_var.value = (1 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
-        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return y * scale + bias
+            y = (x - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon)
+            return y * scale + bias
+        w = (jnp.ones(x.shape[:-1], x.dtype) if mask is None
+             else jnp.broadcast_to(mask, x.shape[:-1]).astype(x.dtype))
+        y, mean, s2, n = batch_norm(x, w, scale, bias, self.epsilon, self.axis_name)
+        if not self.is_initializing():
+            unbiased = s2 / jnp.maximum(n - 1.0, 1.0)
+            m = self.momentum
+            ra_mean.value = (1 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
+            ra_var.value = (1 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
+        return y
+
+
+def _bn_stats(x, w, axis_name):
+    flat = x.reshape(-1, x.shape[-1])
+    wf = w.reshape(-1)
+    n = wf.sum()
+    s1 = (wf[:, None] * flat).sum(0)
+    if axis_name is not None:
+        n = jax.lax.psum(n, axis_name)
+        s1 = jax.lax.psum(s1, axis_name)
+    mean = s1 / jnp.maximum(n, 1.0)
+    s2 = (wf[:, None] * jnp.square(flat - mean)).sum(0)
+    if axis_name is not None:
+        s2 = jax.lax.psum(s2, axis_name)
+    return n, mean, s2
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def batch_norm(x, w, scale, bias, epsilon, axis_name):
+    """Training-mode batch norm over the rows of ``x`` (..., F) weighted by ``w``
+    (x.shape[:-1]; 0 drops a row from the statistics), statistics summed over
+    ``axis_name`` if given. Returns ``(y, mean, s2, n)``: the output, the batch
+    mean, the weighted sum of squared deviations and the weight total; the
+    last three are for running averages and carry no gradient.
+
+    The backward pass is the closed form (two column sums), not the traced
+    chain of reductions: the same gradient with fewer passes over x.
+    """
+    return _batch_norm_fwd(x, w, scale, bias, epsilon, axis_name)[0]
+
+
+def _batch_norm_fwd(x, w, scale, bias, epsilon, axis_name):
+    n, mean, s2 = _bn_stats(x, w, axis_name)
+    r = jax.lax.rsqrt(s2 / jnp.maximum(n, 1.0) + epsilon)
+    xhat = (x - mean) * r
+    return (xhat * scale + bias, mean, s2, n), (xhat, r, w, n, scale)
+
+
+def _batch_norm_bwd(epsilon, axis_name, res, cts):
+    # y = xhat * scale + bias with xhat = (x - mean) r; for the weighted
+    # statistics, dx = scale r (dy - (w/n) (sum dy + xhat sum dy xhat))
+    xhat, r, w, n, scale = res
+    dy = cts[0]
+    f = dy.shape[-1]
+    d_bias = dy.reshape(-1, f).sum(0)
+    d_scale = (dy * xhat).reshape(-1, f).sum(0)
+    a, b = d_bias, d_scale
+    if axis_name is not None:  # the statistics spanned the axis; the parameter
+        a = jax.lax.psum(a, axis_name)  # gradients are summed over it by JAX
+        b = jax.lax.psum(b, axis_name)
+    wn = (w / jnp.maximum(n, 1.0))[..., None]
+    dx = (scale * r) * (dy - wn * (a + xhat * b))
+    return dx, None, d_scale, d_bias
+
+
+batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+class Dropout(nn.Module):
+    """``flax.linen.Dropout`` with the mask drawn by `prng.bernoulli`: the same
+    mask, bit for bit, without the CPU's rolled Threefry loop. With ``relu=True``
+    it applies ReLU first, and its gradient needs only the output, so the mask
+    is computed once (XLA would otherwise recompute it in the backward pass).
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool, relu: bool = False):
+        if deterministic or self.rate == 0.0:
+            return nn.relu(x) if relu else x
+        keep = 1.0 - self.rate
+        mask = prng.bernoulli(self.make_rng("dropout"), keep, x.shape)
+        if relu:
+            return _relu_dropout(x, mask, keep)
+        return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _relu_dropout(x, mask, keep):
+    return jnp.where(mask & (x > 0), x / keep, 0.0)
+
+
+def _relu_dropout_fwd(x, mask, keep):
+    y = _relu_dropout(x, mask, keep)
+    return y, y
+
+
+def _relu_dropout_bwd(keep, y, g):
+    # y > 0 exactly where the mask kept a positive input; ReLU's gradient is 0 at 0
+    return jnp.where(y > 0, g / keep, 0.0), None
+
+
+_relu_dropout.defvjp(_relu_dropout_fwd, _relu_dropout_bwd)
 
 
 def layer_norm(x, eps: float = 1e-5):
@@ -128,8 +242,9 @@ class FCLayers(nn.Module):
                     h, train=train, mask=mask)
             if self.use_layer_norm:
                 h = layer_norm(h)
-            h = nn.relu(h)
             if self.dropout_rate > 0:
-                h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+                h = Dropout(self.dropout_rate)(h, deterministic=not train, relu=True)
+            else:
+                h = nn.relu(h)
             x = h
         return x
