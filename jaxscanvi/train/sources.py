@@ -156,6 +156,8 @@ class DeviceSource(Source):
             self.cells = DenseDeviceCells.from_cells(cells, device)
         else:
             self.cells = DeviceCells.from_cells(cells, device)
+        # the copy to the device belongs to set-up, not to the first epoch's time
+        jax.block_until_ready(self.cells)
 
     def _epoch_fn(self, step_fn: Callable):
         par = self.parallel
