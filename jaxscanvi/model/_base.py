@@ -32,7 +32,7 @@ from ..errors import InputError, ModelFormatError, NonFiniteLossError
 from ..train.parallel import DataParallel, to_default_device
 from ..train.loop import FitConfig, LoopState, fit, make_eval_step, make_train_step
 from ..train.sources import check_source, make_source
-from ..train.state import KLSchedule, TrainState, make_optimizer, mask_key
+from ..train.state import KLSchedule, TrainState, make_optimizer, mask_key, pending_update
 
 # Step functions by their full specification, so models with the same
 # architecture and settings share compiled code.
@@ -177,8 +177,10 @@ class BaseModel:
                                     extra_weights=extra_weights)
             eval_loss = self._loss(train=False, plan=plan, extra_terms=extra_terms,
                                    extra_weights=extra_weights)
+            pending = partial(pending_update, eps=plan.get("eps", 0.01),
+                              trainable_mask=params_mask)
             _STEP_FNS[key] = (tx, make_train_step(train_loss, tx, schedule, on_nonfinite,
-                                              state_mask),
+                                              state_mask, pending),
                               make_eval_step(eval_loss, schedule))
         return _STEP_FNS[key]
 

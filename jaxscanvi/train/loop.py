@@ -20,7 +20,7 @@ from .state import KLSchedule, TrainState, get_lr, set_lr
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: KLSchedule, on_nonfinite: str = "raise",
-                    state_mask=None) -> Callable:
+                    state_mask=None, pending: Callable | None = None) -> Callable:
     """One optimisation step as a scan body: (carry, batch) -> (carry, out).
 
     carry = (TrainState, first_bad_step). A step whose loss is not finite
@@ -28,18 +28,24 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     too, so the state stays at the last finite parameters. ``state_mask``
     (bools like the mutable state) holds the leaves marked False fixed, e.g.
     frozen batch-norm running statistics after query surgery.
+
+    With ``pending`` (``state.pending_update``: (opt_state, params) -> params,
+    the update ``tx`` derives from its state), the step also gets
+    ``step.deferred``, a scan body over (TrainState, first_bad_step, due) that
+    applies each step's update at the start of the next one, and
+    ``step.finish``, which applies the last; a scan of ``deferred`` then
+    ``finish`` computes what a scan of ``step`` does.
     """
     if state_mask is not None:
         state_mask = jax.tree_util.tree_map(lambda m: np.asarray(m, bool), state_mask)
 
-    def step(carry, batch):
-        ts, bad = carry
+    def body(ts, bad, params, batch):
+        """Loss and gradient at ``params``; returns what a step keeps and emits."""
         kl_w = schedule(ts.epoch, ts.step)
         key = jax.random.fold_in(ts.rng, ts.step)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            ts.params, ts.state, batch, key, kl_w, step=ts.step)
-        updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
-        params = optax.apply_updates(ts.params, updates)
+            params, ts.state, batch, key, kl_w, step=ts.step)
+        updates, opt_state = tx.update(grads, ts.opt_state, params)
         finite = jnp.isfinite(loss)
         ok = finite if on_nonfinite == "skip_step" else finite & (bad < 0)
 
@@ -51,14 +57,40 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
             new_state = jax.tree_util.tree_map(
                 lambda a, b, m: a if m.all() else jnp.where(m, a, b), new_state, ts.state,
                 state_mask)
-        new_ts = ts.replace(params=pick(params, ts.params),
-                            opt_state=pick(opt_state, ts.opt_state),
+        new_ts = ts.replace(opt_state=pick(opt_state, ts.opt_state),
                             state=pick(new_state, ts.state), step=ts.step + 1)
         bad = jnp.where(~finite & (bad < 0), ts.step, bad)
         main = batch if isinstance(batch, Batch) else batch[0]
         # a skipped step counts no cells, so epoch means cover the steps taken
-        return (new_ts, bad), (aux.terms, jnp.where(finite, main.weight.sum(), 0.0), kl_w)
+        out = (aux.terms, jnp.where(finite, main.weight.sum(), 0.0), kl_w)
+        return new_ts, bad, ok, updates, out
 
+    def step(carry, batch):
+        ts, bad = carry
+        new_ts, bad, ok, updates, out = body(ts, bad, ts.params, batch)
+        params = optax.apply_updates(ts.params, updates)
+        params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), params, ts.params)
+        return (new_ts.replace(params=params), bad), out
+
+    if pending is None:
+        return step
+
+    def caught_up(ts, due):
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(due, a, b),
+                                      pending(ts.opt_state, ts.params), ts.params)
+
+    def deferred(carry, batch):
+        ts, bad, due = carry
+        params = caught_up(ts, due)
+        # this step's update is dropped here and taken from its state next step
+        new_ts, bad, ok, _, out = body(ts, bad, params, batch)
+        return (new_ts.replace(params=params), bad, ok), out
+
+    def finish(carry):
+        ts, bad, due = carry
+        return ts.replace(params=caught_up(ts, due)), bad
+
+    step.deferred, step.finish = deferred, finish
     return step
 
 

@@ -170,13 +170,18 @@ class DeviceSource(Source):
                     device_batch(cells, r, G, K)
                 return b if par is None else par.constrain(b)
 
+            # a train step whose updates can wait for the next step runs that way
+            deferred = getattr(step_fn, "deferred", None)
+
             def run(carry, cells, rows, lab_rows):
                 def body(c, r):
                     main = gather(cells, r[0])
-                    if r[1] is None:
-                        return step_fn(c, main)
-                    return step_fn(c, (main, gather(cells, r[1])))
-                return jax.lax.scan(body, carry, (rows, lab_rows))
+                    fn = step_fn if deferred is None else deferred
+                    return fn(c, main if r[1] is None else (main, gather(cells, r[1])))
+                if deferred is None:
+                    return jax.lax.scan(body, carry, (rows, lab_rows))
+                carry, out = jax.lax.scan(body, (*carry, jnp.bool_(False)), (rows, lab_rows))
+                return step_fn.finish(carry), out
 
             _COMPILED[key] = jax.jit(run)
         return _COMPILED[key]

@@ -46,6 +46,31 @@ def make_optimizer(lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e
     return tx
 
 
+def pending_update(opt_state, params, *, eps: float = 0.01, trainable_mask=None,
+                   b1: float = 0.9, b2: float = 0.999):
+    """Apply the Adam update held in ``opt_state`` to ``params``.
+
+    ``opt_state`` is `make_optimizer`'s state after the step's moments were
+    taken (its update already counted); this is the parameter update
+    ``tx.update`` returned for that step, by optax's formula. Training on the
+    device takes each step's update at the start of the next step: the
+    moments are then written once, in place, instead of recomputed (and the
+    old ones copied) for the parameter update, which on the CPU spends a
+    tenth of a step on memory traffic.
+    """
+    inner = _inject_state(opt_state)
+    adam = inner.inner_state[1]
+    lr = inner.hyperparams["learning_rate"]
+    mu_hat = optax.tree.bias_correction(adam.mu, b1, adam.count)
+    nu_hat = optax.tree.bias_correction(adam.nu, b2, adam.count)
+    updates = jax.tree.map(lambda m, v: (m / (jnp.sqrt(v) + eps)) * -lr, mu_hat, nu_hat)
+    if trainable_mask is not None:
+        masks = jax.tree_util.tree_map(lambda m: np.asarray(m, bool), trainable_mask)
+        updates = jax.tree_util.tree_map(
+            lambda u, m: u if m.all() else jnp.where(m, u, jnp.zeros_like(u)), updates, masks)
+    return optax.apply_updates(params, updates)
+
+
 def zero_frozen(trainable_mask) -> optax.GradientTransformation:
     """Replace the update of every element whose mask is False by an exact zero."""
     masks = jax.tree_util.tree_map(lambda m: np.asarray(m, bool), trainable_mask)
