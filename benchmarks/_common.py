@@ -86,7 +86,19 @@ def loadavg() -> list[float] | None:
 
 # --------------------------------------------------------------------- memory
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB (Linux ru_maxrss is KiB)."""
+    """Peak resident set size of this process so far, MiB.
+
+    On Linux this is VmHWM, the high-water mark of this process's own memory.
+    ru_maxrss is not used there: it survives fork and exec, so a worker
+    started by a parent holding a large dataset would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1024.0 if sys.platform != "darwin" else r / 2**20
 

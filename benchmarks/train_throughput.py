@@ -378,7 +378,7 @@ def main(argv=None) -> int:
                 "scvi-tools": "train(max_epochs=1+epochs); Lightning callback, "
                               "on_train_epoch_start -> last on_train_batch_end; epoch 0 "
                               "excluded",
-                "peak_rss": "ru_maxrss of a fresh subprocess per configuration; "
+                "peak_rss": "VmHWM (own high-water mark) of a fresh subprocess per configuration; "
                             "phases[*].peak_rss_mb is the peak up to the end of that phase",
             }}
     print(f"machine: {meta['machine']['cpu_model']} | cpus usable "
