@@ -171,14 +171,14 @@ class BaseModel:
                ex_key, w_key, mask_key(params_mask), mask_key(state_mask),
                self._loss_key())
         if key not in _STEP_FNS:
-            tx = make_optimizer(plan.get("lr", 1e-3), plan.get("eps", 0.01),
-                                plan.get("weight_decay", 1e-6), params_mask)
+            eps = plan.get("eps", 0.01)
+            tx = make_optimizer(plan.get("lr", 1e-3), eps, plan.get("weight_decay", 1e-6),
+                                params_mask)
             train_loss = self._loss(train=True, plan=plan, extra_terms=extra_terms,
                                     extra_weights=extra_weights)
             eval_loss = self._loss(train=False, plan=plan, extra_terms=extra_terms,
                                    extra_weights=extra_weights)
-            pending = partial(pending_update, eps=plan.get("eps", 0.01),
-                              trainable_mask=params_mask)
+            pending = partial(pending_update, eps=eps, trainable_mask=params_mask)
             _STEP_FNS[key] = (tx, make_train_step(train_loss, tx, schedule, on_nonfinite,
                                               state_mask, pending),
                               make_eval_step(eval_loss, schedule))

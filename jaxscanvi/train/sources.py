@@ -172,11 +172,11 @@ class DeviceSource(Source):
 
             # a train step whose updates can wait for the next step runs that way
             deferred = getattr(step_fn, "deferred", None)
+            fn = step_fn if deferred is None else deferred
 
             def run(carry, cells, rows, lab_rows):
                 def body(c, r):
                     main = gather(cells, r[0])
-                    fn = step_fn if deferred is None else deferred
                     return fn(c, main if r[1] is None else (main, gather(cells, r[1])))
                 if deferred is None:
                     return jax.lax.scan(body, carry, (rows, lab_rows))

@@ -65,9 +65,7 @@ def pending_update(opt_state, params, *, eps: float = 0.01, trainable_mask=None,
     nu_hat = optax.tree.bias_correction(adam.nu, b2, adam.count)
     updates = jax.tree.map(lambda m, v: (m / (jnp.sqrt(v) + eps)) * -lr, mu_hat, nu_hat)
     if trainable_mask is not None:
-        masks = jax.tree_util.tree_map(lambda m: np.asarray(m, bool), trainable_mask)
-        updates = jax.tree_util.tree_map(
-            lambda u, m: u if m.all() else jnp.where(m, u, jnp.zeros_like(u)), updates, masks)
+        updates, _ = zero_frozen(trainable_mask).update(updates, optax.EmptyState())
     return optax.apply_updates(params, updates)
 
 
