@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
+from . import backend
+
 # D(theta, x) is evaluated by Stirling's series at theta + _SHIFT, where it is
 # accurate to 4e-9, and shifted back by the recurrence of Gamma.
 _SHIFT = 4
@@ -257,15 +259,16 @@ def sparse_pays() -> bool:
 
     On the CPU the fused dense pass is faster (measured: 22,000 vs 15,000
     cells/s for scVI at batch 128), since gathers and scatter-adds there are
-    slower than the four logs an entry costs. On accelerators, where those
-    are cheap, the sparse path keeps the D(theta, x) work to the non-zeros.
+    slower than the four logs an entry costs. Elsewhere `backend` decides
+    (the ``sparse_likelihood`` switch).
     """
-    return jax.default_backend() != "cpu"
+    return backend.kernels().sparse_likelihood
 
 
 def _use_fused(nz, *arrays) -> bool:
     # dense float32 entries: the fused pass (float64 keeps autodiff's exactness)
-    return nz is None and all(jnp.result_type(a) == jnp.float32 for a in arrays)
+    return nz is None and backend.kernels().fused_likelihood and all(
+        jnp.result_type(a) == jnp.float32 for a in arrays)
 
 
 def log_nb(x, log_mu, log_theta, *, nz: NonZeros | None = None, lgamma_const=None):

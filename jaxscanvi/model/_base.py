@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .. import distributed, io
+from .. import backend, distributed, io
 from ..train import checkpoint
 from ..data.batch import Batch, host_batch
 from ..distributions import NonZeros
@@ -162,14 +162,15 @@ class BaseModel:
 
     def _step_fns(self, plan: dict, on_nonfinite: str, schedule: KLSchedule,
                   extra_terms: dict | None, extra_weights: dict | None,
-                  trainable_mask=None):
+                  trainable_mask=None, precision: str = "float32"):
         ex_key = tuple(sorted((extra_terms or {}).items(), key=lambda kv: kv[0]))
         w_key = tuple(sorted((extra_weights or {}).items()))
         params_mask, state_mask = trainable_mask if trainable_mask is not None \
             else (None, None)
+        numerics = backend.current(precision)
         key = (self._kind, self.module, tuple(sorted(plan.items())), on_nonfinite, schedule,
                ex_key, w_key, mask_key(params_mask), mask_key(state_mask),
-               self._loss_key())
+               self._loss_key(), numerics)
         if key not in _STEP_FNS:
             eps = plan.get("eps", 0.01)
             tx = make_optimizer(plan.get("lr", 1e-3), eps, plan.get("weight_decay", 1e-6),
@@ -178,10 +179,12 @@ class BaseModel:
                                     extra_weights=extra_weights)
             eval_loss = self._loss(train=False, plan=plan, extra_terms=extra_terms,
                                    extra_weights=extra_weights)
-            pending = partial(pending_update, eps=eps, trainable_mask=params_mask)
-            _STEP_FNS[key] = (tx, make_train_step(train_loss, tx, schedule, on_nonfinite,
-                                              state_mask, pending),
-                              make_eval_step(eval_loss, schedule))
+            pending = partial(pending_update, eps=eps, trainable_mask=params_mask) \
+                if numerics.kernels.deferred_adam else None
+            step = make_train_step(train_loss, tx, schedule, on_nonfinite, state_mask,
+                                   pending)
+            _STEP_FNS[key] = (tx, _pinned(step, numerics),
+                              backend.traced(make_eval_step(eval_loss, schedule), numerics))
         return _STEP_FNS[key]
 
     def _fit(self, *, max_epochs, batch_size, train_size, validation_size, early_stopping,
@@ -190,7 +193,8 @@ class BaseModel:
              labelled_idx=None, val_labelled=None, loss_terms=None, loss_weights=None,
              trainable_mask=None, extra_val_metrics=None, default_plan=None,
              checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False,
-             devices="auto", data_shards=None):
+             devices="auto", data_shards=None, precision: str = "float32"):
+        backend.check_precision(precision)
         cells = self._train_cells()
         parallel = DataParallel.over(devices)
         check_positive_int("batch_size", batch_size)
@@ -239,7 +243,7 @@ class BaseModel:
         if trainable_mask is None:
             trainable_mask = self._freeze
         tx, train_step, eval_step = self._step_fns(
-            plan, on_nonfinite, schedule, loss_terms, weights, trainable_mask)
+            plan, on_nonfinite, schedule, loss_terms, weights, trainable_mask, precision)
 
         train_idx, val_idx = split_indices(cells.n_obs, train_size, validation_size, seed)
         self.train_indices, self.validation_indices = train_idx, val_idx
@@ -714,7 +718,7 @@ def init_variables(module, n_genes: int, n_cont: int, n_cat: int, seed: int,
         log_size_factor=jnp.zeros(B), log_library=jnp.ones(B), lgamma_const=jnp.zeros(B))
     key = jax.random.PRNGKey(seed)
     k1, k2, k3 = jax.random.split(key, 3)
-    if module not in _INIT:
+    if module not in _INIT:  # initialisation draws with jax.random alone
         # init runs once per model: skip XLA's backend optimisation, which would
         # otherwise take most of the construction time (same values either way)
         _INIT[module] = jax.jit(partial(module.init, train=False), compiler_options={
@@ -757,10 +761,20 @@ _INIT: dict = {}
 
 
 def _jitted(fn: partial):
-    key = (fn.func, fn.args, tuple(sorted(fn.keywords.items())))
+    numerics = backend.current()
+    key = (fn.func, fn.args, tuple(sorted(fn.keywords.items())), numerics)
     if key not in _JIT:
-        _JIT[key] = jax.jit(fn)
+        _JIT[key] = jax.jit(backend.traced(fn, numerics))
     return _JIT[key]
+
+
+def _pinned(step, numerics: backend.Numerics):
+    """A train step (with its deferred-update pair, if any) traced under ``numerics``."""
+    out = backend.traced(step, numerics)
+    if hasattr(step, "deferred"):
+        out.deferred = backend.traced(step.deferred, numerics)
+        out.finish = backend.traced(step.finish, numerics)
+    return out
 
 
 def _transform_batches(reg: Registry, transform_batch) -> list:

@@ -247,6 +247,7 @@ class SCANVI(QueryMixin, DownstreamMixin, BaseModel):
               loss_terms: dict | None = None, loss_weights: dict | None = None,
               checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False,
               devices="auto", data_shards: int | None = None,
+              precision: Literal["float32", "bfloat16"] = "float32",
               calibrate: bool = True):
         """Train on all cells, each minibatch paired with a minibatch of labelled cells.
 
@@ -316,7 +317,8 @@ class SCANVI(QueryMixin, DownstreamMixin, BaseModel):
                   loss_weights=loss_weights, extra_val_metrics=val_metrics,
                   default_plan={"objective": "seed", "classification_ratio": 50.0},
                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                  resume=resume, devices=devices, data_shards=data_shards)
+                  resume=resume, devices=devices, data_shards=data_shards,
+                  precision=precision)
         if not is_query:
             self.reference_stats = self._novelty_stats()
 

@@ -109,7 +109,8 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
               data_source: Literal["auto", "device", "host", "stream"] = "auto",
               loss_terms: dict | None = None, loss_weights: dict | None = None,
               checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False,
-              devices="auto", data_shards: int | None = None):
+              devices="auto", data_shards: int | None = None,
+              precision: Literal["float32", "bfloat16"] = "float32"):
         """Train with Adam (coupled L2) and linear KL warm-up, as scvi-tools does.
 
         Parameters
@@ -146,6 +147,12 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
             cells, ``batch_size / data_shards`` cells from each. Default: the
             number of processes (1 on one host). Set it on one process to
             replay a run of that many processes exactly.
+        precision
+            "float32" (default) or "bfloat16": the dense layers multiply in
+            bf16 and accumulate in float32 (faster on GPUs and TPUs, slower
+            on most CPUs); parameters, optimiser state, likelihood and KL stay
+            float32. Which hand-written kernels run is `jaxscanvi.backend`'s
+            choice, per backend.
         """
         if max_epochs is None:
             max_epochs = max_epochs_heuristic(self._train_cells().n_obs)
@@ -159,4 +166,4 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
             seed=seed, progress_bar=progress_bar, on_nonfinite=on_nonfinite,
             data_source=data_source, loss_terms=loss_terms, loss_weights=loss_weights,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-            devices=devices, data_shards=data_shards)
+            devices=devices, data_shards=data_shards, precision=precision)

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .. import backend
 from . import prng
 
 
@@ -34,18 +35,36 @@ def torch_uniform(fan_in: int):
     return init
 
 
+def _matmul(a, b):
+    """``a @ b``; bf16 operands accumulate and return in float32."""
+    if a.dtype == jnp.bfloat16:
+        return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+    return a @ b
+
+
+def dense(x, kernel, bias):
+    """``x @ kernel + bias`` by the kernel and precision `backend` has active."""
+    low = backend.matmul_dtype()
+    if low is not None:
+        x, kernel = x.astype(low), kernel.astype(low)
+    if backend.kernels().linear:
+        return linear(x, kernel, bias)
+    return _matmul(x, kernel) + bias
+
+
 @jax.custom_vjp
 def linear(x, kernel, bias):
     """``x @ kernel + bias``, with a backward pass laid out for the CPU (below)."""
-    return x @ kernel + bias
+    return _matmul(x, kernel) + bias
 
 
 def _linear_fwd(x, kernel, bias):
-    return x @ kernel + bias, (x, kernel)
+    return _matmul(x, kernel) + bias, (x, kernel)
 
 
 def _linear_bwd(res, g):
     x, kernel = res
+    g = g.astype(x.dtype)  # bf16 operands: the backward products in bf16 too
     x2 = x.reshape(-1, x.shape[-1])
     g2 = g.reshape(-1, g.shape[-1])
     n_in, n_out = kernel.shape
@@ -53,10 +72,11 @@ def _linear_bwd(res, g):
         # the kernel gradient of a narrow head (e.g. 128 -> 10) as (out, in), then
         # transposed: XLA's CPU product with a narrow last axis is ~3x slower, and
         # the barrier stops it folding the transpose back into the product
-        d_kernel = jax.lax.optimization_barrier(g2.T @ x2).T
+        d_kernel = jax.lax.optimization_barrier(_matmul(g2.T, x2)).T
     else:
-        d_kernel = x2.T @ g2
-    return g @ kernel.T, d_kernel, g2.sum(0)
+        d_kernel = _matmul(x2.T, g2)
+    d_bias = g2.astype(jnp.float32).sum(0)
+    return (_matmul(g, kernel.T).astype(x.dtype), d_kernel.astype(kernel.dtype), d_bias)
 
 
 linear.defvjp(_linear_fwd, _linear_bwd)
@@ -74,7 +94,7 @@ class Dense(nn.Module):
         init = torch_uniform(fan_in)
         kernel = self.param("kernel", init, (x.shape[-1], self.features))
         bias = self.param("bias", init, (self.features,))
-        return linear(x, kernel, bias)
+        return dense(x, kernel, bias)
 
 
 class BatchNorm(nn.Module):
@@ -97,7 +117,8 @@ class BatchNorm(nn.Module):
             return y * scale + bias
         w = (jnp.ones(x.shape[:-1], x.dtype) if mask is None
              else jnp.broadcast_to(mask, x.shape[:-1]).astype(x.dtype))
-        y, mean, s2, n = batch_norm(x, w, scale, bias, self.epsilon, self.axis_name)
+        norm = batch_norm if backend.kernels().batch_norm else batch_norm_plain
+        y, mean, s2, n = norm(x, w, scale, bias, self.epsilon, self.axis_name)
         if not self.is_initializing():
             unbiased = s2 / jnp.maximum(n - 1.0, 1.0)
             m = self.momentum
@@ -119,6 +140,12 @@ def _bn_stats(x, w, axis_name):
     if axis_name is not None:
         s2 = jax.lax.psum(s2, axis_name)
     return n, mean, s2
+
+
+def batch_norm_plain(x, w, scale, bias, epsilon, axis_name):
+    """`batch_norm` differentiated by autodiff (the library path)."""
+    y, mean, s2, n = _batch_norm_fwd(x, w, scale, bias, epsilon, axis_name)[0]
+    return y, *jax.lax.stop_gradient((mean, s2, n))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -178,7 +205,9 @@ class Dropout(nn.Module):
         keep = 1.0 - self.rate
         mask = prng.bernoulli(self.make_rng("dropout"), keep, x.shape)
         if relu:
-            return _relu_dropout(x, mask, keep)
+            if backend.kernels().relu_dropout:
+                return _relu_dropout(x, mask, keep)
+            return jax.lax.select(mask, nn.relu(x) / keep, jnp.zeros_like(x))
         return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
 
 

@@ -7,7 +7,8 @@ the arithmetic. The same hash written out unrolled fuses into the kernel that
 uses the bits. These functions reproduce ``jax.random.bits``, ``uniform``,
 ``bernoulli`` and ``normal`` bit for bit for Threefry keys (JAX's default,
 with ``jax_threefry_partitionable``, its default since 0.5); for any other
-key or setting they call ``jax.random`` itself.
+key or setting, or where `backend` turns the ``prng`` kernel off (the
+default off the CPU), they call ``jax.random`` itself.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .. import backend
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
@@ -38,8 +41,9 @@ def threefry2x32(k0, k1, x0, x1):
 
 
 def _key_words(key):
-    """The two uint32 words of a Threefry key, or None for another generator."""
-    if not jax.config.jax_threefry_partitionable:
+    """The two uint32 words of a Threefry key, or None for another generator
+    (or when the written-out kernel is off)."""
+    if not (jax.config.jax_threefry_partitionable and backend.kernels().prng):
         return None
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         if "threefry" not in str(jax.random.key_impl(key)):
@@ -66,7 +70,7 @@ def bits(key, shape) -> jax.Array:
 
 def uniform(key, shape, dtype=jnp.float32, minval=0.0, maxval=1.0) -> jax.Array:
     """``jax.random.uniform`` for float32."""
-    if jnp.dtype(dtype) != jnp.float32:
+    if jnp.dtype(dtype) != jnp.float32 or not backend.kernels().prng:
         return jax.random.uniform(key, shape, dtype, minval, maxval)
     b = bits(key, shape)
     one = np.array(1.0, np.float32).view(np.uint32)
@@ -83,7 +87,7 @@ def bernoulli(key, p: float, shape) -> jax.Array:
 
 def normal(key, shape, dtype=jnp.float32) -> jax.Array:
     """``jax.random.normal`` for float32."""
-    if jnp.dtype(dtype) != jnp.float32:
+    if jnp.dtype(dtype) != jnp.float32 or not backend.kernels().prng:
         return jax.random.normal(key, shape, dtype)
     lo = np.nextafter(np.float32(-1.0), np.float32(np.inf))
     # drawn flat, then shaped (the same numbers): XLA's CPU loops vectorise only

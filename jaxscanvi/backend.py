@@ -1,0 +1,181 @@
+"""Which hand-written kernels run, and in what precision, decided in one place.
+
+The training step has a library path (``jax.random``, autodiff, a plain
+optax update, the likelihood through autodiff) and hand-written kernels that
+were tuned on one backend and pay only there:
+
+=================  =========================================================
+``prng``           Threefry written out as element-wise arithmetic
+                   (`nn.prng`), instead of the CPU's rolled loop
+``linear``         custom VJP of the dense layer (`nn.layers.linear`)
+``batch_norm``     closed-form batch-norm backward (`nn.layers.batch_norm`)
+``relu_dropout``   ReLU + dropout whose gradient needs no second mask
+``deferred_adam``  each Adam update applied at the start of the next step
+``fused_likelihood``  one custom-VJP pass for the dense NB/ZINB likelihood
+``sparse_likelihood`` the likelihood's lgamma part over the list of
+                   non-zeros instead of every entry (not a kernel, a choice
+                   of layout; it needs the list, which sources then build)
+=================  =========================================================
+
+`defaults` picks them per backend from the benchmarks in
+``benchmarks/results/`` (``kernels_*.json``); `use` overrides them for a
+block of code, and the environment variable ``JAXSCANVI_KERNELS`` for a
+process, e.g. ``JAXSCANVI_KERNELS=library`` (every kernel off),
+``all``, or ``prng=0,fused_likelihood=1``.
+
+The choice is read when a step is traced, so it is part of every
+compiled-function cache key (`Numerics`), and `traced` pins it for a
+function: whatever is active when the function is built holds whenever JAX
+traces it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from .errors import InputError
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    prng: bool = False
+    linear: bool = False
+    batch_norm: bool = False
+    relu_dropout: bool = False
+    deferred_adam: bool = False
+    fused_likelihood: bool = False
+    sparse_likelihood: bool = False
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def library(cls) -> Kernels:
+        """Every hand-written kernel off; the dense likelihood."""
+        return cls()
+
+    @classmethod
+    def every(cls) -> Kernels:
+        return cls(**{n: True for n in cls.names()})
+
+
+# Measured per backend: on the CPU every kernel pays (benchmarks/results/
+# kernels_cpu.json) and the dense likelihood beats gathers and scatter-adds.
+# Elsewhere the library path is the default until a benchmark on that
+# backend shows a kernel pays (benchmarks/results/gpu/).
+_DEFAULTS = {
+    "cpu": Kernels(prng=True, linear=True, batch_norm=True, relu_dropout=True,
+                   deferred_adam=True, fused_likelihood=True, sparse_likelihood=False),
+}
+_FALLBACK = Kernels(sparse_likelihood=True)
+
+
+def defaults(backend: str | None = None) -> Kernels:
+    """The kernels a backend runs unless told otherwise."""
+    return _DEFAULTS.get(backend or jax.default_backend(), _FALLBACK)
+
+
+def parse(spec: str, base: Kernels) -> Kernels:
+    """``"library"``, ``"all"``, or ``"name=0|1,..."`` applied to ``base``."""
+    spec = spec.strip()
+    if spec in ("", "default"):
+        return base
+    if spec == "library":
+        return Kernels.library()
+    if spec == "all":
+        return Kernels.every()
+    changes = {}
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        name, value = name.strip(), value.strip().lower()
+        if name not in Kernels.names() or value not in ("0", "1", "on", "off", "true",
+                                                         "false"):
+            raise InputError("JAXSCANVI_KERNELS", spec, f"{part!r} is not name=0|1 with a "
+                             f"name from {list(Kernels.names())}",
+                             "set e.g. JAXSCANVI_KERNELS='prng=0,linear=1', 'library' "
+                             "or 'all', or unset it")
+        changes[name] = value in ("1", "on", "true")
+    return dataclasses.replace(base, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """Everything about how a step computes that is fixed when it is traced."""
+
+    kernels: Kernels
+    precision: str = "float32"
+
+    @property
+    def matmul_dtype(self):
+        return jnp.bfloat16 if self.precision == "bfloat16" else None
+
+
+_ACTIVE: contextvars.ContextVar[Numerics | None] = contextvars.ContextVar(
+    "jaxscanvi_numerics", default=None)
+
+
+def check_precision(precision) -> str:
+    if precision not in PRECISIONS:
+        raise InputError("precision", precision, f"not one of {list(PRECISIONS)}",
+                         "pass precision='float32' (default) or 'bfloat16' (bf16 matrix "
+                         "products with float32 accumulation; the rest stays float32)")
+    return precision
+
+
+def current(precision: str | None = None) -> Numerics:
+    """What a function built now will trace with."""
+    active = _ACTIVE.get()
+    if active is not None:
+        if precision is None or precision == active.precision:
+            return active
+        return dataclasses.replace(active, precision=check_precision(precision))
+    kernels = parse(os.environ.get("JAXSCANVI_KERNELS", ""), defaults())
+    return Numerics(kernels, check_precision(precision or "float32"))
+
+
+def kernels() -> Kernels:
+    return current().kernels
+
+
+def matmul_dtype():
+    return current().matmul_dtype
+
+
+@contextlib.contextmanager
+def use(kernels: Kernels | str | None = None, precision: str | None = None):
+    """Run a block with these kernels (a `Kernels`, or a `parse` spec) and precision."""
+    base = current()
+    if isinstance(kernels, str):
+        kernels = parse(kernels, base.kernels)
+    new = Numerics(kernels or base.kernels,
+                   check_precision(precision) if precision else base.precision)
+    token = _ACTIVE.set(new)
+    try:
+        yield new
+    finally:
+        _ACTIVE.reset(token)
+
+
+def traced(fn: Callable, numerics: Numerics) -> Callable:
+    """``fn`` that always runs (and so is traced) under ``numerics``."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        token = _ACTIVE.set(numerics)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+
+    return run
