@@ -19,7 +19,7 @@ if ! "$PY" -c "import anndata" 2>/dev/null && [ -d "$WHEELS" ]; then
   # anndata 0.12 needs pandas < 3: bring one where the machine has a newer one
   if ! "$PY" -c "import pandas, sys; sys.exit(int(pandas.__version__.split('.')[0]) >= 3)"; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target "$SITE" "$WHEELS"/optional/pandas-*.whl || exit 1
+      --target "$SITE" "$WHEELS"/optional/*.whl || exit 1
   fi
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

@@ -1,0 +1,46 @@
+"""The GPU benchmark's smoke mode runs end to end on the CPU (tiny sizes), so
+the script is ready for whoever has a GPU next."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke",
+                        "--out", str(tmp_path), "--parts", "throughput", "kernels",
+                        "precision", "epoch_1m"],
+                       capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads((tmp_path / "gpu_check_smoke.json").read_text())
+    assert set(doc["parts"]) == {"throughput", "kernels", "precision", "epoch_1m"}
+    for name, part in doc["parts"].items():
+        assert part["status"] == "ok", (name, part.get("log_tail"))
+        assert part["results"], name
+        for r in part["results"]:
+            assert "error" not in r, (name, r["error"])
+    thr = doc["parts"]["throughput"]["results"]
+    assert {r["model"] for r in thr} == {"scvi", "scanvi"}
+    assert all(r["cells_per_s"] > 0 and r["loss_finite"] for r in thr)
+    kern = doc["parts"]["kernels"]["results"]
+    assert [r["round"] for r in kern] == [0] * 4 + [1] * 4
+    # the same kernels give the same loss in both rounds (same seed, same data)
+    first = {r["config"]: r["final_train_loss"] for r in kern if r["round"] == 0}
+    for r in kern[4:]:
+        assert r["final_train_loss"] == pytest.approx(first[r["config"]], rel=1e-6)
+    prec = {r["precision"]: r for r in doc["parts"]["precision"]["results"]}
+    e32 = prec["float32"]["validation_elbo_float32_eval"]
+    assert abs(prec["bfloat16"]["validation_elbo_float32_eval"] - e32) < 0.01 * abs(e32)
+    big = [r for r in doc["parts"]["epoch_1m"]["results"] if "stage" not in r]
+    assert {r["sparse_likelihood"] for r in big} == {True, False}
+    assert "table" not in p.stderr and "cells/s" in p.stdout
