@@ -18,6 +18,10 @@ get "$DEST" anndata==0.12.19 array-api-compat legacy-api-wrap natsort scverse-mi
 # scvi-tools 1.4.2 and what the machine lacks of its needs (scanpy's among them)
 get "$DEST" scvi-tools==1.4.2 ml-collections mudata pyro-ppl pyro-api sparse scanpy \
   fast-array-utils pynndescent umap-learn scikit-misc
+# mudata's settings (scverse-misc[settings]): pydantic and pydantic-settings
+get "$DEST" pydantic pydantic-core annotated-types typing-inspection typing-extensions \
+  pydantic-settings python-dotenv
 python3 -m pip wheel -q --no-deps -w "$DEST" docrep==0.3.2   # published as source only
-get "$DEST/optional" "pandas<3"   # installed only where the machine's pandas is 3 or newer
+# installed only where the machine's pandas is 3 or newer (anndata 0.12 needs < 3)
+get "$DEST/optional" "pandas<3" pytz tzdata
 du -sh "$DEST"
