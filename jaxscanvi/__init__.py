@@ -1,6 +1,10 @@
 """jaxscanvi: scVI and scANVI in JAX/Flax."""
 
 from ._version import FORMAT_VERSION, __version__
+from .compile_cache import configure_at_import as _configure_cache, set_compilation_cache
+
+_configure_cache()  # before anything compiles; see compile_cache.py
+
 from .data.registry import Registry
 from .data.synthetic import synthetic_atlas
 from .errors import InputError, ModelFormatError, NonFiniteLossError
@@ -9,4 +13,4 @@ from .model.scvi import SCVI
 from . import de, pl
 
 __all__ = ["SCVI", "SCANVI", "Registry", "synthetic_atlas", "InputError", "ModelFormatError",
-           "NonFiniteLossError", "__version__", "FORMAT_VERSION"]
+           "NonFiniteLossError", "__version__", "FORMAT_VERSION", "set_compilation_cache"]

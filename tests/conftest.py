@@ -8,6 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The suite never writes into the user's compilation cache: jaxscanvi's
+# persistent cache is off here (and in every subprocess a test starts).
+# tests/test_compile_cache.py turns it on, in temporary folders, where it
+# tests it. Set before anything imports jaxscanvi.
+os.environ["JAXSCANVI_COMPILATION_CACHE"] = "0"
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

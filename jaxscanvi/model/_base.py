@@ -373,7 +373,9 @@ class BaseModel:
             B = -(-B // self._parallel.size) * self._parallel.size
         for s in range(0, len(idx), B):
             rows = idx[s:s + B]
-            yield len(rows), host_batch(cells, rows, B, _nnz_bucket(cells, rows))
+            # no list of non-zeros: no inference kernel reads one, and its length
+            # (a short last chunk's is smaller) would compile each kernel again
+            yield len(rows), host_batch(cells, rows, B, None)
 
     def _map(self, fn, cells: CellData, indices, batch_size, seed: int = 0):
         """Apply jitted fn(variables, batch, key) over chunks of cells, in order.

@@ -1,0 +1,115 @@
+"""JAX's persistent compilation cache, on by default for jaxscanvi.
+
+On small data most of what a user waits for before the first epoch is XLA
+compiling. With the cache, a new process running the same workflow loads
+the compiled programs from disk instead of compiling them again.
+
+At import, jaxscanvi points JAX at a per-user folder
+(``$XDG_CACHE_HOME/jaxscanvi/jax``, else ``~/.cache/jaxscanvi/jax``) unless
+the user already chose a cache folder for JAX (``JAX_COMPILATION_CACHE_DIR``
+or ``jax.config.jax_compilation_cache_dir``), or turned ours off with
+``JAXSCANVI_COMPILATION_CACHE=0``. That variable may also name a folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+
+ENV = "JAXSCANVI_COMPILATION_CACHE"
+_OFF = {"0", "false", "no", "off", "none"}
+_ON = {"", "1", "true", "yes", "on"}
+
+# JAX caches only programs that took >= 1 s to compile; ours mostly take
+# less, and loading one from disk is still much faster than compiling it.
+MIN_COMPILE_SECS = 0.0
+MIN_ENTRY_BYTES = -1  # -1: no size floor (and JAX does not override it)
+
+# the folder jaxscanvi set, so a later call knows the setting is ours
+_ours: str | None = None
+
+
+def default_dir() -> Path:
+    """``$XDG_CACHE_HOME/jaxscanvi/jax``, else ``~/.cache/jaxscanvi/jax``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "jaxscanvi" / "jax"
+
+
+def _writable(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def _user_dir() -> str | None:
+    """A cache folder the user gave JAX (not one jaxscanvi set)."""
+    current = jax.config.jax_compilation_cache_dir
+    if current is not None and current != _ours:
+        return current
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or None
+
+
+def _apply(path: str | None) -> None:
+    global _ours
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        cc.reset_cache()  # JAX reads the folder once, at its first compile
+    _ours = path
+    if path is not None:
+        # JAX's defaults (1 s, 0 bytes) would leave most of our programs out;
+        # a threshold the user changed is kept
+        if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                              MIN_COMPILE_SECS)
+        if jax.config.jax_persistent_cache_min_entry_size_bytes == 0:
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                              MIN_ENTRY_BYTES)
+
+
+def set_compilation_cache(path: str | os.PathLike | None = "default") -> Path | None:
+    """Use ``path`` as JAX's persistent compilation cache; ``None`` turns it off.
+
+    ``"default"`` is the per-user folder (`default_dir`). Returns the folder
+    in use, or None. Call it before the first training or inference of the
+    process; JAX reads the setting at its first compile after a change.
+    """
+    if path is None:
+        _apply(None)
+        return None
+    folder = default_dir() if path == "default" else Path(path).expanduser()
+    if not _writable(folder):
+        from .errors import InputError
+        raise InputError("path", str(folder), "cannot be created or written to",
+                         "pass a writable folder, or None to turn the cache off")
+    _apply(str(folder))
+    return folder
+
+
+def configure_at_import() -> Path | None:
+    """What ``import jaxscanvi`` does: the default cache, unless opted out or
+    configured by the user. Never raises; an unwritable folder only warns."""
+    choice = os.environ.get(ENV, "").strip()
+    if choice.lower() in _OFF or _user_dir() is not None:
+        return None
+    folder = None
+    try:  # Path.home() raises where there is no home directory
+        folder = default_dir() if choice.lower() in _ON else Path(choice).expanduser()
+        ok = _writable(folder)
+    except (OSError, RuntimeError, KeyError):
+        ok = False
+    if not ok:
+        warnings.warn(f"jaxscanvi: cannot write the compilation cache folder {folder}; "
+                      f"compiling without a persistent cache (set {ENV}=<folder> to use "
+                      f"another, or {ENV}=0 to silence this)", RuntimeWarning, stacklevel=2)
+        return None
+    _apply(str(folder))
+    return folder
