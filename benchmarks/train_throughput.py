@@ -95,7 +95,7 @@ def _worker_jax(spec: dict) -> dict:
     model = cls(adata, **ARCH, seed=0)
     ph.mark("init")
     kw = dict(batch_size=spec["batch_size"], train_size=TRAIN_SIZE, progress_bar=False,
-              seed=0, **extra)
+              seed=0, check_val_every_n_epoch=1 if spec.get("validate") else None, **extra)
     t = time.perf_counter()
     model.train(max_epochs=1, **kw)
     wall1 = time.perf_counter() - t
@@ -171,10 +171,13 @@ def _worker_scvi_tools(spec: dict) -> dict:
     # callbacks= is given; that callback does nothing without n_samples_per_label.
     model.train(max_epochs=1 + spec["epochs"], batch_size=spec["batch_size"],
                 train_size=TRAIN_SIZE, enable_progress_bar=False, accelerator="cpu",
-                devices=1, callbacks=[cb], enable_model_summary=False)
+                devices=1, callbacks=[cb], enable_model_summary=False,
+                check_val_every_n_epoch=1 if spec.get("validate") else None)
     wall = time.perf_counter() - t
     n_train = len(model.train_indices)
-    res = _steady_stats(n_train, cb.train_seconds[0], cb.train_seconds[1:])
+    # with validation, the whole epoch (jaxscanvi's epoch_seconds include it too)
+    secs = cb.epoch_seconds if spec.get("validate") else cb.train_seconds
+    res = _steady_stats(n_train, secs[0], secs[1:])
     ph.records["first_epoch"] = {"seconds": round(cb.epoch_seconds[0], 4), **cb.mem[0]}
     ph.mark("steady", train_call_seconds=round(wall, 4))
     ph.records["steady"]["seconds"] = round(sum(cb.epoch_seconds[1:]), 4)
@@ -335,6 +338,8 @@ def main(argv=None) -> int:
                         "'scvi-tools' is the same loss as the scvi-tools run")
     p.add_argument("--label-fraction", type=float, default=0.5,
                    help="fraction of cells keeping their label for SCANVI")
+    p.add_argument("--validate", action="store_true",
+                   help="validation every epoch in both libraries (timed as part of it)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run each configuration this many times; the best is reported")
     p.add_argument("--no-scvi-tools", action="store_true")
@@ -418,11 +423,13 @@ def main(argv=None) -> int:
                     for obj in objs:
                         specs.append({"framework": "jaxscanvi", "model": model,
                                       "objective": obj, "batch_size": bs,
-                                      "epochs": args.epochs, "repeat": rep})
+                                      "epochs": args.epochs, "repeat": rep,
+                                      "validate": args.validate})
                     if use_scvi:
                         specs.append({"framework": "scvi-tools", "model": model,
                                       "objective": None, "batch_size": bs,
                                       "epochs": args.epochs, "repeat": rep,
+                                      "validate": args.validate,
                                       "torch_threads": args.torch_threads})
         runs = []
         for i, spec in enumerate(specs):
