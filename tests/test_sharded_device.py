@@ -74,6 +74,11 @@ def test_scvi_on_two_devices_replays_as_two_shards_on_one(out, kind):
     assert out[f"scvi_{kind}_data_bytes"] < 0.6 * out[f"scvi_{kind}_replay_bytes"]
 
 
+def test_sparse_likelihood_reads_each_devices_non_zeros(out):
+    assert out["scvi_sparse_params"] < 1e-5
+    assert out["scvi_sparse_history"] < 1e-5
+
+
 def test_scanvi_on_two_devices_replays_as_two_shards_on_one(out):
     assert out["scanvi_params"] < 1e-5
     assert out["scanvi_history"] < 1e-5
