@@ -6,7 +6,8 @@ cells comes from the caller, so every source sees the same cells in the same
 order and gives the same loss trajectory.
 
 * `DeviceSource`: CSR counts resident on the device; each epoch is one jitted
-  `lax.scan` that gathers and densifies minibatches inside the step.
+  `lax.scan` that gathers and densifies minibatches inside the step. On
+  several devices each holds only its own slice of the cells.
 * `HostSource`: CSR on the host; minibatches are densified on the host by a
   background thread, one step ahead of the device.
 * `StreamSource`: counts on disk (a backed .h5ad or .zarr), read in shuffled
