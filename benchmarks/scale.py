@@ -13,7 +13,9 @@ Each part runs in a fresh process, so its peak RSS is its own:
    (flat = no growth), against the same number of steps through the host
    source on as many cells loaded into memory.
 3. ``classes``: scANVI step time and peak RSS for C = 10, 100, 500 cell types.
-4. ``devices``: one scVI epoch on 1 and on 2 forced CPU devices.
+4. ``devices``: one scVI epoch on 1 and on 2 forced CPU devices, with the
+   counts dense on the device (the default for data this small) and as CSR,
+   and the bytes of cells each device holds (each holds its own slice).
 
 Run: ``python benchmarks/scale.py`` (all parts; about 25 minutes and 10 GB of
 disk here) or ``--parts memory classes``; prints a table per part and writes
@@ -254,10 +256,14 @@ def worker_classes(n_labels: int, n_cells: int, n_genes: int, batch_size: int) -
             "peak_rss_before_training_mb": round(before, 1)}
 
 
-def worker_devices(n_devices: int, n_cells: int, n_genes: int, batch_size: int) -> dict:
+def worker_devices(n_devices: int, n_cells: int, n_genes: int, batch_size: int,
+                   layout: str = "auto") -> dict:
     import anndata as ad
     import jax
     import jaxscanvi as js
+    from jaxscanvi.train import sources
+    if layout == "csr":  # no train() option for it: the device source's default
+        sources.make_source.__kwdefaults__["dense_max_bytes"] = 0
     X = synthetic_csr(n_cells, n_genes, 300)
     adata = ad.AnnData(X, obs=obs_frame(n_cells, 2, 5))
     js.SCVI.setup_anndata(adata, batch_key="batch")
@@ -266,7 +272,9 @@ def worker_devices(n_devices: int, n_cells: int, n_genes: int, batch_size: int) 
                 devices=n_devices, data_source="device")
     s = float(model.history["epoch_seconds"].iloc[-1])
     return {"devices": n_devices, "local_devices": jax.local_device_count(),
-            "epoch_seconds": round(s, 2), "cells_per_second": round(n_cells / s, 1)}
+            "layout": layout, "epoch_seconds": round(s, 2),
+            "cells_per_second": round(n_cells / s, 1), "csr_mb": round(csr_bytes(X) / 2**20, 2),
+            "data_mb_per_device": round(model.data_bytes_per_device / 2**20, 2)}
 
 
 WORKERS = {"memory": worker_memory, "stream": worker_stream,
@@ -346,10 +354,13 @@ def main(argv=None) -> int:
     if "devices" in args.parts:
         env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
         rows = [spawn("devices", env=env, n_devices=n, n_cells=args.devices_cells,
-                      n_genes=G, batch_size=B) for n in (1, 2)]
+                      n_genes=G, batch_size=B, layout=layout)
+                for layout in ("auto", "csr") for n in (1, 2)]
         out["devices"] = rows
-        print(format_table(["devices", "epoch s", "cells/s"],
-                           [[r["devices"], r["epoch_seconds"], r["cells_per_second"]]
+        print(format_table(["devices", "layout", "epoch s", "cells/s", "CSR MB",
+                            "data MB per device"],
+                           [[r["devices"], r["layout"], r["epoch_seconds"],
+                             r["cells_per_second"], r["csr_mb"], r["data_mb_per_device"]]
                             for r in rows]), flush=True)
     write_json(args.out, out)
     print(f"wrote {args.out}")

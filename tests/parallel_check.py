@@ -1,7 +1,9 @@
 """Run in a fresh process with 2 forced CPU devices (see test_parallel.py).
 
 Trains the same small models on 1 and on 2 devices (same global batch and
-seed) through each data source and prints one JSON line of differences.
+seed) through each data source and prints one JSON line of differences. The
+device source on 2 devices holds each device's half of the cells and draws
+minibatches half by half, so its reference is one device with data_shards=2.
 """
 
 from __future__ import annotations
@@ -35,15 +37,16 @@ def main() -> int:
                  check_val_every_n_epoch=1, early_stopping=True,
                  early_stopping_patience=10)
     models = {}
-    # device source on 1 and 2 devices; the host source on 2 devices against the
-    # same reference (sources agree on one device: tests/test_scale.py)
-    for source, n in (("device", 1), ("device", 2), ("host", 2)):
+    # the host source on 2 devices against one device (sources agree on one
+    # device: tests/test_scale.py); the device source against its replay
+    for source, n, shards in (("device", 1, None), ("device", 1, 2), ("device", 2, None),
+                              ("host", 2, None)):
         m = js.SCVI(adata, n_latent=4, n_hidden=16)
-        m.train(data_source=source, devices=n, batch_size=100, **train)
-        models[source, n] = m
-    one = models["device", 1]
+        m.train(data_source=source, devices=n, batch_size=100, data_shards=shards, **train)
+        models[source, n, shards] = m
     for source in ("device", "host"):
-        two = models[source, 2]
+        two = models[source, 2, None]
+        one = models["device", 1, 2 if source == "device" else None]
         out[f"scvi_{source}_params"] = rel(two.params, one.params)
         out[f"scvi_{source}_batch_stats"] = rel(two.state["batch_stats"],
                                                 one.state["batch_stats"])
@@ -53,11 +56,11 @@ def main() -> int:
         # inference shards over the same devices and keeps the cell order
         out[f"scvi_{source}_latent"] = rel(two.get_latent_representation(),
                                            one.get_latent_representation())
-    out["history_columns"] = sorted(models["device", 2].history.columns)
-    out["param_devices"] = len(jax.tree_util.tree_leaves(
-        models["device", 2].params)[0].sharding.device_set)
+    two = models["device", 2, None]
+    out["history_columns"] = sorted(two.history.columns)
+    out["param_devices"] = len(jax.tree_util.tree_leaves(two.params)[0].sharding.device_set)
     out["train_state_devices"] = len(jax.tree_util.tree_leaves(
-        models["device", 2].train_state.params)[0].sharding.device_set)
+        two.train_state.params)[0].sharding.device_set)
     # scANVI: labelled minibatches and the class networks' statistics
     js.SCANVI.setup_anndata(adata, labels_key="label", unlabeled_category="Unknown",
                             batch_key="batch")
@@ -65,7 +68,7 @@ def main() -> int:
     for n in (1, 2):
         m = js.SCANVI(adata, n_latent=4, n_hidden=16)
         m.train(max_epochs=1, batch_size=100, progress_bar=False, devices=n,
-                data_source="device")
+                data_source="device", data_shards=2 if n == 1 else None)
         s[n] = m
     out["scanvi_params"] = rel(s[2].params, s[1].params)
     out["scanvi_predict_equal"] = float((s[2].predict() == s[1].predict()).mean())

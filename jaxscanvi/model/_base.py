@@ -129,6 +129,8 @@ class BaseModel:
         self._freeze = None
         # the devices of the last train(devices=...), which inference shards over too
         self._parallel = None
+        # bytes of cells the last train() kept on its fullest device (0: fed per step)
+        self.data_bytes_per_device = 0
 
     def _train_cells(self) -> CellData:
         if self._cells is None:
@@ -199,6 +201,8 @@ class BaseModel:
         parallel = DataParallel.over(devices)
         check_positive_int("batch_size", batch_size)
         hosts = jax.process_count()
+        # unset on one host: the device source on n devices draws from n slices
+        spread = data_shards is None
         if data_shards is None:
             data_shards = hosts
         check_positive_int("data_shards", data_shards)
@@ -282,7 +286,9 @@ class BaseModel:
                 if e % checkpoint_every == 0 or e >= max_epochs or loop_.stopped_early:
                     checkpoint.save(checkpoint_dir, ts_, loop_, fingerprint, self)
         source = make_source(data_source, cells, batch_size, parallel=parallel,
-                             shards=shards)
+                             shards=shards, spread=spread)
+        # what a benchmark reads: bytes of cells held by the fullest device
+        self.data_bytes_per_device = source.device_bytes()
         # inference runs on each process's own devices
         self._parallel = parallel if hosts == 1 else DataParallel.over("local")
         if hosts > 1 and extra_val_metrics is not None:

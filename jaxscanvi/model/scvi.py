@@ -124,10 +124,13 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
             its ``lr_factor``/``lr_patience``/``lr_threshold``/``lr_min``.
         data_source
             "device" keeps all counts on the accelerator (one jitted scan per
-            epoch); "host" feeds minibatches from host memory; "stream" reads
-            a backed AnnData (``read_h5ad(path, backed="r")``) from disk in
-            shuffled blocks; "auto" picks: "stream" for backed data, else
-            "device" when the counts fit half the device memory, else "host".
+            epoch; on n devices each holds its own 1/n of the cells, see
+            ``devices``); "host" feeds minibatches from host memory; "stream"
+            reads a backed AnnData (``read_h5ad(path, backed="r")``) from disk
+            in shuffled blocks; "auto" picks: "stream" for backed data, else
+            "device" when the counts (each device's share) fit half the device
+            memory, else "host". ``model.data_bytes_per_device`` then says
+            how many bytes of cells the fullest device holds.
         loss_terms, loss_weights
             Extra terms ``fn(outputs, batch, params) -> scalar`` added to the
             loss times their weight (default 1) and recorded in the history.
@@ -139,14 +142,19 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
             "auto" (every local device), an int n (the first n), or a list of
             devices: each minibatch is split across them (data parallelism,
             same results as one device); ``batch_size`` is the global batch,
-            padded with masked rows to a multiple of the device count. In a
-            run of several processes (`jaxscanvi.distributed`), "auto" is every
-            device of every process.
+            padded with masked rows to a multiple of the device count. With
+            the device source on n devices, each device holds one contiguous
+            slice of the cells and minibatches are drawn slice by slice: the
+            same model as ``devices=1, data_shards=n``. In a run of several
+            processes (`jaxscanvi.distributed`), "auto" is every device of
+            every process.
         data_shards
             Draw each global minibatch from this many contiguous slices of the
             cells, ``batch_size / data_shards`` cells from each. Default: the
-            number of processes (1 on one host). Set it on one process to
-            replay a run of that many processes exactly.
+            number of processes (1 on one host), or with the device source on
+            n devices of one host, n. Set it on one process to replay a run of
+            that many processes (or devices) exactly. A number that is not a
+            multiple of the device count puts every cell on every device.
         precision
             "float32" (default) or "bfloat16": the dense layers multiply in
             bf16 and accumulate in float32 (faster on GPUs and TPUs, slower

@@ -6,7 +6,8 @@ cells comes from the caller, so every source sees the same cells in the same
 order and gives the same loss trajectory.
 
 * `DeviceSource`: CSR counts resident on the device; each epoch is one jitted
-  `lax.scan` that gathers and densifies minibatches inside the step.
+  `lax.scan` that gathers and densifies minibatches inside the step. On
+  several devices each holds only its own slice of the cells.
 * `HostSource`: CSR on the host; minibatches are densified on the host by a
   background thread, one step ahead of the device.
 * `StreamSource`: counts on disk (a backed .h5ad or .zarr), read in shuffled
@@ -26,7 +27,9 @@ import numpy as np
 from ..data.batch import (DenseDeviceCells, DeviceCells, dense_device_batch, device_batch,
                           host_batch)
 from ..data.backed import BackedRows, block_order
+from ..data.sharded import local_rows, per_device, resident_bytes, shard_cells, sharded_batch
 from ..data.cells import CellData
+from ..distributed import shard_bounds
 from ..distributions import sparse_pays
 from ..errors import InputError
 
@@ -101,6 +104,10 @@ class Source:
 
     shards: np.ndarray | None = None
 
+    def device_bytes(self) -> int:
+        """Bytes of cells resident on the fullest device (none: fed per step)."""
+        return 0
+
     def _order(self, rng, idx, batch_size: int, shuffle: bool) -> np.ndarray:
         return epoch_rows(rng, idx, batch_size, shuffle)
 
@@ -138,34 +145,52 @@ class DeviceSource(Source):
     Counts are kept dense when they take at most ``dense_max_bytes`` (a row
     gather is then the cheapest minibatch), otherwise as CSR, densified per
     minibatch inside the step with the non-zeros kept for the likelihood.
+
+    With ``parallel`` and ``bounds`` (one contiguous slice of the cells per
+    device), device d holds slice d only (`jaxscanvi.data.sharded`), dense
+    when the largest slice fits ``dense_max_bytes``, and builds its own rows
+    of each minibatch; ``shards`` must then draw global minibatches whose
+    columns d*b:(d+1)*b come from slice d (see `Source`). With ``parallel``
+    alone every device holds every cell.
     """
 
     kind = "device"
 
     def __init__(self, cells: CellData, batch_size: int, device=None,
-                 dense_max_bytes: int = 1 << 30, parallel=None):
+                 dense_max_bytes: int = 1 << 30, parallel=None, bounds=None):
         self.n_genes = cells.n_vars
         self.batch_size = batch_size
         self.parallel = parallel
-        if parallel is not None:  # every device holds the cells; minibatches are split
+        self.bounds = None if parallel is None or bounds is None else np.asarray(bounds)
+        if parallel is not None and self.bounds is None:  # every device holds the cells
             device = parallel.replicated
-        self.dense = cells.n_obs * cells.n_vars * 4 <= dense_max_bytes
+        rows = cells.n_obs if self.bounds is None else int(np.diff(self.bounds).max())
+        self.dense = rows * cells.n_vars * 4 <= dense_max_bytes
         self.row_nnz = cells.row_nnz()
         self.k_cap = 0  # grown to what each epoch's minibatches hold (`grown_cap`)
-        if self.dense:
+        if self.bounds is not None:
+            self.cells = shard_cells(cells, self.bounds, parallel.mesh, self.dense)
+        elif self.dense:
             self.cells = DenseDeviceCells.from_cells(cells, device)
         else:
             self.cells = DeviceCells.from_cells(cells, device)
         # the copy to the device belongs to set-up, not to the first epoch's time
         jax.block_until_ready(self.cells)
 
+    def device_bytes(self) -> int:
+        """Bytes of cells resident on the fullest device."""
+        return resident_bytes(self.cells)
+
     def _epoch_fn(self, step_fn: Callable):
         par = self.parallel
-        key = ("device", step_fn, self.n_genes, self.k_cap, self.dense, par)
+        sharded = self.bounds is not None
+        key = ("device", step_fn, self.n_genes, self.k_cap, self.dense, par, sharded)
         if key not in _COMPILED:
             G, K = self.n_genes, self.k_cap
 
             def gather(cells, r):
+                if sharded:  # each device densifies its own rows
+                    return par.constrain(sharded_batch(cells, r, par.mesh, G, K))
                 b = dense_device_batch(cells, r) if self.dense else \
                     device_batch(cells, r, G, K)
                 return b if par is None else par.constrain(b)
@@ -187,11 +212,20 @@ class DeviceSource(Source):
         return _COMPILED[key]
 
     def run_epoch(self, step_fn, carry, rows, lab_rows=None):
+        sharded = self.bounds is not None
         if not self.dense:  # dense counts need no list of non-zeros
-            self.k_cap = grown_cap(self.k_cap, self.row_nnz, rows, lab_rows)
+            if sharded:  # each device lists the non-zeros of its own rows
+                n = len(self.bounds) - 1
+                self.k_cap = grown_cap(self.k_cap, self.row_nnz, per_device(rows, n),
+                                       per_device(lab_rows, n))
+            else:
+                self.k_cap = grown_cap(self.k_cap, self.row_nnz, rows, lab_rows)
         if self.parallel is not None:
             rows, lab_rows = self.parallel.pad(rows), self.parallel.pad(lab_rows)
             carry = self.parallel.replicate(carry)
+        if sharded:  # cells are indexed within their device's slice
+            rows = local_rows(rows, self.bounds)
+            lab_rows = None if lab_rows is None else local_rows(lab_rows, self.bounds)
         fn = self._epoch_fn(step_fn)
         lab = None if lab_rows is None else jnp.asarray(lab_rows)
         return fn(carry, self.cells, jnp.asarray(rows), lab)
@@ -320,13 +354,33 @@ def check_source(kind: str, cells: CellData) -> None:
                          "backed='r')), or pass data_source='auto'")
 
 
+def device_bounds(shards, n_devices: int, n_obs: int, batch_size: int,
+                  spread: bool) -> np.ndarray | None:
+    """Each device's contiguous slice of the cells for the device source, or None.
+
+    With ``shards`` (k slices per device), device d takes slices
+    d*k..(d+1)*k-1, whose minibatch columns fall on it. Without, and when
+    ``spread``, one slice per device, if the global batch splits evenly.
+    None (every device holds every cell) otherwise.
+    """
+    if shards is None:
+        if spread and batch_size % n_devices == 0:
+            return shard_bounds(n_obs, n_devices)
+        return None
+    k, rest = divmod(len(shards) - 1, n_devices)
+    return np.asarray(shards)[::k] if rest == 0 else None
+
+
 def make_source(kind: str, cells: CellData, batch_size: int, *,
                 device_budget_bytes: int | None = None, dense_max_bytes: int = 1 << 30,
-                parallel=None, shards: np.ndarray | None = None):
+                parallel=None, shards: np.ndarray | None = None, spread: bool = False):
     """Pick a source: 'device', 'host', or 'auto' (device when it fits the budget).
 
     With ``parallel`` (a `DataParallel`), minibatches are split across its
-    devices; with ``shards``, drawn slice by slice (see `Source`).
+    devices; with ``shards``, drawn slice by slice (see `Source`). The device
+    source on several devices gives each device its own slice of the cells
+    (`device_bounds`; ``spread``: one slice per device when ``shards`` is
+    None, which then draws minibatches slice by slice too).
     """
     check_source(kind, cells)
     if kind == "auto" and isinstance(cells.X, BackedRows):
@@ -341,13 +395,20 @@ def make_source(kind: str, cells: CellData, batch_size: int, *,
             cells, batch_size, parallel=parallel, process=jax.process_index())
         src.shards = shards
         return src
+    bounds = None
+    if parallel is not None and kind in ("auto", "device"):
+        bounds = device_bounds(shards, parallel.size, cells.n_obs, batch_size, spread)
     if kind == "auto":
         nbytes = cells.X.data.nbytes * 2 + cells.X.indptr.nbytes + cells.n_obs * 64
+        if bounds is not None:  # each device holds about its share
+            nbytes = nbytes // parallel.size
         budget = device_budget_bytes if device_budget_bytes is not None else _device_budget()
         kind = "device" if nbytes <= budget else "host"
     if kind == "device":
         src = DeviceSource(cells, batch_size, dense_max_bytes=dense_max_bytes,
-                           parallel=parallel)
+                           parallel=parallel, bounds=bounds)
+        if bounds is not None and shards is None:  # minibatches drawn device by device
+            shards = bounds
     elif kind == "host":
         src = HostSource(cells, batch_size, parallel=parallel)
     elif kind == "stream":
