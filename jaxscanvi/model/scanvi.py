@@ -15,7 +15,7 @@ from ..data.registry import build_registry, registry_of
 from ..data.registry import setup_anndata as _setup
 from ..errors import InputError
 from ..losses import scanvi_elbo
-from ..module_scanvi import SCANVAE, SCANVIConfig
+from ..module import SCANVAE, SCANVIConfig
 from ._base import (BaseModel, _jitted, check_positive_int, max_epochs_heuristic)
 from ._downstream import DownstreamMixin
 from ._query import QueryMixin
