@@ -29,10 +29,7 @@ from ..data.backed import BackedRows, block_order
 from ..data.cells import CellData
 from ..distributions import sparse_pays
 from ..errors import InputError
-
-# Compiled epoch/step functions, shared by every source and model: a new
-# model with the same architecture reuses what an earlier one compiled.
-_COMPILED: dict = {}
+from ..compile_cache import functions as _COMPILED
 
 
 def epoch_rows(rng: np.random.Generator, idx: np.ndarray, batch_size: int,
@@ -162,7 +159,8 @@ class DeviceSource(Source):
     def _epoch_fn(self, step_fn: Callable):
         par = self.parallel
         key = ("device", step_fn, self.n_genes, self.k_cap, self.dense, par)
-        if key not in _COMPILED:
+
+        def build():
             G, K = self.n_genes, self.k_cap
 
             def gather(cells, r):
@@ -183,8 +181,8 @@ class DeviceSource(Source):
                 carry, out = jax.lax.scan(body, (*carry, jnp.bool_(False)), (rows, lab_rows))
                 return step_fn.finish(carry), out
 
-            _COMPILED[key] = jax.jit(run)
-        return _COMPILED[key]
+            return jax.jit(run)
+        return _COMPILED.get(key, build)
 
     def run_epoch(self, step_fn, carry, rows, lab_rows=None):
         if not self.dense:  # dense counts need no list of non-zeros
@@ -254,10 +252,9 @@ class HostSource(Source):
             self.k_cap = grown_cap(self.k_cap, self.row_nnz, rows, lab_rows)
         par = self.parallel
         key = ("host", step_fn, par if self.process is not None else None)
-        if key not in _COMPILED:  # across processes every output is kept replicated
-            _COMPILED[key] = jax.jit(step_fn) if self.process is None else \
-                jax.jit(step_fn, out_shardings=par.replicated)
-        fn = _COMPILED[key]
+        # across processes every output is kept replicated
+        fn = _COMPILED.get(key, lambda: jax.jit(step_fn) if self.process is None else
+                           jax.jit(step_fn, out_shardings=par.replicated))
         if self.process is not None:  # this process's columns of the global minibatches
             b = rows.shape[1] // (len(self.shards) - 1)
             cols = slice(self.process * b, (self.process + 1) * b)
