@@ -14,7 +14,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 import jaxscanvi.model._base as base
 from jaxscanvi.compile_cache import functions as compiled_functions

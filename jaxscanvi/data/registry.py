@@ -129,7 +129,7 @@ def _row_blocks(X, rows: slice | None = None):
         yield 0, X
 
 
-def _check_values(block, field: str, allow_noninteger: bool, chunk: int) -> bool:
+def _check_values(block, field: str, chunk: int, *, allow_noninteger: bool) -> bool:
     """Raise if a block's stored values are NaN/inf, negative, or (unless allowed) not
     integers; return whether any is fractional. Never densifies a sparse block."""
     values = np.asarray(block.data) if sp.issparse(block) else np.asarray(block).ravel()
@@ -168,7 +168,7 @@ def scan_counts(X, field: str, *, allow_noninteger: bool = False, each_block=(),
     results: list[list] = [[] for _ in each_block]
     fractional = False
     for _, block in _row_blocks(X, rows):
-        fractional |= _check_values(block, field, allow_noninteger, chunk)
+        fractional |= _check_values(block, field, chunk, allow_noninteger=allow_noninteger)
         for out, fn in zip(results, each_block):
             out.append(fn(block))
     if fractional:
@@ -178,7 +178,7 @@ def scan_counts(X, field: str, *, allow_noninteger: bool = False, each_block=(),
     return results
 
 
-def _scan_shards(X, field: str, allow_noninteger: bool, each_block) -> list[list]:
+def _scan_shards(X, field: str, each_block, *, allow_noninteger: bool) -> list[list]:
     """`scan_counts` over all rows, or, for a backed matrix in a run of several
     processes, over this process's slice only (each process reads its own)."""
     from .backed import BackedRows, is_backed
@@ -272,7 +272,7 @@ def _obs_column(adata, key: str, field: str) -> pd.Series:
     return adata.obs[key]
 
 
-def setup_anndata(
+def setup_anndata(  # noqa: PLR0913 (scvi-tools' keywords)
     adata,
     layer: str | None = None,
     batch_key: str | None = None,
@@ -296,7 +296,7 @@ def setup_anndata(
     return registry
 
 
-def build_registry(
+def build_registry(  # noqa: PLR0913 (setup_anndata's keywords)
     adata,
     *,
     layer: str | None = None,
@@ -325,7 +325,8 @@ def build_registry(
 
     X = counts_matrix(adata, layer)
     field = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
-    rows, cols = _scan_shards(X, field, allow_noninteger_counts, (row_sums, col_sums))
+    rows, cols = _scan_shards(X, field, (row_sums, col_sums),
+                              allow_noninteger=allow_noninteger_counts)
     sums = distributed.gather_rows(_cat(rows, np.float64))
     gene_totals = distributed.sum_all(np.sum(cols, axis=0) if cols else np.zeros(X.shape[1]))
     if (sums <= 0).any():

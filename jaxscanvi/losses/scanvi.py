@@ -170,7 +170,7 @@ def labelled_bound(labels, log_prior, nll_z1, kl_z2):
             jnp.take_along_axis(kl_z2, y, axis=1)[:, 0] - log_prior[labels])
 
 
-def scanvi_per_cell(module, params, state, batch: Batch, rng, *, train: bool = False,
+def scanvi_per_cell(module, params, state, batch: Batch, rng, *, train: bool = False,  # noqa: PLR0913 (keyword options)
                     objective: str = "seed", sparse: bool = True, sample: bool = True):
     """Per-cell scANVI terms, each (B,): ``reconstruction_loss`` (count term plus
     log q(z1|x) plus the class-conditional z1 term), ``kl_local`` (the u, c and
@@ -210,7 +210,7 @@ def scanvi_per_cell(module, params, state, batch: Batch, rng, *, train: bool = F
     return terms, outputs, new_state
 
 
-def scanvi_elbo(module, params, state, batches, rng, kl_weight, *, train: bool = True,
+def scanvi_elbo(module, params, state, batches, rng, kl_weight, *, train: bool = True,  # noqa: PLR0913 (the loss signature, then keyword options)
                 objective: str = "seed", classification_ratio: float = 50.0,
                 sparse: bool = True, extra_terms=None, extra_weights=None, replay=None,
                 step=None):

@@ -55,7 +55,7 @@ def scvi_per_cell(module: VAE, params, state, batch: Batch, rng, *, train: bool 
     return t, outputs, new_state
 
 
-def scvi_elbo(module: VAE, params, state, batch: Batch, rng, kl_weight, *,
+def scvi_elbo(module: VAE, params, state, batch: Batch, rng, kl_weight, *,  # noqa: PLR0913 (the loss signature, then keyword options)
               train: bool = True, sparse: bool = True, extra_terms=None,
               extra_weights=None, step=None):
     """scVI loss: (params, state, batch, rng, kl_weight) -> (loss, LossAux).

@@ -204,7 +204,7 @@ def library_prior(cells, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
     return means, var
 
 
-def init_variables(module, n_genes: int, n_cont: int, n_cat: int, seed: int,  # noqa: PLR0913
+def init_variables(module, n_genes: int, n_cont: int, n_cat: int, seed: int,
                    constants: dict | None = None):
     """Initialise a module's variables on a dummy batch of two cells."""
     B = 2

@@ -61,7 +61,7 @@ def chunks(cells: CellData, indices, batch_size: int | None, n_devices: int = 1)
         yield len(rows), host_batch(cells, rows, B, None)
 
 
-def map_cells(fn, variables: dict, cells: CellData, indices, batch_size, *,  # noqa: PLR0913
+def map_cells(fn, variables: dict, cells: CellData, indices, batch_size, *,
               parallel=None, seed: int = 0):
     """``fn(variables, batch, key)`` over the selected cells, results in their order.
 
@@ -75,7 +75,7 @@ def map_cells(fn, variables: dict, cells: CellData, indices, batch_size, *,  # n
     return _map_here(fn, variables, cells, indices, batch_size, parallel, seed)
 
 
-def _map_here(fn, variables, cells, indices, batch_size, parallel, seed):  # noqa: PLR0913
+def _map_here(fn, variables, cells, indices, batch_size, parallel, seed):
     outs = []
     key = jax.random.PRNGKey(seed)
     if parallel is not None:
@@ -91,7 +91,7 @@ def _map_here(fn, variables, cells, indices, batch_size, parallel, seed):  # noq
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=0), *outs)
 
 
-def _map_slices(fn, variables, cells, indices, batch_size, parallel, seed):  # noqa: PLR0913
+def _map_slices(fn, variables, cells, indices, batch_size, parallel, seed):
     idx = row_positions(cells.n_obs, indices)
     if idx.size == 0:
         raise InputError("indices", [], "selects no cells", "pass at least one index")

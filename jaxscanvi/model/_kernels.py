@@ -162,7 +162,7 @@ def qz_fn(module, variables, batch, key):
     return {"m": m, "v": v}
 
 
-def anchor_terms(likelihood, z, log_scale, log_theta, zi, qm, qv, xa, lib, log_px):
+def anchor_terms(likelihood, z, log_scale, log_theta, zi, qm, qv, xa, lib, log_px):  # noqa: PLR0913 (a jitted kernel's arrays)
     """Per sample: logsumexp_a [log p(z) + log p(x_a|z) - log p(x_a)] - logsumexp_a log q(z|x_a)."""
     log_pz = normal_log_prob(z, 0.0, 1.0).sum(-1)                                  # (S,)
     log_qz = normal_log_prob(z[:, None, :], qm[None], qv[None]).sum(-1)            # (S, A)

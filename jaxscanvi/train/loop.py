@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ class StepFns:
         return self.step(carry, batch)
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,  # noqa: PLR0913
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: KLSchedule, on_nonfinite: str = "raise",
                     state_mask=None, pending: Callable | None = None) -> StepFns:
     """One optimisation step as a scan body: (carry, batch) -> (carry, out).
@@ -166,7 +166,7 @@ class LoopState:
     stopped_early: bool = False
 
 
-def run_loop(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,
+def run_loop(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,  # noqa: PLR0913 (keyword-only; fit builds them)
         eval_step: Callable, train_idx: np.ndarray, val_idx: np.ndarray,
         labelled_idx: Callable[[np.random.Generator], np.ndarray] | None = None,
         val_labelled: Callable[[], np.ndarray] | None = None,
