@@ -230,6 +230,10 @@ class QueryInfo:
                 "new_covariate_categories": list(self.new_covariate_categories),
                 "freeze": self.freeze}
 
+    def __getitem__(self, key: str):
+        # ``model.query_info["new_batches"]``: it was a dict before it was declared
+        return self.to_dict()[key]
+
     @classmethod
     def from_dict(cls, d: dict) -> QueryInfo:
         return cls(tuple(d.get("new_batches") or ()), tuple(d.get("new_labels") or ()),
