@@ -16,7 +16,8 @@ from scipy.special import gammaln
 from ..errors import InputError
 from .backed import BackedRows, is_backed
 from .. import distributed
-from .registry import Registry, _cat, _scan_shards, check_counts, counts_matrix
+from .counts import _cat, _scan_shards, check_counts, counts_matrix
+from .registry import Registry
 
 
 @dataclass
