@@ -27,7 +27,6 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf; the model keeps its last finite parameters."""
 
 
-
 def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
     """Raise `InputError` unless ``value`` is a positive int (or None, if allowed)."""
     if value is None and allow_none:

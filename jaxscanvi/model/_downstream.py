@@ -2,9 +2,9 @@
 parameters, gene-gene correlation, latent library size.
 
 Each is a function of the model, bound as a method by `BaseModel`. Every
-kernel (`_kernels`) is jitted once per shape (see `_inference.jitted`) and runs over chunks
-of cells; results come back to the host chunk by chunk, so memory stays
-bounded by the chunk size.
+kernel (`_kernels`) is jitted once per shape (see `_inference.jitted`) and
+runs over chunks of cells; results come back to the host chunk by chunk, so
+memory stays bounded by the chunk size.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .. import de
-from ..errors import InputError
-from ..errors import check_positive_int
+from ..errors import InputError, check_positive_int
 from . import _kernels as kernels
 from ._inference import chunks, gene_positions, jitted, transform_batches
 from ._posterior import marginal_ll_per_cell
 
 
-
 # ------------------------------------------------------------ helpers
+
+
 def _scale_samples(self, cells, rows: np.ndarray, n: int, batch_code, seed: int,
                    batch_size) -> np.ndarray:
     """(n, G) posterior samples of normalized expression, cells drawn uniformly from rows.
@@ -39,6 +39,7 @@ def _scale_samples(self, cells, rows: np.ndarray, n: int, batch_code, seed: int,
     fn = jitted(partial(kernels.expression_fn, self.module, n_samples=1, latent_library=False))
     return self._map(lambda v, b, k: fn(v, b, k, batch_code), cells, picks, batch_size,
                      seed=seed)
+
 
 def _de_masks(self, adata, groupby, group1, group2, idx1, idx2):
     """[(mask1, mask2, name1, name2)], names None when idx1/idx2 define the groups."""
@@ -89,7 +90,10 @@ def _de_masks(self, adata, groupby, group1, group2, idx1, idx2):
                                  if groupby else "pass non-empty idx1/idx2")
     return out
 
+
 # ------------------------------------------------------------ DE
+
+
 def differential_expression(
     self, adata=None, groupby: str | None = None, group1=None, group2: str | None = None,
     idx1=None, idx2=None, mode: Literal["vanilla", "change"] = "vanilla",
@@ -170,6 +174,7 @@ def differential_expression(
         results.append(res)
     return pd.concat(results, axis=0)
 
+
 def _group_samples(self, cells, rows, n_samples, codes, seed, batch_size, iw=None):
     """[(samples (n_b, G), batch code)] for each batch code (None: observed batch)."""
     n_b = max(int(n_samples / len(codes)), 2)
@@ -182,6 +187,7 @@ def _group_samples(self, cells, rows, n_samples, codes, seed, batch_size, iw=Non
             out.append((_importance_samples(self, cells, rows, n_b, code, s, batch_size,
                                                  **iw), code))
     return out
+
 
 def _importance_samples(self, cells, rows, n, code, seed, batch_size, *,
                         max_cells: int = 1024, n_mc_samples: int = 500,
@@ -220,7 +226,10 @@ def _importance_samples(self, cells, rows, n, code, seed, batch_size, *,
     p = np.exp(logw - _logsumexp(logw))
     return smp["scale"][rng.choice(n, n, p=p / p.sum())]
 
+
 # ------------------------------------------------------------ predictive
+
+
 def posterior_predictive_sample(self, adata=None, indices=None, n_samples: int = 1,
                                 gene_list: Sequence[str] | None = None,
                                 batch_size: int | None = None, transform_batch=None,
@@ -250,6 +259,7 @@ def posterior_predictive_sample(self, adata=None, indices=None, n_samples: int =
         return sp.vstack(parts, format="csr")
     return sp.coo_array(_concat_coo(parts))
 
+
 def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1,
                               give_mean: bool = False, batch_size: int | None = None
                               ) -> dict[str, np.ndarray]:
@@ -267,6 +277,7 @@ def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1
             out = {k: v.mean(0) for k, v in out.items()}
     return out
 
+
 def get_latent_library_size(self, adata=None, indices=None, give_mean: bool = True,
                             batch_size: int | None = None) -> np.ndarray:
     """Library size of each cell, shape (cells, 1).
@@ -276,6 +287,7 @@ def get_latent_library_size(self, adata=None, indices=None, give_mean: bool = Tr
     """
     fn = jitted(partial(kernels.library_fn, self.module, give_mean=give_mean))
     return self._map(fn, self._cells_for(adata), indices, batch_size)[:, None]
+
 
 def get_feature_correlation_matrix(self, adata=None, indices=None, n_samples: int = 10,
                                    batch_size: int = 64, rna_size_factor: float = 1000,
@@ -308,6 +320,8 @@ def get_feature_correlation_matrix(self, adata=None, indices=None, n_samples: in
 
 
 # ------------------------------------------------------------- helpers
+
+
 def _pair(s1, s2, *, same_batches: bool):
     """Paired (S, G) sample stacks; within-batch pairs when both groups share batches."""
     if same_batches:

@@ -22,6 +22,7 @@ from ._replay import replay_of, replay_spec
 
 __all__ = ["SCANVI", "UNASSIGNED", "expected_calibration_error"]
 
+
 class SCANVI(BaseModel):
     """scANVI (Xu et al. 2021): scVI with a cell-type-structured latent prior.
 
