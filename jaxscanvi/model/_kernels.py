@@ -45,7 +45,7 @@ def classify_fn(module, variables, batch, key, *, use_posterior_mean):
                         use_posterior_mean=use_posterior_mean, method=SCANVAE.classify)
 
 
-def _labelexpression_fn(module, variables, batch, key, batch_code, *, target: int,
+def label_expression_fn(module, variables, batch, key, batch_code, *, target: int,
                          n_samples: int, latent_library: bool):
     def run(mdl, b):
         inf = mdl.inference(b, train=False, n_samples=n_samples)
