@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -167,9 +168,13 @@ def _fixed_steps(model, source, rows, warmup: int):
     timed with RSS sampled each second."""
     import jax
     import jax.numpy as jnp
-    from jaxscanvi.train.state import KLSchedule, TrainState
-    schedule = KLSchedule(n_epochs_kl_warmup=400)
-    tx, step, _ = model._step_fns({}, "raise", schedule, None, None)
+    from jaxscanvi.model.scvi import _loss
+    from jaxscanvi.train.config import TrainConfig
+    from jaxscanvi.train.fit import step_fns
+    from jaxscanvi.train.state import TrainState
+    config = TrainConfig(max_epochs=400)
+    task = model._task(config, partial(_loss, model.module, config), ("scvi", model.module))
+    tx, step, _ = step_fns(config, task)
     ts = TrainState(params=model.params, state=model.state, opt_state=tx.init(model.params),
                     rng=jax.random.PRNGKey(0), step=jnp.asarray(0, jnp.int32),
                     epoch=jnp.asarray(0, jnp.int32))

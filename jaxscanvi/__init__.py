@@ -1,7 +1,8 @@
 """jaxscanvi: scVI and scANVI in JAX/Flax."""
 
 from ._version import FORMAT_VERSION, __version__
-from .compile_cache import configure_at_import as _configure_cache, set_compilation_cache
+from .compile_cache import clear_caches, set_compilation_cache
+from .compile_cache import configure_at_import as _configure_cache
 
 _configure_cache()  # before anything compiles; see compile_cache.py
 
@@ -13,4 +14,5 @@ from .model.scvi import SCVI
 from . import de, pl
 
 __all__ = ["SCVI", "SCANVI", "Registry", "synthetic_atlas", "InputError", "ModelFormatError",
-           "NonFiniteLossError", "__version__", "FORMAT_VERSION", "set_compilation_cache"]
+           "NonFiniteLossError", "__version__", "FORMAT_VERSION", "set_compilation_cache",
+           "clear_caches"]

@@ -209,7 +209,7 @@ def demo(args) -> int:
     return 0
 
 
-def _common(p, labels_required: bool) -> None:
+def _common(p, *, labels_required: bool) -> None:
     p.add_argument("--labels-key", required=labels_required, default=None,
                    help="obs column with cell types" + ("" if labels_required else
                                                          " (omit to train scVI only)"))

@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 
@@ -113,3 +115,47 @@ def configure_at_import() -> Path | None:
         return None
     _apply(str(folder))
     return folder
+
+
+# ------------------------------------------------------ compiled functions in memory
+class FunctionCache:
+    """Jitted functions by a hashable spec; the least recently used go first.
+
+    One cache for every train step, epoch program and inference kernel, so a
+    new model with the same architecture and settings reuses what an earlier
+    one compiled. It is bounded because an entry's closure can hold arrays
+    (a device source keeps its model's counts on the device).
+    """
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._entries: OrderedDict = OrderedDict()
+
+    def get(self, spec, build: Callable[[], Any]):
+        """The function for ``spec``, made by ``build()`` the first time it is asked for."""
+        if spec in self._entries:
+            self._entries.move_to_end(spec)
+            return self._entries[spec]
+        fn = build()
+        self._entries[spec] = fn
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return fn
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+functions = FunctionCache(max_entries=128)
+
+
+def clear_caches() -> None:
+    """Forget every compiled function jaxscanvi holds in memory (and what they hold).
+
+    The persistent cache on disk stays; the next call of each function
+    compiles it again, or loads it from there.
+    """
+    functions.clear()

@@ -227,7 +227,7 @@ def _fused_fwd(x, log_mu, log_theta, zi):
     return ll.sum(-1), (g_mu, g_th, g_zi, x, log_mu, log_theta, szi)
 
 
-def _count_grad(x, log_mu, log_theta, zero_inflated: bool):
+def _count_grad(x, log_mu, log_theta, *, zero_inflated: bool):
     """d/dx of the log-pmf, as autodiff gives it for the generic code:
     digamma(x + theta) - log(1 + theta/mu) at x > 0; at x = 0, where D is
     pinned to 0, -log(1 + theta/mu) for NB and 0 for ZINB (whose zero case
@@ -244,7 +244,7 @@ def _count_grad(x, log_mu, log_theta, zero_inflated: bool):
 def _fused_bwd(res, ct):
     g_mu, g_th, g_zi, x, log_mu, log_theta, szi = res
     c = ct[..., None]
-    return (_unbroadcast(c * _count_grad(x, log_mu, log_theta, g_zi is not None),
+    return (_unbroadcast(c * _count_grad(x, log_mu, log_theta, zero_inflated=g_zi is not None),
                          jnp.shape(x)),
             _unbroadcast(c * g_mu, jnp.shape(log_mu)),
             _unbroadcast(c * g_th, jnp.shape(log_theta)),

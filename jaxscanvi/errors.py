@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 
 class InputError(ValueError):
     """Bad user input, caught before anything is compiled."""
@@ -23,3 +25,13 @@ class ModelFormatError(ValueError):
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf; the model keeps its last finite parameters."""
+
+
+def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
+    """Raise `InputError` unless ``value`` is a positive int (or None, if allowed)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise InputError(name, value, "must be a positive integer",
+                         f"pass e.g. {name}=128" if "batch" in name else f"pass {name}=1 "
+                         "or more")

@@ -139,7 +139,7 @@ def log_normalize(X, target_sum: float = 1e4):
     return np.log1p(X / np.maximum(lib, 1e-12) * target_sum)
 
 
-def pca(X, n_components: int = 10, scale: bool = False, n_iter: int = 6,
+def pca(X, n_components: int = 10, *, scale: bool = False, n_iter: int = 6,
         n_oversamples: int = 20, seed: int = 0) -> np.ndarray:
     """Principal-component scores of the rows of X (centred; optionally scaled).
 
@@ -169,7 +169,7 @@ def pca(X, n_components: int = 10, scale: bool = False, n_iter: int = 6,
     return U * (S[:k] * signs)
 
 
-def pca_log_normalized(X, n_components: int = 10, scale: bool = False) -> np.ndarray:
+def pca_log_normalized(X, n_components: int = 10, *, scale: bool = False) -> np.ndarray:
     """PCA of log-normalised counts: the uncorrected baseline embedding."""
     return pca(log_normalize(X), n_components, scale=scale)
 

@@ -174,7 +174,7 @@ def test_importance_weights_match_brute_force():
     from scipy.special import logsumexp
     from scipy.stats import nbinom, norm
 
-    from jaxscanvi.model._downstream import _anchor_terms
+    from jaxscanvi.model._kernels import anchor_terms as _anchor_terms
     rng = np.random.default_rng(4)
     S, A, G, L = 3, 4, 5, 2
     z = rng.normal(size=(S, L)).astype(np.float32)

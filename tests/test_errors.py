@@ -14,9 +14,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 import jaxscanvi.model._base as base
+from jaxscanvi.compile_cache import functions as compiled_functions
 from jaxscanvi import SCANVI, SCVI, InputError, ModelFormatError, NonFiniteLossError, \
     synthetic_atlas
 
@@ -525,7 +525,7 @@ def test_inference_rejects(scvi_model, call, field, value, monkeypatch):
     def tripwire(*a, **k):
         raise CompiledTooEarly("a jitted kernel ran before the input was validated")
 
-    monkeypatch.setattr(base, "_jitted", lambda fn: tripwire)
+    monkeypatch.setattr(compiled_functions, "get", lambda spec, build: tripwire)
     with pytest.raises(InputError) as e:
         call(scvi_model)
     assert_clear(e.value, field, value)

@@ -224,8 +224,7 @@ def test_calibration_lowers_error_on_held_out_cells(reference):
     assert len(held) > 50
     y = np.asarray([reference.registry.label_categories.index(t)
                     for t in reference.adata.obs["lab"].astype(str).to_numpy()[held]])
-    logits = reference._logits(reference.params, reference.state,
-                               reference._train_cells(), held, None, True)
+    logits = reference._logits(reference.variables, reference._train_cells(), held, None)
 
     def soft(t):
         z = logits / t
@@ -244,8 +243,7 @@ def test_temperature_fit_matches_brute_force(reference):
     """The fitted temperature minimises validation NLL: a grid search agrees."""
     val = reference.validation_indices
     y = reference._train_cells().labels[val]
-    logits = reference._logits(reference.params, reference.state,
-                               reference._train_cells(), val, None, True)
+    logits = reference._logits(reference.variables, reference._train_cells(), val, None)
     grid = np.exp(np.linspace(np.log(0.05), np.log(50), 4001))
 
     def nll(t):

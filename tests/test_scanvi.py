@@ -25,7 +25,9 @@ from jaxscanvi.data.batch import Batch
 from jaxscanvi.distributions import normal_log_prob
 from jaxscanvi.losses import classification_loss, forward, scanvi_elbo, scvi_terms
 from jaxscanvi.model import scanvi as scanvi_mod
-from jaxscanvi.model._base import init_variables, max_epochs_heuristic
+from jaxscanvi.model._base import init_variables
+from jaxscanvi.model._calibration import softmax
+from jaxscanvi.train.config import max_epochs_heuristic
 from jaxscanvi.model.scanvi import expected_calibration_error
 from jaxscanvi.module import VAE
 from jaxscanvi.module_scanvi import SCANVAE, SCANVIConfig
@@ -501,8 +503,8 @@ def test_train_history_and_epochs_heuristic(scanvi_model, hidden_atlas):
     assert len(val_lab) > 0
     y = np.asarray([reg.label_categories.index(s) for s in labels[val_lab]])
     # per-epoch metrics are those of the uncalibrated classifier (temperature 1)
-    probs = scanvi_model._probabilities(scanvi_model.params, scanvi_model.state,
-                                        scanvi_model._train_cells(), val_lab, None, True)
+    probs = softmax(scanvi_model._logits(scanvi_model.variables,
+                                         scanvi_model._train_cells(), val_lab, None))
     last = hist.iloc[-1]
     np.testing.assert_allclose(last["accuracy_validation_labelled"],
                                (probs.argmax(1) == y).mean(), atol=1e-9)

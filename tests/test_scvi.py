@@ -21,7 +21,7 @@ from conftest import hvg, shared_file  # noqa: E402
 from jaxscanvi.metrics import batch_entropy, knn_accuracy, pca_log_normalized  # noqa: E402
 
 from jaxscanvi import SCVI, InputError, NonFiniteLossError, synthetic_atlas  # noqa: E402
-from jaxscanvi.model._base import max_epochs_heuristic  # noqa: E402
+from jaxscanvi.train.config import max_epochs_heuristic  # noqa: E402
 
 TINY = dict(n_hidden=32, n_latent=5)
 TRAIN = dict(max_epochs=4, batch_size=128, progress_bar=False)
@@ -173,8 +173,7 @@ def test_device_and_host_sources_same_trajectory(tiny, tiny_adata):
 
 def test_device_csr_source_matches_host(tiny_adata, monkeypatch):
     """The device source's CSR path (large data) against the host source."""
-    import jaxscanvi.model._base as base
-    from jaxscanvi.train import sources
+    from jaxscanvi.train import fit, sources
 
     host = train_tiny(tiny_adata, data_source="host", max_epochs=2)
     real = sources.make_source
@@ -185,7 +184,7 @@ def test_device_csr_source_matches_host(tiny_adata, monkeypatch):
         seen.append(src)
         return src
 
-    monkeypatch.setattr(base, "make_source", csr_source)
+    monkeypatch.setattr(fit, "make_source", csr_source)
     dev = train_tiny(tiny_adata, data_source="device", max_epochs=2)
     assert seen and seen[0].kind == "device" and not seen[0].dense
     np.testing.assert_allclose(dev.history["train_loss"], host.history["train_loss"],
@@ -498,11 +497,11 @@ def test_max_epochs_default_heuristic(tiny_adata, monkeypatch):
     model = SCVI(tiny_adata, **TINY)
     seen = {}
 
-    def fake_fit(**kw):
-        seen.update(kw)
+    def fake_train(config, task):
+        seen["max_epochs"] = config.max_epochs
         return model
 
-    monkeypatch.setattr(model, "_fit", fake_fit)
+    monkeypatch.setattr(model, "_train", fake_train)
     model.train(progress_bar=False)
     assert seen["max_epochs"] == min(round(20000 / tiny_adata.n_obs * 400), 400) == 400
     # and on a (virtual) large data set the same rule is used

@@ -16,7 +16,8 @@ from scipy.special import gammaln
 from ..errors import InputError
 from .backed import BackedRows, is_backed
 from .. import distributed
-from .registry import Registry, _cat, _scan_shards, check_counts, counts_matrix
+from .counts import _cat, _scan_shards, check_counts, counts_matrix
+from .registry import Registry
 
 
 @dataclass
@@ -144,7 +145,8 @@ def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellDat
         if distributed.process_count() > 1:  # read only this process's slice
             X = BackedRows(X.dataset, X.block_size, X.cache_blocks,
                            rows=distributed.local_slice(X.shape[0]))
-        parts, = _scan_shards(X, field, registry.allow_noninteger_counts, (row_stats,))
+        parts, = _scan_shards(X, field, (row_stats,),
+                               allow_noninteger=registry.allow_noninteger_counts)
         totals = distributed.gather_rows(_cat([t for t, _ in parts], np.float64))
         lg = distributed.gather_rows(_cat([g for _, g in parts], np.float64))
     else:

@@ -12,7 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import InputError
-from .registry import counts_matrix
+from .counts import counts_matrix
 
 
 def _log_norm_var(X) -> np.ndarray:

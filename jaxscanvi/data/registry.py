@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .._version import FORMAT_VERSION
 from .. import distributed
 from ..errors import InputError
+from .counts import _cat, _scan_shards, _user_stacklevel, col_sums, counts_matrix, row_sums
 
 UNS_KEY = "_jaxscanvi_registry"
 # label values that mean "no label": a mismatched unlabeled_category next to one
@@ -104,129 +102,6 @@ class Registry:
         return dataclasses.replace(self, **changes)
 
 
-def counts_matrix(adata, layer: str | None):
-    """The counts matrix named by ``layer`` (``None`` means ``adata.X``)."""
-    if layer is None:
-        if adata.X is None:
-            raise InputError("layer", None, "adata.X is empty (None)",
-                             "pass layer= naming the layer that holds raw counts")
-        return adata.X
-    if layer not in adata.layers:
-        raise InputError(
-            "layer", layer, f"no such layer; adata.layers has {sorted(adata.layers.keys())}",
-            "pass the name of the layer holding raw counts, or layer=None for adata.X")
-    return adata.layers[layer]
-
-
-def _row_blocks(X, rows: slice | None = None):
-    """(start, rows) blocks of a backed (on-disk) matrix, or an in-memory one whole;
-    only rows ``rows`` (a slice) of a backed one when given."""
-    from .backed import BackedRows, is_backed
-    if is_backed(X) or isinstance(X, BackedRows):
-        X = X if isinstance(X, BackedRows) else BackedRows(X)
-        yield from X.blocks(*((rows.start, rows.stop) if rows is not None else ()))
-    else:
-        yield 0, X
-
-
-def _check_values(block, field: str, allow_noninteger: bool, chunk: int) -> bool:
-    """Raise if a block's stored values are NaN/inf, negative, or (unless allowed) not
-    integers; return whether any is fractional. Never densifies a sparse block."""
-    values = np.asarray(block.data) if sp.issparse(block) else np.asarray(block).ravel()
-    fractional = False
-    for start in range(0, values.size, chunk):
-        v = values[start:start + chunk]
-        if not np.issubdtype(v.dtype, np.number):
-            raise InputError(field, str(v.dtype), "counts are not numeric",
-                             "store raw counts as an integer or float matrix")
-        finite = np.isfinite(v)
-        if not finite.all():
-            bad = v[~finite][0]
-            raise InputError(field, float(bad), "counts contain NaN or inf",
-                             "remove or repair the cells/genes with non-finite values")
-        if (v < 0).any():
-            raise InputError(field, float(v[v < 0][0]), "counts contain negative values",
-                             "pass raw (un-normalised, non-negative) counts")
-        frac = v != np.round(v)
-        if frac.any():
-            if not allow_noninteger:
-                raise InputError(
-                    field, float(v[frac][0]),
-                    "counts contain non-integer values (normalised or log data?)",
-                    "pass raw integer counts via layer=..., or setup_anndata(..., "
-                    "allow_noninteger_counts=True) to accept them with a warning")
-            fractional = True
-    return fractional
-
-
-def scan_counts(X, field: str, *, allow_noninteger: bool = False, each_block=(),
-                chunk: int = 1 << 22, rows: slice | None = None) -> list[list]:
-    """Check every stored count (see `_check_values`) and apply each function of
-    ``each_block`` to every block of rows, in one pass over the matrix (one read
-    of a backed file); returns each function's per-block results. ``rows``
-    limits a backed matrix to a slice of its rows."""
-    results: list[list] = [[] for _ in each_block]
-    fractional = False
-    for _, block in _row_blocks(X, rows):
-        fractional |= _check_values(block, field, allow_noninteger, chunk)
-        for out, fn in zip(results, each_block):
-            out.append(fn(block))
-    if fractional:
-        warnings.warn(f"{field}: non-integer counts accepted "
-                      "(allow_noninteger_counts=True); the count likelihood assumes "
-                      "integers", UserWarning, stacklevel=_user_stacklevel())
-    return results
-
-
-def _scan_shards(X, field: str, allow_noninteger: bool, each_block) -> list[list]:
-    """`scan_counts` over all rows, or, for a backed matrix in a run of several
-    processes, over this process's slice only (each process reads its own)."""
-    from .backed import BackedRows, is_backed
-    rows = None
-    if distributed.process_count() > 1 and (is_backed(X) or isinstance(X, BackedRows)):
-        rows = distributed.local_slice(X.shape[0])
-    return distributed.agree(lambda: scan_counts(
-        X, field, allow_noninteger=allow_noninteger, each_block=each_block, rows=rows))
-
-
-def _cat(parts, dtype) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(0, dtype)
-
-
-def check_counts(X, field: str, *, allow_noninteger: bool = False) -> None:
-    """Raise if stored values are NaN/inf, negative, or (unless allowed) not integers."""
-    scan_counts(X, field, allow_noninteger=allow_noninteger)
-
-
-def row_sums(block) -> np.ndarray:
-    """Per-row totals of an in-memory block."""
-    if sp.issparse(block):
-        return np.asarray(block.sum(axis=1)).ravel()
-    return np.asarray(block).sum(axis=1).ravel()
-
-
-def col_sums(block) -> np.ndarray:
-    """Per-gene totals (float64) of an in-memory block, without densifying it."""
-    if not sp.issparse(block):
-        return np.asarray(block).sum(axis=0, dtype=np.float64)
-    block = block.tocsr()
-    total = np.zeros(block.shape[1], np.float64)
-    # bincount in chunks: a float64 copy of all values at once could be GBs
-    for a in range(0, block.nnz, 1 << 22):
-        total += np.bincount(block.indices[a:a + (1 << 22)],
-                             weights=block.data[a:a + (1 << 22)], minlength=block.shape[1])
-    return total
-
-
-def _user_stacklevel() -> int:
-    """stacklevel for warnings.warn called from here that points past jaxscanvi's frames."""
-    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    frame, level = sys._getframe(1), 1  # the function that calls warnings.warn
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def _warn_zero_genes(gene_totals: np.ndarray, field: str, var_names: pd.Index) -> None:
     """Warn (not raise: scVI trains fine with them) about genes no cell expresses."""
     zero = np.flatnonzero(gene_totals == 0)
@@ -272,7 +147,7 @@ def _obs_column(adata, key: str, field: str) -> pd.Series:
     return adata.obs[key]
 
 
-def setup_anndata(
+def setup_anndata(  # noqa: PLR0913 (scvi-tools' keywords)
     adata,
     layer: str | None = None,
     batch_key: str | None = None,
@@ -296,7 +171,7 @@ def setup_anndata(
     return registry
 
 
-def build_registry(
+def build_registry(  # noqa: PLR0913 (setup_anndata's keywords)
     adata,
     *,
     layer: str | None = None,
@@ -308,6 +183,37 @@ def build_registry(
     unlabeled_category: str | None = None,
     allow_noninteger_counts: bool = False,
 ) -> Registry:
+    var_names = _checked_var_names(adata)
+    _check_library_sizes(adata, layer, var_names, allow_noninteger=allow_noninteger_counts)
+
+    batch_cats: tuple[str, ...] = ("0",)
+    if batch_key is not None:
+        batch_cats = categories_of(_obs_column(adata, batch_key, "batch_key"),
+                                   f"adata.obs[{batch_key!r}]")
+
+    label_cats = _label_categories(adata, labels_key, unlabeled_category)
+
+    _check_size_factors(adata, size_factor_key)
+    cat_keys = tuple(categorical_covariate_keys or ())
+    cat_cats = tuple(categories_of(_obs_column(adata, k, "categorical_covariate_keys"),
+                                   f"adata.obs[{k!r}]") for k in cat_keys)
+    cont_keys = tuple(continuous_covariate_keys or ())
+    _check_continuous(adata, cont_keys)
+    _warn_single_cell_batches(adata, batch_key, batch_cats)
+
+    return Registry(
+        var_names=tuple(str(v) for v in var_names),
+        layer=layer, batch_key=batch_key, batch_categories=batch_cats,
+        labels_key=labels_key, label_categories=label_cats,
+        unlabeled_category=None if unlabeled_category is None else str(unlabeled_category),
+        size_factor_key=size_factor_key,
+        categorical_covariate_keys=cat_keys, categorical_covariate_categories=cat_cats,
+        continuous_covariate_keys=cont_keys,
+        allow_noninteger_counts=allow_noninteger_counts)
+
+
+def _checked_var_names(adata) -> pd.Index:
+    """``adata``'s genes, once it is known to be a non-empty AnnData with unique names."""
     if not hasattr(adata, "obs") or not hasattr(adata, "var_names"):
         raise InputError("adata", type(adata).__name__, "not an AnnData",
                          "pass an anndata.AnnData (e.g. anndata.read_h5ad(path))")
@@ -322,10 +228,15 @@ def build_registry(
         dup = var_names[var_names.duplicated()][0]
         raise InputError("adata.var_names", str(dup), "gene names are duplicated",
                          "make them unique with adata.var_names_make_unique()")
+    return var_names
 
+
+def _check_library_sizes(adata, layer, var_names: pd.Index, *, allow_noninteger: bool):
+    """One pass over the counts: valid values, no empty cell; warn about empty genes."""
     X = counts_matrix(adata, layer)
     field = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
-    rows, cols = _scan_shards(X, field, allow_noninteger_counts, (row_sums, col_sums))
+    rows, cols = _scan_shards(X, field, (row_sums, col_sums),
+                              allow_noninteger=allow_noninteger)
     sums = distributed.gather_rows(_cat(rows, np.float64))
     gene_totals = distributed.sum_all(np.sum(cols, axis=0) if cols else np.zeros(X.shape[1]))
     if (sums <= 0).any():
@@ -338,11 +249,9 @@ def build_registry(
             " > 0].copy()")
     _warn_zero_genes(gene_totals, field, var_names)
 
-    batch_cats: tuple[str, ...] = ("0",)
-    if batch_key is not None:
-        batch_cats = categories_of(_obs_column(adata, batch_key, "batch_key"),
-                                   f"adata.obs[{batch_key!r}]")
 
+def _label_categories(adata, labels_key, unlabeled_category) -> tuple[str, ...]:
+    """The cell types, the unlabelled category left out."""
     label_cats: tuple[str, ...] = ("0",)
     if labels_key is not None:
         col = _obs_column(adata, labels_key, "labels_key")
@@ -365,7 +274,10 @@ def build_registry(
     elif unlabeled_category is not None:
         raise InputError("labels_key", None, "unlabeled_category is given but labels_key "
                          "is not", "pass labels_key naming the cell-type column")
+    return label_cats
 
+
+def _check_size_factors(adata, size_factor_key) -> None:
     if size_factor_key is not None:
         sf = _obs_column(adata, size_factor_key, "size_factor_key")
         vals = pd.to_numeric(sf, errors="coerce").to_numpy(dtype=float)
@@ -374,10 +286,8 @@ def build_registry(
                              "size factors must be finite and positive",
                              "recompute the size factors, or leave size_factor_key=None")
 
-    cat_keys = tuple(categorical_covariate_keys or ())
-    cat_cats = tuple(categories_of(_obs_column(adata, k, "categorical_covariate_keys"),
-                                   f"adata.obs[{k!r}]") for k in cat_keys)
-    cont_keys = tuple(continuous_covariate_keys or ())
+
+def _check_continuous(adata, cont_keys) -> None:
     for k in cont_keys:
         col = _obs_column(adata, k, "continuous_covariate_keys")
         if not pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype):
@@ -389,6 +299,8 @@ def build_registry(
             raise InputError(f"adata.obs[{k!r}]", "NaN", "the continuous covariate has "
                              "NaN or inf values", "impute or drop those cells")
 
+
+def _warn_single_cell_batches(adata, batch_key, batch_cats) -> None:
     for key, cats, fname in [(batch_key, batch_cats, "batch_key")]:
         if key is not None:
             counts = adata.obs[key].astype(str).value_counts()
@@ -396,17 +308,7 @@ def build_registry(
             if single:
                 warnings.warn(f"{fname}: batch(es) {single[:5]} of adata.obs[{key!r}] have a "
                               "single cell; their batch effect cannot be estimated",
-                              UserWarning, stacklevel=3)
-
-    return Registry(
-        var_names=tuple(str(v) for v in var_names),
-        layer=layer, batch_key=batch_key, batch_categories=batch_cats,
-        labels_key=labels_key, label_categories=label_cats,
-        unlabeled_category=None if unlabeled_category is None else str(unlabeled_category),
-        size_factor_key=size_factor_key,
-        categorical_covariate_keys=cat_keys, categorical_covariate_categories=cat_cats,
-        continuous_covariate_keys=cont_keys,
-        allow_noninteger_counts=allow_noninteger_counts)
+                              UserWarning, stacklevel=4)
 
 
 def registry_of(adata) -> Registry:

@@ -39,7 +39,7 @@ def _columns(cells: CellData, lo: int, hi: int, rows: int) -> list[np.ndarray]:
     return out
 
 
-def _slice_arrays(cells: CellData, lo: int, hi: int, rows: int, nnz: int,
+def _slice_arrays(cells: CellData, lo: int, hi: int, rows: int, nnz: int, *,
                   dense: bool) -> list[np.ndarray]:
     """One device's arrays, in the field order of (Dense)DeviceCells."""
     X = cells.X[lo:hi]
@@ -56,7 +56,7 @@ def _slice_arrays(cells: CellData, lo: int, hi: int, rows: int, nnz: int,
     return [data, indices, indptr] + _columns(cells, lo, hi, rows)
 
 
-def shard_cells(cells: CellData, bounds: np.ndarray, mesh: Mesh,
+def shard_cells(cells: CellData, bounds: np.ndarray, mesh: Mesh, *,
                 dense: bool) -> DeviceCells | DenseDeviceCells:
     """Slice d of ``bounds`` onto mesh device d; no device gets another's cells.
 
@@ -74,7 +74,7 @@ def shard_cells(cells: CellData, bounds: np.ndarray, mesh: Mesh,
     sharding = NamedSharding(mesh, P(AXIS))
     parts = []
     for d, dev in enumerate(devices):
-        arrays = _slice_arrays(cells, int(bounds[d]), int(bounds[d + 1]), rows, nnz, dense)
+        arrays = _slice_arrays(cells, int(bounds[d]), int(bounds[d + 1]), rows, nnz, dense=dense)
         parts.append(jax.device_put([a[None] for a in arrays], dev))
     fields = [jax.make_array_from_single_device_arrays(
         (n,) + p.shape[1:], sharding, [q[i] for q in parts])

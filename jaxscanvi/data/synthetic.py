@@ -14,7 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 
-def synthetic_atlas(n_cells: int = 2000, n_genes: int = 500, n_batches: int = 2,
+def synthetic_atlas(n_cells: int = 2000, n_genes: int = 500, n_batches: int = 2,  # noqa: PLR0913 (a generator's knobs)
                     n_lineages: int = 3, types_per_lineage: int = 2, seed: int = 0, *,
                     batch_effect: float = 0.5, library_log_mean: float = 7.0,
                     library_log_sd: float = 0.35, markers_per_type: int = 15,

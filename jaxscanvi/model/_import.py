@@ -295,7 +295,7 @@ def setup_adata(adata, registry: Registry, dir_path):
                 *registry.continuous_covariate_keys):
         if key is not None and key not in adata.obs:
             raise InputError(f"adata.obs[{key!r}]", "missing", "the scvi-tools model was "
-                             f"set up with this column", f"add adata.obs[{key!r}]")
+                             "set up with this column", f"add adata.obs[{key!r}]")
     adata.uns[UNS_KEY] = registry.to_json()
     cell_data(adata, registry)  # codes every category now: unknown ones fail here
     return adata

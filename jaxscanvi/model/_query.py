@@ -11,6 +11,7 @@ freeze switches allow (see `jaxscanvi.surgery`).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,7 @@ import scipy.sparse as sp
 from .. import io
 from ..data.registry import UNS_KEY, Registry, categories_of
 from ..errors import InputError, ModelFormatError
+from ..module import SCANVAE, SCANVIConfig
 from ..surgery import Freeze, freeze_masks, transplant
 
 MIN_GENE_OVERLAP = 0.5   # refuse below this fraction of reference genes
@@ -213,85 +215,102 @@ def query_registry(adata, ref: Registry, new_labels: Sequence[str] | None
     return reg, added
 
 
-class QueryMixin:
-    """`prepare_query_anndata` and `load_query_data`, as in scvi-tools' ArchesMixin."""
+@dataclass(frozen=True)
+class QueryInfo:
+    """What `load_query_data` added to the reference, and the freeze switches it used."""
 
-    prepare_query_anndata = staticmethod(prepare_query_anndata)
+    new_batches: tuple = ()
+    new_labels: tuple = ()
+    new_covariate_categories: tuple = ()
+    freeze: dict | None = None
+
+    def to_dict(self) -> dict:
+        """As saved in a model folder (the format's ``query_info``)."""
+        return {"new_batches": list(self.new_batches), "new_labels": list(self.new_labels),
+                "new_covariate_categories": list(self.new_covariate_categories),
+                "freeze": self.freeze}
+
+    def __getitem__(self, key: str):
+        # ``model.query_info["new_batches"]``: it was a dict before it was declared
+        return self.to_dict()[key]
 
     @classmethod
-    def load_query_data(cls, adata, reference_model, *, freeze_dropout: bool = False,
-                        freeze_expression: bool = True,
-                        freeze_decoder_first_layer: bool = True,
-                        freeze_batchnorm_encoder: bool = True,
-                        freeze_batchnorm_decoder: bool = False,
-                        freeze_classifier: bool = True, unfrozen: bool = False,
-                        new_labels: Sequence[str] | None = None):
-        """A query model from a trained reference (scArches surgery).
+    def from_dict(cls, d: dict) -> QueryInfo:
+        return cls(tuple(d.get("new_batches") or ()), tuple(d.get("new_labels") or ()),
+                   tuple(d.get("new_covariate_categories") or ()), d.get("freeze"))
 
-        ``adata`` must have the reference's genes in order (see
-        `prepare_query_anndata`). The query's unseen batch and covariate
-        categories get new rows in the layers that take covariates, after the
-        reference's (whose codes are kept). Training the returned model
-        changes only the new rows and what the switches unfreeze, exactly:
-        frozen values stay bitwise equal, whatever the weight decay. Defaults
-        are scvi-tools'. For SCANVI, cell types in the query's labels that the
-        reference lacks, and ``new_labels``, are added as new classes: new
-        columns of the classifier's last layer and new rows of the class
-        networks, trained from the query's labelled cells of those types.
-        """
-        from ..data.cells import check_var_names
-        reference_model = _load_reference(cls, reference_model)
-        ref_reg: Registry = reference_model.registry
-        try:
-            check_var_names(adata, ref_reg)
-        except InputError as e:
-            raise InputError("adata.var_names", e.value, "the query's genes differ from "
-                             "the reference's (names or order)",
-                             f"call {cls.__name__}.prepare_query_anndata(adata, "
-                             "reference_model) first") from None
-        if new_labels is not None and isinstance(new_labels, str):
-            new_labels = [new_labels]
-        flags = Freeze(freeze_dropout=freeze_dropout, freeze_expression=freeze_expression,
-                       freeze_decoder_first_layer=freeze_decoder_first_layer,
-                       freeze_batchnorm_encoder=freeze_batchnorm_encoder,
-                       freeze_batchnorm_decoder=freeze_batchnorm_decoder,
-                       freeze_classifier=freeze_classifier, unfrozen=unfrozen)
-        reg, added = query_registry(adata, ref_reg, new_labels)
-        if added["labels"] and hasattr(reference_model, "predict"):
-            # (scVI uses labels only for dispersion="gene-label", whose new columns train)
-            warnings.warn(f"load_query_data: new cell types {added['labels'][:10]} are "
-                          "added to the reference's "
-                          f"{len(ref_reg.label_categories)}", UserWarning, stacklevel=2)
-        config = reference_model.module.config
-        changes = {"n_batch": reg.n_batch, "n_labels": reg.n_labels,
-                   "n_cats_per_cov": reg.n_cats_per_cov}
-        if freeze_dropout:
-            changes["dropout_rate"] = 0.0
-            if hasattr(config, "classifier_dropout_rate"):
-                changes["classifier_dropout_rate"] = 0.0
-        frozen_bn = [m for m, f in (("z_encoder", freeze_batchnorm_encoder),
-                                    ("encoder_z2_z1", freeze_batchnorm_encoder),
-                                    ("decoder", freeze_batchnorm_decoder),
-                                    ("decoder_z1_z2", freeze_batchnorm_decoder),
-                                    ("classifier", freeze_classifier)) if f and not unfrozen]
-        changes["frozen_batchnorm"] = tuple(frozen_bn)
-        if getattr(config, "y_prior", None) is not None and added["labels"]:
-            p = np.asarray(config.y_prior, float) / np.sum(config.y_prior)
-            changes["y_prior"] = tuple(p) + (float(p.mean()),) * len(added["labels"])
-        config = dataclasses.replace(config, **changes)
-        adata.uns[UNS_KEY] = reg.to_json()
-        model = cls(adata, registry=reg, _config=config, seed=reference_model.init_seed,
-                    encoder=reference_model.module.encoder_cls,
-                    decoder=reference_model.module.decoder_cls)
-        merged, is_new = transplant(reference_model.variables, model.variables)
-        model.params = merged["params"]
-        model.state = {k: v for k, v in merged.items() if k != "params"}
-        model._freeze = freeze_masks(merged, is_new, flags)
-        model.query_info = {"new_batches": added["batch"], "new_labels": added["labels"],
-                            "new_covariate_categories": added["covariates"],
-                            "freeze": flags.to_dict()}
-        model._inherit_reference(reference_model)
-        return model
 
-    def _inherit_reference(self, reference_model) -> None:
-        """Hook: what else a query model takes over from its reference."""
+def load_query_data(cls, adata, reference_model, *, freeze_dropout: bool = False,
+                    freeze_expression: bool = True,
+                    freeze_decoder_first_layer: bool = True,
+                    freeze_batchnorm_encoder: bool = True,
+                    freeze_batchnorm_decoder: bool = False,
+                    freeze_classifier: bool = True, unfrozen: bool = False,
+                    new_labels: Sequence[str] | None = None):
+    """A query model from a trained reference (scArches surgery).
+
+    ``adata`` must have the reference's genes in order (see
+    `prepare_query_anndata`). The query's unseen batch and covariate
+    categories get new rows in the layers that take covariates, after the
+    reference's (whose codes are kept). Training the returned model
+    changes only the new rows and what the switches unfreeze, exactly:
+    frozen values stay bitwise equal, whatever the weight decay. Defaults
+    are scvi-tools'. For SCANVI, cell types in the query's labels that the
+    reference lacks, and ``new_labels``, are added as new classes: new
+    columns of the classifier's last layer and new rows of the class
+    networks, trained from the query's labelled cells of those types.
+    """
+    from ..data.cells import check_var_names
+    reference_model = _load_reference(cls, reference_model)
+    ref_reg: Registry = reference_model.registry
+    try:
+        check_var_names(adata, ref_reg)
+    except InputError as e:
+        raise InputError("adata.var_names", e.value, "the query's genes differ from "
+                         "the reference's (names or order)",
+                         f"call {cls.__name__}.prepare_query_anndata(adata, "
+                         "reference_model) first") from None
+    if new_labels is not None and isinstance(new_labels, str):
+        new_labels = [new_labels]
+    flags = Freeze(freeze_dropout=freeze_dropout, freeze_expression=freeze_expression,
+                   freeze_decoder_first_layer=freeze_decoder_first_layer,
+                   freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+                   freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+                   freeze_classifier=freeze_classifier, unfrozen=unfrozen)
+    reg, added = query_registry(adata, ref_reg, new_labels)
+    if added["labels"] and isinstance(reference_model.module, SCANVAE):
+        # (scVI uses labels only for dispersion="gene-label", whose new columns train)
+        warnings.warn(f"load_query_data: new cell types {added['labels'][:10]} are "
+                      "added to the reference's "
+                      f"{len(ref_reg.label_categories)}", UserWarning, stacklevel=2)
+    config = reference_model.module.config
+    changes = {"n_batch": reg.n_batch, "n_labels": reg.n_labels,
+               "n_cats_per_cov": reg.n_cats_per_cov}
+    if freeze_dropout:
+        changes["dropout_rate"] = 0.0
+        if isinstance(config, SCANVIConfig):
+            changes["classifier_dropout_rate"] = 0.0
+    frozen_bn = [m for m, f in (("z_encoder", freeze_batchnorm_encoder),
+                                ("encoder_z2_z1", freeze_batchnorm_encoder),
+                                ("decoder", freeze_batchnorm_decoder),
+                                ("decoder_z1_z2", freeze_batchnorm_decoder),
+                                ("classifier", freeze_classifier)) if f and not unfrozen]
+    changes["frozen_batchnorm"] = tuple(frozen_bn)
+    if isinstance(config, SCANVIConfig) and config.y_prior is not None and added["labels"]:
+        p = np.asarray(config.y_prior, float) / np.sum(config.y_prior)
+        changes["y_prior"] = tuple(p) + (float(p.mean()),) * len(added["labels"])
+    config = dataclasses.replace(config, **changes)
+    adata.uns[UNS_KEY] = reg.to_json()
+    model = cls(adata, registry=reg, _config=config, seed=reference_model.init_seed,
+                encoder=reference_model.module.encoder_cls,
+                decoder=reference_model.module.decoder_cls)
+    merged, is_new = transplant(reference_model.variables, model.variables)
+    model.params = merged["params"]
+    model.state = {k: v for k, v in merged.items() if k != "params"}
+    model._freeze = freeze_masks(merged, is_new, flags)
+    model.query_info = QueryInfo(new_batches=tuple(added["batch"]),
+                                 new_labels=tuple(added["labels"]),
+                                 new_covariate_categories=tuple(added["covariates"]),
+                                 freeze=flags.to_dict())
+    model._inherit_reference(reference_model)
+    return model

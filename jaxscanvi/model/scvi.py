@@ -5,21 +5,15 @@ from __future__ import annotations
 from functools import partial
 from typing import Literal, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from ..data.registry import Registry, registry_of
 from ..data.registry import setup_anndata as _setup
-from ..errors import InputError
 from ..losses import scvi_elbo
 from ..module import VAE, VAEConfig
-from ._base import BaseModel, check_positive_int, max_epochs_heuristic
-from ._downstream import DownstreamMixin
-from ._query import QueryMixin
+from ..train.config import TrainConfig, max_epochs_heuristic
+from ._base import BaseModel
 
 
-class SCVI(QueryMixin, DownstreamMixin, BaseModel):
+class SCVI(BaseModel):
     """scVI (Lopez et al. 2018) with scvi-tools' architecture and defaults.
 
     Examples
@@ -30,7 +24,7 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
     >>> adata.obsm["X_scVI"] = model.get_latent_representation()     # doctest: +SKIP
     """
 
-    _kind = "scvi"
+    config_cls = VAEConfig
 
     @staticmethod
     def setup_anndata(adata, layer: str | None = None, batch_key: str | None = None,
@@ -84,20 +78,6 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
         """
         from ._import import import_model
         return import_model(cls, dir_path, adata, "SCVI")
-
-    @classmethod
-    def _config_cls(cls):
-        return VAEConfig
-
-    @classmethod
-    def _from_metadata(cls, meta, registry, config, adata, **modules):
-        return cls(adata, registry=registry, _config=config, seed=meta.get("init_seed", 0),
-                   **modules)
-
-    def _loss(self, *, train, plan, extra_terms, extra_weights):
-        return partial(scvi_elbo, self.module, train=train,
-                       sparse=plan.get("sparse_likelihood", True),
-                       extra_terms=extra_terms, extra_weights=extra_weights)
 
     def train(self, max_epochs: int | None = None, batch_size: int = 128,
               train_size: float = 0.9, validation_size: float | None = None,
@@ -164,14 +144,12 @@ class SCVI(QueryMixin, DownstreamMixin, BaseModel):
         """
         if max_epochs is None:
             max_epochs = max_epochs_heuristic(self._train_cells().n_obs)
-        check_positive_int("max_epochs", max_epochs)
-        return self._fit(
-            max_epochs=max_epochs, batch_size=batch_size, train_size=train_size,
-            validation_size=validation_size, early_stopping=early_stopping,
-            early_stopping_patience=early_stopping_patience,
-            early_stopping_monitor=early_stopping_monitor,
-            check_val_every_n_epoch=check_val_every_n_epoch, plan_kwargs=plan_kwargs,
-            seed=seed, progress_bar=progress_bar, on_nonfinite=on_nonfinite,
-            data_source=data_source, loss_terms=loss_terms, loss_weights=loss_weights,
-            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-            devices=devices, data_shards=data_shards, precision=precision)
+        config = TrainConfig.from_arguments(locals())
+        make_loss = partial(_loss, self.module, config)
+        return self._train(config, self._task(config, make_loss, ("scvi", self.module)))
+
+
+def _loss(module, config: TrainConfig, *, train: bool):
+    return partial(scvi_elbo, module, train=train,
+                   sparse=config.plan.get("sparse_likelihood", True),
+                   extra_terms=dict(config.loss_terms), extra_weights=dict(config.loss_weights))

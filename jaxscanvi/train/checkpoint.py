@@ -19,19 +19,18 @@ from .loop import LoopState
 from .state import TrainState
 
 
-def _meta(model, fingerprint: dict, loop: LoopState) -> dict:
-    return {"kind": "checkpoint", "model_class": type(model).__name__,
-            "config": model.module.config.to_dict(), "registry": model.registry.to_dict(),
-            "fingerprint": fingerprint,
+def _meta(owner: dict, fingerprint: dict, loop: LoopState) -> dict:
+    # owner: the model's class name, config and registry (as dicts)
+    return {"kind": "checkpoint", **owner, "fingerprint": fingerprint,
             "loop": json.loads(json.dumps(dataclasses.asdict(loop), default=float))}
 
 
-def save(dir_path, ts: TrainState, loop: LoopState, fingerprint: dict, model) -> None:
-    io.write_folder(dir_path, _meta(model, fingerprint, loop),
+def save(dir_path, ts: TrainState, loop: LoopState, fingerprint: dict, owner: dict) -> None:
+    io.write_folder(dir_path, _meta(owner, fingerprint, loop),
                     {"train_state": io.to_bytes(ts)}, overwrite=True)
 
 
-def load(dir_path, template: TrainState, fingerprint: dict, model):
+def load(dir_path, template: TrainState, fingerprint: dict, owner: dict):
     """(TrainState, LoopState) from ``dir_path``, or None when it holds no checkpoint."""
     d = Path(dir_path)
     if not (d / io.METADATA).exists():
@@ -39,7 +38,7 @@ def load(dir_path, template: TrainState, fingerprint: dict, model):
     meta = io.read_metadata(d)
     if meta.get("kind") != "checkpoint":
         raise ModelFormatError(f"{str(d)!r} is not a training checkpoint folder")
-    mine = _meta(model, fingerprint, LoopState())
+    mine = _meta(owner, fingerprint, LoopState())
     for key in ("model_class", "config", "registry", "fingerprint"):
         if json.loads(json.dumps(meta.get(key))) != json.loads(json.dumps(mine[key])):
             raise InputError("resume", True, f"the checkpoint in {str(d)!r} was written "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +18,29 @@ from ..errors import NonFiniteLossError
 from .state import KLSchedule, TrainState, get_lr, set_lr
 
 
+@dataclass(frozen=True)
+class StepFns:
+    """A train step, and the pair that runs it with deferred updates (or None).
+
+    ``deferred`` is a scan body over (TrainState, first_bad_step, due) that
+    applies each step's update at the start of the next one; ``finish``
+    applies the last. A scan of ``deferred`` then ``finish`` computes what a
+    scan of ``step`` does. Calling it calls ``step``, so it stands wherever
+    a plain scan body does; a frozen dataclass rather than a NamedTuple
+    because `jax.jit` and `lax.scan` keep weak references to what they trace.
+    """
+
+    step: Callable
+    deferred: Callable | None = None
+    finish: Callable | None = None
+
+    def __call__(self, carry, batch):
+        return self.step(carry, batch)
+
+
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: KLSchedule, on_nonfinite: str = "raise",
-                    state_mask=None, pending: Callable | None = None) -> Callable:
+                    state_mask=None, pending: Callable | None = None) -> StepFns:
     """One optimisation step as a scan body: (carry, batch) -> (carry, out).
 
     carry = (TrainState, first_bad_step). A step whose loss is not finite
@@ -30,11 +50,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     frozen batch-norm running statistics after query surgery.
 
     With ``pending`` (``state.pending_update``: (opt_state, params) -> params,
-    the update ``tx`` derives from its state), the step also gets
-    ``step.deferred``, a scan body over (TrainState, first_bad_step, due) that
-    applies each step's update at the start of the next one, and
-    ``step.finish``, which applies the last; a scan of ``deferred`` then
-    ``finish`` computes what a scan of ``step`` does.
+    the update ``tx`` derives from its state), the result also carries the
+    deferred pair (see `StepFns`).
     """
     if state_mask is not None:
         state_mask = jax.tree_util.tree_map(lambda m: np.asarray(m, bool), state_mask)
@@ -73,7 +90,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
         return (new_ts.replace(params=params), bad), out
 
     if pending is None:
-        return step
+        return StepFns(step)
 
     def caught_up(ts, due):
         return jax.tree_util.tree_map(lambda a, b: jnp.where(due, a, b),
@@ -90,8 +107,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
         ts, bad, due = carry
         return ts.replace(params=caught_up(ts, due)), bad
 
-    step.deferred, step.finish = deferred, finish
-    return step
+    return StepFns(step, deferred, finish)
 
 
 def make_eval_step(loss_fn: Callable, schedule: KLSchedule) -> Callable:
@@ -150,7 +166,7 @@ class LoopState:
     stopped_early: bool = False
 
 
-def fit(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,
+def run_loop(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,  # noqa: PLR0913 (keyword-only; fit builds them)
         eval_step: Callable, train_idx: np.ndarray, val_idx: np.ndarray,
         labelled_idx: Callable[[np.random.Generator], np.ndarray] | None = None,
         val_labelled: Callable[[], np.ndarray] | None = None,

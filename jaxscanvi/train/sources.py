@@ -32,10 +32,7 @@ from ..data.cells import CellData
 from ..distributed import shard_bounds
 from ..distributions import sparse_pays
 from ..errors import InputError
-
-# Compiled epoch/step functions, shared by every source and model: a new
-# model with the same architecture reuses what an earlier one compiled.
-_COMPILED: dict = {}
+from ..compile_cache import functions as _COMPILED
 
 
 def epoch_rows(rng: np.random.Generator, idx: np.ndarray, batch_size: int,
@@ -169,7 +166,7 @@ class DeviceSource(Source):
         self.row_nnz = cells.row_nnz()
         self.k_cap = 0  # grown to what each epoch's minibatches hold (`grown_cap`)
         if self.bounds is not None:
-            self.cells = shard_cells(cells, self.bounds, parallel.mesh, self.dense)
+            self.cells = shard_cells(cells, self.bounds, parallel.mesh, dense=self.dense)
         elif self.dense:
             self.cells = DenseDeviceCells.from_cells(cells, device)
         else:
@@ -184,15 +181,18 @@ class DeviceSource(Source):
     def _epoch_fn(self, step_fn: Callable):
         par = self.parallel
         sharded = self.bounds is not None
-        key = ("device", step_fn, self.n_genes, self.k_cap, self.dense, par, sharded)
-        if key not in _COMPILED:
+        dense = self.dense
+        key = ("device", step_fn, self.n_genes, self.k_cap, dense, par, sharded)
+
+        # the closure holds no reference to self: a cached program must not keep
+        # a finished model's device data alive
+        def build():
             G, K = self.n_genes, self.k_cap
 
             def gather(cells, r):
                 if sharded:  # each device densifies its own rows
                     return par.constrain(sharded_batch(cells, r, par.mesh, G, K))
-                b = dense_device_batch(cells, r) if self.dense else \
-                    device_batch(cells, r, G, K)
+                b = dense_device_batch(cells, r) if dense else device_batch(cells, r, G, K)
                 return b if par is None else par.constrain(b)
 
             # a train step whose updates can wait for the next step runs that way
@@ -208,8 +208,8 @@ class DeviceSource(Source):
                 carry, out = jax.lax.scan(body, (*carry, jnp.bool_(False)), (rows, lab_rows))
                 return step_fn.finish(carry), out
 
-            _COMPILED[key] = jax.jit(run)
-        return _COMPILED[key]
+            return jax.jit(run)
+        return _COMPILED.get(key, build)
 
     def run_epoch(self, step_fn, carry, rows, lab_rows=None):
         sharded = self.bounds is not None
@@ -288,10 +288,9 @@ class HostSource(Source):
             self.k_cap = grown_cap(self.k_cap, self.row_nnz, rows, lab_rows)
         par = self.parallel
         key = ("host", step_fn, par if self.process is not None else None)
-        if key not in _COMPILED:  # across processes every output is kept replicated
-            _COMPILED[key] = jax.jit(step_fn) if self.process is None else \
-                jax.jit(step_fn, out_shardings=par.replicated)
-        fn = _COMPILED[key]
+        # across processes every output is kept replicated
+        fn = _COMPILED.get(key, lambda: jax.jit(step_fn) if self.process is None else
+                           jax.jit(step_fn, out_shardings=par.replicated))
         if self.process is not None:  # this process's columns of the global minibatches
             b = rows.shape[1] // (len(self.shards) - 1)
             cols = slice(self.process * b, (self.process + 1) * b)

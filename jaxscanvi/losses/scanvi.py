@@ -1,176 +1,3 @@
-r"""The scVI ELBO (and, in `scanvi_losses`, scANVI's) as pure functions.
-
-Per cell n, with q(z|x) = N(m, v) and the prior p(z) = N(0, I):
-
-.. math::
-    \text{reconstruction}_n = -\log p(x_n \mid z_n, \ell_n, s_n), \qquad
-    \text{KL}^z_n = \mathrm{KL}(q(z_n|x_n)\,\|\,N(0, I)),
-
-    \text{KL}^\ell_n = \mathrm{KL}(q(\ell_n|x_n)\,\|\,LogNormal(\mu_{s_n}, \sigma^2_{s_n}))
-    \quad\text{(only with a learned library)},
-
-    \text{loss} = \frac{1}{B}\sum_n \big[\text{reconstruction}_n + \beta\,\text{KL}^z_n
-    + \text{KL}^\ell_n\big]
-
-with the warm-up weight :math:`\beta` applied to the z term only, as in
-scvi-tools. ``elbo`` below is the unweighted negative ELBO per cell.
-"""
-
-from __future__ import annotations
-
-from typing import Any, Callable, NamedTuple
-
-import jax
-import jax.numpy as jnp
-
-from .data.batch import Batch
-from .distributions import (kl_normal, kl_standard_normal, log_nb, log_poisson, log_zinb,
-                            normal_log_prob, sparse_pays)
-from .module import VAE
-
-
-class LossAux(NamedTuple):
-    """What a loss function returns beside the scalar loss."""
-
-    terms: dict[str, jax.Array]   # per-term means over the minibatch's cells
-    state: Any                    # updated mutable collections (batch statistics)
-    outputs: dict[str, jax.Array]  # forward outputs, for extra loss terms
-
-
-def weighted_mean(v, weight):
-    """Mean of per-cell values over real (weight 1) cells."""
-    return (v * weight).sum() / jnp.maximum(weight.sum(), 1.0)
-
-
-def reconstruction_loss(outputs: dict, batch: Batch, gene_likelihood: str, *,
-                        sparse: bool = True):
-    """-log p(x | z, l) per cell, (B,) (or (S, B) for S posterior samples)."""
-    # None: dense (also where the fused dense pass is the faster one)
-    nz = batch.nz if sparse and sparse_pays() and outputs["log_mu"].ndim == 2 else None
-    x = batch.x
-    if gene_likelihood == "zinb":
-        ll = log_zinb(x, outputs["log_mu"], outputs["log_theta"], outputs["zi_logits"],
-                      nz=nz, lgamma_const=batch.lgamma_const)
-    elif gene_likelihood == "nb":
-        ll = log_nb(x, outputs["log_mu"], outputs["log_theta"], nz=nz,
-                    lgamma_const=batch.lgamma_const)
-    else:
-        ll = log_poisson(x, outputs["log_mu"], lgamma_const=batch.lgamma_const)
-    return -ll
-
-
-def kl_z(outputs: dict):
-    """KL(q(z|x) || N(0, I)) per cell, summed over latent dimensions."""
-    return kl_standard_normal(outputs["qz_m"], outputs["qz_v"]).sum(-1)
-
-
-def kl_library(outputs: dict, batch: Batch, library_log_means, library_log_vars):
-    """KL(q(l|x) || N(mu_s, var_s)) per cell; zero with the observed library."""
-    if "ql_m" not in outputs:
-        return jnp.zeros_like(batch.log_library)
-    m = library_log_means[batch.batch]
-    v = library_log_vars[batch.batch]
-    return kl_normal(outputs["ql_m"], outputs["ql_v"], m, v)
-
-
-def scvi_terms(module: VAE, outputs: dict, batch: Batch, state: dict, *,
-               sparse: bool = True) -> dict[str, jax.Array]:
-    """Per-cell reconstruction loss and KL terms, each (B,)."""
-    rec = reconstruction_loss(outputs, batch, module.config.gene_likelihood, sparse=sparse)
-    const = state.get("constants", {})
-    kl_l = kl_library(outputs, batch, const.get("library_log_means"),
-                      const.get("library_log_vars"))
-    return {"reconstruction_loss": rec, "kl_z": kl_z(outputs), "kl_l": kl_l}
-
-
-def forward(module, params, state, batch: Batch, rng, *, train: bool, **kwargs):
-    """Run the module; returns (outputs, updated mutable state)."""
-    k_sample, k_dropout = jax.random.split(rng)
-    variables = {"params": params, **state}
-    if train:
-        outputs, mutated = module.apply(
-            variables, batch, train=True, rngs={"sample": k_sample, "dropout": k_dropout},
-            mutable=["batch_stats"], **kwargs)
-        return outputs, {**state, **mutated}
-    outputs = module.apply(variables, batch, train=False, rngs={"sample": k_sample},
-                           **kwargs)
-    return outputs, state
-
-
-ExtraTerm = Callable[[dict, Batch, Any], jax.Array]
-
-
-def term_weight(weight, step):
-    """A loss weight at a training step: a number, or a schedule ``weight(step)``
-    (optax's convention, e.g. ``optax.linear_schedule(0.0, 10.0, 2000)``)."""
-    if callable(weight):
-        return jnp.asarray(weight(jnp.asarray(0 if step is None else step)), jnp.float32)
-    return jnp.asarray(weight, jnp.float32)
-
-
-def add_extra_terms(loss, terms, outputs, batch, params, extra_terms, extra_weights,
-                    step=None):
-    """Add user loss terms fn(outputs, batch, params) -> scalar, each times its weight.
-
-    Each term's value goes into ``terms[name]`` and its weight at this step
-    into ``terms[name + "_weight"]``, so both reach the history.
-    """
-    for name, fn in (extra_terms or {}).items():
-        value = jnp.asarray(fn(outputs, batch, params), jnp.float32)
-        w = term_weight((extra_weights or {}).get(name, 1.0), step)
-        terms[name] = value
-        terms[f"{name}_weight"] = w
-        loss = loss + w * value
-    return loss, terms
-
-
-def scvi_per_cell(module: VAE, params, state, batch: Batch, rng, *, train: bool = False,
-                  sparse: bool = True, sample: bool = True):
-    """Per-cell scVI terms, each (B,): ``reconstruction_loss``, ``kl_z``, ``kl_l``,
-    ``kl_local`` (= kl_z + kl_l) and ``elbo`` (the negative ELBO, rec + kl_local).
-
-    Returns ``(terms, outputs, new_state)``. ``sample=False`` evaluates the
-    bound at the posterior means instead of at a sample (deterministic; what
-    the parity tests compare).
-    """
-    outputs, new_state = forward(module, params, state, batch, rng, train=train,
-                                 sample=sample)
-    t = scvi_terms(module, outputs, batch, state, sparse=sparse)
-    t["kl_local"] = t["kl_z"] + t["kl_l"]
-    t["elbo"] = t["reconstruction_loss"] + t["kl_local"]
-    return t, outputs, new_state
-
-
-def scvi_elbo(module: VAE, params, state, batch: Batch, rng, kl_weight, *,
-              train: bool = True, sparse: bool = True, extra_terms=None,
-              extra_weights=None, step=None):
-    """scVI loss: (params, state, batch, rng, kl_weight) -> (loss, LossAux).
-
-    ``LossAux.terms`` holds per-term means over the minibatch: ``loss``,
-    ``elbo`` (unweighted negative ELBO), ``reconstruction_loss``, ``kl_local``,
-    ``kl_z``, ``kl_l``, plus any extra terms by name. ``step`` (the global
-    optimisation step) is what weight schedules of extra terms are evaluated at.
-    """
-    t, outputs, new_state = scvi_per_cell(module, params, state, batch, rng, train=train,
-                                          sparse=sparse)
-    w = batch.weight
-    per_cell = t["reconstruction_loss"] + kl_weight * t["kl_z"] + t["kl_l"]
-    loss = weighted_mean(per_cell, w)
-    kl_local = t["kl_z"] + t["kl_l"]
-    terms = {
-        "elbo": weighted_mean(t["reconstruction_loss"] + kl_local, w),
-        "reconstruction_loss": weighted_mean(t["reconstruction_loss"], w),
-        "kl_local": weighted_mean(kl_local, w),
-        "kl_z": weighted_mean(t["kl_z"], w),
-        "kl_l": weighted_mean(t["kl_l"], w),
-    }
-    loss, terms = add_extra_terms(loss, terms, outputs, batch, params, extra_terms,
-                                  extra_weights, step)
-    terms["loss"] = loss
-    return loss, LossAux(terms, new_state, outputs)
-
-
-# ---------------------------------------------------------------- scANVI
 r"""scANVI's bounds (Xu et al. 2021; the user guide's L_S and L_U).
 
 Per cell, with z1 ~ q(z1|x) and, for each class c, u ~ q(u|z1, c):
@@ -195,6 +22,17 @@ L_U for the others; ``objective="scvi-tools"`` marginalises every cell
 (L_U), as scvi-tools does.
 """
 
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..data.batch import Batch
+from ..distributions import normal_log_prob
+from ..module.scanvae import SCANVAE
+from .common import LossAux, add_extra_terms, forward, weighted_mean
+from .scvi import scvi_terms
+
 
 def _merge_stats(base: dict, update: dict, names) -> dict:
     bs = dict(base.get("batch_stats", {}))
@@ -214,7 +52,6 @@ def class_bounds(module, params, state, z1, weight, rng, *, train: bool,
     chunks are scanned and statistics are per chunk (running averages use
     the mean over chunks).
     """
-    from .module_scanvi import SCANVAE
     C = module.config.n_labels
     chunk = module.config.class_chunk_size
     mod = module.clone(class_axis="classes")
@@ -261,7 +98,6 @@ def class_bounds(module, params, state, z1, weight, rng, *, train: bool,
 
 def classification_loss(module, params, state, batch: Batch, rng, *, train: bool):
     """Cross-entropy of q(c | E[z|x]) on labelled cells; returns (ce, acc, state, logits)."""
-    from .module_scanvi import SCANVAE
     variables = {"params": params, **state}
     k_sample, k_dropout = jax.random.split(rng)
     kw = dict(rngs={"sample": k_sample, "dropout": k_dropout}, method=SCANVAE.classify)
@@ -334,7 +170,7 @@ def labelled_bound(labels, log_prior, nll_z1, kl_z2):
             jnp.take_along_axis(kl_z2, y, axis=1)[:, 0] - log_prior[labels])
 
 
-def scanvi_per_cell(module, params, state, batch: Batch, rng, *, train: bool = False,
+def scanvi_per_cell(module, params, state, batch: Batch, rng, *, train: bool = False,  # noqa: PLR0913 (keyword options)
                     objective: str = "seed", sparse: bool = True, sample: bool = True):
     """Per-cell scANVI terms, each (B,): ``reconstruction_loss`` (count term plus
     log q(z1|x) plus the class-conditional z1 term), ``kl_local`` (the u, c and
@@ -374,7 +210,7 @@ def scanvi_per_cell(module, params, state, batch: Batch, rng, *, train: bool = F
     return terms, outputs, new_state
 
 
-def scanvi_elbo(module, params, state, batches, rng, kl_weight, *, train: bool = True,
+def scanvi_elbo(module, params, state, batches, rng, kl_weight, *, train: bool = True,  # noqa: PLR0913 (the loss signature, then keyword options)
                 objective: str = "seed", classification_ratio: float = 50.0,
                 sparse: bool = True, extra_terms=None, extra_weights=None, replay=None,
                 step=None):

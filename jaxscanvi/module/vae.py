@@ -15,10 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .data.batch import Batch
-from .errors import InputError
-from .nn import prng
-from .nn.networks import DecoderSCVI, Encoder
+from ..data.batch import Batch
+from ..errors import InputError
+from ..nn import prng
+from ..nn.networks import DecoderSCVI, Encoder
 
 Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
 Likelihood = Literal["zinb", "nb", "poisson"]

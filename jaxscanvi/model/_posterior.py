@@ -1,0 +1,138 @@
+"""The posterior's summaries that SCVI and SCANVI share: latent representation,
+normalized expression, ELBO, reconstruction error, marginal likelihood.
+
+Each is a function of the model, bound as a method by `BaseModel`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError, check_positive_int
+from ..losses import elbo_terms, log_importance_weights
+from . import _kernels as kernels
+from ._inference import gene_positions, jitted, transform_batches
+
+
+def get_latent_representation(self, adata=None, indices=None, give_mean: bool = True,
+                              mc_samples: int = 5000, batch_size: int | None = None,
+                              return_dist: bool = False):
+    """Latent representation of each cell: the posterior mean (or a sample).
+
+    With ``return_dist=True`` returns ``(qz_mean, qz_var)``. For
+    latent_distribution="ln" and give_mean, the mean of softmax(z) is
+    estimated from ``mc_samples`` draws, as scvi-tools does.
+    """
+    fn = partial(kernels.latent_fn, self.module, give_mean=give_mean,
+                 mc_samples=int(mc_samples) if self.module.config.latent_distribution
+                 == "ln" else 1)
+    out = self._map(jitted(fn), self._cells_for(adata), indices, batch_size)
+    if return_dist:
+        return out["qz_m"], out["qz_v"]
+    return out["z"]
+
+
+def get_normalized_expression(self, adata=None, indices=None, transform_batch=None,
+                              gene_list: Sequence[str] | None = None,
+                              library_size: float | str = 1, n_samples: int = 1,
+                              n_samples_overall: int | None = None,
+                              batch_size: int | None = None, return_mean: bool = True,
+                              return_numpy: bool | None = None):
+    """Denoised expression rho (times ``library_size``), scvi-tools' semantics.
+
+    ``transform_batch`` (a batch name or list of names) decodes every cell
+    as if from that batch; with several, the result is their average.
+    ``library_size="latent"`` uses each cell's (observed or inferred) library.
+    """
+    return normalized_expression(self, kernels.expression_fn, {}, dict(
+        adata=adata, indices=indices, transform_batch=transform_batch, gene_list=gene_list,
+        library_size=library_size, n_samples=n_samples,
+        n_samples_overall=n_samples_overall, batch_size=batch_size,
+        return_mean=return_mean, return_numpy=return_numpy))
+
+
+def normalized_expression(self, kernel, kernel_kw: dict, args: dict):
+    """`get_normalized_expression` with ``kernel(module, variables, batch, key,
+    batch_code, **kernel_kw, n_samples=..., latent_library=...)`` decoding."""
+    cells = self._cells_for(args["adata"])
+    indices, n_samples = args["indices"], args["n_samples"]
+    library_size = args["library_size"]
+    check_positive_int("n_samples", n_samples)
+    if args["n_samples_overall"] is not None:
+        check_positive_int("n_samples_overall", args["n_samples_overall"])
+        pool = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
+        indices = np.random.default_rng(0).choice(pool, args["n_samples_overall"])
+        n_samples = 1
+    batches = transform_batches(self.registry.batch_categories, args["transform_batch"])
+    gene_mask = gene_positions(self.registry.var_names, args["gene_list"])
+    if not (library_size == "latent" or (isinstance(library_size, (int, float))
+                                         and library_size > 0)):
+        raise InputError("library_size", library_size, "must be a positive number or "
+                         "'latent'", "pass e.g. library_size=1e4")
+    jfn = jitted(partial(kernel, self.module, **kernel_kw, n_samples=int(n_samples),
+                         latent_library=library_size == "latent"))
+    expr = sum(self._map(partial(_with_batch, jfn, code), cells, indices, args["batch_size"])
+               for code in batches) / len(batches)
+    if library_size != "latent":
+        expr = expr * float(library_size)
+    if gene_mask is not None:
+        expr = expr[..., gene_mask]
+    if n_samples > 1:  # kernels give (cells, samples, genes)
+        expr = expr.mean(1) if args["return_mean"] else np.swapaxes(expr, 0, 1)
+    return_numpy = args["return_numpy"]
+    if return_numpy is None:
+        return_numpy = n_samples > 1 and not args["return_mean"]
+    if return_numpy:
+        return expr
+    gene_list = args["gene_list"]
+    names = self.registry.var_names if gene_list is None else list(gene_list)
+    idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
+    return pd.DataFrame(expr, index=cells.obs_names[idx], columns=list(names))
+
+
+def _with_batch(fn, batch_code, variables, batch, key):
+    return fn(variables, batch, key, batch_code)
+
+
+def _elbo_terms(self, adata, indices, batch_size):
+    fn = jitted(partial(elbo_terms, self.module))
+    return self._map(fn, self._cells_for(adata), indices, batch_size)
+
+
+def get_elbo(self, adata=None, indices=None, batch_size: int | None = None) -> float:
+    """The ELBO (a negative number; higher is better), mean over cells.
+
+    scvi-tools' sign convention: returns -(reconstruction + KL) averaged.
+    """
+    t = _elbo_terms(self, adata, indices, batch_size)
+    return -float(np.mean(t["reconstruction_loss"] + t["kl_local"]))
+
+
+def get_reconstruction_error(self, adata=None, indices=None,
+                             batch_size: int | None = None) -> dict[str, float]:
+    """Mean reconstruction loss -log p(x|z), as scvi-tools returns it."""
+    t = _elbo_terms(self, adata, indices, batch_size)
+    return {"reconstruction_loss": float(np.mean(t["reconstruction_loss"]))}
+
+
+def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000,
+                    batch_size: int | None = None) -> float:
+    """Importance-sampled log p(x), mean over cells (higher is better, as in scvi-tools)."""
+    check_positive_int("n_mc_samples", n_mc_samples)
+    return float(np.mean(marginal_ll_per_cell(self, self._cells_for(adata), indices,
+                                              n_mc_samples, batch_size)))
+
+
+def marginal_ll_per_cell(self, cells, indices, n_mc_samples, batch_size) -> np.ndarray:
+    """Importance-sampled log p(x) of each selected cell, up to 100 samples per pass."""
+    per_pass = min(int(n_mc_samples), 100)
+    n_pass = -(-int(n_mc_samples) // per_pass)
+    fn = jitted(partial(log_importance_weights, self.module, n_samples=per_pass))
+    logw = np.concatenate([self._map(fn, cells, indices, batch_size, seed=1000 + p)
+                           for p in range(n_pass)], axis=1)[:, :n_mc_samples]  # (N, S)
+    m = logw.max(1, keepdims=True)
+    return m[:, 0] + np.log(np.exp(logw - m).sum(1)) - np.log(logw.shape[1])

@@ -1,0 +1,193 @@
+"""`fit`: one training run, from a `TrainConfig` and what the model brings (`Task`).
+
+It splits the cells, builds (or reuses) the compiled step, the train state
+and the minibatch source, resumes from a checkpoint if asked, and runs the
+epoch loop. It knows nothing of AnnData or of the model classes.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Hashable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import backend, distributed
+from ..compile_cache import functions
+from ..data.cells import CellData
+from ..data.split import split_indices
+from ..errors import InputError, NonFiniteLossError
+from . import checkpoint
+from .config import TrainConfig
+from .loop import FitConfig, LoopState, StepFns, make_eval_step, make_train_step, run_loop
+from .parallel import DataParallel, to_default_device
+from .sources import check_source, make_source
+from .state import TrainState, make_optimizer, mask_key, pending_update
+
+
+class Task(NamedTuple):
+    """What a model brings to training."""
+
+    cells: CellData
+    params: Any
+    state: Any
+    # make_loss(train=...) -> loss(params, state, batch, rng, kl_weight, step=...)
+    make_loss: Callable[[bool], Callable]
+    # equal specs make equal losses: with the config, the compiled step's cache key
+    loss_spec: Hashable
+    # model_class, config, registry: what a checkpoint must match to be resumed
+    owner: dict
+    # (params mask, state mask): what training may change; None: everything
+    freeze: tuple | None = None
+    # labelled(rng, train_idx) -> the labelled cells each epoch pairs minibatches with
+    labelled: Callable | None = None
+    # val_labelled(val_idx) -> labelled validation cells
+    val_labelled: Callable | None = None
+    # val_metrics(variables, val_idx, parallel) -> extra history columns
+    val_metrics: Callable | None = None
+
+
+class FitResult(NamedTuple):
+    train_state: TrainState
+    loop: LoopState
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    parallel: DataParallel | None  # the devices inference should use afterwards
+    data_bytes_per_device: int = 0  # cells resident on the fullest device (0: fed per step)
+
+
+def step_fns(config: TrainConfig, task: Task):
+    """(optimizer, train StepFns, eval step), compiled once per specification."""
+    masks = task.freeze if task.freeze is not None else (None, None)
+    numerics = backend.current(config.precision)
+    spec = ("train_step", task.loss_spec, config.plan, config.on_nonfinite,
+            config.loss_terms, config.loss_weights, mask_key(masks[0]), mask_key(masks[1]),
+            numerics)
+
+    def build():
+        plan = config.plan
+        eps = plan.get("eps", 0.01)
+        tx = make_optimizer(plan.get("lr", 1e-3), eps, plan.get("weight_decay", 1e-6),
+                            masks[0])
+        pending = partial(pending_update, eps=eps, trainable_mask=masks[0]) \
+            if numerics.kernels.deferred_adam else None
+        step = make_train_step(task.make_loss(train=True), tx, plan.schedule,
+                               config.on_nonfinite, masks[1], pending)
+        evaluate = make_eval_step(task.make_loss(train=False), plan.schedule)
+        return tx, pinned(step, numerics), backend.traced(evaluate, numerics)
+    return functions.get(spec, build)
+
+
+def pinned(fns: StepFns, numerics: backend.Numerics) -> StepFns:
+    """A train step and its deferred pair, each traced under ``numerics``."""
+    return StepFns(*(None if f is None else backend.traced(f, numerics)
+                     for f in (fns.step, fns.deferred, fns.finish)))
+
+
+def data_shards(config: TrainConfig, n_obs: int) -> np.ndarray | None:
+    """Bounds of the slices each global minibatch is drawn from (None: one slice)."""
+    hosts = jax.process_count()
+    n = hosts if config.data_shards is None else config.data_shards
+    if hosts > 1 and n != hosts:
+        raise InputError("data_shards", n, f"this run has {hosts} processes, "
+                         "each drawing from its own slice of the cells",
+                         f"leave data_shards unset (or pass {hosts})")
+    if n == 1:
+        return None
+    distributed.check_batch_size(config.batch_size, n,
+                                 jax.local_device_count() if hosts > 1 else 1)
+    return distributed.shard_bounds(n_obs, n)
+
+
+def check(config: TrainConfig, cells: CellData):
+    """What `TrainConfig` cannot check alone: the devices, the data's slices and
+    source, the split. Returns (devices, slice bounds, train rows, validation rows)."""
+    parallel = DataParallel.over(config.devices)
+    shards = data_shards(config, cells.n_obs)
+    check_source(config.data_source, cells)
+    split = split_indices(cells.n_obs, config.train_size, config.validation_size,
+                          config.seed)
+    return parallel, shards, *split
+
+
+def fit(config: TrainConfig, task: Task) -> FitResult:
+    """Train ``task`` as ``config`` says. On a non-finite loss the error carries
+    the last good state as ``err.result`` (a `FitResult`)."""
+    cells = task.cells
+    parallel, shards, train_idx, val_idx = check(config, cells)
+    tx, train_step, eval_step = step_fns(config, task)
+    ts = TrainState(params=task.params, state=task.state,
+                    opt_state=tx.init(task.params), rng=jax.random.PRNGKey(config.seed),
+                    step=jnp.asarray(0, jnp.int32), epoch=jnp.asarray(0, jnp.int32))
+    fingerprint = _fingerprint(config, cells.n_obs)
+    loop = None
+    if config.resume:
+        restored = checkpoint.load(config.checkpoint_dir, ts, fingerprint, task.owner)
+        if restored is not None:
+            ts, loop = restored
+    # data_shards unset on one host: the device source on n devices draws from n slices
+    source = make_source(config.data_source, cells, config.batch_size, parallel=parallel,
+                         shards=shards, spread=config.data_shards is None)
+    # inference runs on each process's own devices
+    infer = parallel if jax.process_count() == 1 else DataParallel.over("local")
+    result = partial(FitResult, train_idx=train_idx, val_idx=val_idx, parallel=infer,
+                     data_bytes_per_device=source.device_bytes())
+    try:
+        ts, loop = run_loop(
+            ts, cfg=_loop_config(config), source=source, train_step=train_step,
+            eval_step=eval_step, train_idx=train_idx, val_idx=val_idx,
+            labelled_idx=None if task.labelled is None else
+            partial(task.labelled, train_idx=train_idx),
+            val_labelled=None if task.val_labelled is None else
+            partial(task.val_labelled, val_idx),
+            extra_val_metrics=_val_metrics(task, val_idx, infer), loop=loop,
+            on_epoch_end=_checkpointer(config, fingerprint, task.owner))
+    except NonFiniteLossError as err:
+        err.result = result(getattr(err, "train_state", ts),
+                            getattr(err, "loop_state", LoopState()))
+        raise
+    return result(ts, loop)
+
+
+def _loop_config(config: TrainConfig) -> FitConfig:
+    return FitConfig(max_epochs=config.max_epochs, batch_size=config.batch_size,
+                     seed=config.seed, check_val_every_n_epoch=config.check_val_every_n_epoch,
+                     early_stopping=config.early_stopping,
+                     early_stopping_monitor=config.early_stopping_monitor,
+                     early_stopping_patience=config.early_stopping_patience,
+                     on_nonfinite=config.on_nonfinite, progress_bar=config.progress_bar,
+                     **dict(config.plan.plateau))
+
+
+def _fingerprint(config: TrainConfig, n_obs: int) -> dict:
+    """The settings a resumed run must share with the one that wrote the checkpoint."""
+    return {"batch_size": config.batch_size, "seed": config.seed,
+            "train_size": config.train_size, "validation_size": config.validation_size,
+            "plan": repr(list(config.plan.options)), "schedule": repr(config.plan.schedule),
+            "loss_terms": list(config.loss_term_names), "n_obs": n_obs}
+
+
+def _checkpointer(config: TrainConfig, fingerprint: dict, owner: dict):
+    if config.checkpoint_dir is None:
+        return None
+
+    def on_epoch_end(ts, loop):
+        if not distributed.is_main():  # one writer; every process can resume
+            return
+        e = int(ts.epoch)
+        if e % config.checkpoint_every == 0 or e >= config.max_epochs or loop.stopped_early:
+            checkpoint.save(config.checkpoint_dir, ts, loop, fingerprint, owner)
+    return on_epoch_end
+
+
+def _val_metrics(task: Task, val_idx: np.ndarray, parallel):
+    if task.val_metrics is None:
+        return None
+
+    def metrics(ts):
+        if jax.process_count() > 1:
+            ts = to_default_device(ts)
+        return task.val_metrics({"params": ts.params, **ts.state}, val_idx, parallel)
+    return metrics
