@@ -33,28 +33,17 @@ ZINB with gate logits :math:`\pi` (probability of an extra zero
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
 from . import backend
+from .data.batch import NonZeros  # noqa: F401  (described beside the batch; used below)
 
 # D(theta, x) is evaluated by Stirling's series at theta + _SHIFT, where it is
 # accurate to 4e-9, and shifted back by the recurrence of Gamma.
 _SHIFT = 4
-
-
-class NonZeros(NamedTuple):
-    """The non-zero entries of a (B, G) count matrix as padded COO.
-
-    Padding entries have ``val == 0`` and contribute exactly zero.
-    """
-
-    row: jax.Array  # (K,) int32 in [0, B)
-    col: jax.Array  # (K,) int32 in [0, G)
-    val: jax.Array  # (K,) float32
 
 
 def _stirling_tail(z):

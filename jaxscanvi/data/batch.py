@@ -13,8 +13,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..distributions import NonZeros
 from .cells import CellData
+
+
+class NonZeros(NamedTuple):
+    """The non-zero entries of a (B, G) count matrix as padded COO.
+
+    Padding entries have ``val == 0`` and contribute exactly zero.
+    """
+
+    row: jax.Array  # (K,) int32 in [0, B)
+    col: jax.Array  # (K,) int32 in [0, G)
+    val: jax.Array  # (K,) float32
 
 
 class Batch(NamedTuple):

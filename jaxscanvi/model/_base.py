@@ -21,7 +21,7 @@ from ..compile_cache import functions
 from ..data.batch import Batch, host_batch
 from ..data.cells import CellData, cell_data
 from ..data.registry import Registry
-from ..distributions import NonZeros
+from ..data.batch import NonZeros
 from ..errors import InputError, NonFiniteLossError
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, Task, check, fit
