@@ -127,6 +127,15 @@ def _emit(out: Path, rec: dict) -> None:
         f.write(json.dumps(rec, default=str) + "\n")
 
 
+def _record(out: Path, rec: dict, run) -> None:
+    """Emit ``rec`` updated with ``run()``; a failure is recorded, and the rest go on."""
+    try:
+        rec.update(run())
+    except Exception as e:
+        rec["error"] = f"{type(e).__name__}: {e}"[:2000]
+    _emit(out, rec)
+
+
 def _device_memory() -> dict:
     import jax
     try:
@@ -186,11 +195,7 @@ def worker_throughput(spec: dict, out: Path) -> None:
     for model in spec["models"]:
         for bs in spec["batch_sizes"]:
             rec = {"model": model, "batch_size": bs, "n_cells": spec["n_cells"]}
-            try:
-                rec.update(_jax_run(adata.copy(), model, bs, spec["epochs"]))
-            except Exception as e:  # one configuration failing keeps the rest
-                rec["error"] = f"{type(e).__name__}: {e}"[:2000]
-            _emit(out, rec)
+            _record(out, rec, lambda: _jax_run(adata.copy(), model, bs, spec["epochs"]))
 
 
 def worker_kernels(spec: dict, out: Path) -> None:
@@ -208,13 +213,11 @@ def worker_kernels(spec: dict, out: Path) -> None:
         for name, kern in configs:
             rec = {"config": name, "round": rnd, "kernels": kern.__dict__,
                    "batch_size": spec["batch_size"], "n_cells": spec["n_cells"]}
-            try:
+
+            def run(kern=kern):
                 with backend.use(kern):
-                    rec.update(_jax_run(adata.copy(), "scvi", spec["batch_size"],
-                                        spec["epochs"]))
-            except Exception as e:
-                rec["error"] = f"{type(e).__name__}: {e}"[:2000]
-            _emit(out, rec)
+                    return _jax_run(adata.copy(), "scvi", spec["batch_size"], spec["epochs"])
+            _record(out, rec, run)
 
 
 def worker_precision(spec: dict, out: Path) -> None:
@@ -225,12 +228,8 @@ def worker_precision(spec: dict, out: Path) -> None:
         for precision in ("float32", "bfloat16"):
             rec = {"precision": precision, "batch_size": bs, "n_cells": spec["n_cells"],
                    "epochs": spec["epochs"]}
-            try:
-                rec.update(_jax_run(adata.copy(), "scvi", bs, spec["epochs"], precision,
-                                    val_elbo=True))
-            except Exception as e:
-                rec["error"] = f"{type(e).__name__}: {e}"[:2000]
-            _emit(out, rec)
+            _record(out, rec, lambda: _jax_run(adata.copy(), "scvi", bs, spec["epochs"],
+                                               precision, val_elbo=True))
 
 
 def worker_big(spec: dict, out: Path) -> None:
