@@ -161,6 +161,7 @@ def run_jaxscanvi(adata, seed: int, args, truth, hidden) -> list[dict]:
             lv = SCANVI.from_scvi_model(vae, unlabeled_category=UNKNOWN)
         lv.train(max_epochs=args.scanvi_epochs, batch_size=args.batch_size,
                  train_size=TRAIN_SIZE, seed=seed, progress_bar=False,
+                 n_samples_per_label=args.n_samples_per_label,
                  plan_kwargs={"objective": obj})
         t_scanvi = time.perf_counter() - t
         pred = np.asarray(lv.predict()).astype(str)
@@ -193,7 +194,8 @@ def run_scvi_tools(adata, seed: int, args, truth, hidden) -> dict:
         t_scvi = time.perf_counter() - t
         t = time.perf_counter()
         lv = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category=UNKNOWN)
-        lv.train(max_epochs=args.scanvi_epochs, **tkw)
+        lv.train(max_epochs=args.scanvi_epochs,
+                 n_samples_per_label=args.n_samples_per_label, **tkw)
         t_scanvi = time.perf_counter() - t
         pred = np.asarray(lv.predict()).astype(str)
     elbo = vae.history.get("elbo_train")
@@ -220,6 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--scvi-epochs", type=int, default=400)
     p.add_argument("--scanvi-epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--n-samples-per-label", type=int, default=None,
+                   help="scANVI's labelled cells per class per epoch (both libraries)")
     p.add_argument("--max-cells", type=int, default=None,
                    help="random subsample of cells (fixed seed 0), for smoke runs")
     p.add_argument("--objectives", nargs="+", default=["seed", "scvi-tools"],
