@@ -28,6 +28,7 @@ class AnnotateSettings:
     unlabeled: str = "Unknown"
     layer: str | None = None
     n_top_genes: int | None = 2000
+    hvg_flavor: str = "seurat_v3"  # scanpy's flavour (jaxscanvi.data.hvg)
     mode: str = "surgery"          # or "joint"
     scvi_epochs: int | None = None
     scanvi_epochs: int | None = None
@@ -110,7 +111,7 @@ def annotate(reference, query, s: AnnotateSettings) -> tuple[ad.AnnData, SCANVI,
     _check_inputs(reference, query, s)
     ref = reference.copy()
     if s.n_top_genes:
-        ref = ref[:, highly_variable_genes(ref, s.n_top_genes, layer=s.layer,
+        ref = ref[:, highly_variable_genes(ref, s.n_top_genes, layer=s.layer, flavor=s.hvg_flavor,
                                            batch_key=s.batch_key)].copy()
     q = query.copy()
     if s.mode == "joint":

@@ -52,7 +52,7 @@ def _settings(args, **over):
     g = vars(args).get
     kw = dict(labels_key=g("labels_key"), batch_key=g("batch_key"),
               unlabeled=g("unlabeled", "Unknown"), layer=g("layer"),
-              n_top_genes=g("n_top_genes") or None,
+              n_top_genes=g("n_top_genes") or None, hvg_flavor=g("hvg_flavor") or "seurat_v3",
               scvi_epochs=args.scvi_epochs, scanvi_epochs=args.scanvi_epochs,
               query_epochs=getattr(args, "query_epochs", None), n_latent=args.n_latent,
               n_hidden=args.n_hidden, batch_size=args.batch_size,
@@ -95,7 +95,8 @@ def cmd_train(args) -> int:
     adata = _read(args.adata, "adata")
     if args.n_top_genes:
         adata = adata[:, highly_variable_genes(adata, args.n_top_genes, layer=args.layer,
-                                               batch_key=args.batch_key)].copy()
+                                               batch_key=args.batch_key,
+                                               flavor=args.hvg_flavor)].copy()
     s = _settings(args)
     if args.labels_key is None:
         SCVI.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key)
@@ -220,6 +221,11 @@ def _common(p, *, labels_required: bool) -> None:
     p.add_argument("--n-top-genes", type=int, default=2000,
                    help="highly variable genes to keep, chosen on the reference "
                    "(0 keeps all; default 2000)")
+    p.add_argument("--hvg-flavor", default="seurat_v3",
+                   choices=["seurat_v3", "seurat", "variance"],
+                   help="how genes are chosen: scanpy's seurat_v3 on counts (default, as "
+                   "scvi-tools' tutorials), scanpy's seurat on log-normalised X, or the "
+                   "variance of log-normalised counts")
     p.add_argument("--scvi-epochs", type=int, default=None,
                    help="scVI epochs (default: scvi-tools' heuristic from the cell count; "
                    "when set, the KL weight warms up over half of them)")
