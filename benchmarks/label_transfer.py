@@ -206,6 +206,30 @@ def run_scvi_tools(adata, seed: int, args, truth, hidden) -> dict:
             "torch_threads": torch.get_num_threads(), **memory_snapshot()}
 
 
+# ------------------------------------------------------------ resumable
+def _earlier_runs(args) -> list[dict]:
+    """With --resume, the runs already in the output file (or its .partial)."""
+    if not args.resume:
+        return []
+    for path in (Path(args.out), Path(str(args.out) + ".partial")):
+        if path.exists():
+            import json
+            runs = json.loads(path.read_text()).get("runs", [])
+            print(f"resuming: {len(runs)} runs from {path}", flush=True)
+            return runs
+    return []
+
+
+def _done(runs: list[dict], seed: int, use_scvi: bool) -> bool:
+    have = {r["framework"] for r in runs if r["seed"] == seed}
+    return "jaxscanvi" in have and ("scvi-tools" in have or not use_scvi)
+
+
+def _write_partial(args, runs: list[dict]) -> None:
+    kept = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    write_json(str(args.out) + ".partial", {"args": kept, "runs": runs})
+
+
 # -------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -229,6 +253,9 @@ def main(argv=None) -> int:
     p.add_argument("--objectives", nargs="+", default=["seed", "scvi-tools"],
                    choices=["seed", "scvi-tools"])
     p.add_argument("--no-scvi-tools", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the seeds already in --out (or its .partial file, which "
+                   "is rewritten after every seed) and run only the others")
     p.add_argument("--torch-threads", type=int,
                    default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else os.cpu_count())
@@ -269,8 +296,11 @@ def main(argv=None) -> int:
           f"{args.scanvi_epochs}; batch size {args.batch_size}; scvi-tools "
           f"{'yes' if use_scvi else 'no'}", flush=True)
 
-    runs, splits = [], {}
+    runs, splits = _earlier_runs(args), {}
     for seed in args.seeds:
+        if _done(runs, seed, use_scvi):
+            print(f"seed {seed}: in {args.out} already (--resume)", flush=True)
+            continue
         labels, hidden, info = hide_labels(truth, args.hide_fraction, seed,
                                            args.min_class_size)
         args._labels = labels
@@ -290,6 +320,7 @@ def main(argv=None) -> int:
             print(f"  scvi-tools: balanced acc {100 * r['balanced_accuracy']:.2f}, acc "
                   f"{100 * r['accuracy']:.2f} (scVI {r['scvi_train_seconds']:.1f} s, "
                   f"scANVI {r['scanvi_train_seconds']:.1f} s)", flush=True)
+        _write_partial(args, runs)  # a long run keeps every finished seed
     del args._labels
 
     # summaries
@@ -376,8 +407,12 @@ def main_query(args) -> int:
     print(f"reference {ref.n_obs} cells ({rq.REF_BATCH}), query {query.n_obs} cells "
           f"({rq.QUERY_BATCH}), {ref.n_vars} genes; epochs scVI {args.scvi_epochs}, "
           f"scANVI {args.scanvi_epochs}, query {args.query_epochs}", flush=True)
-    runs = []
+    args.out = out_path
+    runs = _earlier_runs(args)
     for seed in args.seeds:
+        if _done(runs, seed, use_scvi):
+            print(f"seed {seed}: in {out_path} already (--resume)", flush=True)
+            continue
         fns = [rq.run_jaxscanvi] + ([rq.run_scvi_tools] if use_scvi else [])
         for fn in fns:
             r = fn(ref, query, truth, seed, args, ARCH)
@@ -386,6 +421,7 @@ def main_query(args) -> int:
                   f"{100 * r['balanced_accuracy']:.2f}, macro F1 {100 * r['macro_f1']:.2f}"
                   f" (scVI {r['scvi_seconds']:.0f} s, scANVI {r['scanvi_seconds']:.0f} s, "
                   f"query {r['query_seconds']:.0f} s)", flush=True)
+        _write_partial(args, runs)
     frameworks = ["jaxscanvi"] + (["scvi-tools"] if use_scvi else [])
     summary = []
     for fw in frameworks:

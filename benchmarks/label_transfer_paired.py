@@ -26,6 +26,11 @@ Usage:
     python benchmarks/label_transfer_paired.py              # run all, then report
     python benchmarks/label_transfer_paired.py --report     # report existing runs
     python benchmarks/label_transfer_paired.py --only pbmc3k --seeds 0 1
+
+Runs resume: each setting rewrites ``<json>.partial`` after every seed and
+skips the seeds its JSON (or .partial) already holds, so an interrupted run
+goes on where it stopped. ``--report`` also reads the .partial files, and
+says how many seeds each setting has.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ SETTINGS = {
 def run(name: str, seeds: list[int]) -> Path:
     out = RESULTS / f"label_transfer_paired_{name}.json"
     cmd = [sys.executable, str(HERE / "label_transfer.py"), *SETTINGS[name],
-           "--seeds", *map(str, seeds), "--out", str(out)]
+           "--seeds", *map(str, seeds), "--out", str(out), "--resume"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out
@@ -92,6 +97,8 @@ def report(names: list[str]) -> dict:
     table = {}
     for name in names:
         path = RESULTS / f"label_transfer_paired_{name}.json"
+        if not path.exists():
+            path = path.with_name(path.name + ".partial")
         if not path.exists():
             print(f"{path.name}: missing; run this setting first", file=sys.stderr)
             continue
