@@ -6,13 +6,15 @@ scvi-tools builds but this model does not use (the library encoder with the
 observed library size, the unused dispersion and dropout heads) are written
 as zeros: scvi-tools does not use them either. ``attr_dict`` carries what
 scvi-tools' ``load`` reads: the registry, ``init_params_`` and the indices.
-The training history is not written.
+The training history is not written, nor scANVI's temperature (scvi-tools
+has none; the classifier's weights are written as trained).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -182,7 +184,9 @@ def init_params(model) -> dict:
                                           "use_observed_lib_size")}
     extra = {k: getattr(cfg, k) for k in ("latent_distribution", "encode_covariates",
                                           "deeply_inject_covariates", "use_batch_norm",
-                                          "use_layer_norm", "log_variational")}
+                                          "use_layer_norm")}
+    if not cfg.log_variational:  # (scvi-tools' default is True)
+        extra["log_variational"] = False
     if name == "SCVI":
         named["latent_distribution"] = extra.pop("latent_distribution")
         return {"kwargs": {"kwargs": extra}, "non_kwargs": named}
@@ -242,6 +246,10 @@ def write_scvi_tools(model, dir_path, *, overwrite: bool, save_anndata: bool) ->
     if save_anndata and model.adata is None:
         raise InputError("save_anndata", True, "the model holds no AnnData",
                          "pass save_anndata=False")
+    if getattr(model, "temperature", 1.0) != 1.0:
+        warnings.warn(f"scvi-tools has no temperature: its predict(soft=True) gives this "
+                      f"model's probabilities at temperature 1, not {model.temperature:.3g} "
+                      "(the labels are the same)", UserWarning, stacklevel=3)
     state = state_dict(model)
     _check_round_trip(model, state)
     saved = {"model_state_dict": {**{k: torchfile.Tensor(v) for k, v in state.items()},

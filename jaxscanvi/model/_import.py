@@ -180,6 +180,8 @@ def init_kwargs(attr: dict, model_name: str) -> dict:
                 flat[k] = v
 
     walk(params)
+    if flat.get("log_variational", True) is True:
+        flat.pop("log_variational", None)  # the default; False is not offered here
     allowed = _ARCH | (_SCANVI_ARCH if model_name == "SCANVI" else set())
     unknown = set(flat) - allowed - _IGNORED
     if unknown:
