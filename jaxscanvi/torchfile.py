@@ -245,8 +245,9 @@ def load(path) -> object:
     path = Path(path)
     if not zipfile.is_zipfile(path):
         raise ModelFormatError(
-            f"{str(path)!r} is not in torch's zip format (torch >= 1.6 writes it; older "
-            "torch wrote a format jaxscanvi does not read). Fix: re-save it with a "
+            f"{str(path)!r} is not a scvi-tools (torch) model file: it is not in torch's "
+            "zip format (torch >= 1.6 writes it; older torch wrote one jaxscanvi does not "
+            "read). Fix: pass a folder scvi-tools saved, or re-save an old file with a "
             "recent torch: torch.save(torch.load(path), path)")
     with zipfile.ZipFile(path) as z:
         infos = {i.filename: i for i in z.infolist()}
