@@ -94,8 +94,16 @@ class _SafeArray(np.ndarray):
         super().__setstate__(state)
 
 
+class _NDArrayName:
+    """What ``numpy.ndarray`` resolves to: a name `_np_reconstruct` accepts, not the
+    class itself (calling it would make arrays around `_SafeArray`'s checks)."""
+
+
+_NDARRAY = _NDArrayName()
+
+
 def _np_reconstruct(cls, shape, typecode):
-    if cls is not np.ndarray or shape != (0,):
+    if cls is not _NDARRAY or shape != (0,):
         raise ModelFormatError(f"numpy reconstruction of {cls!r} is not allowed")
     return np.ndarray.__new__(_SafeArray, (0,), np.uint8)
 
@@ -155,7 +163,7 @@ _ALLOWED = {
     ("collections", "defaultdict"): _defaultdict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): np.dtype,
     ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
@@ -287,6 +295,9 @@ def _read_storage(z, infos, name: str, kind: str, numel: int, order: str) -> np.
     if info is None or info.file_size != size:  # checked before anything is read
         raise ModelFormatError(f"torch storage {name!r} is missing or has "
                                f"{getattr(info, 'file_size', 0)} bytes, not {size}")
+    if info.compress_type != zipfile.ZIP_STORED:  # torch never compresses: no zip bombs
+        raise ModelFormatError(f"torch storage {name!r} is compressed; torch writes "
+                               "storages uncompressed. Fix: save the model again")
     raw = z.read(name)
     if code == "bf16":
         top = np.frombuffer(raw, order + "u2").astype(np.uint32) << 16

@@ -177,6 +177,23 @@ def test_storage_size_is_checked_before_reading(tmp_path):
         js.SCVI.load(tmp_path, adata=ad.read_h5ad(F / "scvi" / "adata.h5ad"))
 
 
+def test_compressed_storages_are_refused(tmp_path):
+    # torch stores storages uncompressed; a compressed one could inflate without bound
+    src = zipfile.ZipFile(F / "scvi" / "model.pt")
+    with zipfile.ZipFile(tmp_path / "model.pt", "w", zipfile.ZIP_DEFLATED) as z:
+        for info in src.infolist():
+            z.writestr(info.filename, src.read(info))
+    with pytest.raises(js.ModelFormatError, match="compressed"):
+        js.SCVI.load(tmp_path, adata=ad.read_h5ad(F / "scvi" / "adata.h5ad"))
+
+
+def test_ndarray_cannot_be_called_around_the_checks(tmp_path):
+    # numpy.ndarray only names the class for _reconstruct; calling it is refused
+    _torch_zip(tmp_path / "model.pt", b"cnumpy\nndarray\n(K\x02tR.")
+    with pytest.raises(js.ModelFormatError, match="damaged or not a model file"):
+        torchfile.load(tmp_path / "model.pt")
+
+
 def test_not_a_torch_file(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"\x80\x02 not a zip")
     with pytest.raises(js.ModelFormatError, match="zip format.*Fix:"):
