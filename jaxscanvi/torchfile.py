@@ -60,6 +60,9 @@ _PANDAS = {(m, n): _opaque(n) for m, n in [
     ("pandas.core.internals.blocks", "FloatBlock"),
     ("pandas.core.internals.blocks", "IntBlock"),
     ("pandas.core.internals.blocks", "ObjectBlock"),
+    ("pandas.core.internals.blocks", "NumericBlock"),
+    ("pandas.core.internals.blocks", "make_block"),  # (older pandas' names)
+    ("pandas._libs.internals", "BlockPlacement"),
     ("pandas.core.indexes.base", "_new_Index"), ("pandas.core.indexes.base", "Index"),
     ("pandas.core.indexes.range", "RangeIndex"),
     ("pandas.core.indexes.numeric", "Int64Index"),
