@@ -127,8 +127,8 @@ def read_metadata(dir_path) -> dict[str, Any]:
         raise ModelFormatError(f"{str(d)!r} is a file, not a model folder. Fix: pass the "
                                "folder given to model.save(...)")
     if not (d / METADATA).exists():
-        hint = (" It looks like a scvi-tools model (model.pt), which jaxscanvi does not "
-                "read; train a jaxscanvi model instead."
+        hint = (" It looks like a scvi-tools model (model.pt): open it with SCVI.load "
+                "or SCANVI.load."
                 if (d / "model.pt").exists() else "")
         raise ModelFormatError(f"{str(d)!r} is not a jaxscanvi model folder: it has no "
                                f"{METADATA}.{hint}")

@@ -292,8 +292,8 @@ def test_from_scvi_tools_errors_name_the_fix(tmp_path, monkeypatch):
         js.SCVI.from_scvi_tools(tmp_path / "empty")
     assert "Fix:" in str(e.value)
     (tmp_path / "empty" / "model.pt").write_bytes(b"not a torch file")
-    monkeypatch.setitem(sys.modules, "torch", None)  # torch not installed
-    with pytest.raises(ImportError, match=r"jaxscanvi\[scvi-tools\]"):
+    monkeypatch.setitem(sys.modules, "torch", None)  # no torch needed to read it
+    with pytest.raises(js.ModelFormatError, match="not in torch's zip format.*Fix:"):
         js.SCANVI.from_scvi_tools(tmp_path / "empty")
 
 

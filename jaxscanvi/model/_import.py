@@ -29,12 +29,14 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from .. import torchfile
 from ..data.registry import UNS_KEY, Registry
 from ..errors import InputError, ModelFormatError
+from ..io import METADATA
 
 # init_params_ entries that do not change the network (or that we read elsewhere)
 _IGNORED = {"datamodule", "n_batch", "n_labels", "n_continuous_cov", "n_cats_per_cov",
-            "n_input"}
+            "n_input", "use_cuda", "use_gpu", "unlabeled_category", "pretrained_model"}
 _ARCH = {"n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion",
          "gene_likelihood", "latent_distribution", "encode_covariates",
          "deeply_inject_covariates", "use_batch_norm", "use_layer_norm",
@@ -42,35 +44,47 @@ _ARCH = {"n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion",
 _SCANVI_ARCH = {"linear_classifier", "classifier_parameters", "y_prior"}
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise ImportError("reading a scvi-tools model needs torch. Fix: pip install "
-                          "'jaxscanvi[scvi-tools]' (or pip install torch)") from None
-    return torch
+def is_scvi_tools_folder(dir_path) -> bool:
+    """A folder scvi-tools wrote (``model.pt``, or < 0.15's ``model_params.pt``)."""
+    d = Path(dir_path)
+    return d.is_dir() and not (d / METADATA).exists() and any(
+        (d / name).exists() for name in ("model.pt", "model_params.pt"))
 
 
 def read_scvi_tools(dir_path) -> dict:
-    """The state dict (as numpy arrays), var_names and attr_dict of a scvi-tools folder."""
-    path = Path(dir_path) / "model.pt"
-    if not path.exists():
-        found = sorted(p.name for p in Path(dir_path).glob("*")) \
-            if Path(dir_path).is_dir() else "no such folder"
+    """The state dict (numpy arrays), var_names and attr_dict of a scvi-tools folder.
+
+    Read without torch through `torchfile`'s whitelist (nothing in the
+    file is run). ``model.pt`` holds all three (scvi-tools >= 0.15);
+    older folders hold ``model_params.pt``, ``var_names.csv`` and ``attr.pkl``.
+    """
+    d = Path(dir_path)
+    if (d / "model.pt").exists():
+        saved = torchfile.load(d / "model.pt")
+        if not isinstance(saved, dict) or "model_state_dict" not in saved:
+            raise ModelFormatError(f"{str(d / 'model.pt')!r} is not a scvi-tools model file "
+                                   "(no model_state_dict)")
+        state, names, attr = (saved["model_state_dict"], saved.get("var_names"),
+                              saved.get("attr_dict"))
+    elif (d / "model_params.pt").exists():
+        missing = [n for n in ("var_names.csv", "attr.pkl") if not (d / n).exists()]
+        if missing:
+            raise ModelFormatError(f"{str(d)!r} holds model_params.pt (scvi-tools < 0.15) "
+                                   f"but not {missing}. Fix: copy the whole folder")
+        state = torchfile.load(d / "model_params.pt")
+        # np.savetxt(fmt="%s"): one name a line
+        names = (d / "var_names.csv").read_text().splitlines()
+        attr = torchfile.load_pickle(d / "attr.pkl")
+    else:
+        found = sorted(p.name for p in d.glob("*")) if d.is_dir() else "no such folder"
         raise ModelFormatError(
             f"{str(dir_path)!r} has no model.pt (found: {found}). Fix: pass the folder "
-            "that scvi-tools' model.save(dir_path) wrote (scvi-tools >= 0.15)")
-    torch = _torch()
-    # attr_dict holds numpy arrays and pandas objects, which the safe
-    # weights-only unpickler refuses: load only folders you trust
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(saved, dict) or "model_state_dict" not in saved:
-        raise ModelFormatError(f"{str(path)!r} is not a scvi-tools model file "
-                               "(no model_state_dict)")
-    state = {k: v.detach().cpu().numpy() for k, v in saved["model_state_dict"].items()
-             if hasattr(v, "detach")}
-    return {"state": state, "var_names": np.asarray(saved.get("var_names")).astype(str),
-            "attr": saved.get("attr_dict", {})}
+            "that scvi-tools' model.save(dir_path) wrote")
+    if not isinstance(state, dict) or not isinstance(attr, dict) or names is None:
+        raise ModelFormatError(f"{str(d)!r}: the scvi-tools files lack the state dict, "
+                               "attributes or gene names. Fix: save the model again")
+    return {"state": {k: v for k, v in state.items() if isinstance(v, np.ndarray)},
+            "var_names": np.asarray(names).astype(str), "attr": attr}
 
 
 def _strs(a) -> tuple[str, ...]:
@@ -79,7 +93,7 @@ def _strs(a) -> tuple[str, ...]:
 
 def registry_from_scvi_tools(attr: dict, var_names, model_name: str) -> Registry:
     """Our `Registry` from scvi-tools' ``registry_`` (category orders kept)."""
-    reg = attr.get("registry_") or {}
+    reg = attr.get("registry_") or _registry_from_setup_dict(attr)
     setup = reg.get("setup_args") or {}
     fields = reg.get("field_registries") or {}
     if reg.get("model_name") not in (None, model_name):
@@ -120,6 +134,39 @@ def registry_from_scvi_tools(attr: dict, var_names, model_name: str) -> Registry
         continuous_covariate_keys=cont_keys)
 
 
+def _registry_from_setup_dict(attr: dict) -> dict:
+    """scvi-tools < 0.15's ``scvi_setup_dict_`` as the later ``registry_`` (the
+    fields jaxscanvi reads), as scvi-tools' own ``registry_from_setup_dict`` does."""
+    sd = attr.get("scvi_setup_dict_")
+    if not isinstance(sd, dict):
+        return {}
+    maps = sd.get("categorical_mappings") or {}
+    x = (sd.get("data_registry") or {}).get("X") or {}
+    extra = sd.get("extra_categoricals") or {}
+
+    def obs(code):
+        m = maps.get(code) or {}
+        key = m.get("original_key")
+        return (None if key in (None, code) else key), {
+            "state_registry": {"categorical_mapping": m.get("mapping", ["0"])}}
+
+    batch_key, batch = obs("_scvi_batch")
+    labels_key, labels = obs("_scvi_labels")
+    labels["state_registry"]["unlabeled_category"] = attr.get("unlabeled_category_")
+    cont = list(np.asarray(sd.get("extra_continuous_keys", [])).astype(str).tolist())
+    return {"scvi_version": sd.get("scvi_version"),
+            "setup_args": {"layer": x.get("attr_key") if x.get("attr_name") == "layers"
+                           else None, "batch_key": batch_key, "labels_key": labels_key,
+                           "unlabeled_category": attr.get("unlabeled_category_")},
+            "field_registries": {
+                "batch": batch, "labels": labels,
+                "extra_categorical_covs": {"state_registry": {
+                    "field_keys": list(extra.get("keys") or []),
+                    "mappings": dict(extra.get("mappings") or {})}},
+                "extra_continuous_covs": {"state_registry": {"columns": cont}
+                                          if cont else {}}}}
+
+
 def init_kwargs(attr: dict, model_name: str) -> dict:
     """The architecture keywords scvi-tools recorded (nested kwargs flattened)."""
     params = attr.get("init_params_") or {}
@@ -133,6 +180,8 @@ def init_kwargs(attr: dict, model_name: str) -> dict:
                 flat[k] = v
 
     walk(params)
+    if flat.get("log_variational", True) is True:
+        flat.pop("log_variational", None)  # the default; False is not offered here
     allowed = _ARCH | (_SCANVI_ARCH if model_name == "SCANVI" else set())
     unknown = set(flat) - allowed - _IGNORED
     if unknown:
@@ -302,13 +351,12 @@ def setup_adata(adata, registry: Registry, dir_path):
 
 
 def load_adata(dir_path, adata):
+    """``adata``, else the folder's ``adata.h5ad``, else None (pass data to each call)."""
     if adata is not None:
         return adata
     path = Path(dir_path) / "adata.h5ad"
     if not path.exists():
-        raise InputError("adata", None, f"{str(dir_path)!r} holds no adata.h5ad",
-                         "pass adata=... (the AnnData the scvi-tools model was trained on, "
-                         "or one with the same genes and obs columns)")
+        return None
     import anndata
     return anndata.read_h5ad(path)
 
@@ -328,7 +376,8 @@ def import_model(cls, dir_path, adata, model_name: str, extra_kwargs=None):
         else:
             kwargs.pop("y_prior", None)
     adata = load_adata(dir_path, adata)
-    setup_adata(adata, registry, dir_path)
+    if adata is not None:
+        setup_adata(adata, registry, dir_path)
     # built without data so nothing is estimated from it: every value comes from the file
     model = cls(None, registry=registry, **kwargs)
     variables = map_weights(saved["state"], model.variables, model_name)
@@ -336,6 +385,20 @@ def import_model(cls, dir_path, adata, model_name: str, extra_kwargs=None):
     model.state = {k: v for k, v in variables.items() if k != "params"}
     model.adata, model._cells = adata, None
     model.is_trained = bool(attr.get("is_trained_", True))
-    model.imported_from = {"scvi_version": (attr.get("registry_") or {}).get("scvi_version"),
+    for ours, theirs in (("train_indices", "train_indices_"),
+                         ("validation_indices", "validation_indices_")):
+        if isinstance(attr.get(theirs), np.ndarray):
+            setattr(model, ours, np.asarray(attr[theirs], np.int64))
+    reg = attr.get("registry_") or _registry_from_setup_dict(attr)
+    model.imported_from = {"scvi_version": reg.get("scvi_version"),
                            "path": str(dir_path)}
     return model
+
+
+def saved_model_name(dir_path) -> str | None:
+    """The scvi-tools class (``"SCVI"``, ``"SCANVI"``) a folder holds, if recorded."""
+    attr = read_scvi_tools(dir_path)["attr"]
+    name = (attr.get("registry_") or {}).get("model_name")
+    if name is None and "scvi_setup_dict_" in attr:
+        name = "SCANVI" if attr.get("unlabeled_category_") is not None else "SCVI"
+    return name

@@ -23,13 +23,25 @@ from ..errors import InputError, ModelFormatError
 from ._query import QueryInfo
 
 
-def save(self, dir_path, overwrite: bool = False, save_anndata: bool = False) -> None:  # noqa: FBT001, FBT002 (scvi-tools' signature)
+def save(self, dir_path, overwrite: bool = False, save_anndata: bool = False, *,  # noqa: FBT001, FBT002 (scvi-tools' signature)
+         format: str = "jaxscanvi") -> None:
     """Save parameters, config, registry and history to a folder, atomically.
 
+    ``format="scvi-tools"`` writes scvi-tools' folder instead (``model.pt``,
+    and ``adata.h5ad`` with ``save_anndata=True``), which scvi-tools'
+    ``SCVI.load``/``SCANVI.load`` open; no torch is needed to write it.
     In a run of several processes, process 0 writes and the others wait
     for it (an error there is raised on every process).
     """
-    distributed.agree(lambda: _write(self, dir_path, overwrite=overwrite,
+    if format not in ("jaxscanvi", "scvi-tools"):
+        raise InputError("format", format, "unknown model folder format",
+                         "pass format='jaxscanvi' (the default) or format='scvi-tools'")
+    if format == "scvi-tools":
+        from ._export import write_scvi_tools
+        writer = write_scvi_tools
+    else:
+        writer = _write
+    distributed.agree(lambda: writer(self, dir_path, overwrite=overwrite,
                                      save_anndata=save_anndata)
                       if distributed.is_main() else None)
 
@@ -84,8 +96,13 @@ def load(cls, dir_path, adata=None, *, encoder=None, decoder=None):
     """Load a model saved by ``save``; ``adata`` must match its genes.
 
     A model built with a custom ``encoder``/``decoder`` records the class's
-    import path; it is imported again, or pass the class here.
+    import path; it is imported again, or pass the class here. A folder
+    saved by scvi-tools (``model.pt``, or the older ``model_params.pt``)
+    is imported as by ``from_scvi_tools``.
     """
+    from ._import import import_model, is_scvi_tools_folder
+    if is_scvi_tools_folder(dir_path):
+        return import_model(cls, dir_path, adata, cls.__name__)
     meta = io.read_metadata(dir_path)
     if meta.get("model_class") != cls.__name__:
         raise ModelFormatError(

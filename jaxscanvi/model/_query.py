@@ -32,6 +32,9 @@ WARN_GENE_OVERLAP = 0.8  # warn below this (scvi-tools' MIN_VAR_NAME_RATIO)
 
 
 def _reference_var_names(reference_model) -> pd.Index:
+    from ._import import is_scvi_tools_folder, read_scvi_tools
+    if isinstance(reference_model, (str, Path)) and is_scvi_tools_folder(reference_model):
+        return pd.Index(read_scvi_tools(reference_model)["var_names"])
     if isinstance(reference_model, (str, Path)):
         meta = io.read_metadata(reference_model)
         try:
@@ -135,12 +138,14 @@ def align_genes(adata, ref_names: pd.Index, *, inplace: bool = True,
 def _load_reference(cls, reference_model):
     if isinstance(reference_model, (str, Path)):
         from . import SCANVI, SCVI
+        from ._import import is_scvi_tools_folder, saved_model_name
         kinds = {"SCVI": SCVI, "SCANVI": SCANVI}
-        meta = io.read_metadata(reference_model)
-        kind = kinds.get(meta.get("model_class"))
+        name = saved_model_name(reference_model) if is_scvi_tools_folder(reference_model) \
+            else io.read_metadata(reference_model).get("model_class")
+        kind = kinds.get(name)
         if kind is None:
-            raise ModelFormatError(f"{str(reference_model)!r} holds a "
-                                   f"{meta.get('model_class')!r} model, not SCVI or SCANVI")
+            raise ModelFormatError(f"{str(reference_model)!r} holds a {name!r} model, not "
+                                   "SCVI or SCANVI")
         reference_model = kind.load(reference_model)
     if not isinstance(reference_model, cls):
         raise InputError("reference_model", type(reference_model).__name__,

@@ -72,9 +72,10 @@ class SCVI(BaseModel):
         Every weight, batch-norm statistic, library prior and registry entry
         (category orders, keys, layer) is taken from the file, so the model
         gives scvi-tools' outputs (see the README's parity table). ``adata``
-        defaults to the folder's ``adata.h5ad``. Needs torch
-        (``pip install 'jaxscanvi[scvi-tools]'``); torch unpickles the file,
-        so load only folders you trust.
+        defaults to the folder's ``adata.h5ad`` (else None: pass data to each
+        call). ``SCVI.load`` does the same for such a folder. Needs no torch:
+        the file is read through a whitelist that runs nothing in it, and
+        scvi-tools < 0.15's ``model_params.pt``/``attr.pkl`` layout is read too.
         """
         from ._import import import_model
         return import_model(cls, dir_path, adata, "SCVI")
