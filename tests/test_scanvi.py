@@ -558,6 +558,68 @@ def test_both_objectives_transfer_labels(scanvi_model, scvi_model, hidden_atlas)
 
 
 # ------------------------------------------------------------ predict, save, load
+def test_get_elbo_is_scvi_tools_scanvi_bound(scanvi_model, hidden_atlas):
+    """SCANVI.get_elbo / get_reconstruction_error average scvi-tools' scANVI terms
+    (L_U for every cell, labels unused), not scVI's, whatever the training
+    objective. tests/test_parity.py checks them against scvi-tools itself."""
+    from jaxscanvi.losses import elbo_terms, scanvi_per_cell
+    idx = np.arange(100)
+    per_cell = scanvi_model.get_elbo(indices=idx, batch_size=100, return_mean=False)
+    rec = scanvi_model.get_reconstruction_error(indices=idx, batch_size=100,
+                                                return_mean=False)["reconstruction_loss"]
+    assert per_cell.shape == rec.shape == (100,)
+    assert scanvi_model.get_elbo(indices=idx, batch_size=100) == pytest.approx(
+        float(per_cell.mean()), rel=1e-6)
+    # the map's key for its first chunk, at which the loss function gives the same terms
+    key = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+    batch = scanvi_model.minibatch(idx)
+    t, _, _ = scanvi_per_cell(scanvi_model.module, scanvi_model.params, scanvi_model.state,
+                              batch, key, objective="scvi-tools", sparse=False)
+    np.testing.assert_allclose(rec, t["reconstruction_loss"], rtol=1e-5)
+    np.testing.assert_allclose(per_cell, -t["elbo"], rtol=1e-5)
+    # the labels are not used: hiding every label changes nothing
+    unl = hidden_atlas[idx].copy()
+    unl.obs["labels_obs"] = pd.Categorical([UNL] * len(idx),
+                                           categories=unl.obs["labels_obs"].cat.categories)
+    np.testing.assert_allclose(scanvi_model.get_elbo(unl, batch_size=100, return_mean=False),
+                               per_cell, rtol=1e-6)
+    # and it is scANVI's bound, not scVI's (log q(z1|x) and the class terms differ)
+    scvi_t = elbo_terms(scanvi_model.module, scanvi_model.variables, batch, key)
+    assert not np.allclose(rec, scvi_t["reconstruction_loss"], rtol=1e-2)
+
+
+def test_marginal_ll_weights_and_averaging(scanvi_model):
+    """At the posterior means (every sample replaced by its mean) scvi-tools'
+    scANVI weight is log N(z1; 0, I) - reconstruction - log q(z1|x) with the
+    reconstruction of get_reconstruction_error: checked here in numpy. The mean
+    is scvi-tools' mean of minibatch means."""
+    from unittest import mock
+    from jaxscanvi import clear_caches
+    idx = np.arange(150)
+    clear_caches()
+    with mock.patch("jaxscanvi.nn.prng.normal",
+                    lambda key, shape, dtype=jnp.float32: jnp.zeros(shape, dtype)):
+        try:
+            ll = scanvi_model.get_marginal_ll(indices=idx, n_mc_samples=3, batch_size=64,
+                                              return_mean=False)
+            rec = scanvi_model.get_reconstruction_error(
+                indices=idx, return_mean=False)["reconstruction_loss"]
+        finally:
+            clear_caches()
+    m, v = (np.asarray(a, np.float64) for a in scanvi_model.get_latent_representation(
+        indices=idx, return_dist=True))
+    log_q = (-0.5 * (np.log(2 * np.pi) + np.log(v))).sum(1)  # at z1 = m
+    log_p = (-0.5 * (np.log(2 * np.pi) + m ** 2)).sum(1)
+    np.testing.assert_allclose(ll, log_p - rec - log_q, rtol=2e-5)
+    # sampled: scvi-tools' mean over minibatches (64, 64, 22) of their means
+    per_cell = scanvi_model.get_marginal_ll(indices=idx, n_mc_samples=5, batch_size=64,
+                                            return_mean=False)
+    assert np.isfinite(per_cell).all() and not np.allclose(per_cell, ll)
+    mean = scanvi_model.get_marginal_ll(indices=idx, n_mc_samples=5, batch_size=64)
+    want = np.mean([per_cell[:64].mean(), per_cell[64:128].mean(), per_cell[128:].mean()])
+    assert mean == pytest.approx(want, rel=1e-6)
+
+
 def test_predict_hard_and_soft(scanvi_model, hidden_atlas):
     cats = list(scanvi_model.registry.label_categories)
     hard = scanvi_model.predict()

@@ -436,6 +436,22 @@ def test_elbo_reconstruction_marginal_ll(tiny, tiny_adata):
     assert abs(m100) > 0.5 * abs(e_sub)  # but not absurdly far from the ELBO
 
 
+def test_per_cell_values_with_return_mean_false(tiny):
+    """return_mean=False gives each cell's value (scvi-tools' option); the means
+    are their mean over cells, for the marginal likelihood over minibatches."""
+    idx = np.arange(0, tiny.adata.n_obs, 6)  # 100 cells
+    elbo = tiny.get_elbo(indices=idx, return_mean=False)
+    rec = tiny.get_reconstruction_error(indices=idx, return_mean=False)
+    assert elbo.shape == rec["reconstruction_loss"].shape == (100,)
+    assert tiny.get_elbo(indices=idx) == pytest.approx(float(elbo.mean()), rel=1e-6)
+    assert (-elbo >= rec["reconstruction_loss"] - 1e-4).all()  # KL >= 0 per cell
+    ll = tiny.get_marginal_ll(indices=idx, n_mc_samples=4, batch_size=40, return_mean=False)
+    assert ll.shape == (100,) and np.isfinite(ll).all()
+    mean = tiny.get_marginal_ll(indices=idx, n_mc_samples=4, batch_size=40)
+    assert mean == pytest.approx(np.mean([ll[:40].mean(), ll[40:80].mean(),
+                                          ll[80:].mean()]), rel=1e-6)
+
+
 def test_marginal_ll_single_sample(tiny):
     """n_mc_samples=1 is the one-sample importance estimate (an ELBO sample).
 

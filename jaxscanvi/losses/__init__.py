@@ -7,12 +7,14 @@ per-cell terms and importance weights), `scanvi` scANVI's bounds.
 from .common import (ExtraTerm, LossAux, add_extra_terms, forward, kl_library, kl_z,
                      reconstruction_loss, term_weight, weighted_mean)
 from .scanvi import (class_bounds, classification_loss, labelled_bound, marginal_bound,
-                     replay_loss, scanvi_elbo, scanvi_per_cell)
+                     replay_loss, scanvi_elbo, scanvi_elbo_terms,
+                     scanvi_log_importance_weights, scanvi_per_cell)
 from .scvi import (elbo_terms, log_importance_weights, scvi_elbo, scvi_per_cell,
                    scvi_terms)
 
 __all__ = ["ExtraTerm", "LossAux", "add_extra_terms", "forward", "kl_library", "kl_z",
            "reconstruction_loss", "term_weight", "weighted_mean", "class_bounds",
            "classification_loss", "labelled_bound", "marginal_bound", "replay_loss",
-           "scanvi_elbo", "scanvi_per_cell", "elbo_terms", "log_importance_weights",
+           "scanvi_elbo", "scanvi_elbo_terms", "scanvi_log_importance_weights",
+           "scanvi_per_cell", "elbo_terms", "log_importance_weights",
            "scvi_elbo", "scvi_per_cell", "scvi_terms"]

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from ..data.batch import Batch
 from ..distributions import normal_log_prob
 from ..module.scanvae import SCANVAE
-from .common import LossAux, add_extra_terms, forward, weighted_mean
+from .common import LossAux, add_extra_terms, forward, reconstruction_loss, weighted_mean
 from .scvi import scvi_terms
 
 
@@ -251,3 +251,70 @@ def scanvi_elbo(module, params, state, batches, rng, kl_weight, *, train: bool =
                                   extra_weights, step)
     terms["loss"] = loss
     return loss, LossAux(terms, new_state, outputs)
+
+
+# --------------------------------------------- per-cell kernels for inference
+def scanvi_elbo_terms(module, variables, batch: Batch, key):
+    """Each cell's scANVI reconstruction loss and local KL as scvi-tools 1.4.2's
+    ``SCANVAE.loss`` defines them, what SCANVI's ``get_elbo`` and
+    ``get_reconstruction_error`` average: every cell marginalised over c
+    (L_U, labels unused), eval mode, one sample of z1 and of each u.
+
+    ``reconstruction_loss`` = -log p(x|z1,l) + log q(z1|x) + sum_c q(c|z1)
+    [-log p(z1|u,c)]; ``kl_local`` = sum_c q(c|z1) KL(q(u|z1,c)||p(u)) +
+    KL(q(c|z1)||p(c)) + KL(q(l|x)||p(l)).
+    """
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    t, _, _ = scanvi_per_cell(module, params, state, batch, key, train=False,
+                              objective="scvi-tools", sparse=False)
+    return {"reconstruction_loss": t["reconstruction_loss"], "kl_local": t["kl_local"]}
+
+
+def scanvi_log_importance_weights(module, variables, batch: Batch, key, *, n_samples: int):
+    r"""The log weights scvi-tools 1.4.2's ``marginal_ll`` forms for scANVI, (B, S).
+
+    scvi-tools reuses scVI's estimator with scANVI's reconstruction loss, so
+    for z1 ~ q(z1|x) (and l ~ q(l|x) with a learned library), u ~ q(u|z1,c):
+
+    .. math::
+        \log w = \log N(z_1; 0, I) - \big[-\log p(x|z_1,l) + \log q(z_1|x)
+            + \textstyle\sum_c q(c|z_1)\,(-\log p(z_1|u,c))\big] - \log q(z_1|x)
+            \;[+ \log p(l) - \log q(l|x)]
+
+    That is not an importance weight of scANVI's generative model (its prior
+    on z1 is the class mixture, and log q(z1|x) enters twice), so the
+    estimate is comparable with scvi-tools' own number, not a bound on
+    log p(x) under scANVI.
+    """
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    k_main, k_class = jax.random.split(key)
+    outputs = module.apply(variables, batch, train=False, rngs={"sample": k_main},
+                           n_samples=n_samples)
+    rec_x = reconstruction_loss(outputs, batch, module.config.gene_likelihood, sparse=False)
+    z = outputs["z"]  # scvi-tools evaluates the densities at z after its transform
+    S = n_samples
+    B, D = z.shape[-2:]
+    log_qz = normal_log_prob(z, outputs["qz_m"], outputs["qz_v"]).sum(-1)
+    log_pz = normal_log_prob(z, 0.0, 1.0).sum(-1)
+    # the class terms on all S*B samples at once (eval mode: rows are independent)
+    zf = z.reshape(S * B, D)
+    wf = jnp.tile(batch.weight, S)
+    logits = module.apply(variables, zf, wf, method=_classify_latent)
+    nll_z1, kl_z2, _ = class_bounds(module, params, state, zf, wf, k_class, train=False)
+    rec_c, _ = marginal_bound(logits, module.config.log_prior(), nll_z1, kl_z2)
+    rec = rec_x + log_qz + rec_c.reshape(z.shape[:-1])
+    logw = log_pz - rec - log_qz
+    if "ql_m" in outputs:
+        const = variables["constants"]
+        lib = outputs["library"]
+        m = const["library_log_means"][batch.batch]
+        v = const["library_log_vars"][batch.batch]
+        logw = logw + normal_log_prob(lib, m, v) - normal_log_prob(
+            lib, outputs["ql_m"], outputs["ql_v"])
+    return jnp.atleast_2d(logw).T  # (B, S); with n_samples=1 logw is (B,)
+
+
+def _classify_latent(mdl, z, mask):
+    return mdl.classifier(z, train=False, mask=mask)

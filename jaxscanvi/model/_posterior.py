@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError, check_positive_int
-from ..losses import elbo_terms, log_importance_weights
+from ..losses import (elbo_terms, log_importance_weights, scanvi_elbo_terms,
+                      scanvi_log_importance_weights)
+from ..module import SCANVAE
 from . import _kernels as kernels
 from ._inference import gene_positions, jitted, transform_batches
 
@@ -98,40 +100,73 @@ def _with_batch(fn, batch_code, variables, batch, key):
     return fn(variables, batch, key, batch_code)
 
 
+def _is_scanvi(self) -> bool:
+    return isinstance(self.module, SCANVAE)
+
+
 def _elbo_terms(self, adata, indices, batch_size):
-    fn = jitted(partial(elbo_terms, self.module))
-    return self._map(fn, self._cells_for(adata), indices, batch_size)
+    kernel = scanvi_elbo_terms if _is_scanvi(self) else elbo_terms
+    return self._map(jitted(partial(kernel, self.module)), self._cells_for(adata), indices,
+                     batch_size)
 
 
-def get_elbo(self, adata=None, indices=None, batch_size: int | None = None) -> float:
-    """The ELBO (a negative number; higher is better), mean over cells.
+def get_elbo(self, adata=None, indices=None, batch_size: int | None = None,
+             return_mean: bool = True):
+    """The ELBO (higher is better): -(reconstruction + local KL), mean over cells,
+    or each cell's with ``return_mean=False``; one posterior sample, eval mode.
 
-    scvi-tools' sign convention: returns -(reconstruction + KL) averaged.
+    For SCVI the terms are -log p(x|z,l) and KL(q(z|x)||p(z)) + KL(q(l|x)||p(l)).
+    For SCANVI they are scvi-tools 1.4.2's scANVI bound, with every cell's
+    label marginalised under q(c|z1) (L_U; see `losses.scanvi_elbo_terms`),
+    whatever ``plan_kwargs["objective"]`` the model was trained with, so the
+    number is comparable with scvi-tools'. (With the default objective
+    "seed", the history's ``elbo_*`` use L_S for labelled cells instead.)
     """
     t = _elbo_terms(self, adata, indices, batch_size)
-    return -float(np.mean(t["reconstruction_loss"] + t["kl_local"]))
+    elbo = -(t["reconstruction_loss"] + t["kl_local"])
+    return float(np.mean(elbo)) if return_mean else elbo
 
 
-def get_reconstruction_error(self, adata=None, indices=None,
-                             batch_size: int | None = None) -> dict[str, float]:
-    """Mean reconstruction loss -log p(x|z), as scvi-tools returns it."""
-    t = _elbo_terms(self, adata, indices, batch_size)
-    return {"reconstruction_loss": float(np.mean(t["reconstruction_loss"]))}
+def get_reconstruction_error(self, adata=None, indices=None, batch_size: int | None = None,
+                             return_mean: bool = True) -> dict:
+    """``{"reconstruction_loss": ...}``, the mean over cells (or each cell's with
+    ``return_mean=False``), as scvi-tools returns it.
+
+    SCVI: -log p(x|z,l). SCANVI: scvi-tools' scANVI reconstruction term,
+    -log p(x|z1,l) + log q(z1|x) + sum_c q(c|z1) [-log p(z1|u,c)] for every
+    cell, labels unused (see `get_elbo`).
+    """
+    rec = _elbo_terms(self, adata, indices, batch_size)["reconstruction_loss"]
+    return {"reconstruction_loss": float(np.mean(rec)) if return_mean else rec}
 
 
 def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000,
-                    batch_size: int | None = None) -> float:
-    """Importance-sampled log p(x), mean over cells (higher is better, as in scvi-tools)."""
+                    batch_size: int | None = None, return_mean: bool = True):
+    """Importance-sampled log p(x) (higher is better), as scvi-tools computes it.
+
+    ``return_mean=False`` gives each cell's estimate. The mean is scvi-tools':
+    the mean over minibatches of ``batch_size`` cells (default 128, its
+    ``settings.batch_size``) of each minibatch's mean, which differs from the
+    mean over cells when the last minibatch is short. For SCANVI the weights
+    are those scvi-tools forms for scANVI (`losses.scanvi_log_importance_weights`):
+    comparable with scvi-tools' number, not an estimate of log p(x) under
+    scANVI's class-structured prior.
+    """
     check_positive_int("n_mc_samples", n_mc_samples)
-    return float(np.mean(marginal_ll_per_cell(self, self._cells_for(adata), indices,
-                                              n_mc_samples, batch_size)))
+    ll = marginal_ll_per_cell(self, self._cells_for(adata), indices, n_mc_samples,
+                              batch_size)
+    if not return_mean:
+        return ll
+    size = 128 if batch_size is None else int(batch_size)
+    return float(np.mean([ll[s:s + size].mean() for s in range(0, len(ll), size)]))
 
 
 def marginal_ll_per_cell(self, cells, indices, n_mc_samples, batch_size) -> np.ndarray:
     """Importance-sampled log p(x) of each selected cell, up to 100 samples per pass."""
     per_pass = min(int(n_mc_samples), 100)
     n_pass = -(-int(n_mc_samples) // per_pass)
-    fn = jitted(partial(log_importance_weights, self.module, n_samples=per_pass))
+    kernel = scanvi_log_importance_weights if _is_scanvi(self) else log_importance_weights
+    fn = jitted(partial(kernel, self.module, n_samples=per_pass))
     logw = np.concatenate([self._map(fn, cells, indices, batch_size, seed=1000 + p)
                            for p in range(n_pass)], axis=1)[:, :n_mc_samples]  # (N, S)
     m = logw.max(1, keepdims=True)

@@ -30,7 +30,9 @@ class SCANVI(BaseModel):
     their label, unlabelled cells L_U with the label marginalised, plus the
     classifier's cross-entropy times ``classification_ratio`` (50).
     ``plan_kwargs={"objective": "scvi-tools"}`` marginalises every cell
-    instead, as scvi-tools does.
+    instead, as scvi-tools does. ``get_elbo``, ``get_reconstruction_error``
+    and ``get_marginal_ll`` always compute scvi-tools' scANVI quantities
+    (every cell marginalised), whichever objective trained the model.
     """
 
     config_cls = SCANVIConfig
