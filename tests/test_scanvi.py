@@ -663,6 +663,40 @@ def test_save_load_roundtrip(scanvi_model, hidden_atlas, tmp_path):
     pd.testing.assert_frame_equal(loaded.history, scanvi_model.history)
 
 
+def _bitwise_equal(a, b) -> bool:
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(
+        np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
+        for x, y in zip(la, lb))
+
+
+def test_checkpoint_resume_bitwise(scvi_model, tmp_path):
+    """Two epochs, then a fresh model resumed from the checkpoint to four: bit for
+    bit the uninterrupted four-epoch run (parameters, statistics, optimiser,
+    history with validation, predictions)."""
+    kw = dict(SCANVI_TRAIN, max_epochs=4)
+
+    def fresh():
+        return SCANVI.from_scvi_model(scvi_model, UNL, labels_key="labels_obs")
+
+    full = fresh()
+    full.train(**kw, checkpoint_dir=tmp_path / "full")
+    part = fresh()
+    part.train(**{**kw, "max_epochs": 2}, checkpoint_dir=tmp_path / "part")
+    assert len(part.history) == 2 and not _bitwise_equal(part.params, full.params)
+    resumed = fresh()
+    resumed.train(**kw, checkpoint_dir=tmp_path / "part", resume=True)
+    assert int(resumed.train_state.epoch) == 4
+    assert _bitwise_equal(resumed.params, full.params)
+    assert _bitwise_equal(resumed.state, full.state)
+    assert _bitwise_equal(resumed.train_state.opt_state, full.train_state.opt_state)
+    cols = [c for c in full.history.columns if c != "epoch_seconds"]
+    assert "accuracy_validation" in cols
+    pd.testing.assert_frame_equal(resumed.history[cols], full.history[cols])
+    np.testing.assert_array_equal(resumed.predict(soft=True).to_numpy(),
+                                  full.predict(soft=True).to_numpy())
+
+
 # ------------------------------------------------------------ real data
 def _balanced_accuracy(truth, pred):
     classes = np.unique(truth)
