@@ -459,6 +459,42 @@ def test_cli_annotate_joint_mode(cli_files, capsys):
     assert (classes[probs.argmax(1)] == out.obs["prediction"].astype(str)).all()
 
 
+# the demo at a small size (the default is 5,000 cells x 1,000 genes, ~2 minutes)
+DEMO_SMALL = ["--n-cells", "1200", "--n-genes", "300", "--marker-lfc", "3",
+              "--scvi-epochs", "30", "--scanvi-epochs", "5", "--query-epochs", "10",
+              "--n-hidden", "32", "--quiet"]
+
+
+def test_cli_demo_small(tmp_path, capsys):
+    """`jaxscanvi demo` at a small size: exits 0, writes the annotated query, both
+    models and the plots; the accuracy it prints is that of the written predictions
+    and far above chance (11 reference types); the left-out type is flagged novel."""
+    import importlib.util
+    import re
+    from jaxscanvi.cli import main
+    out = tmp_path / "demo"
+    rc = main(["demo", *DEMO_SMALL, "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    m = re.search(r"query, (\d+) cells of reference types: accuracy ([0-9.]+)", text)
+    assert m, text
+    n_known, acc = int(m[1]), float(m[2])
+    a = ad.read_h5ad(out / "query_annotated.h5ad")
+    truth = a.obs["cell_type_truth"].astype(str).to_numpy()
+    known = truth != "L3_T2"
+    assert int(known.sum()) == n_known > 100
+    pred = a.obs["prediction"].astype(str).to_numpy()
+    assert abs(float((pred[known] == truth[known]).mean()) - acc) < 6e-4
+    assert acc > 0.7, text
+    m = re.search(r"novelty: (\d+) of (\d+) L3_T2 cells flagged", text)
+    assert m and int(m[1]) > 0.5 * int(m[2]) > 0, text
+    for d in ("query_model", "reference_model"):
+        assert SCANVI.load(out / d).is_trained
+    if importlib.util.find_spec("matplotlib") is not None:
+        for png in ("history.png", "confusion_matrix.png"):
+            assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["annotate", "--reference", "nope.h5ad", "--query", "q.h5ad", "--labels-key", "x",
       "--out", "o.h5ad"], "no such file"),
