@@ -280,12 +280,35 @@ def test_latent_library_size_and_correlation(de_model, de_atlas):
 
 
 def test_learned_library_size_is_lognormal_mean(small_atlas):
+    """give_mean: exp(ql_m + ql_v / 2), the mean of the learned log-normal q(l|x)
+    (what scvi-tools returns, LogNormal(ql_m, sqrt(ql_v)).mean), with ql_m and
+    ql_v from a numpy l-encoder (log1p -> dense -> eval batch norm -> ReLU ->
+    heads); give_mean=False: a draw from that log-normal."""
     a = small_atlas.copy()
     SCVI.setup_anndata(a, layer="counts", batch_key="batch")
     m = SCVI(a, n_hidden=16, n_latent=4, use_observed_lib_size=False)
-    lib = m.get_latent_library_size(indices=np.arange(5))
-    s = m.get_latent_library_size(indices=np.arange(5), give_mean=False)
-    assert lib.shape == s.shape == (5, 1) and np.all(lib > 0) and not np.allclose(lib, s)
+    m.train(max_epochs=2, batch_size=128, progress_bar=False)  # non-trivial statistics
+    lib = m.get_latent_library_size()
+    s = m.get_latent_library_size(give_mean=False)
+    assert lib.shape == s.shape == (a.n_obs, 1)
+
+    def np64(t):
+        return {k: np64(v) if isinstance(v, dict) else np.asarray(v, np.float64)
+                for k, v in t.items()}
+
+    p, bs = np64(m.params["l_encoder"]), np64(m.state["batch_stats"]["l_encoder"])
+    x = a.layers["counts"]
+    x = np.log1p(np.asarray(x.todense() if sp.issparse(x) else x, np.float64))
+    dense, bn, st = p["encoder"]["dense0"], p["encoder"]["bn0"], bs["encoder"]["bn0"]
+    h = x @ dense["kernel"] + dense["bias"]
+    h = (h - st["mean"]) / np.sqrt(st["var"] + 1e-3) * bn["scale"] + bn["bias"]
+    h = np.maximum(h, 0.0)
+    ql_m = (h @ p["mean"]["kernel"] + p["mean"]["bias"])[:, 0]
+    ql_v = np.exp(h @ p["var"]["kernel"] + p["var"]["bias"])[:, 0] + 1e-4
+    np.testing.assert_allclose(lib[:, 0], np.exp(ql_m + ql_v / 2), rtol=2e-5)
+    assert not np.allclose(lib[:, 0], np.exp(ql_m), rtol=1e-3)  # the variance term counts
+    eps = (np.log(s[:, 0]) - ql_m) / np.sqrt(ql_v)  # standard normal if s ~ q(l|x)
+    assert abs(eps.mean()) < 0.15 and 0.85 < eps.std() < 1.15
 
 
 # ---------------------------------------------------------------- SCANVI

@@ -177,13 +177,67 @@ def test_unfrozen_trains_everything(reference, split):
     assert model.module.config.frozen_batchnorm == ()
 
 
+def _assert_reference_classes_frozen(model, before, stats_before, n_ref):
+    """After query training with new cell types: the classifier's reference classes
+    (logit columns, hidden layers, running statistics) and the reference classes'
+    rows of q(u|z,c) and p(z|u,c) are bitwise unchanged; the new class's did train."""
+    p = jax.tree_util.tree_map(np.asarray, model.params)
+    logits, old_logits = p["classifier"]["logits"], before["classifier"]["logits"]
+    assert np.array_equal(logits["kernel"][:, :n_ref], old_logits["kernel"][:, :n_ref])
+    assert np.array_equal(logits["bias"][:n_ref], old_logits["bias"][:n_ref])
+    assert not np.array_equal(logits["kernel"][:, n_ref:], old_logits["kernel"][:, n_ref:])
+    assert _bitwise(p["classifier"]["classifier"], before["classifier"]["classifier"])
+    assert _bitwise(model.state["batch_stats"]["classifier"],
+                    stats_before["batch_stats"]["classifier"])
+    for net, fc in (("encoder_z2_z1", "encoder"), ("decoder_z1_z2", "decoder")):
+        rows, old_rows = p[net][fc]["layer0_cov0"], before[net][fc]["layer0_cov0"]
+        assert rows.shape[0] == n_ref + 1
+        assert np.array_equal(rows[:n_ref], old_rows[:n_ref]), net
+        assert not np.array_equal(rows[n_ref:], old_rows[n_ref:]), net
+
+
+def _bitwise(a, b) -> bool:
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def test_query_resume_bitwise(reference, split, tmp_path):
+    """A query model with a new cell type (surgery masks, replayed reference types)
+    resumed from a two-epoch checkpoint to four is bit for bit the uninterrupted run."""
+    q, _ = _query(split, labelled_novel=0.3)
+    kw = dict(max_epochs=4, progress_bar=False, check_val_every_n_epoch=1)
+
+    def fresh():
+        with pytest.warns(UserWarning, match="new cell types"):
+            return SCANVI.load_query_data(q.copy(), reference)
+
+    full = fresh()
+    full.train(**kw, checkpoint_dir=tmp_path / "full")
+    part = fresh()
+    part.train(**{**kw, "max_epochs": 2}, checkpoint_dir=tmp_path / "part")
+    assert len(part.history) == 2 and not _bitwise(part.params, full.params)
+    resumed = fresh()
+    resumed.train(**kw, checkpoint_dir=tmp_path / "part", resume=True)
+    assert int(resumed.train_state.epoch) == 4
+    assert _bitwise(resumed.params, full.params)
+    assert _bitwise(resumed.state, full.state)
+    assert _bitwise(resumed.train_state.opt_state, full.train_state.opt_state)
+    cols = [c for c in full.history.columns if c != "epoch_seconds"]
+    pd.testing.assert_frame_equal(resumed.history[cols], full.history[cols])
+    np.testing.assert_array_equal(resumed.predict(soft=True).to_numpy(),
+                                  full.predict(soft=True).to_numpy())
+
+
 def test_new_cell_types_from_labelled_query_cells(reference, split):
     q, truth = _query(split, labelled_novel=0.3)
     with pytest.warns(UserWarning, match="new cell types"):
         model = SCANVI.load_query_data(q, reference)
     assert model.registry.label_categories[-1] == NOVEL
     assert model.params["classifier"]["logits"]["kernel"].shape[-1] == 4
+    before = jax.tree_util.tree_map(np.array, model.params)
+    stats_before = jax.tree_util.tree_map(np.array, model.state)
     model.train(max_epochs=12, progress_bar=False)
+    _assert_reference_classes_frozen(model, before, stats_before, n_ref=3)
     hidden = q.obs["lab"].to_numpy() == "Unknown"
     pred = model.predict()
     novel = hidden & (truth == NOVEL)
@@ -403,6 +457,42 @@ def test_cli_annotate_joint_mode(cli_files, capsys):
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
     classes = np.asarray(out.uns["prediction_classes"])
     assert (classes[probs.argmax(1)] == out.obs["prediction"].astype(str)).all()
+
+
+# the demo at a small size (the default is 5,000 cells x 1,000 genes, ~2 minutes)
+DEMO_SMALL = ["--n-cells", "1200", "--n-genes", "300", "--marker-lfc", "3",
+              "--scvi-epochs", "30", "--scanvi-epochs", "5", "--query-epochs", "10",
+              "--n-hidden", "32", "--quiet"]
+
+
+def test_cli_demo_small(tmp_path, capsys):
+    """`jaxscanvi demo` at a small size: exits 0, writes the annotated query, both
+    models and the plots; the accuracy it prints is that of the written predictions
+    and far above chance (11 reference types); the left-out type is flagged novel."""
+    import importlib.util
+    import re
+    from jaxscanvi.cli import main
+    out = tmp_path / "demo"
+    rc = main(["demo", *DEMO_SMALL, "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    m = re.search(r"query, (\d+) cells of reference types: accuracy ([0-9.]+)", text)
+    assert m, text
+    n_known, acc = int(m[1]), float(m[2])
+    a = ad.read_h5ad(out / "query_annotated.h5ad")
+    truth = a.obs["cell_type_truth"].astype(str).to_numpy()
+    known = truth != "L3_T2"
+    assert int(known.sum()) == n_known > 100
+    pred = a.obs["prediction"].astype(str).to_numpy()
+    assert abs(float((pred[known] == truth[known]).mean()) - acc) < 6e-4
+    assert acc > 0.7, text
+    m = re.search(r"novelty: (\d+) of (\d+) L3_T2 cells flagged", text)
+    assert m and int(m[1]) > 0.5 * int(m[2]) > 0, text
+    for d in ("query_model", "reference_model"):
+        assert SCANVI.load(out / d).is_trained
+    if importlib.util.find_spec("matplotlib") is not None:
+        for png in ("history.png", "confusion_matrix.png"):
+            assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
 @pytest.mark.parametrize("argv,needle", [

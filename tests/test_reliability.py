@@ -250,9 +250,36 @@ def _set_version(d: Path, version, drop: bool = False):
     (d / "metadata.json").write_text(json.dumps(meta))
 
 
+# sha256 of the committed format-1 files: a regenerated fixture (which would only
+# prove that today's code reads today's files) fails here
+FIXTURE_SHA256 = {
+    "scvi/variables-a01a30a6d678b706.msgpack":
+        "a01a30a6d678b706b4fc5428d72226bd86a645c3a7cc2ade34e63a729609867c",
+    "scanvi/variables-3365d2e141fa02b8.msgpack":
+        "3365d2e141fa02b8535320e5a506c26d945e4f6607ddb8646d2cabc66038d69d",
+    "scvi_latent.npy": "1e7650933676936f9aba75496d080f4e8b514257ea4f3e56beaf79b656ed053a",
+    "scanvi_latent.npy": "de0e3b65c9578e8f0fc4ddc0843f1d90189ae3cb600b9426cdce96429ffd5e25",
+    "scanvi_soft.npy": "0931074dc50750d7287e42a47ee2faad67ef952d71047777b76acece4de56fc5",
+    "scanvi_pred.npy": "89d59d63060e09dfd78b492c3d173abdf5d02013b21ce44d51a7d27226f5fba5",
+}
+
+
+def test_format_v1_fixture_is_the_committed_record():
+    import hashlib
+    for name, digest in FIXTURE_SHA256.items():
+        assert hashlib.sha256((FIXTURES / name).read_bytes()).hexdigest() == digest, name
+    for kind in ("scvi", "scanvi"):  # each folder lists its own variables file
+        files = json.loads((FIXTURES / kind / "metadata.json").read_text())["files"]
+        assert {f"{kind}/{e['file']}": e["sha256"] for e in files.values()}.items() \
+            <= FIXTURE_SHA256.items()
+
+
 def test_format_v1_fixture_copy_loads(fixture_copy, fixture_adata):
-    # the copy itself is fine: what the tests below change is the only problem
-    SCVI.load(fixture_copy, adata=fixture_adata.copy())
+    """The unmodified copy loads to the stored latent, so the refusals below fail
+    only for the version they change."""
+    m = SCVI.load(fixture_copy, adata=fixture_adata.copy())
+    np.testing.assert_allclose(m.get_latent_representation(),
+                               np.load(FIXTURES / "scvi_latent.npy"), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("version,drop,pattern", [

@@ -142,15 +142,16 @@ def value_of(params, state, batch, rng, kl_weight, *, fn, module, objective, tra
               train=train)
 
 
-def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
-    """Leafwise allclose; atol is relative to each leaf's largest entry (float32 sums)."""
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-5, floor=1e-30):
+    """Leafwise allclose; atol is relative to each leaf's largest entry (float32 sums),
+    or to ``floor`` where that is larger (leaves that are zero up to rounding)."""
     la, ta = jax.tree_util.tree_flatten_with_path(a)
     lb, tb = jax.tree_util.tree_flatten_with_path(b)
     assert ta == tb
     n_nonzero = 0
     for (path, x), (_, y) in zip(la, lb):
         x, y = np.asarray(x), np.asarray(y)
-        scale = max(float(np.abs(y).max()), 1e-30)
+        scale = max(float(np.abs(y).max()), floor)
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol * scale,
                                    err_msg=jax.tree_util.keystr(path))
         n_nonzero += bool(np.abs(y).max() > 0)
@@ -306,6 +307,56 @@ def test_chunked_equals_unchunked_train():
     assert_trees_close(g_chunk, g_full)
 
 
+@partial(jax.jit, static_argnames=("module",), compiler_options=FAST_COMPILE)
+def _loss_grads_state(params, state, batch, rng, *, module):
+    def loss(p):
+        value, aux = scanvi_elbo(module, p, state, batch, rng, 0.7, train=True,
+                                 objective="seed")
+        return value, aux.state
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+
+def test_chunked_equals_unchunked_with_batch_norm():
+    """Batch norm on in both class networks, C = 10 in chunks of 4 (the last one
+    padded) and one padded cell: the loss, its gradient and the updated running
+    averages equal the single vmap's, whose statistics span the whole
+    (class, cell) grid as scvi-tools' do."""
+    C = 10
+    m_full, params, state = tiny_module(C, batch_norm="both", chunk=64, y_prior=None)
+    m_chunk = SCANVAE(dataclasses.replace(m_full.config, class_chunk_size=4))
+    labels = [0, 10, 9, 10, 2, 7, 10, 3, 10, 5, 10, 8]
+    batch = make_batch(labels, seed=4)
+    batch = batch._replace(weight=batch.weight.at[-1].set(0.0))
+    rng = jax.random.PRNGKey(11)
+    (v_full, s_full), g_full = _loss_grads_state(params, state, batch, rng, module=m_full)
+    (v_chunk, s_chunk), g_chunk = _loss_grads_state(params, state, batch, rng,
+                                                    module=m_chunk)
+    np.testing.assert_allclose(float(v_chunk), float(v_full), rtol=1e-5)
+    # the biases of the dense layers before batch norm have a zero gradient (batch
+    # norm removes any shift): both are zero up to rounding; the rest agree
+    g_max = max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(g_full))
+
+    def split(g):
+        named = {jax.tree_util.keystr(p): x
+                 for p, x in jax.tree_util.tree_flatten_with_path(g)[0]}
+        pre_bn = {k for k in named if "['dense" in k and k.endswith("['bias']")}
+        return ([named[k] for k in pre_bn],
+                {k: x for k, x in named.items() if k not in pre_bn})
+
+    (zero_chunk, rest_chunk), (zero_full, rest_full) = split(g_chunk), split(g_full)
+    # one per network: z and l encoders, count decoder, classifier, two class networks
+    assert len(zero_full) == 6
+    for x in zero_chunk + zero_full:
+        assert float(jnp.abs(x).max()) < 1e-7 * g_max
+    assert assert_trees_close(rest_chunk, rest_full) > 10
+    for net in ("encoder_z2_z1", "decoder_z1_z2"):
+        new, old = s_full["batch_stats"][net], state["batch_stats"][net]
+        # the class networks' running averages moved, and moved alike
+        moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new, old)
+        assert min(jax.tree_util.tree_leaves(moved)) > 1e-5, net
+        assert_trees_close(s_chunk["batch_stats"][net], new, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------- many cell types
 def _train_step_for(C, chunk, *, concrete, B=32, G=20):
     """The model's jitted train step (make_train_step over scanvi_elbo, Adam) lowered
@@ -389,12 +440,16 @@ def scvi_model(hidden_atlas):
     return model
 
 
+# scanvi_model's training options; test_both_objectives changes only the objective
+SCANVI_TRAIN = dict(n_samples_per_label=40, check_val_every_n_epoch=1, batch_size=128,
+                    progress_bar=False)
+
+
 @pytest.fixture(scope="module")
 def scanvi_model(scvi_model):
     """from_scvi_model, then train with the default epochs heuristic ("seed")."""
     model = SCANVI.from_scvi_model(scvi_model, UNL, labels_key="labels_obs")
-    model.train(n_samples_per_label=40, check_val_every_n_epoch=1, batch_size=128,
-                progress_bar=False)
+    model.train(**SCANVI_TRAIN)
     return model
 
 
@@ -544,8 +599,8 @@ def test_max_epochs_heuristic_is_applied(scvi_model, hidden_atlas, monkeypatch, 
 def test_both_objectives_transfer_labels(scanvi_model, scvi_model, hidden_atlas):
     acc_seed, chance = _accuracy_on_hidden(scanvi_model, hidden_atlas)
     other = SCANVI.from_scvi_model(scvi_model, UNL, labels_key="labels_obs")
-    other.train(max_epochs=10, batch_size=128, plan_kwargs={"objective": "scvi-tools"},
-                progress_bar=False)
+    other.train(**SCANVI_TRAIN, plan_kwargs={"objective": "scvi-tools"})
+    assert len(other.history) == len(scanvi_model.history)  # same epochs
     acc_st, _ = _accuracy_on_hidden(other, hidden_atlas)
     assert chance < 0.6  # the majority type's share of hidden cells (~0.45)
     for acc in (acc_seed, acc_st):  # both ~0.92 here
@@ -668,6 +723,40 @@ def test_save_load_roundtrip(scanvi_model, hidden_atlas, tmp_path):
     np.testing.assert_array_equal(loaded.get_latent_representation(),
                                   scanvi_model.get_latent_representation())
     pd.testing.assert_frame_equal(loaded.history, scanvi_model.history)
+
+
+def _bitwise_equal(a, b) -> bool:
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(
+        np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
+        for x, y in zip(la, lb))
+
+
+def test_checkpoint_resume_bitwise(scvi_model, tmp_path):
+    """Two epochs, then a fresh model resumed from the checkpoint to four: bit for
+    bit the uninterrupted four-epoch run (parameters, statistics, optimiser,
+    history with validation, predictions)."""
+    kw = dict(SCANVI_TRAIN, max_epochs=4)
+
+    def fresh():
+        return SCANVI.from_scvi_model(scvi_model, UNL, labels_key="labels_obs")
+
+    full = fresh()
+    full.train(**kw, checkpoint_dir=tmp_path / "full")
+    part = fresh()
+    part.train(**{**kw, "max_epochs": 2}, checkpoint_dir=tmp_path / "part")
+    assert len(part.history) == 2 and not _bitwise_equal(part.params, full.params)
+    resumed = fresh()
+    resumed.train(**kw, checkpoint_dir=tmp_path / "part", resume=True)
+    assert int(resumed.train_state.epoch) == 4
+    assert _bitwise_equal(resumed.params, full.params)
+    assert _bitwise_equal(resumed.state, full.state)
+    assert _bitwise_equal(resumed.train_state.opt_state, full.train_state.opt_state)
+    cols = [c for c in full.history.columns if c != "epoch_seconds"]
+    assert "accuracy_validation" in cols
+    pd.testing.assert_frame_equal(resumed.history[cols], full.history[cols])
+    np.testing.assert_array_equal(resumed.predict(soft=True).to_numpy(),
+                                  full.predict(soft=True).to_numpy())
 
 
 # ------------------------------------------------------------ real data

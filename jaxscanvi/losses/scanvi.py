@@ -24,12 +24,15 @@ L_U for the others; ``objective="scvi-tools"`` marginalises every cell
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
 from ..data.batch import Batch
 from ..distributions import normal_log_prob
 from ..module.scanvae import SCANVAE
+from ..nn.layers import global_stats
 from .common import LossAux, add_extra_terms, forward, reconstruction_loss, weighted_mean
 from .scvi import scvi_terms
 
@@ -42,57 +45,114 @@ def _merge_stats(base: dict, update: dict, names) -> dict:
     return {**base, "batch_stats": bs}
 
 
+def class_bn_layers(module, state) -> list[tuple[str, ...]]:
+    """Paths of the class networks' trainable batch-norm layers, in forward order
+    (q(u|z1,c)'s layers, then p(z1|u,c)'s)."""
+    frozen = set(module.config.frozen_batchnorm)
+    stats = state.get("batch_stats", {})
+    paths = []
+    for net in ("encoder_z2_z1", "decoder_z1_z2"):
+        if net in frozen:
+            continue
+        for fc, layers in stats.get(net, {}).items():
+            paths += [(net, fc, name) for name in sorted(layers, key=lambda s: int(s[2:]))]
+    return paths
+
+
+def _nested(flat: dict) -> dict:
+    out: dict = {}
+    for path, leaf in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return out
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
 def class_bounds(module, params, state, z1, weight, rng, *, train: bool,
                  sample: bool = True):
     """-log p(z1|u,c) and KL(q(u|z1,c)||p(u)) for every class: two (B, C) arrays.
 
     Also returns the updated batch statistics of the two class networks.
     Classes are vmapped with batch statistics over the whole (class, cell)
-    grid, as scvi-tools computes them; above ``class_chunk_size`` classes,
-    chunks are scanned and statistics are per chunk (running averages use
-    the mean over chunks).
+    grid, as scvi-tools computes them. Above ``class_chunk_size`` classes,
+    chunks are scanned and the grid's statistics are built first, one pass
+    over the chunks per batch-norm layer (a layer's inputs depend on the
+    layers before it): each pass sums the layer's rows chunk by chunk, with the
+    layers before it normalised by the statistics already built. The last pass
+    computes the bounds with them. Values, gradients and running averages are
+    then those of the single vmap, with memory bounded by one chunk.
     """
     C = module.config.n_labels
     chunk = module.config.class_chunk_size
     mod = module.clone(class_axis="classes")
-    variables = {"params": params, **state}
 
-    def one(c, valid, key):
+    def one(c, valid, key, bn_global, collect=None):
         ks, kd = jax.random.split(key)
         mask = weight * valid
+        variables = {"params": params, **state}
+        if bn_global:
+            variables["bn_global"] = bn_global
         kw = dict(rngs={"sample": ks, "dropout": kd}, method=SCANVAE.class_bound,
                   sample=sample)
         if train:
+            mutable = ["batch_stats"] + (["bn_sums"] if collect else [])
             (nll, kl2), upd = mod.apply(variables, z1, c, mask, train=True,
-                                        mutable=["batch_stats"], **kw)
+                                        mutable=mutable, **kw)
+            if collect:  # a statistics pass: only this layer's sums are used
+                return _get(upd["bn_sums"], collect)["sums"]
             sub = {k: upd["batch_stats"][k] for k in ("encoder_z2_z1", "decoder_z1_z2")
                    if k in upd["batch_stats"]}
             return nll, kl2, sub
         nll, kl2 = mod.apply(variables, z1, c, mask, train=False, **kw)
         return nll, kl2, {}
 
-    vone = jax.vmap(one, axis_name="classes")
     if C <= chunk:
+        vone = jax.vmap(partial(one, bn_global=None), axis_name="classes")
         nll, kl2, sub = vone(jnp.arange(C), jnp.ones(C), jax.random.split(rng, C))
         sub = jax.tree_util.tree_map(lambda a: a[0], sub)
-    else:
-        n_chunks = -(-C // chunk)
-        classes = jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk)
-        valid = (classes < C).astype(z1.dtype)
-        keys = jax.random.split(rng, n_chunks * chunk).reshape(n_chunks, chunk, -1)
+        return nll.T, kl2.T, sub
 
-        def body(_, xs):
-            c, v, k = xs
-            n, k2, s = vone(jnp.minimum(c, C - 1), v, k)
-            return None, (n, k2, jax.tree_util.tree_map(lambda a: a[0], s))
+    n_chunks = -(-C // chunk)
+    classes = jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk)
+    valid = (classes < C).astype(z1.dtype)
+    keys = jax.random.split(rng, C)  # the unchunked keys; padded classes reuse some
+    keys = jnp.concatenate([keys, keys[:n_chunks * chunk - C]])
+    keys = keys.reshape(n_chunks, chunk, *keys.shape[1:])
+    xs = (jnp.minimum(classes, C - 1), valid, keys)
+    # every scan recomputes each chunk in the backward pass (jax.checkpoint):
+    # otherwise reverse mode keeps every chunk's activations and memory grows
+    # linearly with C. The statistics passes carry only (n, sum, sum of squares).
+    known: dict = {}
+    for path in class_bn_layers(module, state) if train else []:
+        bn_global = _nested(known)
+        vsum = jax.vmap(partial(one, bn_global=bn_global, collect=path),
+                        axis_name="classes")
 
-        # recompute each chunk in the backward pass: otherwise reverse mode keeps
-        # every chunk's activations and memory grows linearly with C
-        _, (nll, kl2, sub) = jax.lax.scan(jax.checkpoint(body), None,
-                                          (classes, valid, keys))
-        nll = nll.reshape(-1, *nll.shape[2:])[:C]
-        kl2 = kl2.reshape(-1, *kl2.shape[2:])[:C]
-        sub = jax.tree_util.tree_map(lambda a: a.mean(0), sub)
+        def add(total, x, vsum=vsum):
+            return jax.tree_util.tree_map(lambda t, s: t + s.sum(0), total, vsum(*x)), None
+
+        shift = jax.lax.stop_gradient(_get(state["batch_stats"], path)["mean"])
+        zero = (jnp.zeros((), z1.dtype), jnp.zeros_like(shift), jnp.zeros_like(shift))
+        sums, _ = jax.lax.scan(jax.checkpoint(add), zero, xs)
+        known[path] = global_stats(sums, shift)
+    vone = jax.vmap(partial(one, bn_global=_nested(known)), axis_name="classes")
+
+    def body(_, x):
+        n, k2, s = vone(*x)
+        return None, (n, k2, jax.tree_util.tree_map(lambda a: a[0], s))
+
+    _, (nll, kl2, sub) = jax.lax.scan(jax.checkpoint(body), None, xs)
+    nll = nll.reshape(-1, *nll.shape[2:])[:C]
+    kl2 = kl2.reshape(-1, *kl2.shape[2:])[:C]
+    # with the grid's statistics every chunk updates the running averages alike
+    sub = jax.tree_util.tree_map(lambda a: a[0], sub)
     return nll.T, kl2.T, sub
 
 

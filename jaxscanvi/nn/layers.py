@@ -6,7 +6,10 @@
   biased batch variance to normalise, unbiased variance in the running
   average. It takes a per-row ``mask`` so padded rows of the last minibatch
   of an epoch do not enter the statistics, and an optional ``axis_name`` so
-  statistics can span a vmapped or sharded axis.
+  statistics can span a vmapped or sharded axis. For statistics over more
+  rows than one call sees (scANVI's class chunks), it reports its rows' sums
+  in the ``bn_sums`` collection when that is mutable, and normalises with
+  whole-grid statistics handed in as the ``bn_global`` collection.
 * ``FCLayers`` injects categorical covariates as one-hot columns of the first
   (and, with ``inject_covariates``, every) layer. The one-hot product is an
   embedding lookup, and each covariate's block is a parameter leaf of its own
@@ -117,14 +120,40 @@ class BatchNorm(nn.Module):
             return y * scale + bias
         w = (jnp.ones(x.shape[:-1], x.dtype) if mask is None
              else jnp.broadcast_to(mask, x.shape[:-1]).astype(x.dtype))
-        norm = batch_norm if backend.kernels().batch_norm else batch_norm_plain
-        y, mean, s2, n = norm(x, w, scale, bias, self.epsilon, self.axis_name)
+        if self.is_mutable_collection("bn_sums"):
+            self.put_variable("bn_sums", "sums",
+                              shifted_sums(x, w, jax.lax.stop_gradient(ra_mean.value)))
+        if self.has_variable("bn_global", "mean"):
+            # statistics of the whole grid, differentiable functions of every row
+            mean, s2, n = (self.get_variable("bn_global", k) for k in ("mean", "s2", "n"))
+            r = jax.lax.rsqrt(s2 / jnp.maximum(n, 1.0) + self.epsilon)
+            y = (x - mean) * r * scale + bias
+        else:
+            norm = batch_norm if backend.kernels().batch_norm else batch_norm_plain
+            y, mean, s2, n = norm(x, w, scale, bias, self.epsilon, self.axis_name)
         if not self.is_initializing():
             unbiased = s2 / jnp.maximum(n - 1.0, 1.0)
             m = self.momentum
             ra_mean.value = (1 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
             ra_var.value = (1 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
         return y
+
+
+def shifted_sums(x, w, shift):
+    """(n, sum w (x - shift), sum w (x - shift)^2) over the rows of ``x``, not
+    summed over any axis. Sums from disjoint row sets add up; `global_stats`
+    turns the total into (mean, s2, n). The shift (any constant; the running
+    mean is close to the batch mean) keeps the squares from cancelling."""
+    flat = x.reshape(-1, x.shape[-1]) - shift
+    wf = w.reshape(-1)
+    return wf.sum(), (wf[:, None] * flat).sum(0), (wf[:, None] * jnp.square(flat)).sum(0)
+
+
+def global_stats(sums, shift):
+    """{"mean", "s2", "n"} (s2 = sum w (x - mean)^2) from summed `shifted_sums`."""
+    n, s1, sq = sums
+    d = s1 / jnp.maximum(n, 1.0)
+    return {"mean": shift + d, "s2": jnp.maximum(sq - n * jnp.square(d), 0.0), "n": n}
 
 
 def _bn_stats(x, w, axis_name):
