@@ -62,10 +62,11 @@ SETTINGS = {
 }
 
 
-def run(name: str, seeds: list[int]) -> Path:
+def run(name: str, seeds: list[int], torch_threads: int) -> Path:
     out = RESULTS / f"label_transfer_paired_{name}.json"
     cmd = [sys.executable, str(HERE / "label_transfer.py"), *SETTINGS[name],
-           "--seeds", *map(str, seeds), "--out", str(out), "--resume"]
+           "--seeds", *map(str, seeds), "--out", str(out), "--resume",
+           "--torch-threads", str(torch_threads)]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out
@@ -143,13 +144,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--only", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     p.add_argument("--report", action="store_true", help="only summarise existing runs")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="scvi-tools' torch threads (1: this compares accuracy, not time, "
+                   "and torch's thread pool stalls on a busy machine)")
     args = p.parse_args(argv)
     if not (DATA / "pbmc_3k_4k.h5ad").exists():
         print(f"label_transfer_paired: {DATA} has no data; nothing to do", file=sys.stderr)
         return 0
     if not args.report:
         for name in args.only:
-            run(name, args.seeds)
+            run(name, args.seeds, args.torch_threads)
     table = report(list(SETTINGS))
     if table:
         sys.path.insert(0, str(HERE))
