@@ -261,15 +261,15 @@ def _fits(first: Member, k: int, cells, *, shared: bool, budget: int | None) -> 
 
 def _result(models, specs, kwargs) -> SweepResult:
     hyper = sorted({k for s in specs for k in s if k != "seed"})
-    rows, parts = [], []
-    for i, (model, spec, kw) in enumerate(zip(models, specs, kwargs)):
-        row = {"member": i, "seed": spec["seed"], "data_seed": kw["seed"],
-               **{k: spec.get(k) for k in hyper}}
-        rows.append(row)
-        h = model.history.reset_index()
-        # "hp_": the history has its own "lr" (the rate at each epoch)
-        for k, v in reversed(list(row.items())):
-            h.insert(0, k if k in ("member", "seed", "data_seed") else f"hp_{k}", v)
-        parts.append(h)
-    history = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-    return SweepResult(models, pd.DataFrame(rows).set_index("member"), history)
+    rows = [{"member": i, "seed": spec["seed"], "data_seed": kw["seed"],
+             **{k: spec.get(k) for k in hyper}}
+            for i, (spec, kw) in enumerate(zip(specs, kwargs))]
+    members = pd.DataFrame(rows)
+    histories = [m.history.reset_index() for m in models]
+    history = pd.concat(histories, ignore_index=True)
+    which = np.repeat(np.arange(len(models)), [len(h) for h in histories])
+    # "hp_": the history has its own "lr" (the rate at each epoch)
+    front = members.iloc[which].reset_index(drop=True).rename(
+        columns={k: f"hp_{k}" for k in hyper})
+    history = pd.concat([front, history], axis=1)
+    return SweepResult(models, members.set_index("member"), history)
