@@ -136,8 +136,15 @@ def hyper_arrays(configs, *, has_ratio: bool) -> dict:
     if has_ratio:
         hp["classification_ratio"] = f32([float(c.plan.get("classification_ratio"))
                                           for c in configs])
-    numeric = [k for k, w in configs[0].loss_weights if not callable(w)]
-    hp["weights"] = {k: f32([dict(c.loss_weights)[k] for c in configs]) for k in numeric}
+    weights = [dict(c.loss_weights) for c in configs]
+    for name, w in weights[0].items():
+        if any(callable(x[name]) != callable(w) or (callable(w) and x[name] is not w)
+               for x in weights[1:]):
+            raise InputError(f"grid['{WEIGHT_PREFIX}{name}']", "numbers and a schedule",
+                             "members give this term a number and a schedule",
+                             "sweep numbers only, or give every member the same schedule")
+    hp["weights"] = {k: f32([x[k] for x in weights]) for k, w in weights[0].items()
+                     if not callable(w)}
     return hp
 
 
