@@ -19,8 +19,17 @@ alternate, in swapped order each repeat, so a machine shared with other jobs
 slows both alike; the JSON keeps every repeat and the median ratio
 vmapped / sequential (below 1: the sweep is faster).
 
+With ``--ensemble``, instead: K scANVI members (seeds 0..K-1, one sweep,
+each with its own split and order) on a simulated atlas, or ``--adata``'s
+counts on its ``--n-genes`` most variable genes, with a third of the labels
+hidden, and the accuracy and
+expected calibration error (10 bins) on the hidden cells of each member and
+of their average (`sweep.ensemble_calibration`), written to
+``results/sweep_ensemble.json``.
+
 Usage:
     python benchmarks/sweep.py                 # 3,000 cells x 2,000 genes, K = 1, 4, 16
+    python benchmarks/sweep.py --ensemble --ks 5 --adata ../shared/data/pbmc3k.h5ad --epochs 20
     python benchmarks/sweep.py --smoke         # seconds: a check that it runs
     python benchmarks/sweep.py --batch-size 128 --ks 16 --n-cells 20000   # on a GPU
 """
@@ -60,6 +69,42 @@ def vmapped(js, adata, k: int, train: dict, order: str) -> dict:
             "epoch_seconds": float(out.models[0].history["epoch_seconds"].sum())}
 
 
+def ensemble(js, args) -> dict:
+    from jaxscanvi import sweep
+    if args.adata:  # real counts: the n_genes most variable genes
+        import anndata
+        from jaxscanvi.data.hvg import highly_variable_genes
+        adata = anndata.read_h5ad(args.adata)
+        adata = adata[:, highly_variable_genes(adata, args.n_genes)].copy()
+    else:
+        adata = js.synthetic_atlas(n_cells=args.n_cells, n_genes=args.n_genes, seed=1,
+                                   batch_effect=1.0)
+    if "batch" not in adata.obs:
+        adata.obs["batch"] = "b0"
+    truth = adata.obs[args.labels_key].astype(str).to_numpy()
+    hidden = np.random.default_rng(0).random(adata.n_obs) < 1 / 3
+    adata.obs["labels"] = np.where(hidden, "Unknown", truth)
+    js.SCANVI.setup_anndata(adata, labels_key="labels", unlabeled_category="Unknown",
+                            batch_key="batch")
+    t0 = time.perf_counter()
+    out = sweep.train_many(lambda s: js.SCANVI(adata, seed=s, **ARCH),
+                           seeds=list(range(max(args.ks))), max_epochs=args.epochs,
+                           order="per_model",
+                           batch_size=args.batch_size, progress_bar=False)
+    seconds = time.perf_counter() - t0
+    idx = np.flatnonzero(hidden)
+    scored = adata.copy()  # the hidden cells with their true labels, for scoring
+    scored.obs["labels"] = truth
+    cal = sweep.ensemble_calibration(out.models, adata=scored[idx].copy())
+    ens = sweep.ensemble_predict(out.models, indices=idx)
+    wrong = ens.prediction != truth[idx]
+    return {"k": len(out.models), "epochs": args.epochs, "train_seconds": seconds,
+            "hidden_cells": int(len(idx)), **cal,
+            "mean_disagreement_correct": float(ens.disagreement[~wrong].mean()),
+            "mean_disagreement_wrong": float(ens.disagreement[wrong].mean())
+            if wrong.any() else None}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-cells", type=int, default=3000)
@@ -71,6 +116,11 @@ def main(argv=None) -> int:
     p.add_argument("--per-model", action="store_true",
                    help="also time order='per_model'")
     p.add_argument("--smoke", action="store_true", help="tiny data, K=1 and 2, 1 epoch")
+    p.add_argument("--ensemble", action="store_true",
+                   help="scANVI ensemble calibration instead of timings (K = max of --ks)")
+    p.add_argument("--adata", help="--ensemble on this .h5ad of raw counts (default: "
+                   "a simulated atlas)")
+    p.add_argument("--labels-key", default="cell_type")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.smoke:
@@ -79,6 +129,20 @@ def main(argv=None) -> int:
             args.out = DEFAULT_OUT.with_name("sweep_smoke.json")
 
     import jaxscanvi as js
+    if args.ensemble:
+        if args.out == DEFAULT_OUT:
+            args.out = DEFAULT_OUT.with_name("sweep_ensemble.json")
+        res = ensemble(js, args)
+        write_json(args.out, {"benchmark": "sweep_ensemble", "machine": machine_info(),
+                              "versions": versions(), "args": {k: str(v) for k, v in
+                                                               vars(args).items()},
+                              "architecture": ARCH, "result": res})
+        print(format_table(["", "accuracy", "ECE"],
+                           [["ensemble", res["accuracy_ensemble"], res["ece_ensemble"]]] +
+                           [[f"member {i}", a, e] for i, (a, e) in enumerate(zip(
+                               res["accuracy_members"], res["ece_members"]))]))
+        print(f"wrote {args.out}")
+        return 0
     adata = js.synthetic_atlas(n_cells=args.n_cells, n_genes=args.n_genes, seed=0)
     js.SCVI.setup_anndata(adata, batch_key="batch")
     train = dict(max_epochs=args.epochs, batch_size=args.batch_size, progress_bar=False,

@@ -146,6 +146,29 @@ def test_members_save_load_and_ensemble(data, scanvi_sweep, tmp_path):
     assert cal["n_cells"] == lab.sum()
 
 
+def test_query_members_equal_single_runs_and_keep_frozen_weights(data, scanvi_sweep):
+    """A query model (scArches surgery) as the starting point: each member equals
+    load_query_data(...).train(lr=...), and what surgery froze stays bitwise."""
+    _, adata = data
+    ref = scanvi_sweep[0].models[0]
+    query = adata[:120].copy()
+    query.obs["labels"] = "Unknown"
+    kw = dict(max_epochs=2, plan_kwargs={"weight_decay": 0.0}, **FIT)
+    start = js.SCANVI.load_query_data(query.copy(), ref)
+    out = sweep.train_many(start, seeds=[0], grid={"lr": [1e-3, 3e-3]}, **kw)
+    single = js.SCANVI.load_query_data(query.copy(), ref).train(
+        seed=0, **{**kw, "plan_kwargs": {"weight_decay": 0.0, "lr": 3e-3}})
+    assert_same_model(out.models[1], single)
+    mask = jax.tree_util.tree_leaves(start._freeze[0])
+    before = jax.tree_util.tree_leaves(start.params)
+    for model in out.models:
+        after = jax.tree_util.tree_leaves(model.params)
+        for m, b, a in zip(mask, before, after):
+            m = np.broadcast_to(np.asarray(m, bool), np.shape(b))
+            np.testing.assert_array_equal(np.asarray(a)[~m], np.asarray(b)[~m])
+        assert any(not np.array_equal(a, b) for a, b in zip(after, before))
+
+
 def test_memory_refuses_too_many_members(data):
     adata, _ = data
     model = js.SCVI(adata, seed=0, **NET)
