@@ -79,6 +79,10 @@ def test_scvi_members_equal_their_single_runs(data):
     assert not np.allclose(z[0], z[2], atol=1e-3)
     assert out.history.groupby("member")["kl_weight"].last().tolist() == \
         pytest.approx([4 / 400, 2 / 400, 0.5])
+    last = [m.history["elbo_validation"].iloc[-1] for m in out.models]
+    assert out.final["elbo_validation"].tolist() == last
+    assert out.best("elbo_validation") is out.models[int(np.argmin(last))]
+    assert out.members.loc[1, "weight_decay"] == 1e-3
 
 
 def _centre(outputs, batch, params):
@@ -167,6 +171,25 @@ def test_query_members_equal_single_runs_and_keep_frozen_weights(data, scanvi_sw
             m = np.broadcast_to(np.asarray(m, bool), np.shape(b))
             np.testing.assert_array_equal(np.asarray(a)[~m], np.asarray(b)[~m])
         assert any(not np.array_equal(a, b) for a, b in zip(after, before))
+
+
+def test_library_kernels_and_sparse_device_cells(data, monkeypatch):
+    """The other branches of the vmapped epoch: no deferred Adam (the library
+    path, as on a GPU) and CSR counts on the device (data above the dense cap),
+    each member gathering its own minibatches."""
+    from functools import partial
+
+    import jaxscanvi.sweep as sweep_module
+    from jaxscanvi import backend
+    from jaxscanvi.train.sources import make_source
+    adata, _ = data
+    monkeypatch.setattr(sweep_module, "make_source", partial(make_source, dense_max_bytes=0))
+    kw = dict(max_epochs=1, **FIT)
+    with backend.use("library"):
+        out = sweep.train_many(lambda s: js.SCVI(adata, seed=s, **NET), seeds=[0, 1],
+                               order="per_model", **kw)
+        for s, model in enumerate(out.models):
+            assert_same_model(model, js.SCVI(adata, seed=s, **NET).train(seed=s, **kw))
 
 
 def test_memory_refuses_too_many_members(data):
