@@ -20,6 +20,9 @@ result is written to the JSON as soon as it exists):
    the validation ELBO after the same training in each.
 6. ``atlas_10m``: 10M cells x 2,000 genes (5% non-zero) as sparse counts
    on the device, one training epoch at batch 4096.
+7. ``sweep``: 16 SCVI models at batch 128 trained as one vmapped program
+   (`jaxscanvi.sweep.train_many`) against 16 sequential ``train()`` calls,
+   the arms alternating (benchmarks/sweep.py's).
 
 Data: 100k cells of random counts (each gene non-zero in 5% of cells on
 average, with a per-gene rate; values 1 + Poisson), 2 batches, 6 labels;
@@ -332,9 +335,40 @@ def worker_scvi_tools(spec: dict, out: Path) -> None:
             _emit(out, rec)
 
 
+def worker_sweep(spec: dict, out: Path) -> None:
+    """K models vmapped vs K sequential runs, each arm warmed up (compiled) first."""
+    import jaxscanvi as js
+    from sweep import sequential, vmapped  # benchmarks/sweep.py
+    _, _, env = _jax_setup(spec)
+    _emit(out, {"env": env})
+    adata = anndata_for(spec["n_cells"], spec["n_genes"])
+    js.SCVI.setup_anndata(adata, batch_key="batch")
+    k = spec["k"]
+    train = dict(max_epochs=spec["epochs"], batch_size=spec["batch_size"],
+                 progress_bar=False, devices=1, data_source="device")
+    warm = {**train, "max_epochs": 1}
+    _record(out, {"stage": "warm-up"}, lambda: {"sequential": sequential(js, adata, 1, warm),
+                                                "vmapped": vmapped(js, adata, k, warm,
+                                                                   "shared")})
+    for r in range(spec["repeats"]):
+        arms = ["sequential", "vmapped"][::(-1) ** r]
+        rec = {"k": k, "repeat": r, "batch_size": spec["batch_size"],
+               "n_cells": spec["n_cells"], "epochs": spec["epochs"]}
+
+        def run(arms=arms):
+            res = {a: sequential(js, adata, k, train) if a == "sequential" else
+                   vmapped(js, adata, k, train, "shared") for a in arms}
+            res["ratio_seconds"] = res["vmapped"]["seconds"] / res["sequential"]["seconds"]
+            res["ratio_epoch_seconds"] = (res["vmapped"]["epoch_seconds"]
+                                          / res["sequential"]["epoch_seconds"])
+            res["device_memory"] = _device_memory()
+            return res
+        _record(out, rec, run)
+
+
 WORKERS = {"throughput": worker_throughput, "scvi_tools": worker_scvi_tools,
            "epoch_1m": worker_big, "kernels": worker_kernels, "precision": worker_precision,
-           "atlas_10m": worker_big}
+           "atlas_10m": worker_big, "sweep": worker_sweep}
 
 
 # ----------------------------------------------------------------- parent
@@ -350,7 +384,8 @@ def plan(smoke: bool) -> list[tuple[str, dict, float]]:
                                   flip_sparse=True), 200),
                 ("kernels", dict(s, batch_size=128, epochs=1, rounds=2, max_configs=4), 600),
                 ("precision", dict(s, batch_sizes=[256], epochs=2), 300),
-                ("atlas_10m", dict(n_cells=4000, n_genes=100, batch_size=512, epochs=1), 200)]
+                ("atlas_10m", dict(n_cells=4000, n_genes=100, batch_size=512, epochs=1), 200),
+                ("sweep", dict(s, k=2, batch_size=128, epochs=1, repeats=1), 300)]
     return [("throughput", dict(n_cells=100_000, n_genes=G, models=["scvi", "scanvi"],
                                 batch_sizes=[128, 1024, 4096], epochs=2), 150),
             ("scvi_tools", dict(n_cells=100_000, n_genes=G, models=["scvi", "scanvi"],
@@ -362,7 +397,9 @@ def plan(smoke: bool) -> list[tuple[str, dict, float]]:
             ("precision", dict(n_cells=100_000, n_genes=G, batch_sizes=[1024, 4096],
                                epochs=3), 75),
             ("atlas_10m", dict(n_cells=10_000_000, n_genes=G, batch_size=4096, epochs=1),
-             200)]
+             200),
+            ("sweep", dict(n_cells=20_000, n_genes=G, k=16, batch_size=128, epochs=2,
+                           repeats=2), 150)]
 
 
 def run_part(part: str, spec: dict, limit: float, tmp: Path) -> dict:
@@ -410,6 +447,12 @@ def summary(parts: dict) -> list[list]:
         rows.append([f"kernels {r['config']} ({r.get('round', 0)})", r.get("cells_per_s"),
                      None, None,
                      r.get("first_epoch_seconds"), r.get("error", "")[:40]])
+    for r in parts.get("sweep", {}).get("results", []):
+        if "stage" in r:
+            continue
+        rows.append([f"sweep K={r['k']} b{r['batch_size']} ({r['repeat']}): vmapped / "
+                     "sequential s", None, None, r.get("ratio_seconds"), None,
+                     r.get("error", "")[:40]])
     for r in parts.get("precision", {}).get("results", []):
         rows.append([f"{r['precision']} b{r['batch_size']} (val elbo "
                      f"{r.get('validation_elbo_float32_eval', float('nan')):.2f})",

@@ -1,0 +1,194 @@
+"""K models in one vmapped program (`jaxscanvi.sweep.train_many`) against K
+sequential `train()` calls: same data, architecture, epochs and seeds.
+
+Arms, for each K:
+
+* ``sequential``: for s in 0..K-1, ``SCVI(adata, seed=s).train(seed=s, ...)``;
+* ``vmapped``: ``sweep.train_many(lambda s: SCVI(adata, seed=s), seeds=range(K),
+  ...)`` (shared minibatch order, the default), and with ``--per-model`` also
+  ``order="per_model"`` (each member its own order, K gathers per step).
+
+Each arm is warmed up once (``max_epochs=1``: it compiles) and then timed
+over ``--epochs`` epochs, wall clock from the first model's construction to
+the K-th trained model (construction, training, what train() does after),
+the process's CPU time over the same span (less sensitive to other jobs on
+the machine than wall time, but blind to how many cores ran at once), and
+separately the epochs alone (the sum of ``history["epoch_seconds"]``;
+for the sweep, one member's, since its epochs are shared). The two arms
+alternate, in swapped order each repeat, so a machine shared with other jobs
+slows both alike; the JSON keeps every repeat and the median ratio
+vmapped / sequential (below 1: the sweep is faster).
+
+With ``--ensemble``, instead: K scANVI members (seeds 0..K-1, one sweep,
+each with its own split and order) on a simulated atlas, or ``--adata``'s
+counts on its ``--n-genes`` most variable genes, with a third of the labels
+hidden, and the accuracy and
+expected calibration error (10 bins) on the hidden cells of each member and
+of their average (`sweep.ensemble_calibration`), written to
+``results/sweep_ensemble.json``.
+
+Usage:
+    python benchmarks/sweep.py                 # 3,000 cells x 2,000 genes, K = 1, 4, 16
+    python benchmarks/sweep.py --ensemble --ks 5 --adata ../shared/data/pbmc3k.h5ad --epochs 20
+    python benchmarks/sweep.py --smoke         # seconds: a check that it runs
+    python benchmarks/sweep.py --batch-size 128 --ks 16 --n-cells 20000   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import format_table, loadavg, machine_info, versions, write_json  # noqa: E402
+
+ARCH = dict(n_hidden=128, n_latent=10, n_layers=1)
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sweep.json"
+
+
+def sequential(js, adata, k: int, train: dict) -> dict:
+    t0, c0 = time.perf_counter(), time.process_time()
+    epochs = 0.0
+    for s in range(k):
+        m = js.SCVI(adata, seed=s, **ARCH).train(seed=s, **train)
+        epochs += float(m.history["epoch_seconds"].sum())
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            "epoch_seconds": epochs}
+
+
+def vmapped(js, adata, k: int, train: dict, order: str) -> dict:
+    from jaxscanvi import sweep
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = sweep.train_many(lambda s: js.SCVI(adata, seed=s, **ARCH), seeds=list(range(k)),
+                           order=order, **train)
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            "epoch_seconds": float(out.models[0].history["epoch_seconds"].sum())}
+
+
+def ensemble(js, args) -> dict:
+    from jaxscanvi import sweep
+    if args.adata:  # real counts: the n_genes most variable genes
+        import anndata
+        from jaxscanvi.data.hvg import highly_variable_genes
+        adata = anndata.read_h5ad(args.adata)
+        adata = adata[:, highly_variable_genes(adata, args.n_genes)].copy()
+    else:
+        adata = js.synthetic_atlas(n_cells=args.n_cells, n_genes=args.n_genes, seed=1,
+                                   batch_effect=1.0)
+    if "batch" not in adata.obs:
+        adata.obs["batch"] = "b0"
+    truth = adata.obs[args.labels_key].astype(str).to_numpy()
+    hidden = np.random.default_rng(0).random(adata.n_obs) < 1 / 3
+    adata.obs["labels"] = np.where(hidden, "Unknown", truth)
+    js.SCANVI.setup_anndata(adata, labels_key="labels", unlabeled_category="Unknown",
+                            batch_key="batch")
+    t0 = time.perf_counter()
+    out = sweep.train_many(lambda s: js.SCANVI(adata, seed=s, **ARCH),
+                           seeds=list(range(max(args.ks))), max_epochs=args.epochs,
+                           order="per_model",
+                           batch_size=args.batch_size, progress_bar=False)
+    seconds = time.perf_counter() - t0
+    idx = np.flatnonzero(hidden)
+    scored = adata.copy()  # the hidden cells with their true labels, for scoring
+    scored.obs["labels"] = truth
+    cal = sweep.ensemble_calibration(out.models, adata=scored[idx].copy())
+    ens = sweep.ensemble_predict(out.models, indices=idx)
+    wrong = ens.prediction != truth[idx]
+    return {"k": len(out.models), "epochs": args.epochs, "train_seconds": seconds,
+            "hidden_cells": int(len(idx)), **cal,
+            "mean_disagreement_correct": float(ens.disagreement[~wrong].mean()),
+            "mean_disagreement_wrong": float(ens.disagreement[wrong].mean())
+            if wrong.any() else None}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n-cells", type=int, default=3000)
+    p.add_argument("--n-genes", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--per-model", action="store_true",
+                   help="also time order='per_model'")
+    p.add_argument("--smoke", action="store_true", help="tiny data, K=1 and 2, 1 epoch")
+    p.add_argument("--ensemble", action="store_true",
+                   help="scANVI ensemble calibration instead of timings (K = max of --ks)")
+    p.add_argument("--adata", help="--ensemble on this .h5ad of raw counts (default: "
+                   "a simulated atlas)")
+    p.add_argument("--labels-key", default="cell_type")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.n_cells, args.n_genes, args.epochs, args.ks, args.repeats = 300, 200, 1, [1, 2], 1
+        if args.out == DEFAULT_OUT:
+            args.out = DEFAULT_OUT.with_name("sweep_smoke.json")
+
+    import jaxscanvi as js
+    if args.ensemble:
+        if args.out == DEFAULT_OUT:
+            args.out = DEFAULT_OUT.with_name("sweep_ensemble.json")
+        res = ensemble(js, args)
+        write_json(args.out, {"benchmark": "sweep_ensemble", "machine": machine_info(),
+                              "versions": versions(), "args": {k: str(v) for k, v in
+                                                               vars(args).items()},
+                              "architecture": ARCH, "result": res})
+        print(format_table(["", "accuracy", "ECE"],
+                           [["ensemble", res["accuracy_ensemble"], res["ece_ensemble"]]] +
+                           [[f"member {i}", a, e] for i, (a, e) in enumerate(zip(
+                               res["accuracy_members"], res["ece_members"]))]))
+        print(f"wrote {args.out}")
+        return 0
+    adata = js.synthetic_atlas(n_cells=args.n_cells, n_genes=args.n_genes, seed=0)
+    js.SCVI.setup_anndata(adata, batch_key="batch")
+    train = dict(max_epochs=args.epochs, batch_size=args.batch_size, progress_bar=False,
+                 devices=1)
+    warm = {**train, "max_epochs": 1}
+    orders = ["shared"] + (["per_model"] if args.per_model else [])
+    doc = {"benchmark": "sweep", "args": {k: str(v) if isinstance(v, Path) else v
+                                          for k, v in vars(args).items()},
+           "machine": machine_info(), "versions": versions(), "architecture": ARCH,
+           "results": []}
+    t_start = time.perf_counter()
+    rows = []
+    for k in args.ks:
+        sequential(js, adata, 1, warm)  # compiles the single-run epoch (shared by all K)
+        for order in orders:
+            vmapped(js, adata, k, warm, order)  # compiles the K-member epoch
+        reps = []
+        for r in range(args.repeats):
+            arms = ["sequential", *orders]
+            if r % 2:
+                arms = arms[::-1]
+            rec = {"repeat": r, "loadavg": loadavg()}
+            for arm in arms:
+                rec[arm] = sequential(js, adata, k, train) if arm == "sequential" \
+                    else vmapped(js, adata, k, train, arm)
+                print(f"K={k} repeat {r} {arm}: {rec[arm]['seconds']:.1f} s", flush=True)
+            reps.append(rec)
+        res = {"k": k, "repeats": reps}
+        for order in orders:
+            for what in ("seconds", "cpu_seconds", "epoch_seconds"):
+                ratios = [r[order][what] / r["sequential"][what] for r in reps]
+                res[f"ratio_{order}_{what}"] = float(np.median(ratios))
+            rows.append([k, order, np.median([r["sequential"]["seconds"] for r in reps]),
+                         np.median([r[order]["seconds"] for r in reps]),
+                         res[f"ratio_{order}_seconds"], res[f"ratio_{order}_cpu_seconds"],
+                         res[f"ratio_{order}_epoch_seconds"]])
+        doc["results"].append(res)
+        write_json(args.out, doc)
+    doc["total_seconds"] = time.perf_counter() - t_start
+    doc["loadavg_at_end"] = loadavg()
+    write_json(args.out, doc)
+    print(format_table(["K", "order", "sequential s", "vmapped s", "ratio (wall)",
+                        "ratio (CPU time)", "ratio (epochs)"], rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

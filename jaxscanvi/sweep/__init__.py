@@ -1,0 +1,283 @@
+"""Many models in one program: seeds, hyperparameter sweeps and ensembles.
+
+`train_many` trains K models of one architecture on one AnnData at once:
+one data pipeline, one compiled epoch, `jax.vmap` over the K train states.
+Members differ by seed (initialisation, dropout and sampling noise) and by
+any hyperparameter that changes no shape: ``lr``, ``weight_decay``,
+``max_kl_weight``, ``min_kl_weight``, ``n_epochs_kl_warmup`` (or
+``n_steps_kl_warmup``), ``classification_ratio`` (scANVI) and the weight of
+any extra loss term (``"loss_weights.<name>"``). Each comes back as an
+ordinary trained `SCVI` / `SCANVI`.
+
+>>> from jaxscanvi import SCVI, sweep
+>>> out = sweep.train_many(lambda seed: SCVI(adata, seed=seed), seeds=[0, 1, 2],
+...                        grid={"lr": [1e-3, 3e-3], "max_kl_weight": [0.5, 1.0]},
+...                        max_epochs=100, early_stopping=True)      # doctest: +SKIP
+>>> out.history            # one row per member x epoch, hyperparameters as columns
+>>> best = out.best("elbo_validation")                               # doctest: +SKIP
+
+A random search is a list of members:
+
+>>> rng = np.random.default_rng(0)                                   # doctest: +SKIP
+>>> members = [{"seed": 0, "lr": 10 ** rng.uniform(-4, -2),
+...             "max_kl_weight": rng.uniform(0.2, 1.0)} for _ in range(16)]
+>>> out = sweep.train_many(make_model, members=members, max_epochs=50)
+
+What equals what: member (seed s, hyperparameters h) is, to float
+tolerance, ``make_model(s).train(seed=s, plan_kwargs=h, devices=1, ...)``
+when ``order="per_model"`` (each member draws its split and minibatches from
+its own seed, as that run does). With the default ``order="shared"`` every
+member trains and validates on the same split and minibatch order, that of
+``train(seed=data_seed)`` (default: the first member's seed): the member of
+seed s then equals ``make_model(s)`` trained with the split and order of
+``data_seed`` but the dropout and sampling noise of s, so a member with
+s == data_seed equals ``train(seed=data_seed)``. A shared order gathers each
+minibatch once for all members; the per-model order gathers K.
+
+Early stopping and reduce-on-plateau act per member; a stopped member keeps
+its parameters while the others go on, and the loop ends when every member
+has stopped or at ``max_epochs``. A member whose loss goes non-finite (with
+``on_nonfinite="raise"``) stops with its last finite parameters and a
+warning, instead of ending the sweep.
+
+Before compiling, the sweep estimates the device memory K members need
+(`_memory`) and refuses a K that does not fit, naming the largest that does.
+The custom training kernels of `jaxscanvi.backend` vmap as they are: a sweep
+runs whatever `train()` would run on this backend.
+
+When it pays: K members cost K times the arithmetic, so a sweep saves what
+K runs would repeat (data set-up and gathers, compilation, dispatch) and
+fills a device that one model at batch 128 leaves idle. On an accelerator
+that is most of a small model's step; on a CPU the step is already compute
+bound, and XLA's batched matrix products run slower than its 2-D ones, so
+there a sweep takes about as long as K `train()` calls (benchmarks/sweep.py)
+and buys one call, one program, and per-member early stopping.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError
+from ..train.fit import check
+from ..train.sources import make_source
+from . import _members, _memory
+from ._loop import Member, initial_state, run
+from ._step import sweep_optimizer
+from .ensemble import ensemble_calibration, ensemble_predict
+
+__all__ = ["train_many", "SweepResult", "ensemble_predict", "ensemble_calibration"]
+
+
+@dataclass
+class SweepResult:
+    """The trained members and their records.
+
+    ``models[i]`` is member i; ``members`` has one row per member (its seed
+    and hyperparameters); ``history`` one row per member and epoch: member,
+    seed, data_seed, each swept hyperparameter as ``hp_<name>``, then the
+    model's history columns; the tidy form to plot or group.
+    """
+
+    models: list
+    members: pd.DataFrame
+    history: pd.DataFrame
+
+    @property
+    def final(self) -> pd.DataFrame:
+        """Each member's last history row: its final training and validation metrics."""
+        return self.history.groupby("member", sort=True).tail(1).set_index("member")
+
+    def best(self, metric: str = "elbo_validation"):
+        """The model whose final ``metric`` is lowest."""
+        if metric not in self.history:
+            raise InputError("metric", metric, "not a history column",
+                             f"pass one of {sorted(self.history.columns)}")
+        return self.models[int(self.final[metric].idxmin())]
+
+
+def train_many(model, *, seeds=(0,), grid: dict | None = None,  # noqa: PLR0913 (keyword-only)
+               members: list[dict] | None = None, order: str = "shared",
+               data_seed: int | None = None, memory_budget: int | None = None,
+               **train_kwargs) -> SweepResult:
+    """Train one model per seed x grid point (or per ``members`` entry) in one program.
+
+    Parameters
+    ----------
+    model
+        A function ``seed -> model`` (e.g. ``lambda s: SCVI(adata, seed=s)``):
+        each member is built from its seed. Or a model: every member then
+        starts from its parameters (e.g. a pretrained scANVI), and seeds vary
+        the noise and, with ``order="per_model"``, the split and order.
+    seeds, grid
+        Members are every seed crossed with every combination of ``grid``
+        (a dict of hyperparameter -> list of values; see the module docs).
+    members
+        Instead of seeds x grid: a list of dicts, each with ``seed`` and the
+        hyperparameters it sets (a random search).
+    order
+        "shared" (default): one split and one minibatch order for all, those
+        of ``train(seed=data_seed)``; "per_model": each member's own, as
+        ``train(seed=its seed)``.
+    data_seed
+        The seed of the shared split and order (default: the first member's).
+    memory_budget
+        Bytes the sweep may use on the device (default: what it has free).
+    train_kwargs
+        What ``model.train`` takes (``max_epochs``, ``batch_size``,
+        ``plan_kwargs``, ``early_stopping``, ``loss_terms``, ...), shared by
+        every member; ``seed``, checkpoints and ``data_shards`` are the
+        sweep's to set.
+    """
+    if order not in ("shared", "per_model"):
+        raise InputError("order", order, "not 'shared' or 'per_model'",
+                         "pass order='shared' (one minibatch order) or 'per_model'")
+    specs = _members.expand(seeds, grid, members)
+    shared = order == "shared"
+    if shared:
+        data_seed = specs[0]["seed"] if data_seed is None else data_seed
+    elif data_seed is not None:
+        raise InputError("data_seed", data_seed, "applies to order='shared' only",
+                         "leave data_seed out, or pass order='shared'")
+    kwargs = [_members.train_arguments(s, train_kwargs, data_seed if shared else None)
+              for s in specs]
+    progress = kwargs[0].get("progress_bar", False)
+    models = [_build(model, s["seed"]) for s in specs]
+    captured = [_capture(m, kw) for m, kw in zip(models, kwargs)]
+    configs = [c for c, _ in captured]
+    group = []
+    for spec, (config, task) in zip(specs, captured):
+        _, _, train_idx, val_idx = check(config, task.cells)  # every input error first
+        group.append(Member(config, task, train_idx, val_idx, spec["seed"]))
+    _same_program(group)
+    mode = _members.schedule_mode(configs)
+    first = group[0]
+    has_ratio = "classification_ratio" in getattr(first.task.make_loss(train=True),
+                                                  "keywords", {})
+    hp = _members.hyper_arrays(configs, has_ratio=has_ratio)
+    cells = first.task.cells
+    _fits(first, len(group), cells, shared=shared, budget=memory_budget)
+    source = make_source("device", cells, first.config.batch_size)
+    masks = first.task.freeze if first.task.freeze is not None else (None, None)
+    tx = sweep_optimizer(first.config.plan.get("eps", 0.01), masks[0])
+    ts = initial_state(group, tx, *_members.optimiser_numbers(configs))
+    results = run(group, ts, hp, source=source, shared=shared, schedule_mode=mode,
+                  progress_bar=progress)
+    for m, kw, result in zip(models, kwargs, results):
+        _finish(m, kw, result)
+    return _result(models, specs, kwargs)
+
+
+def _build(model, seed: int):
+    from ..model._base import BaseModel
+    if isinstance(model, BaseModel):
+        return _copy(model)
+    if not callable(model):
+        raise InputError("model", type(model).__name__, "not a model nor a function "
+                         "seed -> model", "pass e.g. lambda seed: SCVI(adata, seed=seed)")
+    built = model(seed)
+    if not isinstance(built, BaseModel):
+        raise InputError("model", type(built).__name__, "the function returned no model",
+                         "return an SCVI or SCANVI built from the seed")
+    return built
+
+
+def _copy(model):
+    """A member that starts where ``model`` is; shares its data and module."""
+    import copy
+    twin = copy.copy(model)
+    for name, value in vars(model).items():
+        if isinstance(value, (dict, list)):
+            setattr(twin, name, copy.copy(value))
+    return twin
+
+
+class _Captured(Exception):
+    def __init__(self, config, task):
+        super().__init__("captured")
+        self.config, self.task = config, task
+
+
+@contextmanager
+def _train_replaced(model, fn: Callable):
+    """Run ``model.train`` with its `_train` (what follows the checks) replaced."""
+    model._train = fn
+    try:
+        yield
+    finally:
+        del model._train
+
+
+def _capture(model, kwargs: dict):
+    """The `TrainConfig` and `Task` that ``model.train(**kwargs)`` would fit."""
+    def grab(config, task):
+        raise _Captured(config, task)
+
+    with _train_replaced(model, grab):
+        try:
+            model.train(**kwargs)
+        except _Captured as got:
+            return got.config, got.task
+    raise RuntimeError(f"{type(model).__name__}.train returned without training")
+
+
+def _finish(model, kwargs: dict, result) -> None:
+    """Run ``model.train(**kwargs)`` again with ``result`` as its fit, so what the
+    model does after fitting (scANVI: calibration, reference statistics) runs."""
+    def adopt(config, task):
+        model.loss_term_names = config.loss_term_names
+        model._adopt(result)
+        model.is_trained = True
+        return model
+
+    with _train_replaced(model, adopt):
+        model.train(**kwargs)
+
+
+def _same_program(group: list[Member]) -> None:
+    """Members must share every shape and every setting that is not traced."""
+    ref = group[0]
+    tree = jax.tree_util.tree_structure(ref.task.params)
+    shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(ref.task.params)]
+    for m in group[1:]:
+        if jax.tree_util.tree_structure(m.task.params) != tree or \
+                [np.shape(x) for x in jax.tree_util.tree_leaves(m.task.params)] != shapes:
+            raise InputError("model", "members of different architectures",
+                             "a sweep vmaps one architecture", "build every member with "
+                             "the same network sizes and data")
+        if m.task.loss_spec != ref.task.loss_spec:
+            raise InputError("model", "members with different losses",
+                             "a sweep compiles one loss", "build every member alike")
+
+
+def _fits(first: Member, k: int, cells, *, shared: bool, budget: int | None) -> None:
+    B, G = first.config.batch_size, cells.n_vars
+    dense = cells.n_obs * G * 4 <= 1 << 30
+    data = cells.n_obs * G * 4 if dense else cells.X.data.nbytes * 2 + cells.X.indptr.nbytes
+    paired = first.task.labelled is not None
+    budget = _memory.available_bytes() if budget is None else int(budget)
+    _memory.check_fits(k, budget, lambda n: _memory.estimate(
+        first.task.params, first.task.state, n_members=n, batch_size=B, n_genes=G,
+        data_bytes=data, shared=shared, paired=paired))
+
+
+def _result(models, specs, kwargs) -> SweepResult:
+    hyper = sorted({k for s in specs for k in s if k != "seed"})
+    rows = [{"member": i, "seed": spec["seed"], "data_seed": kw["seed"],
+             **{k: spec.get(k) for k in hyper}}
+            for i, (spec, kw) in enumerate(zip(specs, kwargs))]
+    members = pd.DataFrame(rows)
+    histories = [m.history.reset_index() for m in models]
+    history = pd.concat(histories, ignore_index=True)
+    which = np.repeat(np.arange(len(models)), [len(h) for h in histories])
+    # "hp_": the history has its own "lr" (the rate at each epoch)
+    front = members.iloc[which].reset_index(drop=True).rename(
+        columns={k: f"hp_{k}" for k in hyper})
+    history = pd.concat([front, history], axis=1)
+    return SweepResult(models, members.set_index("member"), history)
