@@ -15,7 +15,6 @@ from typing import Any, Callable, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 
 from ..compile_cache import functions
 from ..data.batch import Batch, host_batch
@@ -25,6 +24,7 @@ from ..data.batch import NonZeros
 from ..errors import InputError, NonFiniteLossError
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, Task, check, fit
+from ..train.history import History
 from ..train.parallel import to_default_device
 from ..train.state import TrainState
 from . import _downstream, _persist, _posterior, _query
@@ -80,7 +80,7 @@ class BaseModel:
         self.state = {k: v for k, v in variables.items() if k != "params"}
         self.init_seed = seed
         self.is_trained = False
-        self._history = pd.DataFrame()
+        self._history = History()
         self.train_indices = np.zeros(0, np.int64)
         self.validation_indices = np.zeros(0, np.int64)
         self.train_state: TrainState | None = None
@@ -107,8 +107,9 @@ class BaseModel:
         return cell_data(adata, self.registry)
 
     @property
-    def history(self) -> pd.DataFrame:
-        """Per-epoch training history (one row per epoch)."""
+    def history(self) -> History:
+        """The training history as scvi-tools gives it: metric name -> a one-column
+        DataFrame indexed by epoch (``history.to_frame()``: all in one)."""
         return self._history
 
     @property
@@ -160,9 +161,7 @@ class BaseModel:
         self.train_indices, self.validation_indices = result.train_idx, result.val_idx
         self._parallel = result.parallel
         self.data_bytes_per_device = result.data_bytes_per_device
-        history = result.loop.history
-        self._history = pd.DataFrame(history).set_index("epoch") if history \
-            else pd.DataFrame()
+        self._history = History.from_records(result.loop.history)
 
     # ------------------------------------------------------------- inference
     @property

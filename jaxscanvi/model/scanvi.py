@@ -15,6 +15,7 @@ from ..errors import InputError, check_positive_int
 from ..losses import scanvi_elbo
 from ..module import SCANVAE, SCANVIConfig
 from ..train.config import TrainConfig, max_epochs_heuristic
+from ..train.history import History
 from . import _calibration, _kernels, _novelty, _posterior, _pretrained
 from ._base import BaseModel
 from ._calibration import expected_calibration_error, softmax
@@ -223,11 +224,13 @@ class SCANVI(BaseModel):
         val_lab = _labelled_among(labels, C, self.validation_indices)
         if calibrate and len(val_lab) >= 10:
             self.calibrate(indices=val_lab)
-            if len(self._history):
-                last = self._history.index[-1]
-                self._history.loc[last, "temperature"] = self.temperature
-                self._history.loc[last, "calibration_error_validation_calibrated"] = \
+            if self._history.n_epochs:
+                frame = self._history.to_frame()
+                last = frame.index[-1]
+                frame.loc[last, "temperature"] = self.temperature
+                frame.loc[last, "calibration_error_validation_calibrated"] = \
                     self.calibration["ece_after"]
+                self._history = History(frame)
         return self
 
     def _validation_metrics(self, cells, variables, val_idx, parallel) -> dict:

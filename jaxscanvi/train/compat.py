@@ -56,6 +56,13 @@ REFUSED = {
     "datamodule": "set the AnnData up with setup_anndata; custom data modules cannot "
                   "feed the compiled epoch",
 }
+# Lightning's defaults of the refused keywords: passing them asks for nothing
+_DEFAULTS = {"max_steps": (-1, None), "min_epochs": (None,), "min_steps": (None,),
+             "max_time": (None,), "accumulate_grad_batches": (1, None),
+             "limit_train_batches": (None, 1.0), "limit_val_batches": (None, 1.0),
+             "val_check_interval": (None, 1.0), "overfit_batches": (0, 0.0),
+             "fast_dev_run": (False,), "callbacks": (None, ()), "plugins": (None, ()),
+             "num_nodes": (1,), "datamodule": (None,)}
 _ACCELERATORS = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}
 _PRECISIONS = {32: "float32", "32": "float32", "32-true": "float32", "float32": "float32",
                "bf16": "bfloat16", "bf16-mixed": "bfloat16", "bf16-true": "bfloat16",
@@ -86,6 +93,8 @@ def translate(arguments: dict) -> dict:
         raise InputError("adversarial_classifier", True, "scANVI's adversarial classifier "
                          "is not implemented", "leave adversarial_classifier=None")
     for name, value in extra.items():
+        if name in REFUSED and _is_default(name, value):
+            continue
         if name in REFUSED:
             raise InputError(name, value, "cannot apply to jaxscanvi's training",
                              REFUSED[name])
@@ -115,6 +124,13 @@ def translate(arguments: dict) -> dict:
     if args.get("train_size") is None:  # scvi-tools' None: its default, 0.9
         args["train_size"] = 0.9
     return args
+
+
+def _is_default(name: str, value) -> bool:
+    if isinstance(value, list) and not value:
+        value = ()
+    return any(value is d or (type(value) is type(d) and value == d)
+               for d in _DEFAULTS.get(name, ()))
 
 
 def _clipping(extra: dict) -> dict:
