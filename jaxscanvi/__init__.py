@@ -12,8 +12,9 @@ from .data.synthetic import synthetic_atlas
 from .errors import InputError, ModelFormatError, NonFiniteLossError
 from .model.scanvi import SCANVI
 from .model.scvi import SCVI
+from .model._setup_view import REGISTRY_KEYS
 from . import de, model, pl
 
 __all__ = ["SCVI", "SCANVI", "Registry", "synthetic_atlas", "InputError", "ModelFormatError",
            "NonFiniteLossError", "__version__", "FORMAT_VERSION", "set_compilation_cache",
-           "clear_caches", "settings", "model"]
+           "clear_caches", "settings", "model", "REGISTRY_KEYS"]

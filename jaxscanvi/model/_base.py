@@ -27,7 +27,7 @@ from ..train.fit import FitResult, Task, check, fit
 from ..train.history import History
 from ..train.parallel import to_default_device
 from ..train.state import TrainState
-from . import _downstream, _persist, _posterior, _query
+from . import _downstream, _persist, _posterior, _query, _setup_view
 from ._inference import map_cells, nnz_bucket, row_positions
 from ._query import QueryInfo
 
@@ -54,6 +54,10 @@ class BaseModel:
     get_likelihood_parameters = _downstream.get_likelihood_parameters
     get_latent_library_size = _downstream.get_latent_library_size
     get_feature_correlation_matrix = _downstream.get_feature_correlation_matrix
+    adata_manager = property(_setup_view.adata_manager)
+    view_anndata_setup = _setup_view.view_anndata_setup
+    summary_string = property(_setup_view.summary_string)
+    __str__ = _setup_view.summary_string
 
     # ----------------------------------------------------------------- setup
     def _build(self, adata, registry: Registry, module, seed: int) -> None:

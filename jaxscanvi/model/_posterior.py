@@ -103,28 +103,36 @@ def _elbo_terms(self, adata, indices, batch_size):
     return self._map(fn, self._cells_for(adata), indices, batch_size)
 
 
-def get_elbo(self, adata=None, indices=None, batch_size: int | None = None) -> float:
+def get_elbo(self, adata=None, indices=None, batch_size: int | None = None, *,
+             return_mean: bool = True):
     """The ELBO (a negative number; higher is better), mean over cells.
 
-    scvi-tools' sign convention: returns -(reconstruction + KL) averaged.
+    scvi-tools' sign convention: returns -(reconstruction + KL) averaged,
+    or per cell with ``return_mean=False``.
     """
     t = _elbo_terms(self, adata, indices, batch_size)
-    return -float(np.mean(t["reconstruction_loss"] + t["kl_local"]))
+    per_cell = -(t["reconstruction_loss"] + t["kl_local"])
+    return float(np.mean(per_cell)) if return_mean else np.asarray(per_cell)
 
 
 def get_reconstruction_error(self, adata=None, indices=None,
-                             batch_size: int | None = None) -> dict[str, float]:
-    """Mean reconstruction loss -log p(x|z), as scvi-tools returns it."""
+                             batch_size: int | None = None, *, return_mean: bool = True
+                             ) -> dict:
+    """Mean reconstruction loss -log p(x|z), as scvi-tools returns it (per cell
+    with ``return_mean=False``)."""
     t = _elbo_terms(self, adata, indices, batch_size)
-    return {"reconstruction_loss": float(np.mean(t["reconstruction_loss"]))}
+    rec = np.asarray(t["reconstruction_loss"])
+    return {"reconstruction_loss": float(np.mean(rec)) if return_mean else rec}
 
 
 def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000,
-                    batch_size: int | None = None) -> float:
-    """Importance-sampled log p(x), mean over cells (higher is better, as in scvi-tools)."""
+                    batch_size: int | None = None, *, return_mean: bool = True):
+    """Importance-sampled log p(x), mean over cells (higher is better, as in
+    scvi-tools), or per cell with ``return_mean=False``."""
     check_positive_int("n_mc_samples", n_mc_samples)
-    return float(np.mean(marginal_ll_per_cell(self, self._cells_for(adata), indices,
-                                              n_mc_samples, batch_size)))
+    per_cell = marginal_ll_per_cell(self, self._cells_for(adata), indices, n_mc_samples,
+                                    batch_size)
+    return float(np.mean(per_cell)) if return_mean else per_cell
 
 
 def marginal_ll_per_cell(self, cells, indices, n_mc_samples, batch_size) -> np.ndarray:
