@@ -117,6 +117,15 @@ class BaseModel:
         return self._history
 
     @property
+    def test_indices(self) -> np.ndarray:
+        """Cells of the last training in neither split (scvi-tools' test set, when
+        train_size + validation_size < 1)."""
+        if self.adata is None or not len(self.train_indices):
+            return np.zeros(0, np.int64)
+        used = np.concatenate([self.train_indices, self.validation_indices])
+        return np.setdiff1d(np.arange(self.adata.n_obs), used).astype(np.int64)
+
+    @property
     def variables(self) -> dict:
         return {"params": self.params, **self.state}
 

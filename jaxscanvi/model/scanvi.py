@@ -259,8 +259,10 @@ class SCANVI(BaseModel):
                                   gene_list: Sequence[str] | None = None,
                                   library_size: float | str = 1, n_samples: int = 1,
                                   n_samples_overall: int | None = None,
+                                  weights: str | None = None,
                                   batch_size: int | None = None, return_mean: bool = True,
-                                  return_numpy: bool | None = None, label: str | None = None):
+                                  return_numpy: bool | None = None, label: str | None = None,
+                                  silent: bool = True, **importance_weighting_kwargs):
         """As SCVI's, plus ``label``: decode each cell as if it were of that cell type.
 
         Through scANVI's hierarchy: u ~ q(u | z1, c0) with c0 the cell's known
@@ -278,7 +280,8 @@ class SCANVI(BaseModel):
             adata=adata, indices=indices, transform_batch=transform_batch, gene_list=gene_list,
             library_size=library_size, n_samples=n_samples,
             n_samples_overall=n_samples_overall, batch_size=batch_size,
-            return_mean=return_mean, return_numpy=return_numpy))
+            return_mean=return_mean, return_numpy=return_numpy, weights=weights,
+            label=label, importance_weighting_kwargs=importance_weighting_kwargs))
 
     def predict(self, adata=None, indices=None, soft: bool = False,
                 batch_size: int | None = None, use_posterior_mean: bool = True,
