@@ -155,4 +155,5 @@ def summary_string(self) -> str:
             f"dropout_rate: {c.dropout_rate}, dispersion: {c.dispersion}, \n"
             f"gene_likelihood: {c.gene_likelihood}, "
             f"latent_distribution: {c.latent_distribution}.")
-    return text + f"\nTraining status: {'Trained' if self.is_trained else 'Not Trained'}"
+    status = "Trained" if self.is_trained else "Not Trained"
+    return text + f"\nTraining status: {status}\nModel's adata is minified?: False"

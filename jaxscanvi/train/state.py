@@ -48,7 +48,8 @@ def make_optimizer(lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e
         first.append(optax.add_decayed_weights(weight_decay))
     after = [optax.add_decayed_weights(weight_decay)] if decoupled else []
     # one element as it is: the state's structure (and old checkpoints) unchanged
-    head = first[0] if len(first) == 1 else optax.chain(*first)
+    head = first[0] if len(first) == 1 else optax.chain(*first) if first \
+        else optax.identity()
 
     def build(learning_rate):
         return optax.chain(head, optax.scale_by_adam(eps=eps), *after,
