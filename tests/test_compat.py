@@ -326,3 +326,23 @@ def test_de_automatic_delta_and_outlier_filter(trained):
             filter_outlier_cells=True, n_samples_overall=200)
     assert res["delta"].nunique() == 1 and res["delta"].iloc[0] >= 0.1
     assert len(res) == trained.adata.n_vars
+
+
+@pytest.mark.scvi_tools
+def test_delta_and_outliers_match_scikit_learn():
+    """Where scikit-learn is installed (the parity venv): scvi-tools' own
+    estimators, GaussianMixture and EllipticEnvelope, on the same data."""
+    pytest.importorskip("sklearn")
+    from sklearn.covariance import EllipticEnvelope
+    from sklearn.mixture import GaussianMixture
+    r = np.random.default_rng(3)
+    lfc = np.concatenate([r.normal(0, 0.3, 900), r.normal(-1.5, 0.4, 60),
+                          r.normal(2.0, 0.5, 80)])
+    gmm = GaussianMixture(n_components=3, random_state=0).fit(lfc[:, None])
+    means = np.sort(gmm.means_.ravel())
+    expected = max(0.1, 0.6 * np.abs(means[[0, -1]]).mean())
+    assert de.estimate_delta(lfc) == pytest.approx(expected, rel=0.02)
+    z = r.standard_t(4, size=(500, 6))  # heavy tails, as latent outliers are
+    ours = de.robust_inliers(z)
+    theirs = EllipticEnvelope(random_state=0).fit_predict(z) == 1
+    assert (ours == theirs).mean() > 0.97
