@@ -168,15 +168,15 @@ def _jax_run(adata, model: str, batch_size: int, epochs: int, precision="float32
     t = time.perf_counter()
     m.train(max_epochs=1, **kw)
     first_call = time.perf_counter() - t
-    first = float(m.history["epoch_seconds"].iloc[0])
+    first = float(m.history.to_frame()["epoch_seconds"].iloc[0])
     m.train(max_epochs=epochs, **kw)
-    steady = [float(s) for s in m.history["epoch_seconds"]]
+    steady = [float(s) for s in m.history.to_frame()["epoch_seconds"]]
     n_train = len(m.train_indices)
     rec = {"n_train_cells_per_epoch": n_train, "first_epoch_seconds": first,
            "first_train_call_seconds": first_call, "steady_epoch_seconds": steady,
            "cells_per_s": n_train * len(steady) / sum(steady),
-           "final_train_loss": float(m.history["train_loss"].iloc[-1]),
-           "loss_finite": bool(np.isfinite(m.history["train_loss"]).all()),
+           "final_train_loss": float(m.history.to_frame()["train_loss"].iloc[-1]),
+           "loss_finite": bool(np.isfinite(m.history.to_frame()["train_loss"]).all()),
            "device_memory": _device_memory()}
     if val_elbo:
         rec["validation_elbo_float32_eval"] = float(m.get_elbo(indices=m.validation_indices))
@@ -264,10 +264,10 @@ def worker_big(spec: dict, out: Path) -> None:
                 t = time.perf_counter()
                 m.train(max_epochs=spec["epochs"], **kw)
             rec["train_call_seconds"] = time.perf_counter() - t
-            rec["epoch_seconds"] = [float(s) for s in m.history["epoch_seconds"]]
+            rec["epoch_seconds"] = [float(s) for s in m.history.to_frame()["epoch_seconds"]]
             rec["n_train_cells_per_epoch"] = len(m.train_indices)
             rec["cells_per_s_last_epoch"] = len(m.train_indices) / rec["epoch_seconds"][-1]
-            rec["loss_finite"] = bool(np.isfinite(m.history["train_loss"]).all())
+            rec["loss_finite"] = bool(np.isfinite(m.history.to_frame()["train_loss"]).all())
             rec["device_memory"] = _device_memory()
             del m
         except Exception as e:

@@ -168,7 +168,7 @@ def run_jaxscanvi(adata, seed: int, args, truth, hidden) -> list[dict]:
         out.append({"framework": "jaxscanvi", "objective": obj, "seed": seed,
                     **score(truth[hidden], pred[hidden]),
                     "scvi_train_seconds": t_scvi, "scanvi_train_seconds": t_scanvi,
-                    "final_scvi_elbo_train": float(vae.history["elbo_train"].iloc[-1]),
+                    "final_scvi_elbo_train": float(vae.history.to_frame()["elbo_train"].iloc[-1]),
                     **memory_snapshot()})
     return out
 

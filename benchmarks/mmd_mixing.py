@@ -54,7 +54,7 @@ def run(adata, weight: float, seed: int, epochs: int) -> dict:
     model.train(max_epochs=epochs, seed=seed, progress_bar=False, **kw)
     seconds = time.perf_counter() - t0
     z = model.get_latent_representation()
-    h = model.history
+    h = model.history.to_frame()
     types = adata.obs["cell_type"].astype(str).to_numpy()
     batches = adata.obs["batch"].astype(str).to_numpy()
     scored = ~np.isin(types, ["Unknown", "Platelet"])

@@ -135,7 +135,7 @@ def worker_memory(n_cells: int, n_genes: int, mean_nnz: float, batch_size: int) 
             "cells_per_second": round(n_cells / epoch_s, 1),
             "data_source": "auto", "peak_rss_mb": round(peak, 1),
             "peak_rss_over_csr": round(peak / (size / 2**20), 3),
-            "train_loss": float(model.history["train_loss"].iloc[-1])}
+            "train_loss": float(model.history.to_frame()["train_loss"].iloc[-1])}
 
 
 def write_backed(path: Path, n_cells: int, n_genes: int, mean_nnz: float,
@@ -250,11 +250,11 @@ def worker_classes(n_labels: int, n_cells: int, n_genes: int, batch_size: int) -
     before = peak_rss_mb()
     model.train(max_epochs=1, batch_size=batch_size, train_size=1.0, progress_bar=False,
                 calibrate=False)
-    first = float(model.history["epoch_seconds"].iloc[-1])
+    first = float(model.history.to_frame()["epoch_seconds"].iloc[-1])
     model.train(max_epochs=2, batch_size=batch_size, train_size=1.0, progress_bar=False,
                 calibrate=False)
     steps = -(-n_cells // batch_size)
-    s = float(model.history["epoch_seconds"].iloc[-1])
+    s = float(model.history.to_frame()["epoch_seconds"].iloc[-1])
     return {"n_labels": n_labels, "n_cells": n_cells, "steps_per_epoch": steps,
             "first_epoch_seconds": round(first, 2), "epoch_seconds": round(s, 2),
             "step_ms": round(1000 * s / steps, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -275,7 +275,7 @@ def worker_devices(n_devices: int, n_cells: int, n_genes: int, batch_size: int,
     model = js.SCVI(adata)
     model.train(max_epochs=2, batch_size=batch_size, train_size=1.0, progress_bar=False,
                 devices=n_devices, data_source="device")
-    s = float(model.history["epoch_seconds"].iloc[-1])
+    s = float(model.history.to_frame()["epoch_seconds"].iloc[-1])
     return {"devices": n_devices, "local_devices": jax.local_device_count(),
             "layout": layout, "epoch_seconds": round(s, 2),
             "cells_per_second": round(n_cells / s, 1), "csr_mb": round(csr_bytes(X) / 2**20, 2),

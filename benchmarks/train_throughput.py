@@ -98,18 +98,18 @@ def _worker_jax(spec: dict) -> dict:
     t = time.perf_counter()
     model.train(max_epochs=1, **kw)
     wall1 = time.perf_counter() - t
-    first = float(model.history["epoch_seconds"].iloc[0])
+    first = float(model.history.to_frame()["epoch_seconds"].iloc[0])
     ph.mark("first_epoch", train_call_seconds=round(wall1, 4))
     t = time.perf_counter()
     model.train(max_epochs=spec["epochs"], **kw)
     wall2 = time.perf_counter() - t
-    steady = [float(s) for s in model.history["epoch_seconds"]]
+    steady = [float(s) for s in model.history.to_frame()["epoch_seconds"]]
     ph.mark("steady", train_call_seconds=round(wall2, 4))
-    finite = bool(np.isfinite(model.history["train_loss"]).all())
+    finite = bool(np.isfinite(model.history.to_frame()["train_loss"]).all())
     res = _steady_stats(len(model.train_indices), first, steady)
     res.update({
         "phases": ph.records, "peak_rss_mb": memory_snapshot()["peak_rss_mb"],
-        "final_train_loss": float(model.history["train_loss"].iloc[-1]),
+        "final_train_loss": float(model.history.to_frame()["train_loss"].iloc[-1]),
         "loss_finite": finite,
         "rss_growth_training_mb": memory_snapshot()["peak_rss_mb"]
         - ph.records["init"]["rss_mb"],

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .train.history import History
 
 
 def _plt():
@@ -31,13 +32,19 @@ def _finish(fig, save):
 
 
 def history(model_or_df, terms: Sequence[str] | None = None, save=None):
-    """Train (and validation, where recorded) loss and its terms by epoch."""
-    df = model_or_df if isinstance(model_or_df, pd.DataFrame) else model_or_df.history
+    """Train (and validation, where recorded) loss and its terms by epoch; takes a
+    model, its ``history`` or ``history.to_frame()``."""
+    df = model_or_df if isinstance(model_or_df, (pd.DataFrame, History)) \
+        else model_or_df.history
+    if isinstance(df, History):
+        df = df.to_frame()
     if df.empty:
         raise InputError("history", "empty", "the model has not been trained",
                          "call model.train() first")
     if terms is None:
-        terms = sorted({c[:-len("_train")] for c in df.columns if c.endswith("_train")})
+        # (kl_global is scvi-tools' name for a term these models do not have)
+        terms = sorted({c[:-len("_train")] for c in df.columns
+                        if c.endswith("_train") and c != "kl_global_train"})
     plt = _plt()
     n = len(terms)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)

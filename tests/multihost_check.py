@@ -63,7 +63,7 @@ def main() -> int:
         own = f"{type(e).__name__}: {e}"
     (out / f"own_indices_{pid}.json").write_text(json.dumps(own))
     m.save(out / "scvi_model", overwrite=True)
-    (out / f"scvi_history_{pid}.json").write_text(m.history.reset_index().to_json())
+    (out / f"scvi_history_{pid}.json").write_text(m.history.to_frame().reset_index().to_json())
     (out / f"reads_{pid}.json").write_text(json.dumps(
         {"reads": reads, "slice": [distributed.local_slice(adata.n_obs).start,
                                    distributed.local_slice(adata.n_obs).stop]}))

@@ -51,13 +51,13 @@ def main() -> int:
         out[f"scvi_{source}_batch_stats"] = rel(two.state["batch_stats"],
                                                 one.state["batch_stats"])
         out[f"scvi_{source}_history"] = float(np.abs(
-            two.history["elbo_validation"].to_numpy()
-            - one.history["elbo_validation"].to_numpy()).max())
+            two.history.to_frame()["elbo_validation"].to_numpy()
+            - one.history.to_frame()["elbo_validation"].to_numpy()).max())
         # inference shards over the same devices and keeps the cell order
         out[f"scvi_{source}_latent"] = rel(two.get_latent_representation(),
                                            one.get_latent_representation())
     two = models["device", 2, None]
-    out["history_columns"] = sorted(two.history.columns)
+    out["history_columns"] = sorted(two.history.to_frame().columns)
     out["param_devices"] = len(jax.tree_util.tree_leaves(two.params)[0].sharding.device_set)
     out["train_state_devices"] = len(jax.tree_util.tree_leaves(
         two.train_state.params)[0].sharding.device_set)

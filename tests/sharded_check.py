@@ -126,8 +126,8 @@ def main() -> int:
         two, ref = m["two"], m["replay"]
         out[f"scvi_{kind}_params"] = rel(two.params, ref.params)
         out[f"scvi_{kind}_batch_stats"] = rel(two.state["batch_stats"], ref.state["batch_stats"])
-        out[f"scvi_{kind}_history"] = rel(two.history[["train_loss", "elbo_validation"]].to_numpy(),
-                                          ref.history[["train_loss", "elbo_validation"]].to_numpy())
+        out[f"scvi_{kind}_history"] = rel(two.history.to_frame()[["train_loss", "elbo_validation"]].to_numpy(),
+                                          ref.history.to_frame()[["train_loss", "elbo_validation"]].to_numpy())
         out[f"scvi_{kind}_latent"] = rel(two.get_latent_representation(),
                                          ref.get_latent_representation())
         # the comparison can tell draws apart: globally drawn minibatches differ
@@ -144,8 +144,8 @@ def main() -> int:
         m[name] = js.SCVI(adata, n_latent=4, n_hidden=12)
         m[name].train(data_source="device", **kw, **train)
     out["scvi_sparse_params"] = rel(m["two"].params, m["replay"].params)
-    out["scvi_sparse_history"] = rel(m["two"].history["train_loss"].to_numpy(),
-                                     m["replay"].history["train_loss"].to_numpy())
+    out["scvi_sparse_history"] = rel(m["two"].history.to_frame()["train_loss"].to_numpy(),
+                                     m["replay"].history.to_frame()["train_loss"].to_numpy())
     losses.sparse_pays = sources.sparse_pays
     # scANVI: labelled minibatches come from each device's slice too
     js.SCANVI.setup_anndata(adata, labels_key="label", unlabeled_category="Unknown",
@@ -155,8 +155,8 @@ def main() -> int:
         s[name] = js.SCANVI(adata, n_latent=4, n_hidden=16)
         s[name].train(data_source="device", **kw, **train)
     out["scanvi_params"] = rel(s["two"].params, s["replay"].params)
-    out["scanvi_history"] = rel(s["two"].history["train_loss"].to_numpy(),
-                                s["replay"].history["train_loss"].to_numpy())
+    out["scanvi_history"] = rel(s["two"].history.to_frame()["train_loss"].to_numpy(),
+                                s["replay"].history.to_frame()["train_loss"].to_numpy())
     out["scanvi_predict_equal"] = float((s["two"].predict() == s["replay"].predict()).mean())
     print("RESULT " + json.dumps(out))
     return 0

@@ -89,9 +89,9 @@ def test_library_path_trains_the_same_model(atlas, model):
     history to float32 rounding, so each kernel is an optimisation only."""
     a = _train(atlas.copy(), "all", model)
     b = _train(atlas.copy(), "library", model)
-    assert a.history["train_loss"].notna().all()
-    np.testing.assert_allclose(a.history["train_loss"], b.history["train_loss"], rtol=2e-5)
-    np.testing.assert_allclose(a.history["elbo_validation"], b.history["elbo_validation"],
+    assert a.history.to_frame()["train_loss"].notna().all()
+    np.testing.assert_allclose(a.history.to_frame()["train_loss"], b.history.to_frame()["train_loss"], rtol=2e-5)
+    np.testing.assert_allclose(a.history.to_frame()["elbo_validation"], b.history.to_frame()["elbo_validation"],
                                rtol=2e-5)
     for x, y in zip(_leaves(a), _leaves(b)):
         np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-5)
@@ -108,7 +108,7 @@ def test_sparse_likelihood_trains_the_same_model(atlas):
     dense one: same trajectory to float32 rounding."""
     a = _train(atlas.copy(), "library", source="host")
     b = _train(atlas.copy(), "sparse_likelihood=1", source="host")
-    np.testing.assert_allclose(a.history["train_loss"], b.history["train_loss"], rtol=2e-5)
+    np.testing.assert_allclose(a.history.to_frame()["train_loss"], b.history.to_frame()["train_loss"], rtol=2e-5)
     for x, y in zip(_leaves(a), _leaves(b)):
         np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-5)
 
@@ -119,7 +119,7 @@ def test_bfloat16_validation_elbo_within_half_a_percent(atlas):
     bf16 = _train(atlas.copy(), None, precision="bfloat16", epochs=30)
     e32 = f32.get_elbo(indices=f32.validation_indices)
     e16 = bf16.get_elbo(indices=bf16.validation_indices)
-    assert f32.history["elbo_validation"].iloc[-1] < f32.history["elbo_validation"].iloc[0]
+    assert f32.history.to_frame()["elbo_validation"].iloc[-1] < f32.history.to_frame()["elbo_validation"].iloc[0]
     assert abs(e16 - e32) / abs(e32) < 0.005
     # bf16 products really ran: the two models are not bit-identical
     assert any(not np.array_equal(x, y) for x, y in zip(_leaves(f32), _leaves(bf16)))

@@ -102,8 +102,8 @@ def test_roundtrip_is_bit_identical(trained, trained_z, saved, query):
     assert np.array_equal(m.train_indices, trained.train_indices)
     assert np.array_equal(m.validation_indices, trained.validation_indices)
     assert m.init_seed == trained.init_seed
-    pd.testing.assert_frame_equal(m.history, trained.history, check_dtype=False)
-    assert len(m.history) == 2
+    pd.testing.assert_frame_equal(m.history.to_frame(), trained.history.to_frame(), check_dtype=False)
+    assert m.history.n_epochs == 2
 
 
 def test_saved_folder_is_pickle_free_and_described(saved):
@@ -202,7 +202,7 @@ def test_overwrite_replaces_and_cleans_up(other, other_z, copy_of_saved, query):
     other.save(copy_of_saved, overwrite=True)
     m = SCVI.load(copy_of_saved, adata=query)
     assert np.array_equal(m.get_latent_representation(), other_z)
-    assert m.is_trained is False and len(m.history) == 0
+    assert m.is_trained is False and m.history.n_epochs == 0
     meta = json.loads((copy_of_saved / "metadata.json").read_text())
     names = {p.name for p in copy_of_saved.iterdir()}
     # the old parameter file is gone; only what metadata lists remains

@@ -98,7 +98,7 @@ def test_two_processes_train_as_one_replaying_them(run):
     # the history and the latent space every process gets, in cell order
     hist = json.loads((run / "scvi_history_0.json").read_text())
     np.testing.assert_allclose(list(hist["elbo_validation"].values()),
-                               ref.history["elbo_validation"].to_numpy(), rtol=1e-4)
+                               ref.history.to_frame()["elbo_validation"].to_numpy(), rtol=1e-4)
     lat = np.load(run / "scvi_latent_0.npy")
     np.testing.assert_array_equal(lat, np.load(run / "scvi_latent_1.npy"))
     np.testing.assert_allclose(lat, ref.get_latent_representation(), atol=1e-4)

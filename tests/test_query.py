@@ -289,7 +289,7 @@ def test_calibration_lowers_error_on_held_out_cells(reference):
     after = expected_calibration_error(soft(reference.temperature), y)
     assert after < before, (before, after, reference.temperature)
     assert abs(reference.calibration_error(indices=held) - after) < 1e-9
-    hist = reference.history
+    hist = reference.history.to_frame()
     assert "calibration_error_validation_calibrated" in hist and "temperature" in hist
 
 

@@ -101,7 +101,7 @@ def _kill_adata():
 def uninterrupted(tmp_path_factory):
     model = SCVI(_kill_adata(), **KILL_ARCH, seed=0)
     model.train(**KILL_TRAIN, checkpoint_dir=tmp_path_factory.mktemp("full") / "ckpt")
-    assert len(model.history) == KILL_TRAIN["max_epochs"]
+    assert model.history.n_epochs == KILL_TRAIN["max_epochs"]
     return model
 
 
@@ -167,12 +167,12 @@ def test_sigkill_during_checkpoint_write_resumes_bitwise(target, request, tmp_pa
     resumed = SCVI(_kill_adata(), **KILL_ARCH, seed=0)
     resumed.train(**KILL_TRAIN, checkpoint_dir=ckpt, resume=True)
     assert int(resumed.train_state.epoch) == KILL_TRAIN["max_epochs"]
-    assert list(resumed.history.index) == list(range(KILL_TRAIN["max_epochs"]))
+    assert list(resumed.history.to_frame().index) == list(range(KILL_TRAIN["max_epochs"]))
     assert _bitwise_equal(resumed.params, uninterrupted.params)
     assert _bitwise_equal(resumed.state, uninterrupted.state)
     assert _bitwise_equal(resumed.train_state.opt_state, uninterrupted.train_state.opt_state)
-    cols = [c for c in uninterrupted.history.columns if c != "epoch_seconds"]
-    assert resumed.history[cols].equals(uninterrupted.history[cols])
+    cols = [c for c in uninterrupted.history.to_frame().columns if c != "epoch_seconds"]
+    assert resumed.history.to_frame()[cols].equals(uninterrupted.history.to_frame()[cols])
     # and the checkpoint it leaves behind is the final one
     assert len(io.read_metadata(ckpt)["loop"]["history"]) == KILL_TRAIN["max_epochs"]
 
@@ -208,7 +208,7 @@ def test_format_v1_fixture_is_small_and_complete():
 
 def test_format_v1_scvi_loads_to_the_stored_latent(fixture_adata):
     m = SCVI.load(FIXTURES / "scvi", adata=fixture_adata.copy())
-    assert m.is_trained and len(m.history) == 2
+    assert m.is_trained and m.history.n_epochs == 2
     assert m.registry.batch_key == "batch" and m.registry.n_vars == 30
     z = m.get_latent_representation()
     expected = np.load(FIXTURES / "scvi_latent.npy")
@@ -373,7 +373,7 @@ def test_model_trains_with_all_zero_genes(uninterrupted):
         SCVI.setup_anndata(a, batch_key="batch")
     m = SCVI(a, **KILL_ARCH, seed=0)
     m.train(**{**KILL_TRAIN, "max_epochs": 2})
-    assert np.isfinite(m.history["train_loss"]).all()
+    assert np.isfinite(m.history.to_frame()["train_loss"]).all()
     assert all(np.isfinite(x).all() for x in _leaves(m.params))
     assert np.isfinite(m.get_latent_representation()).all()
 

@@ -261,7 +261,7 @@ def test_terms_train_into_the_model_and_the_history(small_atlas, tmp_path):
     schedule = optax.linear_schedule(0.0, 50.0, 2 * steps_per_epoch)
     model.train(max_epochs=8, **TRAIN, loss_terms=fns,
                 loss_weights={"mmd": schedule, "centre": 2.0})
-    h = model.history
+    h = model.history.to_frame()
     for col in ("mmd_train", "centre_train", "mmd_weight_train", "centre_weight_train"):
         assert col in h.columns, col
     # the history records the schedule's cell-weighted mean over each epoch's steps
@@ -304,7 +304,7 @@ def test_custom_encoder_and_decoder_train_save_and_load(small_atlas, tmp_path):
     assert set(model.params["z_encoder"]) == {"hidden", "mean", "log_var"}
     assert set(model.params["decoder"]) == {"loadings", "batch_offset", "dropout"}
     model.train(max_epochs=6, **TRAIN)
-    loss = model.history["train_loss"].to_numpy()
+    loss = model.history.to_frame()["train_loss"].to_numpy()
     assert np.isfinite(loss).all() and loss[-1] < loss[0] - 1.0
     z = model.get_latent_representation()
     # the user's module, not ours, produced the latent

@@ -79,7 +79,7 @@ def test_three_sources_give_the_same_trajectory(on_disk, monkeypatch):
         js.SCVI.setup_anndata(adata, batch_key="batch")
         m = js.SCVI(adata, n_latent=4, n_hidden=16)
         m.train(data_source=source, **TRAIN)
-        histories[source] = m.history
+        histories[source] = m.history.to_frame()
         if source == "stream":
             streamed = m
     for col in ("train_loss", "elbo_validation"):
@@ -105,7 +105,7 @@ def test_scanvi_streams_labelled_minibatches(on_disk):
     m = js.SCANVI(adata, n_latent=4, n_hidden=16)
     m.train(max_epochs=2, batch_size=64, progress_bar=False)
     assert "classification_loss_train" in m.history
-    assert np.isfinite(m.history["train_loss"]).all()
+    assert np.isfinite(m.history.to_frame()["train_loss"]).all()
     assert len(m.predict()) == a.n_obs
 
 

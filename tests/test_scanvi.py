@@ -537,8 +537,8 @@ def test_train_history_and_epochs_heuristic(scanvi_model, hidden_atlas):
     n = hidden_atlas.n_obs
     h = min(round(20000 / n * 400), 400)
     assert max_epochs_heuristic(n) == h
-    assert len(scanvi_model.history) == min(10, max(2, round(h / 3)))
-    hist = scanvi_model.history
+    assert scanvi_model.history.n_epochs == min(10, max(2, round(h / 3)))
+    hist = scanvi_model.history.to_frame()
     for col in ("classification_loss_train", "accuracy_train",
                 "classification_loss_validation", "accuracy_validation",
                 "classification_loss_validation_labelled", "accuracy_validation_labelled",
@@ -592,7 +592,7 @@ def test_max_epochs_heuristic_is_applied(scvi_model, hidden_atlas, monkeypatch, 
                              batch_key="batch")
         model = SCANVI(a, **ARCH)
     model.train(n_samples_per_label=5, batch_size=128, progress_bar=False)
-    assert len(model.history) == expected
+    assert model.history.n_epochs == expected
     assert expected == (int(min(10, max(2, round(h / 3)))) if pretrained else h)
 
 
@@ -606,8 +606,8 @@ def test_both_objectives_transfer_labels(scanvi_model, scvi_model, hidden_atlas)
     for acc in (acc_seed, acc_st):  # both ~0.92 here
         assert acc > 0.8 and acc > chance + 0.3, (acc_seed, acc_st, chance)
     # the objective is really plumbed through: the two runs differ
-    assert not np.allclose(scanvi_model.history["elbo_train"].to_numpy(),
-                           other.history["elbo_train"].to_numpy())
+    assert not np.allclose(scanvi_model.history.to_frame()["elbo_train"].to_numpy(),
+                           other.history.to_frame()["elbo_train"].to_numpy())
     with pytest.raises(InputError):
         other.train(max_epochs=1, plan_kwargs={"objective": "nope"}, progress_bar=False)
 
@@ -722,7 +722,7 @@ def test_save_load_roundtrip(scanvi_model, hidden_atlas, tmp_path):
                                   scanvi_model.predict(soft=True).to_numpy())
     np.testing.assert_array_equal(loaded.get_latent_representation(),
                                   scanvi_model.get_latent_representation())
-    pd.testing.assert_frame_equal(loaded.history, scanvi_model.history)
+    pd.testing.assert_frame_equal(loaded.history.to_frame(), scanvi_model.history.to_frame())
 
 
 def _bitwise_equal(a, b) -> bool:

@@ -76,7 +76,7 @@ def train_tiny(adata, seed=0, train_seed=0, **kw):
 # ------------------------------------------------------------ quality tests
 def _quality_checks(model, adata, cell_type, batch, counts, *, min_acc, min_gain,
                     label_mask=None, n_pcs=10):
-    hist = model.history
+    hist = model.history.to_frame()
     assert "elbo_validation" in hist.columns and "validation_loss" in hist.columns
     v = hist["elbo_validation"].to_numpy()
     assert np.isfinite(v).all()
@@ -109,7 +109,7 @@ def test_synthetic_atlas_quality():
     # batches mix within a few CPU seconds (with lr=1e-3 it takes ~80 epochs here)
     model.train(max_epochs=epochs, check_val_every_n_epoch=1, progress_bar=False,
                 plan_kwargs=QUICK_PLAN)
-    assert len(model.history) == epochs
+    assert model.history.n_epochs == epochs
     _quality_checks(model, adata, adata.obs["cell_type"].to_numpy(),
                     adata.obs["batch"].to_numpy(), adata.layers["counts"], min_acc=0.8,
                     min_gain=0.3)
@@ -127,7 +127,7 @@ def test_pbmc_quality():
     epochs = 20
     model.train(max_epochs=epochs, batch_size=256, check_val_every_n_epoch=1,
                 progress_bar=False, plan_kwargs=QUICK_PLAN)
-    assert len(model.history) == epochs
+    assert model.history.n_epochs == epochs
     _quality_checks(model, adata, cell_type, adata.obs["batch"].astype(str).to_numpy(),
                     adata.X, min_acc=0.85, min_gain=0.1, label_mask=known, n_pcs=20)
 
@@ -138,8 +138,8 @@ def test_same_seed_identical_parameters(tiny, tiny_adata):
     assert params_equal(again.params, tiny.params)
     assert params_equal(again.state["batch_stats"], tiny.state["batch_stats"])
     # validation passes change nothing in the trajectory
-    cols = [c for c in again.history.columns if c != "epoch_seconds"]
-    pd.testing.assert_frame_equal(again.history[cols], tiny.history[cols])
+    cols = [c for c in again.history.to_frame().columns if c != "epoch_seconds"]
+    pd.testing.assert_frame_equal(again.history.to_frame()[cols], tiny.history.to_frame()[cols])
 
 
 def test_different_seed_different_parameters(tiny, tiny_adata):
@@ -162,7 +162,7 @@ def test_device_and_host_sources_same_trajectory(tiny, tiny_adata):
     dev = train_tiny(tiny_adata, data_source="device")
     assert params_equal(dev.params, tiny.params)  # "auto" picks the device on CPU
     host = train_tiny(tiny_adata, data_source="host")
-    h_dev, h_host = dev.history, host.history
+    h_dev, h_host = dev.history.to_frame(), host.history.to_frame()
     np.testing.assert_allclose(h_host["train_loss"], h_dev["train_loss"], rtol=1e-6)
     np.testing.assert_allclose(h_host["elbo_train"], h_dev["elbo_train"], rtol=1e-6)
     assert max_abs_diff(host.params, dev.params) < 1e-5  # observed: ~4e-7
@@ -187,7 +187,7 @@ def test_device_csr_source_matches_host(tiny_adata, monkeypatch):
     monkeypatch.setattr(fit, "make_source", csr_source)
     dev = train_tiny(tiny_adata, data_source="device", max_epochs=2)
     assert seen and seen[0].kind == "device" and not seen[0].dense
-    np.testing.assert_allclose(dev.history["train_loss"], host.history["train_loss"],
+    np.testing.assert_allclose(dev.history.to_frame()["train_loss"], host.history.to_frame()["train_loss"],
                                rtol=1e-6)
     assert max_abs_diff(dev.params, host.params) < 1e-5
 
@@ -199,7 +199,7 @@ def test_checkpoint_resume_bitwise(tiny, tiny_adata, tmp_path):
     assert params_equal(full.params, tiny.params)  # checkpointing changes nothing
 
     first = train_tiny(tiny_adata, checkpoint_dir=part_dir, max_epochs=2)
-    assert len(first.history) == 2
+    assert first.history.n_epochs == 2
     resumed = SCVI(tiny_adata, **TINY, seed=0)
     resumed.train(**TRAIN, checkpoint_dir=part_dir, resume=True)
     assert params_equal(resumed.params, full.params)
@@ -207,16 +207,16 @@ def test_checkpoint_resume_bitwise(tiny, tiny_adata, tmp_path):
     assert params_equal(resumed.train_state.opt_state, full.train_state.opt_state)
     assert int(resumed.train_state.step) == int(full.train_state.step)
     assert int(resumed.train_state.epoch) == 4
-    cols = [c for c in full.history.columns if c != "epoch_seconds"]
-    assert list(resumed.history.index) == [0, 1, 2, 3]
-    pd.testing.assert_frame_equal(resumed.history[cols], full.history[cols])
+    cols = [c for c in full.history.to_frame().columns if c != "epoch_seconds"]
+    assert list(resumed.history.to_frame().index) == [0, 1, 2, 3]
+    pd.testing.assert_frame_equal(resumed.history.to_frame()[cols], full.history.to_frame()[cols])
     np.testing.assert_array_equal(resumed.get_latent_representation(),
                                   full.get_latent_representation())
 
     # resuming a finished run trains no further
     again = SCVI(tiny_adata, **TINY, seed=0)
     again.train(**TRAIN, checkpoint_dir=part_dir, resume=True)
-    assert params_equal(again.params, full.params) and len(again.history) == 4
+    assert params_equal(again.params, full.params) and again.history.n_epochs == 4
 
 
 @pytest.mark.parametrize("change", [
@@ -274,7 +274,7 @@ def test_save_load_bit_identical(tiny, tiny_adata, tmp_path):
         assert list(e2.index) == list(expr.index) and list(e2.columns) == list(expr.columns)
         np.testing.assert_array_equal(loaded.train_indices, tiny.train_indices)
         np.testing.assert_array_equal(loaded.validation_indices, tiny.validation_indices)
-        pd.testing.assert_frame_equal(loaded.history, tiny.history, check_dtype=False)
+        pd.testing.assert_frame_equal(loaded.history.to_frame(), tiny.history.to_frame(), check_dtype=False)
 
 
 def test_save_with_anndata_and_load_without(tiny, tmp_path):
@@ -419,7 +419,7 @@ def test_elbo_reconstruction_marginal_ll(tiny, tiny_adata):
     # the validation ELBO of the history is the same quantity (another z sample)
     val = tiny.validation_indices
     assert len(val) == 60
-    hist_val = tiny.history["elbo_validation"].iloc[-1]
+    hist_val = tiny.history.to_frame()["elbo_validation"].iloc[-1]
     assert abs(-tiny.get_elbo(indices=val) - hist_val) < 0.02 * abs(hist_val)
 
     idx = np.arange(0, tiny_adata.n_obs, 6)  # 100 cells, one inference chunk
@@ -477,7 +477,7 @@ def test_marginal_ll_sign_matches_scvi_tools(tiny):
 
 
 def test_history_columns(tiny):
-    h = tiny.history
+    h = tiny.history.to_frame()
     assert h.index.name == "epoch" and list(h.index) == [0, 1, 2, 3]
     expected = {"train_loss", "elbo_train", "reconstruction_loss_train", "kl_local_train",
                 "kl_z_train", "kl_l_train", "kl_weight", "lr", "epoch_seconds",
@@ -501,7 +501,7 @@ def test_history_columns(tiny):
     assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
     # without validation, no validation columns
     assert not any(c.endswith("_validation") for c in
-                   train_tiny(tiny.adata, max_epochs=1).history.columns)
+                   train_tiny(tiny.adata, max_epochs=1).history.to_frame().columns)
 
 
 def test_max_epochs_default_heuristic(tiny_adata, monkeypatch):
@@ -550,11 +550,11 @@ def test_nonfinite_skip_step(tiny_adata):
     model = SCVI(tiny_adata, **TINY, seed=0)
     model.train(**{**TRAIN, "max_epochs": 2}, train_size=1.0, on_nonfinite="skip_step",
                 loss_terms={"boom": _nan_on_short_minibatch})
-    assert all_finite(model.params) and len(model.history) == 2
+    assert all_finite(model.params) and model.history.n_epochs == 2
     assert int(model.train_state.step) == 10  # skipped steps still count
     # the ELBO terms of every step are finite; only the extra term (and so the total
     # loss of the epoch) records the NaN of the skipped steps
-    assert np.isfinite(model.history["elbo_train"]).all()
+    assert np.isfinite(model.history.to_frame()["elbo_train"]).all()
     assert np.isfinite(model.get_latent_representation()).all()
 
 
@@ -577,7 +577,7 @@ def test_early_stopping_deterministic_monitor(tiny_adata):
         model = train_tiny(tiny_adata, max_epochs=10, early_stopping=True,
                            early_stopping_patience=patience,
                            early_stopping_monitor="kl_weight")
-        assert len(model.history) == n_epochs
+        assert model.history.n_epochs == n_epochs
         assert int(model.train_state.epoch) == n_epochs
 
 
@@ -586,7 +586,7 @@ def test_early_stopping_huge_lr(tiny_adata):
     model.train(max_epochs=15, progress_bar=False, early_stopping=True,
                 early_stopping_patience=1, on_nonfinite="skip_step",
                 plan_kwargs={"lr": 1e6})
-    assert len(model.history) < 15
+    assert model.history.n_epochs < 15
     assert all_finite(model.params)
 
 
@@ -596,9 +596,9 @@ def test_reduce_lr_on_plateau(tiny_adata):
         "lr_scheduler_metric": "kl_weight", "lr_min": 2e-4})
     # epoch 0 improves; every later epoch is a plateau and halves the lr (floor 2e-4);
     # the history records the lr used in that epoch
-    np.testing.assert_allclose(model.history["lr"], [1e-3, 1e-3, 5e-4, 2.5e-4, 2e-4],
+    np.testing.assert_allclose(model.history.to_frame()["lr"], [1e-3, 1e-3, 5e-4, 2.5e-4, 2e-4],
                                rtol=1e-6)
-    assert len(model.history) == 5
+    assert model.history.n_epochs == 5
 
 
 def test_reduce_lr_on_plateau_validation_metric(tiny_adata):
@@ -606,8 +606,8 @@ def test_reduce_lr_on_plateau_validation_metric(tiny_adata):
     model.train(max_epochs=8, progress_bar=False, on_nonfinite="skip_step",
                 plan_kwargs={"lr": 1e6, "reduce_lr_on_plateau": True, "lr_patience": 1,
                              "lr_factor": 0.1})
-    lr = model.history["lr"].to_numpy()
-    assert "elbo_validation" in model.history.columns
+    lr = model.history.to_frame()["lr"].to_numpy()
+    assert "elbo_validation" in model.history.to_frame().columns
     assert lr[-1] < lr[0] and (np.diff(lr) <= 0).all()
 
 
@@ -642,7 +642,7 @@ def test_options_train(small_atlas, name):
     setup(adata, **setup_kw)
     model = SCVI(adata, n_hidden=16, n_latent=4, **kw)
     model.train(max_epochs=2, train_size=1.0, progress_bar=False)
-    h = model.history
+    h = model.history.to_frame()
     assert len(h) == 2 and np.isfinite(h["train_loss"]).all()
     assert all_finite(model.params) and all_finite(model.state)
     z = model.get_latent_representation()

@@ -67,7 +67,8 @@ def _check_values(block, field: str, chunk: int, *, allow_noninteger: bool) -> b
                     field, float(v[frac][0]),
                     "counts contain non-integer values (normalised or log data?)",
                     "pass raw integer counts via layer=..., or setup_anndata(..., "
-                    "allow_noninteger_counts=True) to accept them with a warning")
+                    "allow_noninteger_counts=True) to accept them with a warning, as "
+                    "scvi-tools does")
             fractional = True
     return fractional
 

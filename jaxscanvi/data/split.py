@@ -10,8 +10,9 @@ from ..errors import InputError
 
 
 def split_indices(n: int, train_size: float, validation_size: float | None,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded permutation, validation cells first; returns (train, validation) sorted."""
+                  seed: int, *, shuffle: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded permutation (with ``shuffle=False``, the cells in order), validation
+    cells first; returns (train, validation) sorted."""
     if not (isinstance(train_size, (int, float)) and 0 < train_size <= 1):
         raise InputError("train_size", train_size, "must lie in (0, 1]",
                          "pass e.g. train_size=0.9")
@@ -27,5 +28,5 @@ def split_indices(n: int, train_size: float, validation_size: float | None,
     if n_train == 0:
         raise InputError("train_size", train_size, "leaves no training cells",
                          "increase train_size")
-    perm = np.random.RandomState(seed=seed).permutation(n)
+    perm = np.random.RandomState(seed=seed).permutation(n) if shuffle else np.arange(n)
     return np.sort(perm[n_val:n_val + n_train]), np.sort(perm[:n_val])

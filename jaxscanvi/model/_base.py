@@ -15,7 +15,6 @@ from typing import Any, Callable, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 
 from ..compile_cache import functions
 from ..data.batch import Batch, host_batch
@@ -25,9 +24,10 @@ from ..data.batch import NonZeros
 from ..errors import InputError, NonFiniteLossError
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, Task, check, fit
+from ..train.history import History
 from ..train.parallel import to_default_device
 from ..train.state import TrainState
-from . import _downstream, _persist, _posterior, _query
+from . import _downstream, _persist, _posterior, _query, _setup_view
 from ._inference import map_cells, nnz_bucket, row_positions
 from ._query import QueryInfo
 
@@ -54,6 +54,10 @@ class BaseModel:
     get_likelihood_parameters = _downstream.get_likelihood_parameters
     get_latent_library_size = _downstream.get_latent_library_size
     get_feature_correlation_matrix = _downstream.get_feature_correlation_matrix
+    adata_manager = property(_setup_view.adata_manager)
+    view_anndata_setup = _setup_view.view_anndata_setup
+    summary_string = property(_setup_view.summary_string)
+    __str__ = _setup_view.summary_string
 
     # ----------------------------------------------------------------- setup
     def _build(self, adata, registry: Registry, module, seed: int) -> None:
@@ -80,7 +84,7 @@ class BaseModel:
         self.state = {k: v for k, v in variables.items() if k != "params"}
         self.init_seed = seed
         self.is_trained = False
-        self._history = pd.DataFrame()
+        self._history = History()
         self.train_indices = np.zeros(0, np.int64)
         self.validation_indices = np.zeros(0, np.int64)
         self.train_state: TrainState | None = None
@@ -107,9 +111,19 @@ class BaseModel:
         return cell_data(adata, self.registry)
 
     @property
-    def history(self) -> pd.DataFrame:
-        """Per-epoch training history (one row per epoch)."""
+    def history(self) -> History:
+        """The training history as scvi-tools gives it: metric name -> a one-column
+        DataFrame indexed by epoch (``history.to_frame()``: all in one)."""
         return self._history
+
+    @property
+    def test_indices(self) -> np.ndarray:
+        """Cells of the last training in neither split (scvi-tools' test set, when
+        train_size + validation_size < 1)."""
+        if self.adata is None or not len(self.train_indices):
+            return np.zeros(0, np.int64)
+        used = np.concatenate([self.train_indices, self.validation_indices])
+        return np.setdiff1d(np.arange(self.adata.n_obs), used).astype(np.int64)
 
     @property
     def variables(self) -> dict:
@@ -160,9 +174,7 @@ class BaseModel:
         self.train_indices, self.validation_indices = result.train_idx, result.val_idx
         self._parallel = result.parallel
         self.data_bytes_per_device = result.data_bytes_per_device
-        history = result.loop.history
-        self._history = pd.DataFrame(history).set_index("epoch") if history \
-            else pd.DataFrame()
+        self._history = History.from_records(result.loop.history)
 
     # ------------------------------------------------------------- inference
     @property

@@ -9,6 +9,7 @@ memory stays bounded by the chunk size.
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Literal, Sequence
 
@@ -97,12 +98,14 @@ def _de_masks(self, adata, groupby, group1, group2, idx1, idx2):
 def differential_expression(
     self, adata=None, groupby: str | None = None, group1=None, group2: str | None = None,
     idx1=None, idx2=None, mode: Literal["vanilla", "change"] = "vanilla",
-    delta: float = 0.25, batch_size: int | None = None, all_stats: bool = True,
+    delta: float | None = 0.25, batch_size: int | None = None, all_stats: bool = True,
     batch_correction: bool = False, batchid1: Sequence[str] | None = None,
     batchid2: Sequence[str] | None = None, fdr_target: float = 0.05, silent: bool = True,
-    weights: Literal["uniform", "importance"] | None = "uniform", n_samples: int = 5000,
-    pseudocounts: float | None = None, test_mode: Literal["two", "three"] = "three",
-    seed: int = 0, importance_weighting_kwargs: dict | None = None,
+    weights: Literal["uniform", "importance"] | None = "uniform",
+    filter_outlier_cells: bool = False, importance_weighting_kwargs: dict | None = None,
+    n_samples: int = 5000, pseudocounts: float | None = None,
+    test_mode: Literal["two", "three"] = "three", seed: int = 0, *,
+    n_samples_overall: int | None = None,
 ) -> pd.DataFrame:
     """Bayesian differential expression, one-vs-rest when ``group2`` is None.
 
@@ -112,19 +115,21 @@ def differential_expression(
     summaries and ``is_de_fdr_<fdr_target>``, sorted by proba_de. With
     ``batch_correction`` every cell is decoded in every batch (or those of
     ``batchid1``/``batchid2``) and samples are paired within a batch.
+    ``n_samples_overall`` (scvi-tools' name) is ``n_samples``, the posterior
+    samples per group. ``delta=None`` estimates the LFC threshold from the
+    data (`de.estimate_delta`). ``filter_outlier_cells`` leaves out, in each
+    group, the 10% of cells farthest from the rest in the latent space
+    (`de.robust_inliers`, scikit-learn's EllipticEnvelope).
     """
+    if n_samples_overall is not None:
+        n_samples = n_samples_overall
     if mode not in ("vanilla", "change"):
         raise InputError("mode", mode, "is not a DE mode", "use 'vanilla' or 'change'")
     if weights not in (None, "uniform", "importance"):
         raise InputError("weights", weights, "is not a weighting of posterior samples",
                          "pass weights='uniform' (default) or 'importance'")
-    iw = None
-    if weights == "importance":
-        iw = dict(importance_weighting_kwargs or {})
-        unknown = set(iw) - {"max_cells", "n_mc_samples", "truncation"}
-        if unknown:
-            raise InputError("importance_weighting_kwargs", sorted(unknown),
-                             "are not options", "use max_cells, n_mc_samples, truncation")
+    iw = _importance_options(importance_weighting_kwargs) if weights == "importance" \
+        else None
     check_positive_int("n_samples", n_samples)
     if not (0 < fdr_target < 1):
         raise InputError("fdr_target", fdr_target, "must lie in (0, 1)", "e.g. 0.05")
@@ -143,6 +148,8 @@ def differential_expression(
     for t, (m1, m2, g1, g2) in enumerate(_de_masks(self, adata, groupby, group1, group2,
                                                        idx1, idx2)):
         rows1, rows2 = np.flatnonzero(m1), np.flatnonzero(m2)
+        if filter_outlier_cells:
+            rows1, rows2 = _inliers(self, adata, rows1), _inliers(self, adata, rows2)
         s1 = _group_samples(self, cells, rows1, n_samples, codes1, 2 * t, batch_size, iw)
         s2 = _group_samples(self, cells, rows2, n_samples, codes2, 2 * t + 1, batch_size, iw)
         a, b = _pair(s1, s2, same_batches=batch_correction and set(codes1) == set(codes2))
@@ -175,6 +182,17 @@ def differential_expression(
     return pd.concat(results, axis=0)
 
 
+def _inliers(self, adata, rows: np.ndarray) -> np.ndarray:
+    """``rows`` without their latent outliers (all of them if no fit is possible)."""
+    keep = de.robust_inliers(self.get_latent_representation(adata, indices=rows))
+    if keep is None:
+        warnings.warn("filter_outlier_cells: could not estimate the latent covariance "
+                      f"of a group of {len(rows)} cells; using all of them", UserWarning,
+                      stacklevel=3)
+        return rows
+    return rows[keep]
+
+
 def _group_samples(self, cells, rows, n_samples, codes, seed, batch_size, iw=None):
     """[(samples (n_b, G), batch code)] for each batch code (None: observed batch)."""
     n_b = max(int(n_samples / len(codes)), 2)
@@ -187,6 +205,24 @@ def _group_samples(self, cells, rows, n_samples, codes, seed, batch_size, iw=Non
             out.append((_importance_samples(self, cells, rows, n_b, code, s, batch_size,
                                                  **iw), code))
     return out
+
+
+def _importance_options(options: dict | None) -> dict:
+    iw = dict(options or {})
+    unknown = set(iw) - {"max_cells", "n_mc_samples", "truncation"}
+    if unknown:
+        raise InputError("importance_weighting_kwargs", sorted(unknown),
+                         "are not options", "use max_cells, n_mc_samples, truncation")
+    return iw
+
+
+def importance_weighted_expression(self, cells, rows, n, code, batch_size,  # noqa: PLR0913 (get_normalized_expression's pieces)
+                                   options: dict | None) -> np.ndarray:
+    """(n, G) normalized expression resampled by importance weights over ``rows``
+    (`get_normalized_expression(weights="importance", n_samples_overall=n)`)."""
+    check_positive_int("n_samples_overall", n)
+    return _importance_samples(self, cells, rows, int(n), code, 0, batch_size,
+                               **_importance_options(options))
 
 
 def _importance_samples(self, cells, rows, n, code, seed, batch_size, *,

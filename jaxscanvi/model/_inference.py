@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from .. import backend, distributed
+from .._settings import settings
 from ..compile_cache import functions
 from ..data.batch import host_batch
 from ..data.cells import CellData
@@ -48,6 +49,8 @@ def nnz_bucket(cells: CellData, rows) -> int:
 def chunks(cells: CellData, indices, batch_size: int | None, n_devices: int = 1):
     """(number of real rows, padded `Batch`) for each chunk of the selected cells."""
     idx = row_positions(cells.n_obs, indices)
+    if batch_size is None:
+        batch_size = settings.batch_size
     if batch_size is None:  # small requests: a power-of-two chunk, not 1024 padded rows
         B = min(1024, 1 << max(len(idx) - 1, 15).bit_length())
     else:

@@ -7,19 +7,18 @@ The format is `io`'s; what a model adds to the metadata is its
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
-import pandas as pd
 
 from .. import distributed, io
 from ..data.cells import check_var_names
 from ..data.registry import Registry
 from ..errors import InputError, ModelFormatError
+from ..train.history import History
 from ._query import QueryInfo
 
 
@@ -56,8 +55,7 @@ def _metadata(model) -> dict:
         "loss_terms": list(model.loss_term_names),
         "custom_modules": {k: _qualified_name(getattr(model.module, f"{k}_cls"))
                            for k in ("encoder", "decoder")},
-        "history": json.loads(model.history.reset_index().to_json(orient="records"))
-        if len(model.history) else [],
+        "history": model.history.to_records(),
         "train_indices": np.asarray(model.train_indices).tolist(),
         "validation_indices": np.asarray(model.validation_indices).tolist(),
         **model._metadata(),
@@ -126,7 +124,7 @@ def load(cls, dir_path, adata=None, *, encoder=None, decoder=None):
     model.is_trained = bool(meta.get("is_trained", False))
     model.loss_term_names = tuple(meta.get("loss_terms", ()))
     hist = meta.get("history") or []
-    model._history = pd.DataFrame(hist).set_index("epoch") if hist else pd.DataFrame()
+    model._history = History.from_records(hist)
     if "freeze" in meta.get("files", {}):
         model._freeze = _freeze_masks(dir_path, meta, model)
         info = meta.get("query_info")

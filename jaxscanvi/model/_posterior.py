@@ -6,18 +6,20 @@ Each is a function of the model, bound as a method by `BaseModel`.
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from .._settings import settings
 from ..errors import InputError, check_positive_int
 from ..losses import (elbo_terms, log_importance_weights, scanvi_elbo_terms,
                       scanvi_log_importance_weights)
 from ..module import SCANVAE
 from . import _kernels as kernels
-from ._inference import gene_positions, jitted, transform_batches
+from ._inference import gene_positions, jitted, row_positions, transform_batches
 
 
 def get_latent_representation(self, adata=None, indices=None, give_mean: bool = True,
@@ -42,19 +44,31 @@ def get_normalized_expression(self, adata=None, indices=None, transform_batch=No
                               gene_list: Sequence[str] | None = None,
                               library_size: float | str = 1, n_samples: int = 1,
                               n_samples_overall: int | None = None,
+                              weights: str | None = None,
                               batch_size: int | None = None, return_mean: bool = True,
-                              return_numpy: bool | None = None):
+                              return_numpy: bool | None = None, silent: bool = True,
+                              **importance_weighting_kwargs):
     """Denoised expression rho (times ``library_size``), scvi-tools' semantics.
 
     ``transform_batch`` (a batch name or list of names) decodes every cell
     as if from that batch; with several, the result is their average.
     ``library_size="latent"`` uses each cell's (observed or inferred) library.
+    ``n_samples_overall``: that many cells drawn from ``indices``, one
+    sample each. With ``weights="importance"`` (as scvi-tools, only with
+    ``n_samples_overall``) the draws are resampled by importance weights
+    that favour latent codes explaining many of the selected cells (see
+    `differential_expression`; ``importance_weighting_kwargs``:
+    ``max_cells``, ``n_mc_samples``, ``truncation``); the result is then an
+    array (n_samples_overall, genes), not tied to cells. ``silent`` is
+    accepted (there is no per-batch progress bar).
     """
+    del silent
     return normalized_expression(self, kernels.expression_fn, {}, dict(
         adata=adata, indices=indices, transform_batch=transform_batch, gene_list=gene_list,
         library_size=library_size, n_samples=n_samples,
         n_samples_overall=n_samples_overall, batch_size=batch_size,
-        return_mean=return_mean, return_numpy=return_numpy))
+        return_mean=return_mean, return_numpy=return_numpy, weights=weights,
+        importance_weighting_kwargs=importance_weighting_kwargs))
 
 
 def normalized_expression(self, kernel, kernel_kw: dict, args: dict):
@@ -75,6 +89,19 @@ def normalized_expression(self, kernel, kernel_kw: dict, args: dict):
                                          and library_size > 0)):
         raise InputError("library_size", library_size, "must be a positive number or "
                          "'latent'", "pass e.g. library_size=1e4")
+    if _importance_weighted(args, kernel, batches):
+        from ._downstream import importance_weighted_expression
+        pool = np.arange(cells.n_obs) if args["indices"] is None \
+            else row_positions(cells.n_obs, args["indices"])
+        expr = importance_weighted_expression(
+            self, cells, pool, args["n_samples_overall"], batches[0], args["batch_size"],
+            args["importance_weighting_kwargs"]) * float(library_size)
+        expr = expr if gene_mask is None else expr[:, gene_mask]
+        if args["return_numpy"] is False:
+            names = self.registry.var_names if args["gene_list"] is None \
+                else list(args["gene_list"])
+            return pd.DataFrame(expr, columns=list(names))
+        return expr
     jfn = jitted(partial(kernel, self.module, **kernel_kw, n_samples=int(n_samples),
                          latent_library=library_size == "latent"))
     expr = sum(self._map(partial(_with_batch, jfn, code), cells, indices, args["batch_size"])
@@ -94,6 +121,30 @@ def normalized_expression(self, kernel, kernel_kw: dict, args: dict):
     names = self.registry.var_names if gene_list is None else list(gene_list)
     idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
     return pd.DataFrame(expr, index=cells.obs_names[idx], columns=list(names))
+
+
+def _importance_weighted(args: dict, kernel, batches) -> bool:
+    """Whether `normalized_expression` resamples by importance weights (checked)."""
+    weights = args.get("weights")
+    if weights not in (None, "uniform", "importance"):
+        raise InputError("weights", weights, "is not a weighting of posterior samples",
+                         "pass None / 'uniform' (default) or 'importance'")
+    if weights != "importance":
+        return False
+    if args["n_samples_overall"] is None:
+        warnings.warn("get_normalized_expression: weights='importance' applies only with "
+                      "n_samples_overall=..., as in scvi-tools; ignored", UserWarning,
+                      stacklevel=4)
+        return False
+    for bad, name, fix in ((len(batches) > 1, "transform_batch", "pass one batch"),
+                           (args["library_size"] == "latent", "library_size",
+                            "pass a number, e.g. library_size=1e4"),
+                           (kernel is not kernels.expression_fn, "label",
+                            "leave label=None")):
+        if bad:
+            raise InputError(name, args[name] if name in args else "given",
+                             "cannot be combined with weights='importance'", fix)
+    return True
 
 
 def _with_batch(fn, batch_code, variables, batch, key):
@@ -145,9 +196,10 @@ def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000,
     """Importance-sampled log p(x) (higher is better), as scvi-tools computes it.
 
     ``return_mean=False`` gives each cell's estimate. The mean is scvi-tools':
-    the mean over minibatches of ``batch_size`` cells (default 128, its
-    ``settings.batch_size``) of each minibatch's mean, which differs from the
-    mean over cells when the last minibatch is short. For SCANVI the weights
+    the mean over minibatches of ``batch_size`` cells (default
+    ``jaxscanvi.settings.batch_size``, else 128 as scvi-tools') of each
+    minibatch's mean, which differs from the mean over cells when the last
+    minibatch is short. For SCANVI the weights
     are those scvi-tools forms for scANVI (`losses.scanvi_log_importance_weights`):
     comparable with scvi-tools' number, not an estimate of log p(x) under
     scANVI's class-structured prior.
@@ -157,7 +209,7 @@ def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000,
                               batch_size)
     if not return_mean:
         return ll
-    size = 128 if batch_size is None else int(batch_size)
+    size = int(batch_size or settings.batch_size or 128)
     return float(np.mean([ll[s:s + size].mean() for s in range(0, len(ll), size)]))
 
 

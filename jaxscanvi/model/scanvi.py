@@ -8,12 +8,14 @@ from typing import Literal, Sequence
 import numpy as np
 import pandas as pd
 
+from .._settings import default_seed
 from ..data.registry import registry_of
 from ..data.registry import setup_anndata as _setup
 from ..errors import InputError, check_positive_int
 from ..losses import scanvi_elbo
 from ..module import SCANVAE, SCANVIConfig
 from ..train.config import TrainConfig, max_epochs_heuristic
+from ..train.history import History
 from . import _calibration, _kernels, _novelty, _posterior, _pretrained
 from ._base import BaseModel
 from ._calibration import expected_calibration_error, softmax
@@ -72,9 +74,10 @@ class SCANVI(BaseModel):
                  use_batch_norm: Literal["encoder", "decoder", "none", "both"] = "both",
                  use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none",
                  linear_classifier: bool = False, y_prior: Sequence[float] | None = None,
-                 classifier_parameters: dict | None = None, *, seed: int = 0,
+                 classifier_parameters: dict | None = None, *, seed: int | None = None,
                  class_chunk_size: int = 64, encoder=None, decoder=None, registry=None,
                  _config=None):
+        seed = default_seed(seed)
         registry = registry if registry is not None else registry_of(adata)
         if registry.unlabeled_category is None or registry.labels_key is None:
             raise InputError("adata", "set up without unlabeled_category",
@@ -164,18 +167,23 @@ class SCANVI(BaseModel):
     from_scvi_model = classmethod(_pretrained.from_scvi_model)
 
     def train(self, max_epochs: int | None = None, n_samples_per_label: int | None = None,
-              check_val_every_n_epoch: int | None = None, train_size: float = 0.9,
-              validation_size: float | None = None, batch_size: int = 128,
-              early_stopping: bool = False, plan_kwargs: dict | None = None, seed: int = 0,
-              progress_bar: bool = True, *, early_stopping_patience: int = 45,
-              early_stopping_monitor: str = "elbo_validation",
+              check_val_every_n_epoch: int | None = None, train_size: float | None = None,
+              validation_size: float | None = None, shuffle_set_split: bool = True,
+              batch_size: int = 128, accelerator: str = "auto", devices="auto",
+              adversarial_classifier: bool | None = None,
+              datasplitter_kwargs: dict | None = None, plan_config: dict | None = None,
+              plan_kwargs: dict | None = None, datamodule=None,
+              trainer_config: dict | None = None, *, early_stopping: bool = False,
+              early_stopping_patience: int = 45,
+              early_stopping_monitor: str = "elbo_validation", seed: int | None = None,
+              progress_bar: bool = True,
               on_nonfinite: Literal["raise", "skip_step"] = "raise",
               data_source: Literal["auto", "device", "host", "stream"] = "auto",
               loss_terms: dict | None = None, loss_weights: dict | None = None,
               checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False,
-              devices="auto", data_shards: int | None = None,
+              data_shards: int | None = None,
               precision: Literal["float32", "bfloat16"] = "float32",
-              calibrate: bool = True):
+              calibrate: bool = True, **trainer_kwargs):
         """Train on all cells, each minibatch paired with a minibatch of labelled cells.
 
         ``n_samples_per_label`` re-draws, every epoch, a class-balanced subset
@@ -185,6 +193,7 @@ class SCANVI(BaseModel):
         A query model (`load_query_data`) may have no labelled cells; it then
         trains on the unlabelled bound alone. With ``calibrate`` and labelled
         validation cells, a temperature is fitted at the end (`calibrate`).
+        scvi-tools' and Lightning's other arguments as in `SCVI.train`.
         """
         cells = self._train_cells()
         if max_epochs is None:
@@ -192,6 +201,7 @@ class SCANVI(BaseModel):
             if self.was_pretrained:
                 max_epochs = int(min(10, max(2, round(max_epochs / 3.0))))
         check_positive_int("max_epochs", max_epochs)
+        seed = default_seed(seed)
         check_positive_int("n_samples_per_label", n_samples_per_label, allow_none=True)
         config = TrainConfig.from_arguments(
             locals(), default_plan={"objective": "seed", "classification_ratio": 50.0})
@@ -216,11 +226,13 @@ class SCANVI(BaseModel):
         val_lab = _labelled_among(labels, C, self.validation_indices)
         if calibrate and len(val_lab) >= 10:
             self.calibrate(indices=val_lab)
-            if len(self._history):
-                last = self._history.index[-1]
-                self._history.loc[last, "temperature"] = self.temperature
-                self._history.loc[last, "calibration_error_validation_calibrated"] = \
+            if self._history.n_epochs:
+                frame = self._history.to_frame()
+                last = frame.index[-1]
+                frame.loc[last, "temperature"] = self.temperature
+                frame.loc[last, "calibration_error_validation_calibrated"] = \
                     self.calibration["ece_after"]
+                self._history = History(frame)
         return self
 
     def _validation_metrics(self, cells, variables, val_idx, parallel) -> dict:
@@ -249,8 +261,10 @@ class SCANVI(BaseModel):
                                   gene_list: Sequence[str] | None = None,
                                   library_size: float | str = 1, n_samples: int = 1,
                                   n_samples_overall: int | None = None,
+                                  weights: str | None = None,
                                   batch_size: int | None = None, return_mean: bool = True,
-                                  return_numpy: bool | None = None, label: str | None = None):
+                                  return_numpy: bool | None = None, label: str | None = None,
+                                  silent: bool = True, **importance_weighting_kwargs):
         """As SCVI's, plus ``label``: decode each cell as if it were of that cell type.
 
         Through scANVI's hierarchy: u ~ q(u | z1, c0) with c0 the cell's known
@@ -268,7 +282,8 @@ class SCANVI(BaseModel):
             adata=adata, indices=indices, transform_batch=transform_batch, gene_list=gene_list,
             library_size=library_size, n_samples=n_samples,
             n_samples_overall=n_samples_overall, batch_size=batch_size,
-            return_mean=return_mean, return_numpy=return_numpy))
+            return_mean=return_mean, return_numpy=return_numpy, weights=weights,
+            label=label, importance_weighting_kwargs=importance_weighting_kwargs))
 
     def predict(self, adata=None, indices=None, soft: bool = False,
                 batch_size: int | None = None, use_posterior_mean: bool = True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Literal, Sequence
 
+from .._settings import default_seed
 from ..data.registry import Registry, registry_of
 from ..data.registry import setup_anndata as _setup
 from ..losses import scvi_elbo
@@ -48,8 +49,9 @@ class SCVI(BaseModel):
                  encode_covariates: bool = False, deeply_inject_covariates: bool = True,
                  use_batch_norm: Literal["encoder", "decoder", "none", "both"] = "both",
                  use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none",
-                 *, seed: int = 0, encoder=None, decoder=None,
+                 *, seed: int | None = None, encoder=None, decoder=None,
                  registry: Registry | None = None, _config: VAEConfig | None = None):
+        seed = default_seed(seed)
         registry = registry if registry is not None else registry_of(adata)
         config = _config or VAEConfig(
             n_genes=registry.n_vars, n_batch=registry.n_batch, n_labels=registry.n_labels,
@@ -80,26 +82,45 @@ class SCVI(BaseModel):
         from ._import import import_model
         return import_model(cls, dir_path, adata, "SCVI")
 
-    def train(self, max_epochs: int | None = None, batch_size: int = 128,
-              train_size: float = 0.9, validation_size: float | None = None,
-              early_stopping: bool = False, early_stopping_patience: int = 45,
-              check_val_every_n_epoch: int | None = None, plan_kwargs: dict | None = None,
-              seed: int = 0, progress_bar: bool = True, *,
+    def train(self, max_epochs: int | None = None, accelerator: str = "auto", devices="auto",
+              train_size: float | None = None, validation_size: float | None = None,
+              shuffle_set_split: bool = True, load_sparse_tensor: bool = False,
+              batch_size: int = 128, early_stopping: bool = False,
+              datasplitter_kwargs: dict | None = None, plan_config: dict | None = None,
+              plan_kwargs: dict | None = None, datamodule=None,
+              trainer_config: dict | None = None, *, early_stopping_patience: int = 45,
               early_stopping_monitor: str = "elbo_validation",
+              check_val_every_n_epoch: int | None = None, seed: int | None = None,
+              progress_bar: bool = True,
               on_nonfinite: Literal["raise", "skip_step"] = "raise",
               data_source: Literal["auto", "device", "host", "stream"] = "auto",
               loss_terms: dict | None = None, loss_weights: dict | None = None,
               checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False,
-              devices="auto", data_shards: int | None = None,
-              precision: Literal["float32", "bfloat16"] = "float32"):
+              data_shards: int | None = None,
+              precision: Literal["float32", "bfloat16"] = "float32", **trainer_kwargs):
         """Train with Adam (coupled L2) and linear KL warm-up, as scvi-tools does.
+
+        scvi-tools' arguments, in its order, then jaxscanvi's (keyword-only).
+        Lightning trainer keywords (``trainer_kwargs``, ``trainer_config``)
+        are mapped where they mean something here (``enable_progress_bar``,
+        ``early_stopping_min_delta``, ``gradient_clip_val``, ``precision``
+        "32-true"/"bf16-mixed"), ignored with a warning where they only
+        concern Lightning (``logger``, ``enable_checkpointing``, ...), and
+        refused otherwise; see `jaxscanvi.train.compat`.
 
         Parameters
         ----------
         max_epochs
             Default: scvi-tools' heuristic, min(round(20000 / n_cells * 400), 400).
+        accelerator, devices
+            "auto" (JAX's default backend), "cpu", "gpu"/"cuda" or "tpu", which
+            must be JAX's backend; ``devices`` "auto", an int n (the first n),
+            a list of device indices or of jax devices (see below).
+        seed
+            Default: ``jaxscanvi.settings.seed``.
         plan_kwargs
-            ``lr`` (1e-3), ``eps`` (0.01), ``weight_decay`` (1e-6),
+            ``optimizer`` ("Adam": L2 weight decay as torch.optim.Adam;
+            "AdamW": decoupled), ``lr`` (1e-3), ``eps`` (0.01), ``weight_decay`` (1e-6),
             ``n_epochs_kl_warmup`` (400), ``n_steps_kl_warmup``,
             ``max_kl_weight``, ``min_kl_weight``, ``reduce_lr_on_plateau`` and
             its ``lr_factor``/``lr_patience``/``lr_threshold``/``lr_min``.
@@ -145,6 +166,7 @@ class SCVI(BaseModel):
         """
         if max_epochs is None:
             max_epochs = max_epochs_heuristic(self._train_cells().n_obs)
+        seed = default_seed(seed)
         config = TrainConfig.from_arguments(locals())
         make_loss = partial(_loss, self.module, config)
         return self._train(config, self._task(config, make_loss, ("scvi", self.module)))

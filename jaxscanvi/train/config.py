@@ -13,12 +13,15 @@ from typing import Any
 
 from .. import backend
 from ..errors import InputError, check_positive_int
+from .compat import translate
 from .state import KLSchedule
 
 PLAN_KEYS = {"lr", "eps", "weight_decay", "n_epochs_kl_warmup", "n_steps_kl_warmup",
              "max_kl_weight", "min_kl_weight", "reduce_lr_on_plateau", "lr_factor",
              "lr_patience", "lr_threshold", "lr_min", "lr_scheduler_metric",
-             "classification_ratio", "objective", "sparse_likelihood"}
+             "classification_ratio", "objective", "sparse_likelihood", "optimizer",
+             "gradient_clip_val", "gradient_clip_algorithm"}
+OPTIMIZERS = ("Adam", "AdamW")
 _SCHEDULE_KEYS = ("n_epochs_kl_warmup", "n_steps_kl_warmup", "max_kl_weight",
                   "min_kl_weight")
 _PLATEAU_KEYS = ("reduce_lr_on_plateau", "lr_factor", "lr_patience", "lr_threshold",
@@ -55,6 +58,12 @@ class Plan:
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise InputError("plan_kwargs['lr']", lr, "must be a positive number",
                              "pass e.g. plan_kwargs={'lr': 1e-3}")
+        optimizer = plan.get("optimizer", "Adam")
+        if optimizer not in OPTIMIZERS:
+            raise InputError("plan_kwargs['optimizer']", optimizer, "not an optimiser "
+                             "jaxscanvi has", "pass 'Adam' (default: L2 weight decay, "
+                             "torch.optim.Adam) or 'AdamW' (decoupled weight decay); "
+                             "'Custom' optimizer_creator functions are torch-only")
         schedule = KLSchedule(**{k: plan.pop(k) for k in _SCHEDULE_KEYS if k in plan})
         plateau = {k: plan.pop(k) for k in _PLATEAU_KEYS if k in plan}
         return cls(tuple(sorted(plan.items())), schedule, tuple(sorted(plateau.items())))
@@ -71,9 +80,11 @@ class TrainConfig:
     batch_size: int = 128
     train_size: float = 0.9
     validation_size: float | None = None
+    shuffle_set_split: bool = True
     early_stopping: bool = False
     early_stopping_patience: int = 45
     early_stopping_monitor: str = "elbo_validation"
+    early_stopping_min_delta: float = 0.0
     check_val_every_n_epoch: int | None = None
     seed: int = 0
     progress_bar: bool = True
@@ -114,7 +125,9 @@ class TrainConfig:
     def from_arguments(cls, arguments: dict, *, default_plan: dict | None = None
                        ) -> TrainConfig:
         """From `train()`'s arguments (its ``locals()``): each field by its name,
-        ``plan_kwargs`` parsed, ``loss_terms``/``loss_weights`` checked."""
+        ``plan_kwargs`` parsed, ``loss_terms``/``loss_weights`` checked. scvi-tools'
+        and Lightning's keywords are translated first (`compat.translate`)."""
+        arguments = translate(arguments)
         names = {f.name for f in fields(cls)}
         given = {k: v for k, v in arguments.items() if k in names}
         given["plan"] = Plan.parse(arguments.get("plan_kwargs"), default_plan)

@@ -69,9 +69,11 @@ def step_fns(config: TrainConfig, task: Task):
     def build():
         plan = config.plan
         eps = plan.get("eps", 0.01)
-        tx = make_optimizer(plan.get("lr", 1e-3), eps, plan.get("weight_decay", 1e-6),
-                            masks[0])
-        pending = partial(pending_update, eps=eps, trainable_mask=masks[0]) \
+        decay, decoupled = plan.get("weight_decay", 1e-6), plan.get("optimizer") == "AdamW"
+        tx = make_optimizer(plan.get("lr", 1e-3), eps, decay, masks[0],
+                            decoupled=decoupled, clip=_clip(plan))
+        pending = partial(pending_update, eps=eps, trainable_mask=masks[0],
+                          decoupled_decay=decay if decoupled else 0.0) \
             if numerics.kernels.deferred_adam else None
         step = make_train_step(task.make_loss(train=True), tx, plan.schedule,
                                config.on_nonfinite, masks[1], pending)
@@ -108,7 +110,7 @@ def check(config: TrainConfig, cells: CellData):
     shards = data_shards(config, cells.n_obs)
     check_source(config.data_source, cells)
     split = split_indices(cells.n_obs, config.train_size, config.validation_size,
-                          config.seed)
+                          config.seed, shuffle=config.shuffle_set_split)
     return parallel, shards, *split
 
 
@@ -157,14 +159,23 @@ def _loop_config(config: TrainConfig) -> FitConfig:
                      early_stopping=config.early_stopping,
                      early_stopping_monitor=config.early_stopping_monitor,
                      early_stopping_patience=config.early_stopping_patience,
+                     early_stopping_min_delta=config.early_stopping_min_delta,
                      on_nonfinite=config.on_nonfinite, progress_bar=config.progress_bar,
                      **dict(config.plan.plateau))
+
+
+def _clip(plan) -> tuple | None:
+    """Lightning's gradient clipping: ("norm" | "value", threshold), or None."""
+    value = plan.get("gradient_clip_val")
+    return None if value is None else (plan.get("gradient_clip_algorithm", "norm"), value)
 
 
 def _fingerprint(config: TrainConfig, n_obs: int) -> dict:
     """The settings a resumed run must share with the one that wrote the checkpoint."""
     return {"batch_size": config.batch_size, "seed": config.seed,
             "train_size": config.train_size, "validation_size": config.validation_size,
+            # only when set, so older checkpoints keep resuming
+            **({} if config.shuffle_set_split else {"shuffle_set_split": False}),
             "plan": repr(list(config.plan.options)), "schedule": repr(config.plan.schedule),
             "loss_terms": list(config.loss_term_names), "n_obs": n_obs}
 

@@ -14,7 +14,8 @@ import optax
 from tqdm.auto import tqdm
 
 from ..data.batch import Batch
-from ..errors import NonFiniteLossError
+from ..errors import InputError, NonFiniteLossError
+from .history import add_scvi_tools_names
 from .state import KLSchedule, TrainState, get_lr, set_lr
 
 
@@ -219,12 +220,14 @@ def run_loop(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,  #
             record["validation_loss"] = record.pop("loss_validation")
             if extra_val_metrics is not None:
                 record.update(extra_val_metrics(ts))
+        add_scvi_tools_names(record)
         record["epoch_seconds"] = time.perf_counter() - t0
         loop.history.append(record)
         bar.set_postfix(loss=f"{record['train_loss']:.4g}")
         if cfg.reduce_lr_on_plateau and cfg.lr_scheduler_metric in record:
             ts = _plateau(ts, loop, record[cfg.lr_scheduler_metric], cfg)
         stop = False
+        _check_monitor(cfg, record)
         if cfg.early_stopping and cfg.early_stopping_monitor in record:
             m = record[cfg.early_stopping_monitor]
             if m < loop.best - cfg.early_stopping_min_delta:
@@ -239,6 +242,21 @@ def run_loop(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,  #
             break
     bar.close()
     return ts, loop
+
+
+def _check_monitor(cfg: FitConfig, record: dict) -> None:
+    """A monitored metric missing from a validation epoch's record would never
+    stop training or lower the learning rate: refuse it at the first one."""
+    if not any(k.endswith("_validation") for k in record):
+        return
+    for on, name, arg in ((cfg.early_stopping, cfg.early_stopping_monitor,
+                           "early_stopping_monitor"),
+                          (cfg.reduce_lr_on_plateau, cfg.lr_scheduler_metric,
+                           "plan_kwargs['lr_scheduler_metric']")):
+        if on and name not in record:
+            metrics = sorted(k for k in record if "validation" in k)
+            raise InputError(arg, name, "is not a metric of this training's history",
+                             f"pass one of {metrics}")
 
 
 def _plateau(ts, loop: LoopState, metric: float, cfg: FitConfig):

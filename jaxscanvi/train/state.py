@@ -25,8 +25,13 @@ class TrainState:
 
 
 def make_optimizer(lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e-6,
-                   trainable_mask=None) -> optax.GradientTransformation:
-    """torch.optim.Adam(lr, eps, weight_decay): coupled L2, not AdamW.
+                   trainable_mask=None, *, decoupled: bool = False,
+                   clip: tuple | None = None) -> optax.GradientTransformation:
+    """torch.optim.Adam(lr, eps, weight_decay): coupled L2 (scvi-tools' "Adam");
+    with ``decoupled``, torch.optim.AdamW (its "AdamW"): p -= lr * (adam + wd * p).
+
+    ``clip``: Lightning's gradient clipping of the raw gradients, ("norm", c)
+    (global norm at most c) or ("value", c) (each element in [-c, c]).
 
     The learning rate is an injected hyper-parameter so reduce-on-plateau can
     change it between epochs. ``trainable_mask`` is a pytree like the params
@@ -35,9 +40,19 @@ def make_optimizer(lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e
     marked False gets an update of exactly zero, weight decay included.
     """
 
+    first = []  # before Adam; Adam stays the chain's element 1 (see pending_update)
+    if clip is not None:
+        kind, c = clip
+        first.append(optax.clip_by_global_norm(c) if kind == "norm" else optax.clip(c))
+    if not decoupled:
+        first.append(optax.add_decayed_weights(weight_decay))
+    after = [optax.add_decayed_weights(weight_decay)] if decoupled else []
+    # one element as it is: the state's structure (and old checkpoints) unchanged
+    head = first[0] if len(first) == 1 else optax.chain(*first) if first \
+        else optax.identity()
+
     def build(learning_rate):
-        return optax.chain(optax.add_decayed_weights(weight_decay),
-                           optax.scale_by_adam(eps=eps),
+        return optax.chain(head, optax.scale_by_adam(eps=eps), *after,
                            optax.scale_by_learning_rate(learning_rate))
 
     tx = optax.inject_hyperparams(build)(learning_rate=lr)
@@ -46,8 +61,8 @@ def make_optimizer(lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e
     return tx
 
 
-def pending_update(opt_state, params, *, eps: float = 0.01, trainable_mask=None,
-                   b1: float = 0.9, b2: float = 0.999):
+def pending_update(opt_state, params, *, eps: float = 0.01, trainable_mask=None,  # noqa: PLR0913 (keyword-only)
+                   b1: float = 0.9, b2: float = 0.999, decoupled_decay: float = 0.0):
     """Apply the Adam update held in ``opt_state`` to ``params``.
 
     ``opt_state`` is `make_optimizer`'s state after the step's moments were
@@ -56,14 +71,16 @@ def pending_update(opt_state, params, *, eps: float = 0.01, trainable_mask=None,
     device takes each step's update at the start of the next step: the
     moments are then written once, in place, instead of recomputed (and the
     old ones copied) for the parameter update, which on the CPU spends a
-    tenth of a step on memory traffic.
+    tenth of a step on memory traffic. ``decoupled_decay``: AdamW's weight
+    decay, which the moments do not hold.
     """
     inner = _inject_state(opt_state)
     adam = inner.inner_state[1]
     lr = inner.hyperparams["learning_rate"]
     mu_hat = optax.tree.bias_correction(adam.mu, b1, adam.count)
     nu_hat = optax.tree.bias_correction(adam.nu, b2, adam.count)
-    updates = jax.tree.map(lambda m, v: (m / (jnp.sqrt(v) + eps)) * -lr, mu_hat, nu_hat)
+    updates = jax.tree.map(lambda m, v, p: (m / (jnp.sqrt(v) + eps) + decoupled_decay * p)
+                           * -lr, mu_hat, nu_hat, params)
     if trainable_mask is not None:
         updates, _ = zero_frozen(trainable_mask).update(updates, optax.EmptyState())
     return optax.apply_updates(params, updates)
