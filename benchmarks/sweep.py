@@ -55,7 +55,7 @@ def sequential(js, adata, k: int, train: dict) -> dict:
     epochs = 0.0
     for s in range(k):
         m = js.SCVI(adata, seed=s, **ARCH).train(seed=s, **train)
-        epochs += float(m.history["epoch_seconds"].sum())
+        epochs += float(m.history.to_frame()["epoch_seconds"].sum())
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
             "epoch_seconds": epochs}
 
@@ -66,7 +66,7 @@ def vmapped(js, adata, k: int, train: dict, order: str) -> dict:
     out = sweep.train_many(lambda s: js.SCVI(adata, seed=s, **ARCH), seeds=list(range(k)),
                            order=order, **train)
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-            "epoch_seconds": float(out.models[0].history["epoch_seconds"].sum())}
+            "epoch_seconds": float(out.models[0].history.to_frame()["epoch_seconds"].sum())}
 
 
 def ensemble(js, args) -> dict:

@@ -38,11 +38,11 @@ def assert_same_model(got, want, rtol=2e-4, atol=2e-5):
         for (path, x), y in zip(la, lb):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
                                        err_msg=f"{name}{jax.tree_util.keystr(path)}")
-    assert list(got.history.columns) == list(want.history.columns)
-    assert list(got.history.index) == list(want.history.index)
-    cols = [c for c in want.history.columns if c != "epoch_seconds"]
-    np.testing.assert_allclose(got.history[cols].to_numpy(float),
-                               want.history[cols].to_numpy(float), rtol=rtol, atol=atol)
+    assert list(got.history.to_frame().columns) == list(want.history.to_frame().columns)
+    assert list(got.history.to_frame().index) == list(want.history.to_frame().index)
+    cols = [c for c in want.history.to_frame().columns if c != "epoch_seconds"]
+    np.testing.assert_allclose(got.history.to_frame()[cols].to_numpy(float),
+                               want.history.to_frame()[cols].to_numpy(float), rtol=rtol, atol=atol)
     np.testing.assert_array_equal(got.train_indices, want.train_indices)
     np.testing.assert_array_equal(got.validation_indices, want.validation_indices)
     assert got.is_trained and int(got.train_state.step) == int(want.train_state.step)
@@ -64,11 +64,11 @@ def test_scvi_members_equal_their_single_runs(data):
               early_stopping_patience=2, **FIT)
     out = sweep.train_many(lambda s: js.SCVI(adata, seed=s, **NET), members=members,
                            order="per_model", plan_kwargs=plan, **kw)
-    assert [len(m.history) for m in out.models] == [5, 3, 5]
+    assert [m.history.n_epochs for m in out.models] == [5, 3, 5]
     assert len(out.history) == 13
     assert {"member", "seed", "hp_lr", "hp_max_kl_weight", "lr", "elbo_validation"} <= \
         set(out.history.columns)
-    assert out.models[0].history["lr"].iloc[-1] < 1e-3
+    assert out.models[0].history.to_frame()["lr"].iloc[-1] < 1e-3
     for model, m in zip(out.models, members):
         single = js.SCVI(adata, seed=m["seed"], **NET).train(
             seed=m["seed"], plan_kwargs={**plan, **{k: v for k, v in m.items() if k != "seed"}},
@@ -79,7 +79,7 @@ def test_scvi_members_equal_their_single_runs(data):
     assert not np.allclose(z[0], z[2], atol=1e-3)
     assert out.history.groupby("member")["kl_weight"].last().tolist() == \
         pytest.approx([4 / 400, 2 / 400, 0.5])
-    last = [m.history["elbo_validation"].iloc[-1] for m in out.models]
+    last = [m.history.to_frame()["elbo_validation"].iloc[-1] for m in out.models]
     assert out.final["elbo_validation"].tolist() == last
     assert out.best("elbo_validation") is out.models[int(np.argmin(last))]
     assert out.members.loc[1, "weight_decay"] == 1e-3
@@ -115,13 +115,13 @@ def test_scanvi_shared_order_with_loss_term_equals_single_runs(data, scanvi_swee
         assert_same_model(model, single)
         assert model.temperature == pytest.approx(single.temperature, rel=1e-3)
         assert model.loss_term_names == ("centre",)
-    assert not np.allclose(np.asarray(out.models[0].history["train_loss"]),
-                           np.asarray(out.models[1].history["train_loss"]))
+    assert not np.allclose(np.asarray(out.models[0].history.to_frame()["train_loss"]),
+                           np.asarray(out.models[1].history.to_frame()["train_loss"]))
     # seed 3 shares seed 0's split and order, not its noise
     third = out.models[2]
     np.testing.assert_array_equal(third.validation_indices, out.models[1].validation_indices)
-    assert not np.allclose(np.asarray(third.history["train_loss"]),
-                           np.asarray(out.models[1].history["train_loss"]))
+    assert not np.allclose(np.asarray(third.history.to_frame()["train_loss"]),
+                           np.asarray(out.models[1].history.to_frame()["train_loss"]))
     assert (out.history["data_seed"] == 0).all()
 
 

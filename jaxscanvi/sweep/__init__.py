@@ -273,7 +273,7 @@ def _result(models, specs, kwargs) -> SweepResult:
              **{k: spec.get(k) for k in hyper}}
             for i, (spec, kw) in enumerate(zip(specs, kwargs))]
     members = pd.DataFrame(rows)
-    histories = [m.history.reset_index() for m in models]
+    histories = [m.history.to_frame().reset_index() for m in models]
     history = pd.concat(histories, ignore_index=True)
     which = np.repeat(np.arange(len(models)), [len(h) for h in histories])
     # "hp_": the history has its own "lr" (the rate at each epoch)

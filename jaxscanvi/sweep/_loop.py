@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..train.fit import FitResult, _loop_config
+from ..train.history import add_scvi_tools_names
 from ..train.loop import LoopState, _nonfinite_error, epoch_means
 from ..train.state import TrainState, _inject_state
 from ._step import masked_jit, programs
@@ -164,6 +165,7 @@ def run(members: list[Member], ts: TrainState, hp: dict, *, source, shared: bool
                       source.cells)
         seconds = time.perf_counter() - t0
         for m, rec in records.items():
+            add_scvi_tools_names(rec)  # as train()'s loop records it
             rec["epoch_seconds"] = seconds
             loops[m].history.append(rec)
             if cfg.reduce_lr_on_plateau and cfg.lr_scheduler_metric in rec:
