@@ -19,21 +19,10 @@ import warnings
 
 import numpy as np
 
-from _common import accuracy, balanced_accuracy, memory_snapshot, per_class_recall
+from _common import accuracy, balanced_accuracy, macro_f1, memory_snapshot, per_class_recall
 
 UNKNOWN = "Unknown"
 REF_BATCH, QUERY_BATCH = "pbmc3k_v1", "pbmc4k_v2"
-
-
-def macro_f1(y_true, y_pred) -> float:
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    f1 = []
-    for c in np.unique(y_true):
-        tp = np.sum((y_pred == c) & (y_true == c))
-        prec = tp / max(np.sum(y_pred == c), 1)
-        rec = tp / max(np.sum(y_true == c), 1)
-        f1.append(0.0 if tp == 0 else 2 * prec * rec / (prec + rec))
-    return float(np.mean(f1))
 
 
 def split(path, labels_key: str, n_hvg: int, top_variance_genes):

@@ -9,7 +9,8 @@ contrib.mmd_batch_penalty(2)}`` at each weight in ``--weights`` (0 = plain
 scVI), all else equal, and the latent means are scored:
 
 * batch mixing: mean normalised entropy of batch labels among each cell's 50
-  nearest neighbours (1 = perfectly mixed, 0 = separated; `jaxscanvi.metrics`);
+  nearest neighbours (1 = perfectly mixed, 0 = separated; `_common.batch_entropy`,
+  on scikit-learn's neighbours);
 * cell-type separation: leave-one-out 15-NN accuracy of the cell-type labels
   (not used in training);
 * cross-batch transfer: 15-NN accuracy of each batch's cell types predicted
@@ -45,7 +46,7 @@ DEFAULT_OUT = HERE / "results" / "mmd_mixing.json"
 def run(adata, weight: float, seed: int, epochs: int) -> dict:
     import jaxscanvi as js
     from jaxscanvi import contrib
-    from jaxscanvi.metrics import batch_entropy, knn_accuracy, knn_predict
+    from _common import batch_entropy, knn_accuracy, knn_predict
     model = js.SCVI(adata, seed=seed)
     kw = {} if weight == 0 else dict(
         loss_terms={"mmd": contrib.mmd_batch_penalty(model.registry.n_batch)},

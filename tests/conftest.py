@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # The suite never writes into the user's compilation cache: jaxscanvi's
@@ -43,3 +44,46 @@ def hvg(adata, n_top: int = 2000):
     suggests; the tests' thresholds were set on these genes)."""
     from jaxscanvi.data.hvg import highly_variable_genes
     return adata[:, highly_variable_genes(adata, n_top, flavor="variance")].copy()
+
+
+# ---------------------------------------------------------- embedding metrics
+# scikit-learn finds the neighbours and the principal components; the scores
+# on top are the usual few lines (leave-one-out kNN vote, batch entropy).
+def _neighbours(z, k: int):
+    from sklearn.neighbors import NearestNeighbors
+    nn = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z, return_distance=False)
+    return nn[:, 1:]  # drop each cell itself
+
+
+def knn_accuracy(z, labels, k: int = 15, mask=None) -> float:
+    """Leave-one-out k-NN accuracy (majority vote) among the cells of ``mask``."""
+    labels = np.asarray(labels)
+    idx = np.arange(len(labels)) if mask is None else np.flatnonzero(mask)
+    cats, y = np.unique(labels[idx], return_inverse=True)
+    votes = y[_neighbours(np.asarray(z)[idx], k)]
+    pred = np.array([np.bincount(v, minlength=len(cats)).argmax() for v in votes])
+    return float((pred == y).mean())
+
+
+def batch_entropy(z, batches, k: int = 15) -> float:
+    """Mean entropy of batch labels among each cell's k neighbours, each batch's
+    share divided by its global share, normalised by log(#batches): 1 = mixed."""
+    cats, codes = np.unique(np.asarray(batches), return_inverse=True)
+    if len(cats) < 2:
+        return 1.0
+    counts = np.stack([(codes[_neighbours(np.asarray(z), k)] == c).sum(1)
+                       for c in range(len(cats))], 1).astype(float)
+    p = counts / (np.bincount(codes) / len(codes))
+    p /= p.sum(1, keepdims=True)
+    ent = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(1)
+    return float(ent.mean() / np.log(len(cats)))
+
+
+def pca_log_normalized(X, n_components: int = 10):
+    """PCA of log1p(counts / library * 1e4): the uncorrected baseline."""
+    import scipy.sparse as sp
+    from sklearn.decomposition import PCA
+    X = X.toarray() if sp.issparse(X) else np.asarray(X, float)
+    lib = X.sum(1, keepdims=True)
+    return PCA(n_components, random_state=0).fit_transform(
+        np.log1p(X / np.where(lib > 0, lib, 1) * 1e4))

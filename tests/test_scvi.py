@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import hvg, shared_file  # noqa: E402
-from jaxscanvi.metrics import batch_entropy, knn_accuracy, pca_log_normalized  # noqa: E402
+from conftest import (batch_entropy, hvg, knn_accuracy, pca_log_normalized,  # noqa: E402
+                      shared_file)
 
 from jaxscanvi import SCVI, InputError, NonFiniteLossError, synthetic_atlas  # noqa: E402
 from jaxscanvi.train.config import max_epochs_heuristic  # noqa: E402
