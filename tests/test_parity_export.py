@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.scvi_tools  # CI's parity step runs every test so marked
+
 if importlib.util.find_spec("scvi") is None or importlib.util.find_spec("torch") is None:
     pytest.skip("scvi-tools and torch are not installed (pip install "
                 "'jaxscanvi[compare]')", allow_module_level=True)

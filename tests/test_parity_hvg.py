@@ -11,6 +11,8 @@ import importlib.util
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.scvi_tools  # CI's parity step runs every test so marked
+
 if importlib.util.find_spec("scanpy") is None or importlib.util.find_spec("skmisc") is None:
     pytest.skip("scanpy and scikit-misc are not installed (CI's parity step has them)",
                 allow_module_level=True)
