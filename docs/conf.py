@@ -26,6 +26,7 @@ myst_heading_anchors = 3
 nb_execution_mode = os.environ.get("JAXSCANVI_DOCS_EXECUTE", "force")
 nb_execution_raise_on_error = True
 nb_execution_timeout = 900
+nb_execution_show_tb = True
 nb_merge_streams = True
 
 autosummary_generate = True

@@ -1,14 +1,14 @@
-"""The README's "Error catalogue" section, generated from the tests that check it.
+"""The docs' error catalogue (docs/guide/errors.md), generated from the tests that check it.
 
-    python tests/catalogue.py           # print the section (markdown)
-    python tests/catalogue.py --write   # replace the section in README.md
+    python tests/catalogue.py           # print the page (markdown)
+    python tests/catalogue.py --write   # write docs/guide/errors.md
 
 Rows come from every parametrised test in tests/test_errors.py and
 tests/test_io.py whose parameters name a ``field`` (an InputError naming that
 field) or an ``exc`` (that exception type): one row per case id, described by
 the id with underscores replaced. Bad inputs checked by single tests are
 listed by hand in HAND_ROWS, each with the test that covers it.
-tests/test_reliability.py checks that README.md holds exactly this text and
+tests/test_reliability.py checks that the page holds exactly this text and
 that every test named here exists, so the two cannot drift apart.
 """
 
@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-README = TESTS.parent / "README.md"
-HEADING = "## Error catalogue"
+PAGE = TESTS.parent / "docs" / "guide" / "errors.md"
+HEADING = "# Error catalogue"
 
 # parametrised test -> where the bad input is caught
 STAGES = {
@@ -192,23 +192,8 @@ def section() -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_section(text: str) -> str | None:
-    """The catalogue section of README text: from its heading to the next one."""
-    m = re.search(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
-    return None if m is None else m.group(0).rstrip("\n") + "\n"
-
-
 def write() -> None:
-    text = README.read_text()
-    new = section()
-    old = readme_section(text)
-    if old is not None:
-        text = text.replace(old, new, 1)
-    else:  # before the differences from scvi-tools, else at the end
-        anchor = "## Deliberate differences from scvi-tools"
-        text = (text.replace(anchor, new + "\n" + anchor, 1) if anchor in text
-                else text.rstrip("\n") + "\n\n" + new)
-    README.write_text(text)
+    PAGE.write_text(section())
 
 
 if __name__ == "__main__":
