@@ -344,7 +344,7 @@ def training_curves(folder: Path, epochs: int = 5, *, scanvi: bool = False) -> d
     plan = {"objective": "scvi-tools"} if scanvi else {}
     ours.train(progress_bar=False, plan_kwargs=plan, **kw)
     theirs_curve = np.asarray(m.history["elbo_train"]["elbo_train"], np.float64)
-    ours_curve = np.asarray(ours.history["elbo_train"], np.float64)
+    ours_curve = np.asarray(ours.history["elbo_train"]["elbo_train"], np.float64)  # same form
     rel = np.abs(ours_curve - theirs_curve) / np.abs(theirs_curve)
     return {"model": "SCANVI" if scanvi else "SCVI", "epochs": epochs,
             "elbo_train_scvi_tools": theirs_curve.tolist(),
