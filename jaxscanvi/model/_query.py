@@ -33,13 +33,9 @@ WARN_GENE_OVERLAP = 0.8  # warn below this (scvi-tools' MIN_VAR_NAME_RATIO)
 
 def _reference_var_names(reference_model) -> pd.Index:
     if isinstance(reference_model, (str, Path)):
+        from ._validate import registry_of
         meta = io.read_metadata(reference_model)
-        try:
-            return pd.Index(meta["registry"]["var_names"])
-        except (KeyError, TypeError):
-            raise ModelFormatError(f"{str(reference_model)!r}: metadata has no registry; "
-                                   "the folder is damaged. Fix: save the model again"
-                                   ) from None
+        return pd.Index(registry_of(reference_model, meta).var_names)
     registry = getattr(reference_model, "registry", None)
     if not isinstance(registry, Registry):
         raise InputError("reference_model", type(reference_model).__name__,
