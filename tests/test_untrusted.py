@@ -516,3 +516,101 @@ def test_fuzzed_damaged_folder(saved, tmp_path_factory, data):
     outcome = _load(saved, kind, d, may_differ=resigned)
     COUNTS[f"fuzz {how}{' re-signed' if resigned else ''}: {outcome}"] += 1
     COUNTS["fuzz total"] += 1
+
+
+# ------------------------------------------------ 2. damaged .h5ad for the CLI
+def _atlas():
+    return synthetic_atlas(n_cells=60, n_genes=20, n_batches=2, n_lineages=1,
+                           types_per_lineage=2, seed=0, markers_per_type=3)
+
+
+def _written(fn):
+    def make(p: Path):
+        a = _atlas()
+        fn(a)
+        a.write_h5ad(p)
+    return make
+
+
+def _cut(frac: float):
+    def make(p: Path):
+        _atlas().write_h5ad(p)
+        b = p.read_bytes()
+        p.write_bytes(b[:int(len(b) * frac)])
+    return make
+
+
+def _flipped(p: Path):
+    _atlas().write_h5ad(p)
+    b = bytearray(p.read_bytes())
+    for at in (0.33, 0.5):
+        b[int(len(b) * at)] ^= 0xFF
+    p.write_bytes(bytes(b))
+
+
+def _dense(a, fn):
+    a.X = fn(a.X.toarray())
+
+
+def _set_obs(key, fn):
+    def edit(a):
+        a.obs[key] = fn(a)
+    return edit
+
+
+def _batch_with_nan(a):
+    col = a.obs["batch"].astype(object)
+    col.iloc[0] = np.nan
+    a.obs["batch"] = col
+
+
+def _dup_genes(a):
+    a.var_names = ["g"] * a.n_vars
+
+
+H5AD = [
+    # id, how the file is made, what the one error line must say
+    ("random_bytes", lambda p: p.write_bytes(os.urandom(3000)), r"not a readable \.h5ad"),
+    ("empty_file", lambda p: p.write_bytes(b""), r"not a readable \.h5ad"),
+    ("truncated_half", _cut(0.5), r"not a readable \.h5ad"),
+    ("truncated_to_header", _cut(0.02), r"not a readable \.h5ad"),
+    ("bytes_flipped", _flipped, r"not a readable \.h5ad|adata"),
+    ("zero_cells", lambda p: _atlas()[:0].copy().write_h5ad(p), r"no cells"),
+    ("zero_genes", lambda p: _atlas()[:, :0].copy().write_h5ad(p), r"no genes"),
+    ("duplicate_var_names", _written(_dup_genes), r"gene names are duplicated"),
+    ("fractional_counts", _written(lambda a: _dense(a, lambda x: x * 0.5)),
+     r"non-integer"),
+    ("negative_counts", _written(lambda a: _dense(a, lambda x: x - 1)), r"negative"),
+    ("nan_counts", _written(lambda a: _dense(a, lambda x: np.where(
+        np.eye(*x.shape) > 0, np.nan, x).astype(np.float32))), r"NaN or inf"),
+    ("complex_counts", _written(lambda a: _dense(a, lambda x: x.astype(np.complex64))),
+     r"not numeric"),
+    ("bool_counts", _written(lambda a: _dense(a, lambda x: x > 0)), r"not numeric"),
+    ("no_X", _written(lambda a: setattr(a, "X", None)), r"adata\.X is empty"),
+    ("labels_continuous", _written(_set_obs("cell_type", lambda a: np.linspace(
+        0.1, 0.9, a.n_obs))), r"obs\['cell_type'\].*look continuous"),
+    ("labels_column_missing", _written(lambda a: a.obs.pop("cell_type")),
+     r"not a column of adata\.obs"),
+    ("batch_with_missing_value", _written(_batch_with_nan), r"missing values"),
+    ("a_folder", lambda p: p.mkdir(), r"no such file"),
+]
+
+
+@pytest.mark.parametrize("make,pattern", [c[1:] for c in H5AD], ids=[c[0] for c in H5AD])
+def test_cli_damaged_h5ad_is_one_clear_error(tmp_path, capsys, make, pattern):
+    import re
+    import warnings
+    from jaxscanvi.cli import main
+    p = tmp_path / "in.h5ad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (anndata's, about the odd inputs)
+        make(p)
+        rc = main(["train", "--adata", str(p), "--model-dir", str(tmp_path / "m"),
+                   "--labels-key", "cell_type", "--batch-key", "batch", "--n-top-genes",
+                   "0", "--scvi-epochs", "1", "--scanvi-epochs", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("jaxscanvi train: error: ") and "Fix:" in err, err
+    assert re.search(pattern, err), err
+    assert not (tmp_path / "m").exists()  # nothing trained, nothing written
+    COUNTS["h5ad: one clear error"] += 1
