@@ -23,6 +23,7 @@ from ..data.cells import CellData, cell_data
 from ..data.registry import Registry
 from ..data.batch import NonZeros
 from ..errors import InputError, NonFiniteLossError
+from ..train import budget
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, Task, check, fit
 from ..train.parallel import to_default_device
@@ -142,6 +143,7 @@ class BaseModel:
                           stacklevel=3)
         self.loss_term_names = config.loss_term_names
         check(config, task.cells)  # every input error before anything compiles
+        budget.check(config, task.cells, self.module.config)  # and before allocating
         try:
             result = fit(config, task)
         except NonFiniteLossError as err:
