@@ -8,11 +8,11 @@ _configure_cache()  # before anything compiles; see compile_cache.py
 
 from .data.registry import Registry
 from .data.synthetic import synthetic_atlas
-from .errors import InputError, ModelFormatError, NonFiniteLossError
+from .errors import FolderLockedError, InputError, ModelFormatError, NonFiniteLossError
 from .model.scanvi import SCANVI
 from .model.scvi import SCVI
 from . import de, pl
 
 __all__ = ["SCVI", "SCANVI", "Registry", "synthetic_atlas", "InputError", "ModelFormatError",
-           "NonFiniteLossError", "__version__", "FORMAT_VERSION", "set_compilation_cache",
-           "clear_caches"]
+           "NonFiniteLossError", "FolderLockedError", "__version__", "FORMAT_VERSION",
+           "set_compilation_cache", "clear_caches"]

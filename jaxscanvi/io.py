@@ -11,6 +11,7 @@ added have none). Loading checks the format tag, the version and every checksum.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from typing import Any
 from flax import serialization
 
 from ._version import FORMAT_VERSION, __version__
+from . import lock
 from .errors import ModelFormatError
 
 FORMAT_TAG = "jaxscanvi-model"
@@ -50,18 +52,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            raise OSError(e.errno, f"{e.strerror} while writing {str(path)!r} "
+                          f"({len(data)} bytes); the folder's previous version is intact. "
+                          "Fix: free space on that disk (or pass a folder on another one) "
+                          "and save again") from e
         raise
     _fsync_dir(path.parent)
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (one seam for tests of a full disk)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def sha256(data: bytes) -> str:
@@ -73,9 +91,14 @@ def write_folder(dir_path, metadata: dict[str, Any], blobs: dict[str, bytes], *,
     """Write named byte blobs and metadata atomically into ``dir_path``.
 
     ``extra_files`` are already-written files (e.g. an .h5ad) to move in under
-    a content-addressed name.
+    a content-addressed name. The folder is locked meanwhile (`lock`).
     """
-    d = Path(dir_path)
+    with lock.locked(dir_path, "save"):
+        _write_folder(Path(dir_path), metadata, blobs, overwrite=overwrite,
+                      extra_files=extra_files)
+
+
+def _write_folder(d: Path, metadata, blobs, *, overwrite: bool, extra_files) -> None:
     if d.exists() and not d.is_dir():
         raise FileExistsError(f"{d} exists and is not a folder")
     if d.exists() and (d / METADATA).exists() and not overwrite:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from .. import distributed, io
+from .. import distributed, io, lock
 from ..data.cells import check_var_names
 from ..data.registry import Registry
 from ..errors import InputError, ModelFormatError
@@ -69,6 +69,13 @@ def _write(model, dir_path, *, overwrite: bool, save_anndata: bool) -> None:
     if save_anndata and model.adata is None:
         raise InputError("save_anndata", True, "the model holds no AnnData",
                          "pass save_anndata=False")
+    with lock.locked(d, "save"):  # one writer at a time, the AnnData included
+        _write_locked(model, d, meta, blobs, extra, overwrite=overwrite,
+                      save_anndata=save_anndata)
+
+
+def _write_locked(model, d: Path, meta, blobs, extra, *, overwrite: bool,
+                  save_anndata: bool) -> None:
     try:
         if save_anndata:
             d.mkdir(parents=True, exist_ok=True)
