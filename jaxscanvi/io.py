@@ -106,21 +106,31 @@ def _write_folder(d: Path, metadata, blobs, *, overwrite: bool, extra_files) -> 
                               "replace it")
     d.mkdir(parents=True, exist_ok=True)
     old_files = set(_listed_files(d))
-    files = {}
-    for name, data in blobs.items():
-        digest = sha256(data)
-        fname = f"{name}-{digest[:16]}.msgpack"
-        if not (d / fname).exists():
-            atomic_write_bytes(d / fname, data)
-        files[name] = {"file": fname, "sha256": digest}
-    for name, src in (extra_files or {}).items():
-        digest = _file_sha256(src)
-        fname = f"{name}-{digest[:16]}{''.join(Path(src).suffixes)}"
-        os.replace(src, d / fname)
-        files[name] = {"file": fname, "sha256": digest}
-    meta = sign({"format": FORMAT_TAG, "format_version": FORMAT_VERSION,
-                 "jaxscanvi_version": __version__, **metadata, "files": files})
-    atomic_write_bytes(d / METADATA, json.dumps(meta, indent=1).encode())
+    files, new = {}, []
+    try:
+        for name, data in blobs.items():
+            digest = sha256(data)
+            fname = f"{name}-{digest[:16]}.msgpack"
+            if not (d / fname).exists():
+                atomic_write_bytes(d / fname, data)
+                new.append(fname)
+            files[name] = {"file": fname, "sha256": digest}
+        for name, src in (extra_files or {}).items():
+            digest = _file_sha256(src)
+            fname = f"{name}-{digest[:16]}{''.join(Path(src).suffixes)}"
+            os.replace(src, d / fname)
+            new.append(fname)
+            files[name] = {"file": fname, "sha256": digest}
+        meta = sign({"format": FORMAT_TAG, "format_version": FORMAT_VERSION,
+                     "jaxscanvi_version": __version__, **metadata, "files": files})
+        atomic_write_bytes(d / METADATA, json.dumps(meta, indent=1).encode())
+    except BaseException:  # (a full disk, say) the old metadata names the old files:
+        for f in set(new) - old_files:  # leave the folder as it was
+            try:
+                os.unlink(d / f)
+            except OSError:
+                pass
+        raise
     keep = {f["file"] for f in files.values()}
     for f in old_files - keep:
         try:

@@ -214,20 +214,25 @@ def test_sigkill_during_model_save_keeps_the_previous_version(kind, target,
 
 
 # ------------------------------------------------------------ a full disk
+_WRITE_ALL = io.write_all  # the real one, under every patch below
+
+
 def _disk_fills_after(monkeypatch, budget: int | None, *, only=None):
     """io.write_all writes ``budget`` more bytes (to files ``only`` accepts), then
     raises ENOSPC, as a full disk does; None: never."""
     import errno
-    left = {"bytes": budget}
-    real = io.write_all
+    left = {"bytes": budget, "written": 0}
+    real = _WRITE_ALL
 
     def write_all(fd, data):
         name = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else ""
         if left["bytes"] is None or (only is not None and not only(name)):
+            left["written"] += len(data)
             return real(fd, data)
         n = min(left["bytes"], len(data))
         real(fd, data[:n])
         left["bytes"] -= n
+        left["written"] += n
         if n < len(data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(io, "write_all", write_all)
@@ -242,10 +247,15 @@ def test_full_disk_during_save_keeps_the_previous_version(kind, uninterrupted_of
     model, d = uninterrupted_of(kind), tmp_path / "model"
     model.save(d)
     before = {p.name: p.read_bytes() for p in d.iterdir()}
-    total = sum(len(b) for b in before.values())
     old_params = model.params
     model.params = jax.tree_util.tree_map(lambda v: v + 1, old_params)
     try:
+        import shutil
+        counted = _disk_fills_after(monkeypatch, None)  # the bytes the new version writes
+        shutil.copytree(d, tmp_path / "scratch")
+        model.save(tmp_path / "scratch", overwrite=True)
+        total = counted["written"]
+        assert total > 1000
         for budget in (0, 1, 100, total // 3, total // 2, total - 1):
             _disk_fills_after(monkeypatch, budget)
             with pytest.raises(OSError, match=r"No space left on device while writing .*"

@@ -118,8 +118,11 @@ def fit(config: TrainConfig, task: Task) -> FitResult:
 
     The checkpoint folder, if any, is locked for the whole run (`lock`): a
     second run writing to it fails at once instead of mixing its files in."""
-    held = (lock.acquire(config.checkpoint_dir, "training checkpoints")
-            if config.checkpoint_dir is not None and distributed.is_main() else None)
+    # process 0 writes; a refusal there stops every process (`agree`)
+    held = distributed.agree(lambda: lock.acquire(config.checkpoint_dir, "training "
+                                                  "checkpoints")
+                             if config.checkpoint_dir is not None and distributed.is_main()
+                             else None)
     try:
         return _fit(config, task, held)
     finally:
