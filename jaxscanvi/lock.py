@@ -92,9 +92,8 @@ def _describe(info: dict | None) -> str:
 def _write_info(path: Path, fd: int, what: str) -> None:
     data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                        "time": time.time(), "what": what}).encode()
-    try:
+    try:  # (no fsync: after a power loss its pid is dead, so the lock is stale anyway)
         os.write(fd, data)
-        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -138,7 +137,11 @@ def acquire(dir_path, what: str) -> Path:
                 f"writers would mix their files. Fix: wait for it to finish, or write to "
                 f"another folder; if that process is gone for good (e.g. its machine "
                 f"crashed), delete {str(path)!r}") from None
-        _write_info(path, fd, what)
+        try:
+            _write_info(path, fd, what)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         _held[key] = 1
         return path
     raise FolderLockedError(f"{str(d)!r}: its lock changed hands repeatedly while being "
