@@ -139,7 +139,13 @@ def _adata(dir_path, meta: dict, adata, registry: Registry):
         path = io.file_path(dir_path, meta, "adata")
         if path is not None:
             import anndata
-            adata = anndata.read_h5ad(path)
+            try:
+                adata = anndata.read_h5ad(path)
+            except Exception as e:  # noqa: BLE001 (h5py raises many kinds on bad files)
+                raise ModelFormatError(f"{str(path)!r}, the saved AnnData, cannot be read "
+                                       f"({type(e).__name__}: {str(e)[:160]}). Fix: pass "
+                                       "adata=... to load(), or save the model again"
+                                       ) from None
     if adata is not None:
         check_var_names(adata, registry)
         adata.uns["_jaxscanvi_registry"] = registry.to_json()
