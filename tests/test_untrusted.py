@@ -297,6 +297,15 @@ def _set(path: str, value):
     return _edit(fn)
 
 
+def _garbage_adata(d: Path):
+    """A saved AnnData that is not one, correctly listed and signed."""
+    data = b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 4
+    (d / "adata-0000.h5ad").write_bytes(data)
+    meta = _meta(d)
+    meta["files"]["adata"] = {"file": "adata-0000.h5ad", "sha256": io.sha256(data)}
+    _write_meta(d, meta)
+
+
 def _reorder(meta_bytes: bytes) -> bytes:
     meta = json.loads(meta_bytes)
     return json.dumps(dict(reversed(list(meta.items()))), indent=3).encode()
@@ -389,6 +398,7 @@ HAND = [
         t, lambda a: _Declared((HUGE, HUGE)))), "error"),
     ("freeze_blob_int_masks", "query", _reblob(lambda t: _first_leaf(
         t, lambda a: np.asarray(a, np.int8)), "freeze"), "error"),
+    ("saved_adata_not_hdf5", "scanvi", _garbage_adata, "error"),
     ("stray_tmp_file", "scvi", lambda d: (d / ".variables.tmp").write_bytes(b"x" * 10),
      "identical"),
 ]
