@@ -9,12 +9,12 @@ _configure_cache()  # before anything compiles; see compile_cache.py
 
 from .data.registry import Registry
 from .data.synthetic import synthetic_atlas
-from .errors import InputError, ModelFormatError, NonFiniteLossError
+from .errors import FolderLockedError, InputError, ModelFormatError, NonFiniteLossError
 from .model.scanvi import SCANVI
 from .model.scvi import SCVI
 from .model._setup_view import REGISTRY_KEYS
 from . import de, model, pl
 
 __all__ = ["SCVI", "SCANVI", "Registry", "synthetic_atlas", "InputError", "ModelFormatError",
-           "NonFiniteLossError", "__version__", "FORMAT_VERSION", "set_compilation_cache",
-           "clear_caches", "settings", "model", "REGISTRY_KEYS"]
+           "NonFiniteLossError", "FolderLockedError", "__version__", "FORMAT_VERSION",
+           "set_compilation_cache", "clear_caches", "settings", "model", "REGISTRY_KEYS"]

@@ -26,11 +26,19 @@ def _metrics(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 def _read(path: str, what: str):
     import anndata as ad
+
+    from .errors import InputError
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--{what} {path}: no such file. Fix: pass the path of an "
                                 ".h5ad file")
-    return ad.read_h5ad(p)
+    try:
+        return ad.read_h5ad(p)
+    except Exception as e:  # noqa: BLE001 (h5py and anndata raise many kinds on bad files)
+        raise InputError(f"--{what}", path, f"not a readable .h5ad file ({type(e).__name__}"
+                         f": {' '.join(str(e).split())[:160]})", "pass an .h5ad written by "
+                         "anndata (adata.write_h5ad), and check that it was copied whole"
+                         ) from None
 
 
 def write_h5ad_atomic(adata, path) -> None:

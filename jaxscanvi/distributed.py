@@ -13,22 +13,43 @@ by process 0 only.
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+from pathlib import Path
+
 import numpy as np
 
 import jax
 
 from .errors import InputError
 
+LOST_PROCESS_TIMEOUT_S = 60
+_KEY = "jaxscanvi/process"
+# what a collective raises when a peer went away (gloo on CPU, the runtime elsewhere)
+_PEER_LOST = ("Connection closed by peer", "Connection reset", "heartbeat", "UNAVAILABLE",
+              "Gloo", "unhealthy")
+
+
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids=None, **kwargs) -> None:
+               process_id: int | None = None, local_device_ids=None, *,
+               lost_process_timeout_s: int = LOST_PROCESS_TIMEOUT_S, **kwargs) -> None:
     """Join the run: `jax.distributed.initialize` with gloo collectives on CPU.
 
     Call it first, before anything runs a JAX computation. On SLURM, TPU pods
     and other clusters JAX reads the arguments from the environment and all
     may be left out; on your own machines pass them (the same coordinator
     address, e.g. ``"10.0.0.1:1234"``, on every process).
+
+    If a process dies, the others stop: at once with `LostProcessError` when
+    a collective notices (a closed connection), and at the latest
+    ``lost_process_timeout_s`` after its last heartbeat, when JAX's runtime
+    ends them. Checkpoints are written whole or not at all, so the last
+    complete one stays loadable.
     """
+    kwargs.setdefault("heartbeat_timeout_seconds", int(lost_process_timeout_s))
+    kwargs.setdefault("shutdown_timeout_seconds", int(lost_process_timeout_s))
     try:  # CPU processes exchange tensors through gloo; other platforms ignore it
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, ValueError):  # an older JAX without the option
@@ -36,6 +57,69 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id,
                                local_device_ids=local_device_ids, **kwargs)
+    client = _client()
+    if client is not None:  # who each process is, to name one that is lost
+        client.key_value_set(f"{_KEY}/{jax.process_index()}", json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid()}))
+
+
+class LostProcessError(RuntimeError):
+    """Another process of a many-process run died; this one stops too."""
+
+
+def _client():
+    try:
+        from jax._src import distributed as jd
+        return jd.global_state.client
+    except (ImportError, AttributeError):
+        return None
+
+
+def lost_processes() -> list[str]:
+    """The processes of this run known to be gone (those on this host, by pid)."""
+    client, here, gone = _client(), socket.gethostname(), []
+    for p in range(jax.process_count()):
+        if p == jax.process_index() or client is None:
+            continue
+        try:
+            who = json.loads(client.key_value_try_get(f"{_KEY}/{p}"))
+        except Exception:  # noqa: BLE001 (an unset key, or the coordinator is gone)
+            continue
+        if who.get("host") == here and not _running(int(who.get("pid", -1))):
+            gone.append(f"process {p} (pid {who['pid']} on {here})")
+    return gone
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    try:  # a zombie (exited, not yet reaped) is not running
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def peer_lost(err: BaseException) -> LostProcessError | None:
+    """A `LostProcessError` naming the lost process, if ``err`` says a peer went away."""
+    if jax.process_count() == 1 or "Runtime" not in type(err).__name__:
+        return None
+    text = str(err)
+    if not any(s in text for s in _PEER_LOST):
+        return None
+    gone = lost_processes()
+    if not gone and jax.process_count() == 2:
+        gone = [f"process {1 - jax.process_index()}"]
+    who = ", ".join(gone) if gone else "another process"
+    first = " ".join(text.split())[:200]
+    return LostProcessError(
+        f"{who} of this {jax.process_count()}-process run is gone ({first}); process "
+        f"{jax.process_index()} stops too. Fix: restart every process; with "
+        "checkpoint_dir, train(..., resume=True) continues from the last complete "
+        "checkpoint")
 
 
 def process_count() -> int:

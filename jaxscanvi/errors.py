@@ -23,6 +23,10 @@ class ModelFormatError(ValueError):
     """A folder that is not, or no longer, a readable jaxscanvi model."""
 
 
+class FolderLockedError(FileExistsError):
+    """Another live process is writing the same model or checkpoint folder."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf; the model keeps its last finite parameters."""
 

@@ -4,14 +4,18 @@ A folder holds ``metadata.json`` and the files it names. Parameter files are
 named by the sha256 of their bytes, written to a temporary file, fsynced and
 renamed; ``metadata.json`` is replaced last, by rename. A crash at any moment
 leaves ``metadata.json`` pointing at complete files: the earlier save, or the
-new one. Loading checks the format tag, the version and every checksum.
+new one. ``metadata.json`` carries the sha256 of its own content (canonical
+JSON, so key order and spacing do not matter; folders written before it was
+added have none). Loading checks the format tag, the version and every checksum.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ from typing import Any
 from flax import serialization
 
 from ._version import FORMAT_VERSION, __version__
+from . import lock
 from .errors import ModelFormatError
 
 FORMAT_TAG = "jaxscanvi-model"
@@ -26,6 +31,7 @@ FORMAT_TAG = "jaxscanvi-model"
 # one it writes). tests/fixtures/format_v1 holds a frozen format-1 save.
 OLDEST_FORMAT_VERSION = 1
 METADATA = "metadata.json"
+CHECKSUM_KEY = "metadata_sha256"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -46,18 +52,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            raise OSError(e.errno, f"{e.strerror} while writing {str(path)!r} "
+                          f"({len(data)} bytes); the folder's previous version is intact. "
+                          "Fix: free space on that disk (or pass a folder on another one) "
+                          "and save again") from e
         raise
     _fsync_dir(path.parent)
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (one seam for tests of a full disk)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def sha256(data: bytes) -> str:
@@ -69,9 +91,14 @@ def write_folder(dir_path, metadata: dict[str, Any], blobs: dict[str, bytes], *,
     """Write named byte blobs and metadata atomically into ``dir_path``.
 
     ``extra_files`` are already-written files (e.g. an .h5ad) to move in under
-    a content-addressed name.
+    a content-addressed name. The folder is locked meanwhile (`lock`).
     """
-    d = Path(dir_path)
+    with lock.locked(dir_path, "save"):
+        _write_folder(Path(dir_path), metadata, blobs, overwrite=overwrite,
+                      extra_files=extra_files)
+
+
+def _write_folder(d: Path, metadata, blobs, *, overwrite: bool, extra_files) -> None:
     if d.exists() and not d.is_dir():
         raise FileExistsError(f"{d} exists and is not a folder")
     if d.exists() and (d / METADATA).exists() and not overwrite:
@@ -79,27 +106,49 @@ def write_folder(dir_path, metadata: dict[str, Any], blobs: dict[str, bytes], *,
                               "replace it")
     d.mkdir(parents=True, exist_ok=True)
     old_files = set(_listed_files(d))
-    files = {}
-    for name, data in blobs.items():
-        digest = sha256(data)
-        fname = f"{name}-{digest[:16]}.msgpack"
-        if not (d / fname).exists():
-            atomic_write_bytes(d / fname, data)
-        files[name] = {"file": fname, "sha256": digest}
-    for name, src in (extra_files or {}).items():
-        digest = _file_sha256(src)
-        fname = f"{name}-{digest[:16]}{''.join(Path(src).suffixes)}"
-        os.replace(src, d / fname)
-        files[name] = {"file": fname, "sha256": digest}
-    meta = {"format": FORMAT_TAG, "format_version": FORMAT_VERSION,
-            "jaxscanvi_version": __version__, **metadata, "files": files}
-    atomic_write_bytes(d / METADATA, json.dumps(meta, indent=1).encode())
+    files, new = {}, []
+    try:
+        for name, data in blobs.items():
+            digest = sha256(data)
+            fname = f"{name}-{digest[:16]}.msgpack"
+            if not (d / fname).exists():
+                atomic_write_bytes(d / fname, data)
+                new.append(fname)
+            files[name] = {"file": fname, "sha256": digest}
+        for name, src in (extra_files or {}).items():
+            digest = _file_sha256(src)
+            fname = f"{name}-{digest[:16]}{''.join(Path(src).suffixes)}"
+            os.replace(src, d / fname)
+            new.append(fname)
+            files[name] = {"file": fname, "sha256": digest}
+        meta = sign({"format": FORMAT_TAG, "format_version": FORMAT_VERSION,
+                     "jaxscanvi_version": __version__, **metadata, "files": files})
+        atomic_write_bytes(d / METADATA, json.dumps(meta, indent=1).encode())
+    except BaseException:  # (a full disk, say) the old metadata names the old files:
+        for f in set(new) - old_files:  # leave the folder as it was
+            try:
+                os.unlink(d / f)
+            except OSError:
+                pass
+        raise
     keep = {f["file"] for f in files.values()}
     for f in old_files - keep:
         try:
             os.unlink(d / f)
         except OSError:
             pass
+
+
+def metadata_checksum(meta: dict[str, Any]) -> str:
+    """sha256 of ``meta`` without its checksum, as canonical JSON."""
+    body = {k: v for k, v in meta.items() if k != CHECKSUM_KEY}
+    text = json.dumps(json.loads(json.dumps(body)), sort_keys=True, separators=(",", ":"))
+    return sha256(text.encode())
+
+
+def sign(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with its checksum (re-sign after an intended edit)."""
+    return {**meta, CHECKSUM_KEY: metadata_checksum(meta)}
 
 
 def _file_sha256(path) -> str:
@@ -134,9 +183,9 @@ def read_metadata(dir_path) -> dict[str, Any]:
                                f"{METADATA}.{hint}")
     try:
         meta = json.loads((d / METADATA).read_text())
-    except ValueError as e:
-        raise ModelFormatError(f"{str(d / METADATA)!r} is damaged (not valid JSON: {e}). "
-                               "Fix: save the model again") from None
+    except (ValueError, RecursionError, OSError) as e:  # (UnicodeDecodeError: ValueError)
+        raise ModelFormatError(f"{str(d / METADATA)!r} is damaged (not valid JSON: "
+                               f"{str(e)[:200]}). Fix: save the model again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_TAG:
         raise ModelFormatError(f"{str(d)!r} is not a jaxscanvi model folder (format tag "
                                f"{meta.get('format') if isinstance(meta, dict) else None!r})")
@@ -162,7 +211,28 @@ def read_metadata(dir_path) -> dict[str, Any]:
             f"formats {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}). Fix: load it with the "
             f"jaxscanvi release that wrote it{pin} and use "
             "it from there, or train and save the model again with this release")
+    if CHECKSUM_KEY in meta and meta[CHECKSUM_KEY] != metadata_checksum(meta):
+        raise ModelFormatError(
+            f"{str(d / METADATA)!r} does not match its checksum ({CHECKSUM_KEY}): the file "
+            "is damaged or was edited. Fix: restore the folder from a copy, or save the "
+            "model again")
+    _check_files(d, meta.get("files"))
     return meta
+
+
+def _check_files(d: Path, files) -> None:
+    """Each listed file is a plain name in the folder with a sha256: nothing else is read."""
+    ok = isinstance(files, dict) and all(
+        isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("file"), str)
+        and isinstance(v.get("sha256"), str) and len(v["sha256"]) == 64
+        and _PLAIN_NAME.fullmatch(v["file"]) is not None for k, v in files.items())
+    if not ok:
+        raise ModelFormatError(f"{str(d / METADATA)!r} lists its files wrongly ('files' "
+                               f"must map names to {{'file': <name in the folder>, 'sha256':"
+                               " ...}}); the folder is damaged. Fix: save the model again")
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def read_blob(dir_path, meta: dict[str, Any], name: str) -> bytes:
@@ -205,15 +275,20 @@ def from_bytes(template, data: bytes, what: str):
         tree = serialization.from_state_dict(template, raw)
     except Exception as e:  # msgpack or structure mismatch
         raise ModelFormatError(f"the saved {what} do not fit this model's structure "
-                               f"({type(e).__name__}: {e})") from None
+                               f"({type(e).__name__}: {str(e)[:200]}). Fix: save them "
+                               "again") from None
     bad = []
 
     def check(path, t, v):
-        if np.shape(t) != np.shape(v):
-            bad.append(f"{jax.tree_util.keystr(path)}: {np.shape(v)} vs {np.shape(t)}")
+        dt, dv = (np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+                  for x in (t, v))
+        if np.shape(t) != np.shape(v) or dt != dv:
+            bad.append(f"{jax.tree_util.keystr(path)}: {np.shape(v)} {dv} vs "
+                       f"{np.shape(t)} {dt}")
         return v
 
     tree = jax.tree_util.tree_map_with_path(check, template, tree)
     if bad:
-        raise ModelFormatError(f"saved {what} have wrong shapes: {bad[:5]}")
+        raise ModelFormatError(f"saved {what} have wrong shapes or types: {bad[:5]}. Fix: "
+                               "save them again")
     return tree

@@ -97,7 +97,8 @@ HAND_ROWS = [
     ("`load`", "a batch the model has never seen",
      "`InputError` naming `adata.obs[batch_key]`",
      "tests/test_io.py::test_load_with_unseen_batch"),
-    ("`load`", "a custom encoder/decoder whose class cannot be imported",
+    ("`load`", "a custom encoder/decoder not passed to `load` (nothing named by a file "
+     "is imported unless `trust_custom_modules=True`), or one that cannot be imported",
      "`ModelFormatError` naming the class and `encoder=` (or `decoder=`)",
      "tests/test_research.py::test_custom_encoder_and_decoder_train_save_and_load"),
     ("`from_scvi_tools`", "a folder without model.pt",

@@ -153,3 +153,42 @@ def test_inference_over_backed_data_needs_the_same_cells_everywhere(run):
         err = json.loads((run / f"own_indices_{p}.json").read_text())
         assert err is not None and err.startswith("InputError") and "indices" in err, err
         assert "local_slice" in err
+
+
+def test_a_dead_process_stops_the_others_and_the_checkpoint_survives(tmp_path):
+    """Process 1 is SIGKILLed mid-epoch: process 0 stops at once with an error naming
+    it, exits within the configured timeout, and its last checkpoint loads."""
+    import re
+    import time
+    import lost_process_check as lp
+    from flax import serialization
+    from jaxscanvi import io
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(HERE / "lost_process_check.py"), str(p),
+                               str(port), str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for p in range(2)]
+    try:
+        out1 = procs[1].communicate(timeout=600)[0]
+        died = time.time()
+        out0 = procs[0].communicate(timeout=lp.TIMEOUT_S + 60)[0]
+        exited = time.time()
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == -9, out1[-3000:]
+    killed_at = float(re.search(r"DYING (\S+)", out1).group(1))
+    stop = re.search(r"STOPPED (\S+) (\w+): (.*)", out0)
+    assert stop, out0[-3000:]
+    assert stop.group(2) == "LostProcessError", out0[-3000:]
+    assert re.match(r"process 1 \(pid \d+ on .*\) of this 2-process run is gone.*"
+                    r"process 0 stops too.*resume=True", stop.group(3)), stop.group(3)
+    assert float(stop.group(1)) - killed_at < lp.TIMEOUT_S  # noticed at once
+    assert exited - died < lp.TIMEOUT_S + 50, out0[-2000:]  # and gone, bounded
+    # the last complete checkpoint is whole and names its epoch
+    meta = io.read_metadata(tmp_path / "ckpt")
+    done = len(meta["loop"]["history"])
+    assert done >= 2
+    raw = serialization.msgpack_restore(io.read_blob(tmp_path / "ckpt", meta, "train_state"))
+    assert int(raw["epoch"]) == done

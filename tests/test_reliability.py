@@ -1,7 +1,11 @@
-"""Reliability: a training process SIGKILLed in the middle of a checkpoint write
-resumes bit for bit; format-1 model folders (a frozen fixture) stay readable and
-other format versions are refused clearly; all-zero genes give a warning; the
-error catalogue page (docs/guide/errors.md) stays what tests/catalogue.py generates."""
+"""Reliability: a training process (scVI, scANVI, a query model) SIGKILLed in
+the middle of a checkpoint write resumes bit for bit, and one killed during
+model.save leaves the previous version loadable; so does a disk that fills up
+mid-write; a second writer of a folder gets FolderLockedError, and a dead
+writer's lock is taken over (the stale-lock rule); format-1 model folders (a
+frozen fixture) stay readable and other format versions are refused clearly;
+all-zero genes give a warning; the error catalogue page (docs/guide/errors.md)
+stays what tests/catalogue.py generates from the tests."""
 
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ import select
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -28,57 +31,16 @@ ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))  # for catalogue.py (and the test modules it reads)
 
 # ------------------------------------------------- SIGKILL during a checkpoint
-# The child trains with a checkpoint every epoch, through the real
-# io.atomic_write_bytes. Two hooks make the kill land mid-write: a wrapper on
-# io.atomic_write_bytes counts the writes of TARGET (metadata.json or the
-# train-state blob), and os.fsync, during the KILL_AT-th such write, cuts the
-# freshly written file to half its length (the part that reached the disk),
-# prints a marker and sleeps. The parent SIGKILLs the child there: it dies with
-# a half-written file on disk, deterministically, in the middle of a checkpoint.
-KILL_DATA = dict(n_cells=300, n_genes=50, n_batches=2, n_lineages=1, types_per_lineage=2,
-                 seed=0, markers_per_type=5)
-KILL_ARCH = dict(n_hidden=16, n_latent=4)
-KILL_TRAIN = dict(max_epochs=8, batch_size=128, progress_bar=False, checkpoint_every=1)
+# tests/kill_child.py trains (or saves) in a child process and hangs in the
+# middle of a write (see its docstring); the test SIGKILLs it there. While it
+# hangs, the folder is locked: a second writer gets FolderLockedError.
+import kill_child  # noqa: E402
+from kill_child import MARKER  # noqa: E402
+
+KILL_DATA, KILL_ARCH, KILL_TRAIN = kill_child.DATA, kill_child.ARCH, kill_child.TRAIN
 KILL_AT = 3       # the 3rd checkpoint (end of epoch 3) is the one interrupted
-MARKER = "KILL-ME-NOW"
-
-CHILD = textwrap.dedent("""
-    import os, stat, sys, time
-    from pathlib import Path
-    import jaxscanvi.io as io
-    from jaxscanvi import SCVI, synthetic_atlas
-
-    ckpt, target, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    data, arch, train = eval(sys.argv[4]), eval(sys.argv[5]), eval(sys.argv[6])
-    real_write, real_fsync = io.atomic_write_bytes, os.fsync
-    state = {{"n": 0, "armed": False}}
-
-    def counting_write(path, data_):
-        is_target = (Path(path).name == "metadata.json") == (target == "metadata")
-        state["n"] += is_target
-        state["armed"] = is_target and state["n"] == kill_at
-        try:
-            return real_write(path, data_)
-        finally:
-            state["armed"] = False
-
-    def half_then_hang(fd):
-        st = os.fstat(fd)
-        if state["armed"] and stat.S_ISREG(st.st_mode):
-            os.ftruncate(fd, st.st_size // 2)
-            real_fsync(fd)
-            print("{marker}", st.st_size, flush=True)
-            time.sleep(600)
-            os._exit(3)  # never reached when the parent kills us
-        return real_fsync(fd)
-
-    io.atomic_write_bytes = counting_write
-    os.fsync = half_then_hang
-    a = synthetic_atlas(**data)
-    SCVI.setup_anndata(a, batch_key="batch")
-    SCVI(a, **arch, seed=0).train(**train, checkpoint_dir=ckpt)
-    print("FINISHED-WITHOUT-KILL", flush=True)
-""").format(marker=MARKER)
+# JAXSCANVI_KILL_RUNS=50 runs test_sigkill_many_times 50 times per model kind
+KILL_RUNS = int(os.environ.get("JAXSCANVI_KILL_RUNS", "0"))
 
 
 def _leaves(tree):
@@ -92,42 +54,57 @@ def _bitwise_equal(a, b) -> bool:
 
 
 def _kill_adata():
-    a = synthetic_atlas(**KILL_DATA)
-    SCVI.setup_anndata(a, batch_key="batch")
-    return a
+    return kill_child.adata(labels=False)
+
+
+_UNINTERRUPTED: dict = {}
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    model = SCVI(_kill_adata(), **KILL_ARCH, seed=0)
-    model.train(**KILL_TRAIN, checkpoint_dir=tmp_path_factory.mktemp("full") / "ckpt")
-    assert model.history.n_epochs == KILL_TRAIN["max_epochs"]
-    return model
+def uninterrupted_of(tmp_path_factory):
+    """The uninterrupted run of a model kind, trained once per module."""
+    def get(kind: str):
+        if kind not in _UNINTERRUPTED:
+            model = kill_child.model_to_train(kind)
+            model.train(**KILL_TRAIN,
+                        checkpoint_dir=tmp_path_factory.mktemp(f"full_{kind}") / "ckpt")
+            assert model.history.n_epochs == KILL_TRAIN["max_epochs"]
+            _UNINTERRUPTED[kind] = model
+        return _UNINTERRUPTED[kind]
+    yield get
+    _UNINTERRUPTED.clear()
 
 
-def _start_child(ckpt: Path, target: str, log: Path) -> subprocess.Popen:
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_of):
+    return uninterrupted_of("scvi")
+
+
+def _start_child(spec: dict, log: Path) -> subprocess.Popen:
     with open(log, "wb") as err:
-        return subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(ckpt), target, str(KILL_AT),
-             repr(KILL_DATA), repr(KILL_ARCH), repr(KILL_TRAIN)],
-            stdout=subprocess.PIPE, stderr=err, cwd=str(ROOT))
+        return subprocess.Popen([sys.executable, str(TESTS / "kill_child.py"),
+                                 json.dumps(spec)], stdout=subprocess.PIPE, stderr=err,
+                                cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def _kill_at_marker(proc: subprocess.Popen, log: Path) -> int:
-    """Wait for the child's marker, SIGKILL it; the full length of the cut file."""
+def _kill_at_marker(proc: subprocess.Popen, log: Path, while_hanging=None) -> int:
+    """Wait for the child's marker, run ``while_hanging()``, SIGKILL the child;
+    the full length of the cut file."""
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         line = b""
         while MARKER.encode() not in line:
             left = deadline - time.monotonic()
             ready, _, _ = select.select([proc.stdout], [], [], max(left, 0))
             if not ready:
-                pytest.fail(f"no marker within 180 s; child stderr:\n{log.read_text()}")
+                pytest.fail(f"no marker within 300 s; child stderr:\n{log.read_text()}")
             line = proc.stdout.readline()
             if not line:  # EOF: the child exited without reaching the write
                 proc.wait()
                 pytest.fail(f"child exited ({proc.returncode}) before the marker; "
                             f"stderr:\n{log.read_text()}")
+        if while_hanging is not None:
+            while_hanging()
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
@@ -138,43 +115,216 @@ def _kill_at_marker(proc: subprocess.Popen, log: Path) -> int:
     return int(line.decode().split()[1])
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and select on pipes are POSIX")
-@pytest.mark.parametrize("target", ["metadata", "train_state"])
-def test_sigkill_during_checkpoint_write_resumes_bitwise(target, request, tmp_path):
+def _second_writer_is_refused(folder: Path) -> None:
+    """A second process (this one) writing the locked folder fails at once, clearly."""
+    from jaxscanvi import FolderLockedError
+    with pytest.raises(FolderLockedError, match=r"being written by another process: pid "
+                       r"\d+ on .*Fix: wait for it to finish"):
+        SCVI(_kill_adata(), **KILL_ARCH, seed=0).train(
+            max_epochs=1, batch_size=128, progress_bar=False, checkpoint_dir=folder)
+    with pytest.raises(FolderLockedError):
+        SCVI(_kill_adata(), **KILL_ARCH, seed=0).save(folder, overwrite=True)
+
+
+def _kill_and_resume(kind: str, target: str, kill_at: int, tmp_path: Path,
+                     uninterrupted_of, *, check_lock: bool = False) -> None:
     ckpt, log = tmp_path / "ckpt", tmp_path / "child.log"
-    proc = _start_child(ckpt, target, log)
+    proc = _start_child({"kind": kind, "target": target, "kill_at": kill_at,
+                         "folder": str(ckpt)}, log)
     # the reference run trains here while the child starts up and trains
-    uninterrupted = request.getfixturevalue("uninterrupted")
-    full_len = _kill_at_marker(proc, log)
+    reference = uninterrupted_of(kind)
+    full_len = _kill_at_marker(proc, log, (lambda: _second_writer_is_refused(ckpt))
+                               if check_lock else None)
 
     # the kill landed mid-write: a half-written temporary file is left in the folder
     tmps = [p for p in ckpt.iterdir() if p.name.endswith(".tmp")]
     assert len(tmps) == 1, sorted(p.name for p in ckpt.iterdir())
     assert tmps[0].stat().st_size == full_len // 2 > 0
+    # and so is the dead process's lock, which the resume below takes over
+    assert (ckpt / ".jaxscanvi.lock").exists()
 
-    # metadata.json still names the complete checkpoint of the epoch before
-    meta = io.read_metadata(ckpt)
-    assert meta["kind"] == "checkpoint"
-    done = KILL_AT - 1
-    assert [h["epoch"] for h in meta["loop"]["history"]] == list(range(done))
-    from flax import serialization
-    raw = serialization.msgpack_restore(io.read_blob(ckpt, meta, "train_state"))
-    assert int(raw["epoch"]) == done
-    listed = {f["file"] for f in meta["files"].values()}
-    assert all((ckpt / f).exists() for f in listed)
+    # metadata.json still names the complete checkpoint of the epoch before (if any)
+    done = kill_at - 1
+    if done == 0:  # killed in the first checkpoint: there is none, the resume starts over
+        assert not (ckpt / "metadata.json").exists()
+    else:
+        meta = io.read_metadata(ckpt)
+        assert meta["kind"] == "checkpoint"
+        assert [h["epoch"] for h in meta["loop"]["history"]] == list(range(done))
+        from flax import serialization
+        raw = serialization.msgpack_restore(io.read_blob(ckpt, meta, "train_state"))
+        assert int(raw["epoch"]) == done
+        listed = {f["file"] for f in meta["files"].values()}
+        assert all((ckpt / f).exists() for f in listed)
 
     # resuming in this process finishes the run, bit for bit like the uninterrupted one
-    resumed = SCVI(_kill_adata(), **KILL_ARCH, seed=0)
+    resumed = kill_child.model_to_train(kind)
     resumed.train(**KILL_TRAIN, checkpoint_dir=ckpt, resume=True)
     assert int(resumed.train_state.epoch) == KILL_TRAIN["max_epochs"]
     assert list(resumed.history.to_frame().index) == list(range(KILL_TRAIN["max_epochs"]))
-    assert _bitwise_equal(resumed.params, uninterrupted.params)
-    assert _bitwise_equal(resumed.state, uninterrupted.state)
-    assert _bitwise_equal(resumed.train_state.opt_state, uninterrupted.train_state.opt_state)
-    cols = [c for c in uninterrupted.history.to_frame().columns if c != "epoch_seconds"]
-    assert resumed.history.to_frame()[cols].equals(uninterrupted.history.to_frame()[cols])
-    # and the checkpoint it leaves behind is the final one
+    assert _bitwise_equal(resumed.params, reference.params)
+    assert _bitwise_equal(resumed.state, reference.state)
+    assert _bitwise_equal(resumed.train_state.opt_state, reference.train_state.opt_state)
+    cols = [c for c in reference.history.to_frame().columns if c != "epoch_seconds"]
+    assert resumed.history.to_frame()[cols].equals(reference.history.to_frame()[cols])
+    # and the checkpoint it leaves behind is the final one, unlocked
     assert len(io.read_metadata(ckpt)["loop"]["history"]) == KILL_TRAIN["max_epochs"]
+    assert not (ckpt / ".jaxscanvi.lock").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and select on pipes are POSIX")
+@pytest.mark.parametrize("kind,target", [("scvi", "metadata"), ("scvi", "train_state"),
+                                         ("scanvi", "metadata"), ("query", "train_state")])
+def test_sigkill_during_checkpoint_write_resumes_bitwise(kind, target, uninterrupted_of,
+                                                         tmp_path):
+    _kill_and_resume(kind, target, KILL_AT, tmp_path, uninterrupted_of,
+                     check_lock=kind == "scvi")
+
+
+@pytest.mark.skipif(KILL_RUNS == 0, reason="set JAXSCANVI_KILL_RUNS=50 for the long run")
+@pytest.mark.parametrize("kind", ["scvi", "scanvi", "query"])
+def test_sigkill_many_times(kind, uninterrupted_of, tmp_path):
+    import time as _time
+    t0 = _time.perf_counter()
+    for i in range(KILL_RUNS):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        _kill_and_resume(kind, ("metadata", "train_state")[i % 2],
+                         1 + i % (KILL_TRAIN["max_epochs"] - 1), run, uninterrupted_of)
+        print(f"{kind} kill {i + 1}/{KILL_RUNS}: resumed bitwise "
+              f"({_time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"\n{kind}: {KILL_RUNS} SIGKILLs mid-checkpoint, {KILL_RUNS} bitwise resumes in "
+          f"{_time.perf_counter() - t0:.0f} s")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and select on pipes are POSIX")
+@pytest.mark.parametrize("kind,target", [("scvi", "variables"), ("scanvi", "metadata"),
+                                         ("query", "variables")])
+def test_sigkill_during_model_save_keeps_the_previous_version(kind, target,
+                                                              uninterrupted_of, tmp_path):
+    from jaxscanvi import SCANVI
+    cls = SCVI if kind == "scvi" else SCANVI
+    model, d = uninterrupted_of(kind), tmp_path / "model"
+    model.save(d)
+    proc = _start_child({"kind": kind, "target": target, "kill_at": 1, "folder": str(d),
+                         "save": True}, tmp_path / "child.log")
+    _kill_at_marker(proc, tmp_path / "child.log")
+    assert any(p.name.endswith(".tmp") for p in d.iterdir())  # killed mid-write
+    again = cls.load(d)
+    assert _bitwise_equal(again.variables, model.variables)
+    # the dead writer's lock is stale: the next save takes it over
+    model.save(d, overwrite=True)
+    assert _bitwise_equal(cls.load(d).variables, model.variables)
+    assert not (d / ".jaxscanvi.lock").exists()
+
+
+# ------------------------------------------------------------ a full disk
+_WRITE_ALL = io.write_all  # the real one, under every patch below
+
+
+def _disk_fills_after(monkeypatch, budget: int | None, *, only=None):
+    """io.write_all writes ``budget`` more bytes (to files ``only`` accepts), then
+    raises ENOSPC, as a full disk does; None: never."""
+    import errno
+    left = {"bytes": budget, "written": 0}
+    real = _WRITE_ALL
+
+    def write_all(fd, data):
+        name = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else ""
+        if left["bytes"] is None or (only is not None and not only(name)):
+            left["written"] += len(data)
+            return real(fd, data)
+        n = min(left["bytes"], len(data))
+        real(fd, data[:n])
+        left["bytes"] -= n
+        left["written"] += n
+        if n < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(io, "write_all", write_all)
+    return left
+
+
+@pytest.mark.parametrize("kind", ["scvi", "scanvi", "query"])
+def test_full_disk_during_save_keeps_the_previous_version(kind, uninterrupted_of, tmp_path,
+                                                          monkeypatch):
+    from jaxscanvi import SCANVI
+    cls = SCVI if kind == "scvi" else SCANVI
+    model, d = uninterrupted_of(kind), tmp_path / "model"
+    model.save(d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    old_params = model.params
+    model.params = jax.tree_util.tree_map(lambda v: v + 1, old_params)
+    try:
+        import shutil
+        counted = _disk_fills_after(monkeypatch, None)  # the bytes the new version writes
+        shutil.copytree(d, tmp_path / "scratch")
+        model.save(tmp_path / "scratch", overwrite=True)
+        total = counted["written"]
+        assert total > 1000
+        for budget in (0, 1, 100, total // 3, total // 2, total - 1):
+            _disk_fills_after(monkeypatch, budget)
+            with pytest.raises(OSError, match=r"No space left on device while writing .*"
+                               r"previous version is intact.*Fix: free space") as e:
+                model.save(d, overwrite=True)
+            assert e.value.errno == 28
+            # the folder is exactly as it was: the old version, no temporary files, no lock
+            assert {p.name: p.read_bytes() for p in d.iterdir()} == before, budget
+        _disk_fills_after(monkeypatch, None)
+        model.save(d, overwrite=True)  # space again: the new version is saved whole
+        assert _bitwise_equal(cls.load(d).params, model.params)
+    finally:
+        model.params = old_params
+
+
+def test_full_disk_during_a_checkpoint_then_resume_bitwise(uninterrupted, tmp_path,
+                                                           monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    # the third checkpoint's train-state blob is the write that finds the disk full
+    blob_writes = {"n": 0}
+
+    def only(name):
+        if "train_state" in name:
+            blob_writes["n"] += 1
+        return "train_state" in name and blob_writes["n"] >= 3
+    _disk_fills_after(monkeypatch, 1000, only=only)
+    with pytest.raises(OSError, match="No space left on device"):
+        SCVI(_kill_adata(), **KILL_ARCH, seed=0).train(**KILL_TRAIN, checkpoint_dir=ckpt)
+    assert [h["epoch"] for h in io.read_metadata(ckpt)["loop"]["history"]] == [0, 1]
+    assert not (ckpt / ".jaxscanvi.lock").exists()  # released on the way out
+    _disk_fills_after(monkeypatch, None)
+    resumed = SCVI(_kill_adata(), **KILL_ARCH, seed=0)
+    resumed.train(**KILL_TRAIN, checkpoint_dir=ckpt, resume=True)
+    assert _bitwise_equal(resumed.params, uninterrupted.params)
+    assert _bitwise_equal(resumed.train_state.opt_state, uninterrupted.train_state.opt_state)
+
+
+# ------------------------------------------------------------ the lock's rule
+def test_stale_lock_rule(tmp_path):
+    import socket
+    from jaxscanvi import lock
+    p = tmp_path / lock.LOCK_NAME
+    p.write_text("{}")
+    me, host, now = os.getpid(), socket.gethostname(), time.time()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert lock.is_stale(p, {"pid": dead.pid, "host": host, "time": now})  # dead here
+    assert not lock.is_stale(p, {"pid": me, "host": host, "time": now})    # alive here
+    # a live pid that started after the lock was written: the pid was reused
+    assert lock.is_stale(p, {"pid": me, "host": host, "time": now - 10**6})
+    # another host: only its age tells
+    assert not lock.is_stale(p, {"pid": 1, "host": "elsewhere", "time": now - 60})
+    assert lock.is_stale(p, {"pid": 1, "host": "elsewhere",
+                             "time": now - lock.STALE_AFTER_S - 1})
+    # unreadable (its writer died before filling it): stale once a minute old
+    assert not lock.is_stale(p, None)
+    os.utime(p, (now - 120, now - 120))
+    assert lock.is_stale(p, None)
+    # acquire applies the rule: a stale lock is taken over, a live one refused
+    p.write_text(json.dumps({"pid": dead.pid, "host": host, "time": now}))
+    held = lock.acquire(tmp_path, "test")
+    assert json.loads(held.read_text())["pid"] == me
+    lock.release(held)
+    assert not held.exists()
 
 
 # ------------------------------------------------------ format 1 stays readable

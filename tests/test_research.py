@@ -316,12 +316,18 @@ def test_custom_encoder_and_decoder_train_save_and_load(small_atlas, tmp_path):
     model.save(tmp_path / "custom")
     meta = json.loads((tmp_path / "custom" / "metadata.json").read_text())
     assert meta["custom_modules"]["encoder"].endswith(":MLPEncoder")
-    again = js.SCVI.load(tmp_path / "custom", adata=adata)  # imported by its name
+    # loading imports nothing by itself: the classes are passed, or trusted by name
+    with pytest.raises(js.ModelFormatError, match="trust_custom_modules=True"):
+        js.SCVI.load(tmp_path / "custom", adata=adata)
+    again = js.SCVI.load(tmp_path / "custom", adata=adata, encoder=MLPEncoder,
+                         decoder=LinearDecoder)
+    np.testing.assert_array_equal(again.get_latent_representation(), z)
+    again = js.SCVI.load(tmp_path / "custom", adata=adata, trust_custom_modules=True)
     np.testing.assert_array_equal(again.get_latent_representation(), z)
     assert again.module.decoder_cls is LinearDecoder
     # a class that cannot be imported must be passed, and the error says so
     meta["custom_modules"]["encoder"] = "nowhere_module:MLPEncoder"
-    (tmp_path / "custom" / "metadata.json").write_text(json.dumps(meta))
+    (tmp_path / "custom" / "metadata.json").write_text(json.dumps(js.io.sign(meta)))
     with pytest.raises(js.ModelFormatError, match="encoder=") as e:
-        js.SCVI.load(tmp_path / "custom", adata=adata)
+        js.SCVI.load(tmp_path / "custom", adata=adata, trust_custom_modules=True)
     assert "nowhere_module" in str(e.value)

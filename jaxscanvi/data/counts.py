@@ -49,7 +49,7 @@ def _check_values(block, field: str, chunk: int, *, allow_noninteger: bool) -> b
     fractional = False
     for start in range(0, values.size, chunk):
         v = values[start:start + chunk]
-        if not np.issubdtype(v.dtype, np.number):
+        if v.dtype.kind not in "iuf":  # (complex is a number, not a count)
             raise InputError(field, str(v.dtype), "counts are not numeric",
                              "store raw counts as an integer or float matrix")
         finite = np.isfinite(v)

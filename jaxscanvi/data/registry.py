@@ -125,6 +125,13 @@ def categories_of(series: pd.Series, field: str) -> tuple[str, ...]:
                          f"'{first}', {int(series.isna().sum())} in all)",
                          "fill them with a category of their own, e.g. .cat.add_categories"
                          "('unknown').fillna('unknown'), or drop those cells")
+    if pd.api.types.is_float_dtype(series.dtype) and (series % 1 != 0).any():
+        first = series[(series % 1 != 0).to_numpy()].iloc[0]
+        raise InputError(field, float(first), "the column holds non-integer numbers "
+                         f"({series.nunique()} distinct values), which look continuous, "
+                         "not categories", "pass a column of categories (e.g. "
+                         ".astype(str) if the numbers are codes), or pass it as "
+                         "continuous_covariate_keys")
     if isinstance(series.dtype, pd.CategoricalDtype):
         present = set(series.cat.remove_unused_categories().cat.categories)
         cats = [c for c in series.cat.categories if c in present]

@@ -22,6 +22,7 @@ from ..data.cells import CellData, cell_data
 from ..data.registry import Registry
 from ..data.batch import NonZeros
 from ..errors import InputError, NonFiniteLossError
+from ..train import budget
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, Task, check, fit
 from ..train.history import History
@@ -156,6 +157,7 @@ class BaseModel:
                           stacklevel=3)
         self.loss_term_names = config.loss_term_names
         check(config, task.cells)  # every input error before anything compiles
+        budget.check(config, task.cells, self.module.config)  # and before allocating
         try:
             result = fit(config, task)
         except NonFiniteLossError as err:
@@ -219,16 +221,37 @@ def library_prior(cells, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
     return means, var
 
 
-def init_variables(module, n_genes: int, n_cont: int, n_cat: int, seed: int,
-                   constants: dict | None = None):
-    """Initialise a module's variables on a dummy batch of two cells."""
+def dummy_batch(n_genes: int, n_cont: int, n_cat: int) -> Batch:
     B = 2
-    batch = Batch(
+    return Batch(
         x=jnp.ones((B, n_genes)), nz=NonZeros(jnp.zeros(1, jnp.int32),
                                               jnp.zeros(1, jnp.int32), jnp.zeros(1)),
         weight=jnp.ones(B), batch=jnp.zeros(B, jnp.int32), labels=jnp.zeros(B, jnp.int32),
         cat_covs=jnp.zeros((B, n_cat), jnp.int32), cont_covs=jnp.zeros((B, n_cont)),
         log_size_factor=jnp.zeros(B), log_library=jnp.ones(B), lgamma_const=jnp.zeros(B))
+
+
+def variable_shapes(module) -> dict:
+    """The variables `init_variables` would make, as shapes and dtypes only:
+    traced abstractly, so nothing of their size is allocated."""
+    c = module.config
+
+    def init():
+        keys = dict(zip(("params", "sample", "dropout"),
+                        jax.random.split(jax.random.PRNGKey(0), 3)))
+        return dict(module.init(keys, dummy_batch(c.n_genes, c.n_continuous_cov,
+                                                  len(c.n_cats_per_cov)), train=False))
+    shapes = jax.eval_shape(init)
+    shapes.setdefault("batch_stats", {})
+    const = jax.ShapeDtypeStruct((c.n_batch,), jnp.float32)
+    shapes["constants"] = {"library_log_means": const, "library_log_vars": const}
+    return shapes
+
+
+def init_variables(module, n_genes: int, n_cont: int, n_cat: int, seed: int,
+                   constants: dict | None = None):
+    """Initialise a module's variables on a dummy batch of two cells."""
+    batch = dummy_batch(n_genes, n_cont, n_cat)
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
     # init runs once per model: skip XLA's backend optimisation, which would
     # otherwise take most of the construction time (same values either way);

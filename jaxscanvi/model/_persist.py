@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from .. import distributed, io
+from .. import distributed, io, lock
 from ..data.cells import check_var_names
 from ..data.registry import Registry
 from ..errors import InputError, ModelFormatError
 from ..train.history import History
+from . import _validate
 from ._query import QueryInfo
 
 
@@ -77,6 +79,13 @@ def _write(model, dir_path, *, overwrite: bool, save_anndata: bool) -> None:
     if save_anndata and model.adata is None:
         raise InputError("save_anndata", True, "the model holds no AnnData",
                          "pass save_anndata=False")
+    with lock.locked(d, "save"):  # one writer at a time, the AnnData included
+        _write_locked(model, d, meta, blobs, extra, overwrite=overwrite,
+                      save_anndata=save_anndata)
+
+
+def _write_locked(model, d: Path, meta, blobs, extra, *, overwrite: bool,
+                  save_anndata: bool) -> None:
     try:
         if save_anndata:
             d.mkdir(parents=True, exist_ok=True)
@@ -90,13 +99,16 @@ def _write(model, dir_path, *, overwrite: bool, save_anndata: bool) -> None:
             tmp_file.unlink(missing_ok=True)
 
 
-def load(cls, dir_path, adata=None, *, encoder=None, decoder=None):
+def load(cls, dir_path, adata=None, *, encoder=None, decoder=None,
+         trust_custom_modules: bool = False):
     """Load a model saved by ``save``; ``adata`` must match its genes.
 
-    A model built with a custom ``encoder``/``decoder`` records the class's
-    import path; it is imported again, or pass the class here. A folder
-    saved by scvi-tools (``model.pt``, or the older ``model_params.pt``)
-    is imported as by ``from_scvi_tools``.
+    Loading runs no code that the folder names. A model built with a custom
+    ``encoder``/``decoder`` records the class's import path; pass the class
+    here, or ``trust_custom_modules=True`` to import that path (only for
+    folders you trust: importing a module runs its code). A folder saved by
+    scvi-tools (``model.pt``, or the older ``model_params.pt``) is imported
+    as by ``from_scvi_tools``, through a reader that runs no pickled code.
     """
     from ._import import import_model, is_scvi_tools_folder
     if is_scvi_tools_folder(dir_path):
@@ -106,19 +118,21 @@ def load(cls, dir_path, adata=None, *, encoder=None, decoder=None):
         raise ModelFormatError(
             f"{str(dir_path)!r} holds a {meta.get('model_class')} model, not a "
             f"{cls.__name__}. Fix: load it with {meta.get('model_class')}.load(...)")
-    try:
-        registry = Registry.from_dict(meta["registry"])
-        config = cls.config_cls.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFormatError(f"{str(dir_path)!r}: metadata is damaged ({e})") from None
-    adata = _adata(dir_path, meta, adata, registry)
+    # every declared size is checked against the registry and the stored
+    # shapes before the model (and its parameters) is built
+    registry, config = _validate.check(cls, dir_path, meta)
     custom = meta.get("custom_modules") or {}
+    encoder = _resolve_module(custom.get("encoder"), encoder, "encoder", dir_path,
+                              trust=trust_custom_modules)
+    decoder = _resolve_module(custom.get("decoder"), decoder, "decoder", dir_path,
+                              trust=trust_custom_modules)
+    blob = io.read_blob(dir_path, meta, "variables")
+    _validate.check_variables(dir_path, config, blob, encoder=encoder, decoder=decoder)
+    adata = _adata(dir_path, meta, adata, registry)
     model = cls(adata, registry=registry, _config=config, seed=meta.get("init_seed", 0),
-                encoder=_resolve_module(custom.get("encoder"), encoder, "encoder", dir_path),
-                decoder=_resolve_module(custom.get("decoder"), decoder, "decoder", dir_path))
+                encoder=encoder, decoder=decoder)
     model._read_metadata(meta)
-    restored = io.from_bytes(model.variables, io.read_blob(dir_path, meta, "variables"),
-                             "parameters")
+    restored = io.from_bytes(model.variables, blob, "parameters")
     model.params = restored["params"]
     model.state = {k: v for k, v in restored.items() if k != "params"}
     model.is_trained = bool(meta.get("is_trained", False))
@@ -140,7 +154,13 @@ def _adata(dir_path, meta: dict, adata, registry: Registry):
         path = io.file_path(dir_path, meta, "adata")
         if path is not None:
             import anndata
-            adata = anndata.read_h5ad(path)
+            try:
+                adata = anndata.read_h5ad(path)
+            except Exception as e:  # noqa: BLE001 (h5py raises many kinds on bad files)
+                raise ModelFormatError(f"{str(path)!r}, the saved AnnData, cannot be read "
+                                       f"({type(e).__name__}: {str(e)[:160]}). Fix: pass "
+                                       "adata=... to load(), or save the model again"
+                                       ) from None
     if adata is not None:
         check_var_names(adata, registry)
         adata.uns["_jaxscanvi_registry"] = registry.to_json()
@@ -162,14 +182,27 @@ def _qualified_name(obj) -> str | None:
     return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', repr(obj))}"
 
 
-def _resolve_module(name: str | None, given, what: str, dir_path):
-    """The custom module a saved model was built with: ``given``, or imported by name."""
+def _resolve_module(name, given, what: str, dir_path, *, trust: bool):
+    """The custom module a saved model was built with: ``given``, or, only when
+    the caller trusts the folder, imported by the name it records."""
+    if name is not None and not isinstance(name, str):
+        raise ModelFormatError(f"{str(dir_path)!r}: metadata names the custom {what} "
+                               f"{str(name)[:80]!r}, not a 'module:Class' path; the folder "
+                               "is damaged. Fix: save the model again")
     if given is not None:
         return given
     if name is None:
         return None
+    if not trust:
+        raise ModelFormatError(
+            f"{str(dir_path)!r} was saved with a custom {what} {name!r}; load() does not "
+            "import code named by a file. Fix: pass "
+            f"{what}=<that class> to load(), or trust_custom_modules=True if you trust "
+            "this folder (importing runs the module's code)")
     mod_name, _, qual = name.partition(":")
     try:
+        if not _IMPORT_PATH.fullmatch(name):  # e.g. a class defined inside a function
+            raise ImportError(name)
         obj = importlib.import_module(mod_name)
         for part in qual.split("."):
             obj = getattr(obj, part)
@@ -178,3 +211,7 @@ def _resolve_module(name: str | None, given, what: str, dir_path):
         raise ModelFormatError(
             f"{str(dir_path)!r} was saved with a custom {what} {name!r}, which cannot be "
             f"imported here. Fix: pass {what}=<that class> to load()") from None
+
+
+# what _qualified_name writes: dotted identifiers, a colon, a dotted qualname
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")

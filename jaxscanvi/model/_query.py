@@ -36,13 +36,9 @@ def _reference_var_names(reference_model) -> pd.Index:
     if isinstance(reference_model, (str, Path)) and is_scvi_tools_folder(reference_model):
         return pd.Index(read_scvi_tools(reference_model)["var_names"])
     if isinstance(reference_model, (str, Path)):
+        from ._validate import registry_of
         meta = io.read_metadata(reference_model)
-        try:
-            return pd.Index(meta["registry"]["var_names"])
-        except (KeyError, TypeError):
-            raise ModelFormatError(f"{str(reference_model)!r}: metadata has no registry; "
-                                   "the folder is damaged. Fix: save the model again"
-                                   ) from None
+        return pd.Index(registry_of(reference_model, meta).var_names)
     registry = getattr(reference_model, "registry", None)
     if not isinstance(registry, Registry):
         raise InputError("reference_model", type(reference_model).__name__,

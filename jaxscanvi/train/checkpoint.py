@@ -44,7 +44,27 @@ def load(dir_path, template: TrainState, fingerprint: dict, owner: dict):
             raise InputError("resume", True, f"the checkpoint in {str(d)!r} was written "
                              f"with a different {key}", "resume with the same model, data "
                              "and train() arguments, or pass a fresh checkpoint_dir")
+    loop = _loop_state(d, meta.get("loop"))
     ts = io.from_bytes(template, io.read_blob(d, meta, "train_state"), "train state")
-    fields = {f.name for f in dataclasses.fields(LoopState)}
-    loop = LoopState(**{k: v for k, v in meta["loop"].items() if k in fields})
     return ts, loop
+
+
+def _loop_state(d: Path, raw) -> LoopState:
+    """The saved loop counters, each of its type (a damaged file: ModelFormatError)."""
+    def num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31
+    checks = {"history": lambda v: isinstance(v, list) and all(
+                  isinstance(h, dict) and count(h.get("epoch")) for h in v),
+              "best": num, "lr_best": num, "bad_epochs": count, "lr_bad_epochs": count,
+              "stopped_early": lambda v: isinstance(v, bool)}
+    fields = {f.name for f in dataclasses.fields(LoopState)}
+    bad = (["loop"] if not isinstance(raw, dict) else
+           [k for k in raw if k not in fields or not checks.get(k, lambda v: True)(raw[k])])
+    if bad:
+        raise ModelFormatError(f"{str(d / io.METADATA)!r}: the saved loop state is damaged "
+                               f"(field(s) {bad[:5]}). Fix: delete the checkpoint folder "
+                               "and train from the start, or restore it from a copy")
+    return LoopState(**raw)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import backend, distributed
+from .. import backend, distributed, lock
 from ..compile_cache import functions
 from ..data.cells import CellData
 from ..data.split import split_indices
@@ -116,7 +116,23 @@ def check(config: TrainConfig, cells: CellData):
 
 def fit(config: TrainConfig, task: Task) -> FitResult:
     """Train ``task`` as ``config`` says. On a non-finite loss the error carries
-    the last good state as ``err.result`` (a `FitResult`)."""
+    the last good state as ``err.result`` (a `FitResult`).
+
+    The checkpoint folder, if any, is locked for the whole run (`lock`): a
+    second run writing to it fails at once instead of mixing its files in."""
+    # process 0 writes; a refusal there stops every process (`agree`)
+    held = distributed.agree(lambda: lock.acquire(config.checkpoint_dir, "training "
+                                                  "checkpoints")
+                             if config.checkpoint_dir is not None and distributed.is_main()
+                             else None)
+    try:
+        return _fit(config, task, held)
+    finally:
+        if held is not None:
+            lock.release(held)
+
+
+def _fit(config: TrainConfig, task: Task, held) -> FitResult:
     cells = task.cells
     parallel, shards, train_idx, val_idx = check(config, cells)
     tx, train_step, eval_step = step_fns(config, task)
@@ -145,11 +161,16 @@ def fit(config: TrainConfig, task: Task) -> FitResult:
             val_labelled=None if task.val_labelled is None else
             partial(task.val_labelled, val_idx),
             extra_val_metrics=_val_metrics(task, val_idx, infer), loop=loop,
-            on_epoch_end=_checkpointer(config, fingerprint, task.owner))
+            on_epoch_end=_checkpointer(config, fingerprint, task.owner, held))
     except NonFiniteLossError as err:
         err.result = result(getattr(err, "train_state", ts),
                             getattr(err, "loop_state", LoopState()))
         raise
+    except Exception as err:
+        lost = distributed.peer_lost(err)  # another process died: say which
+        if lost is None:
+            raise
+        raise lost from err
     return result(ts, loop)
 
 
@@ -180,13 +201,14 @@ def _fingerprint(config: TrainConfig, n_obs: int) -> dict:
             "loss_terms": list(config.loss_term_names), "n_obs": n_obs}
 
 
-def _checkpointer(config: TrainConfig, fingerprint: dict, owner: dict):
+def _checkpointer(config: TrainConfig, fingerprint: dict, owner: dict, held):
     if config.checkpoint_dir is None:
         return None
 
     def on_epoch_end(ts, loop):
         if not distributed.is_main():  # one writer; every process can resume
             return
+        lock.refresh(held)  # the run is alive: its lock must not look stale
         e = int(ts.epoch)
         if e % config.checkpoint_every == 0 or e >= config.max_epochs or loop.stopped_early:
             checkpoint.save(config.checkpoint_dir, ts, loop, fingerprint, owner)
