@@ -215,15 +215,16 @@ def test_query_resume_bitwise(reference, split, tmp_path):
     full.train(**kw, checkpoint_dir=tmp_path / "full")
     part = fresh()
     part.train(**{**kw, "max_epochs": 2}, checkpoint_dir=tmp_path / "part")
-    assert len(part.history) == 2 and not _bitwise(part.params, full.params)
+    assert part.history.n_epochs == 2 and not _bitwise(part.params, full.params)
     resumed = fresh()
     resumed.train(**kw, checkpoint_dir=tmp_path / "part", resume=True)
     assert int(resumed.train_state.epoch) == 4
     assert _bitwise(resumed.params, full.params)
     assert _bitwise(resumed.state, full.state)
     assert _bitwise(resumed.train_state.opt_state, full.train_state.opt_state)
-    cols = [c for c in full.history.columns if c != "epoch_seconds"]
-    pd.testing.assert_frame_equal(resumed.history[cols], full.history[cols])
+    cols = [c for c in full.history.to_frame().columns if c != "epoch_seconds"]
+    pd.testing.assert_frame_equal(resumed.history.to_frame()[cols],
+                                  full.history.to_frame()[cols])
     np.testing.assert_array_equal(resumed.predict(soft=True).to_numpy(),
                                   full.predict(soft=True).to_numpy())
 

@@ -600,7 +600,7 @@ def test_both_objectives_transfer_labels(scanvi_model, scvi_model, hidden_atlas)
     acc_seed, chance = _accuracy_on_hidden(scanvi_model, hidden_atlas)
     other = SCANVI.from_scvi_model(scvi_model, UNL, labels_key="labels_obs")
     other.train(**SCANVI_TRAIN, plan_kwargs={"objective": "scvi-tools"})
-    assert len(other.history) == len(scanvi_model.history)  # same epochs
+    assert other.history.n_epochs == scanvi_model.history.n_epochs  # same epochs
     acc_st, _ = _accuracy_on_hidden(other, hidden_atlas)
     assert chance < 0.6  # the majority type's share of hidden cells (~0.45)
     for acc in (acc_seed, acc_st):  # both ~0.92 here
@@ -745,16 +745,17 @@ def test_checkpoint_resume_bitwise(scvi_model, tmp_path):
     full.train(**kw, checkpoint_dir=tmp_path / "full")
     part = fresh()
     part.train(**{**kw, "max_epochs": 2}, checkpoint_dir=tmp_path / "part")
-    assert len(part.history) == 2 and not _bitwise_equal(part.params, full.params)
+    assert part.history.n_epochs == 2 and not _bitwise_equal(part.params, full.params)
     resumed = fresh()
     resumed.train(**kw, checkpoint_dir=tmp_path / "part", resume=True)
     assert int(resumed.train_state.epoch) == 4
     assert _bitwise_equal(resumed.params, full.params)
     assert _bitwise_equal(resumed.state, full.state)
     assert _bitwise_equal(resumed.train_state.opt_state, full.train_state.opt_state)
-    cols = [c for c in full.history.columns if c != "epoch_seconds"]
+    cols = [c for c in full.history.to_frame().columns if c != "epoch_seconds"]
     assert "accuracy_validation" in cols
-    pd.testing.assert_frame_equal(resumed.history[cols], full.history[cols])
+    pd.testing.assert_frame_equal(resumed.history.to_frame()[cols],
+                                  full.history.to_frame()[cols])
     np.testing.assert_array_equal(resumed.predict(soft=True).to_numpy(),
                                   full.predict(soft=True).to_numpy())
 
