@@ -90,7 +90,9 @@ def paired(runs: list[dict], metric: str = "balanced_accuracy") -> dict:
     if n > 1:
         half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n)
         out["ci95"] = [float(d.mean() - half), float(d.mean() + half)]
-        out["meets_target"] = bool(out["ci95"][1] >= 0 and d.mean() >= -0.5)
+        # the fidelity issue's target: >= 10 paired seeds, the interval reaches 0
+        # or lies above it, and the mean is no worse than -0.5 points
+        out["meets_target"] = bool(n >= 10 and out["ci95"][1] >= 0 and d.mean() >= -0.5)
     return out
 
 
@@ -113,8 +115,14 @@ def report(names: list[str]) -> dict:
         print(f"{name:22} {r['n']:3d} {r['jaxscanvi_mean']:10.2f} {r['scvi_tools_mean']:11.2f} "
               f"{r['mean_difference']:+11.2f} "
               f"{'' if ci is None else f'[{ci[0]:+.2f}, {ci[1]:+.2f}]':>17}  "
-              f"{'-' if ci is None else ('met' if r['meets_target'] else 'NOT met')}")
+              f"{'-' if ci is None else _verdict(r)}")
     return table
+
+
+def _verdict(r: dict) -> str:
+    if r["n"] < 10:
+        return f"{r['n']} of 10 seeds so far"
+    return "met" if r["meets_target"] else "NOT met"
 
 
 def plot(table: dict, path: Path) -> None:
