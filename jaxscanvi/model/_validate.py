@@ -281,8 +281,17 @@ def check_variables(dir_path, config, data: bytes, *, encoder=None, decoder=None
         raise ModelFormatError(f"{str(dir_path)!r}: the saved parameters do not fit this "
                                f"model's structure ({type(e).__name__}: {str(e)[:120]})"
                                ". Fix: save the model again") from None
-    want = _expected(module)
     got = _flatten(raw)
+    # every layer stores at least one array, so a layer count above the number
+    # of stored arrays is damage; caught here because tracing thousands of
+    # layers to learn the expected shapes would take minutes
+    for field in ("n_layers", "classifier_n_layers"):
+        n = getattr(config, field, 0)
+        if n > len(got):
+            raise ModelFormatError(
+                f"{str(dir_path)!r}: config.{field}={n}, but the saved parameters hold "
+                f"only {len(got)} arrays; the folder is damaged. Fix: save the model again")
+    want = _expected(module)
     if set(got) != set(want):
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         raise ModelFormatError(f"{str(dir_path)!r}: the saved parameters do not fit this "
