@@ -17,6 +17,31 @@ os.environ["JAXSCANVI_COMPILATION_CACHE"] = "0"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+# Tests marked ``system`` start other processes (forced devices, several hosts,
+# kills, whole scripts): minutes of CPU between them. The main suite leaves
+# them out; ``--system`` adds them, ``-m system`` runs only them (CI's second
+# step). Deselected, not skipped, so a skip still means something is missing.
+def pytest_addoption(parser):
+    parser.addoption("--system", action="store_true",
+                     help="also run the tests marked system (they start other processes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--system") or "system" in (config.getoption("markexpr") or ""):
+        return
+    keep = [i for i in items if i.get_closest_marker("system") is None]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+        config._jaxscanvi_system_left = True
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if getattr(config, "_jaxscanvi_system_left", False):
+        terminalreporter.write_line("tests marked system were deselected; run them with "
+                                    "-m system (or everything with --system)")
+
+
 def shared_file(name: str) -> Path:
     """Path to a file of ../shared/data, or skip the test when it is absent."""
     path = SHARED_DATA / name

@@ -132,6 +132,7 @@ def _run_workflow(env) -> dict:
     return json.loads(line[0][len("RESULT "):])
 
 
+@pytest.mark.system
 def test_second_process_hits_the_cache(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env.update({compile_cache.ENV: "1", "XDG_CACHE_HOME": str(tmp_path)})

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_gpu_check_smoke(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -78,6 +78,7 @@ def _close(a: dict, b: dict, tol: float):
         assert np.abs(a[k] - b[k]).max() / scale < tol, k
 
 
+@pytest.mark.system
 def test_each_process_reads_only_its_slice(run):
     slices = []
     for p in range(2):
@@ -90,6 +91,7 @@ def test_each_process_reads_only_its_slice(run):
     assert slices == [(0, 200), (200, 400)]
 
 
+@pytest.mark.system
 def test_two_processes_train_as_one_replaying_them(run):
     ref = _replay(run / "atlas.h5ad", js.SCVI, {}, mh.SCVI_TRAIN)
     p0, p1 = (dict(np.load(run / f"scvi_params_{p}.npz")) for p in range(2))
@@ -107,6 +109,7 @@ def test_two_processes_train_as_one_replaying_them(run):
     np.testing.assert_allclose(loaded.get_latent_representation(), lat, atol=1e-5)
 
 
+@pytest.mark.system
 def test_scanvi_two_processes_match_replay(run):
     ref = _replay(run / "atlas.h5ad", js.SCANVI,
                   {"labels_key": "label", "unlabeled_category": "Unknown"}, mh.SCANVI_TRAIN)
@@ -142,12 +145,14 @@ def test_shard_helpers():
     assert distributed.agree(lambda: 5) == 5
 
 
+@pytest.mark.system
 def test_a_bad_count_in_one_slice_stops_every_process(run):
     own, other = (json.loads((run / f"bad_{p}.json").read_text()) for p in (1, 0))
     assert own.startswith("InputError") and "negative" in own, own
     assert other.startswith("RuntimeError: process 1 stopped the run: InputError"), other
 
 
+@pytest.mark.system
 def test_inference_over_backed_data_needs_the_same_cells_everywhere(run):
     for p in range(2):
         err = json.loads((run / f"own_indices_{p}.json").read_text())
@@ -155,6 +160,7 @@ def test_inference_over_backed_data_needs_the_same_cells_everywhere(run):
         assert "local_slice" in err
 
 
+@pytest.mark.system
 def test_a_dead_process_stops_the_others_and_the_checkpoint_survives(tmp_path):
     """Process 1 is SIGKILLed mid-epoch: process 0 stops at once with an error naming
     it, exits within the configured timeout, and its last checkpoint loads."""

@@ -175,12 +175,14 @@ def _kill_and_resume(kind: str, target: str, kill_at: int, tmp_path: Path,
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and select on pipes are POSIX")
 @pytest.mark.parametrize("kind,target", [("scvi", "metadata"), ("scvi", "train_state"),
                                          ("scanvi", "metadata"), ("query", "train_state")])
+@pytest.mark.system
 def test_sigkill_during_checkpoint_write_resumes_bitwise(kind, target, uninterrupted_of,
                                                          tmp_path):
     _kill_and_resume(kind, target, KILL_AT, tmp_path, uninterrupted_of,
                      check_lock=kind == "scvi")
 
 
+@pytest.mark.system
 @pytest.mark.skipif(KILL_RUNS == 0, reason="set JAXSCANVI_KILL_RUNS=50 for the long run")
 @pytest.mark.parametrize("kind", ["scvi", "scanvi", "query"])
 def test_sigkill_many_times(kind, uninterrupted_of, tmp_path):
@@ -200,6 +202,7 @@ def test_sigkill_many_times(kind, uninterrupted_of, tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and select on pipes are POSIX")
 @pytest.mark.parametrize("kind,target", [("scvi", "variables"), ("scanvi", "metadata"),
                                          ("query", "variables")])
+@pytest.mark.system
 def test_sigkill_during_model_save_keeps_the_previous_version(kind, target,
                                                               uninterrupted_of, tmp_path):
     from jaxscanvi import SCANVI

@@ -132,6 +132,7 @@ def test_zarr_store_streams(on_disk):
     assert sources.make_source("auto", lazy, 64).kind == "stream"
 
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_two_devices_match_one():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",

@@ -34,6 +34,7 @@ def out():
     return result
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("kind", ["csr", "dense"])
 def test_each_device_holds_only_its_slice(out, kind):
     assert out[f"{kind}_dense"] == (kind == "dense")
@@ -46,12 +47,14 @@ def test_each_device_holds_only_its_slice(out, kind):
     assert out[f"{kind}_device_bytes"] < 0.6 * out[f"{kind}_one_device_bytes"]
 
 
+@pytest.mark.system
 def test_csr_share_is_near_its_part_of_the_counts(out):
     per_cell = 5 * 4  # batch, labels, size factor, library, lgamma constant
     share = 1.2 * out["csr_bytes"] / 2 + per_cell * out["n_obs"] / 2
     assert out["csr_device_bytes"] <= share
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("kind", ["csr", "dense"])
 def test_minibatch_is_built_where_its_rows_live(out, kind):
     assert out[f"{kind}_x_equal"]
@@ -61,10 +64,12 @@ def test_minibatch_is_built_where_its_rows_live(out, kind):
         assert out["csr_nz_rebuilds_x"]  # row indices are global minibatch rows
 
 
+@pytest.mark.system
 def test_data_shards_that_do_not_split_over_devices_replicate(out):
     assert out["fallback_replicated"]
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("kind", ["csr", "dense"])
 def test_scvi_on_two_devices_replays_as_two_shards_on_one(out, kind):
     for k in ("params", "batch_stats", "history", "latent"):
@@ -74,11 +79,13 @@ def test_scvi_on_two_devices_replays_as_two_shards_on_one(out, kind):
     assert out[f"scvi_{kind}_data_bytes"] < 0.6 * out[f"scvi_{kind}_replay_bytes"]
 
 
+@pytest.mark.system
 def test_sparse_likelihood_reads_each_devices_non_zeros(out):
     assert out["scvi_sparse_params"] < 1e-5
     assert out["scvi_sparse_history"] < 1e-5
 
 
+@pytest.mark.system
 def test_scanvi_on_two_devices_replays_as_two_shards_on_one(out):
     assert out["scanvi_params"] < 1e-5
     assert out["scanvi_history"] < 1e-5
