@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py --out benchmarks/results/gpu      # on a GPU
     python benchmarks/gpu_check.py --smoke --out /tmp/gpu_smoke      # anywhere, tiny
+    python benchmarks/gpu_check.py --cpu     # the kernel ablation on a CPU (kernels_cpu.json)
 
 Parts, in order of value, each in its own subprocess with its own time
 limit, so a failure or a timeout in one still leaves the others (every
@@ -209,6 +210,10 @@ def worker_kernels(spec: dict, out: Path) -> None:
     configs = [("library", lib), ("all", backend.Kernels.every()),
                ("default", backend.defaults())]
     configs += [(f"library+{k}", backend.Kernels(**{k: True})) for k in KERNEL_NAMES]
+    if spec.get("default_minus"):  # each kernel the backend turns on, turned off alone
+        d = backend.defaults().__dict__
+        configs += [(f"default-{k}", backend.Kernels(**dict(d, **{k: False})))
+                    for k in KERNEL_NAMES if d[k]]
     configs = configs[:spec.get("max_configs", len(configs))]
     # rounds interleave the configurations, so drift hits each alike; later
     # rounds reuse what the first compiled
@@ -402,6 +407,12 @@ def plan(smoke: bool) -> list[tuple[str, dict, float]]:
                            repeats=2), 150)]
 
 
+def plan_cpu() -> list[tuple[str, dict, float]]:
+    """The kernel ablation at a size a 2-core CPU measures in minutes."""
+    return [("kernels", dict(n_cells=20_000, n_genes=2000, batch_size=128, epochs=2,
+                             rounds=2, default_minus=True), 3000)]
+
+
 def run_part(part: str, spec: dict, limit: float, tmp: Path) -> dict:
     out = tmp / f"{part}.jsonl"
     out.unlink(missing_ok=True)
@@ -464,8 +475,11 @@ def summary(parts: dict) -> list[list]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes; runs on a CPU")
-    p.add_argument("--out", default=str(HERE / "results" / "gpu"))
-    p.add_argument("--budget", type=float, default=450.0,
+    p.add_argument("--cpu", action="store_true",
+                   help="the kernel ablation sized for a CPU; writes kernels_cpu.json")
+    p.add_argument("--out", default=None,
+                   help="folder for the JSON (results/gpu, or results with --cpu)")
+    p.add_argument("--budget", type=float, default=None,
                    help="seconds for all parts; a part that would overrun is cut short")
     p.add_argument("--parts", nargs="+", choices=list(WORKERS), default=None)
     p.add_argument("--worker")
@@ -475,16 +489,19 @@ def main(argv=None) -> int:
     if args.worker:
         WORKERS[args.worker](json.loads(args.spec), Path(args.worker_out))
         return 0
-    out_dir = Path(args.out)
+    if args.budget is None:
+        args.budget = 3600.0 if args.cpu else 450.0
+    out_dir = Path(args.out or HERE / "results" / ("" if args.cpu else "gpu"))
     tmp = out_dir / "parts"
     tmp.mkdir(parents=True, exist_ok=True)
-    name = "gpu_check_smoke.json" if args.smoke else "gpu_check.json"
+    name = ("gpu_check_smoke.json" if args.smoke else
+            "kernels_cpu.json" if args.cpu else "gpu_check.json")
     doc = {"benchmark": "gpu_check", "smoke": args.smoke, "command": " ".join(sys.argv),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(),
            "machine": machine_info(with_jax=False), "nvidia_smi": _nvidia_smi(),
            "parts": {}}
     t0 = time.perf_counter()
-    for part, spec, limit in plan(args.smoke):
+    for part, spec, limit in (plan_cpu() if args.cpu else plan(args.smoke)):
         if args.parts and part not in args.parts:
             continue
         left = args.budget - (time.perf_counter() - t0)

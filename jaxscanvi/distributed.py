@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,13 @@ def peer_lost(err: BaseException) -> LostProcessError | None:
     text = str(err)
     if not any(s in text for s in _PEER_LOST):
         return None
+    # the peer's sockets close before it has finished exiting, so its pid may
+    # still look alive for a moment: look again for up to a few seconds
+    deadline = time.monotonic() + 3.0
     gone = lost_processes()
+    while not gone and time.monotonic() < deadline:
+        time.sleep(0.05)
+        gone = lost_processes()
     if not gone and jax.process_count() == 2:
         gone = [f"process {1 - jax.process_index()}"]
     who = ", ".join(gone) if gone else "another process"

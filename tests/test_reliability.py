@@ -80,11 +80,14 @@ def uninterrupted(uninterrupted_of):
     return uninterrupted_of("scvi")
 
 
-def _start_child(spec: dict, log: Path) -> subprocess.Popen:
+def _start_child(spec: dict, log: Path, cache: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if cache is not None:  # the long run: children after the first load their programs
+        env["JAXSCANVI_COMPILATION_CACHE"] = str(cache)
     with open(log, "wb") as err:
         return subprocess.Popen([sys.executable, str(TESTS / "kill_child.py"),
                                  json.dumps(spec)], stdout=subprocess.PIPE, stderr=err,
-                                cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                cwd=str(ROOT), env=env)
 
 
 def _kill_at_marker(proc: subprocess.Popen, log: Path, while_hanging=None) -> int:
@@ -127,10 +130,11 @@ def _second_writer_is_refused(folder: Path) -> None:
 
 
 def _kill_and_resume(kind: str, target: str, kill_at: int, tmp_path: Path,
-                     uninterrupted_of, *, check_lock: bool = False) -> None:
+                     uninterrupted_of, *, check_lock: bool = False,
+                     cache: Path | None = None) -> None:
     ckpt, log = tmp_path / "ckpt", tmp_path / "child.log"
     proc = _start_child({"kind": kind, "target": target, "kill_at": kill_at,
-                         "folder": str(ckpt)}, log)
+                         "folder": str(ckpt)}, log, cache)
     # the reference run trains here while the child starts up and trains
     reference = uninterrupted_of(kind)
     full_len = _kill_at_marker(proc, log, (lambda: _second_writer_is_refused(ckpt))
@@ -192,7 +196,8 @@ def test_sigkill_many_times(kind, uninterrupted_of, tmp_path):
         run = tmp_path / f"run{i}"
         run.mkdir()
         _kill_and_resume(kind, ("metadata", "train_state")[i % 2],
-                         1 + i % (KILL_TRAIN["max_epochs"] - 1), run, uninterrupted_of)
+                         1 + i % (KILL_TRAIN["max_epochs"] - 1), run, uninterrupted_of,
+                         cache=tmp_path / "compilation_cache")
         print(f"{kind} kill {i + 1}/{KILL_RUNS}: resumed bitwise "
               f"({_time.perf_counter() - t0:.0f} s)", flush=True)
     print(f"\n{kind}: {KILL_RUNS} SIGKILLs mid-checkpoint, {KILL_RUNS} bitwise resumes in "
