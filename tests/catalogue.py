@@ -68,6 +68,13 @@ HAND_ROWS = [
     ("`train`", "the loss becomes NaN or inf",
      "`NonFiniteLossError`, last finite parameters kept",
      "tests/test_scvi.py::test_nonfinite_raise_keeps_last_finite_parameters"),
+    ("`train`", "a checkpoint folder another live process is writing",
+     "`FolderLockedError` naming the holder (pid, host, since when) and the fix",
+     "tests/test_reliability.py::test_sigkill_during_checkpoint_write_resumes_bitwise"),
+    ("`train`", "another process of a jax.distributed run dies",
+     "`LostProcessError` naming the lost process, within `lost_process_timeout_s`; "
+     "fix: restart all with resume=True",
+     "tests/test_multihost.py::test_a_dead_process_stops_the_others_and_the_checkpoint_survives"),
     ("inference", "query with cell types the model has never seen",
      "`InputError` naming `adata.obs[labels_key]`",
      "tests/test_errors.py::test_scanvi_query_with_unseen_label_categories"),
@@ -77,6 +84,8 @@ HAND_ROWS = [
     ("`save`", "save_anndata=True on a model without an AnnData",
      "`InputError` naming `save_anndata`",
      "tests/test_errors.py::test_save_anndata_without_adata"),
+    ("`save`", "a folder another live process is writing", "`FolderLockedError` naming "
+     "the holder", "tests/test_reliability.py::test_sigkill_during_checkpoint_write_resumes_bitwise"),
     ("`save`", "the folder already holds a model (no overwrite=True)", "`FileExistsError`",
      "tests/test_io.py::test_save_refuses_to_overwrite"),
     ("`load`", "the folder does not exist", "`FileNotFoundError`",

@@ -579,4 +579,5 @@ def test_error_catalogue_covers_every_case_and_names_real_tests():
     # InputError rows name a field; others name an exception or warning type
     for line in rows[1:]:
         assert re.search(r"\| `(InputError|ModelFormatError|FileNotFoundError|"
-                         r"FileExistsError|NonFiniteLossError|UserWarning|ImportError)`", line), line
+                         r"FileExistsError|NonFiniteLossError|UserWarning|ImportError|"
+                         r"FolderLockedError|LostProcessError)`", line), line
