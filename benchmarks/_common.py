@@ -217,6 +217,16 @@ def mean_sd(values) -> dict:
             "n": int(v.size)}
 
 
+def t_interval(differences) -> list[float] | None:
+    """Two-sided 95 % t interval of the mean of paired differences (None below 2)."""
+    from scipy import stats
+    d = np.asarray(differences, dtype=float)
+    if d.size < 2:
+        return None
+    half = float(stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size))
+    return [float(d.mean()) - half, float(d.mean()) + half]
+
+
 # ------------------------------------------------------------------- output
 def write_json(path, obj) -> Path:
     path = Path(path)

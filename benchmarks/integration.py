@@ -28,6 +28,7 @@ them) are listed as skipped.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -39,7 +40,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import (format_table, have_scvi_tools, machine_info, mean_sd,  # noqa: E402
-                     versions, write_json)
+                     t_interval, versions, write_json)
 from label_transfer import top_variance_genes  # noqa: E402
 
 DATA = HERE.parents[1] / "shared" / "data"
@@ -191,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 seed, 800 cells, 500 genes, 5 + 2 epochs")
     p.add_argument("--out", default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the seeds --out already holds; run only the others")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.scvi_epochs, args.scanvi_epochs = [0], 5, 2
@@ -209,12 +212,17 @@ def main(argv=None) -> int:
     doc = {"benchmark": "integration", "args": vars(args), "versions": versions(),
            "machine": machine_info(), "skipped": skipped, "datasets": {},
            "scvi_tools_compared": use_scvi}
+    done = json.loads(out.read_text())["datasets"] if args.resume and out.exists() else {}
     rows = []
     for path in paths:
         a = load(path, args.n_hvg, args.max_cells)
         pca = unintegrated_pca(a)
         per_seed = []
+        earlier = {r["seed"]: r for r in done.get(path.stem, {}).get("per_seed", [])}
         for seed in args.seeds:
+            if seed in earlier:
+                per_seed.append(earlier[seed])
+                continue
             t = time.perf_counter()
             emb = {"Unintegrated": pca, **run_jaxscanvi(a, seed, args)}
             t_jax = time.perf_counter() - t
@@ -239,7 +247,8 @@ def main(argv=None) -> int:
             for model in ("scVI", "scANVI"):
                 d = [s["scores"][f"jaxscanvi {model}"]["Total"]
                      - s["scores"][f"scvi-tools {model}"]["Total"] for s in per_seed]
-                paired[model] = {"total_difference_per_seed": d, **mean_sd(d)}
+                paired[model] = {"total_difference_per_seed": d, **mean_sd(d),
+                                 "ci95": t_interval(d)}
         doc["datasets"][path.stem].update({"summary": summary, "paired_total_jax_minus_scvi":
                                            paired})
         write_json(out, doc)

@@ -44,6 +44,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import t_interval  # noqa: E402
+
 DATA = HERE.parent.parent / "shared" / "data"
 RESULTS = HERE / "results"
 OUT = RESULTS / "label_transfer_paired.json"
@@ -74,7 +77,6 @@ def run(name: str, seeds: list[int], torch_threads: int) -> Path:
 
 def paired(runs: list[dict], metric: str = "balanced_accuracy") -> dict:
     """jaxscanvi minus scvi-tools per seed, in points, with a 95 % t interval."""
-    from scipy import stats
     jax = {r["seed"]: r[metric] for r in runs if r["framework"] == "jaxscanvi"}
     ref = {r["seed"]: r[metric] for r in runs if r["framework"] == "scvi-tools"}
     seeds = sorted(set(jax) & set(ref))
@@ -88,8 +90,7 @@ def paired(runs: list[dict], metric: str = "balanced_accuracy") -> dict:
            "scvi_tools_mean": float(np.mean([100 * ref[s] for s in seeds])) if n else None,
            "mean_difference": float(d.mean()) if n else None}
     if n > 1:
-        half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n)
-        out["ci95"] = [float(d.mean() - half), float(d.mean() + half)]
+        out["ci95"] = t_interval(d)
         # the fidelity issue's target: >= 10 paired seeds, the interval reaches 0
         # or lies above it, and the mean is no worse than -0.5 points
         out["meets_target"] = bool(n >= 10 and out["ci95"][1] >= 0 and d.mean() >= -0.5)
@@ -164,7 +165,6 @@ def main(argv=None) -> int:
             run(name, args.seeds, args.torch_threads)
     table = report(list(SETTINGS))
     if table:
-        sys.path.insert(0, str(HERE))
         from _common import versions, write_json
         write_json(OUT, {"method": __doc__, "versions": versions(), "settings": table})
         plot(table, OUT.with_suffix(".png"))

@@ -41,7 +41,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import format_table, machine_info, versions, write_json  # noqa: E402
+from _common import format_table, machine_info, t_interval, versions, write_json  # noqa: E402
 
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "pbmc_3k_4k.h5ad"
 OUT = HERE / "results" / "mmd_sweep.json"
@@ -86,16 +86,12 @@ def scib(adata, latents: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 def paired(runs: list[dict], weight: float, score: str) -> dict:
     """Mean over seeds of (weight minus weight 0) with a 95 % paired t interval."""
-    from scipy import stats
     base = {r["seed"]: r["scores"][score] for r in runs if r["weight"] == 0}
     d = np.array([r["scores"][score] - base[r["seed"]] for r in runs
                   if r["weight"] == weight and r["seed"] in base])
-    n = len(d)
-    half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n)) if n > 1 else None
-    mean = float(d.mean())
-    return {"n_seeds": n, "mean": mean, "ci95": None if half is None else
-            [mean - half, mean + half],
-            "beyond_seed_noise": half is not None and abs(mean) > half}
+    ci = t_interval(d)
+    return {"n_seeds": len(d), "mean": float(d.mean()), "ci95": ci,
+            "beyond_seed_noise": ci is not None and (ci[0] > 0 or ci[1] < 0)}
 
 
 def summarise(runs: list[dict], weights: list[float]) -> dict:
