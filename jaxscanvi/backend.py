@@ -17,8 +17,8 @@ were tuned on one backend and pay only there:
                    of layout; it needs the list, which sources then build)
 =================  =========================================================
 
-`defaults` picks them per backend from measurements (the CPU's from the
-step ablations behind the README's Speed section, the GPU's from
+`defaults` picks them per backend from measurements (the CPU's from
+``benchmarks/results/kernels_cpu*.json``, the GPU's from
 ``benchmarks/results/gpu/``); `use` overrides them for a
 block of code, and the environment variable ``JAXSCANVI_KERNELS`` for a
 process, e.g. ``JAXSCANVI_KERNELS=library`` (every kernel off),
@@ -71,9 +71,12 @@ class Kernels:
         return cls(**{n: True for n in cls.names()})
 
 
-# Measured per backend: on the CPU every kernel paid in the step ablations
-# that introduced it (README, Speed) and the dense likelihood beats gathers
-# and scatter-adds; `gpu_check.py --parts kernels` re-measures any backend. On an H200
+# Measured per backend. On the CPU (results/kernels_cpu*.json, scVI at batch
+# 128) the fused likelihood pays most; no other kernel alone stood clear of
+# the spread, but all of them together beat the library path plus the fused
+# likelihood in 5 of 5 alternating rounds (median 1.14x), and the dense
+# likelihood beats gathers and scatter-adds; `gpu_check.py --parts kernels`
+# re-measures any backend. On an H200
 # (results/gpu/gpu_check_h200.json, scVI at batch 128) the fused likelihood
 # was the one kernel that stood clear of run-to-run spread (511k cells/s vs
 # 390k-469k for three configurations that compute identically), and the
