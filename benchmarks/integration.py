@@ -21,7 +21,7 @@ scIB-style table of the means). Datasets without labels (scIB's metrics need
 them) are listed as skipped.
 
     pip install -e ".[bench]" scvi-tools    # scib-metrics is in [bench]
-    python benchmarks/integration.py                     # 3 seeds, 400 + 10 epochs
+    python benchmarks/integration.py                     # 8 seeds, 400 + 10 epochs
     python benchmarks/integration.py --quick             # smoke run
 """
 
@@ -180,7 +180,7 @@ def plot_table(means: dict[str, dict[str, float]], path: Path, title: str) -> No
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     p.add_argument("--scvi-epochs", type=int, default=400)
     p.add_argument("--scanvi-epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
