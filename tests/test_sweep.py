@@ -256,3 +256,36 @@ def test_bad_sweeps_are_refused_before_compiling(data):
         with pytest.raises(InputError) as err:
             sweep.train_many(make, max_epochs=1, **{**FIT, **kwargs})
         assert err.value.field == field, kwargs
+
+
+def test_fit_with_swaps_the_fit_alone(data):
+    """The model layer's seam for sweeps: inside `_fit_with`, train() still checks
+    its input and adopts what the given fit returns; outside, `fit` runs again,
+    also after the given fit raised."""
+    from jaxscanvi.train.config import TrainConfig
+    from jaxscanvi.train.fit import Task, fit
+    adata, _ = data
+    m = js.SCVI(adata, seed=0, **NET)
+    seen = []
+
+    def spy(config, task):
+        seen.append((config, task))
+        return fit(config, task)
+
+    with m._fit_with(spy):
+        m.train(max_epochs=1, **FIT)
+    assert len(seen) == 1 and m.is_trained and int(m.train_state.step) > 0
+    assert isinstance(seen[0][0], TrainConfig) and isinstance(seen[0][1], Task)
+    assert seen[0][0].max_epochs == 1 and seen[0][1].cells.n_obs == adata.n_obs
+
+    def refuse(config, task):
+        raise RuntimeError("no fit here")
+
+    with pytest.raises(InputError, match="max_epochs"), m._fit_with(refuse):
+        m.train(max_epochs=0, **FIT)  # input errors come before the fit
+    with pytest.raises(RuntimeError, match="no fit here"), m._fit_with(refuse):
+        m.train(max_epochs=1, **FIT)
+    before = np.asarray(m.params["z_encoder"]["mean"]["kernel"]).copy()
+    m.train(max_epochs=1, **FIT)  # the real fit is back
+    after = np.asarray(m.params["z_encoder"]["mean"]["kernel"])
+    assert len(seen) == 1 and not np.allclose(before, after)

@@ -8,6 +8,7 @@ thin: each public one below is bound from the file that implements it
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from functools import partial
 from typing import Any, Callable, ClassVar
@@ -149,6 +150,23 @@ class BaseModel:
                     make_loss=make_loss, loss_spec=loss_spec, owner=owner,
                     freeze=self._freeze, **hooks)
 
+    # what `_train` fits with; `_fit_with` swaps it for one block
+    _fit_fn: ClassVar[Callable | None] = None
+
+    @contextlib.contextmanager
+    def _fit_with(self, fn: Callable):
+        """Within the block, `train()` checks its input, warns and adopts the
+        result as always, but the fit itself is ``fn(config, task) ->
+        FitResult``. `jaxscanvi.sweep` fits many models in one program: it
+        reads each member's config and task this way (``fn`` raises with
+        them), then hands each its result, so that what follows a fit (scANVI:
+        reference statistics, calibration) runs as after `fit`."""
+        self._fit_fn = fn
+        try:
+            yield self
+        finally:
+            del self._fit_fn
+
     def _train(self, config: TrainConfig, task: Task):
         if self.loss_term_names and not config.loss_terms:
             warnings.warn(f"this model was trained with extra loss terms "
@@ -159,7 +177,7 @@ class BaseModel:
         check(config, task.cells)  # every input error before anything compiles
         budget.check(config, task.cells, self.module.config)  # and before allocating
         try:
-            result = fit(config, task)
+            result = (self._fit_fn or fit)(config, task)
         except NonFiniteLossError as err:
             if hasattr(err, "result"):  # raised by the loop: keep the last good state
                 self._adopt(err.result)

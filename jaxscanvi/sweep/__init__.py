@@ -56,9 +56,7 @@ and buys one call, one program, and per-member early stopping.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import numpy as np
@@ -204,22 +202,12 @@ class _Captured(Exception):
         self.config, self.task = config, task
 
 
-@contextmanager
-def _train_replaced(model, fn: Callable):
-    """Run ``model.train`` with its `_train` (what follows the checks) replaced."""
-    model._train = fn
-    try:
-        yield
-    finally:
-        del model._train
-
-
 def _capture(model, kwargs: dict):
     """The `TrainConfig` and `Task` that ``model.train(**kwargs)`` would fit."""
     def grab(config, task):
         raise _Captured(config, task)
 
-    with _train_replaced(model, grab):
+    with model._fit_with(grab):
         try:
             model.train(**kwargs)
         except _Captured as got:
@@ -230,13 +218,7 @@ def _capture(model, kwargs: dict):
 def _finish(model, kwargs: dict, result) -> None:
     """Run ``model.train(**kwargs)`` again with ``result`` as its fit, so what the
     model does after fitting (scANVI: calibration, reference statistics) runs."""
-    def adopt(config, task):
-        model.loss_term_names = config.loss_term_names
-        model._adopt(result)
-        model.is_trained = True
-        return model
-
-    with _train_replaced(model, adopt):
+    with model._fit_with(lambda config, task: result):
         model.train(**kwargs)
 
 

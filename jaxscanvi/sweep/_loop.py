@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..train.fit import FitResult, _loop_config
+from ..train.fit import FitResult, loop_config
 from ..train.history import add_scvi_tools_names
-from ..train.loop import LoopState, _nonfinite_error, epoch_means
-from ..train.state import TrainState, _inject_state
+from ..train.loop import LoopState, nonfinite_error, epoch_means
+from ..train.state import TrainState, inject_state
 from ._step import masked_jit, programs
 
 
@@ -48,7 +48,7 @@ def initial_state(members: list[Member], tx, lr: np.ndarray, wd: np.ndarray) -> 
     """K train states stacked, each as `fit` starts one (key PRNGKey(seed))."""
     params = stack([m.task.params for m in members])
     opt_state = jax.vmap(tx.init)(params)
-    hyper = _inject_state(opt_state).hyperparams
+    hyper = inject_state(opt_state).hyperparams
     hyper["learning_rate"] = jnp.asarray(lr)
     hyper["weight_decay"] = jnp.asarray(wd)
     k = len(members)
@@ -59,11 +59,11 @@ def initial_state(members: list[Member], tx, lr: np.ndarray, wd: np.ndarray) -> 
 
 
 def _lrs(ts) -> np.ndarray:
-    return np.asarray(_inject_state(ts.opt_state).hyperparams["learning_rate"], np.float64)
+    return np.asarray(inject_state(ts.opt_state).hyperparams["learning_rate"], np.float64)
 
 
 def _set_lrs(ts, lrs: np.ndarray):
-    _inject_state(ts.opt_state).hyperparams["learning_rate"] = jnp.asarray(lrs, jnp.float32)
+    inject_state(ts.opt_state).hyperparams["learning_rate"] = jnp.asarray(lrs, jnp.float32)
     return ts
 
 
@@ -114,7 +114,7 @@ def run(members: list[Member], ts: TrainState, hp: dict, *, source, shared: bool
     """Train every member to max_epochs or its early stop; one `FitResult` each."""
     first = members[0]
     config, task = first.config, first.task
-    cfg = _loop_config(config)
+    cfg = loop_config(config)
     k = len(members)
     loops = [LoopState() for _ in members]
     active = np.ones(k, bool)
@@ -143,7 +143,7 @@ def run(members: list[Member], ts: TrainState, hp: dict, *, source, shared: bool
         terms = {n: np.asarray(v) for n, v in terms.items()}
         counts, klw = np.asarray(counts), np.asarray(klw)
         for m in np.flatnonzero(failed):
-            err = _nonfinite_error(member_of(ts, m), int(bad[m]),
+            err = nonfinite_error(member_of(ts, m), int(bad[m]),
                                    {n: v[:, m] for n, v in terms.items()}, epoch)
             warnings.warn(f"member {m} (seed {members[m].seed}) stopped: {err}",
                           RuntimeWarning, stacklevel=3)

@@ -154,7 +154,7 @@ def _fit(config: TrainConfig, task: Task, held) -> FitResult:
                      data_bytes_per_device=source.device_bytes())
     try:
         ts, loop = run_loop(
-            ts, cfg=_loop_config(config), source=source, train_step=train_step,
+            ts, cfg=loop_config(config), source=source, train_step=train_step,
             eval_step=eval_step, train_idx=train_idx, val_idx=val_idx,
             labelled_idx=None if task.labelled is None else
             partial(task.labelled, train_idx=train_idx),
@@ -174,7 +174,8 @@ def _fit(config: TrainConfig, task: Task, held) -> FitResult:
     return result(ts, loop)
 
 
-def _loop_config(config: TrainConfig) -> FitConfig:
+def loop_config(config: TrainConfig) -> FitConfig:
+    """The loop's settings from a `TrainConfig` (`fit` and `jaxscanvi.sweep`)."""
     return FitConfig(max_epochs=config.max_epochs, batch_size=config.batch_size,
                      seed=config.seed, check_val_every_n_epoch=config.check_val_every_n_epoch,
                      early_stopping=config.early_stopping,

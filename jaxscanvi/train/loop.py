@@ -197,7 +197,7 @@ def run_loop(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,  #
             train_step, carry, rows, lab_rows)
         bad = int(bad)
         if bad >= 0 and cfg.on_nonfinite == "raise":
-            err = _nonfinite_error(ts_new, bad, terms, epoch)
+            err = nonfinite_error(ts_new, bad, terms, epoch)
             err.train_state, err.loop_state = ts_new, loop
             raise err
         ts = ts_new.replace(epoch=ts_new.epoch + 1)
@@ -274,7 +274,8 @@ def _plateau(ts, loop: LoopState, metric: float, cfg: FitConfig):
     return ts
 
 
-def _nonfinite_error(ts, bad_step, terms, epoch) -> NonFiniteLossError:
+def nonfinite_error(ts, bad_step, terms, epoch) -> NonFiniteLossError:
+    """The error for an epoch whose step ``bad_step`` went non-finite, naming the terms."""
     first = int(bad_step) - (int(ts.step) - len(np.asarray(terms["loss"])))
     first = min(max(first, 0), len(np.asarray(terms["loss"])) - 1)
     names = [k for k, v in terms.items() if not np.isfinite(np.asarray(v)[first])]

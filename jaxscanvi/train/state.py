@@ -74,7 +74,7 @@ def pending_update(opt_state, params, *, eps: float = 0.01, trainable_mask=None,
     tenth of a step on memory traffic. ``decoupled_decay``: AdamW's weight
     decay, which the moments do not hold.
     """
-    inner = _inject_state(opt_state)
+    inner = inject_state(opt_state)
     adam = inner.inner_state[1]
     lr = inner.hyperparams["learning_rate"]
     mu_hat = optax.tree.bias_correction(adam.mu, b1, adam.count)
@@ -112,16 +112,17 @@ def mask_key(mask) -> tuple | None:
 
 
 def get_lr(opt_state) -> float:
-    return float(_inject_state(opt_state).hyperparams["learning_rate"])
+    return float(inject_state(opt_state).hyperparams["learning_rate"])
 
 
 def set_lr(opt_state, lr: float):
-    inner = _inject_state(opt_state)
+    inner = inject_state(opt_state)
     inner.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
     return opt_state
 
 
-def _inject_state(opt_state):
+def inject_state(opt_state):
+    """The optimiser state that holds the hyperparameters (``learning_rate``)."""
     if hasattr(opt_state, "hyperparams"):
         return opt_state
     return opt_state[0]  # chained with freeze
