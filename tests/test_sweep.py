@@ -281,8 +281,12 @@ def test_fit_with_swaps_the_fit_alone(data):
     def refuse(config, task):
         raise RuntimeError("no fit here")
 
-    with pytest.raises(InputError, match="max_epochs"), m._fit_with(refuse):
-        m.train(max_epochs=0, **FIT)  # input errors come before the fit
+    # check() inside _train refuses this (the config alone cannot): before the fit
+    with pytest.raises(InputError, match="data_source"), m._fit_with(refuse):
+        m.train(max_epochs=1, data_source="stream", **FIT)
+    with m._fit_with(refuse), m._fit_with(spy, check_budget=False):  # blocks nest
+        assert m._fit_fn is spy and not m._fit_budget
+    assert "_fit_fn" not in vars(m) and m._fit_budget
     with pytest.raises(RuntimeError, match="no fit here"), m._fit_with(refuse):
         m.train(max_epochs=1, **FIT)
     before = np.asarray(m.params["z_encoder"]["mean"]["kernel"]).copy()

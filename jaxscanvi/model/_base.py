@@ -150,22 +150,32 @@ class BaseModel:
                     make_loss=make_loss, loss_spec=loss_spec, owner=owner,
                     freeze=self._freeze, **hooks)
 
-    # what `_train` fits with; `_fit_with` swaps it for one block
-    _fit_fn: ClassVar[Callable | None] = None
+    # what `_train` fits with, and whether to check memory first; `_fit_with`
+    # swaps them for one block
+    _fit_fn: Callable | None = None
+    _fit_budget: bool = True
 
     @contextlib.contextmanager
-    def _fit_with(self, fn: Callable):
+    def _fit_with(self, fn: Callable, *, check_budget: bool = True):
         """Within the block, `train()` checks its input, warns and adopts the
         result as always, but the fit itself is ``fn(config, task) ->
         FitResult``. `jaxscanvi.sweep` fits many models in one program: it
         reads each member's config and task this way (``fn`` raises with
         them), then hands each its result, so that what follows a fit (scANVI:
-        reference statistics, calibration) runs as after `fit`."""
-        self._fit_fn = fn
+        reference statistics, calibration) runs as after `fit`.
+        ``check_budget=False`` skips the memory check, for a result that is
+        already in memory. Blocks nest."""
+        before = {k: self.__dict__[k] for k in ("_fit_fn", "_fit_budget")
+                  if k in self.__dict__}
+        self._fit_fn, self._fit_budget = fn, bool(check_budget)
         try:
             yield self
         finally:
-            del self._fit_fn
+            for k in ("_fit_fn", "_fit_budget"):
+                if k in before:
+                    setattr(self, k, before[k])
+                else:
+                    self.__dict__.pop(k, None)
 
     def _train(self, config: TrainConfig, task: Task):
         if self.loss_term_names and not config.loss_terms:
@@ -175,7 +185,8 @@ class BaseModel:
                           stacklevel=3)
         self.loss_term_names = config.loss_term_names
         check(config, task.cells)  # every input error before anything compiles
-        budget.check(config, task.cells, self.module.config)  # and before allocating
+        if self._fit_budget:  # and before allocating
+            budget.check(config, task.cells, self.module.config)
         try:
             result = (self._fit_fn or fit)(config, task)
         except NonFiniteLossError as err:

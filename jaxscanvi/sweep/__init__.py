@@ -218,7 +218,8 @@ def _capture(model, kwargs: dict):
 def _finish(model, kwargs: dict, result) -> None:
     """Run ``model.train(**kwargs)`` again with ``result`` as its fit, so what the
     model does after fitting (scANVI: calibration, reference statistics) runs."""
-    with model._fit_with(lambda config, task: result):
+    # the result is in memory already: a memory check now would count it against itself
+    with model._fit_with(lambda config, task: result, check_budget=False):
         model.train(**kwargs)
 
 
