@@ -12,7 +12,9 @@ Each arm is warmed up once (``max_epochs=1``: it compiles) and then timed
 over ``--epochs`` epochs, wall clock from the first model's construction to
 the K-th trained model (construction, training, what train() does after),
 the process's CPU time over the same span (less sensitive to other jobs on
-the machine than wall time, but blind to how many cores ran at once), and
+the machine than wall time, but blind to how many cores ran at once; its
+ratio to wall time, ``sequential_cpu_per_wall``, says how many cores one
+run keeps busy), and
 separately the epochs alone (the sum of ``history["epoch_seconds"]``;
 for the sweep, one member's, since its epochs are shared). The two arms
 alternate, in swapped order each repeat, so a machine shared with other jobs
@@ -27,10 +29,16 @@ expected calibration error (10 bins) on the hidden cells of each member and
 of their average (`sweep.ensemble_calibration`), written to
 ``results/sweep_ensemble.json``.
 
+With ``--trace``, instead: the XLA operation time (thread-seconds, from a
+`jax.profiler` trace) of one ``train()`` run and of a K-member sweep, and
+their ratio per member, written to ``results/sweep_trace.json``: whether a
+member costs the sweep less work than a run of its own.
+
 Usage:
     python benchmarks/sweep.py                 # 3,000 cells x 2,000 genes, K = 1, 4, 16
     python benchmarks/sweep.py --ensemble --ks 5 --adata ../shared/data/pbmc3k.h5ad --epochs 20
     python benchmarks/sweep.py --smoke         # seconds: a check that it runs
+    python benchmarks/sweep.py --trace --ks 4 --n-cells 12000   # XLA work per member
     python benchmarks/sweep.py --batch-size 128 --ks 16 --n-cells 20000   # on a GPU
 """
 
@@ -67,6 +75,42 @@ def vmapped(js, adata, k: int, train: dict, order: str) -> dict:
                            order=order, **train)
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
             "epoch_seconds": float(out.models[0].history.to_frame()["epoch_seconds"].sum())}
+
+
+def op_seconds(run) -> float:
+    """Thread-seconds of XLA operations while ``run()`` trains (a `jax.profiler`
+    trace: every event that names the HLO operation it executed). Two cores
+    running two operations at once count twice, so this measures work, not
+    wall time."""
+    import glob
+    import gzip
+    import json
+    import tempfile
+
+    import jax
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        run()
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    return 1e-6 * sum(e["dur"] for e in events
+                      if e.get("ph") == "X" and "hlo_op" in e.get("args", {}))
+
+
+def trace(js, adata, k: int, train: dict) -> dict:
+    """XLA operation time of one `train()` run and of a K-member sweep (each
+    warmed up first), per member: does a member cost the sweep less work than
+    a run of its own?"""
+    from jaxscanvi import sweep
+    one = lambda: js.SCVI(adata, seed=0, **ARCH).train(seed=0, **train)  # noqa: E731
+    many = lambda: sweep.train_many(lambda s: js.SCVI(adata, seed=s, **ARCH),  # noqa: E731
+                                    seeds=list(range(k)), **train)
+    one(), many()
+    single, swept = op_seconds(one), op_seconds(many)
+    return {"k": k, "op_seconds_single_run": single, "op_seconds_sweep": swept,
+            "op_seconds_ratio_per_member": swept / (k * single)}
 
 
 def ensemble(js, args) -> dict:
@@ -121,6 +165,9 @@ def main(argv=None) -> int:
     p.add_argument("--adata", help="--ensemble on this .h5ad of raw counts (default: "
                    "a simulated atlas)")
     p.add_argument("--labels-key", default="cell_type")
+    p.add_argument("--trace", action="store_true",
+                   help="instead: XLA operation time per member, a sweep of K = max of "
+                   "--ks against one run (results/sweep_trace.json)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.smoke:
@@ -148,6 +195,19 @@ def main(argv=None) -> int:
     train = dict(max_epochs=args.epochs, batch_size=args.batch_size, progress_bar=False,
                  devices=1)
     warm = {**train, "max_epochs": 1}
+    if args.trace:
+        if args.out == DEFAULT_OUT:
+            args.out = DEFAULT_OUT.with_name("sweep_trace.json")
+        res = trace(js, adata, max(args.ks), train)
+        write_json(args.out, {"benchmark": "sweep_trace", "machine": machine_info(),
+                              "versions": versions(), "args": {k: str(v) for k, v in
+                                                               vars(args).items()},
+                              "architecture": ARCH, "result": res})
+        print(format_table(["K", "op s, one run", "op s, sweep", "per member ratio"],
+                           [[res["k"], res["op_seconds_single_run"], res["op_seconds_sweep"],
+                             res["op_seconds_ratio_per_member"]]]))
+        print(f"wrote {args.out}")
+        return 0
     orders = ["shared"] + (["per_model"] if args.per_model else [])
     doc = {"benchmark": "sweep", "args": {k: str(v) if isinstance(v, Path) else v
                                           for k, v in vars(args).items()},
@@ -179,6 +239,10 @@ def main(argv=None) -> int:
                          np.median([r[order]["seconds"] for r in reps]),
                          res[f"ratio_{order}_seconds"], res[f"ratio_{order}_cpu_seconds"],
                          res[f"ratio_{order}_epoch_seconds"]])
+        # how many of the machine's cores one run keeps busy: near all of them,
+        # a sweep cannot win by filling idle ones
+        res["sequential_cpu_per_wall"] = float(np.median(
+            [r["sequential"]["cpu_seconds"] / r["sequential"]["seconds"] for r in reps]))
         doc["results"].append(res)
         write_json(args.out, doc)
     doc["total_seconds"] = time.perf_counter() - t_start
