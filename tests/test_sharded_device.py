@@ -87,7 +87,11 @@ def test_sparse_likelihood_reads_each_devices_non_zeros(out):
 
 @pytest.mark.system
 def test_scanvi_on_two_devices_replays_as_two_shards_on_one(out):
-    assert out["scanvi_params"] < 1e-5
+    # summation order differs between two devices and one (the cross-device
+    # sum): after 2 epochs the classifier's first bias differed by 5.9e-6 of
+    # 0.50 (1.2e-5 relative) on an AVX-512 Xeon, below 1e-5 on an EPYC; another
+    # minibatch draw moves parameters by more than 1e-3 (the scVI test above)
+    assert out["scanvi_params"] < 5e-5
     assert out["scanvi_history"] < 1e-5
     assert out["scanvi_predict_equal"] == 1.0
 
