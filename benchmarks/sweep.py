@@ -103,14 +103,19 @@ def trace(js, adata, k: int, train: dict) -> dict:
     """XLA operation time of one `train()` run and of a K-member sweep (each
     warmed up first), per member: does a member cost the sweep less work than
     a run of its own?"""
-    from jaxscanvi import sweep
-    one = lambda: js.SCVI(adata, seed=0, **ARCH).train(seed=0, **train)  # noqa: E731
-    many = lambda: sweep.train_many(lambda s: js.SCVI(adata, seed=s, **ARCH),  # noqa: E731
-                                    seeds=list(range(k)), **train)
+    one = lambda: sequential(js, adata, 1, train)  # noqa: E731
+    many = lambda: vmapped(js, adata, k, train, "shared")  # noqa: E731
     one(), many()
     single, swept = op_seconds(one), op_seconds(many)
     return {"k": k, "op_seconds_single_run": single, "op_seconds_sweep": swept,
             "op_seconds_ratio_per_member": swept / (k * single)}
+
+
+def write_side(args, name: str, res: dict) -> None:
+    """The JSON of a mode other than the timings (--ensemble, --trace)."""
+    write_json(args.out, {"benchmark": name, "machine": machine_info(), "versions": versions(),
+                          "args": {k: str(v) for k, v in vars(args).items()},
+                          "architecture": ARCH, "result": res})
 
 
 def ensemble(js, args) -> dict:
@@ -180,10 +185,7 @@ def main(argv=None) -> int:
         if args.out == DEFAULT_OUT:
             args.out = DEFAULT_OUT.with_name("sweep_ensemble.json")
         res = ensemble(js, args)
-        write_json(args.out, {"benchmark": "sweep_ensemble", "machine": machine_info(),
-                              "versions": versions(), "args": {k: str(v) for k, v in
-                                                               vars(args).items()},
-                              "architecture": ARCH, "result": res})
+        write_side(args, "sweep_ensemble", res)
         print(format_table(["", "accuracy", "ECE"],
                            [["ensemble", res["accuracy_ensemble"], res["ece_ensemble"]]] +
                            [[f"member {i}", a, e] for i, (a, e) in enumerate(zip(
@@ -199,10 +201,7 @@ def main(argv=None) -> int:
         if args.out == DEFAULT_OUT:
             args.out = DEFAULT_OUT.with_name("sweep_trace.json")
         res = trace(js, adata, max(args.ks), train)
-        write_json(args.out, {"benchmark": "sweep_trace", "machine": machine_info(),
-                              "versions": versions(), "args": {k: str(v) for k, v in
-                                                               vars(args).items()},
-                              "architecture": ARCH, "result": res})
+        write_side(args, "sweep_trace", res)
         print(format_table(["K", "op s, one run", "op s, sweep", "per member ratio"],
                            [[res["k"], res["op_seconds_single_run"], res["op_seconds_sweep"],
                              res["op_seconds_ratio_per_member"]]]))
