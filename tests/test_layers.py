@@ -113,7 +113,7 @@ def _plain_batch_norm(x, w, scale, bias, axis_name=None):
 
 
 def test_batch_norm_gradient_equals_autodiff():
-    """Masked rows, and statistics spanning a vmapped named axis (scANVI's classes)."""
+    """Masked rows, and statistics spanning a vmapped named axis."""
     r = np.random.default_rng(0)
     x = jnp.asarray(r.normal(size=(5, 7, 6)), jnp.float32)
     w = jnp.asarray(r.random((5, 7)) > 0.3, jnp.float32)

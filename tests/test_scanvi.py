@@ -31,6 +31,7 @@ from jaxscanvi.train.config import max_epochs_heuristic
 from jaxscanvi.model.scanvi import expected_calibration_error
 from jaxscanvi.module import VAE
 from jaxscanvi.module_scanvi import SCANVAE, SCANVIConfig
+from jaxscanvi.module.scanvae import class_noise
 from jaxscanvi.train.loop import make_train_step
 from jaxscanvi.train.state import KLSchedule, TrainState, make_optimizer
 
@@ -87,7 +88,8 @@ def loop_loss(module, params, state, batch, rng, kl_weight, *, objective, train)
     """The user guide's bounds with the class sum as a plain Python loop.
 
     Per cell: base = rec + log q(z1|x) + beta KL_l and, for each class c (one
-    `class_bound` call per class, same keys as the library), b_c = -log p(z1|u,c)
+    `class_grid` call per class, on that class's draws from the library's keys),
+    b_c = -log p(z1|u,c)
     + beta KL(q(u|z1,c)||N(0,I)).  L_U = base + sum_c q(c|z1) b_c + beta KL(q(c|z1)||p(c));
     L_S(y) = base + b_y - beta log p(y).
     """
@@ -106,10 +108,9 @@ def loop_loss(module, params, state, batch, rng, kl_weight, *, objective, train)
     base = t["reconstruction_loss"] + log_qz1 + kl_weight * t["kl_l"]
     b = []
     for c in range(C):
-        ks, kd = jax.random.split(keys[c])
-        nll, kl2 = module.apply(variables, z1, c, batch.weight, train=train,
-                                rngs={"sample": ks, "dropout": kd},
-                                method=SCANVAE.class_bound)
+        noise = class_noise(cfg, keys[c:c + 1], z1.shape[0], train=train, sample=True)
+        (nll,), (kl2,) = module.apply(variables, z1, jnp.asarray([c]), batch.weight[None],
+                                      noise, train=train, method=SCANVAE.class_grid)
         b.append(nll + kl_weight * kl2)
     marg = sum(q[:, c] * b[c] for c in range(C))
     kl_c = sum(q[:, c] * (log_q[:, c] - log_prior[c]) for c in range(C))
@@ -163,9 +164,9 @@ LABELS_MIXED = [0, 5, 4, 5, 2, 1, 5, 3, 5, 0]  # 5 = unlabelled (C = 5)
 
 
 # ----------------------------------------------------- the bound vs a loop
-def test_vmapped_bound_equals_class_loop_train():
+def test_class_grid_equals_class_loop_train():
     """"seed" on a mixed minibatch: L_S for labelled cells, L_U for the others.
-    vmap over classes == Python loop over classes, value and grad w.r.t. params.
+    The (class, cell) grid == a Python loop over classes, value and grad w.r.t. params.
     Train mode (dropout on, its own keys per class), no batch norm, learned library."""
     module, params, state = tiny_module(C5)
     batch = make_batch(LABELS_MIXED)
@@ -185,8 +186,8 @@ def test_vmapped_bound_equals_class_loop_train():
     assert n > 10
 
 
-def test_vmapped_bound_equals_class_loop_eval_batchnorm():
-    """Eval mode with batch norm (running statistics) and a uniform prior: vmap == loop
+def test_class_grid_equals_class_loop_eval_batchnorm():
+    """Eval mode with batch norm (running statistics) and a uniform prior: grid == loop
     ("seed" on a mixed minibatch; values only, the gradient check is the train test's)."""
     module, params, state = tiny_module(C5, batch_norm="both", y_prior=None)
     batch = make_batch(LABELS_MIXED, seed=3)
@@ -294,7 +295,7 @@ def test_classification_loss_counts_labelled_cells_only():
 # --------------------------------------------------------------- chunking
 def test_chunked_equals_unchunked_train():
     """class_chunk_size=2 < C=5 (a scan over 3 chunks, the last one padded) equals the
-    single vmap over all classes: value and grad (train mode, no batch norm)."""
+    whole grid at once: value and grad (train mode, no batch norm)."""
     m_full, params, state = tiny_module(C5, chunk=64)
     m_chunk = SCANVAE(dataclasses.replace(m_full.config, class_chunk_size=2))
     batch = make_batch(LABELS_MIXED)
@@ -319,7 +320,7 @@ def _loss_grads_state(params, state, batch, rng, *, module):
 def test_chunked_equals_unchunked_with_batch_norm():
     """Batch norm on in both class networks, C = 10 in chunks of 4 (the last one
     padded) and one padded cell: the loss, its gradient and the updated running
-    averages equal the single vmap's, whose statistics span the whole
+    averages equal those of the whole grid at once, whose statistics span the whole
     (class, cell) grid as scvi-tools' do."""
     C = 10
     m_full, params, state = tiny_module(C, batch_norm="both", chunk=64, y_prior=None)
@@ -399,7 +400,7 @@ def _train_step_for(C, chunk, *, concrete, B=32, G=20):
 def test_many_cell_types_memory_stays_flat():
     """C = 500 synthetic classes: a train step compiles and runs, and its compiled
     temporary memory stays within 3x of C = 10 at the same class_chunk_size (16; C=10
-    is then a single vmap, C=500 a scan over 32 chunks)."""
+    is then one grid, C=500 a scan over 32 chunks)."""
     temps = {}
     for C in (10, 500):
         compiled, carry, batches = _train_step_for(C, 16, concrete=C == 500)

@@ -10,9 +10,9 @@ Per cell, with z1 ~ q(z1|x) and, for each class c, u ~ q(u|z1, c):
     \mathcal{L}_U = \text{rec} + \log q(z_1|x) + \sum_c q(c|z_1)\, b_c
         + \beta\,\mathrm{KL}(q(c|z_1)\,\|\,p(c)) + \beta\,\text{KL}^\ell
 
-(these are negative bounds: lower is better). The sum over c is a `jax.vmap`
-of the per-class bound over the C cell types, run in chunks of
-``class_chunk_size`` classes by `lax.scan` so memory stays flat as C grows;
+(these are negative bounds: lower is better). The class terms of all C cell
+types run as one (class, cell) grid through the class networks, in chunks
+of ``class_chunk_size`` classes by `lax.scan` so memory stays flat as C grows;
 the count decoder runs once per cell, never per class. The classification
 loss is the cross-entropy of q(c | E[z|x]) on a minibatch of labelled cells,
 times ``classification_ratio``.
@@ -24,14 +24,12 @@ L_U for the others; ``objective="scvi-tools"`` marginalises every cell
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 
 from ..data.batch import Batch
 from ..distributions import normal_log_prob
-from ..module.scanvae import SCANVAE
+from ..module.scanvae import SCANVAE, class_noise
 from ..nn.layers import global_stats
 from .common import LossAux, add_extra_terms, forward, reconstruction_loss, weighted_mean
 from .scvi import scvi_terms
@@ -80,50 +78,51 @@ def class_bounds(module, params, state, z1, weight, rng, *, train: bool,
     """-log p(z1|u,c) and KL(q(u|z1,c)||p(u)) for every class: two (B, C) arrays.
 
     Also returns the updated batch statistics of the two class networks.
-    Classes are vmapped with batch statistics over the whole (class, cell)
-    grid, as scvi-tools computes them. Above ``class_chunk_size`` classes,
-    chunks are scanned and the grid's statistics are built first, one pass
-    over the chunks per batch-norm layer (a layer's inputs depend on the
-    layers before it): each pass sums the layer's rows chunk by chunk, with the
-    layers before it normalised by the statistics already built. The last pass
-    computes the bounds with them. Values, gradients and running averages are
-    then those of the single vmap, with memory bounded by one chunk.
+    The (class, cell) grid runs through the class networks as one minibatch
+    (`SCANVAE.class_grid`), with batch statistics over the whole grid, as
+    scvi-tools computes them. Class c's random draws come from the c-th of
+    ``jax.random.split(rng, C)`` (`class_noise`). Above ``class_chunk_size``
+    classes, chunks are scanned and the grid's statistics are built first,
+    one pass over the chunks per batch-norm layer (a layer's inputs depend on
+    the layers before it): each pass sums the layer's rows chunk by chunk,
+    with the layers before it normalised by the statistics already built. The
+    last pass computes the bounds with them. Values, gradients and running
+    averages are then those of the whole grid at once, with memory bounded by
+    one chunk.
     """
-    C = module.config.n_labels
-    chunk = module.config.class_chunk_size
-    mod = module.clone(class_axis="classes")
+    cfg = module.config
+    C, B = cfg.n_labels, z1.shape[0]
+    chunk = min(cfg.class_chunk_size, C)
 
-    def one(c, valid, key, bn_global, collect=None):
-        ks, kd = jax.random.split(key)
-        mask = weight * valid
+    def run(x, bn_global=None, collect=None):
+        classes, valid, keys = x
+        noise = class_noise(cfg, keys, B, train=train, sample=sample)
+        mask = valid[:, None] * weight
         variables = {"params": params, **state}
         if bn_global:
             variables["bn_global"] = bn_global
-        kw = dict(rngs={"sample": ks, "dropout": kd}, method=SCANVAE.class_bound,
-                  sample=sample)
+        args = (z1, classes, mask, noise)
         if train:
             mutable = ["batch_stats"] + (["bn_sums"] if collect else [])
-            (nll, kl2), upd = mod.apply(variables, z1, c, mask, train=True,
-                                        mutable=mutable, **kw)
+            (nll, kl2), upd = module.apply(variables, *args, train=True, mutable=mutable,
+                                           method=SCANVAE.class_grid)
             if collect:  # a statistics pass: only this layer's sums are used
                 return _get(upd["bn_sums"], collect)["sums"]
             sub = {k: upd["batch_stats"][k] for k in ("encoder_z2_z1", "decoder_z1_z2")
                    if k in upd["batch_stats"]}
             return nll, kl2, sub
-        nll, kl2 = mod.apply(variables, z1, c, mask, train=False, **kw)
+        nll, kl2 = module.apply(variables, *args, train=False, method=SCANVAE.class_grid)
         return nll, kl2, {}
 
+    keys = jax.random.split(rng, C)
     if C <= chunk:
-        vone = jax.vmap(partial(one, bn_global=None), axis_name="classes")
-        nll, kl2, sub = vone(jnp.arange(C), jnp.ones(C), jax.random.split(rng, C))
-        sub = jax.tree_util.tree_map(lambda a: a[0], sub)
+        nll, kl2, sub = run((jnp.arange(C), jnp.ones(C, z1.dtype), keys))
         return nll.T, kl2.T, sub
 
     n_chunks = -(-C // chunk)
     classes = jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk)
     valid = (classes < C).astype(z1.dtype)
-    keys = jax.random.split(rng, C)  # the unchunked keys; padded classes reuse some
-    keys = jnp.concatenate([keys, keys[:n_chunks * chunk - C]])
+    keys = jnp.concatenate([keys, keys[:n_chunks * chunk - C]])  # padded classes reuse some
     keys = keys.reshape(n_chunks, chunk, *keys.shape[1:])
     xs = (jnp.minimum(classes, C - 1), valid, keys)
     # every scan recomputes each chunk in the backward pass (jax.checkpoint):
@@ -131,26 +130,22 @@ def class_bounds(module, params, state, z1, weight, rng, *, train: bool,
     # linearly with C. The statistics passes carry only (n, sum, sum of squares).
     known: dict = {}
     for path in class_bn_layers(module, state) if train else []:
-        bn_global = _nested(known)
-        vsum = jax.vmap(partial(one, bn_global=bn_global, collect=path),
-                        axis_name="classes")
-
-        def add(total, x, vsum=vsum):
-            return jax.tree_util.tree_map(lambda t, s: t + s.sum(0), total, vsum(*x)), None
+        def add(total, x, bn_global=_nested(known), path=path):
+            sums = run(x, bn_global, collect=path)
+            return jax.tree_util.tree_map(jnp.add, total, sums), None
 
         shift = jax.lax.stop_gradient(_get(state["batch_stats"], path)["mean"])
         zero = (jnp.zeros((), z1.dtype), jnp.zeros_like(shift), jnp.zeros_like(shift))
         sums, _ = jax.lax.scan(jax.checkpoint(add), zero, xs)
         known[path] = global_stats(sums, shift)
-    vone = jax.vmap(partial(one, bn_global=_nested(known)), axis_name="classes")
+    bn_global = _nested(known)
 
     def body(_, x):
-        n, k2, s = vone(*x)
-        return None, (n, k2, jax.tree_util.tree_map(lambda a: a[0], s))
+        return None, run(x, bn_global)
 
     _, (nll, kl2, sub) = jax.lax.scan(jax.checkpoint(body), None, xs)
-    nll = nll.reshape(-1, *nll.shape[2:])[:C]
-    kl2 = kl2.reshape(-1, *kl2.shape[2:])[:C]
+    nll = nll.reshape(-1, B)[:C]
+    kl2 = kl2.reshape(-1, B)[:C]
     # with the grid's statistics every chunk updates the running averages alike
     sub = jax.tree_util.tree_map(lambda a: a[0], sub)
     return nll.T, kl2.T, sub

@@ -79,11 +79,30 @@ class SCANVIConfig(VAEConfig):
         return VAEConfig(**{k: v for k, v in self.to_dict().items() if k in names})
 
 
+def class_noise(config: SCANVIConfig, keys, n_cells: int, *, train: bool, sample: bool):
+    """The random draws of `SCANVAE.class_grid` for K classes, one key each ((K,)
+    keys): u's standard normal noise (K, n_cells, n_latent) when ``sample``,
+    and in training q(u|z1,c)'s dropout keep-masks, one (K, n_cells, n_hidden)
+    per layer. Class k's draws come from its own key alone, so a class gets
+    the same draws whichever chunk of classes it is computed in."""
+    rate = config.dropout_rate
+
+    def one(key):
+        k_sample, k_drop = jax.random.split(key)
+        eps = prng.normal(k_sample, (n_cells, config.n_latent)) if sample else None
+        keep = None
+        if train and rate > 0:
+            keep = tuple(prng.bernoulli(k, 1.0 - rate, (n_cells, config.n_hidden))
+                         for k in jax.random.split(k_drop, config.n_layers))
+        return eps, keep
+
+    return jax.vmap(one)(keys)
+
+
 class SCANVAE(VAE):
-    """scANVI. ``class_axis`` names the vmapped class axis for batch statistics."""
+    """scANVI."""
 
     config: SCANVIConfig
-    class_axis: str | None = None
 
     def setup(self):
         super().setup()
@@ -96,11 +115,9 @@ class SCANVAE(VAE):
                                      bn_frozen="classifier" in frozen)
         self.encoder_z2_z1 = Encoder(c.n_latent, (c.n_labels,), c.n_layers, c.n_hidden,
                                      c.dropout_rate, bn_enc, ln_enc, True,
-                                     bn_axis_name=self.class_axis,
                                      bn_frozen="encoder_z2_z1" in frozen)
         self.decoder_z1_z2 = Decoder(c.n_latent, (c.n_labels,), c.n_layers, c.n_hidden,
-                                     bn_dec, ln_dec, bn_axis_name=self.class_axis,
-                                     bn_frozen="decoder_z1_z2" in frozen)
+                                     bn_dec, ln_dec, bn_frozen="decoder_z1_z2" in frozen)
 
     def classify(self, batch: Batch, *, train: bool, use_posterior_mean: bool = True):
         """Logits of q(c | z), z the posterior mean of q(z|x) (or a sample)."""
@@ -112,24 +129,35 @@ class SCANVAE(VAE):
                 z = jax.nn.softmax(z, -1)
         return self.classifier(z, train=train, mask=batch.weight)
 
-    def class_bound(self, z1, c, mask, *, train: bool, sample: bool = True):
-        """Per-cell -log p(z1 | u, c) and KL(q(u | z1, c) || N(0, I)) for one class c.
+    def class_grid(self, z1, classes, mask, noise=None, *, train: bool):
+        """-log p(z1 | u, c) and KL(q(u | z1, c) || N(0, I)) of every cell for each
+        class c of ``classes`` (K,): two (K, B) arrays.
 
-        u is a sample of q(u | z1, c), or its mean with ``sample=False``.
+        The K x B (class, cell) rows go through the class networks as one
+        minibatch, so batch statistics span the whole grid, as scvi-tools'
+        (whose class networks see the cells stacked once per class). ``mask``
+        (K, B) weighs each row in them. ``noise`` is `class_noise`'s draw for
+        these classes; its u noise, or u at its mean where it has none.
         """
-        codes = jnp.full(z1.shape[:1], c, jnp.int32)
-        m2, v2 = self.encoder_z2_z1(z1, (codes,), train=train, mask=mask)
-        z2 = m2 + jnp.sqrt(v2) * prng.normal(self.make_rng("sample"), m2.shape) \
-            if sample else m2
-        pm, pv = self.decoder_z1_z2(z2, (codes,), train=train, mask=mask)
-        nll_z1 = -normal_log_prob(z1, pm, pv).sum(-1)
+        K, (B, L) = classes.shape[0], z1.shape
+        rows = jnp.broadcast_to(z1, (K, B, L)).reshape(K * B, L)
+        codes = jnp.repeat(classes.astype(jnp.int32), B)
+        w = mask.reshape(K * B)
+        eps, keep = (None, None) if noise is None else noise
+        if keep is not None:
+            keep = tuple(k.reshape(K * B, -1) for k in keep)
+        m2, v2 = self.encoder_z2_z1(rows, (codes,), train=train, mask=w, keep_masks=keep)
+        z2 = m2 if eps is None else m2 + jnp.sqrt(v2) * eps.reshape(K * B, L)
+        pm, pv = self.decoder_z1_z2(z2, (codes,), train=train, mask=w)
+        nll_z1 = -normal_log_prob(rows, pm, pv).sum(-1)
         kl_z2 = kl_standard_normal(m2, v2).sum(-1)
-        return nll_z1, kl_z2
+        return nll_z1.reshape(K, B), kl_z2.reshape(K, B)
 
     def __call__(self, batch: Batch, *, train: bool, n_samples: int = 1, sample: bool = True):
         out = super().__call__(batch, train=train, n_samples=n_samples, sample=sample)
         if n_samples == 1:
             out["logits_z"] = self.classifier(out["z"], train=train, mask=batch.weight)
         if self.is_initializing():
-            self.class_bound(out["z"], 0, batch.weight, train=False)
+            self.class_grid(out["z"], jnp.zeros(1, jnp.int32), batch.weight[None],
+                            train=False)
         return out

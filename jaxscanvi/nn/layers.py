@@ -228,11 +228,13 @@ class Dropout(nn.Module):
     rate: float
 
     @nn.compact
-    def __call__(self, x, *, deterministic: bool, relu: bool = False):
+    def __call__(self, x, *, deterministic: bool, relu: bool = False, mask=None):
+        """``mask``: the keep-mask (bool, x's shape) when the caller drew it."""
         if deterministic or self.rate == 0.0:
             return nn.relu(x) if relu else x
         keep = 1.0 - self.rate
-        mask = prng.bernoulli(self.make_rng("dropout"), keep, x.shape)
+        if mask is None:
+            mask = prng.bernoulli(self.make_rng("dropout"), keep, x.shape)
         if relu:
             if backend.kernels().relu_dropout:
                 return _relu_dropout(x, mask, keep)
@@ -280,7 +282,11 @@ class FCLayers(nn.Module):
     bn_frozen: bool = False
 
     @nn.compact
-    def __call__(self, x, cats: Sequence[jax.Array] = (), *, train: bool, mask=None):
+    def __call__(self, x, cats: Sequence[jax.Array] = (), *, train: bool, mask=None,
+                 keep_masks=None):
+        """``mask`` weighs rows in the batch statistics; ``keep_masks``, one per
+        layer, are dropout keep-masks drawn by the caller (else each layer draws
+        its own from the ``dropout`` rng)."""
         # scvi-tools ignores covariates with a single category
         active = [(j, n, c) for j, (n, c) in enumerate(zip(self.n_cats, cats)) if n > 1]
         for i in range(self.n_layers):
@@ -301,7 +307,9 @@ class FCLayers(nn.Module):
             if self.use_layer_norm:
                 h = layer_norm(h)
             if self.dropout_rate > 0:
-                h = Dropout(self.dropout_rate)(h, deterministic=not train, relu=True)
+                h = Dropout(self.dropout_rate)(h, deterministic=not train, relu=True,
+                                               mask=None if keep_masks is None
+                                               else keep_masks[i])
             else:
                 h = nn.relu(h)
             x = h

@@ -19,6 +19,7 @@ class Encoder(nn.Module):
     """q(z | x): FCLayers then a mean head and a variance head.
 
     Returns ``(mean, var)``; var = exp(head) + var_eps, as in scvi-tools.
+    ``keep_masks`` are `FCLayers`' (dropout keep-masks drawn by the caller).
     """
 
     n_out: int
@@ -34,12 +35,12 @@ class Encoder(nn.Module):
     bn_frozen: bool = False
 
     @nn.compact
-    def __call__(self, x, cats=(), *, train: bool, mask=None):
+    def __call__(self, x, cats=(), *, train: bool, mask=None, keep_masks=None):
         h = FCLayers(self.n_hidden, self.n_cats, self.n_layers, self.n_hidden,
                      self.dropout_rate, self.use_batch_norm, self.use_layer_norm,
                      self.inject_covariates, self.bn_axis_name, self.bn_frozen,
                      name="encoder")(
-            x, cats, train=train, mask=mask)
+            x, cats, train=train, mask=mask, keep_masks=keep_masks)
         mean = Dense(self.n_out, name="mean")(h)
         var = jnp.exp(Dense(self.n_out, name="var")(h)) + self.var_eps
         return mean, var
