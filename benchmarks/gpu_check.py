@@ -52,7 +52,7 @@ from _common import format_table, machine_info, versions, write_json  # noqa: E4
 ARCH = dict(n_hidden=128, n_latent=10, n_layers=1)
 TRAIN_SIZE = 0.9
 KERNEL_NAMES = ("prng", "linear", "batch_norm", "relu_dropout", "deferred_adam",
-                "fused_likelihood", "sparse_likelihood")
+                "fused_likelihood", "sparse_likelihood", "log1p_poly")
 
 
 # ------------------------------------------------------------------ data

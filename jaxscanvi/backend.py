@@ -15,6 +15,8 @@ were tuned on one backend and pay only there:
 ``sparse_likelihood`` the likelihood's lgamma part over the list of
                    non-zeros instead of every entry (not a kernel, a choice
                    of layout; it needs the list, which sources then build)
+``log1p_poly``     in the fused likelihood, log1p(exp(-|a|)) by a degree-9
+                   polynomial on [0, 1] instead of XLA's log1p
 =================  =========================================================
 
 `defaults` picks them per backend from measurements (the CPU's from
@@ -56,6 +58,7 @@ class Kernels:
     deferred_adam: bool = False
     fused_likelihood: bool = False
     sparse_likelihood: bool = False
+    log1p_poly: bool = False
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -85,7 +88,8 @@ class Kernels:
 # Other backends (TPU) keep the library path until measured there.
 _DEFAULTS = {
     "cpu": Kernels(prng=True, linear=True, batch_norm=True, relu_dropout=True,
-                   deferred_adam=True, fused_likelihood=True, sparse_likelihood=False),
+                   deferred_adam=True, fused_likelihood=True, sparse_likelihood=False,
+                   log1p_poly=True),
     "gpu": Kernels(fused_likelihood=True, sparse_likelihood=True),
 }
 _FALLBACK = Kernels(sparse_likelihood=True)
