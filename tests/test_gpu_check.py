@@ -45,3 +45,19 @@ def test_gpu_check_smoke(tmp_path):
     big = [r for r in doc["parts"]["epoch_1m"]["results"] if "stage" not in r]
     assert {r["sparse_likelihood"] for r in big} == {True, False}
     assert "table" not in p.stderr and "cells/s" in p.stdout
+
+
+@pytest.mark.system
+def test_step_parts_smoke(tmp_path):
+    """benchmarks/step_parts.py (the log1p_poly kernel's on/off figure and the
+    class bounds' cost) runs end to end and writes every arm."""
+    out = tmp_path / "parts.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_parts.py"), "--smoke",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(out.read_text())
+    assert set(doc["results"]) == {"fwd+bwd log1p_poly=on", "fwd+bwd log1p_poly=off",
+                                   "forward (default kernels)", "class bounds fwd+bwd (C=3)"}
+    assert all(len(r["ms"]) == 2 and r["median_ms"] > 0 for r in doc["results"].values())
+    assert doc["log1p_poly_off_over_on"] > 0
