@@ -92,7 +92,7 @@ def class_bounds(module, params, state, z1, weight, rng, *, train: bool,
     """
     cfg = module.config
     C, B = cfg.n_labels, z1.shape[0]
-    chunk = min(cfg.class_chunk_size, C)
+    chunk = cfg.class_chunk_size
 
     def run(x, bn_global=None, collect=None):
         classes, valid, keys = x

@@ -228,11 +228,12 @@ class Dropout(nn.Module):
     rate: float
 
     @nn.compact
-    def __call__(self, x, *, deterministic: bool, relu: bool = False, mask=None):
-        """``mask``: the keep-mask (bool, x's shape) when the caller drew it."""
+    def __call__(self, x, *, deterministic: bool, relu: bool = False, keep_mask=None):
+        """``keep_mask``: the entries to keep (bool, x's shape) when the caller drew them."""
         if deterministic or self.rate == 0.0:
             return nn.relu(x) if relu else x
         keep = 1.0 - self.rate
+        mask = keep_mask
         if mask is None:
             mask = prng.bernoulli(self.make_rng("dropout"), keep, x.shape)
         if relu:
@@ -308,7 +309,7 @@ class FCLayers(nn.Module):
                 h = layer_norm(h)
             if self.dropout_rate > 0:
                 h = Dropout(self.dropout_rate)(h, deterministic=not train, relu=True,
-                                               mask=None if keep_masks is None
+                                               keep_mask=None if keep_masks is None
                                                else keep_masks[i])
             else:
                 h = nn.relu(h)
