@@ -13,7 +13,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import InputError
 from .cells import CellData
+
+# device CSR offsets are int32 (what gathers index with on every backend)
+MAX_OFFSET = 2**31 - 1
+
+
+def check_offsets(nnz: int, where: str) -> None:
+    """Refuse CSR offsets past int32 before any cast could wrap them."""
+    if int(nnz) > MAX_OFFSET:
+        raise InputError("data_source", "device", f"{where} holds {int(nnz):,} non-zeros, "
+                         f"more than a device CSR's 32-bit offsets address ({MAX_OFFSET:,})",
+                         "pass data_source='host' or 'stream' (each chunk has its own "
+                         "offsets), or train on more devices (devices=..., each holds "
+                         "its own slice)")
 
 
 class NonZeros(NamedTuple):
@@ -106,6 +120,7 @@ class DeviceCells(NamedTuple):
     @staticmethod
     def from_cells(cells: CellData, device=None) -> DeviceCells:
         X = cells.X
+        check_offsets(X.indptr[-1], "the count matrix")
         lsf = (cells.log_size_factor if cells.log_size_factor is not None
                else np.zeros(cells.n_obs, np.float32))
         # asarray, not astype: no host copy when the dtype is already right

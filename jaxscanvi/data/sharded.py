@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .batch import Batch, DenseDeviceCells, DeviceCells, dense_device_batch, device_batch
+from .batch import (Batch, DenseDeviceCells, DeviceCells, check_offsets, dense_device_batch,
+                    device_batch)
 from .cells import CellData
 
 AXIS = "data"
@@ -65,21 +66,40 @@ def shard_cells(cells: CellData, bounds: np.ndarray, mesh: Mesh, *,
     """
     bounds = np.asarray(bounds)
     n = len(bounds) - 1
-    devices = list(mesh.devices.flat)
-    if n != len(devices):
-        raise ValueError(f"{n} slices for {len(devices)} devices")
+    if n != mesh.size:
+        raise ValueError(f"{n} slices for {mesh.size} devices")
     rows = int(np.diff(bounds).max())
     indptr = cells.X.indptr
-    nnz = max(int((indptr[bounds[1:]] - indptr[bounds[:-1]]).max()), 1)
-    sharding = NamedSharding(mesh, P(AXIS))
-    parts = []
-    for d, dev in enumerate(devices):
-        arrays = _slice_arrays(cells, int(bounds[d]), int(bounds[d + 1]), rows, nnz, dense=dense)
-        parts.append(jax.device_put([a[None] for a in arrays], dev))
-    fields = [jax.make_array_from_single_device_arrays(
-        (n,) + p.shape[1:], sharding, [q[i] for q in parts])
-        for i, p in enumerate(parts[0])]
+    nnz = max(int(slice_nnz(indptr, bounds).max()), 1)
+    if not dense:
+        check_offsets(nnz, "the largest device's slice")
+    parts = {d: _slice_arrays(cells, int(bounds[d]), int(bounds[d + 1]), rows, nnz,
+                              dense=dense) for d in range(n)}
+    fields = stack_on_devices(parts, mesh)
     return (DenseDeviceCells if dense else DeviceCells)(*fields)
+
+
+def slice_nnz(indptr: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Non-zeros of each slice ``bounds[d]:bounds[d + 1]``, in 64-bit arithmetic."""
+    indptr = np.asarray(indptr)
+    bounds = np.asarray(bounds, np.int64)
+    return indptr[bounds[1:]].astype(np.int64) - indptr[bounds[:-1]].astype(np.int64)
+
+
+def stack_on_devices(parts: dict, mesh: Mesh) -> list[jax.Array]:
+    """Arrays stacked on a leading axis sharded over the mesh: ``parts[d]`` (a
+    list of same-shaped host arrays for mesh device d) becomes row d, copied
+    to device d alone. In a run of several processes each passes only its own
+    devices' parts."""
+    devices = list(mesh.devices.flat)
+    n = len(devices)
+    sharding = NamedSharding(mesh, P(AXIS))
+    placed = {d: jax.device_put([a[None] for a in arrays], devices[d])
+              for d, arrays in parts.items()}
+    first = next(iter(parts.values()))
+    return [jax.make_array_from_single_device_arrays(
+        (n,) + a.shape, sharding, [placed[d][i] for d in sorted(placed)])
+        for i, a in enumerate(first)]
 
 
 def local_rows(rows: np.ndarray, bounds: np.ndarray) -> np.ndarray:

@@ -8,31 +8,34 @@ order and gives the same loss trajectory.
 * `DeviceSource`: CSR counts resident on the device; each epoch is one jitted
   `lax.scan` that gathers and densifies minibatches inside the step. On
   several devices each holds only its own slice of the cells.
-* `HostSource`: CSR on the host; minibatches are densified on the host by a
-  background thread, one step ahead of the device.
-* `StreamSource`: counts on disk (a backed .h5ad or .zarr), read in shuffled
-  contiguous blocks by the same background thread.
+* `HostSource`: CSR in host memory; the same scan runs over chunks of S
+  minibatches, each shipped as a small CSR while the last one computes
+  (`jaxscanvi.train.chunks`).
+* `StreamSource`: counts on disk (a backed .h5ad or .zarr, or a store of
+  `jaxscanvi.data`), read in runs into a shuffle buffer
+  (`jaxscanvi.data.shuffle`) and fed as the host source's chunks.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data.batch import (DenseDeviceCells, DeviceCells, dense_device_batch, device_batch,
-                          host_batch)
-from ..data.backed import BackedRows, block_order
-from ..data.sharded import local_rows, per_device, resident_bytes, shard_cells, sharded_batch
+from ..data.batch import (MAX_OFFSET, DenseDeviceCells, DeviceCells, check_offsets,
+                          dense_device_batch, device_batch)
+from ..data.backed import BackedRows
+from ..data.sharded import (local_rows, per_device, resident_bytes, shard_cells, sharded_batch,
+                            slice_nnz, stack_on_devices)
+from ..data.shuffle import RunCache, buffer_order
 from ..data.cells import CellData
 from ..distributed import shard_bounds
 from ..distributions import sparse_pays
 from ..errors import InputError
 from ..compile_cache import functions as _COMPILED
+from .chunks import chunk_nnz, chunk_steps, host_chunk, layout, prefetched, scan_program
 
 
 def epoch_rows(rng: np.random.Generator, idx: np.ndarray, batch_size: int,
@@ -165,6 +168,8 @@ class DeviceSource(Source):
         self.dense = rows * cells.n_vars * 4 <= dense_max_bytes
         self.row_nnz = cells.row_nnz()
         self.k_cap = 0  # grown to what each epoch's minibatches hold (`grown_cap`)
+        if not self.dense:  # refused before any copy, never wrapped
+            check_offsets(resident_nnz(cells.X.indptr, self.bounds), "the fullest device")
         if self.bounds is not None:
             self.cells = shard_cells(cells, self.bounds, parallel.mesh, dense=self.dense)
         elif self.dense:
@@ -195,19 +200,7 @@ class DeviceSource(Source):
                 b = dense_device_batch(cells, r) if dense else device_batch(cells, r, G, K)
                 return b if par is None else par.constrain(b)
 
-            # a train step whose updates can wait for the next step runs that way
-            deferred = getattr(step_fn, "deferred", None)
-            fn = step_fn if deferred is None else deferred
-
-            def run(carry, cells, rows, lab_rows):
-                def body(c, r):
-                    main = gather(cells, r[0])
-                    return fn(c, main if r[1] is None else (main, gather(cells, r[1])))
-                if deferred is None:
-                    return jax.lax.scan(body, carry, (rows, lab_rows))
-                carry, out = jax.lax.scan(body, (*carry, jnp.bool_(False)), (rows, lab_rows))
-                return step_fn.finish(carry), out
-
+            run = scan_program(step_fn, gather, partial=False)
             return jax.jit(run)
         return _COMPILED.get(key, build)
 
@@ -232,113 +225,128 @@ class DeviceSource(Source):
 
 
 class HostSource(Source):
-    """CSR on the host; minibatches built by a prefetch thread."""
+    """CSR in host memory, fed to the device in chunks of S minibatches.
+
+    Each chunk holds the cells of S minibatches as CSR, built by a thread and
+    shipped while the previous chunk computes; the device runs the device
+    source's scan over it (`jaxscanvi.train.chunks`). With several devices
+    each gets a chunk of its own rows; in a run of several processes
+    (``process``) each builds only its own devices' chunks.
+    """
 
     kind = "host"
 
     def __init__(self, cells: CellData, batch_size: int, prefetch: int = 2, parallel=None,
                  process: int | None = None):
         self.parallel = parallel
-        # in a run of several processes: this one's slice of `shards`, whose
-        # rows it feeds into the global minibatch (dense counts: no COO list)
         self.process = process
-        # no list of non-zeros across processes, nor where the likelihood would not use it
-        self.sparse = process is None and sparse_pays()
+        # the list of non-zeros goes to the likelihood where it pays (`backend`)
+        self.sparse = sparse_pays()
         self.host = cells
         self.n_genes = cells.n_vars
         self.batch_size = batch_size
         self.row_nnz = cells.row_nnz()
         self.k_cap = 0  # grown to what each epoch's minibatches hold (`grown_cap`)
+        self.nnz_cap = 0  # grown to what each epoch's chunks hold
         self.prefetch = prefetch
 
-    def _batches(self, rows, lab_rows):
-        B, K = rows.shape[1], (self.k_cap if self.sparse else None)
-        for i in range(rows.shape[0]):  # -1 padding keeps its place, as on the device
-            main = host_batch(self.host, rows[i], B, K)
-            if lab_rows is None:
-                yield main
-            else:
-                yield (main, host_batch(self.host, lab_rows[i], B, K))
+    def read(self, take: np.ndarray):
+        """CSR rows ``take`` of the counts, in that order."""
+        return self.host.X[take]
 
-    def _prefetched(self, rows, lab_rows):
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        done = object()
+    def _epoch_fn(self, step_fn: Callable):
+        par, G, K, sparse = self.parallel, self.n_genes, self.k_cap, self.sparse
+        key = ("chunks", step_fn, G, K, sparse, par)
 
-        def produce():
-            try:
-                put = jax.device_put if self.parallel is None else \
-                    self.parallel.put_local if self.process is not None else self.parallel.put
-                for b in self._batches(rows, lab_rows):
-                    q.put(put(b))
-                q.put(done)
-            except BaseException as e:  # surface errors in the consumer
-                q.put(e)
+        def build():
+            def gather(cells, r):
+                if par is None:
+                    b = device_batch(cells, r, G, K)
+                else:
+                    b = par.constrain(sharded_batch(cells, r, par.mesh, G, K))
+                return b if sparse else b._replace(nz=None)
 
-        threading.Thread(target=produce, daemon=True).start()
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            run = scan_program(step_fn, gather, partial=True)
+            return jax.jit(run) if par is None else jax.jit(run, out_shardings=par.replicated)
+        return _COMPILED.get(key, build)
+
+    def _put(self, parts: dict):
+        """Device d's chunk arrays ``parts[d]`` onto device d (as DeviceCells)."""
+        if self.parallel is None:
+            return DeviceCells(*jax.device_put(parts[0]))
+        return DeviceCells(*stack_on_devices(parts, self.parallel.mesh))
 
     def run_epoch(self, step_fn, carry, rows, lab_rows=None):
-        if self.sparse:
-            self.k_cap = grown_cap(self.k_cap, self.row_nnz, rows, lab_rows)
         par = self.parallel
-        key = ("host", step_fn, par if self.process is not None else None)
-        # across processes every output is kept replicated
-        fn = _COMPILED.get(key, lambda: jax.jit(step_fn) if self.process is None else
-                           jax.jit(step_fn, out_shardings=par.replicated))
-        if self.process is not None:  # this process's columns of the global minibatches
-            b = rows.shape[1] // (len(self.shards) - 1)
-            cols = slice(self.process * b, (self.process + 1) * b)
-            rows = np.asarray(rows)[:, cols]
-            lab_rows = None if lab_rows is None else np.asarray(lab_rows)[:, cols]
-            carry = par.replicate(carry)
-        elif par is not None:
+        rows = np.asarray(rows)
+        lab_rows = None if lab_rows is None else np.asarray(lab_rows)
+        if par is not None and self.process is None:
             rows, lab_rows = par.pad(rows), par.pad(lab_rows)
+        n_dev = 1 if par is None else par.size
+        n_steps, B = rows.shape
+        S = chunk_steps(n_steps, B)
+        self.k_cap = grown_cap(self.k_cap, self.row_nnz, per_device(rows, n_dev),
+                               per_device(lab_rows, n_dev))
+        need = chunk_nnz(self.row_nnz, rows, lab_rows, S, n_dev)
+        self.nnz_cap = need if need > self.nnz_cap else self.nnz_cap
+        rows_cap = S * (B // n_dev) * (1 if lab_rows is None else 2)
+        mine = range(n_dev) if par is None else [
+            d for d, dev in enumerate(par.mesh.devices.flat)
+            if dev.process_index == jax.process_index()]
+        put = jnp.asarray if par is None else par.replicate
+        cells, nnz_cap = self.host, max(self.nnz_cap, 1)
+
+        def produce(i):
+            sl = slice(i * S, (i + 1) * S)
+            lay = layout(rows[sl], None if lab_rows is None else lab_rows[sl], n_dev, S)
+            parts = {d: host_chunk(cells, lay.take[d], self.read, rows_cap, nnz_cap)
+                     for d in mine}
+            lab = None if lay.local_lab is None else put(lay.local_lab)
+            return self._put(parts), put(lay.local), lab, put(np.int32(lay.n_valid))
+
+        fn = self._epoch_fn(step_fn)
+        if par is not None:
             carry = par.replicate(carry)
-        outs, parts = [], []
-        for b in self._prefetched(np.asarray(rows), lab_rows):
-            carry, out = fn(carry, b)
-            if par is not None:  # sharded steps queued back to back can stall XLA's CPU
-                jax.block_until_ready(carry)  # collectives; one step in flight at a time
+        outs = []
+        for chunk, local, local_lab, n_valid in prefetched(produce, -(-n_steps // S),
+                                                           self.prefetch):
+            carry, out = fn(carry, chunk, local, local_lab, n_valid)
+            if par is not None and jax.default_backend() == "cpu":
+                # sharded programs queued back to back can stall XLA's CPU
+                # collectives: there one chunk is in flight at a time
+                jax.block_until_ready(carry)
             outs.append(out)
-            if len(outs) == 256:  # a few arrays per 256 steps, not a dozen per step
-                parts.append(_stack(outs))
-                outs = []
-        if outs:
-            parts.append(_stack(outs))
-        return carry, jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
-
-
-def _stack(outs):
-    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+        out = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a)[:n_steps], *outs)
+        return carry, out
 
 
 class StreamSource(HostSource):
-    """Counts on disk (`BackedRows`), read in blocks by the prefetch thread.
+    """Counts on disk (`BackedRows`): read in runs into a shuffle buffer.
 
-    An epoch visits the blocks in a random order and the cells of each block
-    in a random order (`block_order`), so each block is read once per epoch
-    and at most a few blocks are in memory at any time.
+    An epoch's order is `jaxscanvi.data.shuffle.buffer_order`: runs of
+    consecutive cells from all over the file, shuffled inside buffers of
+    about 65,536 cells, so no minibatch comes from one place in the file.
+    The chunk builder reads each run once (`RunCache`) and keeps about two
+    buffers in memory, however many cells the file holds.
     """
 
     kind = "stream"
 
+    def __init__(self, cells: CellData, batch_size: int, **kwargs):
+        super().__init__(cells, batch_size, **kwargs)
+        self.runs = RunCache(cells.X)
+
+    def read(self, take: np.ndarray):
+        return self.runs.rows(take)
+
     def _order(self, rng, idx, batch_size, shuffle):
         if not shuffle:
             return epoch_rows(rng, idx, batch_size, shuffle=False)
-        ordered = block_order(rng, idx, self.host.X.block_size)
-        return epoch_rows(rng, ordered, batch_size, shuffle=False)
+        return epoch_rows(rng, buffer_order(rng, idx), batch_size, shuffle=False)
 
     def _labelled(self, rng, lab_idx, n_steps, batch_size):
-        block = self.host.X.block_size
         return labelled_rows(rng, lab_idx, n_steps, batch_size,
-                             shuffle=lambda r, idx: block_order(r, idx, block))
-
+                             shuffle=lambda r, idx: buffer_order(r, idx))
 
 def check_source(kind: str, cells: CellData) -> None:
     """Refuse a source that cannot serve where the counts are."""
@@ -398,11 +406,14 @@ def make_source(kind: str, cells: CellData, batch_size: int, *,
     if parallel is not None and kind in ("auto", "device"):
         bounds = device_bounds(shards, parallel.size, cells.n_obs, batch_size, spread)
     if kind == "auto":
-        nbytes = cells.X.data.nbytes * 2 + cells.X.indptr.nbytes + cells.n_obs * 64
+        nnz = int(cells.X.indptr[-1])
+        nbytes = nnz * 8 + (cells.n_obs + 1) * 8 + cells.n_obs * 64
         if bounds is not None:  # each device holds about its share
             nbytes = nbytes // parallel.size
         budget = device_budget_bytes if device_budget_bytes is not None else _device_budget()
-        kind = "device" if nbytes <= budget else "host"
+        # past 32-bit offsets on a device the chunked host path trains it
+        fits = resident_nnz(cells.X.indptr, bounds) <= MAX_OFFSET
+        kind = "device" if nbytes <= budget and fits else "host"
     if kind == "device":
         src = DeviceSource(cells, batch_size, dense_max_bytes=dense_max_bytes,
                            parallel=parallel, bounds=bounds)
@@ -416,6 +427,13 @@ def make_source(kind: str, cells: CellData, batch_size: int, *,
         raise ValueError(f"data_source={kind!r}: use 'auto', 'device' or 'host'")
     src.shards = shards
     return src
+
+
+def resident_nnz(indptr, bounds) -> int:
+    """Non-zeros the fullest device would hold resident (64-bit arithmetic)."""
+    if bounds is None:
+        return int(indptr[-1])
+    return int(slice_nnz(indptr, bounds).max())
 
 
 def _device_budget() -> int:

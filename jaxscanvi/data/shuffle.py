@@ -1,0 +1,119 @@
+"""The order of cells read from disk: short runs from many places, shuffled in a buffer.
+
+Atlases ship dataset by dataset, so any run of consecutive cells in a file
+holds one dataset. Reading whole contiguous blocks (one minibatch per block)
+would train on one dataset at a time. Instead an epoch:
+
+1. cuts the cells into aligned runs of ``run_cells`` consecutive cells (the
+   unit of reading: one read per run, adjacent runs merged);
+2. visits the runs in a random order, gathering ``buffer_cells`` cells' worth
+   of them (about ``buffer_cells / run_cells`` places in the file) into a
+   shuffle buffer;
+3. shuffles the cells inside each buffer, and takes minibatches from it in
+   that order.
+
+With the defaults (runs of 64 cells, buffers of 65,536) each minibatch draws
+from about a thousand places in the file, so a file sorted by dataset trains
+like a shuffled one, while each run is read once per epoch and memory holds
+about two buffers (`RunCache`). This is annbatch's rule (chunks gathered into
+a preloaded, shuffled buffer), with the buffer built from the epoch's order.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import scipy.sparse as sp
+
+RUN_CELLS = 64
+BUFFER_CELLS = 1 << 16
+
+
+def buffer_order(rng: np.random.Generator, idx: np.ndarray, run_cells: int = RUN_CELLS,
+                 buffer_cells: int = BUFFER_CELLS) -> np.ndarray:
+    """``idx`` in the buffered order above: every cell once, runs shuffled, then
+    cells shuffled within each buffer of about ``buffer_cells`` cells."""
+    idx = np.asarray(idx)
+    if idx.size == 0:
+        return idx
+    idx = np.sort(idx)
+    run = idx // run_cells
+    starts = np.r_[0, np.flatnonzero(np.diff(run)) + 1]
+    ends = np.r_[starts[1:], idx.size]
+    order = rng.permutation(starts.size)
+    lengths = (ends - starts)[order]
+    # runs go into the buffer being filled until it holds buffer_cells cells
+    buffer_of = np.cumsum(lengths) // max(int(buffer_cells), 1)
+    # the runs' cells laid end to end in their new order
+    first = np.cumsum(lengths) - lengths
+    cells = idx[np.repeat(starts[order] - first, lengths) + np.arange(idx.size)]
+    cell_buffer = np.repeat(buffer_of, lengths)
+    out = np.empty_like(cells)
+    bounds = np.r_[0, np.flatnonzero(np.diff(cell_buffer)) + 1, cells.size]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        out[a:b] = rng.permutation(cells[a:b])
+    return out
+
+
+class RunCache:
+    """Rows of an on-disk matrix read run by run, the last few buffers kept.
+
+    ``reader`` has ``read(start, stop) -> CSR`` (rows [start, stop)) and
+    ``shape``. `rows(take)` returns CSR rows in the order asked, reading each
+    missing aligned run of ``run_cells`` rows once, adjacent ones in one read.
+    Runs stay cached (least recently used first out) up to ``max_cells``.
+    """
+
+    def __init__(self, reader, run_cells: int = RUN_CELLS,
+                 max_cells: int = 3 * BUFFER_CELLS):
+        self.reader = reader
+        self.run_cells = int(run_cells)
+        self.max_runs = max(-(-int(max_cells) // self.run_cells), 1)
+        # a process of a many-host run reads only its slice: runs are clipped to it
+        lim = getattr(reader, "rows", None)
+        n = reader.shape[0]
+        self.lo, self.hi = (0, n) if lim is None else (lim.start, min(lim.stop, n))
+        self._runs: OrderedDict[int, tuple[int, sp.csr_matrix]] = OrderedDict()
+        self.reads = 0  # calls to reader.read (for tests and benchmarks)
+
+    def _span(self, first: int, last: int) -> tuple[int, int]:
+        L = self.run_cells
+        return max(first * L, self.lo), min((last + 1) * L, self.hi)
+
+    def _load(self, missing: np.ndarray) -> None:
+        # adjacent missing runs are read together
+        cuts = np.r_[0, np.flatnonzero(np.diff(missing) != 1) + 1, missing.size]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            first, last = int(missing[a]), int(missing[b - 1])
+            lo, hi = self._span(first, last)
+            X = self.reader.read(lo, hi)
+            self.reads += 1
+            for r in range(first, last + 1):
+                s, e = self._span(r, r)
+                self._runs[r] = (s, X[s - lo:e - lo])
+
+    def rows(self, take: np.ndarray) -> sp.csr_matrix:
+        """CSR rows ``take`` (global row numbers), in that order."""
+        take = np.asarray(take, np.int64)
+        if take.size == 0:
+            return sp.csr_matrix((0, self.reader.shape[1]), dtype=np.float32)
+        run = take // self.run_cells
+        needed = np.unique(run)
+        missing = needed[[int(r) not in self._runs for r in needed]]
+        if missing.size:
+            self._load(missing)
+        parts, starts = [], []
+        for r in needed:
+            self._runs.move_to_end(int(r))
+            s, X = self._runs[int(r)]
+            starts.append(s)
+            parts.append(X)
+        stacked = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        counts = np.array([p.shape[0] for p in parts], np.int64)
+        first = np.r_[0, np.cumsum(counts)[:-1]]
+        k = np.searchsorted(needed, run)
+        out = stacked[first[k] + take - np.asarray(starts, np.int64)[k]]
+        while len(self._runs) > max(self.max_runs, needed.size):
+            self._runs.popitem(last=False)
+        return out

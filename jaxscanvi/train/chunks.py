@@ -1,0 +1,186 @@
+"""The epoch program every source runs, and the chunks that feed it from the host.
+
+An epoch is a jitted `lax.scan` of the train step over minibatches gathered
+from CSR counts on the device (`scan_program`). The device source scans all
+of an epoch's minibatches over the cells it holds. The host and stream
+sources run the same scan over *chunks*: the cells of S minibatches, gathered
+on the host into a small CSR (its data, indices and row offsets, plus the
+per-cell columns), shipped to the device and densified there. A thread
+builds and ships chunk i+1 while chunk i computes, and nothing synchronises
+per step: per chunk, the host only dispatches.
+
+Every chunk has the same shapes (S steps, the same row and non-zero
+capacities), so an epoch compiles once; the last, shorter chunk skips its
+missing steps with a traced count. With several devices (or processes) each
+device gets its own CSR of the rows its part of every minibatch needs
+(`jaxscanvi.data.sharded`), so no device, and no process, handles another's
+cells.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# cells per chunk the step count aims at: large enough that a dispatch per
+# chunk costs nothing, small enough that a few chunks in flight stay small
+CHUNK_CELLS = 1 << 14
+MAX_STEPS = 256
+
+
+def chunk_steps(n_steps: int, batch_size: int) -> int:
+    """Steps per chunk: about `CHUNK_CELLS` cells, at most the epoch's steps
+    rounded up to a power of two (a few shapes for any epoch length)."""
+    target = min(max(CHUNK_CELLS // max(batch_size, 1), 1), MAX_STEPS)
+    need = 1 << max(int(n_steps) - 1, 0).bit_length()
+    return max(min(target, need), 1)
+
+
+def scan_program(step_fn: Callable, gather: Callable, *, partial: bool):
+    """``run(carry, cells, rows, lab_rows[, n_valid]) -> (carry, outputs)``.
+
+    ``gather(cells, rows)`` builds one minibatch inside the program. A train
+    step whose updates can wait for the next step runs that way (``deferred``
+    and ``finish`` of `train.loop.StepFns`). With ``partial``, steps at and past
+    the traced ``n_valid`` leave the carry as it is (their outputs are zeros).
+    """
+    deferred = getattr(step_fn, "deferred", None)
+    fn = step_fn if deferred is None else deferred
+
+    def one(c, cells, r):
+        main = gather(cells, r[0])
+        return fn(c, main if r[1] is None else (main, gather(cells, r[1])))
+
+    def run(carry, cells, rows, lab_rows, n_valid=None):
+        if deferred is not None:
+            carry = (*carry, jnp.bool_(False))
+
+        def body(c, x):
+            i, r = x
+            if not partial:
+                return one(c, cells, r)
+            shape = jax.eval_shape(lambda: one(c, cells, r)[1])
+            skip = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+            return jax.lax.cond(i < n_valid, lambda: one(c, cells, r), lambda: (c, skip))
+
+        steps = jnp.arange(rows.shape[0], dtype=jnp.int32)
+        carry, out = jax.lax.scan(body, carry, (steps, (rows, lab_rows)))
+        if deferred is not None:
+            carry = step_fn.finish(carry)
+        return carry, out
+
+    return run
+
+
+class Layout(NamedTuple):
+    """Where each minibatch row of a chunk lives in its device's chunk CSR.
+
+    ``local`` (S, n * b) and ``local_lab``: positions in device d's chunk for
+    columns d*b:(d+1)*b, -1 for padding; ``take[d]``: the global cells device
+    d's chunk holds, in chunk order. Computed from the rows alone, so every
+    process of a many-host run lays out every device's chunk the same way.
+    """
+
+    local: np.ndarray
+    local_lab: np.ndarray | None
+    take: list
+    n_valid: int
+
+
+def layout(rows: np.ndarray, lab_rows: np.ndarray | None, n_dev: int, steps: int) -> Layout:
+    """The `Layout` of one chunk: ``rows`` (s <= steps, n_dev * b)."""
+    s, B = rows.shape
+    b = B // n_dev
+    local = np.full((steps, B), -1, np.int32)
+    local_lab = None if lab_rows is None else np.full((steps, B), -1, np.int32)
+    take = []
+    for d in range(n_dev):
+        cols = slice(d * b, (d + 1) * b)
+        flat = rows[:, cols].ravel()
+        if lab_rows is not None:
+            flat = np.concatenate([flat, lab_rows[:, cols].ravel()])
+        valid = flat >= 0
+        pos = np.where(valid, np.cumsum(valid) - 1, -1).astype(np.int32)
+        local[:s, cols] = pos[:s * b].reshape(s, b)
+        if lab_rows is not None:
+            local_lab[:s, cols] = pos[s * b:].reshape(s, b)
+        take.append(flat[valid])
+    return Layout(local, local_lab, take, s)
+
+
+def chunk_nnz(row_nnz: np.ndarray, rows: np.ndarray, lab_rows: np.ndarray | None,
+              steps: int, n_dev: int) -> int:
+    """The most non-zeros any device's chunk of an epoch holds."""
+    def per_chunk(r):
+        s, B = r.shape
+        pad = -s % steps
+        r = np.concatenate([r, np.full((pad, B), -1, r.dtype)]) if pad else r
+        nz = np.where(r >= 0, row_nnz[np.maximum(r, 0)], 0).astype(np.int64)
+        # (chunks, steps, devices, b) -> per chunk and device
+        return nz.reshape(-1, steps, n_dev, B // n_dev).sum(axis=(1, 3))
+    total = per_chunk(np.asarray(rows))
+    if lab_rows is not None:
+        total = total + per_chunk(np.asarray(lab_rows))
+    return int(total.max()) if total.size else 0
+
+
+def host_chunk(cells, take: np.ndarray, read: Callable, rows_cap: int,
+               nnz_cap: int) -> list[np.ndarray]:
+    """One device's chunk as host arrays, in the field order of `DeviceCells`.
+
+    ``read(take)`` gives the CSR rows of cells ``take``; the CSR is padded to
+    ``nnz_cap`` entries and ``rows_cap`` rows (empty rows past the end).
+    """
+    X = read(take)
+    m, nnz = len(take), X.nnz
+    if nnz > nnz_cap:
+        raise ValueError(f"chunk holds {nnz} non-zeros, more than its capacity {nnz_cap}")
+    data = np.zeros(nnz_cap, np.float32)
+    indices = np.zeros(nnz_cap, np.int32)
+    data[:nnz], indices[:nnz] = X.data, X.indices
+    indptr = np.full(rows_cap + 1, nnz, np.int32)  # a chunk's offsets fit 32 bits
+    indptr[:m + 1] = X.indptr
+    lsf = (cells.log_size_factor if cells.log_size_factor is not None
+           else np.zeros(cells.n_obs, np.float32))
+    cols = []
+    for a in (cells.batch, cells.labels, cells.cat_covs, cells.cont_covs, lsf,
+              cells.log_library, cells.lgamma_const):
+        p = np.zeros((rows_cap,) + a.shape[1:], a.dtype)
+        p[:m] = a[take]
+        cols.append(p)
+    return [data, indices, indptr, *cols]
+
+
+def prefetched(produce: Callable, n: int, depth: int = 2):
+    """Yield ``produce(i)`` for i < n, computed ``depth`` items ahead by a thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def work():
+        try:
+            for i in range(n):
+                if stop.is_set():
+                    return
+                q.put(produce(i))
+            q.put(done)
+        except BaseException as e:  # surfaced in the consumer
+            q.put(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:  # a consumer that stops early frees the thread
+        stop.set()
+        while not q.empty():
+            q.get_nowait()
