@@ -61,20 +61,24 @@ class RunCache:
 
     ``reader`` has ``read(start, stop) -> CSR`` (rows [start, stop)) and
     ``shape``. `rows(take)` returns CSR rows in the order asked, reading each
-    missing aligned run of ``run_cells`` rows once, adjacent ones in one read.
-    Runs stay cached (least recently used first out) up to ``max_cells``.
+    missing aligned run of ``run_cells`` rows once (adjacent ones in one
+    read). The runs one call reads are joined into one segment, so the chunks
+    that follow index one matrix per buffer, not one per run. Segments are
+    dropped, least recently used first, past ``max_cells`` cells.
     """
 
     def __init__(self, reader, run_cells: int = RUN_CELLS,
                  max_cells: int = 3 * BUFFER_CELLS):
         self.reader = reader
         self.run_cells = int(run_cells)
-        self.max_runs = max(-(-int(max_cells) // self.run_cells), 1)
+        self.max_cells = int(max_cells)
         # a process of a many-host run reads only its slice: runs are clipped to it
         lim = getattr(reader, "rows", None)
         n = reader.shape[0]
         self.lo, self.hi = (0, n) if lim is None else (lim.start, min(lim.stop, n))
-        self._runs: OrderedDict[int, tuple[int, sp.csr_matrix]] = OrderedDict()
+        self._segments: OrderedDict[int, sp.csr_matrix] = OrderedDict()
+        self._where: dict[int, tuple[int, int]] = {}  # run -> (segment, its first row there)
+        self._next = 0
         self.reads = 0  # calls to reader.read (for tests and benchmarks)
 
     def _span(self, first: int, last: int) -> tuple[int, int]:
@@ -82,16 +86,28 @@ class RunCache:
         return max(first * L, self.lo), min((last + 1) * L, self.hi)
 
     def _load(self, missing: np.ndarray) -> None:
-        # adjacent missing runs are read together
         cuts = np.r_[0, np.flatnonzero(np.diff(missing) != 1) + 1, missing.size]
-        for a, b in zip(cuts[:-1], cuts[1:]):
+        parts, offset, seg = [], 0, self._next
+        self._next += 1
+        for a, b in zip(cuts[:-1], cuts[1:]):  # adjacent missing runs: one read
             first, last = int(missing[a]), int(missing[b - 1])
             lo, hi = self._span(first, last)
-            X = self.reader.read(lo, hi)
+            parts.append(self.reader.read(lo, hi))
             self.reads += 1
             for r in range(first, last + 1):
-                s, e = self._span(r, r)
-                self._runs[r] = (s, X[s - lo:e - lo])
+                self._where[r] = (seg, offset + self._span(r, r)[0] - lo)
+            offset += hi - lo
+        self._segments[seg] = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+
+    def _evict(self, keep: set) -> None:
+        total = sum(m.shape[0] for m in self._segments.values())
+        for seg in list(self._segments):
+            if total <= self.max_cells:
+                break
+            if seg in keep:
+                continue
+            total -= self._segments.pop(seg).shape[0]
+            self._where = {r: w for r, w in self._where.items() if w[0] != seg}
 
     def rows(self, take: np.ndarray) -> sp.csr_matrix:
         """CSR rows ``take`` (global row numbers), in that order."""
@@ -100,20 +116,24 @@ class RunCache:
             return sp.csr_matrix((0, self.reader.shape[1]), dtype=np.float32)
         run = take // self.run_cells
         needed = np.unique(run)
-        missing = needed[[int(r) not in self._runs for r in needed]]
+        missing = np.asarray([r for r in needed.tolist() if r not in self._where], np.int64)
         if missing.size:
             self._load(missing)
-        parts, starts = [], []
-        for r in needed:
-            self._runs.move_to_end(int(r))
-            s, X = self._runs[int(r)]
-            starts.append(s)
-            parts.append(X)
-        stacked = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
-        counts = np.array([p.shape[0] for p in parts], np.int64)
-        first = np.r_[0, np.cumsum(counts)[:-1]]
+        info = np.asarray([self._where[r] for r in needed.tolist()], np.int64)
         k = np.searchsorted(needed, run)
-        out = stacked[first[k] + take - np.asarray(starts, np.int64)[k]]
-        while len(self._runs) > max(self.max_runs, needed.size):
-            self._runs.popitem(last=False)
+        seg = info[k, 0]
+        row = info[k, 1] + take - np.maximum(run * self.run_cells, self.lo)
+        segs = np.unique(seg)
+        for s_ in segs:
+            self._segments.move_to_end(int(s_))
+        if segs.size == 1:
+            out = self._segments[int(segs[0])][row]
+        else:  # rows of each segment, then back into the order asked
+            pos = [np.flatnonzero(seg == s_) for s_ in segs]
+            stacked = sp.vstack([self._segments[int(s_)][row[p]] for s_, p in zip(segs, pos)],
+                                format="csr")
+            inverse = np.empty(take.size, np.int64)
+            inverse[np.concatenate(pos)] = np.arange(take.size)
+            out = stacked[inverse]
+        self._evict(set(segs.tolist()))
         return out

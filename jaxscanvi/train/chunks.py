@@ -157,7 +157,8 @@ def host_chunk(cells, take: np.ndarray, read: Callable, rows_cap: int,
 
 
 def prefetched(produce: Callable, n: int, depth: int = 2):
-    """Yield ``produce(i)`` for i < n, computed ``depth`` items ahead by a thread."""
+    """``produce(i)`` for i < n, computed ``depth`` items ahead by a thread that
+    starts at once (the first chunk is built while the program compiles)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done, stop = object(), threading.Event()
 
@@ -172,15 +173,18 @@ def prefetched(produce: Callable, n: int, depth: int = 2):
             q.put(e)
 
     threading.Thread(target=work, daemon=True).start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:  # a consumer that stops early frees the thread
-        stop.set()
-        while not q.empty():
-            q.get_nowait()
+
+    def items():
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # a consumer that stops early frees the thread
+            stop.set()
+            while not q.empty():
+                q.get_nowait()
+    return items()

@@ -114,6 +114,15 @@ class DataParallel:
         return jax.tree_util.tree_map(jax.make_array_from_process_local_data,
                                       self.batch_shardings(batch), batch)
 
+    def local_replica(self, a: np.ndarray) -> jax.Array:
+        """A host value every process holds, replicated over the mesh from this
+        process's copies alone: no cross-process check (a collective), so a
+        feeding thread may build it while the main thread runs programs."""
+        a = np.asarray(a)
+        mine = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+        return jax.make_array_from_single_device_arrays(
+            a.shape, self.replicated, [jax.device_put(a, d) for d in mine])
+
     def replicate(self, tree):
         if jax.process_count() == 1:
             return jax.device_put(tree, self.replicated)

@@ -276,7 +276,9 @@ class HostSource(Source):
             return DeviceCells(*jax.device_put(parts[0]))
         return DeviceCells(*stack_on_devices(parts, self.parallel.mesh))
 
-    def run_epoch(self, step_fn, carry, rows, lab_rows=None):
+    def chunks(self, rows, lab_rows=None):
+        """An epoch's chunks on the device, built ``prefetch`` ahead by a thread:
+        (cells, local rows, local labelled rows, steps used) each."""
         par = self.parallel
         rows = np.asarray(rows)
         lab_rows = None if lab_rows is None else np.asarray(lab_rows)
@@ -287,14 +289,13 @@ class HostSource(Source):
         S = chunk_steps(n_steps, B)
         self.k_cap = grown_cap(self.k_cap, self.row_nnz, per_device(rows, n_dev),
                                per_device(lab_rows, n_dev))
-        need = chunk_nnz(self.row_nnz, rows, lab_rows, S, n_dev)
-        self.nnz_cap = need if need > self.nnz_cap else self.nnz_cap
+        self.nnz_cap = max(self.nnz_cap, chunk_nnz(self.row_nnz, rows, lab_rows, S, n_dev), 1)
         rows_cap = S * (B // n_dev) * (1 if lab_rows is None else 2)
         mine = range(n_dev) if par is None else [
             d for d, dev in enumerate(par.mesh.devices.flat)
             if dev.process_index == jax.process_index()]
-        put = jnp.asarray if par is None else par.replicate
-        cells, nnz_cap = self.host, max(self.nnz_cap, 1)
+        put = jnp.asarray if par is None else par.local_replica
+        cells, nnz_cap = self.host, self.nnz_cap
 
         def produce(i):
             sl = slice(i * S, (i + 1) * S)
@@ -304,12 +305,17 @@ class HostSource(Source):
             lab = None if lay.local_lab is None else put(lay.local_lab)
             return self._put(parts), put(lay.local), lab, put(np.int32(lay.n_valid))
 
+        return prefetched(produce, -(-n_steps // S), self.prefetch)
+
+    def run_epoch(self, step_fn, carry, rows, lab_rows=None):
+        par = self.parallel
+        n_steps = np.shape(rows)[0]
+        stream = self.chunks(rows, lab_rows)  # sets the caps the program is built for
         fn = self._epoch_fn(step_fn)
         if par is not None:
             carry = par.replicate(carry)
         outs = []
-        for chunk, local, local_lab, n_valid in prefetched(produce, -(-n_steps // S),
-                                                           self.prefetch):
+        for chunk, local, local_lab, n_valid in stream:
             carry, out = fn(carry, chunk, local, local_lab, n_valid)
             if par is not None and jax.default_backend() == "cpu":
                 # sharded programs queued back to back can stall XLA's CPU

@@ -1,0 +1,202 @@
+"""Atlases past one device: the chunked loader, its overhead, and mixing from a sorted file.
+
+Three parts, each written to ``benchmarks/results/atlas.json`` (``--out``):
+
+* ``loader``: the loader alone (order, read, build and ship CSR chunks to the
+  device; no model) over a 2,000-gene, 5%-dense store, in memory and as
+  backed ``.h5ad`` and ``.zarr`` files (read from the page cache: each file is
+  read once before timing). Cells/s, CSR GB/s and the RSS it adds.
+* ``overhead``: scVI trained through the device, host and stream sources in
+  alternating rounds, steady epochs only (the first compiles): host and
+  stream cells/s as a ratio of the device source's, with a tiny network
+  (n_hidden=16, n_latent=4, n_layers=1, batch 1024) and the default one
+  (batch 128).
+* ``mixing``: a synthetic atlas sorted by batch (60,000 cells x 1,000 genes,
+  6 batches), scVI for 10 epochs from memory (device) and streamed from the
+  sorted file: kNN batch entropy (`_common.batch_entropy`, k=50) and
+  leave-one-out 15-NN cell-type accuracy of the latent means.
+
+Run: ``python benchmarks/atlas.py`` (about 20 minutes on 2 CPU cores);
+``--smoke`` runs every part tiny (CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import current_rss_mb, machine_info, versions, write_json  # noqa: E402
+
+DEFAULT_OUT = HERE / "results" / "atlas.json"
+
+
+def random_csr(n_cells: int, n_genes: int, density: float, seed: int = 0):
+    """A CSR with exactly ``density * n_genes`` sorted non-zeros per row (fast to make)."""
+    import scipy.sparse as sp
+    rng = np.random.default_rng(seed)
+    k = max(int(round(density * n_genes)), 1)
+    cols = np.sort(np.argsort(rng.random((min(n_cells, 4096), n_genes)), axis=1)[:, :k], 1)
+    reps = -(-n_cells // cols.shape[0])
+    indices = np.tile(cols, (reps, 1))[:n_cells].astype(np.int32).ravel()
+    data = (1 + rng.poisson(1.5, n_cells * k)).astype(np.float32)
+    indptr = np.arange(n_cells + 1, dtype=np.int64) * k
+    return sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
+
+
+def _cells(X):
+    import pandas as pd
+    from jaxscanvi.data.cells import CellData
+    n = X.shape[0]
+    zeros = np.zeros(n, np.float32)
+    return CellData(X=X, batch=np.zeros(n, np.int32), labels=np.zeros(n, np.int32),
+                    cat_covs=np.zeros((n, 0), np.int32), cont_covs=np.zeros((n, 0), np.float32),
+                    log_size_factor=None, log_library=zeros, lgamma_const=zeros,
+                    obs_names=pd.RangeIndex(n))
+
+
+def _loader_epoch(src, n: int, batch_size: int) -> float:
+    import jax
+    rows = src.order(np.random.default_rng(0), np.arange(n), batch_size)
+    t0 = time.perf_counter()
+    for chunk in src.chunks(rows):
+        jax.block_until_ready(chunk)
+    return time.perf_counter() - t0
+
+
+def part_loader(n_cells: int, batch_size: int, tmp: Path) -> dict:
+    import anndata as ad
+    from jaxscanvi.data.backed import BackedRows
+    from jaxscanvi.train.sources import HostSource, StreamSource
+    X = random_csr(n_cells, 2000, 0.05)
+    gb = (X.data.nbytes + X.indices.nbytes) / 1e9
+    a = ad.AnnData(X=X)
+    a.write_h5ad(tmp / "store.h5ad")
+    a.write_zarr(tmp / "store.zarr")
+    stores = {"memory": lambda: HostSource(_cells(X), batch_size),
+              "h5ad": lambda: StreamSource(_cells(BackedRows(
+                  ad.read_h5ad(tmp / "store.h5ad", backed="r").X)), batch_size),
+              "zarr": lambda: StreamSource(_cells(BackedRows(_zarr_X(tmp / "store.zarr"))),
+                                           batch_size)}
+    out = {"n_cells": n_cells, "n_genes": 2000, "density": 0.05, "csr_gb": round(gb, 3),
+           "batch_size": batch_size}
+    for name, make in stores.items():
+        src = make()
+        _loader_epoch(src, n_cells, batch_size)  # warm: page cache, first transfer
+        rss0 = current_rss_mb() or 0.0
+        secs = [_loader_epoch(make(), n_cells, batch_size) for _ in range(2)]
+        best = min(secs)
+        out[name] = {"cells_per_s": round(n_cells / best), "csr_gb_per_s": round(gb / best, 3),
+                     "seconds": [round(s, 3) for s in secs],
+                     "rss_added_mb": round((current_rss_mb() or 0.0) - rss0, 1)}
+        print(f"loader {name}: {n_cells / best:,.0f} cells/s ({gb / best:.2f} GB/s)")
+    return out
+
+
+def _zarr_X(path: Path):
+    import zarr
+    from anndata.io import sparse_dataset
+    return sparse_dataset(zarr.open(str(path), mode="r")["X"])
+
+
+def _sorted_atlas(n_cells: int, n_genes: int, n_batches: int):
+    import jaxscanvi as js
+    a = js.synthetic_atlas(n_cells=n_cells, n_genes=n_genes, n_batches=n_batches,
+                           n_lineages=3, types_per_lineage=3, seed=0)
+    return a[np.argsort(a.obs["batch"].cat.codes.to_numpy(), kind="stable")].copy()
+
+
+def _train(adata, source: str, epochs: int, arch: dict, batch_size: int, seed: int = 0):
+    import jaxscanvi as js
+    js.SCVI.setup_anndata(adata, batch_key="batch")
+    m = js.SCVI(adata, **arch)
+    m.train(max_epochs=epochs, batch_size=batch_size, progress_bar=False,
+            data_source=source, seed=seed, train_size=1.0)
+    return m
+
+
+def part_overhead(n_cells: int, epochs: int, rounds: int, tmp: Path) -> dict:
+    import anndata as ad
+    a = _sorted_atlas(n_cells, 2000, 4)
+    a.write_h5ad(tmp / "overhead.h5ad")
+    configs = {"tiny": (dict(n_hidden=16, n_latent=4, n_layers=1), 1024),
+               "default": ({}, 128)}
+    out = {"n_cells": n_cells, "n_genes": 2000, "epochs": epochs, "rounds": rounds}
+    for name, (arch, bs) in configs.items():
+        rates: dict[str, list[float]] = {"device": [], "host": [], "stream": []}
+        for _ in range(rounds):  # alternating: each round runs every source once
+            for source in rates:
+                adata = ad.read_h5ad(tmp / "overhead.h5ad", backed="r") \
+                    if source == "stream" else a.copy()
+                m = _train(adata, source, epochs, arch, bs)
+                secs = m.history.to_frame()["epoch_seconds"].to_numpy()[1:]  # steady
+                rates[source].append(float(n_cells / np.median(secs)))
+        med = {s: float(np.median(v)) for s, v in rates.items()}
+        out[name] = {"batch_size": bs, "arch": arch, "cells_per_s": rates,
+                     "median_cells_per_s": {s: round(v) for s, v in med.items()},
+                     "host_vs_device": round(med["host"] / med["device"], 3),
+                     "stream_vs_device": round(med["stream"] / med["device"], 3)}
+        print(f"overhead {name}: host {out[name]['host_vs_device']}x, "
+              f"stream {out[name]['stream_vs_device']}x of the device source")
+    return out
+
+
+def part_mixing(n_cells: int, n_genes: int, epochs: int, tmp: Path) -> dict:
+    import anndata as ad
+    from _common import batch_entropy, knn_accuracy
+    a = _sorted_atlas(n_cells, n_genes, 6)
+    a.write_h5ad(tmp / "sorted.h5ad")
+    out = {"n_cells": n_cells, "n_genes": n_genes, "n_batches": 6, "epochs": epochs,
+           "file_order": "sorted by batch"}
+    for source in ("device", "stream"):
+        adata = ad.read_h5ad(tmp / "sorted.h5ad", backed="r") if source == "stream" \
+            else a.copy()
+        m = _train(adata, source, epochs, {}, 128)
+        z = m.get_latent_representation()
+        out[source] = {"batch_entropy": round(batch_entropy(z, a.obs["batch"], k=50), 4),
+                       "knn_accuracy": round(knn_accuracy(z, a.obs["cell_type"]), 4)}
+        print(f"mixing {source}: {out[source]}")
+    out["entropy_gap"] = round(out["stream"]["batch_entropy"]
+                               - out["device"]["batch_entropy"], 4)
+    out["accuracy_gap"] = round(out["stream"]["knn_accuracy"]
+                                - out["device"]["knn_accuracy"], 4)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", nargs="+", default=["loader", "overhead", "mixing"])
+    p.add_argument("--smoke", action="store_true", help="every part tiny (CI)")
+    p.add_argument("--loader-cells", type=int, default=400_000)
+    p.add_argument("--overhead-cells", type=int, default=30_000)
+    p.add_argument("--mixing-cells", type=int, default=60_000)
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    args = p.parse_args(argv)
+    big = not args.smoke
+    sizes = dict(loader=args.loader_cells if big else 3000,
+                 overhead=args.overhead_cells if big else 1500,
+                 mixing=args.mixing_cells if big else 1200)
+    result = {"machine": machine_info(), "versions": versions(), "smoke": args.smoke}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        if "loader" in args.parts:
+            result["loader"] = part_loader(sizes["loader"], 1024 if big else 128, tmp)
+        if "overhead" in args.parts:
+            result["overhead"] = part_overhead(sizes["overhead"], 4 if big else 2,
+                                               3 if big else 1, tmp)
+        if "mixing" in args.parts:
+            result["mixing"] = part_mixing(sizes["mixing"], 1000 if big else 200,
+                                           10 if big else 2, tmp)
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
