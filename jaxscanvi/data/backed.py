@@ -41,6 +41,7 @@ class BackedRows:
         # the only rows this reader may touch (a process's slice in a many-host run)
         self.rows = rows
         self._cache: OrderedDict[int, sp.csr_matrix] = OrderedDict()
+        self._arrays = None  # the store's data and indices arrays, opened once
 
     @property
     def nnz(self) -> int:
@@ -57,9 +58,11 @@ class BackedRows:
         between offsets already in memory: anndata's own slicing reads the
         offsets again on every call, which costs more than a short run."""
         a, b = int(self.indptr[start]), int(self.indptr[stop])
-        group = self.dataset.group
-        data = np.asarray(group["data"][a:b], np.float32)
-        indices = np.asarray(group["indices"][a:b], np.int32)
+        if self._arrays is None:  # a group lookup costs as much as a short read
+            group = self.dataset.group
+            self._arrays = (group["data"], group["indices"])
+        data = np.asarray(self._arrays[0][a:b], np.float32)
+        indices = np.asarray(self._arrays[1][a:b], np.int32)
         return sp.csr_matrix((data, indices, self.indptr[start:stop + 1] - a),
                              shape=(stop - start, self.shape[1]))
 

@@ -12,11 +12,12 @@ would train on one dataset at a time. Instead an epoch:
 3. shuffles the cells inside each buffer, and takes minibatches from it in
    that order.
 
-With the defaults (runs of 64 cells, buffers of 65,536) each minibatch draws
-from about a thousand places in the file, so a file sorted by dataset trains
-like a shuffled one, while each run is read once per epoch and memory holds
-about two buffers (`RunCache`). This is annbatch's rule (chunks gathered into
-a preloaded, shuffled buffer), with the buffer built from the epoch's order.
+The stream source makes each buffer one chunk of its epoch program (65,536
+cells, or 256 minibatches when they are smaller: 32,768 cells at batch 128).
+Each minibatch then draws from hundreds of places in the file, so a file
+sorted by dataset trains like a shuffled one, while each run is read once per
+epoch, copied whole, and memory holds a few chunks (`RunCache`). This is
+annbatch's rule (chunks gathered into a preloaded, shuffled buffer).
 """
 
 from __future__ import annotations
@@ -43,17 +44,37 @@ def buffer_order(rng: np.random.Generator, idx: np.ndarray, run_cells: int = RUN
     ends = np.r_[starts[1:], idx.size]
     order = rng.permutation(starts.size)
     lengths = (ends - starts)[order]
-    # runs go into the buffer being filled until it holds buffer_cells cells
-    buffer_of = np.cumsum(lengths) // max(int(buffer_cells), 1)
-    # the runs' cells laid end to end in their new order
+    # the runs' cells laid end to end in their new order, then cut into buffers
+    # of exactly buffer_cells cells (a chunk of the host source is one buffer)
     first = np.cumsum(lengths) - lengths
     cells = idx[np.repeat(starts[order] - first, lengths) + np.arange(idx.size)]
-    cell_buffer = np.repeat(buffer_of, lengths)
+    step = max(int(buffer_cells), 1)
     out = np.empty_like(cells)
-    bounds = np.r_[0, np.flatnonzero(np.diff(cell_buffer)) + 1, cells.size]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        out[a:b] = rng.permutation(cells[a:b])
+    for a in range(0, cells.size, step):
+        out[a:a + step] = rng.permutation(cells[a:a + step])
     return out
+
+
+def gather_rows(X: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """``X[rows]`` for increasing ``rows``, copied run by run where rows are
+    consecutive (a buffer's cells sorted back into their runs): a few large
+    copies instead of scipy's row-by-row gather. Falls back to scipy when
+    runs are short."""
+    rows = np.asarray(rows, np.int64)
+    if rows.size == 0:
+        return X[rows]
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    if breaks.size * 8 > rows.size:  # runs shorter than 8 rows: scipy is faster
+        return X[rows]
+    first = rows[np.r_[0, breaks]]
+    last = rows[np.r_[breaks - 1, rows.size - 1]] + 1
+    a, b = X.indptr[first], X.indptr[last]
+    data = np.concatenate([X.data[i:j] for i, j in zip(a, b)])
+    indices = np.concatenate([X.indices[i:j] for i, j in zip(a, b)])
+    counts = np.diff(X.indptr)[rows]
+    indptr = np.zeros(rows.size + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return sp.csr_matrix((data, indices, indptr), shape=(rows.size, X.shape[1]))
 
 
 class RunCache:
@@ -109,8 +130,15 @@ class RunCache:
             total -= self._segments.pop(seg).shape[0]
             self._where = {r: w for r, w in self._where.items() if w[0] != seg}
 
+    @staticmethod
+    def _gather(X: sp.csr_matrix, row: np.ndarray) -> sp.csr_matrix:
+        if row.size > 1 and np.all(np.diff(row) > 0):
+            return gather_rows(X, row)
+        return X[row]
+
     def rows(self, take: np.ndarray) -> sp.csr_matrix:
-        """CSR rows ``take`` (global row numbers), in that order."""
+        """CSR rows ``take`` (global row numbers), in that order; increasing
+        ``take`` is read run by run (`gather_rows`)."""
         take = np.asarray(take, np.int64)
         if take.size == 0:
             return sp.csr_matrix((0, self.reader.shape[1]), dtype=np.float32)
@@ -127,11 +155,11 @@ class RunCache:
         for s_ in segs:
             self._segments.move_to_end(int(s_))
         if segs.size == 1:
-            out = self._segments[int(segs[0])][row]
+            out = self._gather(self._segments[int(segs[0])], row)
         else:  # rows of each segment, then back into the order asked
             pos = [np.flatnonzero(seg == s_) for s_ in segs]
-            stacked = sp.vstack([self._segments[int(s_)][row[p]] for s_, p in zip(segs, pos)],
-                                format="csr")
+            stacked = sp.vstack([self._gather(self._segments[int(s_)], row[p])
+                                 for s_, p in zip(segs, pos)], format="csr")
             inverse = np.empty(take.size, np.int64)
             inverse[np.concatenate(pos)] = np.arange(take.size)
             out = stacked[inverse]

@@ -33,10 +33,11 @@ CHUNK_CELLS = 1 << 14
 MAX_STEPS = 256
 
 
-def chunk_steps(n_steps: int, batch_size: int) -> int:
-    """Steps per chunk: about `CHUNK_CELLS` cells, at most the epoch's steps
-    rounded up to a power of two (a few shapes for any epoch length)."""
-    target = min(max(CHUNK_CELLS // max(batch_size, 1), 1), MAX_STEPS)
+def chunk_steps(n_steps: int, batch_size: int, cells: int | None = None) -> int:
+    """Steps per chunk: about ``cells`` cells (`CHUNK_CELLS`), at most the
+    epoch's steps rounded up to a power of two (a few shapes for any epoch)."""
+    cells = CHUNK_CELLS if cells is None else cells
+    target = min(max(cells // max(batch_size, 1), 1), MAX_STEPS)
     need = 1 << max(int(n_steps) - 1, 0).bit_length()
     return max(min(target, need), 1)
 
@@ -82,7 +83,7 @@ class Layout(NamedTuple):
 
     ``local`` (S, n * b) and ``local_lab``: positions in device d's chunk for
     columns d*b:(d+1)*b, -1 for padding; ``take[d]``: the global cells device
-    d's chunk holds, in chunk order. Computed from the rows alone, so every
+    d's chunk holds, each once, in increasing order. Computed from the rows alone, so every
     process of a many-host run lays out every device's chunk the same way.
     """
 
@@ -105,11 +106,13 @@ def layout(rows: np.ndarray, lab_rows: np.ndarray | None, n_dev: int, steps: int
         if lab_rows is not None:
             flat = np.concatenate([flat, lab_rows[:, cols].ravel()])
         valid = flat >= 0
-        pos = np.where(valid, np.cumsum(valid) - 1, -1).astype(np.int32)
+        # each cell once, in file order: reads and copies go run by run
+        cells = np.unique(flat[valid])
+        pos = np.where(valid, np.searchsorted(cells, flat), -1).astype(np.int32)
         local[:s, cols] = pos[:s * b].reshape(s, b)
         if lab_rows is not None:
             local_lab[:s, cols] = pos[s * b:].reshape(s, b)
-        take.append(flat[valid])
+        take.append(cells)
     return Layout(local, local_lab, take, s)
 
 

@@ -29,7 +29,7 @@ from ..data.batch import (MAX_OFFSET, DenseDeviceCells, DeviceCells, check_offse
 from ..data.backed import BackedRows
 from ..data.sharded import (local_rows, per_device, resident_bytes, shard_cells, sharded_batch,
                             slice_nnz, stack_on_devices)
-from ..data.shuffle import RunCache, buffer_order
+from ..data.shuffle import BUFFER_CELLS, RunCache, buffer_order, gather_rows
 from ..data.cells import CellData
 from ..distributed import shard_bounds
 from ..distributions import sparse_pays
@@ -235,6 +235,7 @@ class HostSource(Source):
     """
 
     kind = "host"
+    chunk_cells: int | None = None  # `chunks.CHUNK_CELLS`
 
     def __init__(self, cells: CellData, batch_size: int, prefetch: int = 2, parallel=None,
                  process: int | None = None):
@@ -251,8 +252,8 @@ class HostSource(Source):
         self.prefetch = prefetch
 
     def read(self, take: np.ndarray):
-        """CSR rows ``take`` of the counts, in that order."""
-        return self.host.X[take]
+        """CSR rows ``take`` (increasing) of the counts."""
+        return gather_rows(self.host.X, take)
 
     def _epoch_fn(self, step_fn: Callable):
         par, G, K, sparse = self.parallel, self.n_genes, self.k_cap, self.sparse
@@ -286,7 +287,7 @@ class HostSource(Source):
             rows, lab_rows = par.pad(rows), par.pad(lab_rows)
         n_dev = 1 if par is None else par.size
         n_steps, B = rows.shape
-        S = chunk_steps(n_steps, B)
+        S = chunk_steps(n_steps, B, self.chunk_cells)
         self.k_cap = grown_cap(self.k_cap, self.row_nnz, per_device(rows, n_dev),
                                per_device(lab_rows, n_dev))
         self.nnz_cap = max(self.nnz_cap, chunk_nnz(self.row_nnz, rows, lab_rows, S, n_dev), 1)
@@ -337,6 +338,7 @@ class StreamSource(HostSource):
     """
 
     kind = "stream"
+    chunk_cells = BUFFER_CELLS  # one shuffle buffer per chunk
 
     def __init__(self, cells: CellData, batch_size: int, **kwargs):
         super().__init__(cells, batch_size, **kwargs)
@@ -345,14 +347,21 @@ class StreamSource(HostSource):
     def read(self, take: np.ndarray):
         return self.runs.rows(take)
 
+    def _buffer(self, n_cells: int, batch_size: int) -> int:
+        """Cells per buffer: exactly one chunk of the epoch."""
+        steps = -(-n_cells // batch_size)
+        return chunk_steps(steps, batch_size, self.chunk_cells) * batch_size
+
     def _order(self, rng, idx, batch_size, shuffle):
         if not shuffle:
             return epoch_rows(rng, idx, batch_size, shuffle=False)
-        return epoch_rows(rng, buffer_order(rng, idx), batch_size, shuffle=False)
+        order = buffer_order(rng, idx, buffer_cells=self._buffer(len(idx), batch_size))
+        return epoch_rows(rng, order, batch_size, shuffle=False)
 
     def _labelled(self, rng, lab_idx, n_steps, batch_size):
+        cells = self._buffer(n_steps * batch_size, batch_size)
         return labelled_rows(rng, lab_idx, n_steps, batch_size,
-                             shuffle=lambda r, idx: buffer_order(r, idx))
+                             shuffle=lambda r, idx: buffer_order(r, idx, buffer_cells=cells))
 
 def check_source(kind: str, cells: CellData) -> None:
     """Refuse a source that cannot serve where the counts are."""
