@@ -200,3 +200,28 @@ def test_chunked_program_compiles_once_per_shape(monkeypatch):
     # one trace for the scan body (the skip branch reuses its shapes)
     assert len(traces) <= 2
     np.testing.assert_allclose(np.asarray(out).sum(), cells.n_obs)
+
+
+@pytest.mark.system
+def test_atlas_benchmark_smoke(tmp_path):
+    """benchmarks/atlas.py runs every part end to end on tiny sizes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "atlas.json"
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "atlas.py"), "--smoke",
+                        "--parts", "loader", "overhead", "mixing", "memory", "--out", str(out),
+                        "--tmp", str(tmp_path)], capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=root)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(out.read_text())
+    assert all(doc["loader"][s]["cells_per_s"] > 0 for s in ("memory", "h5ad", "zarr"))
+    for net in ("tiny", "default"):
+        assert doc["overhead"][net]["host_vs_device"] > 0
+        assert doc["overhead"][net]["stream_vs_device"] > 0
+    for s in ("device", "stream"):
+        assert 0 < doc["mixing"][s]["batch_entropy"] <= 1
+    assert doc["memory"]["nnz"] == 20_000 * 100
