@@ -61,7 +61,7 @@ def test_backed_rows_read_the_same_counts(on_disk):
 
 def _monkey_block_order(monkeypatch, block):
     """Give the in-memory sources the streaming source's block-shuffled order."""
-    def order(self, rng, idx, batch_size, shuffle=True):
+    def order(self, rng, idx, batch_size, *, shuffle=True):
         if not shuffle:
             return epoch_rows(rng, idx, batch_size, shuffle=False)
         return epoch_rows(rng, block_order(rng, idx, block), batch_size, shuffle=False)

@@ -38,7 +38,7 @@ from ..compile_cache import functions as _COMPILED
 from .chunks import chunk_nnz, chunk_steps, host_chunk, layout, prefetched, scan_program
 
 
-def epoch_rows(rng: np.random.Generator, idx: np.ndarray, batch_size: int,
+def epoch_rows(rng: np.random.Generator, idx: np.ndarray, batch_size: int, *,
                shuffle: bool = True) -> np.ndarray:
     """Rows of one epoch as (n_steps, B); the short last minibatch is padded with -1."""
     order = rng.permutation(idx) if shuffle else np.asarray(idx)
@@ -108,8 +108,8 @@ class Source:
         """Bytes of cells resident on the fullest device (none: fed per step)."""
         return 0
 
-    def _order(self, rng, idx, batch_size: int, shuffle: bool) -> np.ndarray:
-        return epoch_rows(rng, idx, batch_size, shuffle)
+    def _order(self, rng, idx, batch_size: int, *, shuffle: bool) -> np.ndarray:
+        return epoch_rows(rng, idx, batch_size, shuffle=shuffle)
 
     def _labelled(self, rng, lab_idx, n_steps: int, batch_size: int) -> np.ndarray:
         return labelled_rows(rng, lab_idx, n_steps, batch_size)
@@ -123,11 +123,12 @@ class Source:
         return [np.random.default_rng(int(s)) for s in seeds], parts, batch_size // n
 
     def order(self, rng: np.random.Generator, idx: np.ndarray, batch_size: int,
-              shuffle: bool = True) -> np.ndarray:
+              *, shuffle: bool = True) -> np.ndarray:
         if self.shards is None:
-            return self._order(rng, idx, batch_size, shuffle)
+            return self._order(rng, idx, batch_size, shuffle=shuffle)
         rngs, parts, b = self._split(rng, idx, batch_size)
-        return _side_by_side([self._order(r, p, b, shuffle) for r, p in zip(rngs, parts)])
+        return _side_by_side([self._order(r, p, b, shuffle=shuffle)
+                              for r, p in zip(rngs, parts)])
 
     def labelled_order(self, rng, lab_idx, n_steps: int, batch_size: int) -> np.ndarray:
         if self.shards is None:
@@ -352,7 +353,7 @@ class StreamSource(HostSource):
         steps = -(-n_cells // batch_size)
         return chunk_steps(steps, batch_size, self.chunk_cells) * batch_size
 
-    def _order(self, rng, idx, batch_size, shuffle):
+    def _order(self, rng, idx, batch_size, *, shuffle):
         if not shuffle:
             return epoch_rows(rng, idx, batch_size, shuffle=False)
         order = buffer_order(rng, idx, buffer_cells=self._buffer(len(idx), batch_size))
@@ -376,7 +377,7 @@ def check_source(kind: str, cells: CellData) -> None:
                          "backed='r')), or pass data_source='auto'")
 
 
-def device_bounds(shards, n_devices: int, n_obs: int, batch_size: int,
+def device_bounds(shards, n_devices: int, n_obs: int, batch_size: int, *,
                   spread: bool) -> np.ndarray | None:
     """Each device's contiguous slice of the cells for the device source, or None.
 
@@ -419,7 +420,7 @@ def make_source(kind: str, cells: CellData, batch_size: int, *,
         return src
     bounds = None
     if parallel is not None and kind in ("auto", "device"):
-        bounds = device_bounds(shards, parallel.size, cells.n_obs, batch_size, spread)
+        bounds = device_bounds(shards, parallel.size, cells.n_obs, batch_size, spread=spread)
     if kind == "auto":
         nnz = int(cells.X.indptr[-1])
         nbytes = nnz * 8 + (cells.n_obs + 1) * 8 + cells.n_obs * 64
