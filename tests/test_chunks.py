@@ -245,3 +245,28 @@ def test_host_chunks_feed_the_sparse_likelihood():
             histories[sparse] = m.history.to_frame()["train_loss"].to_numpy()
     assert seen == {False: False, True: True}
     np.testing.assert_allclose(histories[True], histories[False], rtol=2e-5)
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_backed_rows_read_runs(tmp_path, fmt):
+    """read_runs on a backed file gives the runs' rows, stacked in the order asked,
+    and a RunCache over it the rows asked for."""
+    from jaxscanvi.data.backed import BackedRows
+    X = sp.random(500, 40, density=0.2, format="csr", dtype=np.float32, random_state=5)
+    X.data = np.ceil(X.data * 5)
+    a = ad.AnnData(X=X)
+    if fmt == "h5ad":
+        a.write_h5ad(tmp_path / "x.h5ad")
+        rows = BackedRows(ad.read_h5ad(tmp_path / "x.h5ad", backed="r").X)
+    else:
+        import zarr
+        from anndata.io import sparse_dataset
+        a.write_zarr(tmp_path / "x.zarr")
+        rows = BackedRows(sparse_dataset(zarr.open(str(tmp_path / "x.zarr"), mode="r")["X"]))
+    starts, stops = np.array([300, 0, 64, 499]), np.array([364, 10, 65, 500])
+    want = np.concatenate([X[a:b].toarray() for a, b in zip(starts, stops)])
+    np.testing.assert_array_equal(rows.read_runs(starts, stops).toarray(), want)
+    np.testing.assert_array_equal(rows.read(10, 20).toarray(), X[10:20].toarray())
+    cache = RunCache(rows, run_cells=16, max_cells=128)
+    take = np.random.default_rng(0).integers(0, 500, 200)
+    np.testing.assert_array_equal(cache.rows(take).toarray(), X[take].toarray())

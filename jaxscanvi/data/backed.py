@@ -66,6 +66,25 @@ class BackedRows:
         return sp.csr_matrix((data, indices, self.indptr[start:stop + 1] - a),
                              shape=(stop - start, self.shape[1]))
 
+    def read_runs(self, starts: np.ndarray, stops: np.ndarray) -> sp.csr_matrix:
+        """Rows [starts[i], stops[i]) for each i, stacked in that order: the
+        arrays are sliced per run and joined once (one CSR, not one per run)."""
+        starts = np.asarray(starts, np.int64)
+        stops = np.asarray(stops, np.int64)
+        if self._arrays is None:
+            group = self.dataset.group
+            self._arrays = (group["data"], group["indices"])
+        a, b = self.indptr[starts], self.indptr[stops]
+        data = np.concatenate([np.asarray(self._arrays[0][i:j], np.float32)
+                               for i, j in zip(a.tolist(), b.tolist())])
+        indices = np.concatenate([np.asarray(self._arrays[1][i:j], np.int32)
+                                  for i, j in zip(a.tolist(), b.tolist())])
+        counts = np.concatenate([np.diff(self.indptr[i:j + 1])
+                                 for i, j in zip(starts.tolist(), stops.tolist())])
+        indptr = np.zeros(counts.size + 1, np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return sp.csr_matrix((data, indices, indptr), shape=(counts.size, self.shape[1]))
+
     def _span(self, b: int) -> tuple[int, int]:
         """Rows [start, stop) of block b, clipped to ``self.rows``."""
         start, stop = b * self.block_size, min((b + 1) * self.block_size, self.shape[0])

@@ -108,17 +108,23 @@ class RunCache:
 
     def _load(self, missing: np.ndarray) -> None:
         cuts = np.r_[0, np.flatnonzero(np.diff(missing) != 1) + 1, missing.size]
-        parts, offset, seg = [], 0, self._next
+        spans, offset, seg = [], 0, self._next
         self._next += 1
         for a, b in zip(cuts[:-1], cuts[1:]):  # adjacent missing runs: one read
             first, last = int(missing[a]), int(missing[b - 1])
             lo, hi = self._span(first, last)
-            parts.append(self.reader.read(lo, hi))
-            self.reads += 1
+            spans.append((lo, hi))
             for r in range(first, last + 1):
                 self._where[r] = (seg, offset + self._span(r, r)[0] - lo)
             offset += hi - lo
-        self._segments[seg] = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        self.reads += len(spans)
+        lo, hi = np.asarray(spans, np.int64).T
+        if hasattr(self.reader, "read_runs"):  # one CSR for all the runs
+            self._segments[seg] = self.reader.read_runs(lo, hi)
+        else:
+            parts = [self.reader.read(a, b) for a, b in spans]
+            self._segments[seg] = sp.vstack(parts, format="csr") if len(parts) > 1 \
+                else parts[0]
 
     def _evict(self, keep: set) -> None:
         total = sum(m.shape[0] for m in self._segments.values())
@@ -155,7 +161,10 @@ class RunCache:
         for s_ in segs:
             self._segments.move_to_end(int(s_))
         if segs.size == 1:
-            out = self._gather(self._segments[int(segs[0])], row)
+            X = self._segments[int(segs[0])]
+            # a chunk that is exactly the buffer it loaded: nothing to gather
+            whole = row.size == X.shape[0] and np.array_equal(row, np.arange(row.size))
+            out = X if whole else self._gather(X, row)
         else:  # rows of each segment, then back into the order asked
             pos = [np.flatnonzero(seg == s_) for s_ in segs]
             stacked = sp.vstack([self._gather(self._segments[int(s_)], row[p])

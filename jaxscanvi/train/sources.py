@@ -291,7 +291,9 @@ class HostSource(Source):
         S = chunk_steps(n_steps, B, self.chunk_cells)
         self.k_cap = grown_cap(self.k_cap, self.row_nnz, per_device(rows, n_dev),
                                per_device(lab_rows, n_dev))
-        self.nnz_cap = max(self.nnz_cap, chunk_nnz(self.row_nnz, rows, lab_rows, S, n_dev), 1)
+        need = chunk_nnz(self.row_nnz, rows, lab_rows, S, n_dev)
+        if need > self.nnz_cap:  # 1/8 headroom: a new shape (compile) is rare
+            self.nnz_cap = max(need + need // 8, 1)
         rows_cap = S * (B // n_dev) * (1 if lab_rows is None else 2)
         mine = range(n_dev) if par is None else [
             d for d, dev in enumerate(par.mesh.devices.flat)
