@@ -16,8 +16,9 @@ import pytest
 
 import jaxscanvi as js
 from jaxscanvi.data import backed
-from jaxscanvi.data.backed import BackedRows, block_order
-from jaxscanvi.train import sources
+from jaxscanvi.data.backed import BackedRows
+from jaxscanvi.data.shuffle import buffer_order
+from jaxscanvi.train import chunks, sources
 from jaxscanvi.train.sources import epoch_rows
 
 HERE = Path(__file__).resolve().parent
@@ -35,20 +36,6 @@ def on_disk(small_atlas, tmp_path_factory):
     return a, d
 
 
-def test_block_order_visits_every_cell_once_block_by_block():
-    rng = np.random.default_rng(0)
-    idx = np.sort(rng.choice(1000, 700, replace=False))
-    order = block_order(np.random.default_rng(1), idx, 64)
-    assert sorted(order.tolist()) == idx.tolist()
-    blocks = order // 64
-    changes = np.flatnonzero(np.diff(blocks)) + 1
-    # each block appears as one contiguous run, and runs come in a shuffled order
-    assert len(changes) + 1 == len(np.unique(blocks))
-    assert not np.all(np.diff(blocks[np.r_[0, changes]]) > 0)
-    # cells inside a block are shuffled too
-    assert not all(np.all(np.diff(r) > 0) for r in np.split(order, changes))
-
-
 def test_backed_rows_read_the_same_counts(on_disk):
     a, d = on_disk
     b = ad.read_h5ad(d / "atlas.h5ad", backed="r")
@@ -59,19 +46,23 @@ def test_backed_rows_read_the_same_counts(on_disk):
     assert len(rows._cache) <= 2
 
 
-def _monkey_block_order(monkeypatch, block):
-    """Give the in-memory sources the streaming source's block-shuffled order."""
+def _monkey_buffer_order(monkeypatch):
+    """Give every source the streaming source's buffered order (small runs and
+    buffers, so this small file spans several of each)."""
     def order(self, rng, idx, batch_size, *, shuffle=True):
         if not shuffle:
             return epoch_rows(rng, idx, batch_size, shuffle=False)
-        return epoch_rows(rng, block_order(rng, idx, block), batch_size, shuffle=False)
+        return epoch_rows(rng, buffer_order(rng, idx, run_cells=16, buffer_cells=128),
+                          batch_size, shuffle=False)
     monkeypatch.setattr(sources.Source, "order", order)
-    monkeypatch.setattr(backed, "DEFAULT_BLOCK", block)
+    monkeypatch.setattr(backed, "DEFAULT_BLOCK", 50)
+    monkeypatch.setattr(chunks, "CHUNK_CELLS", 128)  # several chunks per epoch
+    monkeypatch.setattr(sources.StreamSource, "chunk_cells", 128)
 
 
 def test_three_sources_give_the_same_trajectory(on_disk, monkeypatch):
     a, d = on_disk
-    _monkey_block_order(monkeypatch, 50)
+    _monkey_buffer_order(monkeypatch)
     histories = {}
     for source in ("device", "host", "stream"):
         adata = ad.read_h5ad(d / "atlas.h5ad", backed="r") if source == "stream" \

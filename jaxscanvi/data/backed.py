@@ -135,15 +135,3 @@ class BackedRows:
 
     def to_memory(self) -> sp.csr_matrix:
         return self.read(0, self.shape[0])
-
-
-def block_order(rng: np.random.Generator, idx: np.ndarray, block_size: int) -> np.ndarray:
-    """``idx`` in a block-shuffled order: blocks of rows in random order, cells
-    shuffled within each block. Each block is read once per pass."""
-    idx = np.asarray(idx)
-    if idx.size == 0:
-        return idx
-    blocks = idx // block_size
-    order = np.argsort(blocks, kind="stable")
-    groups = np.split(idx[order], np.flatnonzero(np.diff(blocks[order])) + 1)
-    return np.concatenate([rng.permutation(groups[g]) for g in rng.permutation(len(groups))])
