@@ -156,7 +156,7 @@ def _zarr_X(path: Path):
 def _sorted_atlas(n_cells: int, n_genes: int, n_batches: int):
     import jaxscanvi as js
     a = js.synthetic_atlas(n_cells=n_cells, n_genes=n_genes, n_batches=n_batches,
-                           n_lineages=3, types_per_lineage=3, seed=0)
+                           n_lineages=3, types_per_lineage=3, seed=0, batch_effect=0.25)
     return a[np.argsort(a.obs["batch"].cat.codes.to_numpy(), kind="stable")].copy()
 
 
