@@ -1,0 +1,163 @@
+"""Atlas stores: many .h5ad/.zarr files as one dataset, annbatch collections and
+TileDB-SOMA experiments, each built here on a small atlas and read through the
+interface the streaming source uses (`BackedRows`: read, indptr, rows by index)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import jaxscanvi as js
+from jaxscanvi.data import backed, read_collection
+from jaxscanvi.data.backed import BackedRows
+from jaxscanvi.data.cells import cell_data
+from jaxscanvi.errors import InputError
+from jaxscanvi.train import sources
+
+TRAIN = dict(max_epochs=1, batch_size=64, progress_bar=False, train_size=0.8,
+             check_val_every_n_epoch=1)
+SPLITS = (0, 130, 260, 400)  # three files of unequal sizes
+RUNS = [(0, 1), (0, 400), (125, 135), (129, 261), (259, 260), (399, 400), (40, 40)]
+
+
+@pytest.fixture(scope="module")
+def atlas400(small_atlas):
+    a = small_atlas[:400].copy()
+    a.X = sp.csr_matrix(a.X, dtype=np.float32)
+    return a
+
+
+@pytest.fixture(scope="module")
+def files(atlas400, tmp_path_factory):
+    """The atlas cut into .h5ad, .zarr, .h5ad files, and written whole as one .h5ad."""
+    d = tmp_path_factory.mktemp("stores")
+    paths = []
+    for i, (lo, hi) in enumerate(zip(SPLITS[:-1], SPLITS[1:])):
+        p = d / (f"part{i}.zarr" if i == 1 else f"part{i}.h5ad")
+        part = atlas400[lo:hi].copy()
+        part.write_zarr(p) if i == 1 else part.write_h5ad(p)
+        paths.append(p)
+    atlas400.write_h5ad(d / "whole.h5ad")
+    return paths, d / "whole.h5ad"
+
+
+def check_reads(X, M: sp.csr_matrix) -> None:
+    """Every read path of a store equals the in-memory rows."""
+    assert isinstance(X, BackedRows) and X.shape == M.shape
+    for a, b in RUNS:
+        got = X.read(a, b)
+        assert isinstance(got, sp.csr_matrix) and got.dtype == np.float32
+        assert got.has_canonical_format, (a, b)
+        np.testing.assert_array_equal(got.toarray(), M[a:b].toarray(), err_msg=f"{a}:{b}")
+    starts, stops = [300, 5, 128], [340, 9, 262]
+    want = sp.vstack([M[a:b] for a, b in zip(starts, stops)])
+    np.testing.assert_array_equal(X.read_runs(starts, stops).toarray(), want.toarray())
+    pick = np.array([399, 3, 131, 130, 260, 3])
+    np.testing.assert_array_equal(X[pick].toarray(), M[pick].toarray())
+    np.testing.assert_array_equal(X.indptr, M.indptr)
+    assert X.nnz == M.nnz
+
+
+def setup_cells(adata):
+    js.SCVI.setup_anndata(adata, batch_key="batch")
+    return cell_data(adata, js.data.registry_of(adata))
+
+
+# ---------------------------------------------------------------- collections
+def test_collection_reads_rows_across_files(files, atlas400):
+    paths, _ = files
+    adata = read_collection(paths)
+    assert adata.shape == atlas400.shape
+    assert list(adata.obs_names) == list(atlas400.obs_names)
+    assert list(adata.obs["batch"]) == list(atlas400.obs["batch"])
+    check_reads(adata.X, atlas400.X)
+    # a view of the AnnData reads through the store too
+    np.testing.assert_array_equal(adata[128:133].X.toarray(), atlas400.X[128:133].toarray())
+
+
+def test_collection_cell_columns_equal_the_concatenation(files, atlas400):
+    paths, _ = files
+    store = read_collection(paths)
+    lazy, mem = setup_cells(store), setup_cells(atlas400.copy())
+    assert isinstance(lazy.X, BackedRows)
+    for k in ("log_library", "lgamma_const", "batch", "labels"):
+        np.testing.assert_array_equal(getattr(lazy, k), getattr(mem, k), err_msg=k)
+    np.testing.assert_array_equal(lazy.row_nnz(), mem.row_nnz())
+    assert sources.make_source("auto", lazy, 64).kind == "stream"
+
+
+def test_collection_trains_like_one_backed_file(files, atlas400, monkeypatch):
+    """Same seed, same block-shuffled order: the collection of three files and the
+    whole file give the same first-epoch losses; inference reads the collection."""
+    paths, whole = files
+    monkeypatch.setattr(backed, "DEFAULT_BLOCK", 50)  # blocks that straddle files
+    runs = {}
+    for name, adata in (("collection", read_collection(paths)),
+                        ("file", ad.read_h5ad(whole, backed="r"))):
+        js.SCVI.setup_anndata(adata, batch_key="batch")
+        m = js.SCVI(adata, n_latent=4, n_hidden=16)
+        m.train(data_source="stream", **TRAIN)
+        runs[name] = m
+    h = {k: m.history.to_frame() for k, m in runs.items()}
+    for col in ("train_loss", "elbo_validation"):
+        np.testing.assert_array_equal(h["collection"][col].to_numpy(),
+                                      h["file"][col].to_numpy(), err_msg=col)
+    z = runs["collection"].get_latent_representation()
+    np.testing.assert_allclose(z, runs["file"].get_latent_representation(), rtol=1e-6,
+                               atol=1e-7)
+    np.testing.assert_allclose(z, runs["collection"].get_latent_representation(
+        adata=atlas400), rtol=1e-5, atol=1e-6)
+
+
+def test_collection_auto_source_and_save_load(files, tmp_path):
+    paths, _ = files
+    adata = read_collection(paths)
+    js.SCVI.setup_anndata(adata, batch_key="batch")
+    m = js.SCVI(adata, n_latent=4, n_hidden=16)
+    m.train(data_source="auto", **TRAIN)
+    m.save(tmp_path / "model")
+    saved = sum(f.stat().st_size for f in (tmp_path / "model").rglob("*") if f.is_file())
+    assert saved < 2_000_000  # parameters and metadata, no copy of the counts
+    back = js.SCVI.load(tmp_path / "model", adata=read_collection(paths))
+    np.testing.assert_allclose(back.get_latent_representation(),
+                               m.get_latent_representation(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(InputError, match="save_anndata"):
+        m.save(tmp_path / "with_data", save_anndata=True)
+
+
+def test_collection_of_backed_anndatas(files, atlas400):
+    paths, _ = files
+    parts = [ad.read_h5ad(paths[0], backed="r"), ad.read_zarr(paths[1]),
+             ad.read_h5ad(paths[2], backed="r")]
+    adata = read_collection(parts, label="file", keys=["a", "b", "c"])
+    assert list(adata.obs["file"].value_counts(sort=False)) == [130, 130, 140]
+    check_reads(adata.X, atlas400.X)
+
+
+def test_collection_genes_must_match(files, atlas400, tmp_path):
+    paths, _ = files
+    swapped = atlas400[:50, list(range(1, atlas400.n_vars)) + [0]].copy()
+    swapped.write_h5ad(tmp_path / "swapped.h5ad")
+    with pytest.raises(InputError, match=r"paths\[2\].*swapped\.h5ad.*genes differ.*paths\[0\]"):
+        read_collection([paths[0], paths[1], tmp_path / "swapped.h5ad"])
+    fewer = atlas400[:50, :-3].copy()
+    fewer.write_h5ad(tmp_path / "fewer.h5ad")
+    with pytest.raises(InputError, match=r"paths\[1\].*197 genes vs 200"):
+        read_collection([paths[0], tmp_path / "fewer.h5ad"])
+    with pytest.raises(InputError, match="no such file"):
+        read_collection([paths[0], tmp_path / "missing.h5ad"])
+    with pytest.raises(InputError, match="no files"):
+        read_collection([])
+
+
+def test_collection_counts_are_checked(files, atlas400, tmp_path):
+    paths, _ = files
+    bad = atlas400[:20].copy()
+    bad.X = bad.X.copy()
+    bad.X.data[3] = 0.5
+    bad.write_h5ad(tmp_path / "fractional.h5ad")
+    adata = read_collection([paths[0], tmp_path / "fractional.h5ad"], index_unique="-")
+    with pytest.raises(InputError, match="non-integer"):
+        js.SCVI.setup_anndata(adata)
