@@ -161,3 +161,60 @@ def test_collection_counts_are_checked(files, atlas400, tmp_path):
     adata = read_collection([paths[0], tmp_path / "fractional.h5ad"], index_unique="-")
     with pytest.raises(InputError, match="non-integer"):
         js.SCVI.setup_anndata(adata)
+
+
+# ---------------------------------------------------------------- TileDB-SOMA
+@pytest.fixture(scope="module")
+def soma_experiment(atlas400, tmp_path_factory):
+    soma_io = pytest.importorskip("tiledbsoma.io")
+    uri = str(tmp_path_factory.mktemp("soma") / "experiment")
+    soma_io.from_anndata(uri, atlas400, measurement_name="RNA", X_layer_name="raw")
+    return uri
+
+
+def test_soma_reads_the_selected_rows(soma_experiment, atlas400):
+    from jaxscanvi.data import read_soma
+    adata = read_soma(soma_experiment)
+    check_reads(adata.X, atlas400.X)
+    genes = np.flatnonzero(atlas400.var["marker_of"] != "")
+    sub = read_soma(soma_experiment, var_value_filter="marker_of != ''",
+                    obs_coords=slice(100, 299))  # SOMA slices include both ends
+    assert list(sub.var_names) == list(atlas400.var_names[genes])
+    assert list(sub.obs_names) == list(atlas400.obs_names[100:300])
+    np.testing.assert_array_equal(sub.X.read(0, 200).toarray(),
+                                  atlas400.X[100:300][:, genes].toarray())
+
+
+def test_soma_obs_filter_trains_on_exactly_the_filtered_cells(soma_experiment, atlas400):
+    from jaxscanvi.data import read_soma
+    adata = read_soma(soma_experiment, obs_value_filter="cell_type in ['L0_T0', 'L1_T1']",
+                      obs_column_names=["batch", "cell_type"])
+    keep = atlas400.obs["cell_type"].isin(["L0_T0", "L1_T1"]).to_numpy()
+    want = atlas400[keep].copy()
+    assert 0 < adata.n_obs < atlas400.n_obs
+    assert list(adata.obs_names) == list(want.obs_names)
+    assert set(adata.obs.columns) == {"soma_joinid", "batch", "cell_type"}
+    lazy, mem = setup_cells(adata), setup_cells(want.copy())
+    for k in ("log_library", "lgamma_const", "batch"):
+        np.testing.assert_array_equal(getattr(lazy, k), getattr(mem, k), err_msg=k)
+    np.testing.assert_array_equal(lazy.row_nnz(), mem.row_nnz())
+    m = js.SCVI(adata, n_latent=4, n_hidden=16)
+    m.train(data_source="stream", **TRAIN)
+    assert len(m.train_indices) + len(m.validation_indices) == want.n_obs
+    z = m.get_latent_representation()
+    np.testing.assert_allclose(z, m.get_latent_representation(adata=want), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_soma_bad_queries_are_clear(soma_experiment):
+    from jaxscanvi.data import read_soma
+    with pytest.raises(InputError, match="obs_value_filter.*Column nope does not exist"):
+        read_soma(soma_experiment, obs_value_filter="nope == 1")
+    with pytest.raises(InputError, match="selects no cells"):
+        read_soma(soma_experiment, obs_value_filter="batch == 'no such batch'")
+    with pytest.raises(InputError, match=r"X_name.*no such X layer.*'raw'"):
+        read_soma(soma_experiment, X_name="data")
+    with pytest.raises(InputError, match="measurement"):
+        read_soma(soma_experiment, measurement="ATAC")
+    with pytest.raises(InputError, match="not a TileDB-SOMA experiment"):
+        read_soma(soma_experiment + "-missing")
