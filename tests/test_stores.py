@@ -218,3 +218,55 @@ def test_soma_bad_queries_are_clear(soma_experiment):
         read_soma(soma_experiment, measurement="ATAC")
     with pytest.raises(InputError, match="not a TileDB-SOMA experiment"):
         read_soma(soma_experiment + "-missing")
+
+
+# ---------------------------------------------------------------- annbatch
+@pytest.fixture(scope="module")
+def annbatch_collection(files, tmp_path_factory):
+    annbatch = pytest.importorskip("annbatch")
+    paths, _ = files
+    path = tmp_path_factory.mktemp("annbatch") / "collection.zarr"
+    annbatch.DatasetCollection(path).add_adatas(
+        [str(p) for p in paths], dataset_size=150, shuffle_chunk_size=25,
+        rng=np.random.default_rng(0))
+    return path
+
+
+def test_annbatch_collection_reads_its_shuffled_rows(annbatch_collection, atlas400):
+    from jaxscanvi.data import read_annbatch
+    adata = read_annbatch(annbatch_collection)
+    assert adata.n_obs == atlas400.n_obs
+    pos = atlas400.obs_names.get_indexer(adata.obs_names)
+    assert (pos >= 0).all() and not (np.diff(pos) > 0).all()  # every cell, shuffled
+    assert list(adata.obs["batch"].astype(str)) == list(atlas400.obs["batch"].iloc[pos])
+    check_reads(adata.X, atlas400.X[pos])
+
+
+def test_annbatch_collection_trains(annbatch_collection, atlas400):
+    from jaxscanvi.data import read_annbatch
+    adata = read_annbatch(annbatch_collection, obs_columns=["batch", "cell_type"])
+    want = atlas400[atlas400.obs_names.get_indexer(adata.obs_names)].copy()
+    lazy, mem = setup_cells(adata), setup_cells(want)
+    for k in ("log_library", "lgamma_const"):
+        np.testing.assert_array_equal(getattr(lazy, k), getattr(mem, k), err_msg=k)
+    m = js.SCVI(adata, n_latent=4, n_hidden=16)
+    m.train(data_source="auto", **TRAIN)
+    loss = m.history.to_frame()["train_loss"].to_numpy()
+    assert loss.shape == (1,) and np.isfinite(loss).all()
+    z = m.get_latent_representation()
+    np.testing.assert_allclose(z, m.get_latent_representation(adata=want), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_annbatch_missing_collection_is_clear(tmp_path):
+    pytest.importorskip("annbatch")
+    from jaxscanvi.data import read_annbatch
+    with pytest.raises(InputError, match="no such folder"):
+        read_annbatch(tmp_path / "nothing.zarr")
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(InputError, match="not an annbatch collection"):
+        read_annbatch(tmp_path / "empty.zarr")
+    import zarr
+    zarr.open_group(tmp_path / "plain.zarr", mode="w")
+    with pytest.raises(InputError, match="holds no annbatch datasets"):
+        read_annbatch(tmp_path / "plain.zarr")
