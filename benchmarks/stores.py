@@ -89,7 +89,10 @@ def build(X: sp.csr_matrix, d: Path) -> dict:
         timings["annbatch add_adatas"] = time.perf_counter() - t
         stores["annbatch collection (read_annbatch)"] = (
             lambda: read_annbatch(d / "annbatch.zarr").X, [d / "annbatch.zarr"])
-    import tiledbsoma.io
+    try:
+        import tiledbsoma.io
+    except ImportError:  # the atlas extra is not installed
+        return stores, timings
     t = time.perf_counter()
     tiledbsoma.io.from_anndata(str(d / "soma"), whole, measurement_name="RNA",
                                X_layer_name="raw")

@@ -270,3 +270,29 @@ def test_annbatch_missing_collection_is_clear(tmp_path):
     zarr.open_group(tmp_path / "plain.zarr", mode="w")
     with pytest.raises(InputError, match="holds no annbatch datasets"):
         read_annbatch(tmp_path / "plain.zarr")
+
+
+# ---------------------------------------------------------------- the benchmark
+@pytest.mark.system
+def test_stores_benchmark_smoke(tmp_path):
+    """benchmarks/stores.py writes every store it can build here, reads the same
+    runs from each and writes the JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "stores.json"
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "stores.py"), "--smoke",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=str(root)), cwd=root)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(out.read_text())
+    res = doc["results"]
+    assert {"scipy CSR in memory", "one .h5ad (BackedRows)",
+            "4 files, .h5ad + .zarr (read_collection)"} <= set(res)
+    for name, r in res.items():
+        assert len(r["read_per_round"]) == 2 and r["read_cells_per_s"] > 0, name
+    assert res["scipy CSR in memory"]["read_vs_memory"] == 1.0
+    assert doc["matrix"]["genes"] == 200 and doc["bytes_warmed"] > 0
