@@ -75,6 +75,15 @@ def test_collection_reads_rows_across_files(files, atlas400):
     check_reads(adata.X, atlas400.X)
     # a view of the AnnData reads through the store too
     np.testing.assert_array_equal(adata[128:133].X.toarray(), atlas400.X[128:133].toarray())
+    mask = np.zeros(400, bool)
+    mask[[7, 300]] = True
+    np.testing.assert_array_equal(adata.X[mask, 5:9].toarray(), atlas400.X[mask][:, 5:9].toarray())
+    # a process's slice in a many-host run reads only its rows
+    mine = adata.X.limited(slice(100, 200))
+    np.testing.assert_array_equal(mine[np.array([150, 100])].toarray(),
+                                  atlas400.X[[150, 100]].toarray())
+    with pytest.raises(InputError, match="reads only rows"):
+        mine[np.array([50])]
 
 
 def test_collection_cell_columns_equal_the_concatenation(files, atlas400):
