@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import anndata
 import numpy as np
@@ -51,6 +52,9 @@ class AtlasRows(BackedRows, anndata.abc.CSRDataset):
 
     backend = "atlas"
     dtype = np.dtype(np.float32)
+    # > 1: `read_runs` reads its runs on that many threads (for libraries that
+    # read concurrently: TileDB, zarr; h5py serialises every call)
+    read_threads = 0
 
     def _init_rows(self, shape, indptr, block_size, cache_blocks) -> None:
         """The fields `BackedRows.__init__` sets, with no anndata dataset behind them."""
@@ -62,6 +66,17 @@ class AtlasRows(BackedRows, anndata.abc.CSRDataset):
         self._cache: OrderedDict[int, sp.csr_matrix] = OrderedDict()
         self._indptr = None if indptr is None else np.asarray(indptr, np.int64)
         self._stats: dict | None = None
+        self._pool: ThreadPoolExecutor | None = None  # made when first needed
+
+    def read_runs(self, starts, stops) -> sp.csr_matrix:
+        """Several runs, one after another; read together on ``read_threads`` threads."""
+        runs = [(int(a), int(b)) for a, b in zip(starts, stops)]
+        if self.read_threads < 2 or len(runs) < 2:
+            return BackedRows.read_runs(self, starts, stops)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.read_threads,
+                                            thread_name_prefix=f"{self.backend}-read")
+        return sp.vstack(list(self._pool.map(lambda r: self.read(*r), runs)), format="csr")
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         raise NotImplementedError

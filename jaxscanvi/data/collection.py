@@ -64,6 +64,10 @@ class FileCollection(AtlasRows):
         # a file's (data, indices) arrays on disk; None: an in-memory matrix
         self.arrays = [None if sp.issparse(p) else (p.group["data"], p.group["indices"])
                        for p in self.parts]
+        # zarr reads run concurrently (1.5x per run with 4 threads, measured on 2
+        # .h5ad + 2 .zarr files); h5py's run one at a time anyway
+        if any(getattr(p, "backend", None) == "zarr" for p in self.parts):
+            self.read_threads = 4
         self._init_rows((self.bounds[-1], self.parts[0].shape[1]), np.concatenate(ptrs),
                         block_size, cache_blocks)
 

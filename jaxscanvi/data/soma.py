@@ -6,12 +6,11 @@ order they lie on disk), and returns an AnnData whose X is a `SomaRows`.
 Row i is the cell with the i-th selected joinid; a run of rows is one
 coordinate read of the measurement's X (a joinid range where the run is
 contiguous on disk), turned into canonical CSR; `read_runs` issues the
-runs' reads together.
+runs' reads together on a few threads.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import anndata
@@ -22,7 +21,6 @@ import scipy.sparse as sp
 from ..errors import InputError
 from .atlas import AtlasRows, atlas_anndata, canonical, offsets
 
-READ_THREADS = 4  # concurrent range reads in read_runs
 FILTER_FIX = ("write a TileDB-SOMA value filter over the columns, e.g. "
               "\"cell_type == 'B cell' and tissue in ['lung', 'blood']\"")
 
@@ -46,6 +44,10 @@ class SomaRows(AtlasRows):
     """
 
     backend = "soma"
+    # read_runs: one range read per run, 4 at a time. One query for every run's
+    # joinids was measured slower (points, not ranges); 4 threads halved the
+    # time per run (benchmarks/stores.py)
+    read_threads = 4
 
     def __init__(self, array, obs_ids: np.ndarray, var_ids: np.ndarray, *, experiment=None,
                  block_size: int | None = None, cache_blocks: int = 4):
@@ -56,28 +58,12 @@ class SomaRows(AtlasRows):
         # every gene, in joinid order: a value's column is its joinid
         self._all_vars = bool(np.array_equal(self.var_ids, np.arange(array.shape[1])))
         self._var_pos = None if self._all_vars else soma.IntIndexer(self.var_ids)
-        self._pool: ThreadPoolExecutor | None = None  # for read_runs, made when first needed
         self._init_rows((len(self.obs_ids), len(self.var_ids)), None, block_size,
                         cache_blocks)
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows [start, stop) as canonical float32 CSR: one coordinate read."""
         return self._read_ids(self.obs_ids[max(int(start), 0):max(int(stop), 0)])
-
-    def read_runs(self, starts, stops) -> sp.csr_matrix:
-        """Several runs, each one range read, issued together on a few threads.
-
-        One query for every run's joinids was measured slower than a range
-        query per run (points, not ranges); TileDB reads concurrently, and
-        4 threads halved the time per run here (benchmarks/stores.py).
-        """
-        runs = [(int(a), int(b)) for a, b in zip(starts, stops)]
-        if len(runs) < 2:
-            return super().read_runs(starts, stops)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="soma-read")
-        parts = list(self._pool.map(lambda r: self.read(*r), runs))
-        return sp.vstack(parts, format="csr")
 
     def _read_ids(self, ids: np.ndarray) -> sp.csr_matrix:
         """CSR of the cells with joinids ``ids`` (strictly ascending), in that order."""
