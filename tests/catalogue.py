@@ -84,6 +84,20 @@ HAND_ROWS = [
     ("`save`", "save_anndata=True on a model without an AnnData",
      "`InputError` naming `save_anndata`",
      "tests/test_errors.py::test_save_anndata_without_adata"),
+    ("`save`", "save_anndata=True on a model whose counts are in an atlas store",
+     "`InputError` naming `save_anndata`",
+     "tests/test_stores.py::test_collection_auto_source_and_save_load"),
+    ("`read_collection`", "a file whose genes differ from the first file's (names, "
+     "order or number), a missing file, no files",
+     "`InputError` naming `paths[i]`, the file and the first differing gene",
+     "tests/test_stores.py::test_collection_genes_must_match"),
+    ("`read_soma`", "a value filter TileDB-SOMA cannot evaluate, a filter that selects "
+     "nothing, a missing measurement, X layer or experiment",
+     "`InputError` naming `obs_value_filter` (or the field) and what the experiment has",
+     "tests/test_stores.py::test_soma_bad_queries_are_clear"),
+    ("`read_annbatch`", "a folder that is missing or not an annbatch collection",
+     "`InputError` naming `collection`",
+     "tests/test_stores.py::test_annbatch_missing_collection_is_clear"),
     ("`save`", "a folder another live process is writing", "`FolderLockedError` naming "
      "the holder", "tests/test_reliability.py::test_sigkill_during_checkpoint_write_resumes_bitwise"),
     ("`save`", "the folder already holds a model (no overwrite=True)", "`FileExistsError`",

@@ -25,7 +25,22 @@ def is_backed(X) -> bool:
     return hasattr(X, "to_memory") and hasattr(X, "group") and hasattr(X, "format")
 
 
-class BackedRows:
+class RowRuns:
+    """What every on-disk counts reader shares: several runs of rows in one call.
+
+    A subclass provides ``read(start, stop)``; a store that can batch the
+    reads of many runs (one query for all of them) overrides `read_runs`.
+    """
+
+    def read_runs(self, starts, stops) -> sp.csr_matrix:
+        """Rows [starts[i], stops[i]) for each i, one run after another, as CSR."""
+        parts = [self.read(int(a), int(b)) for a, b in zip(starts, stops)]
+        if not parts:
+            return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
+        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+
+class BackedRows(RowRuns):
     """Row access to an on-disk CSR matrix through a small cache of row blocks."""
 
     def __init__(self, dataset, block_size: int | None = None, cache_blocks: int = 4,

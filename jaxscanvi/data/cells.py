@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy.special import gammaln
 
 from ..errors import InputError
 from .backed import BackedRows, is_backed
 from .. import distributed
-from .counts import _cat, _scan_shards, check_counts, counts_matrix
+from .atlas import AtlasRows
+from .counts import _cat, _scan_shards, check_counts, counts_matrix, row_nnz, row_stats
 from .registry import Registry
 
 
@@ -111,23 +111,27 @@ def check_var_names(adata, registry: Registry) -> None:
         "genes the data lacks must be added first (e.g. as all-zero columns)")
 
 
-def row_stats(X: sp.csr_matrix, rows_per_chunk: int = 65536
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row total counts and sum of lgamma(x + 1) (float64), in row chunks so
-    the float64 temporaries stay small next to the matrix."""
-    n = X.shape[0]
-    totals, lg = np.empty(n), np.empty(n)
-    for s in range(0, n, rows_per_chunk):
-        e = min(s + rows_per_chunk, n)
-        a, b = X.indptr[s], X.indptr[e]
-        v = np.asarray(X.data[a:b], np.float64)
-        ptr = X.indptr[s:e + 1] - a
-        # per-row sums via cumulative sums (empty rows give 0)
-        cs = np.concatenate([[0.0], np.cumsum(v)])
-        totals[s:e] = cs[ptr[1:]] - cs[ptr[:-1]]
-        cs = np.concatenate([[0.0], np.cumsum(gammaln(v + 1.0))])
-        lg[s:e] = cs[ptr[1:]] - cs[ptr[:-1]]
-    return totals, lg
+def _backed_counts(raw, field: str, *, allow_noninteger: bool):
+    """On-disk counts as `BackedRows`, each cell's total and sum of lgamma(x + 1):
+    from one checked pass, or from set-up's pass over an atlas store."""
+    X = raw if isinstance(raw, BackedRows) else BackedRows(raw)
+    many = distributed.process_count() > 1
+    if many:  # read only this process's slice
+        rows = distributed.local_slice(X.shape[0])
+        X = X.limited(rows) if isinstance(X, AtlasRows) else BackedRows(
+            X.dataset, X.block_size, X.cache_blocks, rows=rows)
+    elif isinstance(X, AtlasRows):
+        kept = X.remembered(allow_noninteger=allow_noninteger)
+        if kept is not None:
+            return X, *kept
+    parts, nnz = _scan_shards(X, field, (row_stats, row_nnz),
+                              allow_noninteger=allow_noninteger)
+    totals = distributed.gather_rows(_cat([t for t, _ in parts], np.float64))
+    lg = distributed.gather_rows(_cat([g for _, g in parts], np.float64))
+    if isinstance(X, AtlasRows) and not many:
+        X.remember(totals=totals, lgamma=lg, row_nnz=_cat(nnz, np.int64),
+                   allow_noninteger=allow_noninteger)
+    return X, totals, lg
 
 
 def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellData:
@@ -141,14 +145,8 @@ def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellDat
     field = f"adata.layers[{registry.layer!r}]" if registry.layer else "adata.X"
     backed = is_backed(raw) or isinstance(raw, BackedRows)
     if backed:  # counts stay on disk: checks and per-cell statistics in one pass
-        X = raw if isinstance(raw, BackedRows) else BackedRows(raw)
-        if distributed.process_count() > 1:  # read only this process's slice
-            X = BackedRows(X.dataset, X.block_size, X.cache_blocks,
-                           rows=distributed.local_slice(X.shape[0]))
-        parts, = _scan_shards(X, field, (row_stats,),
-                               allow_noninteger=registry.allow_noninteger_counts)
-        totals = distributed.gather_rows(_cat([t for t, _ in parts], np.float64))
-        lg = distributed.gather_rows(_cat([g for _, g in parts], np.float64))
+        X, totals, lg = _backed_counts(
+            raw, field, allow_noninteger=registry.allow_noninteger_counts)
     else:
         check_counts(raw, field, allow_noninteger=registry.allow_noninteger_counts)
         X = to_csr(raw)

@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.special import gammaln
 
 from .. import distributed
 from ..errors import InputError
@@ -130,6 +131,30 @@ def col_sums(block) -> np.ndarray:
         total += np.bincount(block.indices[a:a + (1 << 22)],
                              weights=block.data[a:a + (1 << 22)], minlength=block.shape[1])
     return total
+
+
+def row_stats(X: sp.csr_matrix, rows_per_chunk: int = 65536
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row total counts and sum of lgamma(x + 1) (float64), in row chunks so
+    the float64 temporaries stay small next to the matrix."""
+    n = X.shape[0]
+    totals, lg = np.empty(n), np.empty(n)
+    for s in range(0, n, rows_per_chunk):
+        e = min(s + rows_per_chunk, n)
+        a, b = X.indptr[s], X.indptr[e]
+        v = np.asarray(X.data[a:b], np.float64)
+        ptr = X.indptr[s:e + 1] - a
+        # per-row sums via cumulative sums (empty rows give 0)
+        cs = np.concatenate([[0.0], np.cumsum(v)])
+        totals[s:e] = cs[ptr[1:]] - cs[ptr[:-1]]
+        cs = np.concatenate([[0.0], np.cumsum(gammaln(v + 1.0))])
+        lg[s:e] = cs[ptr[1:]] - cs[ptr[:-1]]
+    return totals, lg
+
+
+def row_nnz(block) -> np.ndarray:
+    """Stored values per row of an in-memory CSR block."""
+    return np.diff(block.indptr)
 
 
 def _user_stacklevel() -> int:

@@ -19,7 +19,9 @@ import pandas as pd
 from .._version import FORMAT_VERSION
 from .. import distributed
 from ..errors import InputError
-from .counts import _cat, _scan_shards, _user_stacklevel, col_sums, counts_matrix, row_sums
+from .atlas import AtlasRows
+from .counts import (_cat, _scan_shards, _user_stacklevel, col_sums, counts_matrix, row_nnz,
+                     row_stats, row_sums)
 
 UNS_KEY = "_jaxscanvi_registry"
 # label values that mean "no label": a mismatched unlabeled_category next to one
@@ -242,9 +244,17 @@ def _check_library_sizes(adata, layer, var_names: pd.Index, *, allow_noninteger:
     """One pass over the counts: valid values, no empty cell; warn about empty genes."""
     X = counts_matrix(adata, layer)
     field = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
-    rows, cols = _scan_shards(X, field, (row_sums, col_sums),
-                              allow_noninteger=allow_noninteger)
-    sums = distributed.gather_rows(_cat(rows, np.float64))
+    if isinstance(X, AtlasRows) and distributed.process_count() == 1:
+        # an atlas store keeps this pass's per-cell columns for the model
+        stats, cols, nnz = _scan_shards(X, field, (row_stats, col_sums, row_nnz),
+                                        allow_noninteger=allow_noninteger)
+        sums = _cat([t for t, _ in stats], np.float64)
+        X.remember(totals=sums, lgamma=_cat([g for _, g in stats], np.float64),
+                   row_nnz=_cat(nnz, np.int64), allow_noninteger=allow_noninteger)
+    else:
+        rows, cols = _scan_shards(X, field, (row_sums, col_sums),
+                                  allow_noninteger=allow_noninteger)
+        sums = distributed.gather_rows(_cat(rows, np.float64))
     gene_totals = distributed.sum_all(np.sum(cols, axis=0) if cols else np.zeros(X.shape[1]))
     if (sums <= 0).any():
         idx = int(np.flatnonzero(sums <= 0)[0])

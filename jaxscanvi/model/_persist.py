@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from .. import distributed, io, lock
+from ..data.atlas import AtlasRows
 from ..data.cells import check_var_names
 from ..data.registry import Registry
 from ..errors import InputError, ModelFormatError
@@ -37,6 +38,12 @@ def save(self, dir_path, overwrite: bool = False, save_anndata: bool = False, *,
     if format not in ("jaxscanvi", "scvi-tools"):
         raise InputError("format", format, "unknown model folder format",
                          "pass format='jaxscanvi' (the default) or format='scvi-tools'")
+    if save_anndata and self.adata is not None and isinstance(self.adata.X, AtlasRows):
+        raise InputError("save_anndata", True, f"the counts are in an atlas store "
+                         f"({self.adata.X!r}), which a model folder does not copy",
+                         "save with save_anndata=False and load with SCVI.load(dir, "
+                         "adata=...) on the store opened again (jaxscanvi.data."
+                         "read_collection, read_annbatch or read_soma)")
     if format == "scvi-tools":
         from ._export import write_scvi_tools
         writer = write_scvi_tools
