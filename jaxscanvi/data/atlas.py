@@ -72,7 +72,7 @@ class AtlasRows(BackedRows, anndata.abc.CSRDataset):
         """Several runs, one after another; read together on ``read_threads`` threads."""
         runs = [(int(a), int(b)) for a, b in zip(starts, stops)]
         if self.read_threads < 2 or len(runs) < 2:
-            return BackedRows.read_runs(self, starts, stops)
+            return backed.RowRuns.read_runs(self, starts, stops)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.read_threads,
                                             thread_name_prefix=f"{self.backend}-read")
