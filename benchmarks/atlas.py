@@ -188,25 +188,30 @@ def part_overhead(n_cells: int, epochs: int, rounds: int, tmp: Path) -> dict:
     return out
 
 
-def part_mixing(n_cells: int, n_genes: int, epochs: int, tmp: Path) -> dict:
+def part_mixing(n_cells: int, n_genes: int, epochs: int, tmp: Path, seeds=(0,)) -> dict:
     import anndata as ad
-    from _common import batch_entropy, knn_accuracy
+    from _common import batch_entropy, knn_accuracy, t_interval
     a = _sorted_atlas(n_cells, n_genes, 6)
     a.write_h5ad(tmp / "sorted.h5ad")
     out = {"n_cells": n_cells, "n_genes": n_genes, "n_batches": 6, "epochs": epochs,
-           "file_order": "sorted by batch"}
-    for source in ("device", "stream"):
-        adata = ad.read_h5ad(tmp / "sorted.h5ad", backed="r") if source == "stream" \
-            else a.copy()
-        m = _train(adata, source, epochs, {}, 128)
-        z = m.get_latent_representation()
-        out[source] = {"batch_entropy": round(batch_entropy(z, a.obs["batch"], k=50), 4),
-                       "knn_accuracy": round(knn_accuracy(z, a.obs["cell_type"]), 4)}
-        print(f"mixing {source}: {out[source]}")
-    out["entropy_gap"] = round(out["stream"]["batch_entropy"]
-                               - out["device"]["batch_entropy"], 4)
-    out["accuracy_gap"] = round(out["stream"]["knn_accuracy"]
-                                - out["device"]["knn_accuracy"], 4)
+           "file_order": "sorted by batch", "seeds": list(seeds), "runs": []}
+    for seed in seeds:
+        for source in ("device", "stream"):
+            adata = ad.read_h5ad(tmp / "sorted.h5ad", backed="r") if source == "stream" \
+                else a.copy()
+            m = _train(adata, source, epochs, {}, 128, seed=seed)
+            z = m.get_latent_representation()
+            rec = {"seed": seed, "source": source,
+                   "batch_entropy": round(batch_entropy(z, a.obs["batch"], k=50), 4),
+                   "knn_accuracy": round(knn_accuracy(z, a.obs["cell_type"]), 4)}
+            out["runs"].append(rec)
+            print(f"mixing {rec}")
+    for metric in ("batch_entropy", "knn_accuracy"):
+        by = {(r["seed"], r["source"]): r[metric] for r in out["runs"]}
+        diff = [by[s, "stream"] - by[s, "device"] for s in seeds]
+        out[f"{metric}_stream_minus_device"] = {
+            "mean": round(float(np.mean(diff)), 4), "per_seed": [round(d, 4) for d in diff],
+            "t_interval_95": t_interval(diff) if len(diff) > 1 else None}
     return out
 
 
@@ -219,6 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--overhead-cells", type=int, default=30_000)
     p.add_argument("--mixing-cells", type=int, default=60_000)
     p.add_argument("--memory-cells", type=int, default=20_000_000)
+    p.add_argument("--mixing-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tmp", default=None, help="folder for the stores (memory: 16 GB)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
@@ -237,7 +243,8 @@ def main(argv=None) -> int:
                                                3 if big else 1, tmp)
         if "mixing" in args.parts:
             result["mixing"] = part_mixing(sizes["mixing"], 1000 if big else 200,
-                                           10 if big else 2, tmp)
+                                           10 if big else 2, tmp,
+                                           seeds=args.mixing_seeds if big else (0,))
         if "memory" in args.parts:
             result["memory"] = part_memory(sizes["memory"], 1024 if big else 128, tmp)
     write_json(args.out, result)
