@@ -24,9 +24,17 @@ def parents_of(registry) -> tuple[int, ...] | None:
 
 def check_level(model, level, threshold, soft, unassigned_threshold) -> None:
     """Refuse a bad ``level``/``threshold`` pair before anything runs."""
-    if level not in LEVELS:
+    is_depth = isinstance(level, (int, np.integer)) and not isinstance(level, bool)
+    if not is_depth and level not in LEVELS:
         raise InputError("level", level, "unknown prediction level",
-                         f"pass one of {list(LEVELS)}")
+                         f"pass one of {list(LEVELS)} or a depth (1 = the root's children)")
+    if is_depth and model.registry.label_hierarchy:
+        if level < 1:
+            raise InputError("level", level, "depths start at 1 (the root's children)",
+                             "pass level=1 for the coarsest types")
+        if soft or threshold is not None:
+            raise InputError("level", level, "a depth gives hard predictions",
+                             "pass soft=False and no threshold")
     if level == "leaf":
         if threshold is not None:
             raise InputError("threshold", threshold, "applies to level='deepest' only",
@@ -75,6 +83,11 @@ def predict_level(registry, probs: np.ndarray, level: str, threshold, index) -> 
         return pd.DataFrame(node_probs, index=index, columns=list(names))
     tree = hierarchy.from_registry(registry)
     depths = tree.depths()
+    if not isinstance(level, str):  # a depth: nodes there, and shallower leaves
+        C = len(tree.leaves)
+        at = (depths == level) | ((np.arange(len(depths)) < C) & (depths < level))
+        pick = np.where(at[None, :], node_probs, -1.0).argmax(1)
+        return np.asarray(names, dtype=object)[pick]
     pick = deepest(node_probs, depths, float(threshold))
     names = np.asarray(names, dtype=object)
     return pd.DataFrame({"prediction": names[pick],

@@ -302,7 +302,7 @@ class SCANVI(BaseModel):
     def predict(self, adata=None, indices=None, soft: bool = False,  # noqa: PLR0913 (scvi-tools' keywords, then ours)
                 batch_size: int | None = None, use_posterior_mean: bool = True,
                 unassigned_threshold: float | None = None,
-                level: Literal["leaf", "deepest", "all"] = "leaf",
+                level: Literal["leaf", "deepest", "all"] | int = "leaf",
                 threshold: float | None = None):
         """Predicted cell types (names), or with ``soft=True`` a DataFrame of
         calibrated probabilities (see `calibrate`), one column per cell type,
@@ -312,7 +312,9 @@ class SCANVI(BaseModel):
         With a label hierarchy: ``level="deepest", threshold=p`` gives a
         DataFrame of each cell's deepest node whose probability (summed over
         the leaves under it) is at least p, with that probability and depth;
-        ``soft=True, level="all"`` the probability of every node.
+        ``soft=True, level="all"`` the probability of every node; ``level=d``
+        (an int) the most probable node at depth d (1: the root's children;
+        leaves shallower than d count as themselves).
         """
         _hierarchy.check_level(self, level, threshold, soft, unassigned_threshold)
         if unassigned_threshold is not None:
