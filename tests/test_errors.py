@@ -303,6 +303,7 @@ def _semi(a, n_unlabelled=40, classes=None):
     return a
 
 
+_TREE = {"L0_T0": "L0", "L0_T1": "L0", "L0": "cell"}
 SCANVI_SETUP_CASES = [
     ("unlabeled_category_absent", lambda a: _semi(a),
      {"labels_key": "ct", "unlabeled_category": "unlabelled"}, "unlabeled_category",
@@ -321,6 +322,22 @@ SCANVI_SETUP_CASES = [
         np.where(np.arange(a.n_obs) == 3, None, a.obs["cell_type"].astype(str)),
         index=a.obs_names))(a), {"labels_key": "ct", "unlabeled_category": "L0_T0"},
      "adata.obs['ct']", r"NaN"),
+    # label hierarchies (labelled here: L0_T0, L0_T1)
+    ("label_hierarchy_cycle", lambda a: _semi(a),
+     {"labels_key": "ct", "unlabeled_category": "Unknown", "label_hierarchy": {
+         **_TREE, "cell": "L0_T0"}}, "label_hierarchy", r"cycle"),
+    ("label_hierarchy_two_roots", lambda a: _semi(a),
+     {"labels_key": "ct", "unlabeled_category": "Unknown", "label_hierarchy": {
+         "L0_T0": "L0", "L0_T1": "L1"}}, "label_hierarchy", r"2 roots"),
+    ("label_missing_from_hierarchy", lambda a: _semi(a),
+     {"labels_key": "ct", "unlabeled_category": "Unknown", "label_hierarchy": {
+         "L0_T0": "L0", "L0": "cell"}}, "label_hierarchy", r"L0_T1.*missing from the map"),
+    ("hierarchy_leaf_without_cells", lambda a: _semi(a),
+     {"labels_key": "ct", "unlabeled_category": "Unknown", "label_hierarchy": {
+         **_TREE, "L0_T2": "L0"}}, "label_hierarchy", r"L0_T2.*no cell"),
+    ("label_hierarchy_not_a_mapping", lambda a: _semi(a),
+     {"labels_key": "ct", "unlabeled_category": "Unknown",
+      "label_hierarchy": ["L0_T0", "L0"]}, "label_hierarchy", r"list"),
 ]
 
 

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 from ..errors import InputError
 from .backed import BackedRows, is_backed
 from .. import distributed
+from . import hierarchy
 from .atlas import AtlasRows
 from .counts import _cat, _scan_shards, check_counts, counts_matrix, row_nnz, row_stats
 from .registry import Registry
@@ -26,7 +27,7 @@ class CellData:
 
     X: sp.csr_matrix            # (N, G) float32 counts (or BackedRows: on disk)
     batch: np.ndarray           # (N,) int32
-    labels: np.ndarray          # (N,) int32; n_labels marks "unlabelled"
+    labels: np.ndarray          # (N,) int32; n_labels: "unlabelled", above: inner nodes
     cat_covs: np.ndarray        # (N, k) int32
     cont_covs: np.ndarray       # (N, m) float32
     log_size_factor: np.ndarray | None  # (N,) float32, or None
@@ -165,7 +166,11 @@ def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellDat
     else:
         batch = np.zeros(n, np.int32)
 
-    if registry.labels_key is not None and registry.labels_key in obs.columns:
+    tree = hierarchy.from_registry(registry)
+    if tree is not None and registry.labels_key in obs.columns:
+        labels = tree.encode(obs[registry.labels_key], f"adata.obs[{registry.labels_key!r}]",
+                             registry.unlabeled_category)
+    elif registry.labels_key is not None and registry.labels_key in obs.columns:
         labels = encode(obs[registry.labels_key], registry.label_categories,
                         f"adata.obs[{registry.labels_key!r}]",
                         extra=registry.unlabeled_category)

@@ -19,6 +19,7 @@ import pandas as pd
 from .._version import FORMAT_VERSION
 from .. import distributed
 from ..errors import InputError
+from . import hierarchy
 from .atlas import AtlasRows
 from .counts import (_cat, _scan_shards, _user_stacklevel, col_sums, counts_matrix, row_nnz,
                      row_stats, row_sums)
@@ -53,6 +54,8 @@ class Registry:
     continuous_covariate_keys: tuple[str, ...] = ()
     allow_noninteger_counts: bool = False
     format_version: int = FORMAT_VERSION
+    # child -> parent pairs, sorted; label_categories are then its leaves
+    label_hierarchy: tuple[tuple[str, str], ...] | None = None
 
     @property
     def n_vars(self) -> int:
@@ -75,7 +78,10 @@ class Registry:
         return len(self.continuous_covariate_keys)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["label_hierarchy"] is None:  # flat models write what they always wrote
+            del d["label_hierarchy"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -94,6 +100,8 @@ class Registry:
         if "categorical_covariate_categories" in d:
             d["categorical_covariate_categories"] = tuple(
                 tuple(c) for c in d["categorical_covariate_categories"])
+        if d.get("label_hierarchy") is not None:
+            d["label_hierarchy"] = tuple((str(a), str(b)) for a, b in d["label_hierarchy"])
         return cls(**d)
 
     @classmethod
@@ -167,6 +175,7 @@ def setup_anndata(  # noqa: PLR0913 (scvi-tools' keywords)
     *,
     unlabeled_category: str | None = None,
     allow_noninteger_counts: bool = False,
+    label_hierarchy=None,
 ) -> Registry:
     """Validate ``adata`` and store its registry in ``adata.uns``; also return it."""
     registry = build_registry(
@@ -175,7 +184,7 @@ def setup_anndata(  # noqa: PLR0913 (scvi-tools' keywords)
         categorical_covariate_keys=categorical_covariate_keys,
         continuous_covariate_keys=continuous_covariate_keys,
         unlabeled_category=unlabeled_category,
-        allow_noninteger_counts=allow_noninteger_counts)
+        allow_noninteger_counts=allow_noninteger_counts, label_hierarchy=label_hierarchy)
     adata.uns[UNS_KEY] = registry.to_json()
     return registry
 
@@ -191,6 +200,7 @@ def build_registry(  # noqa: PLR0913 (setup_anndata's keywords)
     continuous_covariate_keys: Sequence[str] | None = None,
     unlabeled_category: str | None = None,
     allow_noninteger_counts: bool = False,
+    label_hierarchy=None,
 ) -> Registry:
     var_names = _checked_var_names(adata)
     _check_library_sizes(adata, layer, var_names, allow_noninteger=allow_noninteger_counts)
@@ -201,6 +211,14 @@ def build_registry(  # noqa: PLR0913 (setup_anndata's keywords)
                                    f"adata.obs[{batch_key!r}]")
 
     label_cats = _label_categories(adata, labels_key, unlabeled_category)
+    pairs = None
+    if label_hierarchy is not None:
+        if labels_key is None:
+            raise InputError("label_hierarchy", "given", "a hierarchy needs labels",
+                             "pass labels_key naming the cell-type column")
+        tree = hierarchy.build(label_hierarchy, adata.obs[labels_key], label_cats,
+                               unlabeled_category, f"adata.obs[{labels_key!r}]")
+        label_cats, pairs = tree.leaves, tree.parent
 
     _check_size_factors(adata, size_factor_key)
     cat_keys = tuple(categorical_covariate_keys or ())
@@ -218,7 +236,7 @@ def build_registry(  # noqa: PLR0913 (setup_anndata's keywords)
         size_factor_key=size_factor_key,
         categorical_covariate_keys=cat_keys, categorical_covariate_categories=cat_cats,
         continuous_covariate_keys=cont_keys,
-        allow_noninteger_counts=allow_noninteger_counts)
+        allow_noninteger_counts=allow_noninteger_counts, label_hierarchy=pairs)
 
 
 def _checked_var_names(adata) -> pd.Index:

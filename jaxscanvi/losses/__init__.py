@@ -1,7 +1,8 @@
 """The losses as pure functions: ``(params, state, batch, rng, kl_weight) -> (loss, aux)``.
 
 `common` holds what both models use, `scvi` the scVI bound (and its
-per-cell terms and importance weights), `scanvi` scANVI's bounds.
+per-cell terms and importance weights), `scanvi` scANVI's bounds,
+`hierarchy` the class terms of cells labelled at inner nodes of a tree.
 """
 
 from .common import (ExtraTerm, LossAux, add_extra_terms, forward, kl_library, kl_z,
@@ -9,6 +10,7 @@ from .common import (ExtraTerm, LossAux, add_extra_terms, forward, kl_library, k
 from .scanvi import (class_bounds, classification_loss, labelled_bound, marginal_bound,
                      replay_loss, scanvi_elbo, scanvi_elbo_terms,
                      scanvi_log_importance_weights, scanvi_per_cell)
+from .hierarchy import label_mask, subtree_bound, subtree_cross_entropy
 from .scvi import (elbo_terms, log_importance_weights, scvi_elbo, scvi_per_cell,
                    scvi_terms)
 
@@ -17,4 +19,5 @@ __all__ = ["ExtraTerm", "LossAux", "add_extra_terms", "forward", "kl_library", "
            "classification_loss", "labelled_bound", "marginal_bound", "replay_loss",
            "scanvi_elbo", "scanvi_elbo_terms", "scanvi_log_importance_weights",
            "scanvi_per_cell", "elbo_terms", "log_importance_weights",
-           "scvi_elbo", "scvi_per_cell", "scvi_terms"]
+           "scvi_elbo", "scvi_per_cell", "scvi_terms", "label_mask", "subtree_bound",
+           "subtree_cross_entropy"]

@@ -20,6 +20,12 @@ times ``classification_ratio``.
 ``objective="seed"`` uses L_S for labelled cells of the main minibatch and
 L_U for the others; ``objective="scvi-tools"`` marginalises every cell
 (L_U), as scvi-tools does.
+
+With a label hierarchy (``config.label_parents``) a cell labelled at node v
+gets `subtree_bound`: the class terms summed over the leaves under v, q(c|z1)
+renormalised there, and its classification term is -log of q's mass under v
+(`subtree_cross_entropy`). A leaf label is L_S and the root L_U, so the flat
+case is the special case of one rule.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from ..data.batch import Batch
 from ..distributions import normal_log_prob
 from ..module.scanvae import SCANVAE, class_noise
 from ..nn.layers import global_stats
+from .hierarchy import label_mask, subtree_bound, subtree_cross_entropy
 from .common import LossAux, add_extra_terms, forward, reconstruction_loss, weighted_mean
 from .scvi import scvi_terms
 
@@ -162,10 +169,15 @@ def classification_loss(module, params, state, batch: Batch, rng, *, train: bool
         state = {**state, **upd}
     else:
         logits = module.apply(variables, batch, train=False, **kw)
-    labels = jnp.minimum(batch.labels, module.config.n_labels - 1)
+    cfg = module.config
+    if cfg.label_parents is not None:
+        ce_cell, hit = subtree_cross_entropy(logits, label_mask(cfg, batch.labels))
+        w = batch.weight * (batch.labels != cfg.n_labels)
+        return weighted_mean(ce_cell, w), weighted_mean(hit, w), state, logits
+    labels = jnp.minimum(batch.labels, cfg.n_labels - 1)
     logp = jax.nn.log_softmax(logits, -1)
     ce_cell = -jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
-    w = batch.weight * (batch.labels < module.config.n_labels)
+    w = batch.weight * (batch.labels < cfg.n_labels)
     acc = weighted_mean((logits.argmax(-1) == labels).astype(jnp.float32), w)
     return weighted_mean(ce_cell, w), acc, state, logits
 
@@ -252,7 +264,10 @@ def scanvi_per_cell(module, params, state, batch: Batch, rng, *, train: bool = F
         new_state = _merge_stats(new_state, {"batch_stats": sub}, sub.keys())
     log_prior = cfg.log_prior()
     rec_c, kl_c = marginal_bound(outputs["logits_z"], log_prior, nll_z1, kl_z2)
-    if objective == "seed":
+    if objective == "seed" and cfg.label_parents is not None:
+        rec_c, kl_c = subtree_bound(outputs["logits_z"], log_prior, nll_z1, kl_z2,
+                                    label_mask(cfg, batch.labels))
+    elif objective == "seed":
         labelled_cell = batch.labels < cfg.n_labels
         rec_s, kl_s = labelled_bound(jnp.minimum(batch.labels, cfg.n_labels - 1),
                                      log_prior, nll_z1, kl_z2)

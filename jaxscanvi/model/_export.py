@@ -228,6 +228,11 @@ def _check_exportable(model) -> None:
                          "decoder, which scvi-tools cannot build",
                          "save it with format='jaxscanvi'")
     cfg = mod.config
+    if getattr(cfg, "label_parents", None) is not None:
+        raise InputError("format", "scvi-tools", "the model has a label hierarchy, which "
+                         "scvi-tools' SCANVI cannot represent (its labels are one flat "
+                         "list, so cells labelled at inner nodes have no code there)",
+                         "save it with format='jaxscanvi'")
     for k in ("use_batch_norm", "use_layer_norm"):
         own = getattr(cfg, f"classifier_{k}", None)
         if own is not None and own != (getattr(cfg, k) in ("encoder", "both")):

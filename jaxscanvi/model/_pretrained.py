@@ -17,12 +17,13 @@ _ARCH_KEYS = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion",
 
 
 def from_scvi_model(cls, scvi_model: SCVI, unlabeled_category: str,
-                    labels_key: str | None = None, adata=None, **scanvi_kwargs):
+                    labels_key: str | None = None, adata=None, *, label_hierarchy=None,
+                    **scanvi_kwargs):
     """Initialise from a trained SCVI: every shared weight is copied.
 
     Architecture arguments already fixed by the scVI model are ignored
     with a warning, as in scvi-tools; the classifier and the class
-    networks start fresh.
+    networks start fresh. ``label_hierarchy`` as in `SCANVI.setup_anndata`.
     """
     if not isinstance(scvi_model, SCVI):
         raise InputError("scvi_model", type(scvi_model).__name__, "not an SCVI model",
@@ -49,7 +50,7 @@ def from_scvi_model(cls, scvi_model: SCVI, unlabeled_category: str,
         categorical_covariate_keys=reg.categorical_covariate_keys,
         continuous_covariate_keys=reg.continuous_covariate_keys,
         unlabeled_category=unlabeled_category,
-        allow_noninteger_counts=reg.allow_noninteger_counts)
+        allow_noninteger_counts=reg.allow_noninteger_counts, label_hierarchy=label_hierarchy)
     # keep the scVI model's category orders for batches and covariates
     new_reg = new_reg.replace(
         batch_categories=reg.batch_categories,

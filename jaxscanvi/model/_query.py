@@ -162,8 +162,8 @@ def _grown(ref_cats: tuple[str, ...], series: pd.Series, field: str,
     return tuple(ref_cats) + tuple(new), new
 
 
-def query_registry(adata, ref: Registry, new_labels: Sequence[str] | None
-                   ) -> tuple[Registry, dict[str, list[str]]]:
+def query_registry(adata, ref: Registry, new_labels: Sequence[str] | None,
+                   label_hierarchy=None) -> tuple[Registry, dict[str, list[str]]]:
     """The reference registry with the query's new categories appended."""
     obs = adata.obs
 
@@ -197,9 +197,17 @@ def query_registry(adata, ref: Registry, new_labels: Sequence[str] | None
                                  "with this adata.obs column but the query lacks it",
                                  f"add adata.obs[{ref.labels_key!r}] to the query")
             obs[ref.labels_key] = pd.Categorical([ref.unlabeled_category] * adata.n_obs)
+        if ref.label_hierarchy:
+            return _hierarchical_registry(adata, ref, new_labels, label_hierarchy, added,
+                                          batch_cats, cov_cats)
         label_cats, added["labels"] = _grown(ref.label_categories, obs[ref.labels_key],
                                              f"adata.obs[{ref.labels_key!r}]",
                                              drop=ref.unlabeled_category)
+    if label_hierarchy is not None:
+        raise InputError("label_hierarchy", "given", "the reference was trained without "
+                         "a label hierarchy, so a query cannot extend one",
+                         "train the reference with SCANVI.setup_anndata(..., "
+                         "label_hierarchy=...), or leave it None")
     for lab in new_labels or ():
         lab = str(lab)
         if ref.labels_key is None:
@@ -213,6 +221,24 @@ def query_registry(adata, ref: Registry, new_labels: Sequence[str] | None
             added["labels"].append(lab)
     reg = ref.replace(batch_categories=batch_cats, label_categories=label_cats,
                       categorical_covariate_categories=tuple(cov_cats))
+    return reg, added
+
+
+def _hierarchical_registry(adata, ref, new_labels, extension, added, batch_cats, cov_cats):
+    """`query_registry` for a reference with a label hierarchy: query labels at any
+    node, new leaves under existing nodes through ``extension`` (child -> parent)."""
+    from ._hierarchy import query_labels
+    label_cats, pairs, new = query_labels(adata, ref, extension,
+                                          f"adata.obs[{ref.labels_key!r}]")
+    stray = [str(x) for x in new_labels or () if str(x) not in label_cats]
+    if stray:
+        raise InputError("new_labels", stray[:10], "with a label hierarchy, new types "
+                         "are the new leaves of label_hierarchy that query cells carry",
+                         "map them to a parent in label_hierarchy and label some cells")
+    added["labels"] = new
+    reg = ref.replace(batch_categories=batch_cats, label_categories=label_cats,
+                      categorical_covariate_categories=tuple(cov_cats),
+                      label_hierarchy=pairs)
     return reg, added
 
 
@@ -247,7 +273,7 @@ def load_query_data(cls, adata, reference_model, *, freeze_dropout: bool = False
                     freeze_batchnorm_encoder: bool = True,
                     freeze_batchnorm_decoder: bool = False,
                     freeze_classifier: bool = True, unfrozen: bool = False,
-                    new_labels: Sequence[str] | None = None):
+                    new_labels: Sequence[str] | None = None, label_hierarchy=None):
     """A query model from a trained reference (scArches surgery).
 
     ``adata`` must have the reference's genes in order (see
@@ -260,6 +286,9 @@ def load_query_data(cls, adata, reference_model, *, freeze_dropout: bool = False
     reference lacks, and ``new_labels``, are added as new classes: new
     columns of the classifier's last layer and new rows of the class
     networks, trained from the query's labelled cells of those types.
+    With a reference hierarchy, query cells may carry labels at any node,
+    and ``label_hierarchy`` (child -> parent) adds new leaves under
+    existing nodes.
     """
     from ..data.cells import check_var_names
     reference_model = _load_reference(cls, reference_model)
@@ -278,7 +307,7 @@ def load_query_data(cls, adata, reference_model, *, freeze_dropout: bool = False
                    freeze_batchnorm_encoder=freeze_batchnorm_encoder,
                    freeze_batchnorm_decoder=freeze_batchnorm_decoder,
                    freeze_classifier=freeze_classifier, unfrozen=unfrozen)
-    reg, added = query_registry(adata, ref_reg, new_labels)
+    reg, added = query_registry(adata, ref_reg, new_labels, label_hierarchy)
     if added["labels"] and isinstance(reference_model.module, SCANVAE):
         # (scVI uses labels only for dispersion="gene-label", whose new columns train)
         warnings.warn(f"load_query_data: new cell types {added['labels'][:10]} are "
@@ -287,6 +316,9 @@ def load_query_data(cls, adata, reference_model, *, freeze_dropout: bool = False
     config = reference_model.module.config
     changes = {"n_batch": reg.n_batch, "n_labels": reg.n_labels,
                "n_cats_per_cov": reg.n_cats_per_cov}
+    if isinstance(config, SCANVIConfig) and reg.label_hierarchy:
+        from ._hierarchy import parents_of
+        changes["label_parents"] = parents_of(reg)
     if freeze_dropout:
         changes["dropout_rate"] = 0.0
         if isinstance(config, SCANVIConfig):

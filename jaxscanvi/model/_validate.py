@@ -18,8 +18,9 @@ import jax
 import numpy as np
 from flax import serialization
 
+from ..data import hierarchy
 from ..data.registry import Registry
-from ..errors import ModelFormatError
+from ..errors import InputError, ModelFormatError
 from ..module.scanvae import SCANVAE, SCANVIConfig
 from ..module.vae import VAE
 
@@ -115,10 +116,29 @@ def _registry(d) -> Registry:
           "must be true or false")
     _want(_is_int(d.get("format_version", 1)), "registry.format_version",
           d.get("format_version"), "must be an integer")
+    _label_hierarchy(d)
     try:
         return Registry.from_dict(d)
     except (TypeError, ValueError) as e:
         raise _Bad(f"registry ({e})") from None
+
+
+def _label_hierarchy(d) -> None:
+    pairs = d.get("label_hierarchy")
+    if pairs is None:
+        return
+    _want(isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and all(
+        isinstance(x, str) for x in p) for p in pairs), "registry.label_hierarchy",
+        pairs, "must be a list of [child, parent] name pairs")
+    try:
+        hierarchy.root_of(dict(pairs))  # cycles and roots
+    except InputError as e:
+        raise _Bad(f"registry.label_hierarchy ({e.problem})") from None
+    parents = {p for _, p in pairs}
+    leaves = {c for c, _ in pairs} - parents
+    _want(set(d.get("label_categories", ())) == leaves and len(pairs) == len(dict(pairs)),
+          "registry.label_hierarchy", sorted(leaves)[:5],
+          "its leaves must be the registry's label_categories, each child listed once")
 
 
 def _config(cls, d):
@@ -145,6 +165,10 @@ def _config(cls, d):
     _want(prior is None or (isinstance(prior, list) and all(_is_num(p) and p > 0
                                                            for p in prior)),
           "config.y_prior", prior, "must be null or a list of positive numbers")
+    parents = d.get("label_parents")
+    _want(parents is None or (isinstance(parents, list) and len(parents) <= MAX_DIM
+                              and all(_is_int(p) for p in parents)),
+          "config.label_parents", parents, "must be null or a list of integers")
     try:
         return cls.config_cls.from_dict(d)
     except (TypeError, ValueError) as e:  # (InputError is a ValueError)
@@ -161,6 +185,11 @@ def _sizes(config, registry: Registry) -> None:
             ("n_continuous_cov", config.n_continuous_cov, registry.n_continuous_cov)):
         _want(declared == actual, f"config.{field}", declared,
               f"the registry lists {actual}")
+    declared = getattr(config, "label_parents", None)
+    want = hierarchy.from_registry(registry)
+    _want(declared == (None if want is None else want.parents), "config.label_parents",
+          None if declared is None else list(declared)[:10],
+          "must be the tree of the registry's label_hierarchy")
 
 
 def _model_fields(meta: dict, cls) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,7 @@ from ..losses import scanvi_elbo
 from ..module import SCANVAE, SCANVIConfig
 from ..train.config import TrainConfig, max_epochs_heuristic
 from ..train.history import History
-from . import _calibration, _kernels, _novelty, _posterior, _pretrained
+from . import _calibration, _hierarchy, _kernels, _novelty, _posterior, _pretrained
 from ._base import BaseModel
 from ._calibration import expected_calibration_error, softmax
 from ._inference import jitted, map_cells
@@ -48,8 +48,16 @@ class SCANVI(BaseModel):
                       size_factor_key: str | None = None,
                       categorical_covariate_keys: Sequence[str] | None = None,
                       continuous_covariate_keys: Sequence[str] | None = None, *,
-                      allow_noninteger_counts: bool = False) -> None:
-        """Validate ``adata``; ``unlabeled_category`` marks cells without a label."""
+                      allow_noninteger_counts: bool = False,
+                      label_hierarchy: Mapping[str, str] | None = None) -> None:
+        """Validate ``adata``; ``unlabeled_category`` marks cells without a label.
+
+        ``label_hierarchy`` (child -> parent over label names, one root) lets
+        cells carry labels at any depth: its leaves are the predicted types,
+        and a cell labelled at an inner node is trained on the leaves under
+        it (see the hierarchy guide). Refused before training: cycles, several
+        roots, a label missing from the map, a leaf no cell carries.
+        """
         if labels_key is None:
             raise InputError("labels_key", None, "scANVI needs a cell-type column",
                              "pass labels_key naming the adata.obs column of labels")
@@ -62,7 +70,8 @@ class SCANVI(BaseModel):
                categorical_covariate_keys=categorical_covariate_keys,
                continuous_covariate_keys=continuous_covariate_keys,
                unlabeled_category=unlabeled_category,
-               allow_noninteger_counts=allow_noninteger_counts)
+               allow_noninteger_counts=allow_noninteger_counts,
+               label_hierarchy=label_hierarchy)
 
     def __init__(self, adata, n_hidden: int = 128, n_latent: int = 10, n_layers: int = 1,
                  dropout_rate: float = 0.1,
@@ -112,7 +121,8 @@ class SCANVI(BaseModel):
                 classifier_use_batch_norm=cls_kw.get("use_batch_norm"),
                 classifier_use_layer_norm=cls_kw.get("use_layer_norm"),
                 y_prior=None if y_prior is None else tuple(float(p) for p in y_prior),
-                class_chunk_size=class_chunk_size)
+                class_chunk_size=class_chunk_size,
+                label_parents=_hierarchy.parents_of(registry))
         self._build(adata, registry,
                     SCANVAE(_config, encoder_cls=encoder, decoder_cls=decoder), seed)
         self.was_pretrained = False
@@ -124,7 +134,10 @@ class SCANVI(BaseModel):
 
     def _check_labels(self) -> None:
         labels = self._train_cells().labels
-        present = np.unique(labels[labels < self.registry.n_labels])
+        C = self.registry.n_labels
+        if self.registry.label_hierarchy and (labels != C).any():
+            return  # every leaf has cells (setup_anndata checked)
+        present = np.unique(labels[labels < C])
         if len(present) == 0:
             raise InputError(f"adata.obs[{self.registry.labels_key!r}]", "all unlabelled",
                              "no cell carries a label", "label some cells of at least two "
@@ -211,7 +224,7 @@ class SCANVI(BaseModel):
                              "pass 'seed' (default) or 'scvi-tools'")
         labels, C = cells.labels, self.registry.n_labels
         # an unlabelled query trains on the L_U bound alone
-        unlabelled_query = self.query_info is not None and not (labels < C).any()
+        unlabelled_query = self.query_info is not None and not (labels != C).any()
         replay = replay_of(self.query_info, self.reference_stats)
         hooks = {"val_metrics": partial(self._validation_metrics, cells)}
         if not unlabelled_query:
@@ -223,7 +236,7 @@ class SCANVI(BaseModel):
                                        **hooks))
         if self.query_info is None:
             self.reference_stats = _novelty.reference_statistics(self)
-        val_lab = _labelled_among(labels, C, self.validation_indices)
+        val_lab = self.validation_indices[labels[self.validation_indices] < C]
         if calibrate and len(val_lab) >= 10:
             self.calibrate(indices=val_lab)
             if self._history.n_epochs:
@@ -238,7 +251,8 @@ class SCANVI(BaseModel):
     def _validation_metrics(self, cells, variables, val_idx, parallel) -> dict:
         """The classifier's loss, accuracy and calibration error on the labelled
         validation cells (extra history columns)."""
-        val_lab = _labelled_among(cells.labels, self.registry.n_labels, val_idx)
+        C = self.registry.n_labels
+        val_lab = val_idx[cells.labels[val_idx] < C]  # leaf-labelled cells
         if len(val_lab) == 0:
             return {}
         probs = softmax(self._logits(variables, cells, val_lab, None, parallel=parallel))
@@ -285,13 +299,24 @@ class SCANVI(BaseModel):
             return_mean=return_mean, return_numpy=return_numpy, weights=weights,
             label=label, importance_weighting_kwargs=importance_weighting_kwargs))
 
-    def predict(self, adata=None, indices=None, soft: bool = False,
+    def predict(self, adata=None, indices=None, soft: bool = False,  # noqa: PLR0913 (scvi-tools' keywords, then ours)
                 batch_size: int | None = None, use_posterior_mean: bool = True,
-                unassigned_threshold: float | None = None):
+                unassigned_threshold: float | None = None,
+                level: Literal["leaf", "deepest", "all"] | int = "leaf",
+                threshold: float | None = None):
         """Predicted cell types (names), or with ``soft=True`` a DataFrame of
         calibrated probabilities (see `calibrate`), one column per cell type,
         rows summing to 1. With ``unassigned_threshold=p``, cells whose top
-        probability is below p are predicted "Unassigned"."""
+        probability is below p are predicted "Unassigned".
+
+        With a label hierarchy: ``level="deepest", threshold=p`` gives a
+        DataFrame of each cell's deepest node whose probability (summed over
+        the leaves under it) is at least p, with that probability and depth;
+        ``soft=True, level="all"`` the probability of every node; ``level=d``
+        (an int) the most probable node at depth d (1: the root's children;
+        leaves shallower than d count as themselves).
+        """
+        _hierarchy.check_level(self, level, threshold, soft, unassigned_threshold)
         if unassigned_threshold is not None:
             if soft:
                 raise InputError("unassigned_threshold", unassigned_threshold,
@@ -307,15 +332,17 @@ class SCANVI(BaseModel):
                               use_posterior_mean=use_posterior_mean, parallel=self._parallel)
         probs = softmax(logits / self.temperature)
         names = np.asarray(self.registry.label_categories, dtype=object)
+        idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
+        if level != "leaf":
+            return _hierarchy.predict_level(self.registry, probs, level, threshold,
+                                            cells.obs_names[idx])
         if not soft:
             pred = names[probs.argmax(1)]
             if unassigned_threshold is not None:
                 pred = np.where(probs.max(1) < unassigned_threshold, UNASSIGNED, pred)
             return pred
-        idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
         probs = probs / probs.sum(1, keepdims=True)
         return pd.DataFrame(probs, index=cells.obs_names[idx], columns=list(names))
-
 
 UNASSIGNED = "Unassigned"
 
@@ -329,7 +356,8 @@ def _loss(module, config: TrainConfig, replay, *, train: bool):
 
 
 def _labelled_among(labels: np.ndarray, n_labels: int, idx: np.ndarray) -> np.ndarray:
-    return idx[labels[idx] < n_labels]
+    # at a leaf (code < n_labels) or an inner node of a hierarchy (> n_labels)
+    return idx[labels[idx] != n_labels]
 
 
 def _labelled_training_cells(labels, n_labels: int, n_per_label: int | None,
@@ -343,7 +371,7 @@ def _labelled_training_cells(labels, n_labels: int, n_per_label: int | None,
     if n_per_label is None:
         return lab
     picks = []
-    for c in range(n_labels):
+    for c in np.unique(labels[lab]):  # leaves, and inner nodes of a hierarchy
         of_c = lab[labels[lab] == c]
         if len(of_c):
             picks.append(rng.choice(of_c, min(n_per_label, len(of_c)), replace=False))

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ..data import hierarchy
 from ..data.batch import Batch
 from ..distributions import kl_standard_normal, normal_log_prob
 from ..errors import InputError
@@ -37,6 +38,9 @@ class SCANVIConfig(VAEConfig):
     classifier_use_layer_norm: bool | None = None
     y_prior: tuple[float, ...] | None = None
     class_chunk_size: int = 64
+    # a label hierarchy: each label code's parent code (leaves, root, inner
+    # nodes; the root's is -1), or None for flat labels
+    label_parents: tuple[int, ...] | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,15 +56,41 @@ class SCANVIConfig(VAEConfig):
         if not isinstance(self.class_chunk_size, int) or self.class_chunk_size <= 0:
             raise InputError("class_chunk_size", self.class_chunk_size,
                              "must be a positive integer", "pass e.g. 64")
+        if self.label_parents is not None:
+            self._check_parents()
+
+    def _check_parents(self):
+        p, C = self.label_parents, self.n_labels
+        n = len(p)
+        if n <= C or p[C] != -1 or sum(q == -1 for q in p) != 1 or \
+                any(not -1 <= q < n for q in p) or any(0 <= q < C for q in p):
+            raise InputError("label_parents", list(p)[:10], f"is not a tree over {C} leaves "
+                             "(leaf codes, then the root with parent -1, then inner nodes)",
+                             "build the model from a registry set up with label_hierarchy")
+        if self.dispersion == "gene-label":
+            raise InputError("dispersion", "gene-label", "a per-label dispersion is not "
+                             "defined for cells labelled at inner nodes of a hierarchy",
+                             "use dispersion='gene' or 'gene-batch'")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if d["label_parents"] is None:  # flat models write what they always wrote
+            del d["label_parents"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SCANVIConfig:
         d = dict(d)
         d["n_cats_per_cov"] = tuple(d.get("n_cats_per_cov", ()))
         d["frozen_batchnorm"] = tuple(d.get("frozen_batchnorm", ()))
-        if d.get("y_prior") is not None:
-            d["y_prior"] = tuple(d["y_prior"])
+        for k in ("y_prior", "label_parents"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
         return cls(**d)
+
+    def leaf_mask(self):
+        """(n label codes, C) of the leaves under each code (`hierarchy.leaf_mask`)."""
+        return hierarchy.leaf_mask(self.label_parents, self.n_labels)
 
     def log_prior(self):
         if self.y_prior is None:
