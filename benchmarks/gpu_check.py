@@ -160,12 +160,12 @@ def _jax_model(adata, model: str):
                                            "calibrate": False}
 
 
-def _jax_run(adata, model: str, batch_size: int, epochs: int, precision="float32",
-             val_elbo: bool = False) -> dict:
+def _jax_run(adata, model: str, batch_size: int, epochs: int, precision="float32",  # noqa: PLR0913
+             val_elbo: bool = False, data_source: str = "device") -> dict:
     """Compile with one epoch, then time ``epochs`` more (a second train call)."""
     m, extra = _jax_model(adata, model)
     kw = dict(batch_size=batch_size, train_size=TRAIN_SIZE, progress_bar=False, seed=0,
-              data_source="device", precision=precision, **extra)
+              data_source=data_source, precision=precision, **extra)
     t = time.perf_counter()
     m.train(max_epochs=1, **kw)
     first_call = time.perf_counter() - t
@@ -373,9 +373,28 @@ def worker_sweep(spec: dict, out: Path) -> None:
         _record(out, rec, run)
 
 
+def worker_sources(spec: dict, out: Path) -> None:
+    """scVI through the device, host and stream sources (a local .h5ad) in
+    alternating rounds: host and stream cells/s against resident data."""
+    import anndata as ad
+    _, _, env = _jax_setup(spec)
+    _emit(out, {"env": env})
+    adata = anndata_for(spec["n_cells"], spec["n_genes"])
+    path = out.parent / "sources.h5ad"
+    adata.write_h5ad(path)
+    for r in range(spec["rounds"]):
+        for source in ("device", "host", "stream"):
+            rec = {"source": source, "round": r, "batch_size": spec["batch_size"],
+                   "n_cells": spec["n_cells"]}
+            data = (lambda: ad.read_h5ad(path, backed="r")) if source == "stream" \
+                else adata.copy
+            _record(out, rec, lambda s=source, d=data: _jax_run(
+                d(), "scvi", spec["batch_size"], spec["epochs"], data_source=s))
+
+
 WORKERS = {"throughput": worker_throughput, "scvi_tools": worker_scvi_tools,
            "epoch_1m": worker_big, "kernels": worker_kernels, "precision": worker_precision,
-           "atlas_10m": worker_big, "sweep": worker_sweep}
+           "atlas_10m": worker_big, "sweep": worker_sweep, "sources": worker_sources}
 
 
 # ----------------------------------------------------------------- parent
@@ -392,7 +411,8 @@ def plan(smoke: bool) -> list[tuple[str, dict, float]]:
                 ("kernels", dict(s, batch_size=128, epochs=1, rounds=2, max_configs=4), 600),
                 ("precision", dict(s, batch_sizes=[256], epochs=2), 300),
                 ("atlas_10m", dict(n_cells=4000, n_genes=100, batch_size=512, epochs=1), 200),
-                ("sweep", dict(s, k=2, batch_size=128, epochs=1, repeats=1), 300)]
+                ("sweep", dict(s, k=2, batch_size=128, epochs=1, repeats=1), 300),
+                ("sources", dict(s, batch_size=128, epochs=2, rounds=1), 300)]
     return [("throughput", dict(n_cells=100_000, n_genes=G, models=["scvi", "scanvi"],
                                 batch_sizes=[128, 1024, 4096], epochs=2), 150),
             ("scvi_tools", dict(n_cells=100_000, n_genes=G, models=["scvi", "scanvi"],
@@ -406,7 +426,9 @@ def plan(smoke: bool) -> list[tuple[str, dict, float]]:
             ("atlas_10m", dict(n_cells=10_000_000, n_genes=G, batch_size=4096, epochs=1),
              200),
             ("sweep", dict(n_cells=20_000, n_genes=G, k=16, batch_size=128, epochs=2,
-                           repeats=2), 150)]
+                           repeats=2), 150),
+            ("sources", dict(n_cells=100_000, n_genes=G, batch_size=1024, epochs=3,
+                             rounds=2), 150)]
 
 
 def plan_cpu() -> list[tuple[str, dict, float]]:
@@ -467,6 +489,13 @@ def summary(parts: dict) -> list[list]:
             continue
         rows.append([f"sweep K={r['k']} b{r['batch_size']} ({r['repeat']}): vmapped / "
                      "sequential s", None, None, r.get("ratio_seconds"), None,
+                     r.get("error", "")[:40]])
+    res = parts.get("sources", {}).get("results", [])
+    resident = [r.get("cells_per_s") for r in res if r.get("source") == "device"]
+    for r in res:
+        c, base = r.get("cells_per_s"), (resident or [None])[0]
+        rows.append([f"source {r['source']} b{r['batch_size']} ({r['round']})", c, None,
+                     c / base if c and base else None, r.get("first_epoch_seconds"),
                      r.get("error", "")[:40]])
     for r in parts.get("precision", {}).get("results", []):
         rows.append([f"{r['precision']} b{r['batch_size']} (val elbo "

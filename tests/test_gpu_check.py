@@ -20,11 +20,11 @@ def test_gpu_check_smoke(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke",
                         "--out", str(tmp_path), "--parts", "throughput", "kernels",
-                        "precision", "epoch_1m"],
+                        "precision", "epoch_1m", "sources"],
                        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads((tmp_path / "gpu_check_smoke.json").read_text())
-    assert set(doc["parts"]) == {"throughput", "kernels", "precision", "epoch_1m"}
+    assert set(doc["parts"]) == {"throughput", "kernels", "precision", "epoch_1m", "sources"}
     for name, part in doc["parts"].items():
         assert part["status"] == "ok", (name, part.get("log_tail"))
         assert part["results"], name
@@ -44,6 +44,9 @@ def test_gpu_check_smoke(tmp_path):
     assert abs(prec["bfloat16"]["validation_elbo_float32_eval"] - e32) < 0.01 * abs(e32)
     big = [r for r in doc["parts"]["epoch_1m"]["results"] if "stage" not in r]
     assert {r["sparse_likelihood"] for r in big} == {True, False}
+    src = doc["parts"]["sources"]["results"]
+    assert {r["source"] for r in src} == {"device", "host", "stream"}
+    assert all(r["cells_per_s"] > 0 and r["loss_finite"] for r in src)
     assert "table" not in p.stderr and "cells/s" in p.stdout
 
 
