@@ -165,7 +165,10 @@ def exported(key, fn: Callable, *example_args, compiler_options: dict | None = N
     example's structure, shapes and dtypes (TypeError otherwise). Where the
     cache is off, ``fn`` returns another kind of tree, or JAX cannot export
     ``fn`` (host callbacks, say), it is plain ``jax.jit(fn)``.
-    ``compiler_options`` go to XLA as ``jax.jit``'s do.
+    ``compiler_options`` go to XLA as ``jax.jit``'s do. Unlike plain jit's,
+    an exported program's outputs are committed to their device: a jitted
+    function fed with them and, on another call, with uncommitted arrays
+    compiles twice (copy them through the host, or keep their origin alike).
     """
     leaves, in_tree = jax.tree_util.tree_flatten(example_args)
     avals = tuple((tuple(np.shape(x)), str(jax.numpy.result_type(x))) for x in leaves)

@@ -291,7 +291,12 @@ def init_variables(module, n_genes: int, n_cont: int, n_cat: int, seed: int,
     # initialisation draws with jax.random alone, so no backend pinning. The
     # key is split inside, so construction is this one program
     init = functions.get(("init", module), lambda: _init_program(module, key, batch))
-    variables = dict(init(key, batch))
+    # an exported program's outputs come back committed to their device, which
+    # would make training compile its epoch again on the next train() call;
+    # through the host they are plain (uncommitted) arrays, as jit's (parameters
+    # are megabytes, copied once per model)
+    variables = jax.tree_util.tree_map(lambda a: jax.device_put(np.asarray(a)),
+                                       dict(init(key, batch)))
     variables.setdefault("batch_stats", {})
     if constants is not None:
         variables["constants"] = constants
