@@ -17,6 +17,12 @@ The workflow runs three times, each in a new process:
 The cache is jaxscanvi's default one: the workers get ``XDG_CACHE_HOME``
 pointing at a temporary folder, so they use ``$XDG_CACHE_HOME/jaxscanvi/jax``.
 
+Programs are counted as ``benchmarks/_programs.py`` counts them: one per
+executable JAX builds (compiled, or loaded from the persistent cache), so
+``programs`` is the number of distinct programs the process ran. Before
+the workflow, each of ``import jax``, ``import jaxscanvi`` and ``import
+jaxscanvi; jaxscanvi.model.SCVI`` is timed in fresh processes, alternating.
+
 Compile time comes from ``jax.monitoring`` duration events: tracing
 (``/jax/core/compile/jaxpr_trace_duration``), lowering
 (``.../jaxpr_to_mlir_module_duration``) and the backend compile
@@ -32,6 +38,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -39,19 +46,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, loadavg, machine_info, versions, write_json  # noqa: E402
+from _programs import ProgramLog  # noqa: E402
 
 ARCH = dict(n_hidden=128, n_latent=10, n_layers=1, gene_likelihood="zinb")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "first_epoch.json"
-TRACE = "/jax/core/compile/jaxpr_trace_duration"
-LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
-BACKEND = "/jax/core/compile/backend_compile_duration"
-HITS = "/jax/compilation_cache/cache_hits"
-MISSES = "/jax/compilation_cache/cache_misses"
 PHASES = ("import", "scvi_init", "scvi_train", "scvi_latent", "scanvi_init", "scanvi_train",
           "scanvi_predict", "scvi_query_init", "scvi_query_train", "scanvi_query_init",
           "scanvi_query_train", "scanvi_query_predict")
@@ -60,31 +62,6 @@ TWICE = ("scvi_train", "scvi_latent", "scanvi_train", "scanvi_predict", "scvi_qu
 
 
 # ============================================================== worker side
-class CompileLog:
-    """Compile seconds and cache events from jax.monitoring, read per phase."""
-
-    def __init__(self):
-        self.secs = defaultdict(float)
-        self.counts = defaultdict(int)
-        self.programs: list[tuple[str, float]] = []  # (name, backend seconds)
-
-    def on_duration(self, event, duration, **kw):
-        if event in (TRACE, LOWER, BACKEND):
-            self.secs[event] += duration
-            self.counts[event] += 1
-            if event == BACKEND:
-                self.programs.append((str(kw.get("fun_name", "?")), duration))
-
-    def on_event(self, event, **kw):
-        if event in (HITS, MISSES):
-            self.counts[event] += 1
-
-    def snapshot(self) -> dict:
-        return {"trace_s": self.secs[TRACE], "lower_s": self.secs[LOWER],
-                "backend_s": self.secs[BACKEND], "n_backend": self.counts[BACKEND],
-                "cache_hits": self.counts[HITS], "cache_misses": self.counts[MISSES]}
-
-
 def _delta(after: dict, before: dict) -> dict:
     d = {k: after[k] - before[k] for k in after}
     d["compile_s"] = d["trace_s"] + d["lower_s"] + d["backend_s"]
@@ -94,9 +71,7 @@ def _delta(after: dict, before: dict) -> dict:
 def _worker(spec: dict) -> dict:
     t_start = time.perf_counter()
     import jax
-    log = CompileLog()
-    jax.monitoring.register_event_duration_secs_listener(log.on_duration)
-    jax.monitoring.register_event_listener(log.on_event)
+    log = ProgramLog().start()
     import warnings
 
     import anndata as ad
@@ -147,7 +122,8 @@ def _worker(spec: dict) -> dict:
     twice("scanvi_query_train", lambda: ql.train(max_epochs=1, **qkw))
     twice("scanvi_query_predict", lambda: ql.predict())
     out["total"] = {"seconds": time.perf_counter() - t_start,
-                    **_delta(log.snapshot(), CompileLog().snapshot())}
+                    **_delta(log.snapshot(), ProgramLog().snapshot()),
+                    "programs_by_name": log.by_name()}
     out["jax_devices"] = [str(d) for d in jax.devices()]
     return out
 
@@ -212,6 +188,71 @@ def run_worker(spec: dict, env: dict, timeout: float | None) -> dict:
         Path(out).unlink(missing_ok=True)
 
 
+IMPORTS = {"jax": "import jax", "jaxscanvi": "import jaxscanvi",
+           "jaxscanvi_model": "import jaxscanvi; jaxscanvi.model.SCVI"}
+
+
+def _path(code_dir: str) -> str:
+    """PYTHONPATH with ``code_dir`` first (so its jaxscanvi loads), then this one's."""
+    rest = os.environ.get("PYTHONPATH")
+    return code_dir + (os.pathsep + rest if rest else "")
+
+
+def import_times(repeats: int, env: dict, code_dirs: dict) -> dict:
+    """Seconds of each statement of `IMPORTS` in a fresh interpreter, for each
+    checkout of ``code_dirs`` (name prefix -> folder), all alternating for
+    ``repeats`` rounds (in-process seconds and the whole process's), and
+    ``python -X importtime``'s costliest modules of the first checkout."""
+    code = "import time; t = time.perf_counter(); {}; print(time.perf_counter() - t)"
+    env = {**os.environ, **env}
+    res = {f"{pre}{k}": {"seconds": [], "process_seconds": []}
+           for pre in code_dirs for k in IMPORTS}
+    for _ in range(repeats):
+        for (name, stmt), (pre, where) in itertools.product(IMPORTS.items(),
+                                                            code_dirs.items()):
+            t = time.perf_counter()
+            # cwd away from the checkout: PYTHONPATH decides which jaxscanvi loads
+            p = subprocess.run([sys.executable, "-c", code.format(stmt)],
+                               env={**env, "PYTHONPATH": _path(where)}, capture_output=True,
+                               text=True, check=True, cwd=tempfile.gettempdir())
+            name = pre + name
+            res[name]["process_seconds"].append(time.perf_counter() - t)
+            res[name]["seconds"].append(float(p.stdout.split()[-1]))
+    env["PYTHONPATH"] = _path(next(iter(code_dirs.values())))
+    for r in res.values():
+        r["median_s"] = float(sorted(r["seconds"])[len(r["seconds"]) // 2])
+        r["median_process_s"] = float(sorted(r["process_seconds"])[len(r["seconds"]) // 2])
+    p = subprocess.run([sys.executable, "-X", "importtime", "-c", "import jaxscanvi"],
+                       env=env, capture_output=True, text=True, check=True,
+                       cwd=tempfile.gettempdir())
+    rows = []
+    for line in p.stderr.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            rows.append((int(parts[1]), parts[2].strip()))
+    res["importtime_top"] = [f"{m} {us / 1e6:.3f}" for us, m in sorted(rows)[::-1][:15]]
+    return res
+
+
+def headline(total: dict, imports: dict, pre: str) -> dict:
+    """The whole workflow's figures, from its ``total`` row."""
+    return {
+        "compile_seconds_cold": total["cold_compile_s"],
+        "compile_seconds_warm": total["warm_compile_s"],
+        "compile_speedup_warm_vs_cold": total["compile_ratio"],
+        "xla_compile_seconds_cold": total["cold_backend_s"],
+        "xla_compile_seconds_warm": total["warm_backend_s"],
+        "trace_lower_seconds_cold": total["cold_compile_s"] - total["cold_backend_s"],
+        "trace_lower_seconds_warm": total["warm_compile_s"] - total["warm_backend_s"],
+        "wall_seconds_cold": total["cold_s"], "wall_seconds_warm": total["warm_s"],
+        "wall_seconds_off": total["off_s"],
+        "cache_hits_warm": total["warm_hits"], "cache_misses_warm": total["warm_misses"],
+        "programs_cold": total["cold_programs"], "programs_warm": total["warm_programs"],
+        "programs_off": total["off_programs"], "traced_warm": total["warm_traced"],
+        **{f"import_{k}_median_s": imports[pre + k]["median_s"] for k in IMPORTS},
+    }
+
+
 def _folder_size(path: Path) -> tuple[int, int]:
     files = [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
     return len(files), sum(p.stat().st_size for p in files)
@@ -233,6 +274,8 @@ def summarise(runs: dict) -> list[dict]:
             row[f"{mode}_backend_s"] = ph["backend_s"]
             row[f"{mode}_hits"] = ph["cache_hits"]
             row[f"{mode}_misses"] = ph["cache_misses"]
+            row[f"{mode}_programs"] = ph["n_programs"]
+            row[f"{mode}_traced"] = ph["n_traced"]
         row["ratio"] = row["cold_s"] / row["warm_s"] if row["warm_s"] > 0 else None
         row["compile_ratio"] = (row["cold_compile_s"] / row["warm_compile_s"]
                                 if row["warm_compile_s"] > 0 else None)
@@ -253,6 +296,10 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     p.add_argument("--quick", action="store_true", help="smoke run: 600 + 300 cells x 200 "
                    "genes")
+    p.add_argument("--baseline", default=None, help="another checkout (a folder holding "
+                   "jaxscanvi/) run alternating with this one, for a before/after figure")
+    p.add_argument("--import-repeats", type=int, default=5, help="fresh processes per "
+                   "import statement (alternating)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -263,6 +310,7 @@ def main(argv=None) -> int:
     os.environ["JAXSCANVI_COMPILATION_CACHE"] = "0"
     if args.quick:
         args.n_ref, args.n_query, args.n_genes = 600, 300, 200
+        args.import_repeats = min(args.import_repeats, 2)
     if args.out is None:
         args.out = str(DEFAULT_OUT.with_name("first_epoch_quick.json") if args.quick
                        else DEFAULT_OUT)
@@ -291,53 +339,67 @@ def main(argv=None) -> int:
               f"cells x {args.n_genes} genes", flush=True)
         spec = {"ref": str(tmp / "ref.h5ad"), "query": str(tmp / "query.h5ad"),
                 "batch_size": args.batch_size}
-        xdg = tmp / "xdg"
-        cache_env = {"XDG_CACHE_HOME": str(xdg), "JAXSCANVI_COMPILATION_CACHE": "1"}
+        here = str(Path(__file__).resolve().parents[1])
+        code = {"": here, **({"baseline_": str(Path(args.baseline).resolve())}
+                             if args.baseline else {})}
         for k in ("JAX_COMPILATION_CACHE_DIR",):  # this run's folder, not the user's
             os.environ.pop(k, None)
-        runs = {}
-        for mode, env in (("cold", cache_env), ("warm", cache_env),
-                          ("off", {"JAXSCANVI_COMPILATION_CACHE": "0"})):
-            t = time.perf_counter()
-            runs[mode] = run_worker(spec, env, args.timeout)
-            if "error" in runs[mode]:
-                print(f"{mode}: {runs[mode]['error']}\n{runs[mode]['log_tail']}",
-                      file=sys.stderr)
-                return 1
-            print(f"{mode}: {time.perf_counter() - t:.1f} s, cache "
-                  f"{runs[mode]['cache_dir']}", flush=True)
-            if mode == "cold":
-                n_files, n_bytes = _folder_size(xdg / "jaxscanvi" / "jax")
-                meta["cache_folder"] = {"files": n_files, "bytes": n_bytes}
-        rows = summarise(runs)
+        meta["import"] = import_times(args.import_repeats, {
+            "XDG_CACHE_HOME": str(tmp / "xdg_import"), "JAXSCANVI_COMPILATION_CACHE": "1"},
+            code)
+        print("import (median s): " + ", ".join(
+            f"{k} {v['median_s']:.2f}" for k, v in meta["import"].items() if "median_s" in v),
+            flush=True)
+        runs = {pre: {} for pre in code}
+        for i, mode in enumerate(("cold", "warm", "off")):
+            for pre in list(code)[::(-1) ** i]:  # the checkouts alternate
+                xdg = tmp / f"xdg{pre}"
+                env = {"PYTHONPATH": _path(code[pre]), **(
+                    {"XDG_CACHE_HOME": str(xdg), "JAXSCANVI_COMPILATION_CACHE": "1"}
+                    if mode != "off" else {"JAXSCANVI_COMPILATION_CACHE": "0"})}
+                t = time.perf_counter()
+                r = runs[pre][mode] = run_worker(spec, env, args.timeout)
+                if "error" in r:
+                    print(f"{pre}{mode}: {r['error']}\n{r['log_tail']}", file=sys.stderr)
+                    return 1
+                print(f"{pre}{mode}: {time.perf_counter() - t:.1f} s, cache "
+                      f"{r['cache_dir']}", flush=True)
+                if mode == "cold":
+                    n_files, n_bytes = _folder_size(xdg / "jaxscanvi")
+                    meta[f"{pre}cache_folder"] = {"files": n_files, "bytes": n_bytes}
+        all_rows = {pre: summarise(runs[pre]) for pre in code}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    total = rows[-1]
-    meta["headline"] = {
-        "compile_seconds_cold": total["cold_compile_s"],
-        "compile_seconds_warm": total["warm_compile_s"],
-        "compile_speedup_warm_vs_cold": total["compile_ratio"],
-        "xla_compile_seconds_cold": total["cold_backend_s"],
-        "xla_compile_seconds_warm": total["warm_backend_s"],
-        "xla_compile_speedup_warm_vs_cold": total["cold_backend_s"] / total["warm_backend_s"],
-        "trace_lower_seconds_warm": total["warm_compile_s"] - total["warm_backend_s"],
-        "wall_seconds_cold": total["cold_s"], "wall_seconds_warm": total["warm_s"],
-        "wall_seconds_off": total["off_s"],
-        "cache_hits_warm": total["warm_hits"], "cache_misses_warm": total["warm_misses"],
-    }
+    rows = all_rows[""]
+    meta["headline"] = headline(rows[-1], meta["import"], "")
+    if args.baseline:
+        b = headline(all_rows["baseline_"][-1], meta["import"], "baseline_")
+        meta["baseline"] = {"code": code["baseline_"], "headline": b,
+                            "rows": all_rows["baseline_"], "runs": runs["baseline_"]}
+        meta["baseline_over_current"] = {
+            k: b[k] / v for k, v in meta["headline"].items() if isinstance(v, (int, float))
+            and v and isinstance(b.get(k), (int, float))}
+    runs = runs[""]
     write_json(args.out, {**meta, "rows": rows, "runs": runs})
+    if args.baseline:
+        print("baseline / current: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in meta["baseline_over_current"].items()))
     headers = ["phase", "cold s", "warm s", "ratio", "off s", "compile cold", "compile warm",
-               "hits warm", "misses warm"]
+               "programs", "traced warm", "hits warm", "misses warm"]
     print(format_table(headers, [[r["phase"], r["cold_s"], r["warm_s"], r["ratio"],
                                   r["off_s"], r["cold_compile_s"], r["warm_compile_s"],
-                                  r["warm_hits"], r["warm_misses"]] for r in rows]))
+                                  r["cold_programs"], r["warm_traced"], r["warm_hits"],
+                                  r["warm_misses"]] for r in rows]))
     h = meta["headline"]
     print(f"\ncompile time (trace + lower + XLA): cold {h['compile_seconds_cold']:.2f} s, "
           f"warm {h['compile_seconds_warm']:.2f} s ({h['compile_speedup_warm_vs_cold']:.1f}x); "
           f"XLA alone: cold {h['xla_compile_seconds_cold']:.2f} s, warm "
-          f"{h['xla_compile_seconds_warm']:.2f} s ({h['xla_compile_speedup_warm_vs_cold']:.1f}x)"
-          f"\n"
+          f"{h['xla_compile_seconds_warm']:.2f} s; trace + lower warm "
+          f"{h['trace_lower_seconds_warm']:.2f} s\n"
+          f"programs: cold {h['programs_cold']}, warm {h['programs_warm']} "
+          f"(traced warm {h['traced_warm']}); import jax {h['import_jax_median_s']:.2f} s, "
+          f"jaxscanvi {h['import_jaxscanvi_median_s']:.2f} s\n"
           f"cache folder {meta['cache_folder']['files']} files, "
           f"{meta['cache_folder']['bytes'] / 2**20:.1f} MiB\nwrote {args.out}")
     return 0

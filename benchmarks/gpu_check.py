@@ -1,6 +1,7 @@
 """The GPU benchmark: jaxscanvi against scvi-tools on one accelerator, in one run.
 
-    python benchmarks/gpu_check.py --out benchmarks/results/gpu      # on a GPU
+    python benchmarks/gpu_check.py --out benchmarks/results/gpu      # on a GPU ($OUT if set)
+    bash benchmarks/gpu_check.sh --profile   # the step profile instead (gpu_profile.py)
     python benchmarks/gpu_check.py --smoke --out /tmp/gpu_smoke      # anywhere, tiny
     python benchmarks/gpu_check.py --cpu     # the kernel ablation on a CPU (kernels_cpu.json)
 
@@ -11,6 +12,10 @@ result is written to the JSON as soon as it exists):
 1. ``throughput``: SCVI and SCANVI (70% of cells unlabelled) cells/s at
    batch sizes 128, 1024 and 4096 on 100k cells x 2,000 genes, the
    backend's default kernels, float32.
+1b. ``shipped``: the kernels the package ships on this backend
+   (``backend.defaults()``) as one configuration against the library
+   path, alternating, scVI and scANVI at batch 128 and 1024: the figure
+   ``backend.py`` cites for its GPU default.
 2. ``scvi_tools``: scvi-tools on the same data and device, for the ratio.
 3. ``epoch_1m``: one epoch of 1M cells x 2,000 genes (5% non-zero) at
    batch 1024, counts resident on the device as CSR.
@@ -230,6 +235,27 @@ def worker_kernels(spec: dict, out: Path) -> None:
             _record(out, rec, run)
 
 
+def worker_shipped(spec: dict, out: Path) -> None:
+    """The kernels this backend ships (`backend.defaults()`, whatever it picks,
+    fused likelihood included) measured whole, against the library path, the
+    two alternating round by round; scVI and scANVI at each batch size."""
+    _, backend, env = _jax_setup(spec)
+    _emit(out, {"env": env})
+    adata = anndata_for(spec["n_cells"], spec["n_genes"])
+    arms = [("shipped", backend.defaults()), ("library", backend.Kernels.library())]
+    for rnd in range(spec["rounds"]):
+        for model in spec["models"]:
+            for bs in spec["batch_sizes"]:
+                for name, kern in arms[::(-1) ** rnd]:
+                    rec = {"config": name, "round": rnd, "model": model, "batch_size": bs,
+                           "kernels": kern.__dict__, "n_cells": spec["n_cells"]}
+
+                    def run(kern=kern, model=model, bs=bs):
+                        with backend.use(kern):
+                            return _jax_run(adata.copy(), model, bs, spec["epochs"])
+                    _record(out, rec, run)
+
+
 def worker_precision(spec: dict, out: Path) -> None:
     _, _, env = _jax_setup(spec)
     _emit(out, {"env": env})
@@ -392,7 +418,8 @@ def worker_sources(spec: dict, out: Path) -> None:
                 d(), "scvi", spec["batch_size"], spec["epochs"], data_source=s))
 
 
-WORKERS = {"throughput": worker_throughput, "scvi_tools": worker_scvi_tools,
+WORKERS = {"throughput": worker_throughput, "shipped": worker_shipped,
+           "scvi_tools": worker_scvi_tools,
            "epoch_1m": worker_big, "kernels": worker_kernels, "precision": worker_precision,
            "atlas_10m": worker_big, "sweep": worker_sweep, "sources": worker_sources}
 
@@ -405,6 +432,8 @@ def plan(smoke: bool) -> list[tuple[str, dict, float]]:
         s = dict(n_cells=600, n_genes=100)
         return [("throughput", dict(s, models=["scvi", "scanvi"], batch_sizes=[128],
                                     epochs=2), 300),
+                ("shipped", dict(s, models=["scvi", "scanvi"], batch_sizes=[128], epochs=1,
+                                 rounds=1), 300),
                 ("scvi_tools", dict(s, models=["scvi"], batch_sizes=[128], epochs=1), 300),
                 ("epoch_1m", dict(n_cells=2000, n_genes=100, batch_size=256, epochs=2,
                                   flip_sparse=True), 200),
@@ -415,6 +444,8 @@ def plan(smoke: bool) -> list[tuple[str, dict, float]]:
                 ("sources", dict(s, batch_size=128, epochs=2, rounds=1), 300)]
     return [("throughput", dict(n_cells=100_000, n_genes=G, models=["scvi", "scanvi"],
                                 batch_sizes=[128, 1024, 4096], epochs=2), 150),
+            ("shipped", dict(n_cells=100_000, n_genes=G, models=["scvi", "scanvi"],
+                             batch_sizes=[128, 1024], epochs=3, rounds=2), 200),
             ("scvi_tools", dict(n_cells=100_000, n_genes=G, models=["scvi", "scanvi"],
                                 batch_sizes=[128, 1024], epochs=1), 120),
             ("epoch_1m", dict(n_cells=1_000_000, n_genes=G, batch_size=1024, epochs=2,
@@ -480,6 +511,10 @@ def summary(parts: dict) -> list[list]:
             rows.append([f"{name} b{r['batch_size']} {lay} (epoch s)",
                          r.get("cells_per_s_last_epoch"),
                          None, None, e[-1], r.get("error", "")[:40]])
+    for r in parts.get("shipped", {}).get("results", []):
+        rows.append([f"{r['config']} {r['model']} b{r['batch_size']} ({r['round']})",
+                     r.get("cells_per_s"), None, None, r.get("first_epoch_seconds"),
+                     r.get("error", "")[:40]])
     for r in parts.get("kernels", {}).get("results", []):
         rows.append([f"kernels {r['config']} ({r.get('round', 0)})", r.get("cells_per_s"),
                      None, None,
@@ -524,7 +559,8 @@ def main(argv=None) -> int:
         return 0
     if args.budget is None:
         args.budget = 3600.0 if args.cpu else 450.0
-    out_dir = Path(args.out or HERE / "results" / ("" if args.cpu else "gpu"))
+    out_dir = Path(args.out or (not args.cpu and os.environ.get("OUT"))
+                   or HERE / "results" / ("" if args.cpu else "gpu"))
     tmp = out_dir / "parts"
     tmp.mkdir(parents=True, exist_ok=True)
     name = ("gpu_check_smoke.json" if args.smoke else

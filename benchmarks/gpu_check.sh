@@ -2,7 +2,9 @@
 # The GPU benchmark in one command, for a machine with no network:
 #
 #   bash benchmarks/gpu_check.sh [--smoke] [--out DIR] [--budget SECONDS]
+#   bash benchmarks/gpu_check.sh --profile [--smoke] [--out DIR]
 #
+# JSON goes to --out, else $OUT where set, else benchmarks/results/gpu.
 # It runs benchmarks/gpu_check.py (see its docstring) with the packages the
 # machine lacks (anndata, scvi-tools 1.4.2 and their needs) installed from the
 # wheel folder .whl/ (or $WHEELS), which git ignores. Fill that folder first,
@@ -23,4 +25,12 @@ if ! "$PY" -c "import anndata" 2>/dev/null && [ -d "$WHEELS" ]; then
   fi
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# --profile: the training-step profile (benchmarks/gpu_profile.py) instead
+for arg in "$@"; do
+  if [ "$arg" = "--profile" ]; then
+    args=()
+    for a in "$@"; do [ "$a" = "--profile" ] || args+=("$a"); done
+    exec "$PY" benchmarks/gpu_profile.py "${args[@]}"
+  fi
+done
 exec "$PY" benchmarks/gpu_check.py "$@"

@@ -26,7 +26,8 @@ class Settings:
     batch_size
         Cells per compiled chunk in inference (``get_latent_representation``
         and the other ``get_*``) when a call passes no ``batch_size``. None
-        (default): up to 1024, chosen per call. Training's ``batch_size`` is
+        (default): 1024 for every call (short requests are padded), so each
+        inference program compiles once per model. Training's ``batch_size`` is
         `train()`'s own argument, as in scvi-tools.
     verbosity
         Level of the ``jaxscanvi`` logger (an int or a name like "WARNING").

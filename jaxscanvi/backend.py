@@ -88,6 +88,11 @@ class Kernels:
 # log1p_poly, measured alone (results/step_parts_cpu.json): the fused ZINB
 # pass and its gradients on 128 x 2,000 take 1.18 ms with it, 1.35 without,
 # on the CPU; unmeasured on a GPU, where log1p is cheap, so off there.
+# The GPU default below, as one configuration against the library path (scVI
+# and scANVI, batch 128 and 1024, alternating): part "shipped" of
+# benchmarks/results/gpu/gpu_check.json, written by `bash benchmarks/gpu_check.sh`
+# (PENDING: no GPU session has run that part yet; until then the default rests
+# on the per-kernel figures above).
 # Other backends (TPU) keep the library path until measured there.
 _DEFAULTS = {
     "cpu": Kernels(prng=True, linear=True, batch_norm=True, relu_dropout=True,

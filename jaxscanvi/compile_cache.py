@@ -9,6 +9,9 @@ At import, jaxscanvi points JAX at a per-user folder
 the user already chose a cache folder for JAX (``JAX_COMPILATION_CACHE_DIR``
 or ``jax.config.jax_compilation_cache_dir``), or turned ours off with
 ``JAXSCANVI_COMPILATION_CACHE=0``. That variable may also name a folder.
+
+Beside it, `exported` keeps traced and lowered programs (``jax.export``), so
+a warm process neither traces nor lowers them (`_export_cache`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+
+from ._export_cache import exported  # noqa: F401 (the API: compile_cache.exported)
 
 ENV = "JAXSCANVI_COMPILATION_CACHE"
 _OFF = {"0", "false", "no", "off", "none"}

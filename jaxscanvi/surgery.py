@@ -79,7 +79,8 @@ def transplant(reference: dict, fresh: dict) -> tuple[dict, dict]:
 
     jax.tree_util.tree_map_with_path(one, fresh)
     rebuild = jax.tree_util.tree_map_with_path
-    return (rebuild(lambda p, _: jax.numpy.asarray(out[p]), fresh),
+    # device_put, not jnp.asarray: that compiles a program per leaf shape
+    return (rebuild(lambda p, _: jax.device_put(out[p]), fresh),
             rebuild(lambda p, _: new_mask[p], fresh))
 
 

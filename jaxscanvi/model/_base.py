@@ -17,12 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..compile_cache import functions
+from ..compile_cache import exported, functions
 from ..data.batch import Batch, host_batch
 from ..data.cells import CellData, cell_data
 from ..data.registry import Registry
 from ..data.batch import NonZeros
 from ..errors import InputError, NonFiniteLossError
+from ..nn import prng
 from ..train import budget
 from ..train.config import TrainConfig
 from ..train.fit import FitResult, Task, check, fit
@@ -77,8 +78,9 @@ class BaseModel:
         else:
             means = np.zeros(registry.n_batch, np.float32)
             var = np.ones(registry.n_batch, np.float32)
-        constants = {"library_log_means": jnp.asarray(means),
-                     "library_log_vars": jnp.asarray(var)}
+        # device_put, not jnp.asarray: that would compile a program per shape
+        constants = {"library_log_means": jax.device_put(np.asarray(means, np.float32)),
+                     "library_log_vars": jax.device_put(np.asarray(var, np.float32))}
         variables = init_variables(module, config.n_genes, config.n_continuous_cov,
                                    len(config.n_cats_per_cov), seed, constants)
         self.module = module
@@ -229,7 +231,7 @@ class BaseModel:
         if idx.size == 0:
             raise InputError("indices", [], "selects no cells", "pass at least one index")
         b = host_batch(cells, idx, len(idx), nnz_bucket(cells, idx))
-        return jax.tree_util.tree_map(jnp.asarray, b)
+        return jax.device_put(b)
 
     def __repr__(self) -> str:
         c = self.module.config
@@ -251,13 +253,15 @@ def library_prior(cells, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dummy_batch(n_genes: int, n_cont: int, n_cat: int) -> Batch:
-    B = 2
+    """Two cells of numpy arrays (jnp.ones would compile a program per shape)."""
+    B, f, i = 2, np.float32, np.int32
     return Batch(
-        x=jnp.ones((B, n_genes)), nz=NonZeros(jnp.zeros(1, jnp.int32),
-                                              jnp.zeros(1, jnp.int32), jnp.zeros(1)),
-        weight=jnp.ones(B), batch=jnp.zeros(B, jnp.int32), labels=jnp.zeros(B, jnp.int32),
-        cat_covs=jnp.zeros((B, n_cat), jnp.int32), cont_covs=jnp.zeros((B, n_cont)),
-        log_size_factor=jnp.zeros(B), log_library=jnp.ones(B), lgamma_const=jnp.zeros(B))
+        x=np.ones((B, n_genes), f), nz=NonZeros(np.zeros(1, i), np.zeros(1, i),
+                                                np.zeros(1, f)),
+        weight=np.ones(B, f), batch=np.zeros(B, i), labels=np.zeros(B, i),
+        cat_covs=np.zeros((B, n_cat), i), cont_covs=np.zeros((B, n_cont), f),
+        log_size_factor=np.zeros(B, f), log_library=np.ones(B, f),
+        lgamma_const=np.zeros(B, f))
 
 
 def variable_shapes(module) -> dict:
@@ -281,16 +285,37 @@ def init_variables(module, n_genes: int, n_cont: int, n_cat: int, seed: int,
                    constants: dict | None = None):
     """Initialise a module's variables on a dummy batch of two cells."""
     batch = dummy_batch(n_genes, n_cont, n_cat)
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    key = prng.host_key(seed) if prng.host_keys_ok() else jax.random.PRNGKey(seed)
     # init runs once per model: skip XLA's backend optimisation, which would
     # otherwise take most of the construction time (same values either way);
-    # initialisation draws with jax.random alone, so no backend pinning
-    init = functions.get(("init", module), lambda: jax.jit(
-        partial(module.init, train=False), compiler_options={
-            "xla_backend_optimization_level": 0,
-            "xla_llvm_disable_expensive_passes": True}))
-    variables = dict(init({"params": k1, "sample": k2, "dropout": k3}, batch))
+    # initialisation draws with jax.random alone, so no backend pinning. The
+    # key is split inside, so construction is this one program
+    init = functions.get(("init", module), lambda: _init_program(module, key, batch))
+    # an exported program's outputs come back committed to their device, which
+    # would make training compile its epoch again on the next train() call;
+    # through the host they are plain (uncommitted) arrays, as jit's (parameters
+    # are megabytes, copied once per model)
+    variables = jax.tree_util.tree_map(lambda a: jax.device_put(np.asarray(a)),
+                                       dict(init(key, batch)))
     variables.setdefault("batch_stats", {})
     if constants is not None:
         variables["constants"] = constants
     return variables
+
+
+_INIT_OPTIONS = {"xla_backend_optimization_level": 0,
+                 "xla_llvm_disable_expensive_passes": True}
+
+
+def _init_program(module, key, batch):
+    # through the exported-program cache where the module prints stably
+    text = repr(module)
+    if " at 0x" in text:
+        return jax.jit(partial(_init, module), compiler_options=_INIT_OPTIONS)
+    return exported(("init", text), partial(_init, module), key, batch,
+                    compiler_options=_INIT_OPTIONS)
+
+
+def _init(module, key, batch):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return module.init({"params": k1, "sample": k2, "dropout": k3}, batch, train=False)

@@ -240,7 +240,9 @@ def _importance_samples(self, cells, rows, n, code, seed, batch_size, *,
     picks = rng.choice(rows, n)
     fn = jitted(partial(kernels.sample_fn, self.module))
     smp = self._map(lambda v, b, k: fn(v, b, k, code), cells, picks, batch_size, seed=seed)
-    qz = self._map(jitted(partial(kernels.qz_fn, self.module)), cells, anchors, batch_size)
+    enc = self._map(jitted(partial(kernels.encode_fn, self.module)), cells, anchors,
+                    batch_size)
+    qz = {"m": enc["qz_m"], "v": enc["qz_v"]}
     log_px = marginal_ll_per_cell(self, cells, anchors, n_mc_samples, batch_size)
     xa = cells.X[anchors].toarray()
     lib = np.log(np.maximum(xa.sum(1), 1.0))

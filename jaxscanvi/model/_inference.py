@@ -10,22 +10,63 @@ from __future__ import annotations
 import zlib
 from functools import partial
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 from .. import backend, distributed
 from .._settings import settings
-from ..compile_cache import functions
+from ..compile_cache import exported, functions
 from ..data.batch import host_batch
 from ..data.cells import CellData
 from ..errors import InputError, check_positive_int
+from ..nn import prng
+
+
+DEFAULT_CHUNK = 1024  # cells per inference chunk when neither call nor settings say
 
 
 def jitted(fn: partial):
-    """``jax.jit(fn)`` under the current backend's numerics, compiled once per spec."""
+    """``fn`` jitted under the current backend's numerics, once per spec; where
+    its spec has a stable text, through `compile_cache.exported`, so a warm
+    process loads the traced program instead of tracing it."""
     numerics = backend.current()
     spec = ("kernel", fn.func, fn.args, tuple(sorted(fn.keywords.items())), numerics)
-    return functions.get(spec, lambda: jax.jit(backend.traced(fn, numerics)))
+    return functions.get(spec, lambda: Kernel(backend.traced(fn, numerics),
+                                              stable_key(fn, numerics)))
+
+
+def stable_key(fn: partial, numerics) -> str | None:
+    """A text naming ``fn`` that every process writes alike, or None."""
+    parts = [f"{fn.func.__module__}.{fn.func.__qualname__}", repr(numerics)]
+    for a in (*fn.args, *sorted(fn.keywords.items())):
+        text = repr(a)
+        # flax modules print their fields; a default repr (an address) is no key
+        if " at 0x" in text or (not isinstance(a, (str, int, float, bool, tuple, type(None)))
+                                and not isinstance(a, nn.Module)):
+            return None
+        parts.append(text)
+    return "\n".join(parts)
+
+
+class Kernel:
+    """A jitted inference kernel: one exported program per argument signature,
+    plain jit for arguments spread over several devices (or no stable key)."""
+
+    def __init__(self, fn, key: str | None):
+        self._fn, self._key, self._jit = fn, key, jax.jit(fn)
+        self._programs: dict = {}
+
+    def __call__(self, *args):
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        if self._key is None or any(len(getattr(x, "sharding", None).device_set) > 1
+                                    for x in leaves if isinstance(x, jax.Array)):
+            return self._jit(*args)
+        sig = (tree, tuple((np.shape(x), getattr(x, "dtype", None) or np.result_type(x))
+                           for x in leaves))
+        if sig not in self._programs:
+            self._programs[sig] = exported(self._key, self._fn, *args)
+        return self._programs[sig](*args)
 
 
 def row_positions(n_obs: int, indices) -> np.ndarray:
@@ -51,8 +92,10 @@ def chunks(cells: CellData, indices, batch_size: int | None, n_devices: int = 1)
     idx = row_positions(cells.n_obs, indices)
     if batch_size is None:
         batch_size = settings.batch_size
-    if batch_size is None:  # small requests: a power-of-two chunk, not 1024 padded rows
-        B = min(1024, 1 << max(len(idx) - 1, 15).bit_length())
+    if batch_size is None:
+        # one chunk size for every request, so each kernel of a model is one
+        # program: padding a small request costs milliseconds, a new shape a compile
+        B = DEFAULT_CHUNK
     else:
         check_positive_int("batch_size", batch_size)
         B = int(batch_size)
@@ -80,14 +123,17 @@ def map_cells(fn, variables: dict, cells: CellData, indices, batch_size, *,
 
 def _map_here(fn, variables, cells, indices, batch_size, parallel, seed):
     outs = []
-    key = jax.random.PRNGKey(seed)
+    # keys from numpy where they are JAX's words: no eager program per call
+    host = prng.host_keys_ok()
+    key = prng.host_key(seed) if host else jax.random.PRNGKey(seed)
     if parallel is not None:
         variables = parallel.replicate(variables)
     n_devices = 1 if parallel is None else parallel.size
     for i, (n, b) in enumerate(chunks(cells, indices, batch_size, n_devices)):
         if parallel is not None:  # rows split across the training devices
             b = parallel.put(b)
-        res = fn(variables, b, jax.random.fold_in(key, i))
+        res = fn(variables, b, prng.host_fold_in(key, i) if host
+                 else jax.random.fold_in(key, i))
         outs.append(jax.tree_util.tree_map(lambda a, n=n: np.asarray(a)[:n], res))
     if not outs:
         raise InputError("indices", [], "selects no cells", "pass at least one index")

@@ -14,6 +14,21 @@ from ..distributions import log_nb, log_poisson, log_zinb, normal_log_prob
 from ..module import SCANVAE
 
 
+def encode_fn(module, variables, batch, key):
+    """q(z|x) of each cell (moments and one draw) and, for scANVI, q(c|z)'s
+    logits at the posterior mean: the one program of a model (and chunk size)
+    behind get_latent_representation, predict, calibration and DE's q(z|x),
+    instead of one per call site. The classifier is small next to the encoder."""
+    def run(mdl, b):
+        inf = mdl.inference(b, train=False)
+        out = {"z": inf["z"], "qz_m": inf["qz_m"], "qz_v": inf["qz_v"]}
+        if isinstance(mdl, SCANVAE):
+            out["logits"] = mdl.classifier(inf["qz_m"], train=False, mask=b.weight)
+        return out
+
+    return module.apply(variables, batch, rngs={"sample": key}, method=run)
+
+
 def latent_fn(module, variables, batch, key, *, give_mean: bool, mc_samples: int):
     inf = module.apply(variables, batch, train=False, rngs={"sample": key},
                        method=type(module).inference)
@@ -155,11 +170,6 @@ def sample_fn(module, variables, batch, key, batch_code):
         return out
 
     return module.apply(variables, batch, rngs={"sample": key}, method=run)
-
-
-def qz_fn(module, variables, batch, key):
-    m, v = module.apply(variables, batch, train=False, method=type(module).encode_z)
-    return {"m": m, "v": v}
 
 
 def anchor_terms(likelihood, z, log_scale, log_theta, zi, qm, qv, xa, lib, log_px):  # noqa: PLR0913 (a jitted kernel's arrays)

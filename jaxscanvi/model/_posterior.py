@@ -31,13 +31,16 @@ def get_latent_representation(self, adata=None, indices=None, give_mean: bool = 
     latent_distribution="ln" and give_mean, the mean of softmax(z) is
     estimated from ``mc_samples`` draws, as scvi-tools does.
     """
-    fn = partial(kernels.latent_fn, self.module, give_mean=give_mean,
-                 mc_samples=int(mc_samples) if self.module.config.latent_distribution
-                 == "ln" else 1)
-    out = self._map(jitted(fn), self._cells_for(adata), indices, batch_size)
+    cells = self._cells_for(adata)
+    if self.module.config.latent_distribution == "ln" and give_mean:  # a Monte Carlo mean
+        fn = partial(kernels.latent_fn, self.module, give_mean=True, mc_samples=int(mc_samples))
+        out = self._map(jitted(fn), cells, indices, batch_size)
+        return (out["qz_m"], out["qz_v"]) if return_dist else out["z"]
+    out = self._map(jitted(partial(kernels.encode_fn, self.module)), cells, indices,
+                    batch_size)
     if return_dist:
         return out["qz_m"], out["qz_v"]
-    return out["z"]
+    return out["qz_m"] if give_mean else out["z"]
 
 
 def get_normalized_expression(self, adata=None, indices=None, transform_batch=None,

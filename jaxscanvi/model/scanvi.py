@@ -266,8 +266,11 @@ class SCANVI(BaseModel):
     def _logits(self, variables, cells, indices, batch_size, *,
                 use_posterior_mean: bool = True, parallel=None) -> np.ndarray:
         """q(c|z)'s logits for the selected cells, under ``variables``."""
-        fn = jitted(partial(_kernels.classify_fn, self.module,
-                            use_posterior_mean=bool(use_posterior_mean)))
+        if use_posterior_mean:  # the model's shared encoding program
+            fn = jitted(partial(_kernels.encode_fn, self.module))
+            out = map_cells(fn, variables, cells, indices, batch_size, parallel=parallel)
+            return np.asarray(out["logits"], np.float64)
+        fn = jitted(partial(_kernels.classify_fn, self.module, use_posterior_mean=False))
         return np.asarray(map_cells(fn, variables, cells, indices, batch_size,
                                     parallel=parallel), np.float64)
 

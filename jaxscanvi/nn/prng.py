@@ -94,3 +94,32 @@ def normal(key, shape, dtype=jnp.float32) -> jax.Array:
     # the last axis, and latent arrays end in a short one (10)
     u = uniform(key, (int(np.prod(shape, dtype=np.int64)),), jnp.float32, lo, 1.0)
     return (jnp.float32(np.sqrt(2)) * jax.lax.erf_inv(u)).reshape(shape)
+
+
+# ------------------------------------------------------------- keys on the host
+# Outside jit, jax.random.PRNGKey and fold_in each run a small compiled program
+# (one more for a process to compile, trace and load); the same Threefry words
+# come from numpy here. Raw uint32[2] keys, as jax.random.PRNGKey makes them.
+_MASK = 0xFFFFFFFF
+
+
+def host_key(seed: int) -> np.ndarray:
+    """``np.asarray(jax.random.PRNGKey(seed))`` computed in numpy."""
+    s = int(seed)
+    hi = (s >> 32) & _MASK if jax.config.jax_enable_x64 else 0  # JAX keeps 32 bits
+    return np.array([hi, s & _MASK], np.uint32)
+
+
+def host_fold_in(key, data: int) -> np.ndarray:
+    """``np.asarray(jax.random.fold_in(key, data))`` for a raw Threefry key."""
+    key = np.asarray(key, np.uint32)
+    with np.errstate(over="ignore"):
+        y0, y1 = threefry2x32(key[0], key[1], np.uint32(0), np.uint32(int(data) & _MASK))
+    return np.array([y0, y1], np.uint32)
+
+
+def host_keys_ok() -> bool:
+    """Whether the keys JAX makes are raw Threefry words (its default), so
+    `host_key` and `host_fold_in` stand for them."""
+    return "threefry" in str(jax.config.jax_default_prng_impl) \
+        and not jax.config.jax_enable_custom_prng

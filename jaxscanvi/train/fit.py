@@ -11,7 +11,6 @@ from functools import partial
 from typing import Any, Callable, Hashable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .. import backend, distributed, lock
@@ -19,6 +18,7 @@ from ..compile_cache import functions
 from ..data.cells import CellData
 from ..data.split import split_indices
 from ..errors import InputError, NonFiniteLossError
+from ..nn import prng
 from . import checkpoint
 from .config import TrainConfig
 from .loop import FitConfig, LoopState, StepFns, make_eval_step, make_train_step, run_loop
@@ -136,9 +136,13 @@ def _fit(config: TrainConfig, task: Task, held) -> FitResult:
     cells = task.cells
     parallel, shards, train_idx, val_idx = check(config, cells)
     tx, train_step, eval_step = step_fns(config, task)
+    # key and counters from numpy: jax.random.PRNGKey and jnp.asarray would each
+    # compile a small program
+    rng = prng.host_key(config.seed) if prng.host_keys_ok() \
+        else jax.random.PRNGKey(config.seed)
     ts = TrainState(params=task.params, state=task.state,
-                    opt_state=tx.init(task.params), rng=jax.random.PRNGKey(config.seed),
-                    step=jnp.asarray(0, jnp.int32), epoch=jnp.asarray(0, jnp.int32))
+                    opt_state=tx.init(task.params), rng=jax.device_put(rng),
+                    step=jax.device_put(np.int32(0)), epoch=jax.device_put(np.int32(0)))
     fingerprint = _fingerprint(config, cells.n_obs)
     loop = None
     if config.resume:
