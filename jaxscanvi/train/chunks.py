@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .loop import StepFns
+
 # cells per chunk the step count aims at: large enough that a dispatch per
 # chunk costs nothing, small enough that a few chunks in flight stay small
 CHUNK_CELLS = 1 << 14
@@ -45,12 +47,13 @@ def chunk_steps(n_steps: int, batch_size: int, cells: int | None = None) -> int:
 def scan_program(step_fn: Callable, gather: Callable, *, partial: bool):
     """``run(carry, cells, rows, lab_rows[, n_valid]) -> (carry, outputs)``.
 
-    ``gather(cells, rows)`` builds one minibatch inside the program. A train
-    step whose updates can wait for the next step runs that way (``deferred``
-    and ``finish`` of `train.loop.StepFns`). With ``partial``, steps at and past
-    the traced ``n_valid`` leave the carry as it is (their outputs are zeros).
+    ``step_fn`` is a scan body, or a `train.loop.StepFns`: a train step whose
+    updates can wait for the next step then runs that way (its ``deferred``
+    body, then ``finish``). ``gather(cells, rows)`` builds one minibatch inside
+    the program. With ``partial``, steps at and past the traced ``n_valid``
+    leave the carry as it is (their outputs are zeros).
     """
-    deferred = getattr(step_fn, "deferred", None)
+    deferred = step_fn.deferred if isinstance(step_fn, StepFns) else None
     fn = step_fn if deferred is None else deferred
 
     def one(c, cells, r):
