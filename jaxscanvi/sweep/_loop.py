@@ -27,7 +27,7 @@ from ..train.loop import (LoopState, add_validation, after_epoch, close_record, 
                           nonfinite_error, run_loop, train_record, validates,
                           validation_orders)
 from ..train.state import TrainState, inject_state
-from ._step import masked_jit, run_vmapped as vmapped_epoch
+from ._step import masked_jit, run_epoch_vmapped
 
 
 @dataclass
@@ -129,7 +129,7 @@ def run_vmapped(members: list[Member], ts: TrainState, *, source, steps,  # noqa
         drawn = [epoch_orders(source, cfgs[i], epoch, members[i].train_idx,
                               members[i].labelled()) for i in drawing]
         carry = (ts, jnp.full((k,), -1, jnp.int32))
-        (new, bad), (terms, counts, klw) = vmapped_epoch(
+        (new, bad), (terms, counts, klw) = run_epoch_vmapped(
             source, train, carry, _joined([d[1] for d in drawn], shared=shared),
             _joined([d[2] for d in drawn], shared=shared))
         bad = np.asarray(bad)
@@ -152,7 +152,7 @@ def run_vmapped(members: list[Member], ts: TrainState, *, source, steps,  # noqa
         if has_val and validates(cfg, epoch) and records:
             v = [validation_orders(source, cfgs[i], epoch, drawn[i][0], members[i].val_idx,
                                    members[i].val_labelled()) for i in drawing]
-            _, (vterms, vcounts, _) = vmapped_epoch(
+            _, (vterms, vcounts, _) = run_epoch_vmapped(
                 source, evaluate, ts, _joined([x[0] for x in v], shared=shared),
                 _joined([x[1] for x in v], shared=shared))
             vterms, vcounts = {n: np.asarray(t) for n, t in vterms.items()}, np.asarray(vcounts)

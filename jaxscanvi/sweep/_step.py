@@ -157,7 +157,7 @@ def vmapped_epoch(source, step_fn: Callable, *, own_rows: bool) -> Callable:
                          lambda: jax.jit(jax.vmap(one, in_axes=(0, None, axis, axis))))
 
 
-def run_vmapped(source, step_fn: Callable, carry, rows, lab_rows=None):
+def run_epoch_vmapped(source, step_fn: Callable, carry, rows, lab_rows=None):
     """`DeviceSource.run_epoch` for K stacked carries (see `vmapped_epoch`)."""
     if not source.dense:  # the list of non-zeros grows to the fullest minibatch
         source.k_cap = grown_cap(source.k_cap, source.row_nnz, rows, lab_rows)
