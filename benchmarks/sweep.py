@@ -1,4 +1,4 @@
-"""K models in one vmapped program (`jaxscanvi.sweep.train_many`) against K
+"""K models in one program (`jaxscanvi.sweep.train_many`) against K
 sequential `train()` calls: same data, architecture, epochs and seeds.
 
 Arms, for each K:
@@ -6,7 +6,9 @@ Arms, for each K:
 * ``sequential``: for s in 0..K-1, ``SCVI(adata, seed=s).train(seed=s, ...)``;
 * ``vmapped``: ``sweep.train_many(lambda s: SCVI(adata, seed=s), seeds=range(K),
   ...)`` (shared minibatch order, the default), and with ``--per-model`` also
-  ``order="per_model"`` (each member its own order, K gathers per step).
+  ``order="per_model"`` (each member its own order, K gathers per step). Its
+  ``vectorize="auto"`` vmaps on accelerators and runs members in turn on the
+  CPU (before that default, this arm was vmapped on the CPU too).
 
 Each arm is warmed up once (``max_epochs=1``: it compiles) and then timed
 over ``--epochs`` epochs, wall clock from the first model's construction to
@@ -20,6 +22,15 @@ for the sweep, one member's, since its epochs are shared). The two arms
 alternate, in swapped order each repeat, so a machine shared with other jobs
 slows both alike; the JSON keeps every repeat and the median ratio
 vmapped / sequential (below 1: the sweep is faster).
+
+With ``--cold``, instead: compilation included. Each arm runs in a fresh
+process with the compilation caches off (JAXSCANVI_COMPILATION_CACHE=0), and
+is timed from the first model's construction to the K-th trained model:
+``sequential`` (K ``train()`` calls), ``sweep`` (``train_many`` as a user
+calls it, ``vectorize="auto"``: members in turn on the CPU) and ``vmapped``
+(``vectorize=True``), alternating in rotated order each repeat; with
+``--adata``, on that file's counts (its ``--n-genes`` most variable genes).
+The result goes under ``"cold_start"`` in the JSON, beside what it held.
 
 With ``--ensemble``, instead: K scANVI members (seeds 0..K-1, one sweep,
 each with its own split and order) on a simulated atlas, or ``--adata``'s
@@ -40,11 +51,15 @@ Usage:
     python benchmarks/sweep.py --smoke         # seconds: a check that it runs
     python benchmarks/sweep.py --trace --ks 4 --n-cells 12000   # XLA work per member
     python benchmarks/sweep.py --batch-size 128 --ks 16 --n-cells 20000   # on a GPU
+    python benchmarks/sweep.py --cold --ks 4 --adata ../shared/data/pbmc_3k_4k.h5ad
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,11 +83,11 @@ def sequential(js, adata, k: int, train: dict) -> dict:
             "epoch_seconds": epochs}
 
 
-def vmapped(js, adata, k: int, train: dict, order: str) -> dict:
+def vmapped(js, adata, k: int, train: dict, order: str, vectorize="auto") -> dict:
     from jaxscanvi import sweep
     t0, c0 = time.perf_counter(), time.process_time()
     out = sweep.train_many(lambda s: js.SCVI(adata, seed=s, **ARCH), seeds=list(range(k)),
-                           order=order, **train)
+                           order=order, vectorize=vectorize, **train)
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
             "epoch_seconds": float(out.models[0].history.to_frame()["epoch_seconds"].sum())}
 
@@ -116,6 +131,61 @@ def write_side(args, name: str, res: dict) -> None:
     write_json(args.out, {"benchmark": name, "machine": machine_info(), "versions": versions(),
                           "args": {k: str(v) for k, v in vars(args).items()},
                           "architecture": ARCH, "result": res})
+
+
+def load_counts(js, args):
+    """``--adata``'s counts on its ``--n-genes`` most variable genes, or a simulated atlas."""
+    if not args.adata:
+        return js.synthetic_atlas(n_cells=args.n_cells, n_genes=args.n_genes, seed=0)
+    import anndata
+    from jaxscanvi.data.hvg import highly_variable_genes
+    adata = anndata.read_h5ad(args.adata)
+    return adata[:, highly_variable_genes(adata, args.n_genes)].copy()
+
+
+COLD_ARMS = {"sequential": None, "sweep": "auto", "vmapped": True}
+
+
+def cold_worker(args) -> int:
+    """One arm, compilation included, in this fresh process: prints its timings."""
+    import jaxscanvi as js
+    adata = load_counts(js, args)
+    batch = "batch" if "batch" in adata.obs else None
+    js.SCVI.setup_anndata(adata, batch_key=batch)
+    train = dict(max_epochs=args.epochs, batch_size=args.batch_size, progress_bar=False,
+                 devices=1)
+    k, arm = args.ks[0], args.worker
+    res = sequential(js, adata, k, train) if arm == "sequential" else \
+        vmapped(js, adata, k, train, "shared", COLD_ARMS[arm])
+    print("RESULT " + json.dumps({**res, "n_obs": adata.n_obs, "n_vars": adata.n_vars}))
+    return 0
+
+
+def cold(args) -> dict:
+    """Every arm in a fresh process per repeat, the arms' order rotating."""
+    env = {**os.environ, "JAXSCANVI_COMPILATION_CACHE": "0"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    base = [sys.executable, __file__, "--ks", str(args.ks[0]), "--epochs", str(args.epochs),
+            "--batch-size", str(args.batch_size), "--n-genes", str(args.n_genes),
+            "--n-cells", str(args.n_cells)] + (["--adata", args.adata] if args.adata else [])
+    arms, reps = list(COLD_ARMS), []
+    for r in range(args.repeats):
+        rec = {"repeat": r, "loadavg": loadavg()}
+        for arm in arms[r % 3:] + arms[:r % 3]:
+            out = subprocess.run(base + ["--worker", arm], env=env, check=True,
+                                 capture_output=True, text=True).stdout
+            rec[arm] = json.loads(out.split("RESULT ", 1)[1])
+            print(f"K={args.ks[0]} repeat {r} {arm}: {rec[arm]['seconds']:.1f} s", flush=True)
+        reps.append(rec)
+    res = {"k": args.ks[0], "epochs": args.epochs, "adata": args.adata,
+           "n_obs": reps[0]["sequential"]["n_obs"], "n_vars": reps[0]["sequential"]["n_vars"],
+           "machine": machine_info(), "repeats": reps}
+    for arm in ("sweep", "vmapped"):
+        for what in ("seconds", "cpu_seconds"):
+            res[f"ratio_{arm}_{what}"] = float(np.median(
+                [x[arm][what] / x["sequential"][what] for x in reps]))
+    res["loadavg_at_end"] = loadavg()
+    return res
 
 
 def ensemble(js, args) -> dict:
@@ -173,8 +243,29 @@ def main(argv=None) -> int:
     p.add_argument("--trace", action="store_true",
                    help="instead: XLA operation time per member, a sweep of K = max of "
                    "--ks against one run (results/sweep_trace.json)")
+    p.add_argument("--cold", action="store_true",
+                   help="instead: K = first of --ks, compilation included, each arm in a "
+                   "fresh process (under 'cold_start' in the JSON)")
+    p.add_argument("--worker", choices=list(COLD_ARMS), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
+    if args.worker:
+        return cold_worker(args)
+    if args.cold:
+        res = cold(args)
+        doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+        doc["cold_start"] = {"args": {k: str(v) if isinstance(v, Path) else v
+                                      for k, v in vars(args).items()},
+                             "versions": versions(), "architecture": ARCH, **res}
+        write_json(args.out, doc)
+        print(format_table(["K", "arm", "median s", "ratio to sequential (wall)",
+                            "ratio (CPU time)"],
+                           [[res["k"], arm, np.median([x[arm]["seconds"] for x in
+                                                       res["repeats"]]),
+                             res.get(f"ratio_{arm}_seconds", 1.0),
+                             res.get(f"ratio_{arm}_cpu_seconds", 1.0)] for arm in COLD_ARMS]))
+        print(f"wrote {args.out}")
+        return 0
     if args.smoke:
         args.n_cells, args.n_genes, args.epochs, args.ks, args.repeats = 300, 200, 1, [1, 2], 1
         if args.out == DEFAULT_OUT:
@@ -192,8 +283,8 @@ def main(argv=None) -> int:
                                res["accuracy_members"], res["ece_members"]))]))
         print(f"wrote {args.out}")
         return 0
-    adata = js.synthetic_atlas(n_cells=args.n_cells, n_genes=args.n_genes, seed=0)
-    js.SCVI.setup_anndata(adata, batch_key="batch")
+    adata = load_counts(js, args)
+    js.SCVI.setup_anndata(adata, batch_key="batch" if "batch" in adata.obs else None)
     train = dict(max_epochs=args.epochs, batch_size=args.batch_size, progress_bar=False,
                  devices=1)
     warm = {**train, "max_epochs": 1}
@@ -212,6 +303,9 @@ def main(argv=None) -> int:
                                           for k, v in vars(args).items()},
            "machine": machine_info(), "versions": versions(), "architecture": ARCH,
            "results": []}
+    if args.out.exists():  # the cold-start figures stay beside the warm ones
+        doc.update({k: v for k, v in json.loads(args.out.read_text()).items()
+                    if k == "cold_start"})
     t_start = time.perf_counter()
     rows = []
     for k in args.ks:

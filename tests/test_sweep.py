@@ -210,10 +210,11 @@ def test_memory_refuses_too_many_members(data):
 def test_memory_estimate_covers_what_xla_allocates(data):
     """The estimate is at least XLA's own count for the compiled epoch of 4 members."""
     from jaxscanvi.sweep import _members
-    from jaxscanvi.sweep._loop import Member, Orders, initial_state
-    from jaxscanvi.sweep._step import programs, sweep_optimizer
+    from jaxscanvi.sweep._loop import Member, initial_state
+    from jaxscanvi.sweep._step import member_steps, vmapped_epoch
     from jaxscanvi.sweep import _capture
-    from jaxscanvi.train.fit import check
+    from jaxscanvi.train.fit import check, loop_config
+    from jaxscanvi.train.loop import epoch_orders
     from jaxscanvi.train.sources import make_source
     adata, _ = data
     group = []
@@ -223,13 +224,14 @@ def test_memory_estimate_covers_what_xla_allocates(data):
         _, _, tr, va = check(config, task.cells)
         group.append(Member(config, task, tr, va, s))
     source = make_source("device", group[0].task.cells, 64)
-    ts = initial_state(group, sweep_optimizer(0.01), *_members.optimiser_numbers(
-        [g.config for g in group]))
-    hp = _members.hyper_arrays([g.config for g in group], has_ratio=False)
-    rows, _ = Orders(source, group, shared=True, batch_size=64).train(0)
-    prog = programs(group[0].task, group[0].config, schedule_mode="epochs", shared=True,
-                    dense=source.dense, n_genes=source.n_genes, k_cap=0)
-    stats = prog.epoch.lower(ts, hp, source.cells, jnp.asarray(rows), None).compile() \
+    tx, train, _ = member_steps(group[0].task, group[0].config, schedule_mode="epochs")
+    ts = initial_state(group, tx, _members.hyper_arrays([g.config for g in group],
+                                                        has_ratio=False))
+    _, rows, _ = epoch_orders(source, loop_config(group[0].config), 0, group[0].train_idx,
+                              None)
+    epoch = vmapped_epoch(source, train, own_rows=False)
+    carry = (ts, jnp.full((4,), -1, jnp.int32))
+    stats = epoch.lower(carry, source.cells, jnp.asarray(rows), None).compile() \
         .memory_analysis()
     if stats is None:
         pytest.skip("this backend reports no memory analysis")
@@ -293,3 +295,94 @@ def test_fit_with_swaps_the_fit_alone(data):
     m.train(max_epochs=1, **FIT)  # the real fit is back
     after = np.asarray(m.params["z_encoder"]["mean"]["kernel"])
     assert len(seen) == 1 and not np.allclose(before, after)
+
+
+def _both_ways(make, **kwargs):
+    """The same sweep run vmapped and in turn: (vmapped, in turn) results."""
+    return tuple(sweep.train_many(make, vectorize=v, **kwargs) for v in (True, False))
+
+
+def test_vmapped_and_in_turn_sweeps_give_the_same_models(data):
+    """vectorize=True (one vmapped program) and False (members in turn, as on the
+    CPU by default) train the same models: own orders with early stopping and the
+    plateau acting on some members only (as in the first test)."""
+    adata, _ = data
+    members = [{"seed": 0, "lr": 1e-3},
+               {"seed": 1, "lr": 1e-4, "weight_decay": 1e-3},
+               {"seed": 2, "max_kl_weight": 0.5, "n_epochs_kl_warmup": 2}]
+    plan = {"reduce_lr_on_plateau": True, "lr_scheduler_metric": "kl_weight",
+            "lr_patience": 0, "lr_min": 1e-4}
+    vm, turn = _both_ways(lambda s: js.SCVI(adata, seed=s, **NET), members=members,
+                          order="per_model", plan_kwargs=plan, max_epochs=4,
+                          early_stopping=True, early_stopping_monitor="lr",
+                          early_stopping_patience=2, **FIT)
+    assert [m.history.n_epochs for m in vm.models] == [4, 3, 4]
+    for a, b in zip(vm.models, turn.models):
+        assert_same_model(a, b)
+    assert not np.allclose(vm.models[0].history.to_frame()["train_loss"],
+                           vm.models[2].history.to_frame()["train_loss"])
+
+
+def test_vmapped_scanvi_sparse_library_kernels_equal_in_turn(data, monkeypatch):
+    """The vmapped program's other branches against the members in turn: scANVI's
+    paired labelled minibatches with a swept ratio and term weight (shared order),
+    CSR counts on the device and the library kernels (no deferred Adam)."""
+    from functools import partial
+
+    import jaxscanvi.sweep as sweep_module
+    from jaxscanvi import backend
+    from jaxscanvi.train.sources import make_source
+    _, adata = data
+    members = [{"seed": 0, "classification_ratio": 10.0, "loss_weights.centre": 0.5},
+               {"seed": 4, "classification_ratio": 50.0, "loss_weights.centre": 2.0}]
+    kw = dict(members=members, max_epochs=2, loss_terms={"centre": _centre},
+              check_val_every_n_epoch=1, **FIT)
+    vm, turn = _both_ways(lambda s: js.SCANVI(adata, seed=s, **NET), **kw)
+    for a, b in zip(vm.models, turn.models):
+        assert_same_model(a, b)
+        assert "classification_loss_validation_labelled" in a.history  # val_metrics ran
+    monkeypatch.setattr(sweep_module, "make_source", partial(make_source, dense_max_bytes=0))
+    with backend.use("library"):
+        vm, turn = _both_ways(lambda s: js.SCVI(data[0], seed=s, **NET), seeds=[0, 1],
+                              order="per_model", max_epochs=1, **FIT)
+    for a, b in zip(vm.models, turn.models):
+        assert_same_model(a, b)
+
+
+def test_adamw_and_clipping_members_equal_single_runs(data):
+    """The sweep's optimiser is train()'s: AdamW with gradient clipping, the decay
+    swept (traced), both ways."""
+    adata, _ = data
+    plan = {"optimizer": "AdamW", "gradient_clip_val": 0.05}
+    kw = dict(max_epochs=2, **FIT)
+    vm, turn = _both_ways(lambda s: js.SCVI(adata, seed=s, **NET), seeds=[0],
+                          grid={"weight_decay": [0.0, 0.3]}, plan_kwargs=plan, **kw)
+    single = js.SCVI(adata, seed=0, **NET).train(
+        seed=0, plan_kwargs={**plan, "weight_decay": 0.3}, **kw)
+    assert_same_model(vm.models[1], single)
+    assert_same_model(turn.models[1], single)
+    a, b = (np.asarray(m.params["z_encoder"]["mean"]["kernel"]) for m in turn.models)
+    assert not np.allclose(a, b, atol=1e-4)  # the decay is a member's own
+
+
+def test_vectorize_auto_picks_by_backend(data, monkeypatch):
+    """'auto' runs members in turn on the CPU and vmapped elsewhere; a bad value is
+    refused before anything trains."""
+    import jaxscanvi.sweep as sweep_module
+    adata, _ = data
+    called = []
+    monkeypatch.setattr(sweep_module, "run_vmapped",
+                        lambda *a, **k: called.append("vmapped") or [])
+    monkeypatch.setattr(sweep_module, "run_in_turn",
+                        lambda *a, **k: called.append("in turn") or [])
+    monkeypatch.setattr(sweep_module, "_finish", lambda *a: None)
+    monkeypatch.setattr(sweep_module, "_result", lambda *a: None)
+    make = lambda s: js.SCVI(adata, seed=s, **NET)  # noqa: E731
+    sweep.train_many(make, max_epochs=1, **FIT)
+    monkeypatch.setattr(sweep_module.jax, "default_backend", lambda: "gpu")
+    sweep.train_many(make, max_epochs=1, **FIT)
+    sweep.train_many(make, max_epochs=1, vectorize=False, **FIT)
+    assert called == ["in turn", "vmapped", "in turn"]
+    with pytest.raises(InputError) as err:
+        sweep.train_many(make, max_epochs=1, vectorize="yes", **FIT)
+    assert err.value.field == "vectorize"

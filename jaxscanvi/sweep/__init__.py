@@ -1,13 +1,14 @@
 """Many models in one program: seeds, hyperparameter sweeps and ensembles.
 
-`train_many` trains K models of one architecture on one AnnData at once:
-one data pipeline, one compiled epoch, `jax.vmap` over the K train states.
-Members differ by seed (initialisation, dropout and sampling noise) and by
-any hyperparameter that changes no shape: ``lr``, ``weight_decay``,
-``max_kl_weight``, ``min_kl_weight``, ``n_epochs_kl_warmup`` (or
-``n_steps_kl_warmup``), ``classification_ratio`` (scANVI) and the weight of
-any extra loss term (``"loss_weights.<name>"``). Each comes back as an
-ordinary trained `SCVI` / `SCANVI`.
+`train_many` trains K models of one architecture on one AnnData: one data
+pipeline, one compiled epoch program (`train()`'s, `train.chunks.scan_program`
+on the device source) for all K. Members differ by seed (initialisation,
+dropout and sampling noise) and by any hyperparameter that changes no shape:
+``lr``, ``weight_decay``, ``max_kl_weight``, ``min_kl_weight``,
+``n_epochs_kl_warmup`` (or ``n_steps_kl_warmup``), ``classification_ratio``
+(scANVI) and the weight of any extra loss term (``"loss_weights.<name>"``).
+These are traced, held in each member's optimiser state, so one compile
+serves every member. Each comes back as an ordinary trained `SCVI` / `SCANVI`.
 
 >>> from jaxscanvi import SCVI, sweep
 >>> out = sweep.train_many(lambda seed: SCVI(adata, seed=seed), seeds=[0, 1, 2],
@@ -40,18 +41,28 @@ has stopped or at ``max_epochs``. A member whose loss goes non-finite (with
 ``on_nonfinite="raise"``) stops with its last finite parameters and a
 warning, instead of ending the sweep.
 
-Before compiling, the sweep estimates the device memory K members need
-(`_memory`) and refuses a K that does not fit, naming the largest that does.
-The custom training kernels of `jaxscanvi.backend` vmap as they are: a sweep
-runs whatever `train()` would run on this backend.
+Vmapped or in turn (``vectorize``): on an accelerator the epoch program runs
+`jax.vmap`-ed over the K stacked train states, one step of every member at
+once. On the CPU ("auto" there) the members run in turn through the same
+compiled program, each as its own `train()` would: a CPU step is already
+compute bound and XLA's batched matrix products run slower than its 2-D ones,
+so vmapping made a CPU sweep slower than K `train()` calls (benchmarks/sweep.py).
+In turn, it takes what K runs take less what they would repeat: K copies of
+the data, and a compile for each distinct setting of the hyperparameters
+(train() compiles its step per setting; the sweep traces them). Both ways give
+the same models, to float tolerance.
 
-When it pays: K members cost K times the arithmetic, so a sweep saves what
-K runs would repeat (data set-up and gathers, compilation, dispatch) and
-fills a device that one model at batch 128 leaves idle. On an accelerator
-that is most of a small model's step; on a CPU the step is already compute
-bound, and XLA's batched matrix products run slower than its 2-D ones, so
-there a sweep takes about as long as K `train()` calls (benchmarks/sweep.py)
-and buys one call, one program, and per-member early stopping.
+Before compiling, the sweep estimates the device memory K vmapped members
+need (`_memory`) and refuses a K that does not fit, naming the largest that
+does; the check is the same in turn, where it over-counts. The custom training
+kernels of `jaxscanvi.backend` vmap as they are: a sweep runs whatever
+`train()` would run on this backend, with its optimiser (Adam or AdamW, with
+gradient clipping).
+
+When vmapping pays: K members cost K times the arithmetic, so a vmapped sweep
+saves what K runs would repeat (data set-up and gathers, compilation,
+dispatch) and fills a device that one model at batch 128 leaves idle. On an
+accelerator that is most of a small model's step.
 """
 
 from __future__ import annotations
@@ -66,8 +77,8 @@ from ..errors import InputError
 from ..train.fit import check
 from ..train.sources import make_source
 from . import _members, _memory
-from ._loop import Member, initial_state, run
-from ._step import sweep_optimizer
+from ._loop import Member, initial_state, run_in_turn, run_vmapped
+from ._step import member_steps
 from .ensemble import ensemble_calibration, ensemble_predict
 
 __all__ = ["train_many", "SweepResult", "ensemble_predict", "ensemble_calibration"]
@@ -103,7 +114,7 @@ class SweepResult:
 def train_many(model, *, seeds=(0,), grid: dict | None = None,  # noqa: PLR0913 (keyword-only)
                members: list[dict] | None = None, order: str = "shared",
                data_seed: int | None = None, memory_budget: int | None = None,
-               **train_kwargs) -> SweepResult:
+               vectorize: bool | str = "auto", **train_kwargs) -> SweepResult:
     """Train one model per seed x grid point (or per ``members`` entry) in one program.
 
     Parameters
@@ -127,6 +138,12 @@ def train_many(model, *, seeds=(0,), grid: dict | None = None,  # noqa: PLR0913 
         The seed of the shared split and order (default: the first member's).
     memory_budget
         Bytes the sweep may use on the device (default: what it has free).
+    vectorize
+        True: every member's epoch in one `jax.vmap`-ed program; False: the
+        members in turn through one compiled program (each as its `train()`
+        runs); "auto" (default): vmapped on accelerators, in turn on the CPU,
+        where vmapping does not pay. Both give the same models, to float
+        tolerance.
     train_kwargs
         What ``model.train`` takes (``max_epochs``, ``batch_size``,
         ``plan_kwargs``, ``early_stopping``, ``loss_terms``, ...), shared by
@@ -136,6 +153,10 @@ def train_many(model, *, seeds=(0,), grid: dict | None = None,  # noqa: PLR0913 
     if order not in ("shared", "per_model"):
         raise InputError("order", order, "not 'shared' or 'per_model'",
                          "pass order='shared' (one minibatch order) or 'per_model'")
+    if vectorize not in (True, False, "auto"):
+        raise InputError("vectorize", vectorize, "not True, False or 'auto'",
+                         "pass vectorize='auto' (vmapped on accelerators, in turn on the "
+                         "CPU), True or False")
     specs = _members.expand(seeds, grid, members)
     shared = order == "shared"
     if shared:
@@ -162,11 +183,14 @@ def train_many(model, *, seeds=(0,), grid: dict | None = None,  # noqa: PLR0913 
     cells = first.task.cells
     _fits(first, len(group), cells, shared=shared, budget=memory_budget)
     source = make_source("device", cells, first.config.batch_size)
-    masks = first.task.freeze if first.task.freeze is not None else (None, None)
-    tx = sweep_optimizer(first.config.plan.get("eps", 0.01), masks[0])
-    ts = initial_state(group, tx, *_members.optimiser_numbers(configs))
-    results = run(group, ts, hp, source=source, shared=shared, schedule_mode=mode,
-                  progress_bar=progress)
+    tx, *steps = member_steps(first.task, first.config, schedule_mode=mode)
+    if vectorize == "auto":
+        vectorize = jax.default_backend() != "cpu"
+    if vectorize:
+        results = run_vmapped(group, initial_state(group, tx, hp), source=source,
+                              steps=steps, shared=shared, progress_bar=progress)
+    else:
+        results = run_in_turn(group, tx, hp, source=source, steps=steps)
     for m, kw, result in zip(models, kwargs, results):
         _finish(m, kw, result)
     return _result(models, specs, kwargs)

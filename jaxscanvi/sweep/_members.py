@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import jax.numpy as jnp
 import numpy as np
 
 from ..errors import InputError
@@ -122,13 +121,18 @@ def schedule_mode(configs) -> str:
 
 
 def hyper_arrays(configs, *, has_ratio: bool) -> dict:
-    """Each member's traced numbers, stacked: the KL schedule's, the
-    classification ratio, and every numeric extra-term weight."""
+    """Each member's traced numbers, stacked (K,) and named as its optimiser's
+    hyperparams hold them: learning rate, weight decay, the KL schedule's
+    numbers, the classification ratio, and every numeric extra-term weight."""
+    from ._step import WEIGHT_KEY
+
     def f32(values):
-        return jnp.asarray(np.asarray(values, np.float64), jnp.float32)
+        return np.asarray(np.asarray(values, np.float64), np.float32)
 
     sched = [c.plan.schedule for c in configs]
-    hp = {"kl_slope": f32([s.max_kl_weight - s.min_kl_weight for s in sched]),
+    hp = {"learning_rate": f32([c.plan.get("lr", 1e-3) for c in configs]),
+          "weight_decay": f32([c.plan.get("weight_decay", 1e-6) for c in configs]),
+          "kl_slope": f32([s.max_kl_weight - s.min_kl_weight for s in sched]),
           "kl_min": f32([s.min_kl_weight for s in sched]),
           "kl_max": f32([s.max_kl_weight for s in sched]),
           "kl_n": f32([float(s.n_epochs_kl_warmup or s.n_steps_kl_warmup or 1)
@@ -143,13 +147,6 @@ def hyper_arrays(configs, *, has_ratio: bool) -> dict:
             raise InputError(f"grid['{WEIGHT_PREFIX}{name}']", "numbers and a schedule",
                              "members give this term a number and a schedule",
                              "sweep numbers only, or give every member the same schedule")
-    hp["weights"] = {k: f32([x[k] for x in weights]) for k, w in weights[0].items()
-                     if not callable(w)}
+    hp.update({WEIGHT_KEY + k: f32([x[k] for x in weights]) for k, w in weights[0].items()
+               if not callable(w)})
     return hp
-
-
-def optimiser_numbers(configs) -> tuple[np.ndarray, np.ndarray]:
-    """Each member's learning rate and weight decay (float32, as optax keeps them)."""
-    lr = np.asarray([c.plan.get("lr", 1e-3) for c in configs], np.float32)
-    wd = np.asarray([c.plan.get("weight_decay", 1e-6) for c in configs], np.float32)
-    return lr, wd

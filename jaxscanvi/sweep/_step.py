@@ -1,12 +1,14 @@
-"""The compiled programs of a sweep: one epoch (and one validation pass) of K
-models at once, `jax.vmap` over their train states and hyperparameters.
+"""A sweep member's train and eval steps, with every hyperparameter it may vary traced.
 
-Each member's hyperparameters are traced values, so one program serves every
-grid: the learning rate and weight decay live in the optimiser state
-(`optax.inject_hyperparams`), the KL schedule, ``classification_ratio`` and
-the extra loss terms' weights in an array dict ``hp`` the epoch takes as an
-argument. Inside the vmap each member runs `train.loop.make_train_step`,
-the very step a single `train()` runs.
+Each member's numbers live in its optimiser state (`optax.inject_hyperparams`'
+``hyperparams``): the learning rate and weight decay, which the optimiser
+reads, and the KL schedule's numbers, ``classification_ratio`` and the extra
+loss terms' weights, which the step reads back. So one step function, and one
+compiled epoch, serves every member and every grid. The step is
+`train.loop.make_train_step`, the very step a single `train()` runs, and the
+epoch is the device source's (`train.chunks.scan_program` over its gather):
+members run it in turn, or `jax.vmap`-ed over their stacked states
+(`vmapped_epoch`).
 """
 
 from __future__ import annotations
@@ -21,24 +23,43 @@ import optax
 
 from .. import backend
 from ..compile_cache import functions
-from ..data.batch import dense_device_batch, device_batch
-from ..train.loop import make_eval_step, make_train_step
-from ..train.state import mask_key, pending_update, zero_frozen
+from ..train.fit import pinned
+from ..train.loop import StepFns, make_eval_step, make_train_step
+from ..train.sources import grown_cap
+from ..train.state import inject_state, mask_key, pending_update, zero_frozen
+
+# a member's extra-term weight, in its optimiser's hyperparams
+WEIGHT_KEY = "loss_weight:"
 
 
-def sweep_optimizer(eps: float, trainable_mask=None) -> optax.GradientTransformation:
-    """`train.state.make_optimizer`'s Adam (coupled L2), with the weight decay
-    injected too, so each member carries its own in its optimiser state."""
+def sweep_optimizer(eps: float, trainable_mask=None, *, decoupled: bool = False,
+                    clip: tuple | None = None) -> optax.GradientTransformation:
+    """`train.state.make_optimizer`'s chain (Adam at element 1, coupled L2 or, with
+    ``decoupled``, AdamW; Lightning's clipping), with the weight decay injected too.
 
-    def build(learning_rate, weight_decay):
-        return optax.chain(optax.add_decayed_weights(weight_decay),
-                           optax.scale_by_adam(eps=eps),
+    The factory ignores the other numbers a member keeps in its hyperparams.
+    """
+    def build(learning_rate, weight_decay, **numbers):
+        del numbers  # the step's, not the optimiser's
+        first = [] if clip is None else [optax.clip_by_global_norm(clip[1])
+                                         if clip[0] == "norm" else optax.clip(clip[1])]
+        if not decoupled:
+            first.append(optax.add_decayed_weights(weight_decay))
+        after = [optax.add_decayed_weights(weight_decay)] if decoupled else []
+        head = first[0] if len(first) == 1 else optax.chain(*first) if first \
+            else optax.identity()
+        return optax.chain(head, optax.scale_by_adam(eps=eps), *after,
                            optax.scale_by_learning_rate(learning_rate))
 
     tx = optax.inject_hyperparams(build)(learning_rate=1e-3, weight_decay=0.0)
     if trainable_mask is not None:
         tx = optax.chain(tx, zero_frozen(trainable_mask))
     return tx
+
+
+def numbers(ts) -> dict:
+    """A member's traced hyperparameters (see the module docstring)."""
+    return inject_state(ts.opt_state).hyperparams
 
 
 @dataclass(frozen=True)
@@ -70,88 +91,79 @@ def with_hyper(loss: Callable, hp: dict) -> Callable:
     kw = {}
     if "classification_ratio" in hp:
         kw["classification_ratio"] = hp["classification_ratio"]
-    if hp.get("weights"):
-        kw["extra_weights"] = {**loss.keywords.get("extra_weights", {}), **hp["weights"]}
+    weights = {k[len(WEIGHT_KEY):]: v for k, v in hp.items() if k.startswith(WEIGHT_KEY)}
+    if weights:
+        kw["extra_weights"] = {**loss.keywords.get("extra_weights", {}), **weights}
     return partial(loss, **kw) if kw else loss
 
 
-@dataclass(frozen=True)
-class Programs:
-    """A sweep's compiled epoch and validation pass (see `programs`)."""
+def member_steps(task, config, *, schedule_mode: str):
+    """(optimizer, train `StepFns`, eval step) for any member, built once per program.
 
-    epoch: Callable      # (ts, hp, cells, rows, lab_rows) -> (ts, bad, (terms, counts, kl))
-    validate: Callable   # (ts, hp, cells, rows, lab_rows) -> (terms, counts, kl)
-
-
-def programs(task, config, *, schedule_mode: str, shared: bool, dense: bool,
-             n_genes: int, k_cap: int) -> Programs:
-    """Build (or reuse) the vmapped epoch and validation programs.
-
-    ``shared``: every member sees the same minibatch (rows (n_steps, B),
-    gathered once); else rows are (n_steps, K, B), one minibatch per member.
+    Carries are train()'s: ``(TrainState, first_bad_step)`` for training, the
+    TrainState for evaluation; each step reads its numbers from the state.
     """
     masks = task.freeze if task.freeze is not None else (None, None)
     numerics = backend.current(config.precision)
+    plan = config.plan
     traced_plan = {"lr", "weight_decay", "classification_ratio"}
-    spec = ("sweep", task.loss_spec,
-            tuple(kv for kv in config.plan.options if kv[0] not in traced_plan),
+    spec = ("sweep_member", task.loss_spec,
+            tuple(kv for kv in plan.options if kv[0] not in traced_plan),
             config.on_nonfinite, config.loss_terms,
             tuple((k, w) for k, w in config.loss_weights if callable(w)),
-            mask_key(masks[0]), mask_key(masks[1]), numerics, schedule_mode, shared, dense,
-            n_genes, k_cap)
+            mask_key(masks[0]), mask_key(masks[1]), numerics, schedule_mode)
 
     def build():
-        eps = config.plan.get("eps", 0.01)
-        tx = sweep_optimizer(eps, masks[0])
-        pending = partial(pending_update, eps=eps, trainable_mask=masks[0]) \
-            if numerics.kernels.deferred_adam else None
+        eps, decoupled = plan.get("eps", 0.01), plan.get("optimizer") == "AdamW"
+        clip = plan.get("gradient_clip_val")
+        tx = sweep_optimizer(eps, masks[0], decoupled=decoupled, clip=None if clip is None
+                             else (plan.get("gradient_clip_algorithm", "norm"), clip))
+        deferred = numerics.kernels.deferred_adam
         loss_train, loss_eval = task.make_loss(train=True), task.make_loss(train=False)
 
-        def member(hp):
+        def fns(ts) -> StepFns:
+            hp = numbers(ts)
+            pending = partial(pending_update, eps=eps, trainable_mask=masks[0],
+                              decoupled_decay=hp["weight_decay"] if decoupled else 0.0) \
+                if deferred else None
             return make_train_step(with_hyper(loss_train, hp), tx,
                                    TracedSchedule(schedule_mode, hp), config.on_nonfinite,
                                    masks[1], pending)
 
-        bax = None if shared else 0
-        step = jax.vmap(lambda hp, c, b: member(hp).step(c, b), in_axes=(0, 0, bax))
-        deferred = jax.vmap(lambda hp, c, b: member(hp).deferred(c, b), in_axes=(0, 0, bax))
-        finish = jax.vmap(lambda hp, c: member(hp).finish(c))
-        evaluate = jax.vmap(
-            lambda hp, ts, b: make_eval_step(with_hyper(loss_eval, hp),
-                                             TracedSchedule(schedule_mode, hp))(ts, b)[1],
-            in_axes=(0, 0, bax))
+        def evaluate(ts, batch):
+            hp = numbers(ts)
+            return make_eval_step(with_hyper(loss_eval, hp),
+                                  TracedSchedule(schedule_mode, hp))(ts, batch)
 
-        def gather(cells, r):
-            one = dense_device_batch if dense else partial(device_batch, n_genes=n_genes,
-                                                           k_cap=k_cap)
-            return one(cells, r) if shared else jax.vmap(one, in_axes=(None, 0))(cells, r)
-
-        def batches(cells, r):
-            main = gather(cells, r[0])
-            return main if r[1] is None else (main, gather(cells, r[1]))
-
-        def epoch(ts, hp, cells, rows, lab_rows):
-            k = ts.step.shape[0]
-            bad = jnp.full((k,), -1, jnp.int32)
-            if pending is None:
-                (ts, bad), out = jax.lax.scan(
-                    lambda c, r: step(hp, c, batches(cells, r)), (ts, bad), (rows, lab_rows))
-            else:
-                carry = (ts, bad, jnp.zeros((k,), bool))
-                carry, out = jax.lax.scan(
-                    lambda c, r: deferred(hp, c, batches(cells, r)), carry, (rows, lab_rows))
-                ts, bad = finish(hp, carry)
-            return ts, bad, out
-
-        def validate(ts, hp, cells, rows, lab_rows):
-            _, out = jax.lax.scan(lambda c, r: (c, evaluate(hp, c, batches(cells, r))),
-                                  ts, (rows, lab_rows))
-            return out
-
-        return Programs(jax.jit(backend.traced(epoch, numerics)),
-                        jax.jit(backend.traced(validate, numerics)))
+        train = StepFns(lambda c, b: fns(c[0]).step(c, b),
+                        (lambda c, b: fns(c[0]).deferred(c, b)) if deferred else None,
+                        (lambda c: fns(c[0]).finish(c)) if deferred else None)
+        return tx, pinned(train, numerics), backend.traced(evaluate, numerics)
 
     return functions.get(spec, build)
+
+
+def vmapped_epoch(source, step_fn: Callable, *, own_rows: bool) -> Callable:
+    """The device source's epoch program for one member, `jax.vmap`-ed over K
+    stacked carries: ``(carry, cells, rows, lab_rows) -> (carry, outputs)``,
+    outputs (K, n_steps). Rows are (n_steps, B), one minibatch gathered once for
+    all members, or with ``own_rows`` (n_steps, K, B), each member its own.
+    """
+    # DeviceSource keeps its program (scan_program over its gather) private;
+    # the sweep vmaps that very program rather than a copy of it
+    one = source._epoch_fn(step_fn)
+    axis = 1 if own_rows else None
+    return functions.get(("sweep_vmapped", one, axis),
+                         lambda: jax.jit(jax.vmap(one, in_axes=(0, None, axis, axis))))
+
+
+def run_epoch_vmapped(source, step_fn: Callable, carry, rows, lab_rows=None):
+    """`DeviceSource.run_epoch` for K stacked carries (see `vmapped_epoch`)."""
+    if not source.dense:  # the list of non-zeros grows to the fullest minibatch
+        source.k_cap = grown_cap(source.k_cap, source.row_nnz, rows, lab_rows)
+    fn = vmapped_epoch(source, step_fn, own_rows=rows.ndim == 3)
+    lab = None if lab_rows is None else jnp.asarray(lab_rows)
+    return fn(carry, source.cells, jnp.asarray(rows), lab)
 
 
 def masked(active, new, old):

@@ -178,20 +178,12 @@ def run_loop(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,  #
     """Train until max_epochs (or early stop). Epochs already in ``ts.epoch`` are skipped."""
     loop = loop or LoopState()
     start = int(ts.epoch)
-    check_every = cfg.check_val_every_n_epoch
-    if check_every is None and (cfg.early_stopping or cfg.reduce_lr_on_plateau):
-        check_every = 1
     has_val = len(val_idx) > 0
     bar = tqdm(range(start, cfg.max_epochs), initial=start, total=cfg.max_epochs,
                desc="Training", disable=not cfg.progress_bar, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, epoch])
-        rows = source.order(rng, train_idx, cfg.batch_size)
-        lab_rows = None
-        if labelled_idx is not None:
-            lab_rows = source.labelled_order(rng, labelled_idx(rng), rows.shape[0],
-                                             cfg.batch_size)
+        rng, rows, lab_rows = epoch_orders(source, cfg, epoch, train_idx, labelled_idx)
         carry = (ts, jnp.asarray(-1, jnp.int32))
         (ts_new, bad), (terms, counts, klw) = source.run_epoch(
             train_step, carry, rows, lab_rows)
@@ -201,47 +193,110 @@ def run_loop(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,  #
             err.train_state, err.loop_state = ts_new, loop
             raise err
         ts = ts_new.replace(epoch=ts_new.epoch + 1)
-        record = {"epoch": epoch}
-        record.update({f"{k}_train": v for k, v in epoch_means(terms, counts).items()})
-        record["train_loss"] = record.pop("loss_train")
-        record["kl_weight"] = float(np.asarray(klw)[-1])
-        record["lr"] = get_lr(ts.opt_state)
-        if has_val and check_every and (epoch + 1) % check_every == 0:
-            vrows = source.order(rng, val_idx, cfg.batch_size, shuffle=False)
-            vlab = None
-            if val_labelled is not None:
-                vl = val_labelled()
-                vlab = source.labelled_order(np.random.default_rng([cfg.seed, epoch, 1]),
-                                             vl if len(vl) else val_idx, vrows.shape[0],
-                                             cfg.batch_size)
+        record = train_record(epoch, terms, counts, klw, get_lr(ts.opt_state))
+        if has_val and validates(cfg, epoch):
+            vrows, vlab = validation_orders(source, cfg, epoch, rng, val_idx, val_labelled)
             _, (vterms, vcounts, _) = source.run_epoch(eval_step, ts, vrows, vlab)
-            v = epoch_means(vterms, vcounts)
-            record.update({f"{k}_validation": val for k, val in v.items()})
-            record["validation_loss"] = record.pop("loss_validation")
+            add_validation(record, vterms, vcounts)
             if extra_val_metrics is not None:
                 record.update(extra_val_metrics(ts))
-        add_scvi_tools_names(record)
-        record["epoch_seconds"] = time.perf_counter() - t0
-        loop.history.append(record)
+        close_record(loop, record, time.perf_counter() - t0)
         bar.set_postfix(loss=f"{record['train_loss']:.4g}")
-        if cfg.reduce_lr_on_plateau and cfg.lr_scheduler_metric in record:
-            ts = _plateau(ts, loop, record[cfg.lr_scheduler_metric], cfg)
-        stop = False
-        _check_monitor(cfg, record)
-        if cfg.early_stopping and cfg.early_stopping_monitor in record:
-            m = record[cfg.early_stopping_monitor]
-            if m < loop.best - cfg.early_stopping_min_delta:
-                loop.best, loop.bad_epochs = m, 0
-            else:
-                loop.bad_epochs += 1
-                stop = loop.bad_epochs >= cfg.early_stopping_patience
-        loop.stopped_early = stop
+        lr = get_lr(ts.opt_state)
+        new_lr, stop = after_epoch(loop, record, lr, cfg)
+        if new_lr != lr:
+            ts = ts.replace(opt_state=set_lr(ts.opt_state, new_lr))
         if on_epoch_end is not None:
             on_epoch_end(ts, loop)
         if stop:
             break
     bar.close()
     return ts, loop
+
+
+# The pieces of an epoch's bookkeeping, each on one model's LoopState: run_loop
+# uses them, and a sweep (`jaxscanvi.sweep`) uses them for each of its members.
+
+def epoch_orders(source, cfg: FitConfig, epoch: int, train_idx: np.ndarray,
+                 labelled_idx: Callable | None):
+    """(rng, rows, labelled rows or None) of epoch ``epoch``, drawn from
+    ``default_rng([seed, epoch])``; the rng goes on to `validation_orders`."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    rows = source.order(rng, train_idx, cfg.batch_size)
+    lab_rows = None
+    if labelled_idx is not None:
+        lab_rows = source.labelled_order(rng, labelled_idx(rng), rows.shape[0],
+                                         cfg.batch_size)
+    return rng, rows, lab_rows
+
+
+def validation_orders(source, cfg: FitConfig, epoch: int, rng, val_idx: np.ndarray,  # noqa: PLR0913 (what an epoch's validation draws from)
+                      val_labelled: Callable | None):
+    """(rows, labelled rows or None) of a validation pass, in cell order."""
+    vrows = source.order(rng, val_idx, cfg.batch_size, shuffle=False)
+    vlab = None
+    if val_labelled is not None:
+        vl = val_labelled()
+        vlab = source.labelled_order(np.random.default_rng([cfg.seed, epoch, 1]),
+                                     vl if len(vl) else val_idx, vrows.shape[0],
+                                     cfg.batch_size)
+    return vrows, vlab
+
+
+def validation_every(cfg: FitConfig) -> int | None:
+    """Epochs between validations: every epoch when something monitors them."""
+    every = cfg.check_val_every_n_epoch
+    if every is None and (cfg.early_stopping or cfg.reduce_lr_on_plateau):
+        every = 1
+    return every
+
+
+def validates(cfg: FitConfig, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) ends with a validation pass."""
+    every = validation_every(cfg)
+    return bool(every) and (epoch + 1) % every == 0
+
+
+def train_record(epoch: int, terms: dict, counts, klw, lr: float) -> dict:
+    """An epoch's history record from its per-step outputs (one model's)."""
+    record = {"epoch": epoch}
+    record.update({f"{k}_train": v for k, v in epoch_means(terms, counts).items()})
+    record["train_loss"] = record.pop("loss_train")
+    record["kl_weight"] = float(np.asarray(klw)[-1])
+    record["lr"] = float(lr)
+    return record
+
+
+def add_validation(record: dict, terms: dict, counts) -> None:
+    """A validation pass's means into ``record``."""
+    v = epoch_means(terms, counts)
+    record.update({f"{k}_validation": val for k, val in v.items()})
+    record["validation_loss"] = record.pop("loss_validation")
+
+
+def close_record(loop: LoopState, record: dict, seconds: float) -> None:
+    """``record`` with scvi-tools' names and its time, appended to the history."""
+    add_scvi_tools_names(record)
+    record["epoch_seconds"] = seconds
+    loop.history.append(record)
+
+
+def after_epoch(loop: LoopState, record: dict, lr: float, cfg: FitConfig) -> tuple[float, bool]:
+    """Reduce-on-plateau and early stopping on ``record``: (the new learning
+    rate, whether training stops). Updates ``loop``."""
+    if cfg.reduce_lr_on_plateau and cfg.lr_scheduler_metric in record:
+        lr = plateau(loop, record[cfg.lr_scheduler_metric], lr, cfg)
+    stop = False
+    _check_monitor(cfg, record)
+    if cfg.early_stopping and cfg.early_stopping_monitor in record:
+        m = record[cfg.early_stopping_monitor]
+        if m < loop.best - cfg.early_stopping_min_delta:
+            loop.best, loop.bad_epochs = m, 0
+        else:
+            loop.bad_epochs += 1
+            stop = loop.bad_epochs >= cfg.early_stopping_patience
+    loop.stopped_early = stop
+    return lr, stop
 
 
 def _check_monitor(cfg: FitConfig, record: dict) -> None:
@@ -259,19 +314,18 @@ def _check_monitor(cfg: FitConfig, record: dict) -> None:
                              f"pass one of {metrics}")
 
 
-def _plateau(ts, loop: LoopState, metric: float, cfg: FitConfig):
-    """torch ReduceLROnPlateau(mode='min', threshold_mode='abs')."""
+def plateau(loop: LoopState, metric: float, lr: float, cfg: FitConfig) -> float:
+    """torch ReduceLROnPlateau(mode='min', threshold_mode='abs'): the new rate."""
     if metric < loop.lr_best - cfg.lr_threshold:
         loop.lr_best, loop.lr_bad_epochs = metric, 0
     else:
         loop.lr_bad_epochs += 1
     if loop.lr_bad_epochs > cfg.lr_patience:
-        lr = get_lr(ts.opt_state)
         new = max(lr * cfg.lr_factor, cfg.lr_min)
-        if lr - new > 1e-8:
-            ts = ts.replace(opt_state=set_lr(ts.opt_state, new))
         loop.lr_bad_epochs = 0
-    return ts
+        if lr - new > 1e-8:
+            return new
+    return lr
 
 
 def nonfinite_error(ts, bad_step, terms, epoch) -> NonFiniteLossError:
