@@ -206,7 +206,14 @@ def test_no_pickle_eval_or_import_from_file_contents():
     hits = [(p.relative_to(pkg).as_posix(), m.group(0))
             for p in pkg.rglob("*.py") for m in bad.finditer(p.read_text())]
     assert [h for h in hits if h[0] not in allowed] == [
+        ("__init__.py", "import_module("), ("__init__.py", "import_module("),
         ("model/_persist.py", "import_module(")], hits
+    # the package's lazy names import only its own modules, from fixed tables
+    import jaxscanvi
+    assert all(m.startswith(".") for m, _ in jaxscanvi._LAZY.values())
+    assert all(n.isidentifier() for n in jaxscanvi._SUBMODULES)
+    with pytest.raises(AttributeError):
+        jaxscanvi.__getattr__("os")
     # torchfile's only unpickler resolves names through its whitelist, and
     # nothing there unpickles with the stock loader
     tf = (pkg / "torchfile.py").read_text()
