@@ -27,15 +27,17 @@ from .cells import CellData
 AXIS = "data"
 
 
-def _columns(cells: CellData, lo: int, hi: int, rows: int) -> list[np.ndarray]:
-    """The per-cell columns of cells lo:hi, zero-padded to ``rows`` cells."""
+def columns(cells: CellData, which, rows: int) -> list[np.ndarray]:
+    """The per-cell columns of cells ``which`` (a slice or indices), zero-padded
+    to ``rows`` cells, in the field order of (Dense)DeviceCells after the counts."""
     lsf = (cells.log_size_factor if cells.log_size_factor is not None
            else np.zeros(cells.n_obs, np.float32))
     out = []
     for a in (cells.batch, cells.labels, cells.cat_covs, cells.cont_covs, lsf,
               cells.log_library, cells.lgamma_const):
+        part = a[which]
         p = np.zeros((rows,) + a.shape[1:], a.dtype)
-        p[:hi - lo] = a[lo:hi]
+        p[:len(part)] = part
         out.append(p)
     return out
 
@@ -47,14 +49,14 @@ def _slice_arrays(cells: CellData, lo: int, hi: int, rows: int, nnz: int, *,
     if dense:
         x = np.zeros((rows, cells.n_vars), np.float32)
         x[:hi - lo] = X.toarray()
-        return [x] + _columns(cells, lo, hi, rows)
+        return [x] + columns(cells, slice(lo, hi), rows)
     data = np.zeros(nnz, np.float32)
     indices = np.zeros(nnz, np.int32)
     data[:X.nnz], indices[:X.nnz] = X.data, X.indices
     # rows past the slice's end are empty: indptr stays at its last value
     indptr = np.full(rows + 1, X.nnz, np.int32)
     indptr[:hi - lo + 1] = X.indptr
-    return [data, indices, indptr] + _columns(cells, lo, hi, rows)
+    return [data, indices, indptr] + columns(cells, slice(lo, hi), rows)
 
 
 def shard_cells(cells: CellData, bounds: np.ndarray, mesh: Mesh, *,

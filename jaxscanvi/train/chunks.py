@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..data.sharded import columns
 from .loop import StepFns
 
 # cells per chunk the step count aims at: large enough that a dispatch per
@@ -151,15 +152,7 @@ def host_chunk(cells, take: np.ndarray, read: Callable, rows_cap: int,
     data[:nnz], indices[:nnz] = X.data, X.indices
     indptr = np.full(rows_cap + 1, nnz, np.int32)  # a chunk's offsets fit 32 bits
     indptr[:m + 1] = X.indptr
-    lsf = (cells.log_size_factor if cells.log_size_factor is not None
-           else np.zeros(cells.n_obs, np.float32))
-    cols = []
-    for a in (cells.batch, cells.labels, cells.cat_covs, cells.cont_covs, lsf,
-              cells.log_library, cells.lgamma_const):
-        p = np.zeros((rows_cap,) + a.shape[1:], a.dtype)
-        p[:m] = a[take]
-        cols.append(p)
-    return [data, indices, indptr, *cols]
+    return [data, indices, indptr, *columns(cells, take, rows_cap)]
 
 
 def prefetched(produce: Callable, n: int, depth: int = 2):
