@@ -18,14 +18,30 @@ from pathlib import Path
 
 import numpy as np
 
-PACKAGES = ("jaxscanvi", "jax", "jaxlib", "flax", "optax", "numpyro", "numpy", "scipy",
-            "pandas", "anndata", "scvi-tools", "torch", "lightning", "psutil")
+PACKAGES = (
+    "jaxscanvi",
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "numpyro",
+    "numpy",
+    "scipy",
+    "pandas",
+    "anndata",
+    "scvi-tools",
+    "torch",
+    "lightning",
+    "psutil",
+)
 
 
 def have_scvi_tools() -> bool:
     """True where ``import scvi`` would find scvi-tools (without importing it)."""
-    return importlib.util.find_spec("scvi") is not None \
+    return (
+        importlib.util.find_spec("scvi") is not None
         and importlib.util.find_spec("torch") is not None
+    )
 
 
 def versions() -> dict[str, str | None]:
@@ -64,17 +80,27 @@ def machine_info(with_jax: bool = True) -> dict:
         "machine": platform.machine(),
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        "cpus_usable": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
         "mem_total_gb": _mem_total_gb(),
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python_executable": sys.executable,
-        "env": {k: os.environ[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS",
-                                           "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-                if k in os.environ},
+        "env": {
+            k: os.environ[k]
+            for k in (
+                "XLA_FLAGS",
+                "JAX_PLATFORMS",
+                "OMP_NUM_THREADS",
+                "MKL_NUM_THREADS",
+                "OPENBLAS_NUM_THREADS",
+            )
+            if k in os.environ
+        },
     }
     if with_jax:
         import jax
+
         info["jax_backend"] = jax.default_backend()
         info["jax_devices"] = [str(d) for d in jax.devices()]
     return info
@@ -106,6 +132,7 @@ def peak_rss_mb() -> float:
 def current_rss_mb() -> float | None:
     try:
         import psutil
+
         return psutil.Process().memory_info().rss / 2**20
     except ImportError:
         try:
@@ -117,8 +144,10 @@ def current_rss_mb() -> float | None:
 
 def memory_snapshot() -> dict:
     cur = current_rss_mb()
-    return {"peak_rss_mb": round(peak_rss_mb(), 1),
-            "rss_mb": None if cur is None else round(cur, 1)}
+    return {
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "rss_mb": None if cur is None else round(cur, 1),
+    }
 
 
 class Phases:
@@ -141,6 +170,7 @@ class Phases:
 # scikit-learn's definitions (the bench extra installs it); labels compared as strings
 def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     from sklearn.metrics import recall_score
+
     y_true, y_pred = np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)
     classes = np.unique(y_true)
     rec = recall_score(y_true, y_pred, labels=classes, average=None, zero_division=0)
@@ -150,39 +180,47 @@ def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]
 def balanced_accuracy(y_true, y_pred) -> float:
     """Mean per-class recall over the classes present in ``y_true``."""
     from sklearn.metrics import balanced_accuracy_score
+
     if not len(y_true):
         return float("nan")
-    return float(balanced_accuracy_score(np.asarray(y_true).astype(str),
-                                         np.asarray(y_pred).astype(str)))
+    return float(
+        balanced_accuracy_score(np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str))
+    )
 
 
 def accuracy(y_true, y_pred) -> float:
     from sklearn.metrics import accuracy_score
+
     if not len(y_true):
         return float("nan")
-    return float(accuracy_score(np.asarray(y_true).astype(str),
-                                np.asarray(y_pred).astype(str)))
+    return float(accuracy_score(np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)))
 
 
 def macro_f1(y_true, y_pred) -> float:
     """Macro F1 over the classes present in ``y_true``."""
     from sklearn.metrics import f1_score
+
     y_true, y_pred = np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)
-    return float(f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro",
-                          zero_division=0))
+    return float(
+        f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0)
+    )
 
 
 def knn_predict(z, labels, k: int = 15, reference=None, query=None) -> np.ndarray:
     """Majority label among each query cell's k nearest reference cells (itself
     excluded); ``reference``/``query``: boolean masks (default all cells)."""
     from sklearn.neighbors import NearestNeighbors
+
     z, labels = np.asarray(z), np.asarray(labels)
     n = len(labels)
     ref_idx = np.arange(n) if reference is None else np.flatnonzero(reference)
     qry_idx = np.arange(n) if query is None else np.flatnonzero(query)
     cats, codes = np.unique(labels[ref_idx], return_inverse=True)
-    ind = NearestNeighbors(n_neighbors=k + 1).fit(z[ref_idx]).kneighbors(
-        z[qry_idx], return_distance=False)
+    ind = (
+        NearestNeighbors(n_neighbors=k + 1)
+        .fit(z[ref_idx])
+        .kneighbors(z[qry_idx], return_distance=False)
+    )
     own = ref_idx[ind] == qry_idx[:, None]  # a query cell that is also a reference
     keep = np.argsort(own, axis=1, kind="stable")[:, :k]  # drop it, else the (k+1)-th
     votes = codes[np.take_along_axis(ind, keep, 1)]
@@ -198,6 +236,7 @@ def batch_entropy(z, batches, k: int = 15) -> float:
     """Mean entropy of batch labels among each cell's k neighbours, each batch's
     share divided by its global share, over log(#batches): 1 = fully mixed."""
     from sklearn.neighbors import NearestNeighbors
+
     cats, codes = np.unique(np.asarray(batches), return_inverse=True)
     if len(cats) < 2:
         return 1.0
@@ -213,13 +252,17 @@ def mean_sd(values) -> dict:
     v = np.asarray([x for x in values if x is not None], dtype=float)
     if v.size == 0:
         return {"mean": None, "sd": None, "n": 0}
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None,
-            "n": int(v.size)}
+    return {
+        "mean": float(v.mean()),
+        "sd": float(v.std(ddof=1)) if v.size > 1 else None,
+        "n": int(v.size),
+    }
 
 
 def t_interval(differences) -> list[float] | None:
     """Two-sided 95 % t interval of the mean of paired differences (None below 2)."""
     from scipy import stats
+
     d = np.asarray(differences, dtype=float)
     if d.size < 2:
         return None
@@ -249,8 +292,9 @@ def _json_default(o):
 
 def format_table(headers: list[str], rows: list[list]) -> str:
     cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
     line = "  ".join(h.rjust(w) for h, w in zip(headers, widths))
     sep = "  ".join("-" * w for w in widths)
     body = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]

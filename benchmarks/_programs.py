@@ -72,7 +72,13 @@ class ProgramLog:
         return dict(Counter(n for n, _ in self.programs[start:]).most_common())
 
     def snapshot(self) -> dict:
-        return {"trace_s": self.secs[TRACE], "lower_s": self.secs[LOWER],
-                "backend_s": self.secs[BACKEND], "n_backend": self.counts[BACKEND],
-                "n_programs": self.n_programs, "n_traced": self.counts[TRACE],
-                "cache_hits": self.counts[HITS], "cache_misses": self.counts[MISSES]}
+        return {
+            "trace_s": self.secs[TRACE],
+            "lower_s": self.secs[LOWER],
+            "backend_s": self.secs[BACKEND],
+            "n_backend": self.counts[BACKEND],
+            "n_programs": self.n_programs,
+            "n_traced": self.counts[TRACE],
+            "cache_hits": self.counts[HITS],
+            "cache_misses": self.counts[MISSES],
+        }

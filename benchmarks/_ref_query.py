@@ -20,7 +20,6 @@ import time
 import warnings
 
 import numpy as np
-
 from _common import accuracy, balanced_accuracy, macro_f1, memory_snapshot, per_class_recall
 
 UNKNOWN = "Unknown"
@@ -29,6 +28,7 @@ REF_BATCH, QUERY_BATCH = "pbmc3k_v1", "pbmc4k_v2"
 
 def split(path, labels_key: str, n_hvg: int, top_variance_genes):
     import anndata as ad
+
     a = ad.read_h5ad(path)
     truth = a.obs[labels_key].astype(str).to_numpy()
     is_ref = (a.obs["batch"] == REF_BATCH).to_numpy() & (truth != "Platelet")
@@ -45,39 +45,62 @@ def split(path, labels_key: str, n_hvg: int, top_variance_genes):
 def scores(truth, pred) -> dict:
     keep = truth != UNKNOWN
     t, p = truth[keep], np.asarray(pred).astype(str)[keep]
-    return {"accuracy": accuracy(t, p), "balanced_accuracy": balanced_accuracy(t, p),
-            "macro_f1": macro_f1(t, p), "per_class_recall": per_class_recall(t, p),
-            "n_scored": int(keep.sum())}
+    return {
+        "accuracy": accuracy(t, p),
+        "balanced_accuracy": balanced_accuracy(t, p),
+        "macro_f1": macro_f1(t, p),
+        "per_class_recall": per_class_recall(t, p),
+        "n_scored": int(keep.sum()),
+    }
 
 
 def run_jaxscanvi(ref, query, truth, seed, args, arch) -> dict:
     from jaxscanvi import SCANVI, SCVI
+
     ref, query = ref.copy(), query.copy()
     t0 = time.perf_counter()
     SCVI.setup_anndata(ref, batch_key="batch", labels_key=args.labels_key)
     vae = SCVI(ref, **arch, seed=seed)
-    vae.train(max_epochs=args.scvi_epochs, batch_size=args.batch_size, seed=seed,
-              progress_bar=False)
+    vae.train(
+        max_epochs=args.scvi_epochs, batch_size=args.batch_size, seed=seed, progress_bar=False
+    )
     t1 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lv = SCANVI.from_scvi_model(vae, unlabeled_category=UNKNOWN)
     objective = args.objectives[0]  # "seed", jaxscanvi's default, unless asked
-    lv.train(max_epochs=args.scanvi_epochs, batch_size=args.batch_size, seed=seed,
-             progress_bar=False, plan_kwargs={"objective": objective})
+    lv.train(
+        max_epochs=args.scanvi_epochs,
+        batch_size=args.batch_size,
+        seed=seed,
+        progress_bar=False,
+        plan_kwargs={"objective": objective},
+    )
     t2 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         SCANVI.prepare_query_anndata(query, lv)
         q = SCANVI.load_query_data(query, lv)
-    q.train(max_epochs=args.query_epochs, batch_size=args.batch_size, seed=seed,
-            progress_bar=False, plan_kwargs={"weight_decay": 0.0})
+    q.train(
+        max_epochs=args.query_epochs,
+        batch_size=args.batch_size,
+        seed=seed,
+        progress_bar=False,
+        plan_kwargs={"weight_decay": 0.0},
+    )
     t3 = time.perf_counter()
     pred = q.predict()
-    return {"framework": "jaxscanvi", "objective": objective, "seed": seed,
-            **scores(truth, pred),
-            "scvi_seconds": t1 - t0, "scanvi_seconds": t2 - t1, "query_seconds": t3 - t2,
-            "temperature": lv.temperature, **memory_snapshot()}
+    return {
+        "framework": "jaxscanvi",
+        "objective": objective,
+        "seed": seed,
+        **scores(truth, pred),
+        "scvi_seconds": t1 - t0,
+        "scanvi_seconds": t2 - t1,
+        "query_seconds": t3 - t2,
+        "temperature": lv.temperature,
+        **memory_snapshot(),
+    }
 
 
 def run_scvi_tools(ref, query, truth, seed, args, arch) -> dict:
@@ -85,13 +108,19 @@ def run_scvi_tools(ref, query, truth, seed, args, arch) -> dict:
 
     import scvi
     import torch
+
     for name in ("lightning", "lightning.pytorch", "scvi"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(args.torch_threads)
     scvi.settings.seed = seed
     ref, query = ref.copy(), query.copy()
-    tkw = dict(batch_size=args.batch_size, enable_progress_bar=False, accelerator="cpu",
-               devices=1, enable_model_summary=False)
+    tkw = dict(
+        batch_size=args.batch_size,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        devices=1,
+        enable_model_summary=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
@@ -107,6 +136,12 @@ def run_scvi_tools(ref, query, truth, seed, args, arch) -> dict:
         q.train(max_epochs=args.query_epochs, plan_kwargs={"weight_decay": 0.0}, **tkw)
         t3 = time.perf_counter()
         pred = q.predict()
-    return {"framework": "scvi-tools", "seed": seed, **scores(truth, pred),
-            "scvi_seconds": t1 - t0, "scanvi_seconds": t2 - t1, "query_seconds": t3 - t2,
-            **memory_snapshot()}
+    return {
+        "framework": "scvi-tools",
+        "seed": seed,
+        **scores(truth, pred),
+        "scvi_seconds": t1 - t0,
+        "scanvi_seconds": t2 - t1,
+        "query_seconds": t3 - t2,
+        **memory_snapshot(),
+    }

@@ -11,6 +11,7 @@ thread), so nothing is counted twice.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import re
@@ -18,8 +19,10 @@ from collections import defaultdict
 from pathlib import Path
 
 # host events that are the runtime, not an XLA operation
-_RUNTIME = re.compile(r"::|^\$|^end: |\s|^Pjit|^Thunk|^Parse|^Handle|^Allocate|^Wait|"
-                      r"^Python|^Threadpool|^SlinkyThreadPool|^DevicePut")
+_RUNTIME = re.compile(
+    r"::|^\$|^end: |\s|^Pjit|^Thunk|^Parse|^Handle|^Allocate|^Wait|"
+    r"^Python|^Threadpool|^SlinkyThreadPool|^DevicePut"
+)
 
 
 def latest_trace(folder: str | Path) -> Path:
@@ -58,10 +61,14 @@ def op_table(trace_file: str | Path, top: int = 20) -> dict:
     bytes where the trace's event arguments carry them (XLA's GPU events may;
     its CPU events do not), else None.
     """
-    doc = json.load(gzip.open(trace_file, "rt"))
+    with gzip.open(trace_file, "rt") as f:
+        doc = json.load(f)
     events = doc["traceEvents"] if isinstance(doc, dict) else doc
-    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = {
+        e["pid"]: e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     timed = self_times(events)
     device = {p for p, n in names.items() if n.startswith("/device:")}
     on_device = device and any(e.get("pid") in device for e, _ in timed)
@@ -72,20 +79,23 @@ def op_table(trace_file: str | Path, top: int = 20) -> dict:
                 continue
         elif _RUNTIME.search(e.get("name", "")):
             continue
-        r = rows.setdefault(e["name"], {"name": e["name"], "calls": 0, "seconds": 0.0,
-                                        "flops": None, "bytes": None})
+        r = rows.setdefault(
+            e["name"], {"name": e["name"], "calls": 0, "seconds": 0.0, "flops": None, "bytes": None}
+        )
         r["calls"] += 1
         r["seconds"] += us * 1e-6
         args = e.get("args") or {}
         for key, field in (("flops", "flops"), ("bytes", "bytes")):
             val = next((v for k, v in args.items() if field in k.lower()), None)
-            try:
+            with contextlib.suppress(TypeError, ValueError):
                 r[key] = (r[key] or 0.0) + float(val) if val is not None else r[key]
-            except (TypeError, ValueError):
-                pass
     total = sum(r["seconds"] for r in rows.values())
     ranked = sorted(rows.values(), key=lambda r: -r["seconds"])[:top]
     for r in ranked:
         r["share"] = r["seconds"] / total if total else None
-    return {"source": "device" if on_device else "host", "op_seconds_total": total,
-            "n_ops": len(rows), "top": ranked}
+    return {
+        "source": "device" if on_device else "host",
+        "op_seconds_total": total,
+        "n_ops": len(rows),
+        "top": ranked,
+    }

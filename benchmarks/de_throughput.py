@@ -27,12 +27,13 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pbmc3k.
 
 def hvg(adata, n_top=2000):
     import scipy.sparse as sp
+
     X = sp.csr_matrix(adata.X)
     lib = np.asarray(X.sum(1)).ravel()
     norm = sp.diags(1e4 / lib) @ X
     norm.data = np.log1p(norm.data)
     mean = np.asarray(norm.mean(0)).ravel()
-    var = np.asarray(norm.multiply(norm).mean(0)).ravel() - mean ** 2
+    var = np.asarray(norm.multiply(norm).mean(0)).ravel() - mean**2
     return adata[:, np.sort(np.argsort(-var)[:n_top])].copy()
 
 
@@ -51,6 +52,7 @@ def main(argv=None):
         print(f"{DATA} not found; this benchmark needs ../shared/data. Nothing to do.")
         return 0
     import anndata as ad
+
     import jaxscanvi
     from jaxscanvi import SCVI
 
@@ -61,14 +63,16 @@ def main(argv=None):
     t = time.perf_counter()
     model.train(max_epochs=a.epochs, progress_bar=False)
     train_s = time.perf_counter() - t
-    res = model.differential_expression(groupby="cell_type", group1="B", group2="CD14+ Mono",
-                                        mode="change", n_samples=a.n_samples)
+    res = model.differential_expression(
+        groupby="cell_type", group1="B", group2="CD14+ Mono", mode="change", n_samples=a.n_samples
+    )
     up = res[res.lfc_mean > 0].head(10)
     down = res[res.lfc_mean < 0].head(10)
     print("B vs CD14+ Mono, change mode: up in B:", ", ".join(up.index))
     print("                             up in CD14+ Mono:", ", ".join(down.index))
     if a.volcano:
         import matplotlib
+
         matplotlib.use("Agg")
         Path(a.volcano).parent.mkdir(parents=True, exist_ok=True)
         jaxscanvi.pl.de_volcano(res, n_labels=12, save=a.volcano)
@@ -80,15 +84,27 @@ def main(argv=None):
     model.differential_expression(groupby="cell_type", n_samples=a.n_samples)
     de_s = time.perf_counter() - t
     rate = adata.n_vars * n_groups / de_s
-    out = {"dataset": "pbmc3k", "n_cells": adata.n_obs, "n_genes": adata.n_vars,
-           "epochs": a.epochs, "n_samples": a.n_samples, "n_comparisons": n_groups,
-           "jaxscanvi": {"train_seconds": train_s, "de_seconds": de_s,
-                         "genes_x_comparisons_per_s": rate,
-                         "top_up_B": list(up.index), "top_up_CD14_Mono": list(down.index)},
-           "versions": {"jaxscanvi": jaxscanvi.__version__, "python": sys.version.split()[0]},
-           "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()}}
-    print(f"jaxscanvi: one-vs-rest DE over {n_groups} types x {adata.n_vars} genes in "
-          f"{de_s:.1f} s = {rate:,.0f} genes x comparisons / s")
+    out = {
+        "dataset": "pbmc3k",
+        "n_cells": adata.n_obs,
+        "n_genes": adata.n_vars,
+        "epochs": a.epochs,
+        "n_samples": a.n_samples,
+        "n_comparisons": n_groups,
+        "jaxscanvi": {
+            "train_seconds": train_s,
+            "de_seconds": de_s,
+            "genes_x_comparisons_per_s": rate,
+            "top_up_B": list(up.index),
+            "top_up_CD14_Mono": list(down.index),
+        },
+        "versions": {"jaxscanvi": jaxscanvi.__version__, "python": sys.version.split()[0]},
+        "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
+    }
+    print(
+        f"jaxscanvi: one-vs-rest DE over {n_groups} types x {adata.n_vars} genes in "
+        f"{de_s:.1f} s = {rate:,.0f} genes x comparisons / s"
+    )
     if not a.no_scvi_tools:
         try:
             import scvi
@@ -97,6 +113,7 @@ def main(argv=None):
             print("scvi-tools not importable: no comparison")
         if scvi is not None:
             import torch
+
             torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
             scvi.settings.seed = 0
             b = adata.copy()
@@ -104,15 +121,21 @@ def main(argv=None):
             sm = scvi.model.SCVI(b)
             sm.train(max_epochs=a.epochs, enable_progress_bar=False)
             t = time.perf_counter()
-            sr = sm.differential_expression(groupby="cell_type", silent=True,
-                                            n_samples_overall=a.n_samples)
+            sr = sm.differential_expression(
+                groupby="cell_type", silent=True, n_samples_overall=a.n_samples
+            )
             s_s = time.perf_counter() - t
             s_rate = adata.n_vars * n_groups / s_s
-            out["scvi_tools"] = {"version": scvi.__version__, "de_seconds": s_s,
-                                 "genes_x_comparisons_per_s": s_rate}
+            out["scvi_tools"] = {
+                "version": scvi.__version__,
+                "de_seconds": s_s,
+                "genes_x_comparisons_per_s": s_rate,
+            }
             out["ratio_jax_over_scvi_tools"] = rate / s_rate
-            print(f"scvi-tools {scvi.__version__}: {s_s:.1f} s = {s_rate:,.0f} genes x "
-                  f"comparisons / s; ratio {rate / s_rate:.1f}x")
+            print(
+                f"scvi-tools {scvi.__version__}: {s_s:.1f} s = {s_rate:,.0f} genes x "
+                f"comparisons / s; ratio {rate / s_rate:.1f}x"
+            )
             del sr
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))

@@ -49,16 +49,34 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, loadavg, machine_info, versions, write_json  # noqa: E402
-from _programs import ProgramLog  # noqa: E402
+from _common import format_table, loadavg, machine_info, versions, write_json
+from _programs import ProgramLog
 
 ARCH = dict(n_hidden=128, n_latent=10, n_layers=1, gene_likelihood="zinb")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "first_epoch.json"
-PHASES = ("import", "scvi_init", "scvi_train", "scvi_latent", "scanvi_init", "scanvi_train",
-          "scanvi_predict", "scvi_query_init", "scvi_query_train", "scanvi_query_init",
-          "scanvi_query_train", "scanvi_query_predict")
-TWICE = ("scvi_train", "scvi_latent", "scanvi_train", "scanvi_predict", "scvi_query_train",
-         "scanvi_query_train", "scanvi_query_predict")
+PHASES = (
+    "import",
+    "scvi_init",
+    "scvi_train",
+    "scvi_latent",
+    "scanvi_init",
+    "scanvi_train",
+    "scanvi_predict",
+    "scvi_query_init",
+    "scvi_query_train",
+    "scanvi_query_init",
+    "scanvi_query_train",
+    "scanvi_query_predict",
+)
+TWICE = (
+    "scvi_train",
+    "scvi_latent",
+    "scanvi_train",
+    "scanvi_predict",
+    "scvi_query_train",
+    "scanvi_query_train",
+    "scanvi_query_predict",
+)
 
 
 # ============================================================== worker side
@@ -71,21 +89,28 @@ def _delta(after: dict, before: dict) -> dict:
 def _worker(spec: dict) -> dict:
     t_start = time.perf_counter()
     import jax
+
     log = ProgramLog().start()
     import warnings
 
     import anndata as ad
+
     import jaxscanvi
     from jaxscanvi import SCANVI, SCVI
+
     warnings.simplefilter("ignore")
     out: dict = {"cache_dir": jax.config.jax_compilation_cache_dir, "phases": {}}
     state = {"t": t_start, "c": log.snapshot(), "n": 0}
 
     def mark(name, **extra):
         now, snap = time.perf_counter(), log.snapshot()
-        progs = [f"{n} {s:.3f}" for n, s in log.programs[state["n"]:]]
-        out["phases"][name] = {"seconds": now - state["t"], **_delta(snap, state["c"]),
-                               "programs": progs, **extra}
+        progs = [f"{n} {s:.3f}" for n, s in log.programs[state["n"] :]]
+        out["phases"][name] = {
+            "seconds": now - state["t"],
+            **_delta(snap, state["c"]),
+            "programs": progs,
+            **extra,
+        }
         state["t"], state["c"], state["n"] = now, snap, len(log.programs)
 
     mark("import", jaxscanvi_file=jaxscanvi.__file__)
@@ -121,9 +146,11 @@ def _worker(spec: dict) -> dict:
     mark("scanvi_query_init")
     twice("scanvi_query_train", lambda: ql.train(max_epochs=1, **qkw))
     twice("scanvi_query_predict", lambda: ql.predict())
-    out["total"] = {"seconds": time.perf_counter() - t_start,
-                    **_delta(log.snapshot(), ProgramLog().snapshot()),
-                    "programs_by_name": log.by_name()}
+    out["total"] = {
+        "seconds": time.perf_counter() - t_start,
+        **_delta(log.snapshot(), ProgramLog().snapshot()),
+        "programs_by_name": log.by_name(),
+    }
     out["jax_devices"] = [str(d) for d in jax.devices()]
     return out
 
@@ -137,14 +164,16 @@ def worker_main(spec_json: str, out_path: str) -> None:
 
 
 # ============================================================== parent side
-def make_data(folder: Path, n_ref: int, n_query: int, n_genes: int, label_fraction: float,
-              seed: int = 0) -> dict:
+def make_data(
+    folder: Path, n_ref: int, n_query: int, n_genes: int, label_fraction: float, seed: int = 0
+) -> dict:
     """A 3-batch synthetic atlas: batches 0-1 the reference (part labelled), batch 2
     the query (unlabelled), written as two .h5ad files."""
     import numpy as np
     import pandas as pd
 
     from jaxscanvi.data.synthetic import synthetic_atlas
+
     n = n_ref + n_query
     adata = synthetic_atlas(n_cells=n, n_genes=n_genes, n_batches=3, seed=seed)
     adata.layers.pop("counts", None)
@@ -154,27 +183,38 @@ def make_data(folder: Path, n_ref: int, n_query: int, n_genes: int, label_fracti
     is_query = batch == sorted(set(batch))[-1]
     ct = adata.obs["cell_type"].astype(str).to_numpy()
     hidden = is_query | (rng.random(n) >= label_fraction)
-    cats = list(adata.obs["cell_type"].cat.categories) + ["Unknown"]
+    cats = [*list(adata.obs["cell_type"].cat.categories), "Unknown"]
     adata.obs["labels"] = pd.Categorical(np.where(hidden, "Unknown", ct), categories=cats)
     ref, query = adata[~is_query].copy(), adata[is_query].copy()
     ref.write_h5ad(folder / "ref.h5ad")
     query.write_h5ad(folder / "query.h5ad")
-    return {"n_ref": int(ref.n_obs), "n_query": int(query.n_obs), "n_genes": n_genes,
-            "n_cell_types": int(adata.obs["cell_type"].nunique()),
-            "labelled_fraction_ref": float((ref.obs["labels"] != "Unknown").mean()),
-            "generator": f"jaxscanvi.synthetic_atlas(n_cells={n}, n_genes={n_genes}, "
-                         f"n_batches=3, seed={seed}); the last batch is the query"}
+    return {
+        "n_ref": int(ref.n_obs),
+        "n_query": int(query.n_obs),
+        "n_genes": n_genes,
+        "n_cell_types": int(adata.obs["cell_type"].nunique()),
+        "labelled_fraction_ref": float((ref.obs["labels"] != "Unknown").mean()),
+        "generator": f"jaxscanvi.synthetic_atlas(n_cells={n}, n_genes={n_genes}, "
+        f"n_batches=3, seed={seed}); the last batch is the query",
+    }
 
 
 def run_worker(spec: dict, env: dict, timeout: float | None) -> dict:
     fd, out = tempfile.mkstemp(suffix=".json")
     os.close(fd)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec),
-           "--worker-out", out]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        json.dumps(spec),
+        "--worker-out",
+        out,
+    ]
     t = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **env})
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}
+        )
         rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
     except subprocess.TimeoutExpired as e:
         rc, tail = "timeout", str(e)[-3000:]
@@ -188,8 +228,11 @@ def run_worker(spec: dict, env: dict, timeout: float | None) -> dict:
         Path(out).unlink(missing_ok=True)
 
 
-IMPORTS = {"jax": "import jax", "jaxscanvi": "import jaxscanvi",
-           "jaxscanvi_model": "import jaxscanvi; jaxscanvi.model.SCVI"}
+IMPORTS = {
+    "jax": "import jax",
+    "jaxscanvi": "import jaxscanvi",
+    "jaxscanvi_model": "import jaxscanvi; jaxscanvi.model.SCVI",
+}
 
 
 def _path(code_dir: str) -> str:
@@ -205,16 +248,21 @@ def import_times(repeats: int, env: dict, code_dirs: dict) -> dict:
     ``python -X importtime``'s costliest modules of the first checkout."""
     code = "import time; t = time.perf_counter(); {}; print(time.perf_counter() - t)"
     env = {**os.environ, **env}
-    res = {f"{pre}{k}": {"seconds": [], "process_seconds": []}
-           for pre in code_dirs for k in IMPORTS}
+    res = {
+        f"{pre}{k}": {"seconds": [], "process_seconds": []} for pre in code_dirs for k in IMPORTS
+    }
     for _ in range(repeats):
-        for (name, stmt), (pre, where) in itertools.product(IMPORTS.items(),
-                                                            code_dirs.items()):
+        for (name, stmt), (pre, where) in itertools.product(IMPORTS.items(), code_dirs.items()):
             t = time.perf_counter()
             # cwd away from the checkout: PYTHONPATH decides which jaxscanvi loads
-            p = subprocess.run([sys.executable, "-c", code.format(stmt)],
-                               env={**env, "PYTHONPATH": _path(where)}, capture_output=True,
-                               text=True, check=True, cwd=tempfile.gettempdir())
+            p = subprocess.run(
+                [sys.executable, "-c", code.format(stmt)],
+                env={**env, "PYTHONPATH": _path(where)},
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=tempfile.gettempdir(),
+            )
             name = pre + name
             res[name]["process_seconds"].append(time.perf_counter() - t)
             res[name]["seconds"].append(float(p.stdout.split()[-1]))
@@ -222,9 +270,14 @@ def import_times(repeats: int, env: dict, code_dirs: dict) -> dict:
     for r in res.values():
         r["median_s"] = float(sorted(r["seconds"])[len(r["seconds"]) // 2])
         r["median_process_s"] = float(sorted(r["process_seconds"])[len(r["seconds"]) // 2])
-    p = subprocess.run([sys.executable, "-X", "importtime", "-c", "import jaxscanvi"],
-                       env=env, capture_output=True, text=True, check=True,
-                       cwd=tempfile.gettempdir())
+    p = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import jaxscanvi"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tempfile.gettempdir(),
+    )
     rows = []
     for line in p.stderr.splitlines():
         parts = line.split("|")
@@ -244,11 +297,15 @@ def headline(total: dict, imports: dict, pre: str) -> dict:
         "xla_compile_seconds_warm": total["warm_backend_s"],
         "trace_lower_seconds_cold": total["cold_compile_s"] - total["cold_backend_s"],
         "trace_lower_seconds_warm": total["warm_compile_s"] - total["warm_backend_s"],
-        "wall_seconds_cold": total["cold_s"], "wall_seconds_warm": total["warm_s"],
+        "wall_seconds_cold": total["cold_s"],
+        "wall_seconds_warm": total["warm_s"],
         "wall_seconds_off": total["off_s"],
-        "cache_hits_warm": total["warm_hits"], "cache_misses_warm": total["warm_misses"],
-        "programs_cold": total["cold_programs"], "programs_warm": total["warm_programs"],
-        "programs_off": total["off_programs"], "traced_warm": total["warm_traced"],
+        "cache_hits_warm": total["warm_hits"],
+        "cache_misses_warm": total["warm_misses"],
+        "programs_cold": total["cold_programs"],
+        "programs_warm": total["warm_programs"],
+        "programs_off": total["off_programs"],
+        "traced_warm": total["warm_traced"],
         **{f"import_{k}_median_s": imports[pre + k]["median_s"] for k in IMPORTS},
     }
 
@@ -264,7 +321,7 @@ def summarise(runs: dict) -> list[dict]:
     names = [p for p in PHASES if p not in TWICE] + [f"{p}#{i}" for p in TWICE for i in (1, 2)]
     order = {n: i for i, n in enumerate(PHASES)}
     names.sort(key=lambda n: (order[n.split("#")[0]], n))
-    for name in names + ["total"]:
+    for name in [*names, "total"]:
         row = {"phase": name}
         for mode in ("cold", "warm", "off"):
             r = runs[mode]
@@ -277,29 +334,42 @@ def summarise(runs: dict) -> list[dict]:
             row[f"{mode}_programs"] = ph["n_programs"]
             row[f"{mode}_traced"] = ph["n_traced"]
         row["ratio"] = row["cold_s"] / row["warm_s"] if row["warm_s"] > 0 else None
-        row["compile_ratio"] = (row["cold_compile_s"] / row["warm_compile_s"]
-                                if row["warm_compile_s"] > 0 else None)
+        row["compile_ratio"] = (
+            row["cold_compile_s"] / row["warm_compile_s"] if row["warm_compile_s"] > 0 else None
+        )
         rows.append(row)
     return rows
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help=f"JSON results path (default {DEFAULT_OUT}, "
-                   "or first_epoch_quick.json beside it with --quick)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"JSON results path (default {DEFAULT_OUT}, "
+        "or first_epoch_quick.json beside it with --quick)",
+    )
     p.add_argument("--n-ref", type=int, default=2000, help="reference cells")
     p.add_argument("--n-query", type=int, default=1000, help="query cells")
     p.add_argument("--n-genes", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--label-fraction", type=float, default=0.5)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
-    p.add_argument("--quick", action="store_true", help="smoke run: 600 + 300 cells x 200 "
-                   "genes")
-    p.add_argument("--baseline", default=None, help="another checkout (a folder holding "
-                   "jaxscanvi/) run alternating with this one, for a before/after figure")
-    p.add_argument("--import-repeats", type=int, default=5, help="fresh processes per "
-                   "import statement (alternating)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 600 + 300 cells x 200 genes")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="another checkout (a folder holding "
+        "jaxscanvi/) run alternating with this one, for a before/after figure",
+    )
+    p.add_argument(
+        "--import-repeats",
+        type=int,
+        default=5,
+        help="fresh processes per import statement (alternating)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -312,58 +382,85 @@ def main(argv=None) -> int:
         args.n_ref, args.n_query, args.n_genes = 600, 300, 200
         args.import_repeats = min(args.import_repeats, 2)
     if args.out is None:
-        args.out = str(DEFAULT_OUT.with_name("first_epoch_quick.json") if args.quick
-                       else DEFAULT_OUT)
+        args.out = str(
+            DEFAULT_OUT.with_name("first_epoch_quick.json") if args.quick else DEFAULT_OUT
+        )
 
-    meta = {"versions": versions(), "machine": machine_info(),
-            "args": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
-            "architecture": ARCH,
-            "method": {
-                "phases": "each '#1' is a phase's first call in the process (it compiles), "
-                          "'#2' the same call again (compiled); *_init is model "
-                          "construction; train phases are train(max_epochs=1)",
-                "modes": "cold: persistent cache on, empty folder; warm: same folder, new "
-                         "process; off: JAXSCANVI_COMPILATION_CACHE=0",
-                "compile_s": "trace + lowering + backend compile seconds from "
-                             "jax.monitoring duration events (backend compile includes a "
-                             "persistent-cache lookup and load)",
-            }}
-    print(f"machine: {meta['machine']['cpu_model']} | cpus usable "
-          f"{meta['machine']['cpus_usable']} | load {meta['machine']['loadavg_at_start']} "
-          f"| jax {meta['versions']['jax']}", flush=True)
+    meta = {
+        "versions": versions(),
+        "machine": machine_info(),
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
+        "architecture": ARCH,
+        "method": {
+            "phases": "each '#1' is a phase's first call in the process (it compiles), "
+            "'#2' the same call again (compiled); *_init is model "
+            "construction; train phases are train(max_epochs=1)",
+            "modes": "cold: persistent cache on, empty folder; warm: same folder, new "
+            "process; off: JAXSCANVI_COMPILATION_CACHE=0",
+            "compile_s": "trace + lowering + backend compile seconds from "
+            "jax.monitoring duration events (backend compile includes a "
+            "persistent-cache lookup and load)",
+        },
+    }
+    print(
+        f"machine: {meta['machine']['cpu_model']} | cpus usable "
+        f"{meta['machine']['cpus_usable']} | load {meta['machine']['loadavg_at_start']} "
+        f"| jax {meta['versions']['jax']}",
+        flush=True,
+    )
     tmp = Path(tempfile.mkdtemp(prefix="jaxscanvi_first_epoch_"))
     try:
-        meta["data"] = make_data(tmp, args.n_ref, args.n_query, args.n_genes,
-                                 args.label_fraction)
-        print(f"data: reference {meta['data']['n_ref']} + query {meta['data']['n_query']} "
-              f"cells x {args.n_genes} genes", flush=True)
-        spec = {"ref": str(tmp / "ref.h5ad"), "query": str(tmp / "query.h5ad"),
-                "batch_size": args.batch_size}
+        meta["data"] = make_data(tmp, args.n_ref, args.n_query, args.n_genes, args.label_fraction)
+        print(
+            f"data: reference {meta['data']['n_ref']} + query {meta['data']['n_query']} "
+            f"cells x {args.n_genes} genes",
+            flush=True,
+        )
+        spec = {
+            "ref": str(tmp / "ref.h5ad"),
+            "query": str(tmp / "query.h5ad"),
+            "batch_size": args.batch_size,
+        }
         here = str(Path(__file__).resolve().parents[1])
-        code = {"": here, **({"baseline_": str(Path(args.baseline).resolve())}
-                             if args.baseline else {})}
+        code = {
+            "": here,
+            **({"baseline_": str(Path(args.baseline).resolve())} if args.baseline else {}),
+        }
         for k in ("JAX_COMPILATION_CACHE_DIR",):  # this run's folder, not the user's
             os.environ.pop(k, None)
-        meta["import"] = import_times(args.import_repeats, {
-            "XDG_CACHE_HOME": str(tmp / "xdg_import"), "JAXSCANVI_COMPILATION_CACHE": "1"},
-            code)
-        print("import (median s): " + ", ".join(
-            f"{k} {v['median_s']:.2f}" for k, v in meta["import"].items() if "median_s" in v),
-            flush=True)
+        meta["import"] = import_times(
+            args.import_repeats,
+            {"XDG_CACHE_HOME": str(tmp / "xdg_import"), "JAXSCANVI_COMPILATION_CACHE": "1"},
+            code,
+        )
+        print(
+            "import (median s): "
+            + ", ".join(
+                f"{k} {v['median_s']:.2f}" for k, v in meta["import"].items() if "median_s" in v
+            ),
+            flush=True,
+        )
         runs = {pre: {} for pre in code}
         for i, mode in enumerate(("cold", "warm", "off")):
-            for pre in list(code)[::(-1) ** i]:  # the checkouts alternate
+            for pre in list(code)[:: (-1) ** i]:  # the checkouts alternate
                 xdg = tmp / f"xdg{pre}"
-                env = {"PYTHONPATH": _path(code[pre]), **(
-                    {"XDG_CACHE_HOME": str(xdg), "JAXSCANVI_COMPILATION_CACHE": "1"}
-                    if mode != "off" else {"JAXSCANVI_COMPILATION_CACHE": "0"})}
+                env = {
+                    "PYTHONPATH": _path(code[pre]),
+                    **(
+                        {"XDG_CACHE_HOME": str(xdg), "JAXSCANVI_COMPILATION_CACHE": "1"}
+                        if mode != "off"
+                        else {"JAXSCANVI_COMPILATION_CACHE": "0"}
+                    ),
+                }
                 t = time.perf_counter()
                 r = runs[pre][mode] = run_worker(spec, env, args.timeout)
                 if "error" in r:
                     print(f"{pre}{mode}: {r['error']}\n{r['log_tail']}", file=sys.stderr)
                     return 1
-                print(f"{pre}{mode}: {time.perf_counter() - t:.1f} s, cache "
-                      f"{r['cache_dir']}", flush=True)
+                print(
+                    f"{pre}{mode}: {time.perf_counter() - t:.1f} s, cache {r['cache_dir']}",
+                    flush=True,
+                )
                 if mode == "cold":
                     n_files, n_bytes = _folder_size(xdg / "jaxscanvi")
                     meta[f"{pre}cache_folder"] = {"files": n_files, "bytes": n_bytes}
@@ -375,33 +472,71 @@ def main(argv=None) -> int:
     meta["headline"] = headline(rows[-1], meta["import"], "")
     if args.baseline:
         b = headline(all_rows["baseline_"][-1], meta["import"], "baseline_")
-        meta["baseline"] = {"code": code["baseline_"], "headline": b,
-                            "rows": all_rows["baseline_"], "runs": runs["baseline_"]}
+        meta["baseline"] = {
+            "code": code["baseline_"],
+            "headline": b,
+            "rows": all_rows["baseline_"],
+            "runs": runs["baseline_"],
+        }
         meta["baseline_over_current"] = {
-            k: b[k] / v for k, v in meta["headline"].items() if isinstance(v, (int, float))
-            and v and isinstance(b.get(k), (int, float))}
+            k: b[k] / v
+            for k, v in meta["headline"].items()
+            if isinstance(v, (int, float)) and v and isinstance(b.get(k), (int, float))
+        }
     runs = runs[""]
     write_json(args.out, {**meta, "rows": rows, "runs": runs})
     if args.baseline:
-        print("baseline / current: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in meta["baseline_over_current"].items()))
-    headers = ["phase", "cold s", "warm s", "ratio", "off s", "compile cold", "compile warm",
-               "programs", "traced warm", "hits warm", "misses warm"]
-    print(format_table(headers, [[r["phase"], r["cold_s"], r["warm_s"], r["ratio"],
-                                  r["off_s"], r["cold_compile_s"], r["warm_compile_s"],
-                                  r["cold_programs"], r["warm_traced"], r["warm_hits"],
-                                  r["warm_misses"]] for r in rows]))
+        print(
+            "baseline / current: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in meta["baseline_over_current"].items())
+        )
+    headers = [
+        "phase",
+        "cold s",
+        "warm s",
+        "ratio",
+        "off s",
+        "compile cold",
+        "compile warm",
+        "programs",
+        "traced warm",
+        "hits warm",
+        "misses warm",
+    ]
+    print(
+        format_table(
+            headers,
+            [
+                [
+                    r["phase"],
+                    r["cold_s"],
+                    r["warm_s"],
+                    r["ratio"],
+                    r["off_s"],
+                    r["cold_compile_s"],
+                    r["warm_compile_s"],
+                    r["cold_programs"],
+                    r["warm_traced"],
+                    r["warm_hits"],
+                    r["warm_misses"],
+                ]
+                for r in rows
+            ],
+        )
+    )
     h = meta["headline"]
-    print(f"\ncompile time (trace + lower + XLA): cold {h['compile_seconds_cold']:.2f} s, "
-          f"warm {h['compile_seconds_warm']:.2f} s ({h['compile_speedup_warm_vs_cold']:.1f}x); "
-          f"XLA alone: cold {h['xla_compile_seconds_cold']:.2f} s, warm "
-          f"{h['xla_compile_seconds_warm']:.2f} s; trace + lower warm "
-          f"{h['trace_lower_seconds_warm']:.2f} s\n"
-          f"programs: cold {h['programs_cold']}, warm {h['programs_warm']} "
-          f"(traced warm {h['traced_warm']}); import jax {h['import_jax_median_s']:.2f} s, "
-          f"jaxscanvi {h['import_jaxscanvi_median_s']:.2f} s\n"
-          f"cache folder {meta['cache_folder']['files']} files, "
-          f"{meta['cache_folder']['bytes'] / 2**20:.1f} MiB\nwrote {args.out}")
+    print(
+        f"\ncompile time (trace + lower + XLA): cold {h['compile_seconds_cold']:.2f} s, "
+        f"warm {h['compile_seconds_warm']:.2f} s ({h['compile_speedup_warm_vs_cold']:.1f}x); "
+        f"XLA alone: cold {h['xla_compile_seconds_cold']:.2f} s, warm "
+        f"{h['xla_compile_seconds_warm']:.2f} s; trace + lower warm "
+        f"{h['trace_lower_seconds_warm']:.2f} s\n"
+        f"programs: cold {h['programs_cold']}, warm {h['programs_warm']} "
+        f"(traced warm {h['traced_warm']}); import jax {h['import_jax_median_s']:.2f} s, "
+        f"jaxscanvi {h['import_jaxscanvi_median_s']:.2f} s\n"
+        f"cache folder {meta['cache_folder']['files']} files, "
+        f"{meta['cache_folder']['bytes'] / 2**20:.1f} MiB\nwrote {args.out}"
+    )
     return 0
 
 

@@ -36,23 +36,32 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import machine_info, versions, write_json  # noqa: E402
-from _trace import latest_trace, op_table  # noqa: E402
-from gpu_check import ARCH, TRAIN_SIZE, _jax_model, anndata_for  # noqa: E402
+from _common import machine_info, versions, write_json
+from _trace import latest_trace, op_table
+from gpu_check import ARCH, TRAIN_SIZE, _jax_model, anndata_for
 
 # dense datasheet peaks of the SXM parts (FLOP/s, bytes/s). Float32 matrix
 # products run on tensor cores as TF32 unless precision is set "highest"
 PEAKS = {
-    "H100": {"fp32_flops": 67e12, "tf32_flops": 494.7e12, "bf16_flops": 989.4e12,
-             "bandwidth": 3.35e12},
-    "H200": {"fp32_flops": 67e12, "tf32_flops": 494.7e12, "bf16_flops": 989.4e12,
-             "bandwidth": 4.8e12},
+    "H100": {
+        "fp32_flops": 67e12,
+        "tf32_flops": 494.7e12,
+        "bf16_flops": 989.4e12,
+        "bandwidth": 3.35e12,
+    },
+    "H200": {
+        "fp32_flops": 67e12,
+        "tf32_flops": 494.7e12,
+        "bf16_flops": 989.4e12,
+        "bandwidth": 4.8e12,
+    },
 }
 N_BATCH, N_LABELS = 2, 6  # gpu_check.anndata_for's batches and cell types
 
 
-def matmul_flops_per_cell(model: str, G: int, H: int = 128, L: int = 10,
-                          n_batch: int = N_BATCH, C: int = N_LABELS) -> dict:
+def matmul_flops_per_cell(
+    model: str, G: int, H: int = 128, L: int = 10, n_batch: int = N_BATCH, C: int = N_LABELS
+) -> dict:
     """Matrix-product FLOPs per cell of one training step, counted by hand (1 layer).
 
     Forward: encoder G->H and H->L twice (mean, variance); decoder (L + batch
@@ -80,13 +89,16 @@ def cpu_peaks() -> dict:
     only, nothing allocated), best of 5."""
     import jax
     import jax.numpy as jnp
+
     a = jnp.ones((1024, 1024), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
     x = jnp.ones((1 << 26,), jnp.float32)
     total = jax.jit(lambda v: v.sum())
     out = {}
-    for name, fn, arg, work in (("fp32_flops", mm, a, 2 * 1024 ** 3),
-                                ("bandwidth", total, x, x.size * 4)):
+    for name, fn, arg, work in (
+        ("fp32_flops", mm, a, 2 * 1024**3),
+        ("bandwidth", total, x, x.size * 4),
+    ):
         fn(arg).block_until_ready()
         best = math.inf
         for _ in range(5):
@@ -100,6 +112,7 @@ def cpu_peaks() -> dict:
 
 def device_peaks() -> tuple[str, dict]:
     import jax
+
     kind = jax.devices()[0].device_kind
     for name, peaks in PEAKS.items():
         if name in kind:
@@ -110,11 +123,14 @@ def device_peaks() -> tuple[str, dict]:
 def step_cost(m, model: str, B: int) -> dict:
     """XLA's cost analysis of the loss's value and gradient at batch ``B``."""
     import jax
+
     from jaxscanvi import losses
+
     n = m.adata.n_obs
     batch = m.minibatch(np.arange(B) % n)
     key = jax.random.PRNGKey(0)
     if model == "scvi":
+
         def f(p):
             return losses.scvi_elbo(m.module, p, m.state, batch, key, 1.0)
     else:
@@ -122,23 +138,33 @@ def step_cost(m, model: str, B: int) -> dict:
         pair = (batch, m.minibatch(lab[np.arange(B) % len(lab)]))
 
         def f(p):
-            return losses.scanvi_elbo(m.module, p, m.state, pair, key, 1.0,
-                                      objective="scvi-tools")
+            return losses.scanvi_elbo(m.module, p, m.state, pair, key, 1.0, objective="scvi-tools")
+
     compiled = jax.jit(jax.value_and_grad(f, has_aux=True)).lower(m.params).compile()
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return {"flops": float(ca.get("flops", 0.0)),
-            "bytes": float(ca.get("bytes accessed", 0.0)),
-            "transcendentals": float(ca.get("transcendentals", 0.0))}
+    return {
+        "flops": float(ca.get("flops", 0.0)),
+        "bytes": float(ca.get("bytes accessed", 0.0)),
+        "transcendentals": float(ca.get("transcendentals", 0.0)),
+    }
 
 
-def profile_one(model: str, B: int, steps: int, n_genes: int, peaks: dict,
-                trace_root: Path) -> dict:
+def profile_one(
+    model: str, B: int, steps: int, n_genes: int, peaks: dict, trace_root: Path
+) -> dict:
     import jax
-    n_cells = int(math.ceil(B * steps / TRAIN_SIZE)) + 1
+
+    n_cells = math.ceil(B * steps / TRAIN_SIZE) + 1
     m, extra = _jax_model(anndata_for(n_cells, n_genes), model)
-    kw = dict(batch_size=B, train_size=TRAIN_SIZE, progress_bar=False, seed=0,
-              data_source="device", **extra)
+    kw = dict(
+        batch_size=B,
+        train_size=TRAIN_SIZE,
+        progress_bar=False,
+        seed=0,
+        data_source="device",
+        **extra,
+    )
     m.train(max_epochs=1, **kw)  # compiles
     m.train(max_epochs=1, **kw)  # steady, untraced (each call starts a new history)
     epochs = [float(m.history.to_frame()["epoch_seconds"].iloc[-1])]
@@ -156,54 +182,76 @@ def profile_one(model: str, B: int, steps: int, n_genes: int, peaks: dict,
     # the FLOP term is a strict floor
     flop_s, byte_s = cost["flops"] / peaks["tf32_flops"], cost["bytes"] / peaks["bandwidth"]
     floor_s = max(flop_s, byte_s)
-    return {"model": model, "batch_size": B, "n_steps": n_steps,
-            "epoch_seconds_steady_traced": epochs, "step_seconds": step_s,
-            "traced_step_op_seconds": ops["op_seconds_total"] / n_steps,
-            "step_flops": cost["flops"], "step_bytes": cost["bytes"],
-            "flops_per_cell": cost["flops"] / B, "bytes_per_cell": cost["bytes"] / B,
-            "hand_matmul_flops_per_cell": hand["step"],
-            "xla_over_hand_flops": cost["flops"] / B / hand["step"],
-            "floor_flops_seconds": flop_s, "floor_bytes_seconds": byte_s,
-            "floor_seconds": floor_s, "bound": "flops" if flop_s >= byte_s else "bytes",
-            "times_floor": step_s / floor_s if floor_s > 0 else None,
-            "times_flop_floor": step_s / flop_s if flop_s > 0 else None,
-            "ops": ops}
+    return {
+        "model": model,
+        "batch_size": B,
+        "n_steps": n_steps,
+        "epoch_seconds_steady_traced": epochs,
+        "step_seconds": step_s,
+        "traced_step_op_seconds": ops["op_seconds_total"] / n_steps,
+        "step_flops": cost["flops"],
+        "step_bytes": cost["bytes"],
+        "flops_per_cell": cost["flops"] / B,
+        "bytes_per_cell": cost["bytes"] / B,
+        "hand_matmul_flops_per_cell": hand["step"],
+        "xla_over_hand_flops": cost["flops"] / B / hand["step"],
+        "floor_flops_seconds": flop_s,
+        "floor_bytes_seconds": byte_s,
+        "floor_seconds": floor_s,
+        "bound": "flops" if flop_s >= byte_s else "bytes",
+        "times_floor": step_s / floor_s if floor_s > 0 else None,
+        "times_flop_floor": step_s / flop_s if flop_s > 0 else None,
+        "ops": ops,
+    }
 
 
 def markdown(doc: dict) -> str:
-    lines = [f"# Training-step profile: {doc['device_kind']}", "",
-             f"Peaks ({doc['peaks']['source']}): {doc['peaks']['tf32_flops'] / 1e9:,.0f} "
-             f"GFLOP/s (float32 products as TF32 on a GPU), "
-             f"{doc['peaks']['bandwidth'] / 1e9:,.0f} GB/s. Floor = max(FLOPs / peak, "
-             "bytes / bandwidth); XLA's bytes count cached operands too, so the bytes "
-             "term can exceed a step that fits in cache, and x FLOP floor is the strict "
-             "one.", "",
-             "| model | batch | step ms | floor ms | x floor | x FLOP floor | bound | "
-             "GFLOP/step | MB/step | FLOPs/cell (XLA) | matmul FLOPs/cell (hand) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Training-step profile: {doc['device_kind']}",
+        "",
+        f"Peaks ({doc['peaks']['source']}): {doc['peaks']['tf32_flops'] / 1e9:,.0f} "
+        f"GFLOP/s (float32 products as TF32 on a GPU), "
+        f"{doc['peaks']['bandwidth'] / 1e9:,.0f} GB/s. Floor = max(FLOPs / peak, "
+        "bytes / bandwidth); XLA's bytes count cached operands too, so the bytes "
+        "term can exceed a step that fits in cache, and x FLOP floor is the strict "
+        "one.",
+        "",
+        "| model | batch | step ms | floor ms | x floor | x FLOP floor | bound | "
+        "GFLOP/step | MB/step | FLOPs/cell (XLA) | matmul FLOPs/cell (hand) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in doc["runs"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch_size']} | error: {r['error'][:80]} "
-                         "| | | | | | | | |")
+            lines.append(
+                f"| {r['model']} | {r['batch_size']} | error: {r['error'][:80]} | | | | | | | | |"
+            )
             continue
-        lines.append(f"| {r['model']} | {r['batch_size']} | {r['step_seconds'] * 1e3:.3f} | "
-                     f"{r['floor_seconds'] * 1e3:.4f} | {r['times_floor']:.1f} | "
-                     f"{r['times_flop_floor']:.1f} | {r['bound']} "
-                     f"| {r['step_flops'] / 1e9:.3f} | {r['step_bytes'] / 1e6:.1f} | "
-                     f"{r['flops_per_cell'] / 1e6:.2f} M | "
-                     f"{r['hand_matmul_flops_per_cell'] / 1e6:.2f} M |")
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r['step_seconds'] * 1e3:.3f} | "
+            f"{r['floor_seconds'] * 1e3:.4f} | {r['times_floor']:.1f} | "
+            f"{r['times_flop_floor']:.1f} | {r['bound']} "
+            f"| {r['step_flops'] / 1e9:.3f} | {r['step_bytes'] / 1e6:.1f} | "
+            f"{r['flops_per_cell'] / 1e6:.2f} M | "
+            f"{r['hand_matmul_flops_per_cell'] / 1e6:.2f} M |"
+        )
     for r in doc["runs"]:
         if "error" in r:
             continue
-        lines += ["", f"## {r['model']}, batch {r['batch_size']}: 20 costliest operations "
-                  f"({r['ops']['source']} events, {r['n_steps']} steps traced)", "",
-                  "| operation | calls | ms per step | share | FLOPs | bytes |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"## {r['model']}, batch {r['batch_size']}: 20 costliest operations "
+            f"({r['ops']['source']} events, {r['n_steps']} steps traced)",
+            "",
+            "| operation | calls | ms per step | share | FLOPs | bytes |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for o in r["ops"]["top"]:
-            lines.append(f"| `{o['name'][:60]}` | {o['calls']} | "
-                         f"{o['seconds'] / r['n_steps'] * 1e3:.4f} | {o['share']:.1%} | "
-                         f"{o['flops'] if o['flops'] is not None else '-'} | "
-                         f"{o['bytes'] if o['bytes'] is not None else '-'} |")
+            lines.append(
+                f"| `{o['name'][:60]}` | {o['calls']} | "
+                f"{o['seconds'] / r['n_steps'] * 1e3:.4f} | {o['share']:.1%} | "
+                f"{o['flops'] if o['flops'] is not None else '-'} | "
+                f"{o['bytes'] if o['bytes'] is not None else '-'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -218,14 +266,25 @@ def main(argv=None) -> int:
     import jax
 
     from jaxscanvi import backend
+
     G, sizes = (100, (32, 64)) if args.smoke else (2000, (128, 1024))
     steps = args.steps or (3 if args.smoke else 10)
     kind, peaks = device_peaks()
-    doc = {"benchmark": "gpu_profile", "smoke": args.smoke, "command": " ".join(sys.argv),
-           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(),
-           "machine": machine_info(with_jax=False), "device_kind": kind,
-           "backend": jax.default_backend(), "kernels": backend.current().kernels.__dict__,
-           "peaks": peaks, "n_genes": G, "architecture": ARCH, "runs": []}
+    doc = {
+        "benchmark": "gpu_profile",
+        "smoke": args.smoke,
+        "command": " ".join(sys.argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+        "machine": machine_info(with_jax=False),
+        "device_kind": kind,
+        "backend": jax.default_backend(),
+        "kernels": backend.current().kernels.__dict__,
+        "peaks": peaks,
+        "n_genes": G,
+        "architecture": ARCH,
+        "runs": [],
+    }
     name = "gpu_profile_smoke" if args.smoke else "gpu_profile"
     traces = Path(tempfile.mkdtemp(prefix="jaxscanvi_profile_"))
     try:
@@ -234,9 +293,14 @@ def main(argv=None) -> int:
                 print(f"{model} batch {B} ...", flush=True)
                 try:
                     doc["runs"].append(profile_one(model, B, steps, G, peaks, traces))
-                except Exception as e:  # one failure leaves the other runs
-                    doc["runs"].append({"model": model, "batch_size": B,
-                                        "error": f"{type(e).__name__}: {e}"[:2000]})
+                except Exception as e:  # noqa: BLE001 - one failure leaves the other runs
+                    doc["runs"].append(
+                        {
+                            "model": model,
+                            "batch_size": B,
+                            "error": f"{type(e).__name__}: {e}"[:2000],
+                        }
+                    )
                 write_json(out / f"{name}.json", doc)
     finally:
         shutil.rmtree(traces, ignore_errors=True)

@@ -57,8 +57,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _common import (balanced_accuracy, machine_info, peak_rss_mb,  # noqa: E402
-                     t_interval, versions, write_json)
+from _common import balanced_accuracy, machine_info, peak_rss_mb, t_interval, versions, write_json
 
 DATA = HERE.parent.parent / "shared" / "data" / "pbmc_3k_4k.h5ad"
 RESULTS = HERE / "results"
@@ -70,7 +69,9 @@ UNL = "Unknown"
 # ------------------------------------------------------------------ data
 def load_pbmc(n_hvg: int):
     import anndata as ad
+
     from jaxscanvi.data.hvg import highly_variable_genes
+
     adata = ad.read_h5ad(DATA)
     adata = adata[:, highly_variable_genes(adata, n_hvg, flavor="variance")].copy()
     obs = adata.obs
@@ -83,6 +84,7 @@ def load_pbmc(n_hvg: int):
 def load_synthetic(n_cells: int = 800):
     """The smoke test's stand-in: lineages are the coarse level."""
     from jaxscanvi.data import synthetic_atlas
+
     adata = synthetic_atlas(n_cells, 200, n_lineages=3, types_per_lineage=2, seed=0)
     fine = adata.obs["cell_type"].astype(str).to_numpy()
     coarse = adata.obs["lineage"].astype(str).to_numpy()
@@ -111,7 +113,7 @@ def hide(fine, is_fine, seed: int, frac: float = 0.7) -> np.ndarray:
     for run in (True, False):
         for t in np.unique(fine[is_fine == run]):
             idx = np.flatnonzero((fine == t) & (is_fine == run))
-            k = min(int(round(frac * len(idx))), len(idx) - 1)
+            k = min(round(frac * len(idx)), len(idx) - 1)
             hidden[rng.choice(idx, k, replace=False)] = True
     return hidden
 
@@ -119,15 +121,19 @@ def hide(fine, is_fine, seed: int, frac: float = 0.7) -> np.ndarray:
 # --------------------------------------------------------------- accuracy
 def one_seed(data, seed: int, scvi_epochs: int, scanvi_epochs: int, threshold: float):
     import pandas as pd
+
     import jaxscanvi as js
     from jaxscanvi.data import hierarchy
+
     adata, fine, coarse, is_fine = data
     tree = derive_hierarchy(fine, coarse, is_fine)
     hidden = hide(fine, is_fine, seed)
     labelled_fine = np.where(is_fine, fine, coarse)
-    cols = {"hier": np.where(hidden, UNL, labelled_fine),
-            "flat_fine": np.where(hidden | ~is_fine, UNL, fine),
-            "flat_coarse": np.where(hidden, UNL, coarse)}
+    cols = {
+        "hier": np.where(hidden, UNL, labelled_fine),
+        "flat_fine": np.where(hidden | ~is_fine, UNL, fine),
+        "flat_coarse": np.where(hidden, UNL, coarse),
+    }
     for k, v in cols.items():
         adata.obs[k] = pd.Categorical(v)
     t0 = time.perf_counter()
@@ -137,8 +143,9 @@ def one_seed(data, seed: int, scvi_epochs: int, scanvi_epochs: int, threshold: f
     for name in cols:
         kw = {"label_hierarchy": tree} if name == "hier" else {}
         m = js.SCANVI.from_scvi_model(vae, UNL, labels_key=name, adata=adata, **kw)
-        models[name] = m.train(scanvi_epochs, n_samples_per_label=100, progress_bar=False,
-                               seed=seed)
+        models[name] = m.train(
+            scanvi_epochs, n_samples_per_label=100, progress_bar=False, seed=seed
+        )
     seconds = time.perf_counter() - t0
     pred = {k: np.asarray(m.predict(), str) for k, m in models.items()}
     up = dict(tree)
@@ -154,14 +161,19 @@ def one_seed(data, seed: int, scvi_epochs: int, scanvi_epochs: int, threshold: f
     # the coarse call: the most probable depth-1 node (its leaves' summed probability)
     hier_coarse = np.asarray(models["hier"].predict(level=1), str)
     leaf_coarse = np.array([coarse_of(p) for p in pred["hier"]])
-    out = {"seed": seed, "seconds": round(seconds, 1),
-           "fine_ba_hier": balanced_accuracy(fine[fine_cells], pred["hier"][fine_cells]),
-           "fine_ba_flat": balanced_accuracy(fine[fine_cells], pred["flat_fine"][fine_cells]),
-           "coarse_ba_hier": balanced_accuracy(coarse[coarse_cells], hier_coarse[coarse_cells]),
-           "coarse_ba_flat": balanced_accuracy(coarse[coarse_cells],
-                                               pred["flat_coarse"][coarse_cells]),
-           "coarse_ba_hier_leaf_ancestor": balanced_accuracy(coarse[coarse_cells],
-                                                             leaf_coarse[coarse_cells])}
+    out = {
+        "seed": seed,
+        "seconds": round(seconds, 1),
+        "fine_ba_hier": balanced_accuracy(fine[fine_cells], pred["hier"][fine_cells]),
+        "fine_ba_flat": balanced_accuracy(fine[fine_cells], pred["flat_fine"][fine_cells]),
+        "coarse_ba_hier": balanced_accuracy(coarse[coarse_cells], hier_coarse[coarse_cells]),
+        "coarse_ba_flat": balanced_accuracy(
+            coarse[coarse_cells], pred["flat_coarse"][coarse_cells]
+        ),
+        "coarse_ba_hier_leaf_ancestor": balanced_accuracy(
+            coarse[coarse_cells], leaf_coarse[coarse_cells]
+        ),
+    }
     deep = models["hier"].predict(level="deepest", threshold=threshold)
     tree_obj = hierarchy.from_registry(models["hier"].registry)
     truth = np.where(is_fine, fine, coarse)
@@ -182,24 +194,37 @@ def deepest_summary(deep, truth, cells, is_fine, tree_obj) -> dict:
     call on the truth's path), over all cells and per run."""
     pred = deep["prediction"].to_numpy().astype(str)
     depth = deep["depth"].to_numpy()
-    ok = np.array([p in _ancestors(tree_obj, t) or t in _ancestors(tree_obj, p)
-                   for p, t in zip(pred, truth)])
+    ok = np.array(
+        [p in _ancestors(tree_obj, t) or t in _ancestors(tree_obj, p) for p, t in zip(pred, truth)]
+    )
     out = {}
-    for name, sel in (("all", cells), ("fine_run", cells & is_fine),
-                      ("coarse_run", cells & ~is_fine)):
+    for name, sel in (
+        ("all", cells),
+        ("fine_run", cells & is_fine),
+        ("coarse_run", cells & ~is_fine),
+    ):
         n = int(sel.sum())
-        out[name] = {str(d): {"fraction": float((sel & (depth == d)).sum() / max(n, 1)),
-                              "accuracy": (float(ok[sel & (depth == d)].mean())
-                                           if (sel & (depth == d)).any() else None)}
-                     for d in (0, 1, 2)}
+        out[name] = {
+            str(d): {
+                "fraction": float((sel & (depth == d)).sum() / max(n, 1)),
+                "accuracy": (
+                    float(ok[sel & (depth == d)].mean()) if (sel & (depth == d)).any() else None
+                ),
+            }
+            for d in (0, 1, 2)
+        }
     return out
 
 
 def paired(runs, a: str, b: str) -> dict:
     d = np.array([100 * (r[a] - r[b]) for r in runs])
-    res = {"n": len(d), a: [100 * r[a] for r in runs], b: [100 * r[b] for r in runs],
-           "difference_points": d.round(3).tolist(),
-           "mean_difference": float(d.mean()) if len(d) else None}
+    res = {
+        "n": len(d),
+        a: [100 * r[a] for r in runs],
+        b: [100 * r[b] for r in runs],
+        "difference_points": d.round(3).tolist(),
+        "mean_difference": float(d.mean()) if len(d) else None,
+    }
     if len(d) > 1:
         res["ci95"] = t_interval(d)
     return res
@@ -228,21 +253,31 @@ def part_accuracy(args) -> dict:
         deep[run] = {}
         for d in ("0", "1", "2"):
             fr = [r["deepest"][run][d]["fraction"] for r in runs]
-            acc = [r["deepest"][run][d]["accuracy"] for r in runs
-                   if r["deepest"][run][d]["accuracy"] is not None]
-            deep[run][d] = {"fraction_mean": float(np.mean(fr)),
-                            "accuracy_mean": float(np.mean(acc)) if acc else None}
-    return {"runs": runs, "fine_balanced_accuracy": fine,
-            "coarse_balanced_accuracy": coarse,
-            "coarse_balanced_accuracy_leaf_ancestor": coarse_leaf,
-            "deepest_at_threshold": deep,
-            "threshold": args.threshold, "hierarchy": derive_hierarchy(*data[1:])}
+            acc = [
+                r["deepest"][run][d]["accuracy"]
+                for r in runs
+                if r["deepest"][run][d]["accuracy"] is not None
+            ]
+            deep[run][d] = {
+                "fraction_mean": float(np.mean(fr)),
+                "accuracy_mean": float(np.mean(acc)) if acc else None,
+            }
+    return {
+        "runs": runs,
+        "fine_balanced_accuracy": fine,
+        "coarse_balanced_accuracy": coarse,
+        "coarse_balanced_accuracy_leaf_ancestor": coarse_leaf,
+        "deepest_at_threshold": deep,
+        "threshold": args.threshold,
+        "hierarchy": derive_hierarchy(*data[1:]),
+    }
 
 
 # -------------------------------------------------------------- step time
 def synthetic_adata(n_cells: int, n_genes: int, n_types: int, seed: int = 0):
     import anndata as ad
     from scale import obs_frame, synthetic_csr
+
     X = synthetic_csr(n_cells, n_genes, 300, seed=seed)
     obs = obs_frame(n_cells, 2, n_types, seed=seed)
     types = obs["cell_type"].astype(str).to_numpy()
@@ -259,7 +294,7 @@ def depth6_tree(n_leaves: int, depth: int = 6) -> dict[str, str]:
     for leaf in range(n_leaves):
         parent = ROOT
         for k in range(1, depth):
-            n_k = max(1, int(round(n_leaves ** (k / depth))))
+            n_k = max(1, round(n_leaves ** (k / depth)))
             node = f"n{k}_{leaf * n_k // n_leaves}"
             tree[node] = parent
             parent = node
@@ -267,12 +302,13 @@ def depth6_tree(n_leaves: int, depth: int = 6) -> dict[str, str]:
     return tree
 
 
-def worker_scale(n_labels: int, n_cells: int, n_genes: int, batch_size: int,
-                 epochs: int) -> dict:
+def worker_scale(n_labels: int, n_cells: int, n_genes: int, batch_size: int, epochs: int) -> dict:
     """scANVI step time and peak RSS with C leaves under a depth-6 tree; a quarter
     of the cells labelled at a leaf, a quarter at one of its ancestors."""
     import pandas as pd
+
     import jaxscanvi as js
+
     adata = synthetic_adata(n_cells, n_genes, n_labels)
     tree = depth6_tree(n_labels)
     types = adata.obs["cell_type"].to_numpy().astype(object)
@@ -288,34 +324,50 @@ def worker_scale(n_labels: int, n_cells: int, n_genes: int, batch_size: int,
     first_of_each = pd.Series(np.arange(n_cells)).groupby(types).first().to_numpy()
     labels[first_of_each] = types[first_of_each]  # every leaf has a cell
     adata.obs["label"] = pd.Categorical(labels)
-    js.SCANVI.setup_anndata(adata, labels_key="label", unlabeled_category=UNL,
-                            batch_key="batch", label_hierarchy=tree)
+    js.SCANVI.setup_anndata(
+        adata, labels_key="label", unlabeled_category=UNL, batch_key="batch", label_hierarchy=tree
+    )
     model = js.SCANVI(adata)
     before = peak_rss_mb()
-    model.train(max_epochs=epochs, batch_size=batch_size, train_size=1.0,
-                progress_bar=False, calibrate=False)
+    model.train(
+        max_epochs=epochs,
+        batch_size=batch_size,
+        train_size=1.0,
+        progress_bar=False,
+        calibrate=False,
+    )
     secs = model.history.to_frame()["epoch_seconds"].to_numpy()
     steps = -(-n_cells // batch_size)
-    return {"n_labels": n_labels, "n_nodes": len(set(tree) | {ROOT}), "depth": 6,
-            "n_cells": n_cells, "n_genes": n_genes, "steps_per_epoch": steps,
-            "first_epoch_seconds": round(float(secs[0]), 2),
-            "epoch_seconds_median": round(float(np.median(secs[1:])), 3),
-            "step_ms": round(1000 * float(np.median(secs[1:])) / steps, 2),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "peak_rss_before_training_mb": round(before, 1),
-            "final_loss_finite": bool(np.isfinite(model.history.to_frame()["train_loss"]
-                                                  .to_numpy()[-1]))}
+    return {
+        "n_labels": n_labels,
+        "n_nodes": len(set(tree) | {ROOT}),
+        "depth": 6,
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "steps_per_epoch": steps,
+        "first_epoch_seconds": round(float(secs[0]), 2),
+        "epoch_seconds_median": round(float(np.median(secs[1:])), 3),
+        "step_ms": round(1000 * float(np.median(secs[1:])) / steps, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_before_training_mb": round(before, 1),
+        "final_loss_finite": bool(
+            np.isfinite(model.history.to_frame()["train_loss"].to_numpy()[-1])
+        ),
+    }
 
 
-def worker_steptime(n_cells: int, n_genes: int, n_types: int, rounds: int,
-                    epochs_per_round: int, batch_size: int) -> dict:
+def worker_steptime(
+    n_cells: int, n_genes: int, n_types: int, rounds: int, epochs_per_round: int, batch_size: int
+) -> dict:
     """No hierarchy against a flat one (each type under the root), same data, in
     alternating rounds of ``epochs_per_round`` epochs. Per round: each arm's median
     epoch (wall) and its train call's process CPU time (all threads), which other
     jobs on a shared machine disturb less; the figure is the median over rounds
     of the round's flat / none ratio, so slow drifts in load cancel."""
-    import jaxscanvi as js
     import pandas as pd
+
+    import jaxscanvi as js
+
     adata = synthetic_adata(n_cells, n_genes, n_types)
     labels = adata.obs["cell_type"].to_numpy().astype(object)
     labels[np.random.default_rng(0).random(n_cells) < 0.5] = UNL
@@ -323,17 +375,27 @@ def worker_steptime(n_cells: int, n_genes: int, n_types: int, rounds: int,
     flat = {t: ROOT for t in adata.obs["cell_type"].unique()}
     models = {}
     for name, tree in (("none", None), ("flat", flat)):
-        js.SCANVI.setup_anndata(adata, labels_key="label", unlabeled_category=UNL,
-                                batch_key="batch", label_hierarchy=tree)
+        js.SCANVI.setup_anndata(
+            adata,
+            labels_key="label",
+            unlabeled_category=UNL,
+            batch_key="batch",
+            label_hierarchy=tree,
+        )
         models[name] = js.SCANVI(adata, seed=0)
     wall: dict[str, list[float]] = {"none": [], "flat": []}
     cpu: dict[str, list[float]] = {"none": [], "flat": []}
     for rnd in range(rounds + 1):  # round 0 compiles
-        for name in (("none", "flat") if rnd % 2 == 0 else ("flat", "none")):
+        for name in ("none", "flat") if rnd % 2 == 0 else ("flat", "none"):
             c0 = time.process_time()
-            models[name].train(max_epochs=epochs_per_round, batch_size=batch_size,
-                               train_size=1.0, progress_bar=False, calibrate=False,
-                               seed=rnd)
+            models[name].train(
+                max_epochs=epochs_per_round,
+                batch_size=batch_size,
+                train_size=1.0,
+                progress_bar=False,
+                calibrate=False,
+                seed=rnd,
+            )
             c1 = time.process_time()
             secs = models[name].history.to_frame()["epoch_seconds"].to_numpy()
             if rnd > 0:
@@ -342,15 +404,22 @@ def worker_steptime(n_cells: int, n_genes: int, n_types: int, rounds: int,
     steps = -(-n_cells // batch_size)
     ratio_wall = np.asarray(wall["flat"]) / np.asarray(wall["none"])
     ratio_cpu = np.asarray(cpu["flat"]) / np.asarray(cpu["none"])
-    return {"n_cells": n_cells, "n_genes": n_genes, "n_types": n_types, "rounds": rounds,
-            "epochs_per_round": epochs_per_round, "steps_per_epoch": steps,
-            "step_ms_none": round(1000 * float(np.median(wall["none"])) / steps, 3),
-            "step_ms_flat_hierarchy": round(1000 * float(np.median(wall["flat"])) / steps, 3),
-            "ratio_flat_over_none_wall": round(float(np.median(ratio_wall)), 4),
-            "ratio_flat_over_none_cpu": round(float(np.median(ratio_cpu)), 4),
-            "ratio_cpu_per_round": ratio_cpu.round(4).tolist(),
-            "ratio_wall_per_round": ratio_wall.round(4).tolist(),
-            "round_wall_median_epoch_seconds": wall, "round_cpu_seconds": cpu}
+    return {
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "n_types": n_types,
+        "rounds": rounds,
+        "epochs_per_round": epochs_per_round,
+        "steps_per_epoch": steps,
+        "step_ms_none": round(1000 * float(np.median(wall["none"])) / steps, 3),
+        "step_ms_flat_hierarchy": round(1000 * float(np.median(wall["flat"])) / steps, 3),
+        "ratio_flat_over_none_wall": round(float(np.median(ratio_wall)), 4),
+        "ratio_flat_over_none_cpu": round(float(np.median(ratio_cpu)), 4),
+        "ratio_cpu_per_round": ratio_cpu.round(4).tolist(),
+        "ratio_wall_per_round": ratio_wall.round(4).tolist(),
+        "round_wall_median_epoch_seconds": wall,
+        "round_cpu_seconds": cpu,
+    }
 
 
 WORKERS = {"scale": worker_scale, "steptime": worker_steptime}
@@ -368,8 +437,12 @@ def spawn(name: str, **kw) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", nargs="+", default=["accuracy", "steptime", "scale"],
-                   choices=["accuracy", "steptime", "scale"])
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        default=["accuracy", "steptime", "scale"],
+        choices=["accuracy", "steptime", "scale"],
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--n-hvg", type=int, default=2000)
     p.add_argument("--scvi-epochs", type=int, default=60)
@@ -385,11 +458,9 @@ def main(argv=None) -> int:
         return 0
     if args.smoke:
         args.seeds, args.scvi_epochs, args.scanvi_epochs = args.seeds[:2], 2, 2
-    out_path = args.out or RESULTS / ("hierarchy_smoke.json" if args.smoke else
-                                      "hierarchy.json")
+    out_path = args.out or RESULTS / ("hierarchy_smoke.json" if args.smoke else "hierarchy.json")
     doc = json.loads(out_path.read_text()) if out_path.exists() and not args.smoke else {}
-    doc.update({"method": __doc__, "versions": versions(),
-                "machine": machine_info(with_jax=False)})
+    doc.update({"method": __doc__, "versions": versions(), "machine": machine_info(with_jax=False)})
     if "accuracy" in args.parts:
         if not DATA.exists() and not args.smoke:
             print(f"hierarchy: {DATA} absent; accuracy part skipped", file=sys.stderr)
@@ -397,20 +468,34 @@ def main(argv=None) -> int:
             doc["accuracy"] = part_accuracy(args)
             write_json(out_path, doc)
     if "steptime" in args.parts:
-        kw = (dict(n_cells=600, n_genes=200, n_types=6, rounds=2, epochs_per_round=2,
-                   batch_size=128) if args.smoke else
-              dict(n_cells=5000, n_genes=2000, n_types=10, rounds=16, epochs_per_round=3,
-                   batch_size=128))
+        kw = (
+            dict(n_cells=600, n_genes=200, n_types=6, rounds=2, epochs_per_round=2, batch_size=128)
+            if args.smoke
+            else dict(
+                n_cells=5000,
+                n_genes=2000,
+                n_types=10,
+                rounds=16,
+                epochs_per_round=3,
+                batch_size=128,
+            )
+        )
         doc["steptime"] = spawn("steptime", **kw)
         write_json(out_path, doc)
     if "scale" in args.parts:
         sizes = (10, 100) if args.smoke else (10, 100, 1000)
-        kw = (dict(n_cells=600, n_genes=200, batch_size=128, epochs=2) if args.smoke else
-              dict(n_cells=5000, n_genes=2000, batch_size=128, epochs=3))
+        kw = (
+            dict(n_cells=600, n_genes=200, batch_size=128, epochs=2)
+            if args.smoke
+            else dict(n_cells=5000, n_genes=2000, batch_size=128, epochs=3)
+        )
         doc["scale"] = [spawn("scale", n_labels=c, **kw) for c in sizes]
         write_json(out_path, doc)
-    print(json.dumps({k: v for k, v in doc.items() if k not in ("method", "versions")},
-                     indent=1, default=str)[:4000])
+    print(
+        json.dumps(
+            {k: v for k, v in doc.items() if k not in ("method", "versions")}, indent=1, default=str
+        )[:4000]
+    )
     return 0
 
 

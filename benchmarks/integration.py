@@ -39,22 +39,35 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import (format_table, have_scvi_tools, machine_info, mean_sd,  # noqa: E402
-                     t_interval, versions, write_json)
-from label_transfer import top_variance_genes  # noqa: E402
+from _common import (
+    format_table,
+    have_scvi_tools,
+    machine_info,
+    mean_sd,
+    t_interval,
+    versions,
+    write_json,
+)
+from label_transfer import top_variance_genes
 
 DATA = HERE.parents[1] / "shared" / "data"
 OUT = HERE / "results" / "integration.json"
 ARCH = dict(n_hidden=128, n_latent=10, n_layers=1)
 TRAIN_SIZE = 0.9
 UNKNOWN = "Unknown"
-METHODS = ("Unintegrated", "jaxscanvi scVI", "jaxscanvi scANVI", "scvi-tools scVI",
-           "scvi-tools scANVI")
+METHODS = (
+    "Unintegrated",
+    "jaxscanvi scVI",
+    "jaxscanvi scANVI",
+    "scvi-tools scVI",
+    "scvi-tools scANVI",
+)
 
 
 def datasets(names=None) -> tuple[list[Path], dict[str, str]]:
     """Files with >= 2 batches and >= 2 known cell types; the others with why not."""
     import anndata as ad
+
     keep, skipped = [], {}
     for path in sorted(DATA.glob("*.h5ad")):
         if names and path.stem not in names:
@@ -74,15 +87,20 @@ def datasets(names=None) -> tuple[list[Path], dict[str, str]]:
 def load(path: Path, n_hvg: int, max_cells: int | None):
     import anndata as ad
     import pandas as pd
+
     a = ad.read_h5ad(path)
     if max_cells is not None and max_cells < a.n_obs:
         a = a[np.sort(np.random.default_rng(0).choice(a.n_obs, max_cells, replace=False))]
     a = a[:, top_variance_genes(a.X, n_hvg)].copy()
     labels = a.obs["cell_type"].astype(str)
-    cats = sorted(set(labels) - {UNKNOWN}) + [UNKNOWN]
-    a.obs = pd.DataFrame({"batch": a.obs["batch"].astype(str).astype("category"),
-                          "cell_type": pd.Categorical(labels, categories=cats)},
-                         index=a.obs_names)
+    cats = [*sorted(set(labels) - {UNKNOWN}), UNKNOWN]
+    a.obs = pd.DataFrame(
+        {
+            "batch": a.obs["batch"].astype(str).astype("category"),
+            "cell_type": pd.Categorical(labels, categories=cats),
+        },
+        index=a.obs_names,
+    )
     return a
 
 
@@ -98,18 +116,31 @@ def unintegrated_pca(a, n_comps: int = 50) -> np.ndarray:
 
 def run_jaxscanvi(a, seed: int, args) -> dict[str, np.ndarray]:
     from jaxscanvi import SCANVI, SCVI
+
     a = a.copy()
     SCVI.setup_anndata(a, batch_key="batch", labels_key="cell_type")
     vae = SCVI(a, **ARCH, seed=seed)
-    vae.train(max_epochs=args.scvi_epochs, batch_size=args.batch_size,
-              train_size=TRAIN_SIZE, seed=seed, progress_bar=False)
+    vae.train(
+        max_epochs=args.scvi_epochs,
+        batch_size=args.batch_size,
+        train_size=TRAIN_SIZE,
+        seed=seed,
+        progress_bar=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lv = SCANVI.from_scvi_model(vae, unlabeled_category=UNKNOWN)
-    lv.train(max_epochs=args.scanvi_epochs, batch_size=args.batch_size,
-             train_size=TRAIN_SIZE, seed=seed, progress_bar=False)
-    return {"jaxscanvi scVI": vae.get_latent_representation(),
-            "jaxscanvi scANVI": lv.get_latent_representation()}
+    lv.train(
+        max_epochs=args.scanvi_epochs,
+        batch_size=args.batch_size,
+        train_size=TRAIN_SIZE,
+        seed=seed,
+        progress_bar=False,
+    )
+    return {
+        "jaxscanvi scVI": vae.get_latent_representation(),
+        "jaxscanvi scANVI": lv.get_latent_representation(),
+    }
 
 
 def run_scvi_tools(a, seed: int, args) -> dict[str, np.ndarray]:
@@ -117,13 +148,20 @@ def run_scvi_tools(a, seed: int, args) -> dict[str, np.ndarray]:
 
     import scvi
     import torch
+
     for name in ("lightning", "lightning.pytorch", "scvi"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(args.torch_threads)
     scvi.settings.seed = seed
     a = a.copy()
-    kw = dict(batch_size=args.batch_size, train_size=TRAIN_SIZE, enable_progress_bar=False,
-              accelerator="cpu", devices=1, enable_model_summary=False)
+    kw = dict(
+        batch_size=args.batch_size,
+        train_size=TRAIN_SIZE,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        devices=1,
+        enable_model_summary=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scvi.model.SCVI.setup_anndata(a, batch_key="batch", labels_key="cell_type")
@@ -131,22 +169,30 @@ def run_scvi_tools(a, seed: int, args) -> dict[str, np.ndarray]:
         vae.train(max_epochs=args.scvi_epochs, **kw)
         lv = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category=UNKNOWN)
         lv.train(max_epochs=args.scanvi_epochs, **kw)
-    return {"scvi-tools scVI": vae.get_latent_representation(),
-            "scvi-tools scANVI": lv.get_latent_representation()}
+    return {
+        "scvi-tools scVI": vae.get_latent_representation(),
+        "scvi-tools scANVI": lv.get_latent_representation(),
+    }
 
 
 def scib_scores(a, embeddings: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """scib-metrics' Benchmarker on the labelled cells; raw (unscaled) scores."""
     from scib_metrics.benchmark import Benchmarker
+
     known = np.asarray(a.obs["cell_type"].astype(str) != UNKNOWN)
     b = a[known].copy()
     b.obs["cell_type"] = b.obs["cell_type"].astype(str).astype("category")
     for name, z in embeddings.items():
         b.obsm[name] = np.asarray(z)[known]
-    bm = Benchmarker(b, batch_key="batch", label_key="cell_type",
-                     embedding_obsm_keys=list(embeddings),
-                     pre_integrated_embedding_obsm_key="Unintegrated", n_jobs=1,
-                     progress_bar=False)
+    bm = Benchmarker(
+        b,
+        batch_key="batch",
+        label_key="cell_type",
+        embedding_obsm_keys=list(embeddings),
+        pre_integrated_embedding_obsm_key="Unintegrated",
+        n_jobs=1,
+        progress_bar=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bm.benchmark()
@@ -157,8 +203,10 @@ def scib_scores(a, embeddings: dict[str, np.ndarray]) -> dict[str, dict[str, flo
 
 def plot_table(means: dict[str, dict[str, float]], path: Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     methods = [m for m in METHODS if m in means]
     metrics = list(next(iter(means.values())))
     vals = np.array([[means[m][k] for k in metrics] for m in methods])
@@ -178,8 +226,9 @@ def plot_table(means: dict[str, dict[str, float]], path: Path, title: str) -> No
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     p.add_argument("--scvi-epochs", type=int, default=400)
     p.add_argument("--scanvi-epochs", type=int, default=10)
@@ -189,11 +238,15 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", nargs="+", default=None, help="file stems; default all")
     p.add_argument("--no-scvi-tools", action="store_true")
     p.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 seed, 800 cells, 500 genes, 5 + 2 epochs")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 seed, 800 cells, 500 genes, 5 + 2 epochs"
+    )
     p.add_argument("--out", default=None)
-    p.add_argument("--resume", action="store_true",
-                   help="keep the seeds --out already holds; run only the others")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the seeds --out already holds; run only the others",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.scvi_epochs, args.scanvi_epochs = [0], 5, 2
@@ -209,9 +262,15 @@ def main(argv=None) -> int:
         return 1
     use_scvi = not args.no_scvi_tools and have_scvi_tools()
     paths, skipped = datasets(args.datasets)
-    doc = {"benchmark": "integration", "args": vars(args), "versions": versions(),
-           "machine": machine_info(), "skipped": skipped, "datasets": {},
-           "scvi_tools_compared": use_scvi}
+    doc = {
+        "benchmark": "integration",
+        "args": vars(args),
+        "versions": versions(),
+        "machine": machine_info(),
+        "skipped": skipped,
+        "datasets": {},
+        "scvi_tools_compared": use_scvi,
+    }
     done = json.loads(out.read_text())["datasets"] if args.resume and out.exists() else {}
     rows = []
     for path in paths:
@@ -231,35 +290,66 @@ def main(argv=None) -> int:
                 emb.update(run_scvi_tools(a, seed, args))
                 t_torch = time.perf_counter() - t
             scores = scib_scores(a, emb)
-            per_seed.append({"seed": seed, "scores": scores, "jaxscanvi_seconds": t_jax,
-                             "scvi_tools_seconds": t_torch if use_scvi else None})
-            print(f"{path.stem} seed {seed}: " + ", ".join(
-                f"{m} {s['Total']:.3f}" for m, s in scores.items()), flush=True)
-            doc["datasets"][path.stem] = {"n_cells": int(a.n_obs), "n_genes": int(a.n_vars),
-                                          "per_seed": per_seed}
+            per_seed.append(
+                {
+                    "seed": seed,
+                    "scores": scores,
+                    "jaxscanvi_seconds": t_jax,
+                    "scvi_tools_seconds": t_torch if use_scvi else None,
+                }
+            )
+            print(
+                f"{path.stem} seed {seed}: "
+                + ", ".join(f"{m} {s['Total']:.3f}" for m, s in scores.items()),
+                flush=True,
+            )
+            doc["datasets"][path.stem] = {
+                "n_cells": int(a.n_obs),
+                "n_genes": int(a.n_vars),
+                "per_seed": per_seed,
+            }
             write_json(out, doc)
         methods = list(per_seed[0]["scores"])
         metrics = list(per_seed[0]["scores"][methods[0]])
-        summary = {m: {k: mean_sd([s["scores"][m][k] for s in per_seed]) for k in metrics}
-                   for m in methods}
+        summary = {
+            m: {k: mean_sd([s["scores"][m][k] for s in per_seed]) for k in metrics} for m in methods
+        }
         paired = {}
         if use_scvi:
             for model in ("scVI", "scANVI"):
-                d = [s["scores"][f"jaxscanvi {model}"]["Total"]
-                     - s["scores"][f"scvi-tools {model}"]["Total"] for s in per_seed]
-                paired[model] = {"total_difference_per_seed": d, **mean_sd(d),
-                                 "ci95": t_interval(d)}
-        doc["datasets"][path.stem].update({"summary": summary, "paired_total_jax_minus_scvi":
-                                           paired})
+                d = [
+                    s["scores"][f"jaxscanvi {model}"]["Total"]
+                    - s["scores"][f"scvi-tools {model}"]["Total"]
+                    for s in per_seed
+                ]
+                paired[model] = {
+                    "total_difference_per_seed": d,
+                    **mean_sd(d),
+                    "ci95": t_interval(d),
+                }
+        doc["datasets"][path.stem].update(
+            {"summary": summary, "paired_total_jax_minus_scvi": paired}
+        )
         write_json(out, doc)
-        plot_table({m: {k: v["mean"] for k, v in summary[m].items()} for m in methods},
-                   out.with_suffix(".png") if len(paths) == 1 else
-                   out.with_name(f"{out.stem}_{path.stem}.png"),
-                   f"{path.stem}: scib-metrics, mean over seeds {args.seeds}")
+        plot_table(
+            {m: {k: v["mean"] for k, v in summary[m].items()} for m in methods},
+            out.with_suffix(".png")
+            if len(paths) == 1
+            else out.with_name(f"{out.stem}_{path.stem}.png"),
+            f"{path.stem}: scib-metrics, mean over seeds {args.seeds}",
+        )
         for m in methods:
             s = summary[m]
-            rows.append([path.stem, m, s["Bio conservation"]["mean"],
-                         s["Batch correction"]["mean"], s["Total"]["mean"], s["Total"]["sd"]])
+            rows.append(
+                [
+                    path.stem,
+                    m,
+                    s["Bio conservation"]["mean"],
+                    s["Batch correction"]["mean"],
+                    s["Total"]["mean"],
+                    s["Total"]["sd"],
+                ]
+            )
     print(format_table(["dataset", "method", "bio", "batch", "total", "total sd"], rows))
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")

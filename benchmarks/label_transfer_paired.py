@@ -45,7 +45,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import t_interval  # noqa: E402
+from _common import t_interval
 
 DATA = HERE.parent.parent / "shared" / "data"
 RESULTS = HERE / "results"
@@ -53,23 +53,59 @@ OUT = RESULTS / "label_transfer_paired.json"
 
 COMMON = ["--n-hvg", "2000", "--scvi-epochs", "100", "--scanvi-epochs", "20"]
 SETTINGS = {
-    "pbmc3k": ["--data", str(DATA / "pbmc3k.h5ad"), "--labels-key", "cell_type",
-               "--hide-fraction", "0.7", "--n-samples-per-label", "100",
-               "--objectives", "seed", *COMMON],
-    "pbmc_3k_4k_fine": ["--data", str(DATA / "pbmc_3k_4k.h5ad"),
-                        "--labels-key", "cell_type_fine", "--hide-fraction", "0.7",
-                        "--n-samples-per-label", "100", "--objectives", "seed", *COMMON],
-    "reference_to_query": ["--data", str(DATA / "pbmc_3k_4k.h5ad"), "--labels-key",
-                           "cell_type", "--reference-to-query", "--query-epochs", "100",
-                           *COMMON],
+    "pbmc3k": [
+        "--data",
+        str(DATA / "pbmc3k.h5ad"),
+        "--labels-key",
+        "cell_type",
+        "--hide-fraction",
+        "0.7",
+        "--n-samples-per-label",
+        "100",
+        "--objectives",
+        "seed",
+        *COMMON,
+    ],
+    "pbmc_3k_4k_fine": [
+        "--data",
+        str(DATA / "pbmc_3k_4k.h5ad"),
+        "--labels-key",
+        "cell_type_fine",
+        "--hide-fraction",
+        "0.7",
+        "--n-samples-per-label",
+        "100",
+        "--objectives",
+        "seed",
+        *COMMON,
+    ],
+    "reference_to_query": [
+        "--data",
+        str(DATA / "pbmc_3k_4k.h5ad"),
+        "--labels-key",
+        "cell_type",
+        "--reference-to-query",
+        "--query-epochs",
+        "100",
+        *COMMON,
+    ],
 }
 
 
 def run(name: str, seeds: list[int], torch_threads: int) -> Path:
     out = RESULTS / f"label_transfer_paired_{name}.json"
-    cmd = [sys.executable, str(HERE / "label_transfer.py"), *SETTINGS[name],
-           "--seeds", *map(str, seeds), "--out", str(out), "--resume",
-           "--torch-threads", str(torch_threads)]
+    cmd = [
+        sys.executable,
+        str(HERE / "label_transfer.py"),
+        *SETTINGS[name],
+        "--seeds",
+        *map(str, seeds),
+        "--out",
+        str(out),
+        "--resume",
+        "--torch-threads",
+        str(torch_threads),
+    ]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out
@@ -82,13 +118,17 @@ def paired(runs: list[dict], metric: str = "balanced_accuracy") -> dict:
     seeds = sorted(set(jax) & set(ref))
     d = np.array([100 * (jax[s] - ref[s]) for s in seeds])
     n = len(d)
-    out = {"metric": metric, "seeds": seeds, "n": n,
-           "jaxscanvi": [100 * jax[s] for s in seeds],
-           "scvi_tools": [100 * ref[s] for s in seeds],
-           "difference_points": d.tolist(),
-           "jaxscanvi_mean": float(np.mean([100 * jax[s] for s in seeds])) if n else None,
-           "scvi_tools_mean": float(np.mean([100 * ref[s] for s in seeds])) if n else None,
-           "mean_difference": float(d.mean()) if n else None}
+    out = {
+        "metric": metric,
+        "seeds": seeds,
+        "n": n,
+        "jaxscanvi": [100 * jax[s] for s in seeds],
+        "scvi_tools": [100 * ref[s] for s in seeds],
+        "difference_points": d.tolist(),
+        "jaxscanvi_mean": float(np.mean([100 * jax[s] for s in seeds])) if n else None,
+        "scvi_tools_mean": float(np.mean([100 * ref[s] for s in seeds])) if n else None,
+        "mean_difference": float(d.mean()) if n else None,
+    }
     if n > 1:
         out["ci95"] = t_interval(d)
         # the fidelity issue's target: >= 10 paired seeds, the interval reaches 0
@@ -109,14 +149,18 @@ def report(names: list[str]) -> dict:
         data = json.loads(path.read_text())
         table[name] = {"source": path.name, **paired(data["runs"])}
         table[name]["machine"] = data.get("machine")
-    print(f"\n{'setting':22} {'n':>3} {'jaxscanvi':>10} {'scvi-tools':>11} "
-          f"{'diff (pts)':>11} {'95% CI':>17}  target")
+    print(
+        f"\n{'setting':22} {'n':>3} {'jaxscanvi':>10} {'scvi-tools':>11} "
+        f"{'diff (pts)':>11} {'95% CI':>17}  target"
+    )
     for name, r in table.items():
         ci = r.get("ci95")
-        print(f"{name:22} {r['n']:3d} {r['jaxscanvi_mean']:10.2f} {r['scvi_tools_mean']:11.2f} "
-              f"{r['mean_difference']:+11.2f} "
-              f"{'' if ci is None else f'[{ci[0]:+.2f}, {ci[1]:+.2f}]':>17}  "
-              f"{'-' if ci is None else _verdict(r)}")
+        print(
+            f"{name:22} {r['n']:3d} {r['jaxscanvi_mean']:10.2f} {r['scvi_tools_mean']:11.2f} "
+            f"{r['mean_difference']:+11.2f} "
+            f"{'' if ci is None else f'[{ci[0]:+.2f}, {ci[1]:+.2f}]':>17}  "
+            f"{'-' if ci is None else _verdict(r)}"
+        )
     return table
 
 
@@ -128,8 +172,10 @@ def _verdict(r: dict) -> str:
 
 def plot(table: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(table), figsize=(4.2 * len(table), 4), squeeze=False)
     for ax, (name, r) in zip(axes[0], table.items()):
         for a, b in zip(r["scvi_tools"], r["jaxscanvi"]):
@@ -139,9 +185,11 @@ def plot(table: dict, path: Path) -> None:
         ax.set_xticks([0, 1], ["scvi-tools", "jaxscanvi"])
         ax.set_xlim(-0.4, 1.4)
         ci = r.get("ci95")
-        ax.set_title(f"{name}\nΔ {r['mean_difference']:+.2f} pts"
-                     + ("" if ci is None else f", 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]"),
-                     fontsize=9)
+        ax.set_title(
+            f"{name}\nΔ {r['mean_difference']:+.2f} pts"
+            + ("" if ci is None else f", 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]"),
+            fontsize=9,
+        )
         ax.set_ylabel("balanced accuracy, hidden cells (%)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -153,9 +201,13 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--only", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     p.add_argument("--report", action="store_true", help="only summarise existing runs")
-    p.add_argument("--torch-threads", type=int, default=1,
-                   help="scvi-tools' torch threads (1: this compares accuracy, not time, "
-                   "and torch's thread pool stalls on a busy machine)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="scvi-tools' torch threads (1: this compares accuracy, not time, "
+        "and torch's thread pool stalls on a busy machine)",
+    )
     args = p.parse_args(argv)
     if not (DATA / "pbmc_3k_4k.h5ad").exists():
         print(f"label_transfer_paired: {DATA} has no data; nothing to do", file=sys.stderr)
@@ -166,6 +218,7 @@ def main(argv=None) -> int:
     table = report(list(SETTINGS))
     if table:
         from _common import versions, write_json
+
         write_json(OUT, {"method": __doc__, "versions": versions(), "settings": table})
         plot(table, OUT.with_suffix(".png"))
         print(f"wrote {OUT} and {OUT.with_suffix('.png').name}")

@@ -37,20 +37,27 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import format_table, machine_info, mean_sd, versions, write_json  # noqa: E402
+from _common import format_table, machine_info, mean_sd, versions, write_json
 
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "pbmc_3k_4k.h5ad"
 DEFAULT_OUT = HERE / "results" / "mmd_mixing.json"
 
 
 def run(adata, weight: float, seed: int, epochs: int) -> dict:
+    from _common import batch_entropy, knn_accuracy, knn_predict
+
     import jaxscanvi as js
     from jaxscanvi import contrib
-    from _common import batch_entropy, knn_accuracy, knn_predict
+
     model = js.SCVI(adata, seed=seed)
-    kw = {} if weight == 0 else dict(
-        loss_terms={"mmd": contrib.mmd_batch_penalty(model.registry.n_batch)},
-        loss_weights={"mmd": weight})
+    kw = (
+        {}
+        if weight == 0
+        else dict(
+            loss_terms={"mmd": contrib.mmd_batch_penalty(model.registry.n_batch)},
+            loss_weights={"mmd": weight},
+        )
+    )
     t0 = time.perf_counter()
     model.train(max_epochs=epochs, seed=seed, progress_bar=False, **kw)
     seconds = time.perf_counter() - t0
@@ -64,11 +71,15 @@ def run(adata, weight: float, seed: int, epochs: int) -> dict:
         ref, qry = scored & (batches != b), scored & (batches == b)
         pred = knn_predict(z, types, k=15, reference=ref, query=qry)
         transfer.append(float((pred == types[qry]).mean()))
-    return {"weight": weight, "seed": seed, "train_seconds": round(seconds, 2),
-            "batch_entropy_k50": batch_entropy(z, batches, k=50),
-            "knn_accuracy_cell_type": knn_accuracy(z[scored], types[scored], k=15),
-            "cross_batch_transfer_accuracy": float(np.mean(transfer)),
-            "reconstruction_loss_train": float(h["reconstruction_loss_train"].iloc[-1])}
+    return {
+        "weight": weight,
+        "seed": seed,
+        "train_seconds": round(seconds, 2),
+        "batch_entropy_k50": batch_entropy(z, batches, k=50),
+        "knn_accuracy_cell_type": knn_accuracy(z[scored], types[scored], k=15),
+        "cross_batch_transfer_accuracy": float(np.mean(transfer)),
+        "reconstruction_loss_train": float(h["reconstruction_loss_train"].iloc[-1]),
+    }
 
 
 def main(argv=None) -> int:
@@ -85,8 +96,10 @@ def main(argv=None) -> int:
         print(f"{path} not found: this benchmark needs ../shared/data/pbmc_3k_4k.h5ad")
         return 0
     import anndata as ad
+
     import jaxscanvi as js
     from jaxscanvi.data.hvg import highly_variable_genes
+
     adata = ad.read_h5ad(path)
     adata = adata[:, highly_variable_genes(adata, args.n_hvg)].copy()
     js.SCVI.setup_anndata(adata, batch_key="batch")
@@ -95,22 +108,54 @@ def main(argv=None) -> int:
         for w in args.weights:
             r = run(adata, w, seed, args.epochs)
             runs.append(r)
-            print(f"seed {seed} weight {w:g}: entropy {r['batch_entropy_k50']:.3f}, "
-                  f"kNN type {r['knn_accuracy_cell_type']:.3f}, "
-                  f"cross-batch {r['cross_batch_transfer_accuracy']:.3f}, "
-                  f"{r['train_seconds']:.0f} s", flush=True)
-    metrics = ("batch_entropy_k50", "knn_accuracy_cell_type",
-               "cross_batch_transfer_accuracy", "reconstruction_loss_train", "train_seconds")
-    summary = {f"{w:g}": {m: mean_sd([r[m] for r in runs if r["weight"] == w])
-                          for m in metrics} for w in args.weights}
-    rows = [[w] + [f"{s[m]['mean']:.3f} ± {s[m]['sd'] or 0:.3f}" for m in metrics]
-            for w, s in summary.items()]
-    print(format_table(["MMD weight", "batch entropy (k=50)", "kNN acc. type",
-                        "cross-batch kNN acc.", "reconstruction loss", "train s"], rows))
-    write_json(args.out, {"data": str(path), "n_cells": int(adata.n_obs),
-                          "n_genes": int(adata.n_vars), "epochs": args.epochs,
-                          "runs": runs, "summary": summary, "versions": versions(),
-                          "machine": machine_info()})
+            print(
+                f"seed {seed} weight {w:g}: entropy {r['batch_entropy_k50']:.3f}, "
+                f"kNN type {r['knn_accuracy_cell_type']:.3f}, "
+                f"cross-batch {r['cross_batch_transfer_accuracy']:.3f}, "
+                f"{r['train_seconds']:.0f} s",
+                flush=True,
+            )
+    metrics = (
+        "batch_entropy_k50",
+        "knn_accuracy_cell_type",
+        "cross_batch_transfer_accuracy",
+        "reconstruction_loss_train",
+        "train_seconds",
+    )
+    summary = {
+        f"{w:g}": {m: mean_sd([r[m] for r in runs if r["weight"] == w]) for m in metrics}
+        for w in args.weights
+    }
+    rows = [
+        [w] + [f"{s[m]['mean']:.3f} ± {s[m]['sd'] or 0:.3f}" for m in metrics]
+        for w, s in summary.items()
+    ]
+    print(
+        format_table(
+            [
+                "MMD weight",
+                "batch entropy (k=50)",
+                "kNN acc. type",
+                "cross-batch kNN acc.",
+                "reconstruction loss",
+                "train s",
+            ],
+            rows,
+        )
+    )
+    write_json(
+        args.out,
+        {
+            "data": str(path),
+            "n_cells": int(adata.n_obs),
+            "n_genes": int(adata.n_vars),
+            "epochs": args.epochs,
+            "runs": runs,
+            "summary": summary,
+            "versions": versions(),
+            "machine": machine_info(),
+        },
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -39,18 +39,17 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import (current_rss_mb, format_table, machine_info, peak_rss_mb,  # noqa: E402
-                     versions, write_json)
+from _common import current_rss_mb, format_table, machine_info, peak_rss_mb, versions, write_json
 
 DEFAULT_OUT = HERE / "results" / "scale.json"
 
 
 # ------------------------------------------------------------------- data
-def synthetic_csr(n_cells: int, n_genes: int, mean_nnz: float, seed: int = 0,
-                  chunk: int = 50_000):
+def synthetic_csr(n_cells: int, n_genes: int, mean_nnz: float, seed: int = 0, chunk: int = 50_000):
     """A CSR of NB-like counts built chunk by chunk into preallocated arrays, so
     building it never holds more than the matrix plus one chunk."""
     import scipy.sparse as sp
+
     rng = np.random.default_rng(seed)
     freq = np.clip(rng.lognormal(0.0, 1.0, n_genes), 0, None)
     freq = np.minimum(freq / freq.mean() * mean_nnz / n_genes, 0.95).astype(np.float32)
@@ -66,9 +65,9 @@ def synthetic_csr(n_cells: int, n_genes: int, mean_nnz: float, seed: int = 0,
         k = len(c)
         if nnz + k > cap:
             raise RuntimeError("synthetic_csr: capacity estimate too small")
-        indices[nnz:nnz + k] = c
-        data[nnz:nnz + k] = 1.0 + rng.poisson(1.5, k)
-        indptr[s + 1:e + 1] = nnz + np.cumsum(np.bincount(r, minlength=e - s))
+        indices[nnz : nnz + k] = c
+        data[nnz : nnz + k] = 1.0 + rng.poisson(1.5, k)
+        indptr[s + 1 : e + 1] = nnz + np.cumsum(np.bincount(r, minlength=e - s))
         nnz += k
     return sp.csr_matrix((data[:nnz], indices[:nnz], indptr), shape=(n_cells, n_genes))
 
@@ -79,13 +78,19 @@ def csr_bytes(X) -> int:
 
 def obs_frame(n: int, n_batch: int, n_types: int, seed: int = 0):
     import pandas as pd
+
     rng = np.random.default_rng(seed + 1)
     return pd.DataFrame(
-        {"batch": pd.Categorical.from_codes(rng.integers(0, n_batch, n),
-                                            [f"b{i}" for i in range(n_batch)]),
-         "cell_type": pd.Categorical.from_codes(rng.integers(0, n_types, n),
-                                                [f"t{i}" for i in range(n_types)])},
-        index=pd.RangeIndex(n).astype(str))
+        {
+            "batch": pd.Categorical.from_codes(
+                rng.integers(0, n_batch, n), [f"b{i}" for i in range(n_batch)]
+            ),
+            "cell_type": pd.Categorical.from_codes(
+                rng.integers(0, n_types, n), [f"t{i}" for i in range(n_types)]
+            ),
+        },
+        index=pd.RangeIndex(n).astype(str),
+    )
 
 
 class RssSampler:
@@ -114,7 +119,9 @@ class RssSampler:
 # ---------------------------------------------------------------- workers
 def worker_memory(n_cells: int, n_genes: int, mean_nnz: float, batch_size: int) -> dict:
     import anndata as ad
+
     import jaxscanvi as js
+
     base = current_rss_mb()
     t0 = time.perf_counter()
     X = synthetic_csr(n_cells, n_genes, mean_nnz)
@@ -128,23 +135,32 @@ def worker_memory(n_cells: int, n_genes: int, mean_nnz: float, batch_size: int) 
     model.train(max_epochs=1, batch_size=batch_size, train_size=1.0, progress_bar=False)
     epoch_s = time.perf_counter() - t0
     peak = peak_rss_mb()
-    return {"n_cells": n_cells, "n_genes": n_genes, "nnz": int(X.nnz),
-            "csr_mb": round(size / 2**20, 1), "build_seconds": round(build_s, 1),
-            "rss_before_data_mb": round(base, 1), "rss_after_data_mb": round(after_data, 1),
-            "epoch_seconds_incl_compile": round(epoch_s, 1),
-            "cells_per_second": round(n_cells / epoch_s, 1),
-            "data_source": "auto", "peak_rss_mb": round(peak, 1),
-            "peak_rss_over_csr": round(peak / (size / 2**20), 3),
-            "train_loss": float(model.history.to_frame()["train_loss"].iloc[-1])}
+    return {
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "nnz": int(X.nnz),
+        "csr_mb": round(size / 2**20, 1),
+        "build_seconds": round(build_s, 1),
+        "rss_before_data_mb": round(base, 1),
+        "rss_after_data_mb": round(after_data, 1),
+        "epoch_seconds_incl_compile": round(epoch_s, 1),
+        "cells_per_second": round(n_cells / epoch_s, 1),
+        "data_source": "auto",
+        "peak_rss_mb": round(peak, 1),
+        "peak_rss_over_csr": round(peak / (size / 2**20), 3),
+        "train_loss": float(model.history.to_frame()["train_loss"].iloc[-1]),
+    }
 
 
-def write_backed(path: Path, n_cells: int, n_genes: int, mean_nnz: float,
-                 chunk: int = 250_000) -> dict:
+def write_backed(
+    path: Path, n_cells: int, n_genes: int, mean_nnz: float, chunk: int = 250_000
+) -> dict:
     """Write an .h5ad chunk by chunk: X appended block by block, obs written once."""
     import anndata as ad
     import h5py
     import pandas as pd
     from anndata.io import sparse_dataset, write_elem
+
     t0 = time.perf_counter()
     obs = obs_frame(n_cells, 4, 10)
     var = pd.DataFrame(index=[f"g{i}" for i in range(n_genes)])
@@ -158,8 +174,11 @@ def write_backed(path: Path, n_cells: int, n_genes: int, mean_nnz: float,
                 sparse_dataset(f["X"]).append(block)
         f["X"].attrs["shape"] = (n_cells, n_genes)
         nnz = int(f["X"]["indptr"][-1])
-    return {"write_seconds": round(time.perf_counter() - t0, 1), "nnz": nnz,
-            "file_mb": round(path.stat().st_size / 2**20, 1)}
+    return {
+        "write_seconds": round(time.perf_counter() - t0, 1),
+        "nnz": nnz,
+        "file_mb": round(path.stat().st_size / 2**20, 1),
+    }
 
 
 def _fixed_steps(model, source, rows, warmup: int):
@@ -168,16 +187,23 @@ def _fixed_steps(model, source, rows, warmup: int):
     timed with RSS sampled each second."""
     import jax
     import jax.numpy as jnp
+
     from jaxscanvi.model.scvi import _loss
     from jaxscanvi.train.config import TrainConfig
     from jaxscanvi.train.fit import step_fns
     from jaxscanvi.train.state import TrainState
+
     config = TrainConfig(max_epochs=400)
     task = model._task(config, partial(_loss, model.module, config), ("scvi", model.module))
     tx, step, _ = step_fns(config, task)
-    ts = TrainState(params=model.params, state=model.state, opt_state=tx.init(model.params),
-                    rng=jax.random.PRNGKey(0), step=jnp.asarray(0, jnp.int32),
-                    epoch=jnp.asarray(0, jnp.int32))
+    ts = TrainState(
+        params=model.params,
+        state=model.state,
+        opt_state=tx.init(model.params),
+        rng=jax.random.PRNGKey(0),
+        step=jnp.asarray(0, jnp.int32),
+        epoch=jnp.asarray(0, jnp.int32),
+    )
     carry = (ts, jnp.asarray(-1, jnp.int32))
     carry, _ = source.run_epoch(step, carry, rows[:warmup])
     jax.block_until_ready(carry)
@@ -194,8 +220,10 @@ def _fixed_steps(model, source, rows, warmup: int):
 def worker_stream(path: str, n_steps: int, batch_size: int) -> dict:
     """``n_steps`` steps of a block-shuffled epoch over every cell of the file."""
     import anndata as ad
+
     import jaxscanvi as js
     from jaxscanvi.train.sources import make_source
+
     adata = ad.read_h5ad(path, backed="r")
     t0 = time.perf_counter()
     js.SCVI.setup_anndata(adata, batch_key="batch")
@@ -205,22 +233,31 @@ def worker_stream(path: str, n_steps: int, batch_size: int) -> dict:
     source = make_source("auto", cells, batch_size)
     rows = source.order(np.random.default_rng(0), np.arange(cells.n_obs), batch_size)
     warm = 20
-    seconds, mb, loss = _fixed_steps(model, source, rows[:warm + n_steps], warm)
-    return {"n_cells_in_file": int(adata.n_obs), "steps": n_steps, "source": source.kind,
-            "setup_seconds": round(setup_s, 1), "seconds": round(seconds, 1),
-            "cells_per_second": round(n_steps * batch_size / seconds, 1),
-            "blocks_read": int(len(np.unique(rows[:warm + n_steps] // 8192))),
-            "rss_first_mb": round(mb[0], 1), "rss_last_mb": round(mb[-1], 1),
-            "rss_max_mb": round(max(mb), 1), "rss_samples": len(mb),
-            "rss_trace_mb": [round(m, 1) for m in mb[::max(len(mb) // 20, 1)]],
-            "loss_first_last": [float(loss[0]), float(loss[-1])]}
+    seconds, mb, loss = _fixed_steps(model, source, rows[: warm + n_steps], warm)
+    return {
+        "n_cells_in_file": int(adata.n_obs),
+        "steps": n_steps,
+        "source": source.kind,
+        "setup_seconds": round(setup_s, 1),
+        "seconds": round(seconds, 1),
+        "cells_per_second": round(n_steps * batch_size / seconds, 1),
+        "blocks_read": len(np.unique(rows[: warm + n_steps] // 8192)),
+        "rss_first_mb": round(mb[0], 1),
+        "rss_last_mb": round(mb[-1], 1),
+        "rss_max_mb": round(max(mb), 1),
+        "rss_samples": len(mb),
+        "rss_trace_mb": [round(m, 1) for m in mb[:: max(len(mb) // 20, 1)]],
+        "loss_first_last": [float(loss[0]), float(loss[-1])],
+    }
 
 
 def worker_in_memory_steps(path: str, n_steps: int, batch_size: int) -> dict:
     """The same number of steps on as many cells of the file, loaded into memory."""
     import anndata as ad
+
     import jaxscanvi as js
     from jaxscanvi.train.sources import make_source
+
     backed = ad.read_h5ad(path, backed="r")
     warm = 20
     n = (n_steps + warm) * batch_size
@@ -230,67 +267,99 @@ def worker_in_memory_steps(path: str, n_steps: int, batch_size: int) -> dict:
     source = make_source("host", model._train_cells(), batch_size)
     rows = source.order(np.random.default_rng(0), np.arange(n), batch_size)
     seconds, mb, _ = _fixed_steps(model, source, rows, warm)
-    return {"steps": n_steps, "seconds": round(seconds, 1),
-            "cells_per_second": round(n_steps * batch_size / seconds, 1),
-            "data_source": "host", "rss_max_mb": round(max(mb), 1)}
+    return {
+        "steps": n_steps,
+        "seconds": round(seconds, 1),
+        "cells_per_second": round(n_steps * batch_size / seconds, 1),
+        "data_source": "host",
+        "rss_max_mb": round(max(mb), 1),
+    }
 
 
 def worker_classes(n_labels: int, n_cells: int, n_genes: int, batch_size: int) -> dict:
     import anndata as ad
+
     import jaxscanvi as js
+
     X = synthetic_csr(n_cells, n_genes, 300)
     obs = obs_frame(n_cells, 2, n_labels)
     labels = obs["cell_type"].astype(str).to_numpy().copy()
     labels[np.random.default_rng(0).random(n_cells) < 0.5] = "Unknown"
     obs["label"] = labels
     adata = ad.AnnData(X, obs=obs)
-    js.SCANVI.setup_anndata(adata, labels_key="label", unlabeled_category="Unknown",
-                            batch_key="batch")
+    js.SCANVI.setup_anndata(
+        adata, labels_key="label", unlabeled_category="Unknown", batch_key="batch"
+    )
     model = js.SCANVI(adata)
     before = peak_rss_mb()
-    model.train(max_epochs=1, batch_size=batch_size, train_size=1.0, progress_bar=False,
-                calibrate=False)
+    model.train(
+        max_epochs=1, batch_size=batch_size, train_size=1.0, progress_bar=False, calibrate=False
+    )
     first = float(model.history.to_frame()["epoch_seconds"].iloc[-1])
-    model.train(max_epochs=2, batch_size=batch_size, train_size=1.0, progress_bar=False,
-                calibrate=False)
+    model.train(
+        max_epochs=2, batch_size=batch_size, train_size=1.0, progress_bar=False, calibrate=False
+    )
     steps = -(-n_cells // batch_size)
     s = float(model.history.to_frame()["epoch_seconds"].iloc[-1])
-    return {"n_labels": n_labels, "n_cells": n_cells, "steps_per_epoch": steps,
-            "first_epoch_seconds": round(first, 2), "epoch_seconds": round(s, 2),
-            "step_ms": round(1000 * s / steps, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
-            "peak_rss_before_training_mb": round(before, 1)}
+    return {
+        "n_labels": n_labels,
+        "n_cells": n_cells,
+        "steps_per_epoch": steps,
+        "first_epoch_seconds": round(first, 2),
+        "epoch_seconds": round(s, 2),
+        "step_ms": round(1000 * s / steps, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_before_training_mb": round(before, 1),
+    }
 
 
-def worker_devices(n_devices: int, n_cells: int, n_genes: int, batch_size: int,
-                   layout: str = "auto") -> dict:
+def worker_devices(
+    n_devices: int, n_cells: int, n_genes: int, batch_size: int, layout: str = "auto"
+) -> dict:
     import anndata as ad
     import jax
+
     import jaxscanvi as js
     from jaxscanvi.train import sources
+
     if layout == "csr":  # no train() option for it: the device source's default
         sources.make_source.__kwdefaults__["dense_max_bytes"] = 0
     X = synthetic_csr(n_cells, n_genes, 300)
     adata = ad.AnnData(X, obs=obs_frame(n_cells, 2, 5))
     js.SCVI.setup_anndata(adata, batch_key="batch")
     model = js.SCVI(adata)
-    model.train(max_epochs=2, batch_size=batch_size, train_size=1.0, progress_bar=False,
-                devices=n_devices, data_source="device")
+    model.train(
+        max_epochs=2,
+        batch_size=batch_size,
+        train_size=1.0,
+        progress_bar=False,
+        devices=n_devices,
+        data_source="device",
+    )
     s = float(model.history.to_frame()["epoch_seconds"].iloc[-1])
-    return {"devices": n_devices, "local_devices": jax.local_device_count(),
-            "layout": layout, "epoch_seconds": round(s, 2),
-            "cells_per_second": round(n_cells / s, 1), "csr_mb": round(csr_bytes(X) / 2**20, 2),
-            "data_mb_per_device": round(model.data_bytes_per_device / 2**20, 2)}
+    return {
+        "devices": n_devices,
+        "local_devices": jax.local_device_count(),
+        "layout": layout,
+        "epoch_seconds": round(s, 2),
+        "cells_per_second": round(n_cells / s, 1),
+        "csr_mb": round(csr_bytes(X) / 2**20, 2),
+        "data_mb_per_device": round(model.data_bytes_per_device / 2**20, 2),
+    }
 
 
-WORKERS = {"memory": worker_memory, "stream": worker_stream,
-           "in_memory_steps": worker_in_memory_steps, "classes": worker_classes,
-           "devices": worker_devices}
+WORKERS = {
+    "memory": worker_memory,
+    "stream": worker_stream,
+    "in_memory_steps": worker_in_memory_steps,
+    "classes": worker_classes,
+    "devices": worker_devices,
+}
 
 
 def spawn(name: str, env: dict | None = None, **kw) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--kwargs", json.dumps(kw)]
-    res = subprocess.run(cmd, capture_output=True, text=True,
-                         env={**os.environ, **(env or {})})
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     for line in res.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -303,8 +372,12 @@ def main(argv=None) -> int:
     p.add_argument("--parts", nargs="+", default=["memory", "stream", "classes", "devices"])
     p.add_argument("--memory-cells", type=int, default=1_000_000)
     p.add_argument("--stream-cells", type=int, default=10_000_000)
-    p.add_argument("--stream-nnz", type=float, default=60.0,
-                   help="mean non-zeros per cell of the streamed file")
+    p.add_argument(
+        "--stream-nnz",
+        type=float,
+        default=60.0,
+        help="mean non-zeros per cell of the streamed file",
+    )
     p.add_argument("--stream-steps", type=int, default=2000)
     p.add_argument("--n-genes", type=int, default=2000)
     p.add_argument("--mean-nnz", type=float, default=300.0)
@@ -321,52 +394,123 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(WORKERS[args.worker](**json.loads(args.kwargs))))
         return 0
     out = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    out.update({"versions": versions(), "machine": machine_info(with_jax=False),
-                "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:])})
+    out.update(
+        {
+            "versions": versions(),
+            "machine": machine_info(with_jax=False),
+            "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]),
+        }
+    )
     G, B = args.n_genes, args.batch_size
     if "memory" in args.parts:
-        r = spawn("memory", n_cells=args.memory_cells, n_genes=G, mean_nnz=args.mean_nnz,
-                  batch_size=B)
+        r = spawn(
+            "memory", n_cells=args.memory_cells, n_genes=G, mean_nnz=args.mean_nnz, batch_size=B
+        )
         out["memory"] = r
-        print(format_table(["cells", "CSR MB", "epoch s (incl. compile)", "cells/s",
-                            "peak RSS MB", "peak RSS / CSR"],
-                           [[r["n_cells"], r["csr_mb"], r["epoch_seconds_incl_compile"],
-                             r["cells_per_second"], r["peak_rss_mb"],
-                             r["peak_rss_over_csr"]]]), flush=True)
+        print(
+            format_table(
+                [
+                    "cells",
+                    "CSR MB",
+                    "epoch s (incl. compile)",
+                    "cells/s",
+                    "peak RSS MB",
+                    "peak RSS / CSR",
+                ],
+                [
+                    [
+                        r["n_cells"],
+                        r["csr_mb"],
+                        r["epoch_seconds_incl_compile"],
+                        r["cells_per_second"],
+                        r["peak_rss_mb"],
+                        r["peak_rss_over_csr"],
+                    ]
+                ],
+            ),
+            flush=True,
+        )
     if "stream" in args.parts:
         with tempfile.TemporaryDirectory(dir=args.tmp) as d:
             path = Path(d) / "atlas.h5ad"
             w = write_backed(path, args.stream_cells, G, args.stream_nnz)
             s = spawn("stream", path=str(path), n_steps=args.stream_steps, batch_size=B)
-            m = spawn("in_memory_steps", path=str(path), n_steps=args.stream_steps,
-                      batch_size=B)
-        out["stream"] = {"file": w, "streamed": s, "in_memory": m,
-                         "ratio_stream_over_memory": round(
-                             s["cells_per_second"] / m["cells_per_second"], 3)}
-        print(format_table(["cells in file", "file MB", "steps", "stream cells/s",
-                            "in-memory cells/s", "RSS first/last/max MB"],
-                           [[s["n_cells_in_file"], w["file_mb"], s["steps"],
-                             s["cells_per_second"], m["cells_per_second"],
-                             f"{s['rss_first_mb']}/{s['rss_last_mb']}/{s['rss_max_mb']}"]]),
-              flush=True)
+            m = spawn("in_memory_steps", path=str(path), n_steps=args.stream_steps, batch_size=B)
+        out["stream"] = {
+            "file": w,
+            "streamed": s,
+            "in_memory": m,
+            "ratio_stream_over_memory": round(s["cells_per_second"] / m["cells_per_second"], 3),
+        }
+        print(
+            format_table(
+                [
+                    "cells in file",
+                    "file MB",
+                    "steps",
+                    "stream cells/s",
+                    "in-memory cells/s",
+                    "RSS first/last/max MB",
+                ],
+                [
+                    [
+                        s["n_cells_in_file"],
+                        w["file_mb"],
+                        s["steps"],
+                        s["cells_per_second"],
+                        m["cells_per_second"],
+                        f"{s['rss_first_mb']}/{s['rss_last_mb']}/{s['rss_max_mb']}",
+                    ]
+                ],
+            ),
+            flush=True,
+        )
     if "classes" in args.parts:
-        rows = [spawn("classes", n_labels=c, n_cells=args.classes_cells, n_genes=G,
-                      batch_size=B) for c in args.classes]
+        rows = [
+            spawn("classes", n_labels=c, n_cells=args.classes_cells, n_genes=G, batch_size=B)
+            for c in args.classes
+        ]
         out["classes"] = rows
-        print(format_table(["C", "step ms", "epoch s", "peak RSS MB"],
-                           [[r["n_labels"], r["step_ms"], r["epoch_seconds"],
-                             r["peak_rss_mb"]] for r in rows]), flush=True)
+        print(
+            format_table(
+                ["C", "step ms", "epoch s", "peak RSS MB"],
+                [[r["n_labels"], r["step_ms"], r["epoch_seconds"], r["peak_rss_mb"]] for r in rows],
+            ),
+            flush=True,
+        )
     if "devices" in args.parts:
         env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-        rows = [spawn("devices", env=env, n_devices=n, n_cells=args.devices_cells,
-                      n_genes=G, batch_size=B, layout=layout)
-                for layout in ("auto", "csr") for n in (1, 2)]
+        rows = [
+            spawn(
+                "devices",
+                env=env,
+                n_devices=n,
+                n_cells=args.devices_cells,
+                n_genes=G,
+                batch_size=B,
+                layout=layout,
+            )
+            for layout in ("auto", "csr")
+            for n in (1, 2)
+        ]
         out["devices"] = rows
-        print(format_table(["devices", "layout", "epoch s", "cells/s", "CSR MB",
-                            "data MB per device"],
-                           [[r["devices"], r["layout"], r["epoch_seconds"],
-                             r["cells_per_second"], r["csr_mb"], r["data_mb_per_device"]]
-                            for r in rows]), flush=True)
+        print(
+            format_table(
+                ["devices", "layout", "epoch s", "cells/s", "CSR MB", "data MB per device"],
+                [
+                    [
+                        r["devices"],
+                        r["layout"],
+                        r["epoch_seconds"],
+                        r["cells_per_second"],
+                        r["csr_mb"],
+                        r["data_mb_per_device"],
+                    ]
+                    for r in rows
+                ],
+            ),
+            flush=True,
+        )
     write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0

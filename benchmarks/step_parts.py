@@ -27,13 +27,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, machine_info, versions, write_json  # noqa: E402
+from _common import format_table, machine_info, versions, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def per_eval_ms(fn, args, steps: int) -> float:
     import jax
+
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return (time.perf_counter() - t) / steps * 1e3
@@ -47,11 +48,14 @@ def likelihood_arms(B: int, G: int, steps: int):
 
     from jaxscanvi import backend
     from jaxscanvi.distributions import log_zinb
+
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.poisson(rng.gamma(0.3, 2.0, (B, G))).astype(np.float32))
-    args = (jnp.asarray(rng.normal(-1, 2, (B, G)), jnp.float32),
-            jnp.asarray(rng.normal(0, 1.5, G), jnp.float32),
-            jnp.asarray(rng.normal(-2, 2, (B, G)), jnp.float32))
+    args = (
+        jnp.asarray(rng.normal(-1, 2, (B, G)), jnp.float32),
+        jnp.asarray(rng.normal(0, 1.5, G), jnp.float32),
+        jnp.asarray(rng.normal(-2, 2, (B, G)), jnp.float32),
+    )
 
     def make_grad_loop():  # a new function per arm: JAX caches traces by function
         def grad_loop(a):
@@ -59,13 +63,16 @@ def likelihood_arms(B: int, G: int, steps: int):
 
             def body(i, c):  # tiny dependent updates keep every gradient live
                 return tuple(p + 1e-9 * d for p, d in zip(c, g(*c)))
+
             return jax.lax.fori_loop(0, steps, body, a)
+
         return grad_loop
 
     def value_loop(a):
         def body(i, c):
             m, t, z = c
             return m + 1e-9 * log_zinb(x, m, t, z)[:, None], t, z
+
         return jax.lax.fori_loop(0, steps, body, a)
 
     arms = {}
@@ -84,23 +91,27 @@ def class_bound_arms(B: int, C: int, steps: int):
 
     from jaxscanvi.losses.scanvi import class_bounds
     from jaxscanvi.module_scanvi import SCANVAE, SCANVIConfig
+
     module = SCANVAE(SCANVIConfig(n_genes=50, n_batch=2, n_labels=C))
     z1 = jax.random.normal(jax.random.PRNGKey(1), (B, module.config.n_latent))
     w = jnp.ones(B)
     keys = dict(zip(("params", "sample", "dropout"), jax.random.split(jax.random.PRNGKey(0), 3)))
-    v = module.init(keys, z1, jnp.zeros(1, jnp.int32), w[None], train=False,
-                    method=SCANVAE.class_grid)
+    v = module.init(
+        keys, z1, jnp.zeros(1, jnp.int32), w[None], train=False, method=SCANVAE.class_grid
+    )
     params, state = v["params"], {k: x for k, x in v.items() if k != "params"}
 
     def loss(p, z, key):
         nll, kl, _ = class_bounds(module, p, state, z, w, key, train=True)
         return (nll + kl).sum()
+
     g = jax.grad(loss, argnums=(0, 1))
 
     def loop(p, z):
         def body(i, c):
             gp, gz = g(*c, jax.random.PRNGKey(i))
             return jax.tree_util.tree_map(lambda a, b: a - 1e-6 * b, c[0], gp), c[1] - 1e-6 * gz
+
         return jax.lax.fori_loop(0, steps, body, (p, z))
 
     fn = jax.jit(loop).lower(params, z1).compile()
@@ -120,26 +131,43 @@ def main(argv=None) -> int:
     if args.smoke:
         args.batch, args.genes, args.classes, args.steps, args.rounds = 8, 30, 3, 2, 2
     import jax
-    arms = {**likelihood_arms(args.batch, args.genes, args.steps),
-            **class_bound_arms(args.batch, args.classes, args.steps)}
+
+    arms = {
+        **likelihood_arms(args.batch, args.genes, args.steps),
+        **class_bound_arms(args.batch, args.classes, args.steps),
+    }
     times: dict[str, list[float]] = {k: [] for k in arms}
-    for name, (fn, a) in arms.items():  # warm-up
+    for fn, a in arms.values():  # warm-up
         per_eval_ms(fn, a, args.steps)
     for _ in range(args.rounds):
         for name, (fn, a) in arms.items():
             times[name].append(per_eval_ms(fn, a, args.steps))
-    res = {k: {"median_ms": float(np.median(v)), "min_ms": float(min(v)), "ms": v}
-           for k, v in times.items()}
+    res = {
+        k: {"median_ms": float(np.median(v)), "min_ms": float(min(v)), "ms": v}
+        for k, v in times.items()
+    }
     on, off = (res[f"fwd+bwd log1p_poly={s}"]["median_ms"] for s in ("on", "off"))
     out = Path(args.out) if args.out else RESULTS / f"step_parts_{jax.default_backend()}.json"
     if args.smoke and not args.out:
         out = Path("/tmp") / out.name
-    write_json(out, {"benchmark": "step_parts", "smoke": args.smoke,
-                     "args": vars(args), "machine": machine_info(), "versions": versions(),
-                     "results": res, "log1p_poly_off_over_on": off / on})
-    print(format_table(["part", "median ms", "min ms"],
-                       [[k, f"{v['median_ms']:.3f}", f"{v['min_ms']:.3f}"]
-                        for k, v in res.items()]))
+    write_json(
+        out,
+        {
+            "benchmark": "step_parts",
+            "smoke": args.smoke,
+            "args": vars(args),
+            "machine": machine_info(),
+            "versions": versions(),
+            "results": res,
+            "log1p_poly_off_over_on": off / on,
+        },
+    )
+    print(
+        format_table(
+            ["part", "median ms", "min ms"],
+            [[k, f"{v['median_ms']:.3f}", f"{v['min_ms']:.3f}"] for k, v in res.items()],
+        )
+    )
     print(f"log1p_poly: off / on = {off / on:.3f}\nwrote {out}")
     return 0
 

@@ -67,7 +67,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, loadavg, machine_info, versions, write_json  # noqa: E402
+from _common import format_table, loadavg, machine_info, versions, write_json
 
 ARCH = dict(n_hidden=128, n_latent=10, n_layers=1)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sweep.json"
@@ -79,17 +79,29 @@ def sequential(js, adata, k: int, train: dict) -> dict:
     for s in range(k):
         m = js.SCVI(adata, seed=s, **ARCH).train(seed=s, **train)
         epochs += float(m.history.to_frame()["epoch_seconds"].sum())
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-            "epoch_seconds": epochs}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "epoch_seconds": epochs,
+    }
 
 
 def vmapped(js, adata, k: int, train: dict, order: str, vectorize="auto") -> dict:
     from jaxscanvi import sweep
+
     t0, c0 = time.perf_counter(), time.process_time()
-    out = sweep.train_many(lambda s: js.SCVI(adata, seed=s, **ARCH), seeds=list(range(k)),
-                           order=order, vectorize=vectorize, **train)
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-            "epoch_seconds": float(out.models[0].history.to_frame()["epoch_seconds"].sum())}
+    out = sweep.train_many(
+        lambda s: js.SCVI(adata, seed=s, **ARCH),
+        seeds=list(range(k)),
+        order=order,
+        vectorize=vectorize,
+        **train,
+    )
+    return {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "epoch_seconds": float(out.models[0].history.to_frame()["epoch_seconds"].sum()),
+    }
 
 
 def op_seconds(run) -> float:
@@ -103,6 +115,7 @@ def op_seconds(run) -> float:
     import tempfile
 
     import jax
+
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
         run()
@@ -110,8 +123,9 @@ def op_seconds(run) -> float:
         (path,) = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
         with gzip.open(path) as f:
             events = json.load(f)["traceEvents"]
-    return 1e-6 * sum(e["dur"] for e in events
-                      if e.get("ph") == "X" and "hlo_op" in e.get("args", {}))
+    return 1e-6 * sum(
+        e["dur"] for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})
+    )
 
 
 def trace(js, adata, k: int, train: dict) -> dict:
@@ -122,15 +136,27 @@ def trace(js, adata, k: int, train: dict) -> dict:
     many = lambda: vmapped(js, adata, k, train, "shared")  # noqa: E731
     one(), many()
     single, swept = op_seconds(one), op_seconds(many)
-    return {"k": k, "op_seconds_single_run": single, "op_seconds_sweep": swept,
-            "op_seconds_ratio_per_member": swept / (k * single)}
+    return {
+        "k": k,
+        "op_seconds_single_run": single,
+        "op_seconds_sweep": swept,
+        "op_seconds_ratio_per_member": swept / (k * single),
+    }
 
 
 def write_side(args, name: str, res: dict) -> None:
     """The JSON of a mode other than the timings (--ensemble, --trace)."""
-    write_json(args.out, {"benchmark": name, "machine": machine_info(), "versions": versions(),
-                          "args": {k: str(v) for k, v in vars(args).items()},
-                          "architecture": ARCH, "result": res})
+    write_json(
+        args.out,
+        {
+            "benchmark": name,
+            "machine": machine_info(),
+            "versions": versions(),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "architecture": ARCH,
+            "result": res,
+        },
+    )
 
 
 def load_counts(js, args):
@@ -138,7 +164,9 @@ def load_counts(js, args):
     if not args.adata:
         return js.synthetic_atlas(n_cells=args.n_cells, n_genes=args.n_genes, seed=0)
     import anndata
+
     from jaxscanvi.data.hvg import highly_variable_genes
+
     adata = anndata.read_h5ad(args.adata)
     return adata[:, highly_variable_genes(adata, args.n_genes)].copy()
 
@@ -149,14 +177,17 @@ COLD_ARMS = {"sequential": None, "sweep": "auto", "vmapped": True}
 def cold_worker(args) -> int:
     """One arm, compilation included, in this fresh process: prints its timings."""
     import jaxscanvi as js
+
     adata = load_counts(js, args)
     batch = "batch" if "batch" in adata.obs else None
     js.SCVI.setup_anndata(adata, batch_key=batch)
-    train = dict(max_epochs=args.epochs, batch_size=args.batch_size, progress_bar=False,
-                 devices=1)
+    train = dict(max_epochs=args.epochs, batch_size=args.batch_size, progress_bar=False, devices=1)
     k, arm = args.ks[0], args.worker
-    res = sequential(js, adata, k, train) if arm == "sequential" else \
-        vmapped(js, adata, k, train, "shared", COLD_ARMS[arm])
+    res = (
+        sequential(js, adata, k, train)
+        if arm == "sequential"
+        else vmapped(js, adata, k, train, "shared", COLD_ARMS[arm])
+    )
     print("RESULT " + json.dumps({**res, "n_obs": adata.n_obs, "n_vars": adata.n_vars}))
     return 0
 
@@ -165,51 +196,79 @@ def cold(args) -> dict:
     """Every arm in a fresh process per repeat, the arms' order rotating."""
     env = {**os.environ, "JAXSCANVI_COMPILATION_CACHE": "0"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    base = [sys.executable, __file__, "--ks", str(args.ks[0]), "--epochs", str(args.epochs),
-            "--batch-size", str(args.batch_size), "--n-genes", str(args.n_genes),
-            "--n-cells", str(args.n_cells)] + (["--adata", args.adata] if args.adata else [])
+    base = [
+        sys.executable,
+        __file__,
+        "--ks",
+        str(args.ks[0]),
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--n-genes",
+        str(args.n_genes),
+        "--n-cells",
+        str(args.n_cells),
+    ] + (["--adata", args.adata] if args.adata else [])
     arms, reps = list(COLD_ARMS), []
     for r in range(args.repeats):
         rec = {"repeat": r, "loadavg": loadavg()}
-        for arm in arms[r % 3:] + arms[:r % 3]:
-            out = subprocess.run(base + ["--worker", arm], env=env, check=True,
-                                 capture_output=True, text=True).stdout
+        for arm in arms[r % 3 :] + arms[: r % 3]:
+            out = subprocess.run(
+                [*base, "--worker", arm], env=env, check=True, capture_output=True, text=True
+            ).stdout
             rec[arm] = json.loads(out.split("RESULT ", 1)[1])
             print(f"K={args.ks[0]} repeat {r} {arm}: {rec[arm]['seconds']:.1f} s", flush=True)
         reps.append(rec)
-    res = {"k": args.ks[0], "epochs": args.epochs, "adata": args.adata,
-           "n_obs": reps[0]["sequential"]["n_obs"], "n_vars": reps[0]["sequential"]["n_vars"],
-           "machine": machine_info(), "repeats": reps}
+    res = {
+        "k": args.ks[0],
+        "epochs": args.epochs,
+        "adata": args.adata,
+        "n_obs": reps[0]["sequential"]["n_obs"],
+        "n_vars": reps[0]["sequential"]["n_vars"],
+        "machine": machine_info(),
+        "repeats": reps,
+    }
     for arm in ("sweep", "vmapped"):
         for what in ("seconds", "cpu_seconds"):
-            res[f"ratio_{arm}_{what}"] = float(np.median(
-                [x[arm][what] / x["sequential"][what] for x in reps]))
+            res[f"ratio_{arm}_{what}"] = float(
+                np.median([x[arm][what] / x["sequential"][what] for x in reps])
+            )
     res["loadavg_at_end"] = loadavg()
     return res
 
 
 def ensemble(js, args) -> dict:
     from jaxscanvi import sweep
+
     if args.adata:  # real counts: the n_genes most variable genes
         import anndata
+
         from jaxscanvi.data.hvg import highly_variable_genes
+
         adata = anndata.read_h5ad(args.adata)
         adata = adata[:, highly_variable_genes(adata, args.n_genes)].copy()
     else:
-        adata = js.synthetic_atlas(n_cells=args.n_cells, n_genes=args.n_genes, seed=1,
-                                   batch_effect=1.0)
+        adata = js.synthetic_atlas(
+            n_cells=args.n_cells, n_genes=args.n_genes, seed=1, batch_effect=1.0
+        )
     if "batch" not in adata.obs:
         adata.obs["batch"] = "b0"
     truth = adata.obs[args.labels_key].astype(str).to_numpy()
     hidden = np.random.default_rng(0).random(adata.n_obs) < 1 / 3
     adata.obs["labels"] = np.where(hidden, "Unknown", truth)
-    js.SCANVI.setup_anndata(adata, labels_key="labels", unlabeled_category="Unknown",
-                            batch_key="batch")
+    js.SCANVI.setup_anndata(
+        adata, labels_key="labels", unlabeled_category="Unknown", batch_key="batch"
+    )
     t0 = time.perf_counter()
-    out = sweep.train_many(lambda s: js.SCANVI(adata, seed=s, **ARCH),
-                           seeds=list(range(max(args.ks))), max_epochs=args.epochs,
-                           order="per_model",
-                           batch_size=args.batch_size, progress_bar=False)
+    out = sweep.train_many(
+        lambda s: js.SCANVI(adata, seed=s, **ARCH),
+        seeds=list(range(max(args.ks))),
+        max_epochs=args.epochs,
+        order="per_model",
+        batch_size=args.batch_size,
+        progress_bar=False,
+    )
     seconds = time.perf_counter() - t0
     idx = np.flatnonzero(hidden)
     scored = adata.copy()  # the hidden cells with their true labels, for scoring
@@ -217,11 +276,15 @@ def ensemble(js, args) -> dict:
     cal = sweep.ensemble_calibration(out.models, adata=scored[idx].copy())
     ens = sweep.ensemble_predict(out.models, indices=idx)
     wrong = ens.prediction != truth[idx]
-    return {"k": len(out.models), "epochs": args.epochs, "train_seconds": seconds,
-            "hidden_cells": int(len(idx)), **cal,
-            "mean_disagreement_correct": float(ens.disagreement[~wrong].mean()),
-            "mean_disagreement_wrong": float(ens.disagreement[wrong].mean())
-            if wrong.any() else None}
+    return {
+        "k": len(out.models),
+        "epochs": args.epochs,
+        "train_seconds": seconds,
+        "hidden_cells": len(idx),
+        **cal,
+        "mean_disagreement_correct": float(ens.disagreement[~wrong].mean()),
+        "mean_disagreement_wrong": float(ens.disagreement[wrong].mean()) if wrong.any() else None,
+    }
 
 
 def main(argv=None) -> int:
@@ -232,20 +295,29 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--per-model", action="store_true",
-                   help="also time order='per_model'")
+    p.add_argument("--per-model", action="store_true", help="also time order='per_model'")
     p.add_argument("--smoke", action="store_true", help="tiny data, K=1 and 2, 1 epoch")
-    p.add_argument("--ensemble", action="store_true",
-                   help="scANVI ensemble calibration instead of timings (K = max of --ks)")
-    p.add_argument("--adata", help="--ensemble on this .h5ad of raw counts (default: "
-                   "a simulated atlas)")
+    p.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="scANVI ensemble calibration instead of timings (K = max of --ks)",
+    )
+    p.add_argument(
+        "--adata", help="--ensemble on this .h5ad of raw counts (default: a simulated atlas)"
+    )
     p.add_argument("--labels-key", default="cell_type")
-    p.add_argument("--trace", action="store_true",
-                   help="instead: XLA operation time per member, a sweep of K = max of "
-                   "--ks against one run (results/sweep_trace.json)")
-    p.add_argument("--cold", action="store_true",
-                   help="instead: K = first of --ks, compilation included, each arm in a "
-                   "fresh process (under 'cold_start' in the JSON)")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="instead: XLA operation time per member, a sweep of K = max of "
+        "--ks against one run (results/sweep_trace.json)",
+    )
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="instead: K = first of --ks, compilation included, each arm in a "
+        "fresh process (under 'cold_start' in the JSON)",
+    )
     p.add_argument("--worker", choices=list(COLD_ARMS), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
@@ -254,16 +326,28 @@ def main(argv=None) -> int:
     if args.cold:
         res = cold(args)
         doc = json.loads(args.out.read_text()) if args.out.exists() else {}
-        doc["cold_start"] = {"args": {k: str(v) if isinstance(v, Path) else v
-                                      for k, v in vars(args).items()},
-                             "versions": versions(), "architecture": ARCH, **res}
+        doc["cold_start"] = {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "versions": versions(),
+            "architecture": ARCH,
+            **res,
+        }
         write_json(args.out, doc)
-        print(format_table(["K", "arm", "median s", "ratio to sequential (wall)",
-                            "ratio (CPU time)"],
-                           [[res["k"], arm, np.median([x[arm]["seconds"] for x in
-                                                       res["repeats"]]),
-                             res.get(f"ratio_{arm}_seconds", 1.0),
-                             res.get(f"ratio_{arm}_cpu_seconds", 1.0)] for arm in COLD_ARMS]))
+        print(
+            format_table(
+                ["K", "arm", "median s", "ratio to sequential (wall)", "ratio (CPU time)"],
+                [
+                    [
+                        res["k"],
+                        arm,
+                        np.median([x[arm]["seconds"] for x in res["repeats"]]),
+                        res.get(f"ratio_{arm}_seconds", 1.0),
+                        res.get(f"ratio_{arm}_cpu_seconds", 1.0),
+                    ]
+                    for arm in COLD_ARMS
+                ],
+            )
+        )
         print(f"wrote {args.out}")
         return 0
     if args.smoke:
@@ -272,40 +356,59 @@ def main(argv=None) -> int:
             args.out = DEFAULT_OUT.with_name("sweep_smoke.json")
 
     import jaxscanvi as js
+
     if args.ensemble:
         if args.out == DEFAULT_OUT:
             args.out = DEFAULT_OUT.with_name("sweep_ensemble.json")
         res = ensemble(js, args)
         write_side(args, "sweep_ensemble", res)
-        print(format_table(["", "accuracy", "ECE"],
-                           [["ensemble", res["accuracy_ensemble"], res["ece_ensemble"]]] +
-                           [[f"member {i}", a, e] for i, (a, e) in enumerate(zip(
-                               res["accuracy_members"], res["ece_members"]))]))
+        print(
+            format_table(
+                ["", "accuracy", "ECE"],
+                [["ensemble", res["accuracy_ensemble"], res["ece_ensemble"]]]
+                + [
+                    [f"member {i}", a, e]
+                    for i, (a, e) in enumerate(zip(res["accuracy_members"], res["ece_members"]))
+                ],
+            )
+        )
         print(f"wrote {args.out}")
         return 0
     adata = load_counts(js, args)
     js.SCVI.setup_anndata(adata, batch_key="batch" if "batch" in adata.obs else None)
-    train = dict(max_epochs=args.epochs, batch_size=args.batch_size, progress_bar=False,
-                 devices=1)
+    train = dict(max_epochs=args.epochs, batch_size=args.batch_size, progress_bar=False, devices=1)
     warm = {**train, "max_epochs": 1}
     if args.trace:
         if args.out == DEFAULT_OUT:
             args.out = DEFAULT_OUT.with_name("sweep_trace.json")
         res = trace(js, adata, max(args.ks), train)
         write_side(args, "sweep_trace", res)
-        print(format_table(["K", "op s, one run", "op s, sweep", "per member ratio"],
-                           [[res["k"], res["op_seconds_single_run"], res["op_seconds_sweep"],
-                             res["op_seconds_ratio_per_member"]]]))
+        print(
+            format_table(
+                ["K", "op s, one run", "op s, sweep", "per member ratio"],
+                [
+                    [
+                        res["k"],
+                        res["op_seconds_single_run"],
+                        res["op_seconds_sweep"],
+                        res["op_seconds_ratio_per_member"],
+                    ]
+                ],
+            )
+        )
         print(f"wrote {args.out}")
         return 0
     orders = ["shared"] + (["per_model"] if args.per_model else [])
-    doc = {"benchmark": "sweep", "args": {k: str(v) if isinstance(v, Path) else v
-                                          for k, v in vars(args).items()},
-           "machine": machine_info(), "versions": versions(), "architecture": ARCH,
-           "results": []}
+    doc = {
+        "benchmark": "sweep",
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": machine_info(),
+        "versions": versions(),
+        "architecture": ARCH,
+        "results": [],
+    }
     if args.out.exists():  # the cold-start figures stay beside the warm ones
-        doc.update({k: v for k, v in json.loads(args.out.read_text()).items()
-                    if k == "cold_start"})
+        doc.update({k: v for k, v in json.loads(args.out.read_text()).items() if k == "cold_start"})
     t_start = time.perf_counter()
     rows = []
     for k in args.ks:
@@ -319,8 +422,11 @@ def main(argv=None) -> int:
                 arms = arms[::-1]
             rec = {"repeat": r, "loadavg": loadavg()}
             for arm in arms:
-                rec[arm] = sequential(js, adata, k, train) if arm == "sequential" \
+                rec[arm] = (
+                    sequential(js, adata, k, train)
+                    if arm == "sequential"
                     else vmapped(js, adata, k, train, arm)
+                )
                 print(f"K={k} repeat {r} {arm}: {rec[arm]['seconds']:.1f} s", flush=True)
             reps.append(rec)
         res = {"k": k, "repeats": reps}
@@ -328,21 +434,41 @@ def main(argv=None) -> int:
             for what in ("seconds", "cpu_seconds", "epoch_seconds"):
                 ratios = [r[order][what] / r["sequential"][what] for r in reps]
                 res[f"ratio_{order}_{what}"] = float(np.median(ratios))
-            rows.append([k, order, np.median([r["sequential"]["seconds"] for r in reps]),
-                         np.median([r[order]["seconds"] for r in reps]),
-                         res[f"ratio_{order}_seconds"], res[f"ratio_{order}_cpu_seconds"],
-                         res[f"ratio_{order}_epoch_seconds"]])
+            rows.append(
+                [
+                    k,
+                    order,
+                    np.median([r["sequential"]["seconds"] for r in reps]),
+                    np.median([r[order]["seconds"] for r in reps]),
+                    res[f"ratio_{order}_seconds"],
+                    res[f"ratio_{order}_cpu_seconds"],
+                    res[f"ratio_{order}_epoch_seconds"],
+                ]
+            )
         # how many of the machine's cores one run keeps busy: near all of them,
         # a sweep cannot win by filling idle ones
-        res["sequential_cpu_per_wall"] = float(np.median(
-            [r["sequential"]["cpu_seconds"] / r["sequential"]["seconds"] for r in reps]))
+        res["sequential_cpu_per_wall"] = float(
+            np.median([r["sequential"]["cpu_seconds"] / r["sequential"]["seconds"] for r in reps])
+        )
         doc["results"].append(res)
         write_json(args.out, doc)
     doc["total_seconds"] = time.perf_counter() - t_start
     doc["loadavg_at_end"] = loadavg()
     write_json(args.out, doc)
-    print(format_table(["K", "order", "sequential s", "vmapped s", "ratio (wall)",
-                        "ratio (CPU time)", "ratio (epochs)"], rows))
+    print(
+        format_table(
+            [
+                "K",
+                "order",
+                "sequential s",
+                "vmapped s",
+                "ratio (wall)",
+                "ratio (CPU time)",
+                "ratio (epochs)",
+            ],
+            rows,
+        )
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -15,8 +15,13 @@ import jaxscanvi  # noqa: E402
 project = "jaxscanvi"
 author = "the jaxscanvi developers"
 release = version = jaxscanvi.__version__
-extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.autosummary",
-              "sphinx.ext.napoleon", "sphinx.ext.mathjax"]
+extensions = [
+    "myst_nb",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+]
 source_suffix = {".md": "myst-nb", ".rst": "restructuredtext"}
 exclude_patterns = ["_build", "jupyter_execute", "README.md"]
 myst_enable_extensions = ["colon_fence", "dollarmath", "amsmath"]
@@ -30,8 +35,7 @@ nb_execution_show_tb = True
 nb_merge_streams = True
 
 autosummary_generate = True
-autodoc_default_options = {"members": True, "undoc-members": False,
-                           "show-inheritance": False}
+autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}
 autodoc_typehints = "description"
 autodoc_member_order = "bysource"
 napoleon_numpy_docstring = True

@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from ._version import FORMAT_VERSION, __version__
 from ._settings import settings
+from ._version import FORMAT_VERSION, __version__
 from .compile_cache import clear_caches, set_compilation_cache
 from .compile_cache import configure_at_import as _configure_cache
 from .errors import FolderLockedError, InputError, ModelFormatError, NonFiniteLossError
@@ -28,17 +28,36 @@ _LAZY = {
     "synthetic_atlas": (".data.synthetic", "synthetic_atlas"),
     "REGISTRY_KEYS": (".model._setup_view", "REGISTRY_KEYS"),
 }
-_SUBMODULES = ("annotate", "backend", "cli", "contrib", "data", "de", "distributed",
-               "distributions", "io", "lock", "losses", "model", "module", "module_scanvi",
-               "nn", "pl", "surgery", "sweep", "torchfile", "train")
+_SUBMODULES = (
+    "annotate",
+    "backend",
+    "cli",
+    "contrib",
+    "data",
+    "de",
+    "distributed",
+    "distributions",
+    "io",
+    "lock",
+    "losses",
+    "model",
+    "module",
+    "module_scanvi",
+    "nn",
+    "pl",
+    "surgery",
+    "sweep",
+    "torchfile",
+    "train",
+)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from . import de, model, pl  # noqa: F401
-    from .data.registry import Registry  # noqa: F401
-    from .data.synthetic import synthetic_atlas  # noqa: F401
-    from .model._setup_view import REGISTRY_KEYS  # noqa: F401
-    from .model.scanvi import SCANVI  # noqa: F401
-    from .model.scvi import SCVI  # noqa: F401
+    from . import de, model, pl
+    from .data.registry import Registry
+    from .data.synthetic import synthetic_atlas
+    from .model._setup_view import REGISTRY_KEYS
+    from .model.scanvi import SCANVI
+    from .model.scvi import SCVI
 
 
 def __getattr__(name: str):
@@ -57,6 +76,20 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
-__all__ = ["SCVI", "SCANVI", "Registry", "synthetic_atlas", "InputError", "ModelFormatError",
-           "NonFiniteLossError", "FolderLockedError", "__version__", "FORMAT_VERSION",
-           "set_compilation_cache", "clear_caches", "settings", "model", "REGISTRY_KEYS"]
+__all__ = [
+    "FORMAT_VERSION",
+    "REGISTRY_KEYS",
+    "SCANVI",
+    "SCVI",
+    "FolderLockedError",
+    "InputError",
+    "ModelFormatError",
+    "NonFiniteLossError",
+    "Registry",
+    "__version__",
+    "clear_caches",
+    "model",
+    "set_compilation_cache",
+    "settings",
+    "synthetic_atlas",
+]

@@ -25,8 +25,9 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -93,10 +94,20 @@ def _rebuild(desc, leaves):
 def key_text(key, avals, platform: str) -> str:
     from . import backend
     from ._version import __version__
-    return repr({"key": key, "args": avals, "platform": platform,
-                 "numerics": backend.current(), "jax": jax.__version__,
-                 "jaxlib": jax.lib.__version__, "jaxscanvi": __version__,
-                 "sources": source_digest(), "x64": bool(jax.config.jax_enable_x64)})
+
+    return repr(
+        {
+            "key": key,
+            "args": avals,
+            "platform": platform,
+            "numerics": backend.current(),
+            "jax": jax.__version__,
+            "jaxlib": jax.lib.__version__,
+            "jaxscanvi": __version__,
+            "sources": source_digest(),
+            "x64": bool(jax.config.jax_enable_x64),
+        }
+    )
 
 
 def pack(text: str, payload: bytes) -> bytes:
@@ -111,11 +122,11 @@ def unpack(blob: bytes, text: str) -> bytes | None:
     head = len(MAGIC) + _DIGEST + 8
     if len(blob) < head or not blob.startswith(MAGIC):
         return None
-    digest = blob[len(MAGIC):len(MAGIC) + _DIGEST]
-    n = int.from_bytes(blob[head - 8:head], "little")
-    if n != len(t) or blob[head:head + n] != t:
+    digest = blob[len(MAGIC) : len(MAGIC) + _DIGEST]
+    n = int.from_bytes(blob[head - 8 : head], "little")
+    if n != len(t) or blob[head : head + n] != t:
         return None
-    payload = blob[head + n:]
+    payload = blob[head + n :]
     if hashlib.sha256(t + payload).digest() != digest:
         return None
     return payload
@@ -144,15 +155,18 @@ class ExportedCall:
         leaves, tree = jax.tree_util.tree_flatten(args)
         got = tuple((tuple(np.shape(x)), str(jax.numpy.result_type(x))) for x in leaves)
         if tree != self.in_tree or got != self.avals:
-            raise TypeError(f"arguments {tree} {got} do not match the exported program's "
-                            f"{self.in_tree} {self.avals}")
+            raise TypeError(
+                f"arguments {tree} {got} do not match the exported program's "
+                f"{self.in_tree} {self.avals}"
+            )
         if self._out is None:  # plain jit of the original function
             return self._run(*args)
         return _rebuild(self._out, iter(self._run(*leaves)))
 
 
-def exported(key, fn: Callable, *example_args, compiler_options: dict | None = None
-             ) -> ExportedCall:
+def exported(
+    key, fn: Callable, *example_args, compiler_options: dict | None = None
+) -> ExportedCall:
     """``fn`` for arguments shaped like ``example_args``, traced and lowered at
     most once across processes.
 
@@ -174,8 +188,7 @@ def exported(key, fn: Callable, *example_args, compiler_options: dict | None = N
     avals = tuple((tuple(np.shape(x)), str(jax.numpy.result_type(x))) for x in leaves)
     where = folder()
     opts = dict(compiler_options or {})
-    plain = ExportedCall(in_tree, avals, jax.jit(fn, compiler_options=opts or None), None,
-                         "jit")
+    plain = ExportedCall(in_tree, avals, jax.jit(fn, compiler_options=opts or None), None, "jit")
     if where is None:
         return plain
     platform = jax.default_backend()
@@ -194,10 +207,11 @@ def exported(key, fn: Callable, *example_args, compiler_options: dict | None = N
         _write(path, pack(text, payload))
     # only a payload that passed the digest gets here
     n = int.from_bytes(payload[:8], "little")
-    out_desc = ast.literal_eval(payload[8:8 + n].decode())  # literals only, never code
-    exp = jax.export.deserialize(bytearray(payload[8 + n:]))
-    return ExportedCall(in_tree, avals, jax.jit(exp.call, compiler_options=opts or None),
-                        out_desc, source)
+    out_desc = ast.literal_eval(payload[8 : 8 + n].decode())  # literals only, never code
+    exp = jax.export.deserialize(bytearray(payload[8 + n :]))
+    return ExportedCall(
+        in_tree, avals, jax.jit(exp.call, compiler_options=opts or None), out_desc, source
+    )
 
 
 def _export(fn, in_tree, leaves) -> bytes | None:

@@ -29,7 +29,7 @@ class AnnotateSettings:
     layer: str | None = None
     n_top_genes: int | None = 2000
     hvg_flavor: str = "seurat_v3"  # scanpy's flavour (jaxscanvi.data.hvg)
-    mode: str = "surgery"          # or "joint"
+    mode: str = "surgery"  # or "joint"
     scvi_epochs: int | None = None
     scanvi_epochs: int | None = None
     query_epochs: int | None = None
@@ -43,18 +43,29 @@ class AnnotateSettings:
 
 def _check_inputs(ref, query, s: AnnotateSettings) -> None:
     if s.labels_key not in ref.obs.columns:
-        raise InputError("labels_key", s.labels_key, "not a column of the reference's obs "
-                         f"(columns: {list(ref.obs.columns)[:12]})",
-                         "pass --labels-key naming the reference's cell-type column")
+        raise InputError(
+            "labels_key",
+            s.labels_key,
+            f"not a column of the reference's obs (columns: {list(ref.obs.columns)[:12]})",
+            "pass --labels-key naming the reference's cell-type column",
+        )
     for name, a in (("reference", ref), ("query", query)):
         if s.batch_key is not None and s.batch_key not in a.obs.columns:
-            raise InputError("batch_key", s.batch_key, f"not a column of the {name}'s obs",
-                             f"add it to the {name}, or leave --batch-key out")
+            raise InputError(
+                "batch_key",
+                s.batch_key,
+                f"not a column of the {name}'s obs",
+                f"add it to the {name}, or leave --batch-key out",
+            )
     if s.mode not in ("surgery", "joint"):
         raise InputError("mode", s.mode, "unknown mode", "pass 'surgery' or 'joint'")
     if not 0 <= s.unassigned_threshold <= 1:
-        raise InputError("unassigned_threshold", s.unassigned_threshold,
-                         "must be a probability in [0, 1]", "pass e.g. 0.5")
+        raise InputError(
+            "unassigned_threshold",
+            s.unassigned_threshold,
+            "must be a probability in [0, 1]",
+            "pass e.g. 0.5",
+        )
 
 
 def train_reference(ref, s: AnnotateSettings) -> SCANVI:
@@ -63,13 +74,21 @@ def train_reference(ref, s: AnnotateSettings) -> SCANVI:
     vae = SCVI(ref, n_hidden=s.n_hidden, n_latent=s.n_latent, seed=s.seed)
     # with few epochs set explicitly, scvi-tools' 400-epoch KL warm-up would never
     # finish; warm up over half of them so the latent space is regularised
-    plan = None if s.scvi_epochs is None else {
-        "n_epochs_kl_warmup": max(s.scvi_epochs // 2, 1)}
-    vae.train(max_epochs=s.scvi_epochs, batch_size=s.batch_size, seed=s.seed,
-              progress_bar=s.progress_bar, plan_kwargs=plan)
+    plan = None if s.scvi_epochs is None else {"n_epochs_kl_warmup": max(s.scvi_epochs // 2, 1)}
+    vae.train(
+        max_epochs=s.scvi_epochs,
+        batch_size=s.batch_size,
+        seed=s.seed,
+        progress_bar=s.progress_bar,
+        plan_kwargs=plan,
+    )
     model = SCANVI.from_scvi_model(vae, unlabeled_category=s.unlabeled)
-    model.train(max_epochs=s.scanvi_epochs, batch_size=s.batch_size, seed=s.seed,
-                progress_bar=s.progress_bar)
+    model.train(
+        max_epochs=s.scanvi_epochs,
+        batch_size=s.batch_size,
+        seed=s.seed,
+        progress_bar=s.progress_bar,
+    )
     return model
 
 
@@ -79,12 +98,20 @@ def map_query(query, reference: SCANVI, s: AnnotateSettings) -> SCANVI:
         warnings.simplefilter("default")
         SCANVI.prepare_query_anndata(query, reference)
     if s.labels_key != reference.registry.labels_key:
-        raise InputError("labels_key", s.labels_key, "differs from the reference model's "
-                         f"({reference.registry.labels_key!r})",
-                         "pass the labels key the reference was trained with")
+        raise InputError(
+            "labels_key",
+            s.labels_key,
+            f"differs from the reference model's ({reference.registry.labels_key!r})",
+            "pass the labels key the reference was trained with",
+        )
     model = SCANVI.load_query_data(query, reference)
-    model.train(max_epochs=s.query_epochs, batch_size=s.batch_size, seed=s.seed,
-                progress_bar=s.progress_bar, plan_kwargs={"weight_decay": 0.0})
+    model.train(
+        max_epochs=s.query_epochs,
+        batch_size=s.batch_size,
+        seed=s.seed,
+        progress_bar=s.progress_bar,
+        plan_kwargs={"weight_decay": 0.0},
+    )
     return model
 
 
@@ -96,7 +123,8 @@ def write_predictions(adata, model: SCANVI, s: AnnotateSettings, prefix: str = "
     adata.obs[f"{prefix}prediction"] = pd.Categorical(pred)
     adata.obs[f"{prefix}prediction_probability"] = top
     adata.obs[f"{prefix}prediction_assigned"] = pd.Categorical(
-        np.where(top < s.unassigned_threshold, UNASSIGNED, pred))
+        np.where(top < s.unassigned_threshold, UNASSIGNED, pred)
+    )
     if model.reference_stats:
         novelty = model.novelty_score(adata)
         adata.obs[f"{prefix}novelty_score"] = novelty
@@ -111,16 +139,19 @@ def annotate(reference, query, s: AnnotateSettings) -> tuple[ad.AnnData, SCANVI,
     _check_inputs(reference, query, s)
     ref = reference.copy()
     if s.n_top_genes:
-        ref = ref[:, highly_variable_genes(ref, s.n_top_genes, layer=s.layer, flavor=s.hvg_flavor,
-                                           batch_key=s.batch_key)].copy()
+        ref = ref[
+            :,
+            highly_variable_genes(
+                ref, s.n_top_genes, layer=s.layer, flavor=s.hvg_flavor, batch_key=s.batch_key
+            ),
+        ].copy()
     q = query.copy()
     if s.mode == "joint":
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             q = align_genes(q, pd.Index(ref.var_names.astype(str)), inplace=False)
         q.obs[s.labels_key] = s.unlabeled
-        both = ad.concat([ref, q], label="_dataset", keys=["reference", "query"],
-                         index_unique="-")
+        both = ad.concat([ref, q], label="_dataset", keys=["reference", "query"], index_unique="-")
         both.obs[s.labels_key] = both.obs[s.labels_key].astype(str)
         model = train_reference(both, s)
         out = both[both.obs["_dataset"] == "query"].copy()
@@ -132,4 +163,3 @@ def annotate(reference, query, s: AnnotateSettings) -> tuple[ad.AnnData, SCANVI,
     qmodel = map_query(q, ref_model, s)
     write_predictions(q, qmodel, s)
     return q, qmodel, ref_model
-

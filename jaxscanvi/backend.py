@@ -39,7 +39,7 @@ import contextvars
 import dataclasses
 import functools
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -95,9 +95,16 @@ class Kernels:
 # on the per-kernel figures above).
 # Other backends (TPU) keep the library path until measured there.
 _DEFAULTS = {
-    "cpu": Kernels(prng=True, linear=True, batch_norm=True, relu_dropout=True,
-                   deferred_adam=True, fused_likelihood=True, sparse_likelihood=False,
-                   log1p_poly=True),
+    "cpu": Kernels(
+        prng=True,
+        linear=True,
+        batch_norm=True,
+        relu_dropout=True,
+        deferred_adam=True,
+        fused_likelihood=True,
+        sparse_likelihood=False,
+        log1p_poly=True,
+    ),
     "gpu": Kernels(fused_likelihood=True, sparse_likelihood=True),
 }
 _FALLBACK = Kernels(sparse_likelihood=True)
@@ -121,12 +128,13 @@ def parse(spec: str, base: Kernels) -> Kernels:
     for part in spec.split(","):
         name, _, value = part.partition("=")
         name, value = name.strip(), value.strip().lower()
-        if name not in Kernels.names() or value not in ("0", "1", "on", "off", "true",
-                                                         "false"):
-            raise InputError("JAXSCANVI_KERNELS", spec, f"{part!r} is not name=0|1 with a "
-                             f"name from {list(Kernels.names())}",
-                             "set e.g. JAXSCANVI_KERNELS='prng=0,linear=1', 'library' "
-                             "or 'all', or unset it")
+        if name not in Kernels.names() or value not in ("0", "1", "on", "off", "true", "false"):
+            raise InputError(
+                "JAXSCANVI_KERNELS",
+                spec,
+                f"{part!r} is not name=0|1 with a name from {list(Kernels.names())}",
+                "set e.g. JAXSCANVI_KERNELS='prng=0,linear=1', 'library' or 'all', or unset it",
+            )
         changes[name] = value in ("1", "on", "true")
     return dataclasses.replace(base, **changes)
 
@@ -144,14 +152,19 @@ class Numerics:
 
 
 _ACTIVE: contextvars.ContextVar[Numerics | None] = contextvars.ContextVar(
-    "jaxscanvi_numerics", default=None)
+    "jaxscanvi_numerics", default=None
+)
 
 
 def check_precision(precision) -> str:
     if precision not in PRECISIONS:
-        raise InputError("precision", precision, f"not one of {list(PRECISIONS)}",
-                         "pass precision='float32' (default) or 'bfloat16' (bf16 matrix "
-                         "products with float32 accumulation; the rest stays float32)")
+        raise InputError(
+            "precision",
+            precision,
+            f"not one of {list(PRECISIONS)}",
+            "pass precision='float32' (default) or 'bfloat16' (bf16 matrix "
+            "products with float32 accumulation; the rest stays float32)",
+        )
     return precision
 
 
@@ -180,8 +193,9 @@ def use(kernels: Kernels | str | None = None, precision: str | None = None):
     base = current()
     if isinstance(kernels, str):
         kernels = parse(kernels, base.kernels)
-    new = Numerics(kernels or base.kernels,
-                   check_precision(precision) if precision else base.precision)
+    new = Numerics(
+        kernels or base.kernels, check_precision(precision) if precision else base.precision
+    )
     token = _ACTIVE.set(new)
     try:
         yield new

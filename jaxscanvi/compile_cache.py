@@ -20,8 +20,9 @@ import os
 import tempfile
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
@@ -67,6 +68,7 @@ def _user_dir() -> str | None:
 def _apply(path: str | None) -> None:
     global _ours
     from jax.experimental.compilation_cache import compilation_cache as cc
+
     if jax.config.jax_compilation_cache_dir != path:
         jax.config.update("jax_compilation_cache_dir", path)
         cc.reset_cache()  # JAX reads the folder once, at its first compile
@@ -75,11 +77,9 @@ def _apply(path: str | None) -> None:
         # JAX's defaults (1 s, 0 bytes) would leave most of our programs out;
         # a threshold the user changed is kept
         if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:
-            jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                              MIN_COMPILE_SECS)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
         if jax.config.jax_persistent_cache_min_entry_size_bytes == 0:
-            jax.config.update("jax_persistent_cache_min_entry_size_bytes",
-                              MIN_ENTRY_BYTES)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", MIN_ENTRY_BYTES)
 
 
 def set_compilation_cache(path: str | os.PathLike | None = "default") -> Path | None:
@@ -95,8 +95,13 @@ def set_compilation_cache(path: str | os.PathLike | None = "default") -> Path | 
     folder = default_dir() if path == "default" else Path(path).expanduser()
     if not _writable(folder):
         from .errors import InputError
-        raise InputError("path", str(folder), "cannot be created or written to",
-                         "pass a writable folder, or None to turn the cache off")
+
+        raise InputError(
+            "path",
+            str(folder),
+            "cannot be created or written to",
+            "pass a writable folder, or None to turn the cache off",
+        )
     _apply(str(folder))
     return folder
 
@@ -114,9 +119,13 @@ def configure_at_import() -> Path | None:
     except (OSError, RuntimeError, KeyError):
         ok = False
     if not ok:
-        warnings.warn(f"jaxscanvi: cannot write the compilation cache folder {folder}; "
-                      f"compiling without a persistent cache (set {ENV}=<folder> to use "
-                      f"another, or {ENV}=0 to silence this)", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"jaxscanvi: cannot write the compilation cache folder {folder}; "
+            f"compiling without a persistent cache (set {ENV}=<folder> to use "
+            f"another, or {ENV}=0 to silence this)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     _apply(str(folder))
     return folder

@@ -15,7 +15,7 @@ codes, ``batch.labels`` label codes, ``batch.weight`` 0 on padding rows).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,20 +27,19 @@ DEFAULT_SCALES = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 def _check_count(name: str, n) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InputError(name, n, "must be a positive integer",
-                         f"pass model.registry.{name}")
+        raise InputError(name, n, "must be a positive integer", f"pass model.registry.{name}")
 
 
 def _check_on(on: str) -> None:
     if on not in ("qz_m", "z"):
-        raise InputError("on", on, "not 'qz_m' or 'z'",
-                         "pass on='qz_m' (posterior means) or on='z' (samples)")
+        raise InputError(
+            "on", on, "not 'qz_m' or 'z'", "pass on='qz_m' (posterior means) or on='z' (samples)"
+        )
 
 
 def gaussian_kernel(a, b, scales: Sequence[float] = DEFAULT_SCALES):
     r"""Sum of Gaussian kernels :math:`\sum_s \exp(-\|a_i - b_j\|^2 / (2 s^2))`, (n, m)."""
-    d2 = jnp.maximum((a * a).sum(-1)[:, None] + (b * b).sum(-1)[None, :]
-                     - 2.0 * a @ b.T, 0.0)
+    d2 = jnp.maximum((a * a).sum(-1)[:, None] + (b * b).sum(-1)[None, :] - 2.0 * a @ b.T, 0.0)
     return sum(jnp.exp(-d2 / (2.0 * s * s)) for s in scales)
 
 
@@ -63,8 +62,7 @@ def weighted_mmd2(z, w_p, w_q, scales: Sequence[float] = DEFAULT_SCALES):
     return jnp.where((n_p > 0) & (n_q > 0), jnp.maximum(mmd2, 0.0), 0.0)
 
 
-def mmd_batch_penalty(n_batch: int, scales: Sequence[float] = DEFAULT_SCALES,
-                      on: str = "qz_m"):
+def mmd_batch_penalty(n_batch: int, scales: Sequence[float] = DEFAULT_SCALES, on: str = "qz_m"):
     r"""MMD between each batch and the rest of the minibatch, on the latent.
 
     .. math::

@@ -13,29 +13,40 @@ by process 0 only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
 from pathlib import Path
 
-import numpy as np
-
 import jax
+import numpy as np
 
 from .errors import InputError
 
 LOST_PROCESS_TIMEOUT_S = 60
 _KEY = "jaxscanvi/process"
 # what a collective raises when a peer went away (gloo on CPU, the runtime elsewhere)
-_PEER_LOST = ("Connection closed by peer", "Connection reset", "heartbeat", "UNAVAILABLE",
-              "Gloo", "unhealthy")
+_PEER_LOST = (
+    "Connection closed by peer",
+    "Connection reset",
+    "heartbeat",
+    "UNAVAILABLE",
+    "Gloo",
+    "unhealthy",
+)
 
 
-
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids=None, *,
-               lost_process_timeout_s: int = LOST_PROCESS_TIMEOUT_S, **kwargs) -> None:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids=None,
+    *,
+    lost_process_timeout_s: int = LOST_PROCESS_TIMEOUT_S,
+    **kwargs,
+) -> None:
     """Join the run: `jax.distributed.initialize` with gloo collectives on CPU.
 
     Call it first, before anything runs a JAX computation. On SLURM, TPU pods
@@ -51,17 +62,23 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     """
     kwargs.setdefault("heartbeat_timeout_seconds", int(lost_process_timeout_s))
     kwargs.setdefault("shutdown_timeout_seconds", int(lost_process_timeout_s))
-    try:  # CPU processes exchange tensors through gloo; other platforms ignore it
+    # CPU processes exchange tensors through gloo; other platforms ignore it; an
+    # older JAX has no such option
+    with contextlib.suppress(AttributeError, ValueError):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    except (AttributeError, ValueError):  # an older JAX without the option
-        pass
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               local_device_ids=local_device_ids, **kwargs)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+        **kwargs,
+    )
     client = _client()
     if client is not None:  # who each process is, to name one that is lost
-        client.key_value_set(f"{_KEY}/{jax.process_index()}", json.dumps(
-            {"host": socket.gethostname(), "pid": os.getpid()}))
+        client.key_value_set(
+            f"{_KEY}/{jax.process_index()}",
+            json.dumps({"host": socket.gethostname(), "pid": os.getpid()}),
+        )
 
 
 class LostProcessError(RuntimeError):
@@ -71,6 +88,7 @@ class LostProcessError(RuntimeError):
 def _client():
     try:
         from jax._src import distributed as jd
+
         return jd.global_state.client
     except (ImportError, AttributeError):
         return None
@@ -126,7 +144,8 @@ def peer_lost(err: BaseException) -> LostProcessError | None:
         f"{who} of this {jax.process_count()}-process run is gone ({first}); process "
         f"{jax.process_index()} stops too. Fix: restart every process; with "
         "checkpoint_dir, train(..., resume=True) continues from the last complete "
-        "checkpoint")
+        "checkpoint"
+    )
 
 
 def process_count() -> int:
@@ -170,11 +189,13 @@ def check_batch_size(batch_size: int, n_shards: int, local_devices: int = 1) -> 
     """The per-shard minibatch size; the global one must split evenly."""
     step = n_shards * local_devices
     if batch_size % step:
-        raise InputError("batch_size", batch_size,
-                         f"the minibatch is split over {n_shards} data shard(s) with "
-                         f"{local_devices} device(s) each",
-                         f"pass a multiple of {step}, e.g. batch_size="
-                         f"{-(-batch_size // step) * step}")
+        raise InputError(
+            "batch_size",
+            batch_size,
+            f"the minibatch is split over {n_shards} data shard(s) with "
+            f"{local_devices} device(s) each",
+            f"pass a multiple of {step}, e.g. batch_size={-(-batch_size // step) * step}",
+        )
     return batch_size // n_shards
 
 
@@ -187,15 +208,16 @@ def gather_rows(local: np.ndarray) -> np.ndarray:
     if jax.process_count() == 1:
         return local
     from jax.experimental import multihost_utils as mu
+
     n = np.asarray(mu.process_allgather(np.asarray([local.shape[0]], np.int32))).ravel()
     width = local.dtype.itemsize * int(np.prod(local.shape[1:], dtype=np.int64))
     if width == 0:
-        return np.zeros((int(n.sum()),) + local.shape[1:], local.dtype)
+        return np.zeros((int(n.sum()), *local.shape[1:]), local.dtype)
     buf = np.zeros((int(n.max()), width), np.uint8)
-    buf[:local.shape[0]] = np.frombuffer(local.tobytes(), np.uint8).reshape(-1, width)
+    buf[: local.shape[0]] = np.frombuffer(local.tobytes(), np.uint8).reshape(-1, width)
     allp = np.asarray(mu.process_allgather(buf))
-    rows = np.concatenate([allp[p, :int(k)] for p, k in enumerate(n)])
-    return np.ascontiguousarray(rows).view(local.dtype).reshape((-1,) + local.shape[1:])
+    rows = np.concatenate([allp[p, : int(k)] for p, k in enumerate(n)])
+    return np.ascontiguousarray(rows).view(local.dtype).reshape((-1, *local.shape[1:]))
 
 
 def sum_all(x: np.ndarray) -> np.ndarray:
@@ -215,6 +237,7 @@ def agree(fn):
     if jax.process_count() == 1:
         return fn()
     from jax.experimental import multihost_utils as mu
+
     err, out = None, None
     try:
         out = fn()
@@ -223,7 +246,7 @@ def agree(fn):
     msg = np.zeros(1024, np.uint8)
     if err is not None:
         text = f"{type(err).__name__}: {err}".encode()[:1023] or b"error"
-        msg[:len(text)] = np.frombuffer(text, np.uint8)
+        msg[: len(text)] = np.frombuffer(text, np.uint8)
     allm = np.asarray(mu.process_allgather(msg))
     if err is not None:
         raise err
@@ -232,4 +255,3 @@ def agree(fn):
             text = bytes(m[m > 0]).decode(errors="replace")
             raise RuntimeError(f"process {p} stopped the run: {text}")
     return out
-

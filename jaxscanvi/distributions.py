@@ -33,13 +33,12 @@ ZINB with gate logits :math:`\pi` (probability of an extra zero
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
 from . import backend
-from .data.batch import NonZeros  # noqa: F401  (described beside the batch; used below)
+from .data.batch import NonZeros
 
 # D(theta, x) is evaluated by Stirling's series at theta + _SHIFT, where it is
 # accurate to 4e-9, and shifted back by the recurrence of Gamma.
@@ -51,8 +50,7 @@ def _stirling_tail(z):
     # the first omitted term, 1/(1188 z^9), is below 4e-9 for z >= 4
     zi = 1.0 / z
     zi2 = zi * zi
-    return zi * (1.0 / 12.0 - zi2 * (1.0 / 360.0 - zi2 * (1.0 / 1260.0
-                                                         - zi2 * (1.0 / 1680.0))))
+    return zi * (1.0 / 12.0 - zi2 * (1.0 / 360.0 - zi2 * (1.0 / 1260.0 - zi2 * (1.0 / 1680.0))))
 
 
 def lgamma_ratio(theta, x):
@@ -81,8 +79,11 @@ def lgamma_ratio(theta, x):
     prod = 1.0
     for k in range(shift):
         prod = prod * (1.0 + x * (1.0 / (theta + k)))  # 1 / (theta + k): theta's shape
-    s = ((t - 0.5) * jnp.log1p(x * inv_t) + x * (jnp.log(t + x) - 1.0)
-         + (_stirling_tail(t + x) - c_t))
+    s = (
+        (t - 0.5) * jnp.log1p(x * inv_t)
+        + x * (jnp.log(t + x) - 1.0)
+        + (_stirling_tail(t + x) - c_t)
+    )
     # exactly 0 at x = 0 (zero counts and padding entries of the sparse path)
     return jnp.where(x > 0, s - jnp.log(prod), 0.0)
 
@@ -127,8 +128,7 @@ def _softplus_pair_jvp(primals, tangents):
     pos = a >= 0
     sig_a = jnp.where(pos, r, e * r)
     sig_neg = jnp.where(pos, e * r, r)
-    return ((jnp.maximum(a, 0.0) + l, jnp.maximum(-a, 0.0) + l),
-            (sig_a * da, -sig_neg * da))
+    return ((jnp.maximum(a, 0.0) + l, jnp.maximum(-a, 0.0) + l), (sig_a * da, -sig_neg * da))
 
 
 def nb_dense_terms(x, log_mu, log_theta):
@@ -142,8 +142,18 @@ def nb_dense_terms(x, log_mu, log_theta):
 # log1p(e) / e on [0, 1]: a least-squares Chebyshev fit, in powers of e. In
 # float32, e * P(e) is within 1.6e-7 of log1p(e) relative, everywhere on
 # [0, 1] down to the smallest e (XLA's float32 log1p: 1.9e-7).
-_LOG1P_UNIT = (1.0, -0.49999851, 0.33329099, -0.24947809, 0.19651489,
-               -0.15251446, 0.10533220, -0.056434970, 0.019649142, -0.0032140322)
+_LOG1P_UNIT = (
+    1.0,
+    -0.49999851,
+    0.33329099,
+    -0.24947809,
+    0.19651489,
+    -0.15251446,
+    0.10533220,
+    -0.056434970,
+    0.019649142,
+    -0.0032140322,
+)
 
 
 def log1p_unit(e):
@@ -164,16 +174,19 @@ def _softplus_sigmoid(a):
     l = log1p_unit(e)
     r = 1.0 / (1.0 + e)
     pos = a >= 0
-    return (jnp.maximum(a, 0.0) + l, jnp.maximum(-a, 0.0) + l,
-            jnp.where(pos, r, e * r), jnp.where(pos, e * r, r))
+    return (
+        jnp.maximum(a, 0.0) + l,
+        jnp.maximum(-a, 0.0) + l,
+        jnp.where(pos, r, e * r),
+        jnp.where(pos, e * r, r),
+    )
 
 
 def _stirling_tail_grad(z):
     # derivative of _stirling_tail
     zi = 1.0 / z
     zi2 = zi * zi
-    return -zi2 * (1.0 / 12.0 - zi2 * (1.0 / 120.0 - zi2 * (1.0 / 252.0
-                                                            - zi2 * (1.0 / 240.0))))
+    return -zi2 * (1.0 / 12.0 - zi2 * (1.0 / 120.0 - zi2 * (1.0 / 252.0 - zi2 * (1.0 / 240.0))))
 
 
 def _inv_sum(y):
@@ -189,8 +202,14 @@ def _lgamma_ratio_and_grad(theta, x):
     inv_t = 1.0 / t
     inv = sum(1.0 / (theta + k) for k in range(_SHIFT))  # theta's shape
     tx = t + x
-    dd = (jnp.log1p(x * inv_t) + 0.5 * x * inv_t / tx + _stirling_tail_grad(tx)
-          - _stirling_tail_grad(t) + inv - _inv_sum(theta + x))
+    dd = (
+        jnp.log1p(x * inv_t)
+        + 0.5 * x * inv_t / tx
+        + _stirling_tail_grad(tx)
+        - _stirling_tail_grad(t)
+        + inv
+        - _inv_sum(theta + x)
+    )
     return lgamma_ratio(theta, x), jnp.where(x > 0, dd, 0.0)
 
 
@@ -251,11 +270,14 @@ def _count_grad(x, log_mu, log_theta, *, zero_inflated: bool):
 def _fused_bwd(res, ct):
     g_mu, g_th, g_zi, x, log_mu, log_theta, szi = res
     c = ct[..., None]
-    return (_unbroadcast(c * _count_grad(x, log_mu, log_theta, zero_inflated=g_zi is not None),
-                         jnp.shape(x)),
-            _unbroadcast(c * g_mu, jnp.shape(log_mu)),
-            _unbroadcast(c * g_th, jnp.shape(log_theta)),
-            None if g_zi is None else _unbroadcast(c * g_zi, szi))
+    return (
+        _unbroadcast(
+            c * _count_grad(x, log_mu, log_theta, zero_inflated=g_zi is not None), jnp.shape(x)
+        ),
+        _unbroadcast(c * g_mu, jnp.shape(log_mu)),
+        _unbroadcast(c * g_th, jnp.shape(log_theta)),
+        None if g_zi is None else _unbroadcast(c * g_zi, szi),
+    )
 
 
 _fused_ll.defvjp(_fused_fwd, _fused_bwd)
@@ -274,8 +296,11 @@ def sparse_pays() -> bool:
 
 def _use_fused(nz, *arrays) -> bool:
     # dense float32 entries: the fused pass (float64 keeps autodiff's exactness)
-    return nz is None and backend.kernels().fused_likelihood and all(
-        jnp.result_type(a) == jnp.float32 for a in arrays)
+    return (
+        nz is None
+        and backend.kernels().fused_likelihood
+        and all(jnp.result_type(a) == jnp.float32 for a in arrays)
+    )
 
 
 def log_nb(x, log_mu, log_theta, *, nz: NonZeros | None = None, lgamma_const=None):
@@ -287,8 +312,7 @@ def log_nb(x, log_mu, log_theta, *, nz: NonZeros | None = None, lgamma_const=Non
     return out - _const(x, lgamma_const)
 
 
-def log_zinb(x, log_mu, log_theta, zi_logits, *, nz: NonZeros | None = None,
-             lgamma_const=None):
+def log_zinb(x, log_mu, log_theta, zi_logits, *, nz: NonZeros | None = None, lgamma_const=None):
     """Per-cell ZINB log-likelihood, summed over genes. x: (B, G)."""
     if _use_fused(nz, x, log_mu, log_theta, zi_logits):
         return _fused_ll(x, log_mu, log_theta, zi_logits) - _const(x, lgamma_const)

@@ -36,6 +36,9 @@ def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-        raise InputError(name, value, "must be a positive integer",
-                         f"pass e.g. {name}=128" if "batch" in name else f"pass {name}=1 "
-                         "or more")
+        raise InputError(
+            name,
+            value,
+            "must be a positive integer",
+            f"pass e.g. {name}=128" if "batch" in name else f"pass {name}=1 or more",
+        )

@@ -11,6 +11,7 @@ added have none). Loading checks the format tag, the version and every checksum.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -22,8 +23,8 @@ from typing import Any
 
 from flax import serialization
 
-from ._version import FORMAT_VERSION, __version__
 from . import lock
+from ._version import FORMAT_VERSION, __version__
 from .errors import ModelFormatError
 
 FORMAT_TAG = "jaxscanvi-model"
@@ -59,15 +60,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException as e:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         if isinstance(e, OSError) and e.errno in _DISK_FULL:
-            raise OSError(e.errno, f"{e.strerror} while writing {str(path)!r} "
-                          f"({len(data)} bytes); the folder's previous version is intact. "
-                          "Fix: free space on that disk (or pass a folder on another one) "
-                          "and save again") from e
+            raise OSError(
+                e.errno,
+                f"{e.strerror} while writing {str(path)!r} "
+                f"({len(data)} bytes); the folder's previous version is intact. "
+                "Fix: free space on that disk (or pass a folder on another one) "
+                "and save again",
+            ) from e
         raise
     _fsync_dir(path.parent)
 
@@ -79,31 +81,35 @@ def write_all(fd: int, data: bytes) -> None:
     """os.write until every byte is written (one seam for tests of a full disk)."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_folder(dir_path, metadata: dict[str, Any], blobs: dict[str, bytes], *,
-                 overwrite: bool, extra_files: dict[str, Path] | None = None) -> None:
+def write_folder(
+    dir_path,
+    metadata: dict[str, Any],
+    blobs: dict[str, bytes],
+    *,
+    overwrite: bool,
+    extra_files: dict[str, Path] | None = None,
+) -> None:
     """Write named byte blobs and metadata atomically into ``dir_path``.
 
     ``extra_files`` are already-written files (e.g. an .h5ad) to move in under
     a content-addressed name. The folder is locked meanwhile (`lock`).
     """
     with lock.locked(dir_path, "save"):
-        _write_folder(Path(dir_path), metadata, blobs, overwrite=overwrite,
-                      extra_files=extra_files)
+        _write_folder(Path(dir_path), metadata, blobs, overwrite=overwrite, extra_files=extra_files)
 
 
 def _write_folder(d: Path, metadata, blobs, *, overwrite: bool, extra_files) -> None:
     if d.exists() and not d.is_dir():
         raise FileExistsError(f"{d} exists and is not a folder")
     if d.exists() and (d / METADATA).exists() and not overwrite:
-        raise FileExistsError(f"{d} already holds a saved model; pass overwrite=True to "
-                              "replace it")
+        raise FileExistsError(f"{d} already holds a saved model; pass overwrite=True to replace it")
     d.mkdir(parents=True, exist_ok=True)
     old_files = set(_listed_files(d))
     files, new = {}, []
@@ -121,22 +127,25 @@ def _write_folder(d: Path, metadata, blobs, *, overwrite: bool, extra_files) -> 
             os.replace(src, d / fname)
             new.append(fname)
             files[name] = {"file": fname, "sha256": digest}
-        meta = sign({"format": FORMAT_TAG, "format_version": FORMAT_VERSION,
-                     "jaxscanvi_version": __version__, **metadata, "files": files})
+        meta = sign(
+            {
+                "format": FORMAT_TAG,
+                "format_version": FORMAT_VERSION,
+                "jaxscanvi_version": __version__,
+                **metadata,
+                "files": files,
+            }
+        )
         atomic_write_bytes(d / METADATA, json.dumps(meta, indent=1).encode())
     except BaseException:  # (a full disk, say) the old metadata names the old files:
         for f in set(new) - old_files:  # leave the folder as it was
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(d / f)
-            except OSError:
-                pass
         raise
     keep = {f["file"] for f in files.values()}
     for f in old_files - keep:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(d / f)
-        except OSError:
-            pass
 
 
 def metadata_checksum(meta: dict[str, Any]) -> str:
@@ -170,25 +179,36 @@ def _listed_files(d: Path) -> list[str]:
 def read_metadata(dir_path) -> dict[str, Any]:
     d = Path(dir_path)
     if not d.exists():
-        raise FileNotFoundError(f"no model folder at {str(d)!r}: the path does not exist. "
-                                "Fix: pass the folder given to model.save(...)")
+        raise FileNotFoundError(
+            f"no model folder at {str(d)!r}: the path does not exist. "
+            "Fix: pass the folder given to model.save(...)"
+        )
     if not d.is_dir():
-        raise ModelFormatError(f"{str(d)!r} is a file, not a model folder. Fix: pass the "
-                               "folder given to model.save(...)")
+        raise ModelFormatError(
+            f"{str(d)!r} is a file, not a model folder. Fix: pass the "
+            "folder given to model.save(...)"
+        )
     if not (d / METADATA).exists():
-        hint = (" It looks like a scvi-tools model (model.pt): open it with SCVI.load "
-                "or SCANVI.load."
-                if (d / "model.pt").exists() else "")
-        raise ModelFormatError(f"{str(d)!r} is not a jaxscanvi model folder: it has no "
-                               f"{METADATA}.{hint}")
+        hint = (
+            " It looks like a scvi-tools model (model.pt): open it with SCVI.load or SCANVI.load."
+            if (d / "model.pt").exists()
+            else ""
+        )
+        raise ModelFormatError(
+            f"{str(d)!r} is not a jaxscanvi model folder: it has no {METADATA}.{hint}"
+        )
     try:
         meta = json.loads((d / METADATA).read_text())
     except (ValueError, RecursionError, OSError) as e:  # (UnicodeDecodeError: ValueError)
-        raise ModelFormatError(f"{str(d / METADATA)!r} is damaged (not valid JSON: "
-                               f"{str(e)[:200]}). Fix: save the model again") from None
+        raise ModelFormatError(
+            f"{str(d / METADATA)!r} is damaged (not valid JSON: "
+            f"{str(e)[:200]}). Fix: save the model again"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_TAG:
-        raise ModelFormatError(f"{str(d)!r} is not a jaxscanvi model folder (format tag "
-                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+        raise ModelFormatError(
+            f"{str(d)!r} is not a jaxscanvi model folder (format tag "
+            f"{meta.get('format') if isinstance(meta, dict) else None!r})"
+        )
     version = meta.get("format_version")
     writer = meta.get("jaxscanvi_version")
     if not isinstance(version, int) or isinstance(version, bool):
@@ -197,12 +217,14 @@ def read_metadata(dir_path) -> dict[str, Any]:
             f"{METADATA}, written by jaxscanvi {writer}); this jaxscanvi {__version__} "
             f"reads formats {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}, so the folder is "
             "damaged or was not written by a jaxscanvi release. Fix: restore the folder's "
-            f"original {METADATA}, or save the model again with jaxscanvi")
+            f"original {METADATA}, or save the model again with jaxscanvi"
+        )
     if version > FORMAT_VERSION:
         raise ModelFormatError(
             f"{str(d)!r} was written with model format {version!r} (jaxscanvi "
             f"{writer}); this jaxscanvi {__version__} reads formats "
-            f"up to {FORMAT_VERSION}. Fix: upgrade jaxscanvi (pip install -U jaxscanvi)")
+            f"up to {FORMAT_VERSION}. Fix: upgrade jaxscanvi (pip install -U jaxscanvi)"
+        )
     if version < OLDEST_FORMAT_VERSION:
         pin = f" (pip install 'jaxscanvi=={writer}')" if isinstance(writer, str) else ""
         raise ModelFormatError(
@@ -210,12 +232,14 @@ def read_metadata(dir_path) -> dict[str, Any]:
             f"an older format that this jaxscanvi {__version__} cannot read (it reads "
             f"formats {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}). Fix: load it with the "
             f"jaxscanvi release that wrote it{pin} and use "
-            "it from there, or train and save the model again with this release")
+            "it from there, or train and save the model again with this release"
+        )
     if CHECKSUM_KEY in meta and meta[CHECKSUM_KEY] != metadata_checksum(meta):
         raise ModelFormatError(
             f"{str(d / METADATA)!r} does not match its checksum ({CHECKSUM_KEY}): the file "
             "is damaged or was edited. Fix: restore the folder from a copy, or save the "
-            "model again")
+            "model again"
+        )
     _check_files(d, meta.get("files"))
     return meta
 
@@ -223,13 +247,20 @@ def read_metadata(dir_path) -> dict[str, Any]:
 def _check_files(d: Path, files) -> None:
     """Each listed file is a plain name in the folder with a sha256: nothing else is read."""
     ok = isinstance(files, dict) and all(
-        isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("file"), str)
-        and isinstance(v.get("sha256"), str) and len(v["sha256"]) == 64
-        and _PLAIN_NAME.fullmatch(v["file"]) is not None for k, v in files.items())
+        isinstance(k, str)
+        and isinstance(v, dict)
+        and isinstance(v.get("file"), str)
+        and isinstance(v.get("sha256"), str)
+        and len(v["sha256"]) == 64
+        and _PLAIN_NAME.fullmatch(v["file"]) is not None
+        for k, v in files.items()
+    )
     if not ok:
-        raise ModelFormatError(f"{str(d / METADATA)!r} lists its files wrongly ('files' "
-                               f"must map names to {{'file': <name in the folder>, 'sha256':"
-                               " ...}}); the folder is damaged. Fix: save the model again")
+        raise ModelFormatError(
+            f"{str(d / METADATA)!r} lists its files wrongly ('files' "
+            f"must map names to {{'file': <name in the folder>, 'sha256':"
+            " ...}}); the folder is damaged. Fix: save the model again"
+        )
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -238,17 +269,22 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 def read_blob(dir_path, meta: dict[str, Any], name: str) -> bytes:
     entry = meta.get("files", {}).get(name)
     if entry is None:
-        raise ModelFormatError(f"{str(dir_path)!r}: metadata names no {name!r} file; the "
-                               "folder is damaged. Fix: save the model again")
+        raise ModelFormatError(
+            f"{str(dir_path)!r}: metadata names no {name!r} file; the "
+            "folder is damaged. Fix: save the model again"
+        )
     path = Path(dir_path) / entry["file"]
     try:
         data = path.read_bytes()
     except OSError:
-        raise ModelFormatError(f"{str(path)!r} is missing; the folder is damaged. Fix: "
-                               "save the model again") from None
+        raise ModelFormatError(
+            f"{str(path)!r} is missing; the folder is damaged. Fix: save the model again"
+        ) from None
     if sha256(data) != entry["sha256"]:
-        raise ModelFormatError(f"{str(path)!r} does not match its checksum; the file is "
-                               "damaged. Fix: save the model again")
+        raise ModelFormatError(
+            f"{str(path)!r} does not match its checksum; the file is "
+            "damaged. Fix: save the model again"
+        )
     return data
 
 
@@ -270,25 +306,27 @@ def from_bytes(template, data: bytes, what: str):
     """Restore ``template``'s structure from bytes, checking every leaf's shape."""
     import jax
     import numpy as np
+
     try:
         raw = serialization.msgpack_restore(data)
         tree = serialization.from_state_dict(template, raw)
-    except Exception as e:  # msgpack or structure mismatch
-        raise ModelFormatError(f"the saved {what} do not fit this model's structure "
-                               f"({type(e).__name__}: {str(e)[:200]}). Fix: save them "
-                               "again") from None
+    except Exception as e:  # noqa: BLE001 - msgpack or structure mismatch: one error
+        raise ModelFormatError(
+            f"the saved {what} do not fit this model's structure "
+            f"({type(e).__name__}: {str(e)[:200]}). Fix: save them "
+            "again"
+        ) from None
     bad = []
 
     def check(path, t, v):
-        dt, dv = (np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
-                  for x in (t, v))
+        dt, dv = (np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype) for x in (t, v))
         if np.shape(t) != np.shape(v) or dt != dv:
-            bad.append(f"{jax.tree_util.keystr(path)}: {np.shape(v)} {dv} vs "
-                       f"{np.shape(t)} {dt}")
+            bad.append(f"{jax.tree_util.keystr(path)}: {np.shape(v)} {dv} vs {np.shape(t)} {dt}")
         return v
 
     tree = jax.tree_util.tree_map_with_path(check, template, tree)
     if bad:
-        raise ModelFormatError(f"saved {what} have wrong shapes or types: {bad[:5]}. Fix: "
-                               "save them again")
+        raise ModelFormatError(
+            f"saved {what} have wrong shapes or types: {bad[:5]}. Fix: save them again"
+        )
     return tree

@@ -18,6 +18,7 @@ folder's lock, and each checkpoint write inside it takes it again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -51,8 +52,8 @@ def _proc_stat(pid: int) -> tuple[str | None, float | None]:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         ticks = int(fields[19])
-        boot = next(float(line.split()[1]) for line in open("/proc/stat")
-                    if line.startswith("btime"))
+        with open("/proc/stat") as stat:
+            boot = next(float(line.split()[1]) for line in stat if line.startswith("btime"))
         return fields[0], boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None, None
@@ -63,8 +64,12 @@ def _read(path: Path) -> dict | None:
         info = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    ok = (isinstance(info, dict) and isinstance(info.get("pid"), int)
-          and isinstance(info.get("host"), str) and isinstance(info.get("time"), (int, float)))
+    ok = (
+        isinstance(info, dict)
+        and isinstance(info.get("pid"), int)
+        and isinstance(info.get("host"), str)
+        and isinstance(info.get("time"), (int, float))
+    )
     return info if ok else None
 
 
@@ -85,13 +90,13 @@ def _describe(info: dict | None) -> str:
     if info is None:
         return "a process that has not finished writing its lock"
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["time"]))
-    return (f"pid {info['pid']} on {info['host']} ({info.get('what', 'writing')}, "
-            f"lock time {when})")
+    return f"pid {info['pid']} on {info['host']} ({info.get('what', 'writing')}, lock time {when})"
 
 
 def _write_info(path: Path, fd: int, what: str) -> None:
-    data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                       "time": time.time(), "what": what}).encode()
+    data = json.dumps(
+        {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "what": what}
+    ).encode()
     try:  # (no fsync: after a power loss its pid is dead, so the lock is stale anyway)
         os.write(fd, data)
     finally:
@@ -106,10 +111,8 @@ def _take_over(path: Path, seen: dict | None) -> None:
     except FileNotFoundError:
         return
     if _read(aside) != seen:  # a fresh lock was taken between our read and the move
-        try:
-            os.link(aside, path)  # fails if yet another lock is there: then it stands
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):  # yet another lock is there: then it stands
+            os.link(aside, path)
     aside.unlink(missing_ok=True)
 
 
@@ -136,7 +139,8 @@ def acquire(dir_path, what: str) -> Path:
                 f"{str(d)!r} is being written by another process: {_describe(info)}; two "
                 f"writers would mix their files. Fix: wait for it to finish, or write to "
                 f"another folder; if that process is gone for good (e.g. its machine "
-                f"crashed), delete {str(path)!r}") from None
+                f"crashed), delete {str(path)!r}"
+            ) from None
         try:
             _write_info(path, fd, what)
         except BaseException:
@@ -144,8 +148,10 @@ def acquire(dir_path, what: str) -> Path:
             raise
         _held[key] = 1
         return path
-    raise FolderLockedError(f"{str(d)!r}: its lock changed hands repeatedly while being "
-                            "taken. Fix: make sure only one process writes this folder")
+    raise FolderLockedError(
+        f"{str(d)!r}: its lock changed hands repeatedly while being "
+        "taken. Fix: make sure only one process writes this folder"
+    )
 
 
 def refresh(path: Path) -> None:

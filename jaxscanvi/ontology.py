@@ -11,7 +11,7 @@ that `SCANVI.setup_anndata(label_hierarchy=...)` takes.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from .errors import InputError
 
@@ -22,28 +22,39 @@ def _parser(schema_version: str | None):
     try:
         from cellxgene_ontology_guide.ontology_parser import OntologyParser
     except ImportError:
-        raise InputError("cellxgene-ontology-guide", "not installed", "building a "
-                         "hierarchy from the Cell Ontology needs it",
-                         "pip install 'jaxscanvi[ontology]' (or cellxgene-ontology-guide)"
-                         ) from None
+        raise InputError(
+            "cellxgene-ontology-guide",
+            "not installed",
+            "building a hierarchy from the Cell Ontology needs it",
+            "pip install 'jaxscanvi[ontology]' (or cellxgene-ontology-guide)",
+        ) from None
     return OntologyParser(schema_version)
 
 
 def _term_id(parser, term: str) -> str:
     if term.startswith("CL:"):
         if not parser.is_valid_term_id(term):
-            raise InputError("terms", term, "not a term of the shipped Cell Ontology",
-                             "pass a current CL term ID (e.g. 'CL:0000084') or its label")
+            raise InputError(
+                "terms",
+                term,
+                "not a term of the shipped Cell Ontology",
+                "pass a current CL term ID (e.g. 'CL:0000084') or its label",
+            )
         return term
     found = parser.get_term_id_by_label(term, "CL")
     if found is None:
-        raise InputError("terms", term, "is neither a CL term ID nor the label of one",
-                         "use the Cell Ontology's exact label (e.g. 'T cell') or its ID")
+        raise InputError(
+            "terms",
+            term,
+            "is neither a CL term ID nor the label of one",
+            "use the Cell Ontology's exact label (e.g. 'T cell') or its ID",
+        )
     return found
 
 
-def hierarchy_from_cell_ontology(terms: Iterable[str], *, names: str = "as_given",
-                                 schema_version: str | None = None) -> dict[str, str]:
+def hierarchy_from_cell_ontology(
+    terms: Iterable[str], *, names: str = "as_given", schema_version: str | None = None
+) -> dict[str, str]:
     """child -> parent over ``terms`` (CL IDs such as ``"CL:0000084"`` or labels
     such as ``"T cell"``), each under its nearest ancestor among them, the
     rest under the root "cell".
@@ -54,8 +65,7 @@ def hierarchy_from_cell_ontology(terms: Iterable[str], *, names: str = "as_given
     ontology release (default its latest).
     """
     if names not in ("as_given", "id", "label"):
-        raise InputError("names", names, "unknown naming", "pass 'as_given', 'id' or "
-                         "'label'")
+        raise InputError("names", names, "unknown naming", "pass 'as_given', 'id' or 'label'")
     given = list(dict.fromkeys(str(t) for t in terms))
     if not given:
         raise InputError("terms", [], "no terms given", "pass the labels in use")
@@ -63,8 +73,9 @@ def hierarchy_from_cell_ontology(terms: Iterable[str], *, names: str = "as_given
     ids = {t: _term_id(parser, t) for t in given}
     if len(set(ids.values())) < len(ids):
         dup = [t for t in given if list(ids.values()).count(ids[t]) > 1]
-        raise InputError("terms", dup[:10], "name the same ontology term twice",
-                         "keep one name per term")
+        raise InputError(
+            "terms", dup[:10], "name the same ontology term twice", "keep one name per term"
+        )
     in_set = set(ids.values())
     parent_id = {}
     for tid in in_set - {ROOT_ID}:
@@ -74,8 +85,7 @@ def hierarchy_from_cell_ontology(terms: Iterable[str], *, names: str = "as_given
     if names == "id":
         return parent_id
     if names == "label":
-        return {parser.get_term_label(c): parser.get_term_label(p)
-                for c, p in parent_id.items()}
+        return {parser.get_term_label(c): parser.get_term_label(p) for c, p in parent_id.items()}
     back = {v: k for k, v in ids.items()}
     root = back.get(ROOT_ID, ROOT_ID if given[0].startswith("CL:") else "cell")
     return {back[c]: back.get(p, root) for c, p in parent_id.items()}

@@ -6,7 +6,7 @@ a PNG there too.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,8 +19,7 @@ def _plt():
     try:
         import matplotlib.pyplot as plt
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("jaxscanvi.pl needs matplotlib: pip install 'jaxscanvi[plot]'") \
-            from err
+        raise ImportError("jaxscanvi.pl needs matplotlib: pip install 'jaxscanvi[plot]'") from err
     return plt
 
 
@@ -34,17 +33,22 @@ def _finish(fig, save):
 def history(model_or_df, terms: Sequence[str] | None = None, save=None):
     """Train (and validation, where recorded) loss and its terms by epoch; takes a
     model, its ``history`` or ``history.to_frame()``."""
-    df = model_or_df if isinstance(model_or_df, (pd.DataFrame, History)) \
-        else model_or_df.history
+    df = model_or_df if isinstance(model_or_df, (pd.DataFrame, History)) else model_or_df.history
     if isinstance(df, History):
         df = df.to_frame()
     if df.empty:
-        raise InputError("history", "empty", "the model has not been trained",
-                         "call model.train() first")
+        raise InputError(
+            "history", "empty", "the model has not been trained", "call model.train() first"
+        )
     if terms is None:
         # (kl_global is scvi-tools' name for a term these models do not have)
-        terms = sorted({c[:-len("_train")] for c in df.columns
-                        if c.endswith("_train") and c != "kl_global_train"})
+        terms = sorted(
+            {
+                c[: -len("_train")]
+                for c in df.columns
+                if c.endswith("_train") and c != "kl_global_train"
+            }
+        )
     plt = _plt()
     n = len(terms)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
@@ -65,8 +69,12 @@ def confusion_matrix(y_true, y_pred, labels: Sequence[str] | None = None, save=N
     y_true = np.asarray(y_true).astype(str)
     y_pred = np.asarray(y_pred).astype(str)
     if y_true.shape != y_pred.shape:
-        raise InputError("y_pred", f"length {len(y_pred)}", f"differs from y_true "
-                         f"({len(y_true)})", "pass one prediction per cell")
+        raise InputError(
+            "y_pred",
+            f"length {len(y_pred)}",
+            f"differs from y_true ({len(y_true)})",
+            "pass one prediction per cell",
+        )
     if labels is None:
         labels = sorted(set(y_true) | set(y_pred))
     pos = {l: i for i, l in enumerate(labels)}
@@ -86,8 +94,15 @@ def confusion_matrix(y_true, y_pred, labels: Sequence[str] | None = None, save=N
     for i in range(k):
         for j in range(k):
             if m[i, j] >= 0.01:
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if m[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{m[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if m[i, j] > 0.5 else "black",
+                )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.matrix = m
     return _finish(fig, save)
@@ -101,9 +116,12 @@ def de_volcano(de_result: pd.DataFrame, n_labels: int = 10, save=None, title=Non
     """
     df = de_result
     if "comparison" in df and df["comparison"].nunique() > 1:
-        raise InputError("de_result", sorted(df["comparison"].unique())[:3],
-                         "holds several comparisons", "pass the rows of one comparison, "
-                         "e.g. de[de.comparison == '...']")
+        raise InputError(
+            "de_result",
+            sorted(df["comparison"].unique())[:3],
+            "holds several comparisons",
+            "pass the rows of one comparison, e.g. de[de.comparison == '...']",
+        )
     if "lfc_mean" in df:
         x, y, ylab = df["lfc_mean"], df["proba_de"], "P(|LFC| > delta)"
     else:
@@ -121,9 +139,14 @@ def de_volcano(de_result: pd.DataFrame, n_labels: int = 10, save=None, title=Non
         genes = x[top_idx][side].abs().sort_values(ascending=False).index
         for i, g in enumerate(genes):
             ty = y[g] - span * (0.07 + 0.06 * i)
-            ax.annotate(str(g), (x[g], y[g]), xytext=(x[g], ty), fontsize=7,
-                        ha="right" if x[g] >= 0 else "left",
-                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.4"})
+            ax.annotate(
+                str(g),
+                (x[g], y[g]),
+                xytext=(x[g], ty),
+                fontsize=7,
+                ha="right" if x[g] >= 0 else "left",
+                arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.4"},
+            )
     ax.set_xlabel("log2 fold change")
     ax.set_ylabel(ylab)
     if title or "comparison" in df:

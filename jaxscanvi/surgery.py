@@ -70,7 +70,7 @@ def transplant(reference: dict, fresh: dict) -> tuple[dict, dict]:
                 raise ValueError(f"{key}: the reference has no such variable")
             # the reference had one category here, so no embedding (scvi-tools skips
             # single-category covariates): its row is zero, which reproduces it
-            ref_value = np.zeros((1,) + np.shape(leaf)[1:], np.asarray(leaf).dtype)
+            ref_value = np.zeros((1, *np.shape(leaf)[1:]), np.asarray(leaf).dtype)
         else:
             ref_value = ref_flat[path]
         value, mask = _grow(ref_value, leaf, key)
@@ -80,8 +80,10 @@ def transplant(reference: dict, fresh: dict) -> tuple[dict, dict]:
     jax.tree_util.tree_map_with_path(one, fresh)
     rebuild = jax.tree_util.tree_map_with_path
     # device_put, not jnp.asarray: that compiles a program per leaf shape
-    return (rebuild(lambda p, _: jax.device_put(out[p]), fresh),
-            rebuild(lambda p, _: new_mask[p], fresh))
+    return (
+        rebuild(lambda p, _: jax.device_put(out[p]), fresh),
+        rebuild(lambda p, _: new_mask[p], fresh),
+    )
 
 
 def _names(path) -> list[str]:
@@ -131,13 +133,18 @@ def _state_trainable(names: list[str], f: Freeze) -> bool:
 
 def freeze_masks(variables: dict, is_new: dict, f: Freeze) -> tuple[dict, dict]:
     """(params mask, state mask): True where query training may change an element."""
+
     def param_mask(path, new):
         if _param_trainable(_names(path), f):
             return np.ones(np.shape(new), bool)
         return np.asarray(new, bool)
 
     params = jax.tree_util.tree_map_with_path(param_mask, is_new["params"])
-    state = {k: jax.tree_util.tree_map_with_path(
-        lambda p, v, k=k: np.full(np.shape(v), _state_trainable([k] + _names(p), f)), v)
-        for k, v in variables.items() if k != "params"}
+    state = {
+        k: jax.tree_util.tree_map_with_path(
+            lambda p, v, k=k: np.full(np.shape(v), _state_trainable([k, *_names(p)], f)), v
+        )
+        for k, v in variables.items()
+        if k != "params"
+    }
     return params, state

@@ -28,10 +28,18 @@ from .errors import ModelFormatError
 MAX_PICKLE_BYTES = 256 * 2**20  # a model's data.pkl is kilobytes; more is not a model
 
 # storage class -> numpy dtype (bfloat16 is read as its top 16 bits of a float32)
-_STORAGES = {"FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2",
-             "BFloat16Storage": "bf16", "LongStorage": "i8", "IntStorage": "i4",
-             "ShortStorage": "i2", "CharStorage": "i1", "ByteStorage": "u1",
-             "BoolStorage": "?"}
+_STORAGES = {
+    "FloatStorage": "f4",
+    "DoubleStorage": "f8",
+    "HalfStorage": "f2",
+    "BFloat16Storage": "bf16",
+    "LongStorage": "i8",
+    "IntStorage": "i4",
+    "ShortStorage": "i2",
+    "CharStorage": "i1",
+    "ByteStorage": "u1",
+    "BoolStorage": "?",
+}
 _ITEMSIZE = {"bf16": 2}
 _SCALARS = (str, bytes, int, float, bool, type(None), np.generic)
 
@@ -50,24 +58,29 @@ def _opaque(name: str) -> type:
     return type(name, (Opaque,), {})
 
 
-_PANDAS = {(m, n): _opaque(n) for m, n in [
-    ("pandas.core.frame", "DataFrame"), ("pandas.core.series", "Series"),
-    ("pandas.core.internals.managers", "BlockManager"),
-    ("pandas.core.internals.managers", "SingleBlockManager"),
-    ("pandas._libs.internals", "_unpickle_block"),
-    ("pandas.core.internals.blocks", "new_block"),
-    ("pandas.core.internals.blocks", "Block"),
-    ("pandas.core.internals.blocks", "FloatBlock"),
-    ("pandas.core.internals.blocks", "IntBlock"),
-    ("pandas.core.internals.blocks", "ObjectBlock"),
-    ("pandas.core.internals.blocks", "NumericBlock"),
-    ("pandas.core.internals.blocks", "make_block"),  # (older pandas' names)
-    ("pandas._libs.internals", "BlockPlacement"),
-    ("pandas.core.indexes.base", "_new_Index"), ("pandas.core.indexes.base", "Index"),
-    ("pandas.core.indexes.range", "RangeIndex"),
-    ("pandas.core.indexes.numeric", "Int64Index"),
-    ("pandas.core.indexes.numeric", "Float64Index"),
-]}
+_PANDAS = {
+    (m, n): _opaque(n)
+    for m, n in [
+        ("pandas.core.frame", "DataFrame"),
+        ("pandas.core.series", "Series"),
+        ("pandas.core.internals.managers", "BlockManager"),
+        ("pandas.core.internals.managers", "SingleBlockManager"),
+        ("pandas._libs.internals", "_unpickle_block"),
+        ("pandas.core.internals.blocks", "new_block"),
+        ("pandas.core.internals.blocks", "Block"),
+        ("pandas.core.internals.blocks", "FloatBlock"),
+        ("pandas.core.internals.blocks", "IntBlock"),
+        ("pandas.core.internals.blocks", "ObjectBlock"),
+        ("pandas.core.internals.blocks", "NumericBlock"),
+        ("pandas.core.internals.blocks", "make_block"),  # (older pandas' names)
+        ("pandas._libs.internals", "BlockPlacement"),
+        ("pandas.core.indexes.base", "_new_Index"),
+        ("pandas.core.indexes.base", "Index"),
+        ("pandas.core.indexes.range", "RangeIndex"),
+        ("pandas.core.indexes.numeric", "Int64Index"),
+        ("pandas.core.indexes.numeric", "Float64Index"),
+    ]
+}
 
 
 class _StorageType:
@@ -82,16 +95,24 @@ class _SafeArray(np.ndarray):
         if not isinstance(state, tuple) or len(state) not in (4, 5):
             raise ModelFormatError(f"bad numpy array state in the pickle: {type(state)}")
         shape, dtype, data = state[-4], state[-3], state[-1]
-        if not (isinstance(shape, tuple) and all(isinstance(s, int) and s >= 0 for s in shape)
-                and isinstance(dtype, np.dtype)):
+        if not (
+            isinstance(shape, tuple)
+            and all(isinstance(s, int) and s >= 0 for s in shape)
+            and isinstance(dtype, np.dtype)
+        ):
             raise ModelFormatError("bad numpy array shape or dtype in the pickle")
         n = math.prod(shape)
         if dtype.hasobject:
             # object arrays only of plain values (category names, not objects)
-            if not (isinstance(data, list) and len(data) == n
-                    and all(isinstance(v, _SCALARS) for v in data)):
-                raise ModelFormatError("a numpy object array in the pickle holds something "
-                                       "other than strings or numbers")
+            if not (
+                isinstance(data, list)
+                and len(data) == n
+                and all(isinstance(v, _SCALARS) for v in data)
+            ):
+                raise ModelFormatError(
+                    "a numpy object array in the pickle holds something "
+                    "other than strings or numbers"
+                )
         elif not (isinstance(data, bytes) and len(data) == n * dtype.itemsize):
             raise ModelFormatError("a numpy array in the pickle has the wrong number of bytes")
         super().__setstate__(state)
@@ -112,8 +133,12 @@ def _np_reconstruct(cls, shape, typecode):
 
 
 def _np_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes) \
-            or len(data) != dtype.itemsize:
+    if (
+        not isinstance(dtype, np.dtype)
+        or dtype.hasobject
+        or not isinstance(data, bytes)
+        or len(data) != dtype.itemsize
+    ):
         raise ModelFormatError("bad numpy scalar in the pickle")
     return np.frombuffer(data, dtype)[0]
 
@@ -135,12 +160,17 @@ def _defaultdict(factory=None):
     return {}  # the default factory is never needed for saved values
 
 
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=None, hooks=None,
-                    metadata=None):  # (torch's positional signature)
-    if not isinstance(storage, np.ndarray) or not isinstance(offset, int) \
-            or not isinstance(size, tuple) or not isinstance(stride, tuple) \
-            or len(size) != len(stride) \
-            or not all(isinstance(v, int) and v >= 0 for v in (*size, *stride, offset)):
+def _rebuild_tensor(
+    storage, offset, size, stride, requires_grad=None, hooks=None, metadata=None
+):  # (torch's positional signature)
+    if (
+        not isinstance(storage, np.ndarray)
+        or not isinstance(offset, int)
+        or not isinstance(size, tuple)
+        or not isinstance(stride, tuple)
+        or len(size) != len(stride)
+        or not all(isinstance(v, int) and v >= 0 for v in (*size, *stride, offset))
+    ):
         raise ModelFormatError("bad tensor shape or stride in the torch file")
     if hooks:
         raise ModelFormatError("the torch file has tensors with backward hooks")
@@ -150,8 +180,9 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=None, hooks=Non
     if last >= storage.size:
         raise ModelFormatError("a tensor in the torch file reaches past its storage")
     item = storage.itemsize
-    view = np.lib.stride_tricks.as_strided(storage[offset:], size,
-                                           tuple(s * item for s in stride), writeable=False)
+    view = np.lib.stride_tricks.as_strided(
+        storage[offset:], size, tuple(s * item for s in stride), writeable=False
+    )
     return np.array(view)
 
 
@@ -174,8 +205,11 @@ _ALLOWED = {
     ("numpy._core.multiarray", "scalar"): _np_scalar,
     ("_codecs", "encode"): _latin1,
     **{(b, "bytes"): _empty_bytes for b in ("builtins", "__builtin__")},
-    **{(b, n): getattr(builtins, n) for b in ("builtins", "__builtin__")
-       for n in ("dict", "list", "tuple", "set", "frozenset", "slice")},
+    **{
+        (b, n): getattr(builtins, n)
+        for b in ("builtins", "__builtin__")
+        for n in ("dict", "list", "tuple", "set", "frozenset", "slice")
+    },
     **{("torch", n): _StorageType(n) for n in _STORAGES},
     **_PANDAS,
 }
@@ -193,7 +227,8 @@ class _Unpickler(pickle.Unpickler):
             raise ModelFormatError(
                 f"{self._where} refers to {module}.{name}, which a model file has no need "
                 "of; it is not loaded (it could run code). Fix: load only model files "
-                "written by scvi-tools or jaxscanvi")
+                "written by scvi-tools or jaxscanvi"
+            )
         return found
 
     def persistent_load(self, pid):
@@ -209,8 +244,11 @@ def _clean(obj, seen=None):
         return seen[id(obj)]
     if isinstance(obj, _SafeArray):
         out = np.asarray(obj).view(np.ndarray)
-        out = out.astype(str) if out.dtype.hasobject and all(
-            isinstance(v, str) for v in out.ravel().tolist()) else out
+        out = (
+            out.astype(str)
+            if out.dtype.hasobject and all(isinstance(v, str) for v in out.ravel().tolist())
+            else out
+        )
     elif isinstance(obj, OrderedDict):
         out = OrderedDict()
         seen[id(obj)] = out
@@ -236,18 +274,30 @@ def _unpickle(data: bytes, storages, where: str):
         return _clean(_Unpickler(data, storages, where).load())
     except ModelFormatError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError, RecursionError, MemoryError, struct.error) as e:
-        raise ModelFormatError(f"{where} is damaged or not a model file ({e}). Fix: save "
-                               "the model again") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        RecursionError,
+        MemoryError,
+        struct.error,
+    ) as e:
+        raise ModelFormatError(
+            f"{where} is damaged or not a model file ({e}). Fix: save the model again"
+        ) from None
 
 
 def load_pickle(path) -> object:
     """A plain pickle (scvi-tools < 0.15's ``attr.pkl``), through the same whitelist."""
     path = Path(path)
     if path.stat().st_size > MAX_PICKLE_BYTES:
-        raise ModelFormatError(f"{str(path)!r} is {path.stat().st_size} bytes; too large "
-                               "for a model's attributes")
+        raise ModelFormatError(
+            f"{str(path)!r} is {path.stat().st_size} bytes; too large for a model's attributes"
+        )
     return _unpickle(path.read_bytes(), None, repr(str(path)))
 
 
@@ -259,13 +309,15 @@ def load(path) -> object:
             f"{str(path)!r} is not a scvi-tools (torch) model file: it is not in torch's "
             "zip format (torch >= 1.6 writes it; older torch wrote one jaxscanvi does not "
             "read). Fix: pass a folder scvi-tools saved, or re-save an old file with a "
-            "recent torch: torch.save(torch.load(path), path)")
+            "recent torch: torch.save(torch.load(path), path)"
+        )
     with zipfile.ZipFile(path) as z:
         infos = {i.filename: i for i in z.infolist()}
         pkl = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
-            raise ModelFormatError(f"{str(path)!r} is a zip but not a torch file "
-                                   "(no <archive>/data.pkl)")
+            raise ModelFormatError(
+                f"{str(path)!r} is a zip but not a torch file (no <archive>/data.pkl)"
+            )
         prefix = pkl[0][: -len("data.pkl")]
         little = True
         if prefix + "byteorder" in infos:
@@ -278,14 +330,21 @@ def load(path) -> object:
         cache: dict = {}
 
         def storage(pid):
-            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                    and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
-                    and isinstance(pid[4], int) and pid[4] >= 0):
+            if not (
+                isinstance(pid, tuple)
+                and len(pid) == 5
+                and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)
+                and isinstance(pid[2], str)
+                and isinstance(pid[4], int)
+                and pid[4] >= 0
+            ):
                 raise ModelFormatError(f"{str(path)!r}: bad storage reference {pid!r:.80}")
             key = pid[2]
             if key not in cache:
-                cache[key] = _read_storage(z, infos, prefix + "data/" + key,
-                                           pid[1].name, pid[4], "<" if little else ">")
+                cache[key] = _read_storage(
+                    z, infos, prefix + "data/" + key, pid[1].name, pid[4], "<" if little else ">"
+                )
             return cache[key]
 
         return _unpickle(z.read(pkl[0]), storage, repr(str(path)))
@@ -296,11 +355,15 @@ def _read_storage(z, infos, name: str, kind: str, numel: int, order: str) -> np.
     size = numel * _ITEMSIZE.get(code, np.dtype(code).itemsize)
     info = infos.get(name)
     if info is None or info.file_size != size:  # checked before anything is read
-        raise ModelFormatError(f"torch storage {name!r} is missing or has "
-                               f"{getattr(info, 'file_size', 0)} bytes, not {size}")
+        raise ModelFormatError(
+            f"torch storage {name!r} is missing or has "
+            f"{getattr(info, 'file_size', 0)} bytes, not {size}"
+        )
     if info.compress_type != zipfile.ZIP_STORED:  # torch never compresses: no zip bombs
-        raise ModelFormatError(f"torch storage {name!r} is compressed; torch writes "
-                               "storages uncompressed. Fix: save the model again")
+        raise ModelFormatError(
+            f"torch storage {name!r} is compressed; torch writes "
+            "storages uncompressed. Fix: save the model again"
+        )
     raw = z.read(name)
     if code == "bf16":
         top = np.frombuffer(raw, order + "u2").astype(np.uint32) << 16
@@ -346,8 +409,11 @@ class _Pickler(pickle._Pickler):
             self._storages.append(a)
             ref = _StorageRef(key, _DTYPE_STORAGE[a.dtype], a.size)
             stride = tuple(s // a.itemsize for s in a.strides) if a.size else (1,) * a.ndim
-            self.save_reduce(_Global("torch._utils", "_rebuild_tensor_v2"),
-                             (ref, 0, tuple(a.shape), stride, False, OrderedDict()), obj=obj)
+            self.save_reduce(
+                _Global("torch._utils", "_rebuild_tensor_v2"),
+                (ref, 0, tuple(a.shape), stride, False, OrderedDict()),
+                obj=obj,
+            )
             return
         super().save(obj, save_persistent_id)
 
@@ -367,10 +433,15 @@ def save(obj, path, archive: str = "archive") -> None:
     buf = io.BytesIO()
     storages: list = []
     _Pickler(buf, storages).dump(obj)
-    records = [("data.pkl", buf.getvalue()), (".format_version", b"1"),
-               (".storage_alignment", b"64"), ("byteorder", b"little")]
-    records += [(f"data/{i}", a.astype(a.dtype.newbyteorder("<")).tobytes())
-                for i, a in enumerate(storages)]
+    records = [
+        ("data.pkl", buf.getvalue()),
+        (".format_version", b"1"),
+        (".storage_alignment", b"64"),
+        ("byteorder", b"little"),
+    ]
+    records += [
+        (f"data/{i}", a.astype(a.dtype.newbyteorder("<")).tobytes()) for i, a in enumerate(storages)
+    ]
     records += [("version", b"3\n")]
     with open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
         for name, data in records:

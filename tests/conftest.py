@@ -22,8 +22,11 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # them out; ``--system`` adds them, ``-m system`` runs only them (CI's second
 # step). Deselected, not skipped, so a skip still means something is missing.
 def pytest_addoption(parser):
-    parser.addoption("--system", action="store_true",
-                     help="also run the tests marked system (they start other processes)")
+    parser.addoption(
+        "--system",
+        action="store_true",
+        help="also run the tests marked system (they start other processes)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,8 +41,10 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_terminal_summary(terminalreporter, config):
     if getattr(config, "_jaxscanvi_system_left", False):
-        terminalreporter.write_line("tests marked system were deselected; run them with "
-                                    "-m system (or everything with --system)")
+        terminalreporter.write_line(
+            "tests marked system were deselected; run them with "
+            "-m system (or everything with --system)"
+        )
 
 
 def shared_file(name: str) -> Path:
@@ -54,8 +59,16 @@ def shared_file(name: str) -> Path:
 def small_atlas():
     """A small synthetic atlas: 600 cells, 200 genes, 2 batches, 4 types (read-only)."""
     from jaxscanvi import synthetic_atlas
-    return synthetic_atlas(n_cells=600, n_genes=200, n_batches=2, n_lineages=2,
-                           types_per_lineage=2, seed=0, markers_per_type=10)
+
+    return synthetic_atlas(
+        n_cells=600,
+        n_genes=200,
+        n_batches=2,
+        n_lineages=2,
+        types_per_lineage=2,
+        seed=0,
+        markers_per_type=10,
+    )
 
 
 @pytest.fixture
@@ -68,6 +81,7 @@ def hvg(adata, n_top: int = 2000):
     """The n_top genes by variance of log-normalised counts (what the data README
     suggests; the tests' thresholds were set on these genes)."""
     from jaxscanvi.data.hvg import highly_variable_genes
+
     return adata[:, highly_variable_genes(adata, n_top, flavor="variance")].copy()
 
 
@@ -76,6 +90,7 @@ def hvg(adata, n_top: int = 2000):
 # on top are the usual few lines (leave-one-out kNN vote, batch entropy).
 def _neighbours(z, k: int):
     from sklearn.neighbors import NearestNeighbors
+
     nn = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z, return_distance=False)
     return nn[:, 1:]  # drop each cell itself
 
@@ -96,8 +111,9 @@ def batch_entropy(z, batches, k: int = 15) -> float:
     cats, codes = np.unique(np.asarray(batches), return_inverse=True)
     if len(cats) < 2:
         return 1.0
-    counts = np.stack([(codes[_neighbours(np.asarray(z), k)] == c).sum(1)
-                       for c in range(len(cats))], 1).astype(float)
+    counts = np.stack(
+        [(codes[_neighbours(np.asarray(z), k)] == c).sum(1) for c in range(len(cats))], 1
+    ).astype(float)
     p = counts / (np.bincount(codes) / len(codes))
     p /= p.sum(1, keepdims=True)
     ent = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(1)
@@ -108,7 +124,9 @@ def pca_log_normalized(X, n_components: int = 10):
     """PCA of log1p(counts / library * 1e4): the uncorrected baseline."""
     import scipy.sparse as sp
     from sklearn.decomposition import PCA
+
     X = X.toarray() if sp.issparse(X) else np.asarray(X, float)
     lib = X.sum(1, keepdims=True)
     return PCA(n_components, random_state=0).fit_transform(
-        np.log1p(X / np.where(lib > 0, lib, 1) * 1e4))
+        np.log1p(X / np.where(lib > 0, lib, 1) * 1e4)
+    )

@@ -21,8 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-DATA = dict(n_cells=300, n_genes=50, n_batches=2, n_lineages=1, types_per_lineage=2,
-            seed=0, markers_per_type=5)
+DATA = dict(
+    n_cells=300,
+    n_genes=50,
+    n_batches=2,
+    n_lineages=1,
+    types_per_lineage=2,
+    seed=0,
+    markers_per_type=5,
+)
 ARCH = dict(n_hidden=16, n_latent=4)
 TRAIN = dict(max_epochs=8, batch_size=128, progress_bar=False, checkpoint_every=1)
 PRETRAIN = dict(max_epochs=2, batch_size=128, progress_bar=False)
@@ -32,12 +39,14 @@ MARKER = "KILL-ME-NOW"
 def adata(part: str = "all", *, labels: bool = True):
     """The atlas; ``part`` "reference" (batch0) or "query" (batch1) for surgery."""
     from jaxscanvi import SCANVI, SCVI, synthetic_atlas
+
     a = synthetic_atlas(**DATA)
     if part != "all":
         a = a[(a.obs["batch"] == "batch0") == (part == "reference")].copy()
     if labels:
-        SCANVI.setup_anndata(a, batch_key="batch", labels_key="cell_type",
-                             unlabeled_category="Unknown")
+        SCANVI.setup_anndata(
+            a, batch_key="batch", labels_key="cell_type", unlabeled_category="Unknown"
+        )
     else:
         SCVI.setup_anndata(a, batch_key="batch")
     return a
@@ -47,6 +56,7 @@ def model_to_train(kind: str):
     """The untrained model of ``kind`` (a query: its reference trained), the same in
     every process."""
     from jaxscanvi import SCANVI, SCVI
+
     if kind == "scvi":
         return SCVI(adata(labels=False), **ARCH, seed=0)
     if kind == "scanvi":
@@ -63,6 +73,7 @@ def main(spec: dict) -> None:
 
     import jaxscanvi.io as io
     from jaxscanvi import SCANVI, SCVI
+
     real_write, real_fsync = io.atomic_write_bytes, os.fsync
     state = {"n": 0, "armed": False}
 

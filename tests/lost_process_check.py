@@ -38,18 +38,25 @@ def main() -> int:
     pid, port, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     import jaxscanvi as js
     from jaxscanvi import distributed
-    distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid,
-                           lost_process_timeout_s=TIMEOUT_S)
-    a = js.synthetic_atlas(n_cells=4000, n_genes=50, n_batches=2, n_lineages=1,
-                           types_per_lineage=2, seed=0, markers_per_type=5)
+
+    distributed.initialize(
+        f"localhost:{port}", num_processes=2, process_id=pid, lost_process_timeout_s=TIMEOUT_S
+    )
+    a = js.synthetic_atlas(
+        n_cells=4000,
+        n_genes=50,
+        n_batches=2,
+        n_lineages=1,
+        types_per_lineage=2,
+        seed=0,
+        markers_per_type=5,
+    )
     js.SCVI.setup_anndata(a, batch_key="batch")
     m = js.SCVI(a, n_hidden=16, n_latent=4)
     if pid == 1:
-        threading.Thread(target=_die_in_epoch_three, args=(out / "ckpt",),
-                         daemon=True).start()
+        threading.Thread(target=_die_in_epoch_three, args=(out / "ckpt",), daemon=True).start()
     try:
-        m.train(max_epochs=100, batch_size=64, progress_bar=False,
-                checkpoint_dir=out / "ckpt")
+        m.train(max_epochs=100, batch_size=64, progress_bar=False, checkpoint_dir=out / "ckpt")
     except Exception as e:  # noqa: BLE001 - reported for the test
         print(f"STOPPED {time.time()} {type(e).__name__}: {e}", flush=True)
         return 1

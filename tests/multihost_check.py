@@ -20,15 +20,21 @@ from pathlib import Path
 
 import numpy as np
 
-SCVI_TRAIN = dict(max_epochs=2, batch_size=64, progress_bar=False, train_size=0.8,
-                  check_val_every_n_epoch=1, seed=3)
-SCANVI_TRAIN = dict(max_epochs=1, batch_size=64, progress_bar=False, train_size=0.8,
-                    seed=3)
+SCVI_TRAIN = dict(
+    max_epochs=2,
+    batch_size=64,
+    progress_bar=False,
+    train_size=0.8,
+    check_val_every_n_epoch=1,
+    seed=3,
+)
+SCANVI_TRAIN = dict(max_epochs=1, batch_size=64, progress_bar=False, train_size=0.8, seed=3)
 ARCH = dict(n_latent=4, n_hidden=16)
 
 
 def flat(params) -> dict[str, np.ndarray]:
     import jax
+
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
 
@@ -38,16 +44,20 @@ def main() -> int:
     data, out = sys.argv[4], Path(sys.argv[5])
     import jaxscanvi as js
     from jaxscanvi import distributed
+
     distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
 
     import anndata as ad
+
     from jaxscanvi.data.backed import BackedRows
+
     reads: list[list[int]] = []
     plain_read = BackedRows.read
 
     def read(self, start, stop):  # every block of counts this process reads
         reads.append([int(start), int(stop)])
         return plain_read(self, start, stop)
+
     BackedRows.read = read
 
     adata = ad.read_h5ad(data, backed="r")
@@ -64,12 +74,21 @@ def main() -> int:
     (out / f"own_indices_{pid}.json").write_text(json.dumps(own))
     m.save(out / "scvi_model", overwrite=True)
     (out / f"scvi_history_{pid}.json").write_text(m.history.to_frame().reset_index().to_json())
-    (out / f"reads_{pid}.json").write_text(json.dumps(
-        {"reads": reads, "slice": [distributed.local_slice(adata.n_obs).start,
-                                   distributed.local_slice(adata.n_obs).stop]}))
+    (out / f"reads_{pid}.json").write_text(
+        json.dumps(
+            {
+                "reads": reads,
+                "slice": [
+                    distributed.local_slice(adata.n_obs).start,
+                    distributed.local_slice(adata.n_obs).stop,
+                ],
+            }
+        )
+    )
 
-    js.SCANVI.setup_anndata(adata, labels_key="label", unlabeled_category="Unknown",
-                            batch_key="batch")
+    js.SCANVI.setup_anndata(
+        adata, labels_key="label", unlabeled_category="Unknown", batch_key="batch"
+    )
     s = js.SCANVI(adata, **ARCH)
     s.train(**SCANVI_TRAIN)
     np.savez(out / f"scanvi_params_{pid}.npz", **flat(s.params))

@@ -20,15 +20,27 @@ def _train(atlas, kernels, model="scvi", precision="float32", epochs=2, source="
         m = SCVI(atlas, seed=0)
         extra = {}
     else:
-        atlas.obs["hidden"] = atlas.obs["cell_type"].astype(str).where(
-            np.arange(atlas.n_obs) % 3 == 0, "Unknown")
-        SCANVI.setup_anndata(atlas, layer="counts", batch_key="batch", labels_key="hidden",
-                             unlabeled_category="Unknown")
+        atlas.obs["hidden"] = (
+            atlas.obs["cell_type"].astype(str).where(np.arange(atlas.n_obs) % 3 == 0, "Unknown")
+        )
+        SCANVI.setup_anndata(
+            atlas,
+            layer="counts",
+            batch_key="batch",
+            labels_key="hidden",
+            unlabeled_category="Unknown",
+        )
         m = SCANVI(atlas, seed=0)
         extra = {"calibrate": False}
     with backend.use(kernels):
-        m.train(max_epochs=epochs, progress_bar=False, precision=precision,
-                check_val_every_n_epoch=1, data_source=source, **extra)
+        m.train(
+            max_epochs=epochs,
+            progress_bar=False,
+            precision=precision,
+            check_val_every_n_epoch=1,
+            data_source=source,
+            **extra,
+        )
     return m
 
 
@@ -69,6 +81,7 @@ def _grad_jaxpr(kernels, precision="float32"):
 
         def loss(p):
             return module.apply(p, x).sum()
+
         return str(jax.make_jaxpr(jax.grad(loss))(v))
 
 
@@ -90,16 +103,21 @@ def test_library_path_trains_the_same_model(atlas, model):
     a = _train(atlas.copy(), "all", model)
     b = _train(atlas.copy(), "library", model)
     assert a.history.to_frame()["train_loss"].notna().all()
-    np.testing.assert_allclose(a.history.to_frame()["train_loss"], b.history.to_frame()["train_loss"], rtol=2e-5)
-    np.testing.assert_allclose(a.history.to_frame()["elbo_validation"], b.history.to_frame()["elbo_validation"],
-                               rtol=2e-5)
+    np.testing.assert_allclose(
+        a.history.to_frame()["train_loss"], b.history.to_frame()["train_loss"], rtol=2e-5
+    )
+    np.testing.assert_allclose(
+        a.history.to_frame()["elbo_validation"], b.history.to_frame()["elbo_validation"], rtol=2e-5
+    )
     for x, y in zip(_leaves(a), _leaves(b)):
         np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-5)
     # and training moved the parameters
     init = SCVI(a.adata, seed=0) if model == "scvi" else None
     if init is not None:
-        moved = max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
-                    for x, y in zip(_leaves(a), _leaves(init)))
+        moved = max(
+            float(np.abs(np.asarray(x) - np.asarray(y)).max())
+            for x, y in zip(_leaves(a), _leaves(init))
+        )
         assert moved > 1e-3
 
 
@@ -108,7 +126,9 @@ def test_sparse_likelihood_trains_the_same_model(atlas):
     dense one: same trajectory to float32 rounding."""
     a = _train(atlas.copy(), "library", source="host")
     b = _train(atlas.copy(), "sparse_likelihood=1", source="host")
-    np.testing.assert_allclose(a.history.to_frame()["train_loss"], b.history.to_frame()["train_loss"], rtol=2e-5)
+    np.testing.assert_allclose(
+        a.history.to_frame()["train_loss"], b.history.to_frame()["train_loss"], rtol=2e-5
+    )
     for x, y in zip(_leaves(a), _leaves(b)):
         np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-5)
 
@@ -119,7 +139,10 @@ def test_bfloat16_validation_elbo_within_half_a_percent(atlas):
     bf16 = _train(atlas.copy(), None, precision="bfloat16", epochs=30)
     e32 = f32.get_elbo(indices=f32.validation_indices)
     e16 = bf16.get_elbo(indices=bf16.validation_indices)
-    assert f32.history.to_frame()["elbo_validation"].iloc[-1] < f32.history.to_frame()["elbo_validation"].iloc[0]
+    assert (
+        f32.history.to_frame()["elbo_validation"].iloc[-1]
+        < f32.history.to_frame()["elbo_validation"].iloc[0]
+    )
     assert abs(e16 - e32) / abs(e32) < 0.005
     # bf16 products really ran: the two models are not bit-identical
     assert any(not np.array_equal(x, y) for x, y in zip(_leaves(f32), _leaves(bf16)))

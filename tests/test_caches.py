@@ -17,7 +17,7 @@ def test_cache_drops_the_least_recently_used():
 
     assert cache.get("a", lambda: build("a")) == "a"
     assert cache.get("b", lambda: build("b")) == "b"
-    cache.get("a", lambda: build("a2"))        # a is used again: b is now the oldest
+    cache.get("a", lambda: build("a2"))  # a is used again: b is now the oldest
     cache.get("c", lambda: build("c"))
     assert len(cache) == 2
     assert cache.get("a", lambda: build("a3")) == "a"  # kept

@@ -26,12 +26,17 @@ def _cells(n=60, g=7, seed=0, X=None):
         dense[::5] = 0  # empty rows
         X = sp.csr_matrix(dense)
     n = X.shape[0]
-    return CellData(X=X, batch=rng.integers(0, 3, n).astype(np.int32),
-                    labels=rng.integers(0, 4, n).astype(np.int32),
-                    cat_covs=np.zeros((n, 0), np.int32), cont_covs=np.zeros((n, 0), np.float32),
-                    log_size_factor=None, log_library=rng.random(n).astype(np.float32),
-                    lgamma_const=rng.random(n).astype(np.float32),
-                    obs_names=pd.Index([str(i) for i in range(n)]))
+    return CellData(
+        X=X,
+        batch=rng.integers(0, 3, n).astype(np.int32),
+        labels=rng.integers(0, 4, n).astype(np.int32),
+        cat_covs=np.zeros((n, 0), np.int32),
+        cont_covs=np.zeros((n, 0), np.float32),
+        log_size_factor=None,
+        log_library=rng.random(n).astype(np.float32),
+        lgamma_const=rng.random(n).astype(np.float32),
+        obs_names=pd.Index([str(i) for i in range(n)]),
+    )
 
 
 def _collect(carry, b):
@@ -57,7 +62,8 @@ def test_chunks_give_the_device_sources_epoch(monkeypatch, labelled):
     host = HostSource(cells, B)
     c_host, out_host = host.run_epoch(_collect, jnp.asarray(0), rows, lab)
     c_dev, out_dev = DeviceSource(cells, B, dense_max_bytes=0).run_epoch(
-        _collect, jnp.asarray(0), rows, lab)
+        _collect, jnp.asarray(0), rows, lab
+    )
     assert int(c_host) == int(c_dev) == 7
     for k in out_dev:
         a, b = np.asarray(out_host[k]), np.asarray(out_dev[k])
@@ -155,8 +161,9 @@ def test_offsets_past_32_bits_are_refused_or_chunked():
     with pytest.raises(InputError, match="data_source='host' or 'stream'"):
         sources.make_source("device", cells, 2)
     # per-device slices: each below 2^31, so a device holds its own offsets
-    np.testing.assert_array_equal(slice_nnz(Huge.indptr, np.array([0, 1, 2, 4])),
-                                  [2**30, 2**30, 2**31])
+    np.testing.assert_array_equal(
+        slice_nnz(Huge.indptr, np.array([0, 1, 2, 4])), [2**30, 2**30, 2**31]
+    )
     assert sources.resident_nnz(Huge.indptr, np.array([0, 1, 2, 4])) == 2**31
     # the minibatch cap sums in 64 bits too
     assert sources.rows_nnz(cells.row_nnz(), np.array([[0, 1, 2, 3]])) == 2**32
@@ -166,6 +173,7 @@ def test_stream_source_trains_from_a_sorted_file(tmp_path):
     """A backed file sorted by batch: every streamed minibatch mixes batches,
     and training runs through the chunked program."""
     import jaxscanvi as js
+
     a = js.synthetic_atlas(n_cells=600, n_genes=200, n_batches=3, seed=0)
     a = a[np.argsort(a.obs["batch"].to_numpy(), kind="stable")].copy()
     a.write_h5ad(tmp_path / "sorted.h5ad")
@@ -210,12 +218,30 @@ def test_atlas_benchmark_smoke(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "atlas.json"
-    p = subprocess.run([sys.executable, str(root / "benchmarks" / "atlas.py"), "--smoke",
-                        "--parts", "loader", "overhead", "mixing", "memory", "--out", str(out),
-                        "--tmp", str(tmp_path)], capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=root)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "atlas.py"),
+            "--smoke",
+            "--parts",
+            "loader",
+            "overhead",
+            "mixing",
+            "memory",
+            "--out",
+            str(out),
+            "--tmp",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        cwd=root,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads(out.read_text())
     loaded = doc["loader"]["stores"]
@@ -234,8 +260,16 @@ def test_host_chunks_feed_the_sparse_likelihood():
     list of non-zeros into the loss, and training matches the dense likelihood."""
     import jaxscanvi as js
     from jaxscanvi import backend
-    a = js.synthetic_atlas(n_cells=300, n_genes=60, n_batches=2, n_lineages=2,
-                           types_per_lineage=2, seed=1, markers_per_type=5)
+
+    a = js.synthetic_atlas(
+        n_cells=300,
+        n_genes=60,
+        n_batches=2,
+        n_lineages=2,
+        types_per_lineage=2,
+        seed=1,
+        markers_per_type=5,
+    )
     js.SCVI.setup_anndata(a, batch_key="batch")
     seen, histories = {}, {}
     for sparse in (False, True):
@@ -254,6 +288,7 @@ def test_backed_rows_read_runs(tmp_path, fmt):
     """read_runs on a backed file gives the runs' rows, stacked in the order asked,
     and a RunCache over it the rows asked for."""
     from jaxscanvi.data.backed import BackedRows
+
     X = sp.random(500, 40, density=0.2, format="csr", dtype=np.float32, random_state=5)
     X.data = np.ceil(X.data * 5)
     a = ad.AnnData(X=X)
@@ -263,6 +298,7 @@ def test_backed_rows_read_runs(tmp_path, fmt):
     else:
         import zarr
         from anndata.io import sparse_dataset
+
         a.write_zarr(tmp_path / "x.zarr")
         rows = BackedRows(sparse_dataset(zarr.open(str(tmp_path / "x.zarr"), mode="r")["X"]))
     starts, stops = np.array([300, 0, 64, 499]), np.array([364, 10, 65, 500])

@@ -20,8 +20,11 @@ from jax.experimental.compilation_cache import compilation_cache as cc
 from jaxscanvi import compile_cache, set_compilation_cache
 from jaxscanvi.errors import InputError
 
-SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
+SETTINGS = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+)
 
 
 @pytest.fixture
@@ -47,8 +50,7 @@ def test_default_folder_under_xdg_cache_home(clean, monkeypatch):
     folder = compile_cache.configure_at_import()
     assert folder == clean / "xdg" / "jaxscanvi" / "jax" and folder.is_dir()
     assert jax.config.jax_compilation_cache_dir == str(folder)
-    assert jax.config.jax_persistent_cache_min_compile_time_secs == \
-        compile_cache.MIN_COMPILE_SECS
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == compile_cache.MIN_COMPILE_SECS
 
 
 def test_default_folder_under_home(clean):
@@ -125,11 +127,12 @@ print("RESULT " + json.dumps({**counts, "dir": jax.config.jax_compilation_cache_
 
 
 def _run_workflow(env) -> dict:
-    res = subprocess.run([sys.executable, "-c", WORKFLOW], env=env, capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", WORKFLOW], env=env, capture_output=True, text=True, timeout=600
+    )
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     assert res.returncode == 0 and line, res.stderr[-3000:]
-    return json.loads(line[0][len("RESULT "):])
+    return json.loads(line[0][len("RESULT ") :])
 
 
 @pytest.mark.system
@@ -145,8 +148,10 @@ def test_second_process_hits_the_cache(tmp_path):
 
 def test_suite_leaves_the_users_cache_alone():
     assert os.environ[compile_cache.ENV] == "0"  # tests/conftest.py
-    assert jax.config.jax_compilation_cache_dir in (None, os.environ.get(
-        "JAX_COMPILATION_CACHE_DIR"))
+    assert jax.config.jax_compilation_cache_dir in (
+        None,
+        os.environ.get("JAX_COMPILATION_CACHE_DIR"),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         import jaxscanvi  # noqa: F401

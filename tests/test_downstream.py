@@ -7,23 +7,61 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from jaxscanvi import SCANVI, SCVI, InputError, de, pl, synthetic_atlas  # noqa: F401
+from jaxscanvi import SCANVI, SCVI, InputError, de, pl, synthetic_atlas
 
-VANILLA_COLS = ["proba_m1", "proba_m2", "bayes_factor", "scale1", "scale2", "raw_mean1",
-                "raw_mean2", "non_zeros_proportion1", "non_zeros_proportion2",
-                "raw_normalized_mean1", "raw_normalized_mean2", "comparison", "group1",
-                "group2"]
-CHANGE_COLS = ["proba_de", "proba_not_de", "bayes_factor", "scale1", "scale2",
-               "pseudocounts", "delta", "lfc_mean", "lfc_median", "lfc_std", "lfc_min",
-               "lfc_max", "raw_mean1", "raw_mean2", "non_zeros_proportion1",
-               "non_zeros_proportion2", "raw_normalized_mean1", "raw_normalized_mean2",
-               "is_de_fdr_0.05", "comparison", "group1", "group2"]
+VANILLA_COLS = [
+    "proba_m1",
+    "proba_m2",
+    "bayes_factor",
+    "scale1",
+    "scale2",
+    "raw_mean1",
+    "raw_mean2",
+    "non_zeros_proportion1",
+    "non_zeros_proportion2",
+    "raw_normalized_mean1",
+    "raw_normalized_mean2",
+    "comparison",
+    "group1",
+    "group2",
+]
+CHANGE_COLS = [
+    "proba_de",
+    "proba_not_de",
+    "bayes_factor",
+    "scale1",
+    "scale2",
+    "pseudocounts",
+    "delta",
+    "lfc_mean",
+    "lfc_median",
+    "lfc_std",
+    "lfc_min",
+    "lfc_max",
+    "raw_mean1",
+    "raw_mean2",
+    "non_zeros_proportion1",
+    "non_zeros_proportion2",
+    "raw_normalized_mean1",
+    "raw_normalized_mean2",
+    "is_de_fdr_0.05",
+    "comparison",
+    "group1",
+    "group2",
+]
 
 
 @pytest.fixture(scope="module")
 def de_atlas():
-    return synthetic_atlas(n_cells=2400, n_genes=400, n_batches=2, n_lineages=2,
-                           types_per_lineage=2, seed=3, markers_per_type=20)
+    return synthetic_atlas(
+        n_cells=2400,
+        n_genes=400,
+        n_batches=2,
+        n_lineages=2,
+        types_per_lineage=2,
+        seed=3,
+        markers_per_type=20,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +147,13 @@ def test_pseudocounts_offset_reference():
 def test_de_change_recovers_planted_genes_and_controls_fdr(de_model, de_atlas):
     a = de_atlas
     t = "L1_T0"
-    res = de_model.differential_expression(groupby="cell_type", group1=t, mode="change",
-                                           delta=0.25, n_samples=3000)
+    res = de_model.differential_expression(
+        groupby="cell_type", group1=t, mode="change", delta=0.25, n_samples=3000
+    )
     assert list(res.columns) == CHANGE_COLS
     assert res.index.is_unique and len(res) == a.n_vars
     planted = {f"gene{g}" for g in a.uns["synthetic"]["de_genes"][t]}
-    top = set(res.index[:len(planted)])
+    top = set(res.index[: len(planted)])
     assert len(top & planted) >= 0.8 * len(planted)
     # posterior expected FDR control: flagged genes are mostly truly DE
     truth = pd.Series(np.abs(_true_lfc(a, t)), index=a.var_names)
@@ -135,7 +174,7 @@ def test_de_vanilla_one_vs_rest_all_groups(de_model, de_atlas):
     for t in types:
         sub = res[res["group1"] == t]
         planted = {f"gene{g}" for g in de_atlas.uns["synthetic"]["de_genes"][t]}
-        assert len(set(sub.index[:len(planted)]) & planted) >= 0.7 * len(planted), t
+        assert len(set(sub.index[: len(planted)]) & planted) >= 0.7 * len(planted), t
         assert sub["bayes_factor"].is_monotonic_decreasing
     np.testing.assert_allclose(res["proba_m1"] + res["proba_m2"], 1.0)
 
@@ -144,27 +183,39 @@ def test_de_idx_and_batch_correction(de_model, de_atlas):
     a = de_atlas
     m1 = (a.obs["cell_type"] == "L0_T0").to_numpy()
     m2 = (a.obs["cell_type"] == "L0_T1").to_numpy()
-    res = de_model.differential_expression(idx1=m1, idx2=np.flatnonzero(m2),
-                                           batch_correction=True, n_samples=1000)
+    res = de_model.differential_expression(
+        idx1=m1, idx2=np.flatnonzero(m2), batch_correction=True, n_samples=1000
+    )
     assert "comparison" not in res and len(res) == a.n_vars
-    props = de.raw_counts_properties(de_model._train_cells().X, np.flatnonzero(m1),
-                                     np.flatnonzero(m2))
+    props = de.raw_counts_properties(
+        de_model._train_cells().X, np.flatnonzero(m1), np.flatnonzero(m2)
+    )
     np.testing.assert_allclose(res.loc[a.var_names, "raw_mean1"], props["raw_mean1"])
-    q = de_model.differential_expression(idx1="cell_type == 'L0_T0'",
-                                         idx2="cell_type == 'L0_T1'", n_samples=500)
+    q = de_model.differential_expression(
+        idx1="cell_type == 'L0_T0'", idx2="cell_type == 'L0_T1'", n_samples=500
+    )
     assert q["bayes_factor"].notna().all()
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"groupby": "nope"}, "groupby"),
-    ({"groupby": "cell_type", "group1": "absent"}, "group1"),
-    ({"groupby": "cell_type", "mode": "bayes"}, "mode"),
-    ({"groupby": "cell_type", "weights": "bogus"}, "weights"),
-    ({"groupby": "cell_type", "weights": "importance",
-      "importance_weighting_kwargs": {"n_cells": 3}}, "importance_weighting_kwargs"),
-    ({"groupby": "cell_type", "batchid1": ["batch0"]}, "batchid1"),
-    ({"groupby": "cell_type", "fdr_target": 1.5}, "fdr_target"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"groupby": "nope"}, "groupby"),
+        ({"groupby": "cell_type", "group1": "absent"}, "group1"),
+        ({"groupby": "cell_type", "mode": "bayes"}, "mode"),
+        ({"groupby": "cell_type", "weights": "bogus"}, "weights"),
+        (
+            {
+                "groupby": "cell_type",
+                "weights": "importance",
+                "importance_weighting_kwargs": {"n_cells": 3},
+            },
+            "importance_weighting_kwargs",
+        ),
+        ({"groupby": "cell_type", "batchid1": ["batch0"]}, "batchid1"),
+        ({"groupby": "cell_type", "fdr_target": 1.5}, "fdr_target"),
+    ],
+)
 def test_de_bad_arguments(de_model, kwargs, field):
     with pytest.raises(InputError, match=field):
         de_model.differential_expression(n_samples=10, **kwargs)
@@ -175,6 +226,7 @@ def test_importance_weights_match_brute_force():
     from scipy.stats import nbinom, norm
 
     from jaxscanvi.model._kernels import anchor_terms as _anchor_terms
+
     rng = np.random.default_rng(4)
     S, A, G, L = 3, 4, 5, 2
     z = rng.normal(size=(S, L)).astype(np.float32)
@@ -202,8 +254,12 @@ def test_importance_weights_match_brute_force():
 def test_de_importance_weighting_runs_and_ranks(de_model, de_atlas):
     t = "L1_T0"
     res = de_model.differential_expression(
-        groupby="cell_type", group1=t, weights="importance", n_samples=400,
-        importance_weighting_kwargs={"max_cells": 64, "n_mc_samples": 20})
+        groupby="cell_type",
+        group1=t,
+        weights="importance",
+        n_samples=400,
+        importance_weighting_kwargs={"max_cells": 64, "n_mc_samples": 20},
+    )
     assert list(res.columns) == VANILLA_COLS
     # importance weights concentrate on few samples (ties at the top), so
     # check the evidence for the planted (up-regulated) genes on average
@@ -245,7 +301,7 @@ def test_posterior_predictive_mean_and_variance(nb_model):
     lp = nb_model.get_likelihood_parameters(indices=idx, n_samples=S)
     mu, th = lp["mean"], lp["dispersions"]  # (S, cells, genes)
     mean = mu.mean(0)
-    var = (mu + mu ** 2 / th).mean(0) + mu.var(0)  # law of total variance
+    var = (mu + mu**2 / th).mean(0) + mu.var(0)  # law of total variance
     zs = (x.mean(-1) - mean) / np.sqrt(var / S)
     assert np.mean(np.abs(zs) < 4) > 0.99
     big = mean > 2
@@ -293,8 +349,9 @@ def test_learned_library_size_is_lognormal_mean(small_atlas):
     assert lib.shape == s.shape == (a.n_obs, 1)
 
     def np64(t):
-        return {k: np64(v) if isinstance(v, dict) else np.asarray(v, np.float64)
-                for k, v in t.items()}
+        return {
+            k: np64(v) if isinstance(v, dict) else np.asarray(v, np.float64) for k, v in t.items()
+        }
 
     p, bs = np64(m.params["l_encoder"]), np64(m.state["batch_stats"]["l_encoder"])
     x = a.layers["counts"]
@@ -318,8 +375,9 @@ def scanvi_model(de_atlas):
     lab = a.obs["cell_type"].astype(str).to_numpy().copy()
     lab[np.random.default_rng(0).uniform(size=a.n_obs) < 0.6] = "Unknown"
     a.obs["lab"] = lab
-    SCANVI.setup_anndata(a, layer="counts", batch_key="batch", labels_key="lab",
-                         unlabeled_category="Unknown")
+    SCANVI.setup_anndata(
+        a, layer="counts", batch_key="batch", labels_key="lab", unlabeled_category="Unknown"
+    )
     m = SCANVI(a, n_latent=8)
     m.train(max_epochs=25, batch_size=256, progress_bar=False)
     return m
@@ -329,10 +387,9 @@ def test_scanvi_de_on_predicted_labels(scanvi_model):
     m = scanvi_model
     a = m.adata
     a.obs["pred"] = m.predict()
-    res = m.differential_expression(groupby="pred", group1="L1_T1", mode="change",
-                                    n_samples=1000)
+    res = m.differential_expression(groupby="pred", group1="L1_T1", mode="change", n_samples=1000)
     planted = {f"gene{g}" for g in a.uns["synthetic"]["de_genes"]["L1_T1"]}
-    assert len(set(res.index[:len(planted)]) & planted) >= 0.8 * len(planted)
+    assert len(set(res.index[: len(planted)]) & planted) >= 0.8 * len(planted)
 
 
 def test_scanvi_expression_conditioned_on_label(scanvi_model):
@@ -355,6 +412,7 @@ def test_scanvi_expression_conditioned_on_label(scanvi_model):
 def test_plots_return_figures_and_write_png(tmp_path, de_model, de_atlas):
     pytest.importorskip("matplotlib")
     import matplotlib
+
     matplotlib.use("Agg")
     f = pl.history(de_model, save=tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 1000 and f.axes
@@ -364,11 +422,13 @@ def test_plots_return_figures_and_write_png(tmp_path, de_model, de_atlas):
     f = pl.confusion_matrix(y, yp, save=tmp_path / "c.png")
     np.testing.assert_allclose(f.matrix.sum(1), 1.0)
     assert (tmp_path / "c.png").exists()
-    res = de_model.differential_expression(groupby="cell_type", group1="L0_T0",
-                                           mode="change", n_samples=300)
+    res = de_model.differential_expression(
+        groupby="cell_type", group1="L0_T0", mode="change", n_samples=300
+    )
     f = pl.de_volcano(res, save=tmp_path / "v.png")
     assert (tmp_path / "v.png").exists() and f.axes[0].get_xlabel() == "log2 fold change"
-    two = de_model.differential_expression(groupby="cell_type", group1=["L0_T0", "L0_T1"],
-                                           n_samples=100)
+    two = de_model.differential_expression(
+        groupby="cell_type", group1=["L0_T0", "L0_T1"], n_samples=100
+    )
     with pytest.raises(InputError, match="several comparisons"):
         pl.de_volcano(two)

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 from functools import partial
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special as sp
-
-import jax
-import jax.numpy as jnp
 
 import jaxscanvi
 from jaxscanvi import SCVI
@@ -40,9 +39,16 @@ KL_WEIGHT = 0.37
 # ------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def adata():
-    a = jaxscanvi.synthetic_atlas(n_cells=N_CELLS, n_genes=N_GENES, n_batches=2, n_lineages=1,
-                                  types_per_lineage=2, markers_per_type=3, seed=3,
-                                  library_log_mean=5.0)
+    a = jaxscanvi.synthetic_atlas(
+        n_cells=N_CELLS,
+        n_genes=N_GENES,
+        n_batches=2,
+        n_lineages=1,
+        types_per_lineage=2,
+        markers_per_type=3,
+        seed=3,
+        library_log_mean=5.0,
+    )
     SCVI.setup_anndata(a, layer="counts", batch_key="batch")
     return a
 
@@ -71,8 +77,14 @@ _MODELS = {
     "zinb": dict(dropout_rate=0.0),
     # nb, per-gene-and-batch dispersion, learned library with its KL, covariates in the
     # encoder, two layers with deep injection, dropout that eval mode must switch off
-    "nb": dict(gene_likelihood="nb", dispersion="gene-batch", use_observed_lib_size=False,
-               encode_covariates=True, n_layers=2, dropout_rate=0.2),
+    "nb": dict(
+        gene_likelihood="nb",
+        dispersion="gene-batch",
+        use_observed_lib_size=False,
+        encode_covariates=True,
+        n_layers=2,
+        dropout_rate=0.2,
+    ),
     "poisson": dict(gene_likelihood="poisson"),
 }
 
@@ -108,6 +120,7 @@ def loss_fn(model, *, train: bool, sparse: bool = True):
     def run(*args):
         with jax.disable_jit():
             return fn(*args)
+
     return run
 
 
@@ -134,8 +147,10 @@ def np_fc_layers(p, s, x, cats, *, n_layers, use_bn, inject_all, train, w, new_s
                 mean = (w[:, None] * h).sum(0) / n
                 s2 = (w[:, None] * (h - mean) ** 2).sum(0)
                 var = s2 / n
-                new_stats[f"bn{i}"] = {"mean": 0.99 * st["mean"] + 0.01 * mean,
-                                       "var": 0.99 * st["var"] + 0.01 * s2 / (n - 1)}
+                new_stats[f"bn{i}"] = {
+                    "mean": 0.99 * st["mean"] + 0.01 * mean,
+                    "var": 0.99 * st["var"] + 0.01 * s2 / (n - 1),
+                }
             else:
                 mean, var = st["mean"], st["var"]
             h = (h - mean) / np.sqrt(var + 1e-3) * bn["scale"] + bn["bias"]
@@ -144,9 +159,18 @@ def np_fc_layers(p, s, x, cats, *, n_layers, use_bn, inject_all, train, w, new_s
 
 
 def np_encoder(p, s, x, cats, cfg, *, train, w, new_stats):
-    h = np_fc_layers(p["encoder"], s["encoder"], x, cats, n_layers=cfg["n_layers"],
-                     use_bn=True, inject_all=cfg["deep"], train=train, w=w,
-                     new_stats=new_stats.setdefault("encoder", {}))
+    h = np_fc_layers(
+        p["encoder"],
+        s["encoder"],
+        x,
+        cats,
+        n_layers=cfg["n_layers"],
+        use_bn=True,
+        inject_all=cfg["deep"],
+        train=train,
+        w=w,
+        new_stats=new_stats.setdefault("encoder", {}),
+    )
     m = h @ p["mean"]["kernel"] + p["mean"]["bias"]
     v = np.exp(h @ p["var"]["kernel"] + p["var"]["bias"]) + 1e-4
     return m, v
@@ -154,8 +178,13 @@ def np_encoder(p, s, x, cats, cfg, *, train, w, new_stats):
 
 def ref_log_nb(x, log_mu, log_th):
     mu, th = np.exp(log_mu), np.exp(log_th)
-    return (sp.gammaln(x + th) - sp.gammaln(th) - sp.gammaln(x + 1.0)
-            - th * np.log1p(mu / th) - x * np.log1p(th / mu))
+    return (
+        sp.gammaln(x + th)
+        - sp.gammaln(th)
+        - sp.gammaln(x + 1.0)
+        - th * np.log1p(mu / th)
+        - x * np.log1p(th / mu)
+    )
 
 
 def np_model_loss(model, batch, eps_z, eps_l=None, *, train=False):
@@ -173,8 +202,16 @@ def np_model_loss(model, batch, eps_z, eps_l=None, *, train=False):
     enc_cats = cats if c.encode_covariates else []
     new_stats: dict = {}
     x_in = np.log1p(X)
-    qz_m, qz_v = np_encoder(P["z_encoder"], S["z_encoder"], x_in, enc_cats, cfg, train=train,
-                            w=w, new_stats=new_stats.setdefault("z_encoder", {}))
+    qz_m, qz_v = np_encoder(
+        P["z_encoder"],
+        S["z_encoder"],
+        x_in,
+        enc_cats,
+        cfg,
+        train=train,
+        w=w,
+        new_stats=new_stats.setdefault("z_encoder", {}),
+    )
     z = qz_m + np.sqrt(qz_v) * eps_z[:n]
     out = {"qz_m": qz_m, "qz_v": qz_v, "z": z}
     lib_obs = np.log(X.sum(1))
@@ -182,10 +219,16 @@ def np_model_loss(model, batch, eps_z, eps_l=None, *, train=False):
         library = lib_obs
         kl_l = np.zeros(n)
     else:
-        ql_m, ql_v = np_encoder(P["l_encoder"], S["l_encoder"], x_in, enc_cats,
-                                {"n_layers": 1, "deep": c.deeply_inject_covariates},
-                                train=train, w=w,
-                                new_stats=new_stats.setdefault("l_encoder", {}))
+        ql_m, ql_v = np_encoder(
+            P["l_encoder"],
+            S["l_encoder"],
+            x_in,
+            enc_cats,
+            {"n_layers": 1, "deep": c.deeply_inject_covariates},
+            train=train,
+            w=w,
+            new_stats=new_stats.setdefault("l_encoder", {}),
+        )
         ql_m, ql_v = ql_m[:, 0], ql_v[:, 0]
         library = ql_m + np.sqrt(ql_v) * eps_l[:n]
         # scvi-tools' prior: per-batch mean and (biased) variance of log library size
@@ -196,10 +239,18 @@ def np_model_loss(model, batch, eps_z, eps_l=None, *, train=False):
         out.update(ql_m=ql_m, ql_v=ql_v, prior_mean=pm, prior_var=pv)
     out["library"] = library
     D = P["decoder"]
-    h = np_fc_layers(D["px_decoder"], S["decoder"]["px_decoder"], z, cats,
-                     n_layers=c.n_layers, use_bn=True, inject_all=c.deeply_inject_covariates,
-                     train=train, w=w,
-                     new_stats=new_stats.setdefault("decoder", {}).setdefault("px_decoder", {}))
+    h = np_fc_layers(
+        D["px_decoder"],
+        S["decoder"]["px_decoder"],
+        z,
+        cats,
+        n_layers=c.n_layers,
+        use_bn=True,
+        inject_all=c.deeply_inject_covariates,
+        train=train,
+        w=w,
+        new_stats=new_stats.setdefault("decoder", {}).setdefault("px_decoder", {}),
+    )
     logits = h @ D["px_scale_decoder"]["kernel"] + D["px_scale_decoder"]["bias"]
     scale = np.exp(logits - logits.max(1, keepdims=True))
     scale /= scale.sum(1, keepdims=True)  # softmax
@@ -216,13 +267,16 @@ def np_model_loss(model, batch, eps_z, eps_l=None, *, train=False):
             ll = nb.sum(1)
         else:
             pi = h @ D["px_dropout_decoder"]["kernel"] + D["px_dropout_decoder"]["bias"]
-            zinb = np.where(X > 0, sp.log_expit(-pi) + nb,
-                            np.logaddexp(sp.log_expit(pi), sp.log_expit(-pi) + nb))
+            zinb = np.where(
+                X > 0,
+                sp.log_expit(-pi) + nb,
+                np.logaddexp(sp.log_expit(pi), sp.log_expit(-pi) + nb),
+            )
             ll = zinb.sum(1)
             out["zi_logits"] = pi
     out["log_mu"] = log_mu
     out["reconstruction_loss"] = -ll
-    out["kl_z"] = 0.5 * (qz_v + qz_m ** 2 - 1.0 - np.log(qz_v)).sum(1)
+    out["kl_z"] = 0.5 * (qz_v + qz_m**2 - 1.0 - np.log(qz_v)).sum(1)
     out["kl_l"] = kl_l
     out["new_stats"] = new_stats
     return out
@@ -243,18 +297,20 @@ def check_against_numpy(model, batch, loss, aux, ref, n, *, kl_weight, rtol=2e-5
     o = aux.outputs
     np.testing.assert_allclose(np.asarray(o["qz_m"])[:n], ref["qz_m"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(o["qz_v"])[:n], ref["qz_v"], rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(o["library"])[:n], ref["library"], rtol=1e-5,
-                               atol=1e-5)
-    np.testing.assert_allclose(np.asarray(o["log_mu"])[:n], ref["log_mu"], rtol=1e-5,
-                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(o["library"])[:n], ref["library"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(o["log_mu"])[:n], ref["log_mu"], rtol=1e-5, atol=1e-4)
     if "zi_logits" in ref:
-        np.testing.assert_allclose(np.asarray(o["zi_logits"])[:n], ref["zi_logits"],
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(o["zi_logits"])[:n], ref["zi_logits"], rtol=1e-4, atol=1e-4
+        )
     rec, klz, kll = ref["reconstruction_loss"], ref["kl_z"], ref["kl_l"]
     t = {k: float(v) for k, v in aux.terms.items()}
     expect = {
-        "reconstruction_loss": rec.mean(), "kl_z": klz.mean(), "kl_l": kll.mean(),
-        "kl_local": (klz + kll).mean(), "elbo": (rec + klz + kll).mean(),
+        "reconstruction_loss": rec.mean(),
+        "kl_z": klz.mean(),
+        "kl_l": kll.mean(),
+        "kl_local": (klz + kll).mean(),
+        "elbo": (rec + klz + kll).mean(),
         # scvi-tools: the warm-up weight multiplies KL(z) only, not KL(l)
         "loss": (rec + kl_weight * klz + kll).mean(),
     }
@@ -270,10 +326,10 @@ def test_library_and_counts_in_the_batch(adata, models):
     b = model_batch(model)
     X = adata.layers["counts"].toarray().astype(np.float64)
     np.testing.assert_array_equal(np.asarray(b.x)[:N_CELLS], X)
-    np.testing.assert_allclose(np.asarray(b.log_library)[:N_CELLS], np.log(X.sum(1)),
-                               rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(b.lgamma_const)[:N_CELLS],
-                               sp.gammaln(X + 1).sum(1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(b.log_library)[:N_CELLS], np.log(X.sum(1)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(b.lgamma_const)[:N_CELLS], sp.gammaln(X + 1).sum(1), rtol=1e-6
+    )
     codes = adata.obs["batch"].cat.codes.to_numpy()
     np.testing.assert_array_equal(np.asarray(b.batch)[:N_CELLS], codes)
 
@@ -288,16 +344,17 @@ def test_eval_loss_equals_numpy(adata, models, name):
     ref = np_model_loss(model, batch, eps_z, eps_l)
     check_against_numpy(model, batch, loss, aux, ref, N_CELLS, kl_weight=KL_WEIGHT)
     # eval mode leaves the running statistics alone
-    for a, b in zip(jax.tree_util.tree_leaves(aux.state), jax.tree_util.tree_leaves(
-            model.state)):
+    for a, b in zip(jax.tree_util.tree_leaves(aux.state), jax.tree_util.tree_leaves(model.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # the library prior the model holds is the per-batch mean/variance of log library
     if name == "nb":
         const = model.state["constants"]
-        np.testing.assert_allclose(np.asarray(const["library_log_means"]),
-                                   ref["prior_mean"], rtol=1e-6)
-        np.testing.assert_allclose(np.asarray(const["library_log_vars"]),
-                                   ref["prior_var"], rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(const["library_log_means"]), ref["prior_mean"], rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            np.asarray(const["library_log_vars"]), ref["prior_var"], rtol=1e-5
+        )
         assert aux.terms["kl_l"] > 0
     else:
         assert float(aux.terms["kl_l"]) == 0.0
@@ -327,7 +384,8 @@ def test_padding_cells_do_not_enter_the_loss(adata, models):
     pad = np.arange(N_CELLS, B_PAD)
     garbage = batch._replace(
         log_library=np.asarray(batch.log_library).copy(),
-        lgamma_const=np.asarray(batch.lgamma_const).copy())
+        lgamma_const=np.asarray(batch.lgamma_const).copy(),
+    )
     garbage.log_library[pad] = 30.0
     garbage.lgamma_const[pad] = -1e6
     loss_g, aux_g = f(model.params, model.state, garbage, jax.random.PRNGKey(5), KL_WEIGHT)
@@ -342,19 +400,23 @@ def test_train_mode_batch_norm_statistics_equal_numpy(adata, models):
     with momentum 0.01 and the unbiased variance."""
     model = get_model(models, adata, "zinb")
     batch = model_batch(model)
-    loss, aux = loss_fn(model, train=True)(model.params, model.state, batch,
-                                           jax.random.PRNGKey(11), KL_WEIGHT)
+    loss, aux = loss_fn(model, train=True)(
+        model.params, model.state, batch, jax.random.PRNGKey(11), KL_WEIGHT
+    )
     eps_z, _ = recovered_noise(aux.outputs, N_CELLS)
     ref = np_model_loss(model, batch, eps_z, train=True)
     check_against_numpy(model, batch, loss, aux, ref, N_CELLS, kl_weight=KL_WEIGHT, rtol=5e-5)
     new = _np(aux.state["batch_stats"])
-    for path, value in [(("z_encoder", "encoder"), ref["new_stats"]["z_encoder"]["encoder"]),
-                        (("decoder", "px_decoder"), ref["new_stats"]["decoder"]["px_decoder"])]:
+    for path, value in [
+        (("z_encoder", "encoder"), ref["new_stats"]["z_encoder"]["encoder"]),
+        (("decoder", "px_decoder"), ref["new_stats"]["decoder"]["px_decoder"]),
+    ]:
         ours = new[path[0]][path[1]]
         for bn, stats in value.items():
             for k in ("mean", "var"):
-                np.testing.assert_allclose(ours[bn][k], stats[k], rtol=1e-4, atol=1e-5,
-                                           err_msg=f"{path}/{bn}/{k}")
+                np.testing.assert_allclose(
+                    ours[bn][k], stats[k], rtol=1e-4, atol=1e-5, err_msg=f"{path}/{bn}/{k}"
+                )
     # and the running statistics did move
     old = _np(model.state["batch_stats"])["z_encoder"]["encoder"]["bn0"]["mean"]
     assert not np.allclose(old, new["z_encoder"]["encoder"]["bn0"]["mean"])
@@ -370,7 +432,7 @@ def test_get_elbo_and_reconstruction_error_agree_with_the_loss(adata, models):
     elbo = model.get_elbo(batch_size=B_PAD)
     rec = model.get_reconstruction_error(batch_size=B_PAD)["reconstruction_loss"]
     key = jax.random.fold_in(jax.random.PRNGKey(0), 0)
-    loss, aux = loss_fn(model, train=False)(model.params, model.state, batch, key, 1.0)
+    _loss, aux = loss_fn(model, train=False)(model.params, model.state, batch, key, 1.0)
     assert elbo == pytest.approx(-float(aux.terms["elbo"]), rel=1e-5, abs=1e-4)
     assert rec == pytest.approx(float(aux.terms["reconstruction_loss"]), rel=1e-5, abs=1e-4)
     eps_z, _ = recovered_noise(aux.outputs, N_CELLS)

@@ -16,9 +16,15 @@ import pandas as pd
 import pytest
 
 import jaxscanvi.model._base as base
+from jaxscanvi import (
+    SCANVI,
+    SCVI,
+    InputError,
+    ModelFormatError,
+    NonFiniteLossError,
+    synthetic_atlas,
+)
 from jaxscanvi.compile_cache import functions as compiled_functions
-from jaxscanvi import SCANVI, SCVI, InputError, ModelFormatError, NonFiniteLossError, \
-    synthetic_atlas
 
 ARCH = dict(n_hidden=16, n_latent=4)
 
@@ -32,6 +38,7 @@ def no_compute(monkeypatch):
     def tripwire(what):
         def f(*a, **k):
             raise CompiledTooEarly(f"{what} ran before the input was validated")
+
         return f
 
     monkeypatch.setattr(base, "init_variables", tripwire("init_variables (jit of init)"))
@@ -40,8 +47,15 @@ def no_compute(monkeypatch):
 
 
 def tiny_atlas() -> ad.AnnData:
-    a = synthetic_atlas(n_cells=120, n_genes=40, n_batches=2, n_lineages=1,
-                        types_per_lineage=2, seed=0, markers_per_type=5)
+    a = synthetic_atlas(
+        n_cells=120,
+        n_genes=40,
+        n_batches=2,
+        n_lineages=1,
+        types_per_lineage=2,
+        seed=0,
+        markers_per_type=5,
+    )
     rng = np.random.default_rng(0)
     a.obs["donor"] = pd.Categorical(rng.choice(["d1", "d2"], a.n_obs))
     a.obs["pct"] = rng.uniform(0, 0.2, a.n_obs)
@@ -98,6 +112,7 @@ def _set_value(v, layer=None):
         else:
             a.layers[layer] = X
         return a
+
     return f
 
 
@@ -119,6 +134,7 @@ def _obs(col, values):
     def f(a):
         a.obs[col] = values(a)
         return a
+
     return f
 
 
@@ -146,67 +162,148 @@ SETUP_CASES = [
     ("negative_counts", _set_value(-2.0), {}, "adata.X", r"-2\.0"),
     ("nan_counts", _set_value(np.nan), {}, "adata.X", r"nan"),
     ("inf_counts", _set_value(np.inf), {}, "adata.X", r"inf"),
-    ("non_integer_counts_in_layer", _set_value(1.25, "counts"), {"layer": "counts"},
-     "adata.layers['counts']", r"1\.25"),
-    ("negative_counts_in_layer", _set_value(-1.0, "counts"), {"layer": "counts"},
-     "adata.layers['counts']", r"-1\.0"),
+    (
+        "non_integer_counts_in_layer",
+        _set_value(1.25, "counts"),
+        {"layer": "counts"},
+        "adata.layers['counts']",
+        r"1\.25",
+    ),
+    (
+        "negative_counts_in_layer",
+        _set_value(-1.0, "counts"),
+        {"layer": "counts"},
+        "adata.layers['counts']",
+        r"-1\.0",
+    ),
     ("zero_cells", lambda a: a[:0].copy(), {}, "adata.n_obs", r"0"),
     ("zero_genes", lambda a: a[:, :0].copy(), {}, "adata.n_vars", r"0"),
     ("missing_layer", lambda a: a, {"layer": "raw_counts"}, "layer", r"raw_counts"),
     ("missing_batch_key", lambda a: a, {"batch_key": "batchh"}, "batch_key", r"batchh"),
-    ("batch_key_case_hint", lambda a: a, {"batch_key": "Batch"}, "batch_key",
-     r"did you mean 'batch'"),
-    ("missing_labels_key", lambda a: a, {"labels_key": "celltype"}, "labels_key",
-     r"celltype"),
-    ("missing_size_factor_key", lambda a: a, {"size_factor_key": "size"},
-     "size_factor_key", r"size"),
-    ("missing_categorical_covariate", lambda a: a,
-     {"categorical_covariate_keys": ["donor", "sex"]}, "categorical_covariate_keys",
-     r"sex"),
-    ("missing_continuous_covariate", lambda a: a,
-     {"continuous_covariate_keys": ["percent_mito"]}, "continuous_covariate_keys",
-     r"percent_mito"),
-    ("nan_in_batch", _obs("batch", lambda a: a.obs["batch"].where(
-        np.arange(a.n_obs) != 2)), {"batch_key": "batch"}, "adata.obs['batch']",
-     r"NaN.*cell2"),
-    ("nan_in_categorical_covariate", _obs("donor", _nan_categorical),
-     {"categorical_covariate_keys": ["donor"]}, "adata.obs['donor']", r"NaN.*cell4"),
-    ("nan_in_labels", _obs("cell_type", lambda a: a.obs["cell_type"].where(
-        np.arange(a.n_obs) != 0)), {"labels_key": "cell_type"}, "adata.obs['cell_type']",
-     r"NaN"),
-    ("nan_in_continuous_covariate", _obs("pct", _nan_float),
-     {"continuous_covariate_keys": ["pct"]}, "adata.obs['pct']", r"NaN"),
-    ("inf_in_continuous_covariate", _obs("pct", _inf_float),
-     {"continuous_covariate_keys": ["pct"]}, "adata.obs['pct']", r"inf"),
-    ("string_continuous_covariate", _obs("pct", lambda a: a.obs["pct"].map(
-        lambda v: f"{v:.2f}")), {"continuous_covariate_keys": ["pct"]}, "adata.obs['pct']",
-     r"object|str"),
-    ("categorical_continuous_covariate", _obs("pct", lambda a: a.obs["donor"]),
-     {"continuous_covariate_keys": ["pct"]}, "adata.obs['pct']", r"category"),
-    ("bool_continuous_covariate", _obs("pct", lambda a: a.obs["pct"] > 0.1),
-     {"continuous_covariate_keys": ["pct"]}, "adata.obs['pct']", r"bool"),
-    ("nonpositive_size_factor", _obs("sf", lambda a: a.obs["sf"].where(
-        np.arange(a.n_obs) != 1, 0.0)), {"size_factor_key": "sf"}, "adata.obs['sf']",
-     r"non-positive"),
-    ("nan_size_factor", _obs("sf", lambda a: a.obs["sf"].where(
-        np.arange(a.n_obs) != 1)), {"size_factor_key": "sf"}, "adata.obs['sf']", r"NaN"),
+    (
+        "batch_key_case_hint",
+        lambda a: a,
+        {"batch_key": "Batch"},
+        "batch_key",
+        r"did you mean 'batch'",
+    ),
+    ("missing_labels_key", lambda a: a, {"labels_key": "celltype"}, "labels_key", r"celltype"),
+    (
+        "missing_size_factor_key",
+        lambda a: a,
+        {"size_factor_key": "size"},
+        "size_factor_key",
+        r"size",
+    ),
+    (
+        "missing_categorical_covariate",
+        lambda a: a,
+        {"categorical_covariate_keys": ["donor", "sex"]},
+        "categorical_covariate_keys",
+        r"sex",
+    ),
+    (
+        "missing_continuous_covariate",
+        lambda a: a,
+        {"continuous_covariate_keys": ["percent_mito"]},
+        "continuous_covariate_keys",
+        r"percent_mito",
+    ),
+    (
+        "nan_in_batch",
+        _obs("batch", lambda a: a.obs["batch"].where(np.arange(a.n_obs) != 2)),
+        {"batch_key": "batch"},
+        "adata.obs['batch']",
+        r"NaN.*cell2",
+    ),
+    (
+        "nan_in_categorical_covariate",
+        _obs("donor", _nan_categorical),
+        {"categorical_covariate_keys": ["donor"]},
+        "adata.obs['donor']",
+        r"NaN.*cell4",
+    ),
+    (
+        "nan_in_labels",
+        _obs("cell_type", lambda a: a.obs["cell_type"].where(np.arange(a.n_obs) != 0)),
+        {"labels_key": "cell_type"},
+        "adata.obs['cell_type']",
+        r"NaN",
+    ),
+    (
+        "nan_in_continuous_covariate",
+        _obs("pct", _nan_float),
+        {"continuous_covariate_keys": ["pct"]},
+        "adata.obs['pct']",
+        r"NaN",
+    ),
+    (
+        "inf_in_continuous_covariate",
+        _obs("pct", _inf_float),
+        {"continuous_covariate_keys": ["pct"]},
+        "adata.obs['pct']",
+        r"inf",
+    ),
+    (
+        "string_continuous_covariate",
+        _obs("pct", lambda a: a.obs["pct"].map(lambda v: f"{v:.2f}")),
+        {"continuous_covariate_keys": ["pct"]},
+        "adata.obs['pct']",
+        r"object|str",
+    ),
+    (
+        "categorical_continuous_covariate",
+        _obs("pct", lambda a: a.obs["donor"]),
+        {"continuous_covariate_keys": ["pct"]},
+        "adata.obs['pct']",
+        r"category",
+    ),
+    (
+        "bool_continuous_covariate",
+        _obs("pct", lambda a: a.obs["pct"] > 0.1),
+        {"continuous_covariate_keys": ["pct"]},
+        "adata.obs['pct']",
+        r"bool",
+    ),
+    (
+        "nonpositive_size_factor",
+        _obs("sf", lambda a: a.obs["sf"].where(np.arange(a.n_obs) != 1, 0.0)),
+        {"size_factor_key": "sf"},
+        "adata.obs['sf']",
+        r"non-positive",
+    ),
+    (
+        "nan_size_factor",
+        _obs("sf", lambda a: a.obs["sf"].where(np.arange(a.n_obs) != 1)),
+        {"size_factor_key": "sf"},
+        "adata.obs['sf']",
+        r"NaN",
+    ),
     ("duplicate_var_names", _dup_genes, {}, "adata.var_names", r"gene2"),
     ("cell_with_zero_counts", _zero_cell, {}, "adata.X", r"cell7.*row 7"),
-    ("unlabeled_category_without_labels_key", lambda a: a,
-     {"unlabeled_category": "Unknown"}, "labels_key", r"None"),
+    (
+        "unlabeled_category_without_labels_key",
+        lambda a: a,
+        {"unlabeled_category": "Unknown"},
+        "labels_key",
+        r"None",
+    ),
 ]
 
 
-@pytest.mark.parametrize("mutate,kwargs,field,value",
-                         [c[1:] for c in SETUP_CASES], ids=[c[0] for c in SETUP_CASES])
+@pytest.mark.parametrize(
+    "mutate,kwargs,field,value", [c[1:] for c in SETUP_CASES], ids=[c[0] for c in SETUP_CASES]
+)
 def test_setup_anndata_rejects(adata, mutate, kwargs, field, value, no_compute):
     import warnings
+
     a = mutate(adata)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. anndata's duplicate-name warning
         with pytest.raises(InputError) as e:
             if "unlabeled_category" in kwargs:
                 from jaxscanvi.data.registry import setup_anndata
+
                 setup_anndata(a, **kwargs)
             else:
                 SCVI.setup_anndata(a, **kwargs)
@@ -265,14 +362,19 @@ CONSTRUCT_CASES = [
     ("dropout_one", {"dropout_rate": 1.0}, "dropout_rate", r"1\.0"),
     ("dispersion_unknown", {"dispersion": "per-cell"}, "dispersion", r"per-cell"),
     ("likelihood_unknown", {"gene_likelihood": "normal"}, "gene_likelihood", r"normal"),
-    ("latent_distribution_unknown", {"latent_distribution": "lognormal"},
-     "latent_distribution", r"lognormal"),
+    (
+        "latent_distribution_unknown",
+        {"latent_distribution": "lognormal"},
+        "latent_distribution",
+        r"lognormal",
+    ),
     ("batch_norm_unknown", {"use_batch_norm": "all"}, "use_batch_norm", r"all"),
 ]
 
 
-@pytest.mark.parametrize("kwargs,field,value", [c[1:] for c in CONSTRUCT_CASES],
-                         ids=[c[0] for c in CONSTRUCT_CASES])
+@pytest.mark.parametrize(
+    "kwargs,field,value", [c[1:] for c in CONSTRUCT_CASES], ids=[c[0] for c in CONSTRUCT_CASES]
+)
 def test_model_construction_rejects(adata, kwargs, field, value, no_compute):
     SCVI.setup_anndata(adata, batch_key="batch")
     with pytest.raises(InputError) as e:
@@ -305,45 +407,114 @@ def _semi(a, n_unlabelled=40, classes=None):
 
 _TREE = {"L0_T0": "L0", "L0_T1": "L0", "L0": "cell"}
 SCANVI_SETUP_CASES = [
-    ("unlabeled_category_absent", lambda a: _semi(a),
-     {"labels_key": "ct", "unlabeled_category": "unlabelled"}, "unlabeled_category",
-     r"unlabelled.*not among the labels.*'Unknown'"),
-    ("no_labelled_cells", lambda a: _semi(a, n_unlabelled=a.n_obs),
-     {"labels_key": "ct", "unlabeled_category": "Unknown"}, "labels_key",
-     r"no cell has a label"),
-    ("labels_key_missing", lambda a: _semi(a),
-     {"labels_key": "celltypes", "unlabeled_category": "Unknown"}, "labels_key",
-     r"celltypes"),
-    ("labels_key_none", lambda a: _semi(a),
-     {"labels_key": None, "unlabeled_category": "Unknown"}, "labels_key", r"None"),
-    ("unlabeled_category_none", lambda a: _semi(a),
-     {"labels_key": "ct", "unlabeled_category": None}, "unlabeled_category", r"None"),
-    ("nan_labels", lambda a: _obs("ct", lambda a: pd.Series(
-        np.where(np.arange(a.n_obs) == 3, None, a.obs["cell_type"].astype(str)),
-        index=a.obs_names))(a), {"labels_key": "ct", "unlabeled_category": "L0_T0"},
-     "adata.obs['ct']", r"NaN"),
+    (
+        "unlabeled_category_absent",
+        lambda a: _semi(a),
+        {"labels_key": "ct", "unlabeled_category": "unlabelled"},
+        "unlabeled_category",
+        r"unlabelled.*not among the labels.*'Unknown'",
+    ),
+    (
+        "no_labelled_cells",
+        lambda a: _semi(a, n_unlabelled=a.n_obs),
+        {"labels_key": "ct", "unlabeled_category": "Unknown"},
+        "labels_key",
+        r"no cell has a label",
+    ),
+    (
+        "labels_key_missing",
+        lambda a: _semi(a),
+        {"labels_key": "celltypes", "unlabeled_category": "Unknown"},
+        "labels_key",
+        r"celltypes",
+    ),
+    (
+        "labels_key_none",
+        lambda a: _semi(a),
+        {"labels_key": None, "unlabeled_category": "Unknown"},
+        "labels_key",
+        r"None",
+    ),
+    (
+        "unlabeled_category_none",
+        lambda a: _semi(a),
+        {"labels_key": "ct", "unlabeled_category": None},
+        "unlabeled_category",
+        r"None",
+    ),
+    (
+        "nan_labels",
+        lambda a: _obs(
+            "ct",
+            lambda a: pd.Series(
+                np.where(np.arange(a.n_obs) == 3, None, a.obs["cell_type"].astype(str)),
+                index=a.obs_names,
+            ),
+        )(a),
+        {"labels_key": "ct", "unlabeled_category": "L0_T0"},
+        "adata.obs['ct']",
+        r"NaN",
+    ),
     # label hierarchies (labelled here: L0_T0, L0_T1)
-    ("label_hierarchy_cycle", lambda a: _semi(a),
-     {"labels_key": "ct", "unlabeled_category": "Unknown", "label_hierarchy": {
-         **_TREE, "cell": "L0_T0"}}, "label_hierarchy", r"cycle"),
-    ("label_hierarchy_two_roots", lambda a: _semi(a),
-     {"labels_key": "ct", "unlabeled_category": "Unknown", "label_hierarchy": {
-         "L0_T0": "L0", "L0_T1": "L1"}}, "label_hierarchy", r"2 roots"),
-    ("label_missing_from_hierarchy", lambda a: _semi(a),
-     {"labels_key": "ct", "unlabeled_category": "Unknown", "label_hierarchy": {
-         "L0_T0": "L0", "L0": "cell"}}, "label_hierarchy", r"L0_T1.*missing from the map"),
-    ("hierarchy_leaf_without_cells", lambda a: _semi(a),
-     {"labels_key": "ct", "unlabeled_category": "Unknown", "label_hierarchy": {
-         **_TREE, "L0_T2": "L0"}}, "label_hierarchy", r"L0_T2.*no cell"),
-    ("label_hierarchy_not_a_mapping", lambda a: _semi(a),
-     {"labels_key": "ct", "unlabeled_category": "Unknown",
-      "label_hierarchy": ["L0_T0", "L0"]}, "label_hierarchy", r"list"),
+    (
+        "label_hierarchy_cycle",
+        lambda a: _semi(a),
+        {
+            "labels_key": "ct",
+            "unlabeled_category": "Unknown",
+            "label_hierarchy": {**_TREE, "cell": "L0_T0"},
+        },
+        "label_hierarchy",
+        r"cycle",
+    ),
+    (
+        "label_hierarchy_two_roots",
+        lambda a: _semi(a),
+        {
+            "labels_key": "ct",
+            "unlabeled_category": "Unknown",
+            "label_hierarchy": {"L0_T0": "L0", "L0_T1": "L1"},
+        },
+        "label_hierarchy",
+        r"2 roots",
+    ),
+    (
+        "label_missing_from_hierarchy",
+        lambda a: _semi(a),
+        {
+            "labels_key": "ct",
+            "unlabeled_category": "Unknown",
+            "label_hierarchy": {"L0_T0": "L0", "L0": "cell"},
+        },
+        "label_hierarchy",
+        r"L0_T1.*missing from the map",
+    ),
+    (
+        "hierarchy_leaf_without_cells",
+        lambda a: _semi(a),
+        {
+            "labels_key": "ct",
+            "unlabeled_category": "Unknown",
+            "label_hierarchy": {**_TREE, "L0_T2": "L0"},
+        },
+        "label_hierarchy",
+        r"L0_T2.*no cell",
+    ),
+    (
+        "label_hierarchy_not_a_mapping",
+        lambda a: _semi(a),
+        {"labels_key": "ct", "unlabeled_category": "Unknown", "label_hierarchy": ["L0_T0", "L0"]},
+        "label_hierarchy",
+        r"list",
+    ),
 ]
 
 
-@pytest.mark.parametrize("mutate,kwargs,field,value",
-                         [c[1:] for c in SCANVI_SETUP_CASES],
-                         ids=[c[0] for c in SCANVI_SETUP_CASES])
+@pytest.mark.parametrize(
+    "mutate,kwargs,field,value",
+    [c[1:] for c in SCANVI_SETUP_CASES],
+    ids=[c[0] for c in SCANVI_SETUP_CASES],
+)
 def test_scanvi_setup_rejects(adata, mutate, kwargs, field, value, no_compute):
     a = mutate(adata)
     with pytest.raises(InputError) as e:
@@ -370,11 +541,15 @@ def test_scanvi_on_scvi_setup_refused(adata, no_compute):
     assert_clear(e.value, "adata", "unlabeled_category")
 
 
-@pytest.mark.parametrize("kwargs,field,value", [
-    ({"y_prior": [0.5, 0.3, 0.2]}, "y_prior", r"0\.5"),
-    ({"y_prior": [1.0, 0.0]}, "y_prior", r"0\.0"),
-    ({"class_chunk_size": 0}, "class_chunk_size", r"0"),
-], ids=["y_prior_wrong_length", "y_prior_zero", "class_chunk_size_zero"])
+@pytest.mark.parametrize(
+    "kwargs,field,value",
+    [
+        ({"y_prior": [0.5, 0.3, 0.2]}, "y_prior", r"0\.5"),
+        ({"y_prior": [1.0, 0.0]}, "y_prior", r"0\.0"),
+        ({"class_chunk_size": 0}, "class_chunk_size", r"0"),
+    ],
+    ids=["y_prior_wrong_length", "y_prior_zero", "class_chunk_size_zero"],
+)
 def test_scanvi_construction_rejects(adata, kwargs, field, value, no_compute):
     a = _semi(adata)
     SCANVI.setup_anndata(a, labels_key="ct", unlabeled_category="Unknown")
@@ -404,8 +579,7 @@ def test_scanvi_query_with_unseen_label_categories(scanvi_model, no_compute):
     ct = q.obs["ct"].to_numpy().copy()
     ct[50:55] = "NewType"
     q.obs["ct"] = ct
-    for call in (lambda: model.get_latent_representation(adata=q),
-                 lambda: model.predict(adata=q)):
+    for call in (lambda: model.get_latent_representation(adata=q), lambda: model.predict(adata=q)):
         with pytest.raises(InputError) as e:
             call()
         assert_clear(e.value, "adata.obs['ct']", r"NewType")
@@ -414,6 +588,7 @@ def test_scanvi_query_with_unseen_label_categories(scanvi_model, no_compute):
 
 def test_scanvi_query_without_label_column_is_all_unlabelled(scanvi_model):
     from jaxscanvi.data.cells import cell_data
+
     a, model = scanvi_model
     q = a.copy()
     del q.obs["ct"]
@@ -432,16 +607,23 @@ def test_scanvi_query_with_unseen_batch(scanvi_model, no_compute):
 
 SCANVI_TRAIN_CASES = [
     ("n_samples_per_label_zero", {"n_samples_per_label": 0}, "n_samples_per_label", "0"),
-    ("unknown_objective", {"plan_kwargs": {"objective": "supervised"}},
-     "plan_kwargs['objective']", "supervised"),
+    (
+        "unknown_objective",
+        {"plan_kwargs": {"objective": "supervised"}},
+        "plan_kwargs['objective']",
+        "supervised",
+    ),
     ("max_epochs_zero", {"max_epochs": 0}, "max_epochs", "0"),
     ("batch_size_zero", {"batch_size": 0}, "batch_size", "0"),
     ("train_size_zero", {"train_size": 0.0}, "train_size", r"0\.0"),
 ]
 
 
-@pytest.mark.parametrize("kwargs,field,value", [c[1:] for c in SCANVI_TRAIN_CASES],
-                         ids=[c[0] for c in SCANVI_TRAIN_CASES])
+@pytest.mark.parametrize(
+    "kwargs,field,value",
+    [c[1:] for c in SCANVI_TRAIN_CASES],
+    ids=[c[0] for c in SCANVI_TRAIN_CASES],
+)
 def test_scanvi_train_rejects(scanvi_model, kwargs, field, value, no_compute):
     _, model = scanvi_model
     kw = {"max_epochs": 1, "progress_bar": False, **kwargs}
@@ -471,40 +653,56 @@ TRAIN_CASES = [
     ("train_size_above_one", {"train_size": 1.5}, "train_size", r"1\.5"),
     ("train_size_string", {"train_size": "0.9"}, "train_size", r"0\.9"),
     ("validation_size_one", {"validation_size": 1.0}, "validation_size", r"1\.0"),
-    ("validation_size_negative", {"validation_size": -0.2}, "validation_size",
-     r"-0\.2"),
-    ("train_plus_validation_above_one", {"train_size": 0.8, "validation_size": 0.3},
-     "validation_size", r"0\.3"),
-    ("unknown_plan_kwarg", {"plan_kwargs": {"learning_rate": 1e-3}}, "plan_kwargs",
-     r"learning_rate"),
+    ("validation_size_negative", {"validation_size": -0.2}, "validation_size", r"-0\.2"),
+    (
+        "train_plus_validation_above_one",
+        {"train_size": 0.8, "validation_size": 0.3},
+        "validation_size",
+        r"0\.3",
+    ),
+    (
+        "unknown_plan_kwarg",
+        {"plan_kwargs": {"learning_rate": 1e-3}},
+        "plan_kwargs",
+        r"learning_rate",
+    ),
     ("lr_zero", {"plan_kwargs": {"lr": 0.0}}, "plan_kwargs['lr']", r"0\.0"),
     ("lr_negative", {"plan_kwargs": {"lr": -1e-3}}, "plan_kwargs['lr']", r"-0\.001"),
     ("lr_string", {"plan_kwargs": {"lr": "1e-3"}}, "plan_kwargs['lr']", r"1e-3"),
     ("on_nonfinite_unknown", {"on_nonfinite": "ignore"}, "on_nonfinite", r"ignore"),
-    ("loss_weights_unknown_term", {"loss_terms": {"l2": lambda o, b, p: 0.0},
-                                   "loss_weights": {"l1": 2.0}}, "loss_weights", r"l1"),
-    ("loss_term_not_a_function", {"loss_terms": {"l2": 3.0}}, "loss_terms['l2']",
-     r"float"),
+    (
+        "loss_weights_unknown_term",
+        {"loss_terms": {"l2": lambda o, b, p: 0.0}, "loss_weights": {"l1": 2.0}},
+        "loss_weights",
+        r"l1",
+    ),
+    ("loss_term_not_a_function", {"loss_terms": {"l2": 3.0}}, "loss_terms['l2']", r"float"),
     ("loss_terms_not_a_dict", {"loss_terms": [len]}, "loss_terms", r"list"),
-    ("loss_weight_not_a_number", {"loss_terms": {"l2": lambda o, b, p: 0.0},
-                                  "loss_weights": {"l2": "high"}}, "loss_weights['l2']",
-     r"high"),
-    ("loss_weights_without_loss_terms", {"loss_weights": {"l2": 1.0}}, "loss_weights",
-     r"l2"),
+    (
+        "loss_weight_not_a_number",
+        {"loss_terms": {"l2": lambda o, b, p: 0.0}, "loss_weights": {"l2": "high"}},
+        "loss_weights['l2']",
+        r"high",
+    ),
+    ("loss_weights_without_loss_terms", {"loss_weights": {"l2": 1.0}}, "loss_weights", r"l2"),
     ("resume_without_checkpoint_dir", {"resume": True}, "resume", r"True"),
     ("data_source_unknown", {"data_source": "gpu"}, "data_source", r"gpu"),
-    ("data_source_stream_for_data_in_memory", {"data_source": "stream"}, "data_source",
-     r"stream"),
+    ("data_source_stream_for_data_in_memory", {"data_source": "stream"}, "data_source", r"stream"),
     ("devices_more_than_there_are", {"devices": 64}, "devices", r"64"),
     ("devices_unknown", {"devices": "gpus"}, "devices", r"gpus"),
     ("data_shards_zero", {"data_shards": 0}, "data_shards", r"0"),
-    ("batch_size_not_split_by_data_shards", {"batch_size": 127, "data_shards": 2},
-     "batch_size", r"127"),
+    (
+        "batch_size_not_split_by_data_shards",
+        {"batch_size": 127, "data_shards": 2},
+        "batch_size",
+        r"127",
+    ),
 ]
 
 
-@pytest.mark.parametrize("kwargs,field,value", [c[1:] for c in TRAIN_CASES],
-                         ids=[c[0] for c in TRAIN_CASES])
+@pytest.mark.parametrize(
+    "kwargs,field,value", [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES]
+)
 def test_train_rejects(scvi_model, kwargs, field, value, no_compute):
     kw = {"max_epochs": 1, "progress_bar": False, **kwargs}
     params_before = scvi_model.params
@@ -515,28 +713,40 @@ def test_train_rejects(scvi_model, kwargs, field, value, no_compute):
 
 
 INFERENCE_CASES = [
-    ("indices_out_of_range", lambda m: m.get_latent_representation(indices=[0, 500]),
-     "indices", r"500"),
-    ("negative_index", lambda m: m.get_latent_representation(indices=[-1]), "indices",
-     r"-1"),
-    ("batch_size_zero", lambda m: m.get_latent_representation(batch_size=0),
-     "batch_size", r"0"),
-    ("unknown_transform_batch",
-     lambda m: m.get_normalized_expression(transform_batch="batch9"), "transform_batch",
-     r"batch9"),
-    ("unknown_gene_list", lambda m: m.get_normalized_expression(gene_list=["nope"]),
-     "gene_list", r"nope"),
-    ("bad_library_size", lambda m: m.get_normalized_expression(library_size=-1),
-     "library_size", r"-1"),
-    ("n_samples_zero", lambda m: m.get_normalized_expression(n_samples=0), "n_samples",
-     r"0"),
-    ("n_mc_samples_zero", lambda m: m.get_marginal_ll(n_mc_samples=0), "n_mc_samples",
-     r"0"),
+    (
+        "indices_out_of_range",
+        lambda m: m.get_latent_representation(indices=[0, 500]),
+        "indices",
+        r"500",
+    ),
+    ("negative_index", lambda m: m.get_latent_representation(indices=[-1]), "indices", r"-1"),
+    ("batch_size_zero", lambda m: m.get_latent_representation(batch_size=0), "batch_size", r"0"),
+    (
+        "unknown_transform_batch",
+        lambda m: m.get_normalized_expression(transform_batch="batch9"),
+        "transform_batch",
+        r"batch9",
+    ),
+    (
+        "unknown_gene_list",
+        lambda m: m.get_normalized_expression(gene_list=["nope"]),
+        "gene_list",
+        r"nope",
+    ),
+    (
+        "bad_library_size",
+        lambda m: m.get_normalized_expression(library_size=-1),
+        "library_size",
+        r"-1",
+    ),
+    ("n_samples_zero", lambda m: m.get_normalized_expression(n_samples=0), "n_samples", r"0"),
+    ("n_mc_samples_zero", lambda m: m.get_marginal_ll(n_mc_samples=0), "n_mc_samples", r"0"),
 ]
 
 
-@pytest.mark.parametrize("call,field,value", [c[1:] for c in INFERENCE_CASES],
-                         ids=[c[0] for c in INFERENCE_CASES])
+@pytest.mark.parametrize(
+    "call,field,value", [c[1:] for c in INFERENCE_CASES], ids=[c[0] for c in INFERENCE_CASES]
+)
 def test_inference_rejects(scvi_model, call, field, value, monkeypatch):
     # _map itself validates indices, so only the jitted kernel is a tripwire here
     def tripwire(*a, **k):

@@ -24,8 +24,10 @@ def kernel(params, batch):
 def _args(rows=6):
     rng = np.random.default_rng(0)
     params = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
-    return params, {"x": rng.normal(size=(rows, 4)).astype(np.float32),
-                    "n": np.arange(rows, dtype=np.int32)}
+    return params, {
+        "x": rng.normal(size=(rows, 4)).astype(np.float32),
+        "n": np.arange(rows, dtype=np.int32),
+    }
 
 
 @pytest.fixture
@@ -73,7 +75,7 @@ def test_damaged_entry_is_rebuilt(cache, damage):
     if damage == "flip":
         blob[-100] ^= 0xFF
     elif damage == "truncate":
-        blob = blob[:len(blob) // 2]
+        blob = blob[: len(blob) // 2]
     elif damage == "empty":
         blob = bytearray()
     else:
@@ -99,9 +101,13 @@ def test_entry_of_another_key_is_not_trusted(cache):
     args = _args()
     compile_cache.exported("key-a", kernel, *args)
     (a,) = cache.glob("*.jxe")
-    text_b = _export_cache.key_text("key-b", tuple(
-        (tuple(np.shape(x)), str(jnp.result_type(x))) for x in jax.tree_util.tree_leaves(args)),
-        jax.default_backend())
+    text_b = _export_cache.key_text(
+        "key-b",
+        tuple(
+            (tuple(np.shape(x)), str(jnp.result_type(x))) for x in jax.tree_util.tree_leaves(args)
+        ),
+        jax.default_backend(),
+    )
     b = cache / (__import__("hashlib").sha256(text_b.encode()).hexdigest() + ".jxe")
     b.write_bytes(a.read_bytes())  # a valid entry, filed under another key
     fn = compile_cache.exported("key-b", kernel, *args)
@@ -129,6 +135,7 @@ def test_off_without_a_cache_folder():
 
 def test_model_inference_loads_its_program(cache, small_atlas):
     from jaxscanvi import SCVI, clear_caches
+
     adata = small_atlas.copy()
     SCVI.setup_anndata(adata, batch_key="batch")
     m = SCVI(adata, n_hidden=16, n_latent=3, seed=0)
@@ -143,7 +150,9 @@ def test_model_inference_loads_its_program(cache, small_atlas):
     def spy(*a, **k):
         kernels.append(real(*a, **k))
         return kernels[-1]
+
     from jaxscanvi.model import _inference
+
     _inference.exported = spy
     try:
         z2 = m.get_latent_representation()

@@ -14,22 +14,24 @@ import pytest
 from jaxscanvi.nn import prng
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _programs import ProgramLog  # noqa: E402
+from _programs import ProgramLog
 
 
-@pytest.mark.parametrize("seed", [0, 1, 42, 2**31 - 1, 2**31, 2**32 + 5, 2**40, -1, -2**63])
+@pytest.mark.parametrize("seed", [0, 1, 42, 2**31 - 1, 2**31, 2**32 + 5, 2**40, -1, -(2**63)])
 def test_host_keys_are_jax_keys(seed):
     assert prng.host_keys_ok()
     np.testing.assert_array_equal(prng.host_key(seed), np.asarray(jax.random.PRNGKey(seed)))
     key = jax.random.PRNGKey(seed)
     for i in (0, 1, 7, 2**31 + 3, 2**32 - 1):
-        np.testing.assert_array_equal(prng.host_fold_in(np.asarray(key), i),
-                                      np.asarray(jax.random.fold_in(key, i)))
+        np.testing.assert_array_equal(
+            prng.host_fold_in(np.asarray(key), i), np.asarray(jax.random.fold_in(key, i))
+        )
 
 
 def test_init_is_one_program_with_the_same_values(small_atlas):
     from jaxscanvi import SCVI
     from jaxscanvi.model._base import dummy_batch
+
     adata = small_atlas.copy()
     SCVI.setup_anndata(adata, batch_key="batch")
     with ProgramLog() as log:
@@ -38,21 +40,27 @@ def test_init_is_one_program_with_the_same_values(small_atlas):
     # as construction compiled before: keys split outside, the same options
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(3), 3)
     c = m.module.config
-    init = jax.jit(partial(m.module.init, train=False), compiler_options={
-        "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
+    init = jax.jit(
+        partial(m.module.init, train=False),
+        compiler_options={
+            "xla_backend_optimization_level": 0,
+            "xla_llvm_disable_expensive_passes": True,
+        },
+    )
     ref = init({"params": k1, "sample": k2, "dropout": k3}, dummy_batch(c.n_genes, 0, 0))
-    for a, b in zip(jax.tree_util.tree_leaves(ref["params"]),
-                    jax.tree_util.tree_leaves(m.params)):
+    for a, b in zip(jax.tree_util.tree_leaves(ref["params"]), jax.tree_util.tree_leaves(m.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_scanvi_inference_calls_share_a_program(small_atlas):
     from jaxscanvi import SCANVI
+
     adata = small_atlas.copy()
     adata.obs["labels"] = adata.obs["cell_type"].astype(str)
     adata.obs.loc[adata.obs_names[::2], "labels"] = "Unknown"
-    SCANVI.setup_anndata(adata, labels_key="labels", unlabeled_category="Unknown",
-                         batch_key="batch")
+    SCANVI.setup_anndata(
+        adata, labels_key="labels", unlabeled_category="Unknown", batch_key="batch"
+    )
     m = SCANVI(adata, n_hidden=24, n_latent=3, seed=0)
     with ProgramLog() as first:
         z = m.get_latent_representation()

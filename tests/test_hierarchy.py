@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+from test_scanvi import FAST_COMPILE, assert_trees_close, make_batch, tiny_module
 
 from jaxscanvi import InputError
 from jaxscanvi.data import hierarchy
@@ -24,14 +25,12 @@ from jaxscanvi.distributions import normal_log_prob
 from jaxscanvi.losses import classification_loss, forward, scanvi_elbo, scvi_terms
 from jaxscanvi.module.scanvae import class_noise
 from jaxscanvi.module_scanvi import SCANVAE
-from test_scanvi import FAST_COMPILE, assert_trees_close, make_batch, tiny_module
 
 C = 5
 ROOT = C
 # leaves 0, 1 under node 6; leaves 2, 3, 4 under node 7; 6 and 7 under the root (5)
 TWO_LEVEL = (6, 6, 7, 7, 7, -1, 5, 5)
-LEAVES_UNDER = {0: [0], 1: [1], 2: [2], 3: [3], 4: [4], 5: [0, 1, 2, 3, 4], 6: [0, 1],
-                7: [2, 3, 4]}
+LEAVES_UNDER = {0: [0], 1: [1], 2: [2], 3: [3], 4: [4], 5: [0, 1, 2, 3, 4], 6: [0, 1], 7: [2, 3, 4]}
 FLAT = (ROOT,) * C + (-1,)
 LABELS = [0, 6, 5, 7, 3, 6, 7, 5, 4, 1]  # leaves, inner nodes and unlabelled
 
@@ -40,12 +39,11 @@ def with_parents(module, parents):
     return SCANVAE(dataclasses.replace(module.config, label_parents=parents))
 
 
-@partial(jax.jit, static_argnames=("module", "objective", "train"),
-         compiler_options=FAST_COMPILE)
+@partial(jax.jit, static_argnames=("module", "objective", "train"), compiler_options=FAST_COMPILE)
 def loss_and_grad(params, state, batches, rng, *, module, objective, train=True):
     def f(p):
-        return scanvi_elbo(module, p, state, batches, rng, 0.7, train=train,
-                           objective=objective)[0]
+        return scanvi_elbo(module, p, state, batches, rng, 0.7, train=train, objective=objective)[0]
+
     return jax.value_and_grad(f)(params)
 
 
@@ -59,10 +57,8 @@ def test_flat_hierarchy_equals_flat_labels(objective):
     main = make_batch([0, 5, 4, 5, 2, 1, 5, 3, 5, 0])
     lab = make_batch([0, 1, 3, 2, 4, 4], seed=1)
     rng = jax.random.PRNGKey(7)
-    v0, g0 = loss_and_grad(params, state, (main, lab), rng, module=module,
-                           objective=objective)
-    v1, g1 = loss_and_grad(params, state, (main, lab), rng, module=flat,
-                           objective=objective)
+    v0, g0 = loss_and_grad(params, state, (main, lab), rng, module=module, objective=objective)
+    v1, g1 = loss_and_grad(params, state, (main, lab), rng, module=flat, objective=objective)
     assert np.isfinite(float(v0))
     np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
     assert assert_trees_close(g1, g0, rtol=1e-5, atol=1e-6) > 10
@@ -79,15 +75,21 @@ def numpy_reference(module, params, state, batch, rng, kl_weight):
     outputs, _ = forward(module, params, state, batch, k_main, train=True)
     t = scvi_terms(module, outputs, batch, state, sparse=False)
     z1 = outputs["z"]
-    log_qz1 = np.asarray(normal_log_prob(z1, outputs["qz_m"], outputs["qz_v"]).sum(-1),
-                         np.float64)
+    log_qz1 = np.asarray(normal_log_prob(z1, outputs["qz_m"], outputs["qz_v"]).sum(-1), np.float64)
     variables = {"params": params, **state}
     keys = jax.random.split(k_class, C)
     nll, kl2 = [], []
     for c in range(C):  # one class at a time, on that class's draws
-        noise = class_noise(cfg, keys[c:c + 1], z1.shape[0], train=True, sample=True)
-        (n,), (k,) = module.apply(variables, z1, jnp.asarray([c]), batch.weight[None],
-                                  noise, train=True, method=SCANVAE.class_grid)
+        noise = class_noise(cfg, keys[c : c + 1], z1.shape[0], train=True, sample=True)
+        (n,), (k,) = module.apply(
+            variables,
+            z1,
+            jnp.asarray([c]),
+            batch.weight[None],
+            noise,
+            train=True,
+            method=SCANVAE.class_grid,
+        )
         nll.append(np.asarray(n, np.float64))
         kl2.append(np.asarray(k, np.float64))
     nll, kl2 = np.stack(nll, 1), np.stack(kl2, 1)
@@ -128,14 +130,16 @@ def test_two_level_gradients_finite_and_reach_every_network():
     tree = with_parents(module, TWO_LEVEL)
     main = make_batch(LABELS, seed=2)
     lab = make_batch([6, 7, 0, 6, 3, 7], seed=4)
-    value, grads = loss_and_grad(params, state, (main, lab), jax.random.PRNGKey(3),
-                                 module=tree, objective="seed")
+    value, grads = loss_and_grad(
+        params, state, (main, lab), jax.random.PRNGKey(3), module=tree, objective="seed"
+    )
     assert np.isfinite(float(value))
     leaves = jax.tree_util.tree_leaves(grads)
     assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
     for k in ("classifier", "encoder_z2_z1", "decoder_z1_z2", "z_encoder", "decoder"):
-        assert max(float(np.abs(np.asarray(x)).max())
-                   for x in jax.tree_util.tree_leaves(grads[k])) > 0, k
+        assert (
+            max(float(np.abs(np.asarray(x)).max()) for x in jax.tree_util.tree_leaves(grads[k])) > 0
+        ), k
 
 
 @partial(jax.jit, static_argnames=("module",), compiler_options=FAST_COMPILE)
@@ -182,8 +186,7 @@ def test_leaf_mask_and_depths():
     np.testing.assert_array_equal(hierarchy.depths(TWO_LEVEL), [2, 2, 2, 2, 2, 0, 1, 1])
 
 
-PBMC = {"Naive CD4 T": "CD4 T", "Memory CD4 T": "CD4 T", "CD4 T": "PBMC", "B": "PBMC",
-        "NK": "PBMC"}
+PBMC = {"Naive CD4 T": "CD4 T", "Memory CD4 T": "CD4 T", "CD4 T": "PBMC", "B": "PBMC", "NK": "PBMC"}
 
 
 def _column(values):
@@ -197,21 +200,25 @@ def test_build_orders_codes_and_encodes_any_level():
     assert tree.root == "PBMC" and tree.inner == ("CD4 T",)
     assert tree.nodes == ("B", "Memory CD4 T", "NK", "Naive CD4 T", "PBMC", "CD4 T")
     assert tree.parents == (4, 5, 4, 5, -1, 4)
-    np.testing.assert_array_equal(tree.encode(col, "labels", "Unknown"),
-                                  [0, 3, 5, 4, 2, 1, 4])  # root == unlabelled
+    np.testing.assert_array_equal(
+        tree.encode(col, "labels", "Unknown"), [0, 3, 5, 4, 2, 1, 4]
+    )  # root == unlabelled
 
 
-@pytest.mark.parametrize("mapping, values, problem", [
-    ({"A": "B", "B": "A", "C": "A"}, ["C"], "cycle"),
-    ({"A": "A"}, ["A"], "own parent"),
-    ({"A": "R1", "B": "R2"}, ["A", "B"], "2 roots"),
-    ({"A": "R", "B": "R"}, ["A", "B", "C"], "missing from the map"),
-    ({"A": "R", "B": "R", "C": "R"}, ["A", "B"], "no cell"),
-    ({"A": "R", "B": "Unknown", "Unknown": "R"}, ["A", "B"], "unlabelled category"),
-    (["A", "B"], ["A"], "mapping"),
-])
+@pytest.mark.parametrize(
+    "mapping, values, problem",
+    [
+        ({"A": "B", "B": "A", "C": "A"}, ["C"], "cycle"),
+        ({"A": "A"}, ["A"], "own parent"),
+        ({"A": "R1", "B": "R2"}, ["A", "B"], "2 roots"),
+        ({"A": "R", "B": "R"}, ["A", "B", "C"], "missing from the map"),
+        ({"A": "R", "B": "R", "C": "R"}, ["A", "B"], "no cell"),
+        ({"A": "R", "B": "Unknown", "Unknown": "R"}, ["A", "B"], "unlabelled category"),
+        (["A", "B"], ["A"], "mapping"),
+    ],
+)
 def test_bad_hierarchies_are_refused(mapping, values, problem):
-    col = _column(values + ["Unknown"])
+    col = _column([*values, "Unknown"])
     cats = tuple(c for c in col.cat.categories if c != "Unknown")
     with pytest.raises(InputError, match=problem) as e:
         hierarchy.build(mapping, col, cats, "Unknown", "adata.obs['labels']")

@@ -34,8 +34,9 @@ def tree_atlas(small_atlas):
     lineage = a.obs["lineage"].astype(str).to_numpy()
     coarse_batch = (a.obs["batch"].cat.codes == 1).to_numpy()
     hidden = np.random.default_rng(0).random(a.n_obs) < 0.5
-    a.obs["labels_obs"] = pd.Categorical(np.where(hidden, UNL,
-                                                  np.where(coarse_batch, lineage, types)))
+    a.obs["labels_obs"] = pd.Categorical(
+        np.where(hidden, UNL, np.where(coarse_batch, lineage, types))
+    )
     a.obs["hidden"] = hidden
     a.uns["tree"] = {**dict(zip(types, lineage)), **{x: "cell" for x in set(lineage)}}
     return a
@@ -43,8 +44,13 @@ def tree_atlas(small_atlas):
 
 @pytest.fixture(scope="module")
 def tree_model(tree_atlas):
-    SCANVI.setup_anndata(tree_atlas, labels_key="labels_obs", unlabeled_category=UNL,
-                         batch_key="batch", label_hierarchy=tree_atlas.uns["tree"])
+    SCANVI.setup_anndata(
+        tree_atlas,
+        labels_key="labels_obs",
+        unlabeled_category=UNL,
+        batch_key="batch",
+        label_hierarchy=tree_atlas.uns["tree"],
+    )
     model = SCANVI(tree_atlas, **ARCH)
     model.train(max_epochs=30, n_samples_per_label=40, progress_bar=False)
     return model
@@ -70,8 +76,7 @@ def test_predictions_down_the_tree(tree_model, tree_atlas):
     soft = tree_model.predict(soft=True)
     every = tree_model.predict(soft=True, level="all")
     assert list(every.columns) == list(hierarchy.from_registry(tree_model.registry).nodes)
-    np.testing.assert_allclose(every[list(soft.columns)].to_numpy(), soft.to_numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(every[list(soft.columns)].to_numpy(), soft.to_numpy(), atol=1e-6)
     np.testing.assert_allclose(every["cell"], 1.0, atol=1e-6)
     for lin in ("L0", "L1"):
         kids = [c for c in soft.columns if c.startswith(lin + "_")]
@@ -79,7 +84,7 @@ def test_predictions_down_the_tree(tree_model, tree_atlas):
     deep = tree_model.predict(level="deepest", threshold=0.9)
     assert list(deep.columns) == ["prediction", "probability", "depth"]
     assert (deep["probability"] >= 0.9 - 1e-6).all()
-    for i, (node, p, d) in enumerate(deep.itertuples(index=False)):
+    for i, (node, p, _d) in enumerate(deep.itertuples(index=False)):
         np.testing.assert_allclose(p, every.iloc[i][node], rtol=1e-6)
         # nothing deeper clears the threshold
         deeper = {"cell": ["L0", "L1"], "L0": ["L0_T0", "L0_T1"], "L1": ["L1_T0", "L1_T1"]}
@@ -98,8 +103,9 @@ def test_accuracy_and_coarse_cells_get_fine_types(tree_model, tree_atlas):
     assert (pred[hidden] == truth[hidden]).mean() > 0.85
     obs = tree_atlas.obs["labels_obs"].astype(str).to_numpy()
     at_lineage = np.isin(obs, ["L0", "L1"])
-    assert (np.char.startswith(pred[at_lineage].astype(str),
-                               obs[at_lineage].astype(str))).mean() > 0.95
+    assert (
+        np.char.startswith(pred[at_lineage].astype(str), obs[at_lineage].astype(str))
+    ).mean() > 0.95
 
 
 def test_calibration_and_novelty_work_as_before(tree_model):
@@ -114,8 +120,9 @@ def test_save_load_round_trip(tree_model, tree_atlas, tmp_path):
     back = SCANVI.load(tmp_path / "m", tree_atlas)
     assert back.registry == tree_model.registry
     assert back.module.config == tree_model.module.config
-    pd.testing.assert_frame_equal(back.predict(soft=True, level="all"),
-                                  tree_model.predict(soft=True, level="all"))
+    pd.testing.assert_frame_equal(
+        back.predict(soft=True, level="all"), tree_model.predict(soft=True, level="all")
+    )
     meta = json.loads((tmp_path / "m" / "metadata.json").read_text())
     meta["config"]["label_parents"][0] = meta["config"]["label_parents"][1] + 1
     (tmp_path / "m" / "metadata.json").write_text(json.dumps(io.sign(meta)))
@@ -138,12 +145,14 @@ def test_flat_models_write_no_hierarchy_fields(atlas, tmp_path):
 def test_refusals(tree_model, tmp_path):
     with pytest.raises(InputError, match="label hierarchy"):
         tree_model.save(tmp_path / "st", format="scvi-tools")
-    for kw, match in ((dict(level="deepest"), "threshold"),
-                      (dict(level="deepest", threshold=1.5), "threshold"),
-                      (dict(level="all"), "soft"),
-                      (dict(level="coarsest"), "unknown"),
-                      (dict(level=0), "depths"),
-                      (dict(threshold=0.5), "deepest")):
+    for kw, match in (
+        (dict(level="deepest"), "threshold"),
+        (dict(level="deepest", threshold=1.5), "threshold"),
+        (dict(level="all"), "soft"),
+        (dict(level="coarsest"), "unknown"),
+        (dict(level=0), "depths"),
+        (dict(threshold=0.5), "deepest"),
+    ):
         with pytest.raises(InputError, match=match):
             tree_model.predict(**kw)
 
@@ -172,15 +181,14 @@ def test_query_labels_at_any_level_and_a_new_leaf(tree_model, tree_atlas):
     with pytest.warns(UserWarning, match="new cell types"):
         model = SCANVI.load_query_data(q, tree_model, label_hierarchy={"L1_new": "L1"})
     reg = model.registry
-    assert reg.label_categories == tree_model.registry.label_categories + ("L1_new",)
+    assert reg.label_categories == (*tree_model.registry.label_categories, "L1_new")
     assert list(model.query_info["new_labels"]) == ["L1_new"]
     tree = hierarchy.from_registry(reg)
     assert model.module.config.label_parents == tree.parents
     assert dict(tree.parent)["L1_new"] == "L1"
     model.train(max_epochs=10, progress_bar=False)
     every = model.predict(soft=True, level="all")
-    np.testing.assert_allclose(every["L1"], every[["L1_T0", "L1_T1", "L1_new"]].sum(1),
-                               atol=1e-6)
+    np.testing.assert_allclose(every["L1"], every[["L1_T0", "L1_T1", "L1_new"]].sum(1), atol=1e-6)
     # the new leaf is learnt from its cells (a copy of L1_T1 here, so it shares them)
     new = (q.obs["labels_obs"] == "L1_new").to_numpy()
     assert every["L1_new"][new].mean() > 2 * every["L1_new"][~new].mean()
@@ -195,8 +203,7 @@ def test_query_refusals(tree_model, tree_atlas, atlas):
     with pytest.raises(InputError, match="must stay a leaf"):
         SCANVI.load_query_data(q, tree_model, label_hierarchy={"L0_T0_sub": "L0_T0"})
     atlas.obs["lab"] = atlas.obs["cell_type"]
-    SCANVI.setup_anndata(atlas, labels_key="lab", unlabeled_category=UNL,
-                         batch_key="batch")
+    SCANVI.setup_anndata(atlas, labels_key="lab", unlabeled_category=UNL, batch_key="batch")
     flat = SCANVI(atlas, **ARCH)
     q = _query(tree_atlas, lambda q: np.full(q.n_obs, UNL, object))
     q.obs["lab"] = q.obs["labels_obs"]
@@ -208,17 +215,30 @@ def test_query_refusals(tree_model, tree_atlas, atlas):
 def test_hierarchy_from_cell_ontology():
     pytest.importorskip("cellxgene_ontology_guide")
     from jaxscanvi.ontology import hierarchy_from_cell_ontology
-    names = ["T cell", "CD8-positive, alpha-beta memory T cell", "B cell",
-             "CD4-positive, alpha-beta T cell"]
+
+    names = [
+        "T cell",
+        "CD8-positive, alpha-beta memory T cell",
+        "B cell",
+        "CD4-positive, alpha-beta T cell",
+    ]
     tree = hierarchy_from_cell_ontology(names)
-    assert tree == {"T cell": "cell", "B cell": "cell",
-                    "CD8-positive, alpha-beta memory T cell": "T cell",
-                    "CD4-positive, alpha-beta T cell": "T cell"}
+    assert tree == {
+        "T cell": "cell",
+        "B cell": "cell",
+        "CD8-positive, alpha-beta memory T cell": "T cell",
+        "CD4-positive, alpha-beta T cell": "T cell",
+    }
     ids = hierarchy_from_cell_ontology(["CL:0000084", "CL:0000909", "CL:0000236"])
-    assert ids == {"CL:0000084": "CL:0000000", "CL:0000909": "CL:0000084",
-                   "CL:0000236": "CL:0000000"}
-    assert hierarchy_from_cell_ontology(["CL:0000084", "CL:0000909"], names="label") == \
-        {"T cell": "cell", "CD8-positive, alpha-beta memory T cell": "T cell"}
+    assert ids == {
+        "CL:0000084": "CL:0000000",
+        "CL:0000909": "CL:0000084",
+        "CL:0000236": "CL:0000000",
+    }
+    assert hierarchy_from_cell_ontology(["CL:0000084", "CL:0000909"], names="label") == {
+        "T cell": "cell",
+        "CD8-positive, alpha-beta memory T cell": "T cell",
+    }
     with pytest.raises(InputError, match="neither a CL term"):
         hierarchy_from_cell_ontology(["not a cell type"])
 
@@ -228,9 +248,13 @@ def test_hierarchy_from_cell_ontology():
 @pytest.mark.slow
 def test_hierarchy_benchmark_smoke(tmp_path):
     out = tmp_path / "h.json"
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hierarchy.py"),
-                        "--smoke", "--out", str(out)], capture_output=True, text=True,
-                       timeout=1200, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "hierarchy.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     doc = json.loads(out.read_text())
     acc = doc["accuracy"]

@@ -15,7 +15,7 @@ def test_loess_reproduces_a_quadratic(surface):
     # a local quadratic fits a quadratic exactly, and cubic Hermite
     # interpolation of exact values and slopes is exact for it too
     x = np.random.default_rng(0).normal(size=3000)
-    y = 1.5 - 0.7 * x + 0.3 * x ** 2
+    y = 1.5 - 0.7 * x + 0.3 * x**2
     np.testing.assert_allclose(loess(x, y, 0.3, surface=surface), y, atol=1e-8)
 
 
@@ -42,6 +42,7 @@ def test_kd_tree_cells_and_ties():
 def _counts(n_cells=400, n_genes=300, seed=0):
     import anndata
     import pandas as pd
+
     rng = np.random.default_rng(seed)
     mu = rng.lognormal(0, 1.2, n_genes)
     theta = rng.uniform(0.2, 5, n_genes)  # some genes far more variable than others
@@ -66,8 +67,9 @@ def test_each_flavor_picks_n_genes_and_prefers_overdispersed(flavor):
 
 def test_one_batch_key_equals_no_batch_key():
     a, _ = _counts()
-    np.testing.assert_array_equal(highly_variable_genes(a, 50, batch_key="one"),
-                                  highly_variable_genes(a, 50))
+    np.testing.assert_array_equal(
+        highly_variable_genes(a, 50, batch_key="one"), highly_variable_genes(a, 50)
+    )
 
 
 def test_bad_flavor_and_batch_key_are_named():

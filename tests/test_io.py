@@ -12,17 +12,30 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jaxscanvi import (FORMAT_VERSION, SCANVI, SCVI, InputError, ModelFormatError,
-                       synthetic_atlas)
-from jaxscanvi import io
+from jaxscanvi import (
+    FORMAT_VERSION,
+    SCANVI,
+    SCVI,
+    InputError,
+    ModelFormatError,
+    io,
+    synthetic_atlas,
+)
 from jaxscanvi.data.registry import UNS_KEY
 
 ARCH = dict(n_hidden=16, n_latent=4)
 
 
 def tiny_atlas() -> ad.AnnData:
-    return synthetic_atlas(n_cells=120, n_genes=40, n_batches=2, n_lineages=1,
-                           types_per_lineage=2, seed=0, markers_per_type=5)
+    return synthetic_atlas(
+        n_cells=120,
+        n_genes=40,
+        n_batches=2,
+        n_lineages=1,
+        types_per_lineage=2,
+        seed=0,
+        markers_per_type=5,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +99,8 @@ def snapshot(d: Path) -> dict[str, bytes]:
 def leaves_equal(a, b) -> bool:
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     return jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
+    )
 
 
 # --------------------------------------------------------------- round trips
@@ -102,7 +116,9 @@ def test_roundtrip_is_bit_identical(trained, trained_z, saved, query):
     assert np.array_equal(m.train_indices, trained.train_indices)
     assert np.array_equal(m.validation_indices, trained.validation_indices)
     assert m.init_seed == trained.init_seed
-    pd.testing.assert_frame_equal(m.history.to_frame(), trained.history.to_frame(), check_dtype=False)
+    pd.testing.assert_frame_equal(
+        m.history.to_frame(), trained.history.to_frame(), check_dtype=False
+    )
     assert m.history.n_epochs == 2
 
 
@@ -152,8 +168,7 @@ def test_given_adata_wins_over_saved_adata(trained, trained_z, tmp_path, query):
     m = SCVI.load(d, adata=sub)
     assert m.adata is sub
     # a different cell count compiles a different padded program: equal up to rounding
-    np.testing.assert_allclose(m.get_latent_representation(), trained_z[:30],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.get_latent_representation(), trained_z[:30], rtol=1e-5, atol=1e-6)
 
 
 def test_scanvi_roundtrip_and_wrong_class(base_atlas, tmp_path, saved):
@@ -165,11 +180,17 @@ def test_scanvi_roundtrip_and_wrong_class(base_atlas, tmp_path, saved):
     s = SCANVI(a, **ARCH)
     d = tmp_path / "scanvi"
     s.save(d)
-    with pytest.raises(ModelFormatError, match=r"holds a SCANVI model, not a SCVI.*"
-                       r"SCANVI\.load"):
+    with pytest.raises(
+        ModelFormatError,
+        match=r"holds a SCANVI model, not a SCVI.*"
+        r"SCANVI\.load",
+    ):
         SCVI.load(d, adata=a)
-    with pytest.raises(ModelFormatError, match=r"holds a SCVI model, not a SCANVI.*"
-                       r"SCVI\.load"):
+    with pytest.raises(
+        ModelFormatError,
+        match=r"holds a SCVI model, not a SCANVI.*"
+        r"SCVI\.load",
+    ):
         SCANVI.load(saved)
     m = SCANVI.load(d, adata=a)
     assert m.registry.label_categories == s.registry.label_categories
@@ -184,8 +205,9 @@ def test_save_refuses_to_overwrite(trained, other, trained_z, saved, copy_of_sav
     with pytest.raises(FileExistsError, match="overwrite=True"):
         other.save(copy_of_saved)
     assert snapshot(copy_of_saved) == before
-    assert np.array_equal(SCVI.load(copy_of_saved, adata=query).get_latent_representation(),
-                          trained_z)
+    assert np.array_equal(
+        SCVI.load(copy_of_saved, adata=query).get_latent_representation(), trained_z
+    )
 
 
 def test_refused_save_with_anndata_leaves_folder_untouched(other, copy_of_saved):
@@ -193,8 +215,8 @@ def test_refused_save_with_anndata_leaves_folder_untouched(other, copy_of_saved)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         other.save(copy_of_saved, save_anndata=True)
     assert snapshot(copy_of_saved) == before, (
-        "a refused save left files behind: "
-        f"{sorted(set(snapshot(copy_of_saved)) - set(before))}")
+        f"a refused save left files behind: {sorted(set(snapshot(copy_of_saved)) - set(before))}"
+    )
 
 
 def test_overwrite_replaces_and_cleans_up(other, other_z, copy_of_saved, query):
@@ -263,6 +285,7 @@ def _replace_blob(d: Path, data: bytes):
 
 def _wrong_shapes(d: Path):
     from flax import serialization
+
     raw = serialization.msgpack_restore(_variables_file(d).read_bytes())
 
     def shrink(t):
@@ -276,52 +299,114 @@ def _wrong_shapes(d: Path):
 
 FOREIGN = [
     # id, how to damage a copy of a good save, error type, message regex
-    ("empty_folder", lambda d: [p.unlink() for p in d.iterdir()], ModelFormatError,
-     r"not a jaxscanvi model folder.*metadata\.json"),
-    ("scvi_tools_folder", lambda d: ([p.unlink() for p in d.iterdir()],
-                                     (d / "model.pt").write_bytes(b"\x80\x02torch")),
-     ModelFormatError, r"scvi-tools"),
-    ("truncated_metadata", lambda d: (d / "metadata.json").write_text(
-        (d / "metadata.json").read_text()[:40]), ModelFormatError,
-     r"damaged \(not valid JSON.*Fix:"),
-    ("metadata_not_an_object", lambda d: (d / "metadata.json").write_text("[1, 2]"),
-     ModelFormatError, r"not a jaxscanvi model folder"),
-    ("wrong_format_tag", lambda d: _edit_meta(d, lambda m: m.update(format="other")),
-     ModelFormatError, r"not a jaxscanvi model folder.*'other'"),
-    ("newer_format_version", lambda d: _edit_meta(
-        d, lambda m: m.update(format_version=FORMAT_VERSION + 1)), ModelFormatError,
-     rf"format {FORMAT_VERSION + 1}.*up to {FORMAT_VERSION}.*Fix: upgrade"),
-    ("format_version_not_int", lambda d: _edit_meta(
-        d, lambda m: m.update(format_version="1")), ModelFormatError, r"model format '1'"),
-    ("format_version_missing", lambda d: _edit_meta(d, lambda m: m.pop("format_version")),
-     ModelFormatError, r"model format None"),
+    (
+        "empty_folder",
+        lambda d: [p.unlink() for p in d.iterdir()],
+        ModelFormatError,
+        r"not a jaxscanvi model folder.*metadata\.json",
+    ),
+    (
+        "scvi_tools_folder",
+        lambda d: (
+            [p.unlink() for p in d.iterdir()],
+            (d / "model.pt").write_bytes(b"\x80\x02torch"),
+        ),
+        ModelFormatError,
+        r"scvi-tools",
+    ),
+    (
+        "truncated_metadata",
+        lambda d: (d / "metadata.json").write_text((d / "metadata.json").read_text()[:40]),
+        ModelFormatError,
+        r"damaged \(not valid JSON.*Fix:",
+    ),
+    (
+        "metadata_not_an_object",
+        lambda d: (d / "metadata.json").write_text("[1, 2]"),
+        ModelFormatError,
+        r"not a jaxscanvi model folder",
+    ),
+    (
+        "wrong_format_tag",
+        lambda d: _edit_meta(d, lambda m: m.update(format="other")),
+        ModelFormatError,
+        r"not a jaxscanvi model folder.*'other'",
+    ),
+    (
+        "newer_format_version",
+        lambda d: _edit_meta(d, lambda m: m.update(format_version=FORMAT_VERSION + 1)),
+        ModelFormatError,
+        rf"format {FORMAT_VERSION + 1}.*up to {FORMAT_VERSION}.*Fix: upgrade",
+    ),
+    (
+        "format_version_not_int",
+        lambda d: _edit_meta(d, lambda m: m.update(format_version="1")),
+        ModelFormatError,
+        r"model format '1'",
+    ),
+    (
+        "format_version_missing",
+        lambda d: _edit_meta(d, lambda m: m.pop("format_version")),
+        ModelFormatError,
+        r"model format None",
+    ),
     ("corrupted_blob", _flip_a_byte, ModelFormatError, r"does not match its checksum.*Fix:"),
-    ("missing_blob", lambda d: _variables_file(d).unlink(), ModelFormatError,
-     r"is missing.*Fix:"),
-    ("no_variables_entry", lambda d: _edit_meta(d, lambda m: m["files"].pop("variables")),
-     ModelFormatError, r"names no 'variables' file"),
-    ("no_registry", lambda d: _edit_meta(d, lambda m: m.pop("registry")), ModelFormatError,
-     r"metadata is damaged"),
-    ("registry_unknown_field", lambda d: _edit_meta(
-        d, lambda m: m["registry"].update(colour="red")), ModelFormatError, r"colour"),
-    ("config_unknown_field", lambda d: _edit_meta(
-        d, lambda m: m["config"].update(n_heads=4)), ModelFormatError, r"n_heads"),
-    ("config_invalid_value", lambda d: _edit_meta(
-        d, lambda m: m["config"].update(dispersion="per-cell")), ModelFormatError,
-     r"damaged.*per-cell"),
-    ("no_model_class", lambda d: _edit_meta(d, lambda m: m.pop("model_class")),
-     ModelFormatError, r"holds a None model"),
+    ("missing_blob", lambda d: _variables_file(d).unlink(), ModelFormatError, r"is missing.*Fix:"),
+    (
+        "no_variables_entry",
+        lambda d: _edit_meta(d, lambda m: m["files"].pop("variables")),
+        ModelFormatError,
+        r"names no 'variables' file",
+    ),
+    (
+        "no_registry",
+        lambda d: _edit_meta(d, lambda m: m.pop("registry")),
+        ModelFormatError,
+        r"metadata is damaged",
+    ),
+    (
+        "registry_unknown_field",
+        lambda d: _edit_meta(d, lambda m: m["registry"].update(colour="red")),
+        ModelFormatError,
+        r"colour",
+    ),
+    (
+        "config_unknown_field",
+        lambda d: _edit_meta(d, lambda m: m["config"].update(n_heads=4)),
+        ModelFormatError,
+        r"n_heads",
+    ),
+    (
+        "config_invalid_value",
+        lambda d: _edit_meta(d, lambda m: m["config"].update(dispersion="per-cell")),
+        ModelFormatError,
+        r"damaged.*per-cell",
+    ),
+    (
+        "no_model_class",
+        lambda d: _edit_meta(d, lambda m: m.pop("model_class")),
+        ModelFormatError,
+        r"holds a None model",
+    ),
     ("blob_with_wrong_shapes", _wrong_shapes, ModelFormatError, r"wrong shapes"),
-    ("blob_not_msgpack", lambda d: _replace_blob(d, b"definitely not msgpack"),
-     ModelFormatError, r"do not fit this model"),
-    ("blob_wrong_structure", lambda d: _replace_blob(
-        d, io.to_bytes({"params": {"x": np.zeros(3)}})), ModelFormatError,
-     r"do not fit this model"),
+    (
+        "blob_not_msgpack",
+        lambda d: _replace_blob(d, b"definitely not msgpack"),
+        ModelFormatError,
+        r"do not fit this model",
+    ),
+    (
+        "blob_wrong_structure",
+        lambda d: _replace_blob(d, io.to_bytes({"params": {"x": np.zeros(3)}})),
+        ModelFormatError,
+        r"do not fit this model",
+    ),
 ]
 
 
-@pytest.mark.parametrize("damage,exc,pattern", [c[1:] for c in FOREIGN],
-                         ids=[c[0] for c in FOREIGN])
+@pytest.mark.parametrize(
+    "damage,exc,pattern", [c[1:] for c in FOREIGN], ids=[c[0] for c in FOREIGN]
+)
 def test_load_refuses_foreign_or_damaged(copy_of_saved, query, damage, exc, pattern):
     damage(copy_of_saved)
     with pytest.raises(exc, match=pattern) as e:
@@ -352,13 +437,15 @@ def test_load_with_damaged_saved_anndata(trained, tmp_path):
 
 def test_scvi_tools_hint_names_an_existing_function(tmp_path):
     import jaxscanvi
+
     (tmp_path / "model.pt").write_bytes(b"\x80\x02")
     with pytest.raises(ModelFormatError) as e:
         SCVI.load(tmp_path)
     msg = str(e.value)
     if "from_scvi_tools" in msg:
-        assert hasattr(jaxscanvi, "from_scvi_tools") or hasattr(SCVI, "from_scvi_tools"), \
+        assert hasattr(jaxscanvi, "from_scvi_tools") or hasattr(SCVI, "from_scvi_tools"), (
             f"the hint names from_scvi_tools(...), which jaxscanvi does not have: {msg}"
+        )
 
 
 # ------------------------------------------------------------ adata checks on load
@@ -418,16 +505,17 @@ def _assert_old_save_intact(d: Path, trained_z, adata=None):
 CRASHES = [
     ("atomic_write_bytes", 1),  # the parameter blob
     ("atomic_write_bytes", 2),  # metadata.json
-    ("replace", 1),             # rename of the parameter blob
-    ("replace", 2),             # rename of metadata.json
+    ("replace", 1),  # rename of the parameter blob
+    ("replace", 2),  # rename of metadata.json
     ("fsync", 1),
     ("fsync", 2),
 ]
 
 
 @pytest.mark.parametrize("name,n", CRASHES, ids=[f"{a}#{b}" for a, b in CRASHES])
-def test_crash_mid_save_keeps_earlier_save(name, n, other, other_z, trained_z,
-                                           copy_of_saved, query, monkeypatch):
+def test_crash_mid_save_keeps_earlier_save(
+    name, n, other, other_z, trained_z, copy_of_saved, query, monkeypatch
+):
     owner = io if name == "atomic_write_bytes" else io.os
     calls = _crash_on_call(monkeypatch, owner, name, n)
     with pytest.raises(SimulatedCrash):
@@ -437,8 +525,9 @@ def test_crash_mid_save_keeps_earlier_save(name, n, other, other_z, trained_z,
     _assert_old_save_intact(copy_of_saved, trained_z, adata=query)
     # and the folder is not wedged: the next save goes through
     other.save(copy_of_saved, overwrite=True)
-    assert np.array_equal(SCVI.load(copy_of_saved, adata=query).get_latent_representation(),
-                          other_z)
+    assert np.array_equal(
+        SCVI.load(copy_of_saved, adata=query).get_latent_representation(), other_z
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 3], ids=["blob", "adata", "metadata"])
@@ -470,7 +559,7 @@ def test_first_save_crash_leaves_no_loadable_half_model(other, tmp_path, monkeyp
     with pytest.raises(SimulatedCrash):
         other.save(d)
     monkeypatch.undo()
-    with pytest.raises(ModelFormatError, match="metadata.json"):
+    with pytest.raises(ModelFormatError, match=r"metadata\.json"):
         SCVI.load(d)
 
 

@@ -18,8 +18,7 @@ import pytest
 from jaxscanvi.nn import prng
 from jaxscanvi.nn.layers import Dropout, batch_norm, linear
 
-KEYS = [jax.random.PRNGKey(3), jax.random.key(7),
-        jax.random.fold_in(jax.random.PRNGKey(1), 5)]
+KEYS = [jax.random.PRNGKey(3), jax.random.key(7), jax.random.fold_in(jax.random.PRNGKey(1), 5)]
 SHAPES = [(), (5,), (3, 7), (6, 128, 10), (2, 3, 64)]
 
 
@@ -27,11 +26,11 @@ SHAPES = [(), (5,), (3, 7), (6, 128, 10), (2, 3, 64)]
 def test_prng_equals_jax_random(key):
     for shape in SHAPES:
         np.testing.assert_array_equal(prng.bits(key, shape), jax.random.bits(key, shape))
-        np.testing.assert_array_equal(prng.uniform(key, shape),
-                                      jax.random.uniform(key, shape))
+        np.testing.assert_array_equal(prng.uniform(key, shape), jax.random.uniform(key, shape))
         np.testing.assert_array_equal(prng.normal(key, shape), jax.random.normal(key, shape))
-        np.testing.assert_array_equal(prng.bernoulli(key, 0.9, shape),
-                                      jax.random.bernoulli(key, 0.9, shape))
+        np.testing.assert_array_equal(
+            prng.bernoulli(key, 0.9, shape), jax.random.bernoulli(key, 0.9, shape)
+        )
 
 
 def test_prng_under_jit_and_vmap():
@@ -39,8 +38,7 @@ def test_prng_under_jit_and_vmap():
     ours = jax.jit(jax.vmap(lambda k: prng.normal(k, (3, 2))))(keys)
     np.testing.assert_array_equal(ours, jax.vmap(lambda k: jax.random.normal(k, (3, 2)))(keys))
     u = jax.jit(lambda k: prng.uniform(k, (1000,), minval=-2.0, maxval=3.0))(keys[0])
-    np.testing.assert_array_equal(u, jax.random.uniform(keys[0], (1000,), minval=-2.0,
-                                                        maxval=3.0))
+    np.testing.assert_array_equal(u, jax.random.uniform(keys[0], (1000,), minval=-2.0, maxval=3.0))
     assert float(u.min()) >= -2.0 and float(u.max()) < 3.0
 
 
@@ -92,7 +90,7 @@ def test_linear_gradient_equals_autodiff(shape):
     x = jax.random.normal(k[0], x_shape)
     w = jax.random.normal(k[1], (x_shape[-1], n_out)) / 10
     b = jax.random.normal(k[2], (n_out,))
-    c = jax.random.normal(k[3], x_shape[:-1] + (n_out,))
+    c = jax.random.normal(k[3], (*x_shape[:-1], n_out))
     ours = jax.grad(lambda x, w, b: (jnp.tanh(linear(x, w, b)) * c).sum(), (0, 1, 2))
     ref = jax.grad(lambda x, w, b: (jnp.tanh(x @ w + b) * c).sum(), (0, 1, 2))
     for a, r in zip(ours(x, w, b), ref(x, w, b)):
@@ -123,8 +121,9 @@ def test_batch_norm_gradient_equals_autodiff():
 
     def loss(bn, vmapped):
         if vmapped:
-            return lambda x, s, t: (jnp.tanh(jax.vmap(
-                lambda xi, wi: bn(xi, wi, s, t, "k"), axis_name="k")(x, w)) * c).sum()
+            return lambda x, s, t: (
+                jnp.tanh(jax.vmap(lambda xi, wi: bn(xi, wi, s, t, "k"), axis_name="k")(x, w)) * c
+            ).sum()
         return lambda x, s, t: (jnp.tanh(bn(x, w, s, t, None)) * c).sum()
 
     def ours(x, w, s, t, axis):
@@ -136,8 +135,7 @@ def test_batch_norm_gradient_equals_autodiff():
         for ga, gb in zip(jax.grad(a, (0, 1, 2))(x, s, t), jax.grad(b, (0, 1, 2))(x, s, t)):
             np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-5)
     # the named axis really spans the classes: same as flattening them
-    np.testing.assert_allclose(loss(ours, True)(x, s, t), loss(ours, False)(x, s, t),
-                               rtol=1e-5)
+    np.testing.assert_allclose(loss(ours, True)(x, s, t), loss(ours, False)(x, s, t), rtol=1e-5)
 
 
 def test_encoder_input_is_log1p_of_the_counts():
@@ -148,21 +146,37 @@ def test_encoder_input_is_log1p_of_the_counts():
     from jaxscanvi.module import VAE, VAEConfig
 
     r = np.random.default_rng(0)
-    counts = np.concatenate([np.arange(2 ** 20), r.integers(0, 2 ** 20, 2 ** 20 - 2 ** 18),
-                             r.uniform(0, 1e-3, 2 ** 17), r.uniform(0, 50, 2 ** 17)])
+    counts = np.concatenate(
+        [
+            np.arange(2**20),
+            r.integers(0, 2**20, 2**20 - 2**18),
+            r.uniform(0, 1e-3, 2**17),
+            r.uniform(0, 50, 2**17),
+        ]
+    )
     x = counts.astype(np.float32).reshape(-1, 64)
     B, G = x.shape
     module = VAE(VAEConfig(n_genes=G, n_hidden=4, n_latent=2))
-    v = init_variables(module, G, 0, 0, 0, {"library_log_means": jnp.zeros(1),
-                                            "library_log_vars": jnp.ones(1)})
-    batch = Batch(x=jnp.asarray(x), nz=None, weight=jnp.ones(B), batch=jnp.zeros(B, jnp.int32),
-                  labels=jnp.zeros(B, jnp.int32), cat_covs=jnp.zeros((B, 0), jnp.int32),
-                  cont_covs=jnp.zeros((B, 0)), log_size_factor=jnp.zeros(B),
-                  log_library=jnp.zeros(B), lgamma_const=jnp.zeros(B))
+    v = init_variables(
+        module, G, 0, 0, 0, {"library_log_means": jnp.zeros(1), "library_log_vars": jnp.ones(1)}
+    )
+    batch = Batch(
+        x=jnp.asarray(x),
+        nz=None,
+        weight=jnp.ones(B),
+        batch=jnp.zeros(B, jnp.int32),
+        labels=jnp.zeros(B, jnp.int32),
+        cat_covs=jnp.zeros((B, 0), jnp.int32),
+        cont_covs=jnp.zeros((B, 0)),
+        log_size_factor=jnp.zeros(B),
+        log_library=jnp.zeros(B),
+        lgamma_const=jnp.zeros(B),
+    )
     x_, _ = jax.jit(lambda b: module.apply(v, b, method=VAE._encoder_input))(batch)
     x_ = np.asarray(x_).ravel()
     ref = np.asarray(jax.jit(jnp.log1p)(jnp.asarray(x))).ravel()
-    n_int = 2 ** 21 - 2 ** 18
+    n_int = 2**21 - 2**18
     np.testing.assert_array_equal(x_[:n_int], ref[:n_int])
-    np.testing.assert_allclose(x_[n_int:], np.log1p(x.ravel()[n_int:].astype(np.float64)),
-                               rtol=2.4e-7, atol=6e-8)
+    np.testing.assert_allclose(
+        x_[n_int:], np.log1p(x.ravel()[n_int:].astype(np.float64)), rtol=2.4e-7, atol=6e-8
+    )

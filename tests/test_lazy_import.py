@@ -14,22 +14,38 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFERRED = ("flax", "pandas", "anndata", "scipy", "matplotlib", "optax", "numpyro", "h5py",
-            "sklearn", "torch", "jaxscanvi.model", "jaxscanvi.torchfile",
-            "jaxscanvi.distributed", "jaxscanvi.pl")
+DEFERRED = (
+    "flax",
+    "pandas",
+    "anndata",
+    "scipy",
+    "matplotlib",
+    "optax",
+    "numpyro",
+    "h5py",
+    "sklearn",
+    "torch",
+    "jaxscanvi.model",
+    "jaxscanvi.torchfile",
+    "jaxscanvi.distributed",
+    "jaxscanvi.pl",
+)
 
 
 def _fresh(code: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAXSCANVI_COMPILATION_CACHE="0")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def test_import_defers_heavy_modules():
-    out = _fresh("import sys, json, jaxscanvi\n"
-                 f"print(json.dumps([m for m in {list(DEFERRED)!r} if m in sys.modules]))")
+    out = _fresh(
+        "import sys, json, jaxscanvi\n"
+        f"print(json.dumps([m for m in {list(DEFERRED)!r} if m in sys.modules]))"
+    )
     assert out == []
 
 
@@ -47,5 +63,6 @@ def test_lazy_names_resolve_to_the_real_objects():
         "    ok.append(False)\n"
         "except AttributeError:\n"
         "    ok.append(True)\n"
-        "print(json.dumps(ok))")
+        "print(json.dumps(ok))"
+    )
     assert out == [True] * 11

@@ -23,7 +23,7 @@ from jaxscanvi import distributed
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import multihost_check as mh  # noqa: E402
+import multihost_check as mh
 
 pytestmark = pytest.mark.multiprocess
 
@@ -48,10 +48,24 @@ def run(small_atlas, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device each
     env["JAX_PLATFORMS"] = "cpu"
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_check.py"), str(p),
-                               "2", str(port), str(d / "atlas.h5ad"), str(d)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for p in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "multihost_check.py"),
+                str(p),
+                "2",
+                str(port),
+                str(d / "atlas.h5ad"),
+                str(d),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for p in range(2)
+    ]
     logs = []
     try:
         for p in procs:
@@ -99,8 +113,11 @@ def test_two_processes_train_as_one_replaying_them(run):
     _close(p0, mh.flat(ref.params), 1e-4)
     # the history and the latent space every process gets, in cell order
     hist = json.loads((run / "scvi_history_0.json").read_text())
-    np.testing.assert_allclose(list(hist["elbo_validation"].values()),
-                               ref.history.to_frame()["elbo_validation"].to_numpy(), rtol=1e-4)
+    np.testing.assert_allclose(
+        list(hist["elbo_validation"].values()),
+        ref.history.to_frame()["elbo_validation"].to_numpy(),
+        rtol=1e-4,
+    )
     lat = np.load(run / "scvi_latent_0.npy")
     np.testing.assert_array_equal(lat, np.load(run / "scvi_latent_1.npy"))
     np.testing.assert_allclose(lat, ref.get_latent_representation(), atol=1e-4)
@@ -111,17 +128,23 @@ def test_two_processes_train_as_one_replaying_them(run):
 
 @pytest.mark.system
 def test_scanvi_two_processes_match_replay(run):
-    ref = _replay(run / "atlas.h5ad", js.SCANVI,
-                  {"labels_key": "label", "unlabeled_category": "Unknown"}, mh.SCANVI_TRAIN)
+    ref = _replay(
+        run / "atlas.h5ad",
+        js.SCANVI,
+        {"labels_key": "label", "unlabeled_category": "Unknown"},
+        mh.SCANVI_TRAIN,
+    )
     p0, p1 = (dict(np.load(run / f"scanvi_params_{p}.npz")) for p in range(2))
     _close(p1, p0, 1e-6)
     _close(p0, mh.flat(ref.params), 1e-4)
-    np.testing.assert_allclose(np.load(run / "scanvi_proba_0.npy"),
-                               ref.predict(soft=True).to_numpy(), atol=1e-4)
+    np.testing.assert_allclose(
+        np.load(run / "scanvi_proba_0.npy"), ref.predict(soft=True).to_numpy(), atol=1e-4
+    )
 
 
 def test_sharded_order_draws_each_slice_from_its_own_cells():
     from jaxscanvi.train.sources import Source
+
     src = Source()
     src.shards = distributed.shard_bounds(103, 2)  # [0, 51, 103]
     idx = np.arange(103)
@@ -166,15 +189,25 @@ def test_a_dead_process_stops_the_others_and_the_checkpoint_survives(tmp_path):
     it, exits within the configured timeout, and its last checkpoint loads."""
     import re
     import time
+
     import lost_process_check as lp
     from flax import serialization
+
     from jaxscanvi import io
+
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(HERE / "lost_process_check.py"), str(p),
-                               str(port), str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for p in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "lost_process_check.py"), str(p), str(port), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for p in range(2)
+    ]
     try:
         out1 = procs[1].communicate(timeout=600)[0]
         died = time.time()
@@ -188,8 +221,11 @@ def test_a_dead_process_stops_the_others_and_the_checkpoint_survives(tmp_path):
     stop = re.search(r"STOPPED (\S+) (\w+): (.*)", out0)
     assert stop, out0[-3000:]
     assert stop.group(2) == "LostProcessError", out0[-3000:]
-    assert re.match(r"process 1 \(pid \d+ on .*\) of this 2-process run is gone.*"
-                    r"process 0 stops too.*resume=True", stop.group(3)), stop.group(3)
+    assert re.match(
+        r"process 1 \(pid \d+ on .*\) of this 2-process run is gone.*"
+        r"process 0 stops too.*resume=True",
+        stop.group(3),
+    ), stop.group(3)
     assert float(stop.group(1)) - killed_at < lp.TIMEOUT_S  # noticed at once
     assert exited - died < lp.TIMEOUT_S + 50, out0[-2000:]  # and gone, bounded
     # the last complete checkpoint is whole and names its epoch

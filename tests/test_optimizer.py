@@ -18,8 +18,10 @@ from jaxscanvi.train.state import KLSchedule, TrainState, make_optimizer, pendin
 
 def _params(seed=0):
     r = np.random.default_rng(seed)
-    return {"w": jnp.asarray(r.normal(size=(5, 3)), jnp.float32),
-            "b": jnp.asarray(r.normal(size=(4,)), jnp.float32)}
+    return {
+        "w": jnp.asarray(r.normal(size=(5, 3)), jnp.float32),
+        "b": jnp.asarray(r.normal(size=(4,)), jnp.float32),
+    }
 
 
 MASK = {"w": np.arange(15).reshape(5, 3) % 4 != 0, "b": True}
@@ -69,17 +71,27 @@ def _batches(n_steps, nan_at):
     return (Toy(jnp.ones((n_steps, 6)), jnp.asarray(x)),)
 
 
-@pytest.mark.parametrize("on_nonfinite,nan_at", [("raise", None), ("raise", 3),
-                                                 ("skip_step", 3)])
+@pytest.mark.parametrize("on_nonfinite,nan_at", [("raise", None), ("raise", 3), ("skip_step", 3)])
 def test_deferred_steps_compute_what_plain_steps_do(on_nonfinite, nan_at):
     """A scan of step.deferred then step.finish gives the plain scan's parameters,
     optimiser state, mutable state, first bad step and per-step outputs."""
     tx = make_optimizer(lr=0.05, eps=0.01, weight_decay=1e-3)
-    step = make_train_step(_loss, tx, KLSchedule(n_epochs_kl_warmup=None), on_nonfinite,
-                           pending=lambda s, p: pending_update(s, p, eps=0.01))
+    step = make_train_step(
+        _loss,
+        tx,
+        KLSchedule(n_epochs_kl_warmup=None),
+        on_nonfinite,
+        pending=lambda s, p: pending_update(s, p, eps=0.01),
+    )
     p0 = _params()
-    ts = TrainState(params=p0, state={"seen": jnp.float32(0)}, opt_state=tx.init(p0),
-                    rng=jax.random.PRNGKey(0), step=jnp.int32(0), epoch=jnp.int32(0))
+    ts = TrainState(
+        params=p0,
+        state={"seen": jnp.float32(0)},
+        opt_state=tx.init(p0),
+        rng=jax.random.PRNGKey(0),
+        step=jnp.int32(0),
+        epoch=jnp.int32(0),
+    )
     carry = (ts, jnp.int32(-1))
     batches = _batches(7, nan_at)
 
@@ -89,6 +101,7 @@ def test_deferred_steps_compute_what_plain_steps_do(on_nonfinite, nan_at):
     def deferred(c, b):
         c, out = jax.lax.scan(step.deferred, (*c, jnp.bool_(False)), b)
         return step.finish(c), out
+
     (ts_b, bad_b), out_b = deferred(carry, batches)
 
     assert int(bad_a) == int(bad_b) == (-1 if nan_at is None else nan_at)

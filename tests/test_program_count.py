@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _programs import ProgramLog  # noqa: E402
+from _programs import ProgramLog
 
 
 def test_counts_each_new_shape_once():

@@ -41,18 +41,31 @@ from hypothesis import strategies as st
 from scipy.special import gammaln
 
 from jaxscanvi import SCVI, InputError, Registry
-from jaxscanvi.data.batch import (Batch, DenseDeviceCells, DeviceCells, dense_device_batch,
-                                  device_batch, host_batch)
+from jaxscanvi.data.batch import (
+    Batch,
+    DenseDeviceCells,
+    DeviceCells,
+    dense_device_batch,
+    device_batch,
+    host_batch,
+)
 from jaxscanvi.data.cells import cell_data, to_csr
 from jaxscanvi.data.registry import UNS_KEY, build_registry, registry_of, setup_anndata
 from jaxscanvi.train.sources import DeviceSource, HostSource, epoch_rows, labelled_rows
 
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                derandomize=True)
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 DTYPES = [np.float32, np.float64, np.int32, np.int64]
-FORMATS = ["csr", "csc", "csr_array", "csc_array", "dense", "messy_csr", "messy_csc",
-           "messy_csr_array"]
+FORMATS = [
+    "csr",
+    "csc",
+    "csr_array",
+    "csc_array",
+    "dense",
+    "messy_csr",
+    "messy_csc",
+    "messy_csr_array",
+]
 # obs column kinds: name -> pool of values
 POOLS = {
     "categorical": ["b", "a", "c"],
@@ -60,10 +73,21 @@ POOLS = {
     "int": [0, 5, 10, -1],
     "bool": [True, False],
     "mixed": [1, "y", 2.5],
-    "colliding": [1, "1", "z"],      # 1 and "1" collide once written as text
+    "colliding": [1, "1", "z"],  # 1 and "1" collide once written as text
 }
-KINDS = [None, None, None, "categorical", "categorical", "categorical", "string", "int",
-         "bool", "mixed", "colliding"]
+KINDS = [
+    None,
+    None,
+    None,
+    "categorical",
+    "categorical",
+    "categorical",
+    "string",
+    "int",
+    "bool",
+    "mixed",
+    "colliding",
+]
 UNUSED = ["zz", "unused"]
 
 
@@ -86,10 +110,14 @@ def _messy(dense: np.ndarray, rng: np.random.Generator, fmt: str):
         indices += [j for j, _ in entries]
         data += [v for _, v in entries]
         indptr.append(len(indices))
-    args = (np.asarray(data, dense.dtype), np.asarray(indices, np.int32),
-            np.asarray(indptr, np.int32))
-    cls = {"messy_csr": sp.csr_matrix, "messy_csc": sp.csc_matrix,
-           "messy_csr_array": sp.csr_array}[fmt]
+    args = (
+        np.asarray(data, dense.dtype),
+        np.asarray(indices, np.int32),
+        np.asarray(indptr, np.int32),
+    )
+    cls = {"messy_csr": sp.csr_matrix, "messy_csc": sp.csc_matrix, "messy_csr_array": sp.csr_array}[
+        fmt
+    ]
     return cls(args, shape=dense.shape)
 
 
@@ -98,8 +126,12 @@ def _as_format(dense: np.ndarray, fmt: str, rng):
         return dense.copy()
     if fmt.startswith("messy"):
         return _messy(dense, rng, fmt)
-    return {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "csr_array": sp.csr_array,
-            "csc_array": sp.csc_array}[fmt](dense)
+    return {
+        "csr": sp.csr_matrix,
+        "csc": sp.csc_matrix,
+        "csr_array": sp.csr_array,
+        "csc_array": sp.csc_array,
+    }[fmt](dense)
 
 
 def _column(draw, n: int, kind: str, allow_nan: bool):
@@ -112,7 +144,7 @@ def _column(draw, n: int, kind: str, allow_nan: bool):
     if missing:
         values[draw(st.integers(0, n - 1))] = None
     if kind == "categorical":
-        cats = list(pool) + UNUSED[:draw(st.integers(0, 2))]
+        cats = list(pool) + UNUSED[: draw(st.integers(0, 2))]
         order = draw(st.permutations(cats))
         col = pd.Categorical(values, categories=list(order))
         return col, values, list(order), missing
@@ -125,9 +157,12 @@ def _column(draw, n: int, kind: str, allow_nan: bool):
 def anndata_cases(draw, fmt: str, dtype):
     n = draw(st.integers(1, 9))
     g = draw(st.integers(1, 6))
-    counts = np.asarray(draw(st.lists(st.sampled_from([0, 0, 0, 1, 2, 3, 7, 1000]),
-                                      min_size=n * g, max_size=n * g)),
-                        np.float64).reshape(n, g)
+    counts = np.asarray(
+        draw(
+            st.lists(st.sampled_from([0, 0, 0, 1, 2, 3, 7, 1000]), min_size=n * g, max_size=n * g)
+        ),
+        np.float64,
+    ).reshape(n, g)
     if draw(st.integers(0, 7)):  # mostly: every cell has a count somewhere
         cols = draw(st.lists(st.integers(0, g - 1), min_size=n, max_size=n))
         counts[np.arange(n), cols] += 1
@@ -142,7 +177,7 @@ def anndata_cases(draw, fmt: str, dtype):
         counts[i, j] = {"half": 2.5, "negative": -3.0, "nan": np.nan, "inf": np.inf}[bad]
         problems.append(f"{bad} count")
     dense = counts.astype(dtype)
-    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     X = _as_format(dense, fmt, rng)
     layer = draw(st.sampled_from([None, "counts"]))
     var_names = [f"g{j}" for j in range(g)]
@@ -177,11 +212,16 @@ def anndata_cases(draw, fmt: str, dtype):
             if all(str(v) == unl for v in values) and len(values) == n:
                 problems.append("no labelled cell")
     if draw(st.booleans()):
-        kind = draw(st.sampled_from(["float", "float", "float", "int", "int", "bool",
-                                     "string", "nan"]))
-        vals = {"float": np.linspace(-1.5, 2.0, n), "int": np.arange(n) - 2,
-                "bool": np.arange(n) % 2 == 0, "string": np.asarray(["1.5"] * n, object),
-                "nan": np.where(np.arange(n) == 0, np.nan, 1.0)}[kind]
+        kind = draw(
+            st.sampled_from(["float", "float", "float", "int", "int", "bool", "string", "nan"])
+        )
+        vals = {
+            "float": np.linspace(-1.5, 2.0, n),
+            "int": np.arange(n) - 2,
+            "bool": np.arange(n) % 2 == 0,
+            "string": np.asarray(["1.5"] * n, object),
+            "nan": np.where(np.arange(n) == 0, np.nan, 1.0),
+        }[kind]
         obs["cont"] = vals
         kwargs["continuous_covariate_keys"] = ["cont"]
         expect["cont"] = vals
@@ -198,8 +238,11 @@ def anndata_cases(draw, fmt: str, dtype):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # anndata: non-unique var names etc.
-        a = ad.AnnData(X=X if layer is None else sp.csr_matrix((n, g), dtype=np.float32),
-                       obs=obs, var=pd.DataFrame(index=var_names))
+        a = ad.AnnData(
+            X=X if layer is None else sp.csr_matrix((n, g), dtype=np.float32),
+            obs=obs,
+            var=pd.DataFrame(index=var_names),
+        )
     if layer is not None:
         a.layers[layer] = X
     kwargs["layer"] = layer
@@ -213,8 +256,7 @@ def _snapshot(X):
 
 
 def _same(a, b) -> bool:
-    return a[0] is b[0] and all(np.array_equal(x, y, equal_nan=True)
-                                for x, y in zip(a[1:], b[1:]))
+    return a[0] is b[0] and all(np.array_equal(x, y, equal_nan=True) for x, y in zip(a[1:], b[1:]))
 
 
 def _setup(a, kwargs):
@@ -297,8 +339,7 @@ def test_setup_and_cell_data_roundtrip_or_input_error(fmt, dtype, data):
     else:
         assert reg.batch_categories == ("0",) and (cells.batch == 0).all()
     if "labels_key" in kwargs:
-        check_codes("lb", cells.labels, reg.label_categories,
-                    kwargs.get("unlabeled_category"))
+        check_codes("lb", cells.labels, reg.label_categories, kwargs.get("unlabeled_category"))
     else:
         assert (cells.labels == 0).all()
     if "categorical_covariate_keys" in kwargs:
@@ -320,9 +361,13 @@ def test_coo_counts_are_refused_by_anndata_but_read_by_to_csr():
     # AnnData itself only stores CSR/CSC (or dense) matrices; jaxscanvi's reader
     # still accepts any scipy sparse format, COO with duplicates included
     dense = np.array([[0, 3, 1], [2, 0, 0]], np.float64)
-    coo = sp.coo_matrix((np.array([1.0, 2.0, 1.0, 2.0, 0.0]),
-                         (np.array([0, 0, 0, 1, 1]), np.array([1, 1, 2, 0, 2]))),
-                        shape=(2, 3))
+    coo = sp.coo_matrix(
+        (
+            np.array([1.0, 2.0, 1.0, 2.0, 0.0]),
+            (np.array([0, 0, 0, 1, 1]), np.array([1, 1, 2, 0, 2])),
+        ),
+        shape=(2, 3),
+    )
     with pytest.raises(ValueError):
         ad.AnnData(X=coo)
     X = to_csr(coo)
@@ -332,18 +377,19 @@ def test_coo_counts_are_refused_by_anndata_but_read_by_to_csr():
 
 # ------------------------------------------------------------- epoch and label rows
 @settings(max_examples=200, **SETTINGS)
-@given(st.integers(0, 40), st.integers(1, 12), st.booleans(), st.integers(0, 2 ** 16),
-       st.data())
+@given(st.integers(0, 40), st.integers(1, 12), st.booleans(), st.integers(0, 2**16), st.data())
 def test_epoch_rows_cover_every_cell_once_padding_last(n_total, B, shuffle, seed, data):
-    idx = np.asarray(data.draw(st.lists(st.integers(0, max(n_total - 1, 0)), unique=True,
-                                        max_size=n_total)), np.int64)
+    idx = np.asarray(
+        data.draw(st.lists(st.integers(0, max(n_total - 1, 0)), unique=True, max_size=n_total)),
+        np.int64,
+    )
     rows = epoch_rows(np.random.default_rng(seed), idx, B, shuffle=shuffle)
     n_steps = max(-(-len(idx) // B), 1)
     assert rows.shape == (n_steps, B) and rows.dtype == np.int32
     flat = rows.ravel()
     real = flat[flat >= 0]
     assert np.array_equal(np.sort(real), np.sort(idx))  # each cell exactly once
-    assert (flat[:len(idx)] >= 0).all() and (flat[len(idx):] == -1).all()  # -1 only at end
+    assert (flat[: len(idx)] >= 0).all() and (flat[len(idx) :] == -1).all()  # -1 only at end
     assert (flat >= -1).all()
     assert n_steps * B - len(idx) < B or len(idx) == 0
     if not shuffle:
@@ -353,8 +399,12 @@ def test_epoch_rows_cover_every_cell_once_padding_last(n_total, B, shuffle, seed
 
 
 @settings(max_examples=200, **SETTINGS)
-@given(st.lists(st.integers(0, 50), unique=True, min_size=1, max_size=20),
-       st.integers(1, 6), st.integers(1, 12), st.integers(0, 2 ** 16))
+@given(
+    st.lists(st.integers(0, 50), unique=True, min_size=1, max_size=20),
+    st.integers(1, 6),
+    st.integers(1, 12),
+    st.integers(0, 2**16),
+)
 def test_labelled_rows_cycle_through_every_labelled_cell(lab, n_steps, B, seed):
     lab = np.asarray(lab)
     rows = labelled_rows(np.random.default_rng(seed), lab, n_steps, B)
@@ -363,7 +413,7 @@ def test_labelled_rows_cycle_through_every_labelled_cell(lab, n_steps, B, seed):
     assert np.isin(flat, lab).all()
     L = len(lab)
     for s in range(0, len(flat) - L + 1, L):  # every full pass is a permutation
-        assert np.array_equal(np.sort(flat[s:s + L]), np.sort(lab))
+        assert np.array_equal(np.sort(flat[s : s + L]), np.sort(lab))
     counts = np.bincount(np.searchsorted(np.sort(lab), flat), minlength=L)
     assert counts.max() - counts.min() <= 1
 
@@ -382,45 +432,67 @@ K_FIX = B_FIX * G_FIX  # room for any B rows, repeated rows included
 def cell_cases(draw, n=None, g=None):
     n = n or draw(st.integers(1, 9))
     g = g or draw(st.integers(1, 6))
-    counts = np.asarray(draw(st.lists(st.sampled_from([0, 0, 0, 1, 2, 5, 300]),
-                                      min_size=n * g, max_size=n * g)),
-                        np.float64).reshape(n, g)
-    counts[np.arange(n), draw(st.lists(st.integers(0, g - 1), min_size=n,
-                                       max_size=n))] += 1  # no empty cell
+    counts = np.asarray(
+        draw(st.lists(st.sampled_from([0, 0, 0, 1, 2, 5, 300]), min_size=n * g, max_size=n * g)),
+        np.float64,
+    ).reshape(n, g)
+    counts[np.arange(n), draw(st.lists(st.integers(0, g - 1), min_size=n, max_size=n))] += (
+        1  # no empty cell
+    )
     fmt = draw(st.sampled_from(FORMATS))
     dtype = draw(st.sampled_from(DTYPES))
     X = _as_format(counts.astype(dtype), fmt, np.random.default_rng(draw(st.integers(0, 99))))
-    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     labels = rng.choice(["u", "v", "?"], n)
     labels[0] = "u"  # at least one labelled cell
-    obs = pd.DataFrame({"b": rng.choice(["p", "q", "r"], n),
-                        "l": pd.Categorical(labels, categories=["v", "u", "?", "never"]),
-                        "d": rng.choice([3, 1, 2], n), "c": rng.normal(size=n),
-                        "sf": rng.uniform(0.5, 2, n)}, index=[f"c{i}" for i in range(n)])
+    obs = pd.DataFrame(
+        {
+            "b": rng.choice(["p", "q", "r"], n),
+            "l": pd.Categorical(labels, categories=["v", "u", "?", "never"]),
+            "d": rng.choice([3, 1, 2], n),
+            "c": rng.normal(size=n),
+            "sf": rng.uniform(0.5, 2, n),
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
     a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(g)]))
     use_sf = draw(st.booleans())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reg = setup_anndata(a, batch_key="b", labels_key="l", unlabeled_category="?",
-                            categorical_covariate_keys=["d"], continuous_covariate_keys=["c"],
-                            size_factor_key="sf" if use_sf else None)
+        reg = setup_anndata(
+            a,
+            batch_key="b",
+            labels_key="l",
+            unlabeled_category="?",
+            categorical_covariate_keys=["d"],
+            continuous_covariate_keys=["c"],
+            size_factor_key="sf" if use_sf else None,
+        )
     return cell_data(a, reg), counts.astype(np.float32)
 
 
 def _rows(draw, n, B, allow_repeats=True):
     k = draw(st.integers(0, B))
     if allow_repeats and draw(st.booleans()):
-        return np.asarray(draw(st.lists(st.integers(0, n - 1), min_size=k, max_size=k)),
-                          np.int64)
+        return np.asarray(draw(st.lists(st.integers(0, n - 1), min_size=k, max_size=k)), np.int64)
     return np.asarray(draw(st.permutations(range(n)))[:k], np.int64)
 
 
 def _per_cell(cells):
-    lsf = (cells.log_size_factor if cells.log_size_factor is not None
-           else np.zeros(cells.n_obs, np.float32))
-    return {"batch": cells.batch, "labels": cells.labels, "cat_covs": cells.cat_covs,
-            "cont_covs": cells.cont_covs, "log_size_factor": lsf,
-            "log_library": cells.log_library, "lgamma_const": cells.lgamma_const}
+    lsf = (
+        cells.log_size_factor
+        if cells.log_size_factor is not None
+        else np.zeros(cells.n_obs, np.float32)
+    )
+    return {
+        "batch": cells.batch,
+        "labels": cells.labels,
+        "cat_covs": cells.cat_covs,
+        "cont_covs": cells.cont_covs,
+        "log_size_factor": lsf,
+        "log_library": cells.log_library,
+        "lgamma_const": cells.lgamma_const,
+    }
 
 
 @settings(max_examples=120, **SETTINGS)
@@ -439,7 +511,7 @@ def test_host_batch_matches_scipy_densification(data):
     assert np.array_equal(b.weight, (np.arange(B) < n).astype(np.float32))
     for name, arr in _per_cell(cells).items():
         got = getattr(b, name)
-        assert got.shape == (B,) + arr.shape[1:] and got.dtype == arr.dtype, name
+        assert got.shape == (B, *arr.shape[1:]) and got.dtype == arr.dtype, name
         assert np.array_equal(got[:n], arr[rows]) and not got[n:].any(), name
     # the non-zero list holds exactly the non-zeros of x, padded with zeros
     assert b.nz.row.shape == b.nz.col.shape == b.nz.val.shape == (K,)
@@ -481,8 +553,9 @@ def test_host_and_device_batches_agree(data):
     host = host_batch(cells, rows, B_FIX, K_FIX)
     ddc = DenseDeviceCells.from_cells(cells)
     assert np.array_equal(np.asarray(ddc.X), dense)
-    dev, dense_dev = jax.device_get(_gather_both(_pad_device_cells(cells), ddc,
-                                                 jnp.asarray(padded)))
+    dev, dense_dev = jax.device_get(
+        _gather_both(_pad_device_cells(cells), ddc, jnp.asarray(padded))
+    )
     for other in (dev, dense_dev):
         assert np.array_equal(np.asarray(other.x), host.x)
         assert np.array_equal(np.asarray(other.weight), host.weight)
@@ -503,9 +576,17 @@ def test_host_and_device_batches_agree(data):
 def _collect(carry, b):
     """A step function that returns what it was given (and counts the steps)."""
     main, lab = (b, None) if isinstance(b, Batch) else b
-    out = {"x": main.x, "w": main.weight, "batch": main.batch, "labels": main.labels,
-           "lib": main.log_library, "lg": main.lgamma_const, "cat": main.cat_covs,
-           "cont": main.cont_covs, "lsf": main.log_size_factor}
+    out = {
+        "x": main.x,
+        "w": main.weight,
+        "batch": main.batch,
+        "labels": main.labels,
+        "lib": main.log_library,
+        "lg": main.lgamma_const,
+        "cat": main.cat_covs,
+        "cont": main.cont_covs,
+        "lsf": main.log_size_factor,
+    }
     if lab is not None:
         out.update(lab_x=lab.x, lab_w=lab.weight, lab_labels=lab.labels)
     return carry + 1, out
@@ -524,8 +605,11 @@ def test_sources_give_identical_epochs(few_labelled):
     lab_idx = np.flatnonzero(cells.labels < n_labels)
     assert len(lab_idx) == (1 if few_labelled else 4)
     lab = labelled_rows(rng, lab_idx, rows.shape[0], B)
-    sources = [DeviceSource(cells, B), DeviceSource(cells, B, dense_max_bytes=0),
-               HostSource(cells, B)]
+    sources = [
+        DeviceSource(cells, B),
+        DeviceSource(cells, B, dense_max_bytes=0),
+        HostSource(cells, B),
+    ]
     assert sources[0].dense and not sources[1].dense
     outs = []
     for s in sources:
@@ -536,7 +620,7 @@ def test_sources_give_identical_epochs(few_labelled):
     valid = rows >= 0
     for step in range(rows.shape[0]):
         r = rows[step][valid[step]]
-        assert np.array_equal(ref["x"][step][:len(r)], dense[r])
+        assert np.array_equal(ref["x"][step][: len(r)], dense[r])
         assert np.array_equal(ref["lab_x"][step], dense[lab[step]])
     for out in outs[:-1]:
         for k in ref:
@@ -559,13 +643,21 @@ def _fixed_cells(few_labelled: bool):
     labels[3] = "u"
     if not few_labelled:
         labels[[0, 1, 6]] = ["u", "v", "v"]
-    a = ad.AnnData(X=sp.csr_matrix(counts),
-                   var=pd.DataFrame(index=[f"g{j}" for j in range(g)]),
-                   obs=pd.DataFrame({"b": rng.choice(["p", "q"], n), "l": labels,
-                                     "c": rng.normal(size=n)},
-                                    index=[f"c{i}" for i in range(n)]))
+    a = ad.AnnData(
+        X=sp.csr_matrix(counts),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(g)]),
+        obs=pd.DataFrame(
+            {"b": rng.choice(["p", "q"], n), "l": labels, "c": rng.normal(size=n)},
+            index=[f"c{i}" for i in range(n)],
+        ),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reg = setup_anndata(a, batch_key="b", labels_key="l", unlabeled_category="?",
-                            continuous_covariate_keys=["c"])
+        reg = setup_anndata(
+            a,
+            batch_key="b",
+            labels_key="l",
+            unlabeled_category="?",
+            continuous_covariate_keys=["c"],
+        )
     return cell_data(a, reg), counts, reg.n_labels

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-
 from conftest import hvg, shared_file
+
 from jaxscanvi import SCANVI, SCVI, InputError, synthetic_atlas
 from jaxscanvi.model.scanvi import expected_calibration_error
 
@@ -23,8 +23,15 @@ ARCH = dict(n_hidden=32, n_latent=5)
 @pytest.fixture(scope="module")
 def split():
     """3 batches, 4 types; the reference is batches 0-1 without NOVEL, the query batch 2."""
-    a = synthetic_atlas(n_cells=2000, n_genes=200, n_batches=3, n_lineages=2,
-                        types_per_lineage=2, seed=0, markers_per_type=10)
+    a = synthetic_atlas(
+        n_cells=2000,
+        n_genes=200,
+        n_batches=3,
+        n_lineages=2,
+        types_per_lineage=2,
+        seed=0,
+        markers_per_type=10,
+    )
     truth = a.obs["cell_type"].astype(str).to_numpy()
     is_q = (a.obs["batch"] == "batch2").to_numpy()
     ref = a[~is_q & (truth != NOVEL)].copy()
@@ -51,8 +58,9 @@ def _query(split, labelled_novel: float = 0.0):
     q = query.copy()
     truth = q.obs["cell_type"].astype(str).to_numpy()
     rng = np.random.default_rng(1)
-    q.obs["lab"] = np.where((truth == NOVEL) & (rng.random(q.n_obs) < labelled_novel),
-                            truth, "Unknown")
+    q.obs["lab"] = np.where(
+        (truth == NOVEL) & (rng.random(q.n_obs) < labelled_novel), truth, "Unknown"
+    )
     return q, truth
 
 
@@ -60,9 +68,8 @@ def _query(split, labelled_novel: float = 0.0):
 def test_prepare_query_reorders_pads_and_stays_sparse(reference, tmp_path):
     ref_names = list(reference.registry.var_names)
     rng = np.random.default_rng(0)
-    keep = [g for g in ref_names if rng.random() > 0.1][::-1] + ["extra1", "extra2"]
-    X = sp.random(30, len(keep), density=0.2, format="csr", random_state=0,
-                  dtype=np.float32)
+    keep = [*[g for g in ref_names if rng.random() > 0.1][::-1], "extra1", "extra2"]
+    X = sp.random(30, len(keep), density=0.2, format="csr", random_state=0, dtype=np.float32)
     X.data = np.ceil(X.data * 10)
     q = ad.AnnData(X=X, var=pd.DataFrame(index=keep))
     q.layers["counts"] = X.tocsc()
@@ -86,8 +93,9 @@ def test_prepare_query_reorders_pads_and_stays_sparse(reference, tmp_path):
 
 def test_prepare_query_refuses_tiny_overlap(reference):
     names = list(reference.registry.var_names)[:40] + [f"other{i}" for i in range(100)]
-    q = ad.AnnData(X=sp.csr_matrix(np.ones((5, len(names)), np.float32)),
-                   var=pd.DataFrame(index=names))
+    q = ad.AnnData(
+        X=sp.csr_matrix(np.ones((5, len(names)), np.float32)), var=pd.DataFrame(index=names)
+    )
     with pytest.raises(InputError) as e:
         SCANVI.prepare_query_anndata(q, reference)
     assert e.value.field == "adata.var_names" and "40 of 200" in str(e.value)
@@ -117,8 +125,7 @@ def query_model(reference, split):
 
 def test_surgery_grows_categories_and_keeps_reference_codes(reference, query_model):
     model, *_ = query_model
-    assert model.registry.batch_categories == reference.registry.batch_categories + (
-        "batch2",)
+    assert model.registry.batch_categories == (*reference.registry.batch_categories, "batch2")
     assert model.query_info["new_batches"] == ["batch2"]
     emb = model.params["decoder"]["px_decoder"]["layer0_cov0"]
     assert emb.shape[0] == 3
@@ -141,14 +148,17 @@ def test_frozen_leaves_bitwise_unchanged(query_model):
     new_row = np.asarray(model.params["decoder"]["px_decoder"]["layer0_cov0"])[2]
     assert not np.array_equal(new_row, before["decoder"]["px_decoder"]["layer0_cov0"][2])
     # frozen batch-norm running statistics too (encoder, classifier); the decoder's move
-    for (path, b), a, m in zip(jax.tree_util.tree_leaves_with_path(stats_before),
-                               jax.tree_util.tree_leaves(model.state),
-                               jax.tree_util.tree_leaves(state_mask)):
+    for (path, b), a, m in zip(
+        jax.tree_util.tree_leaves_with_path(stats_before),
+        jax.tree_util.tree_leaves(model.state),
+        jax.tree_util.tree_leaves(state_mask),
+    ):
         if not np.all(m):
             assert np.array_equal(np.asarray(a), b), jax.tree_util.keystr(path)
     dec = model.state["batch_stats"]["decoder"]["px_decoder"]["bn0"]["mean"]
-    assert not np.array_equal(np.asarray(dec),
-                              stats_before["batch_stats"]["decoder"]["px_decoder"]["bn0"]["mean"])
+    assert not np.array_equal(
+        np.asarray(dec), stats_before["batch_stats"]["decoder"]["px_decoder"]["bn0"]["mean"]
+    )
 
 
 def test_reference_cells_map_as_before(reference, query_model, split):
@@ -156,8 +166,9 @@ def test_reference_cells_map_as_before(reference, query_model, split):
     the reference model does."""
     model, *_ = query_model
     ref = reference.adata
-    np.testing.assert_array_equal(model.get_latent_representation(ref),
-                                  reference.get_latent_representation())
+    np.testing.assert_array_equal(
+        model.get_latent_representation(ref), reference.get_latent_representation()
+    )
 
 
 def test_query_accuracy(query_model):
@@ -172,7 +183,7 @@ def test_query_accuracy(query_model):
 def test_unfrozen_trains_everything(reference, split):
     q, _ = _query(split)
     model = SCANVI.load_query_data(q, reference, unfrozen=True)
-    params_mask, state_mask = model._freeze
+    params_mask, _state_mask = model._freeze
     assert all(np.all(m) for m in jax.tree_util.tree_leaves(params_mask))
     assert model.module.config.frozen_batchnorm == ()
 
@@ -187,8 +198,9 @@ def _assert_reference_classes_frozen(model, before, stats_before, n_ref):
     assert np.array_equal(logits["bias"][:n_ref], old_logits["bias"][:n_ref])
     assert not np.array_equal(logits["kernel"][:, n_ref:], old_logits["kernel"][:, n_ref:])
     assert _bitwise(p["classifier"]["classifier"], before["classifier"]["classifier"])
-    assert _bitwise(model.state["batch_stats"]["classifier"],
-                    stats_before["batch_stats"]["classifier"])
+    assert _bitwise(
+        model.state["batch_stats"]["classifier"], stats_before["batch_stats"]["classifier"]
+    )
     for net, fc in (("encoder_z2_z1", "encoder"), ("decoder_z1_z2", "decoder")):
         rows, old_rows = p[net][fc]["layer0_cov0"], before[net][fc]["layer0_cov0"]
         assert rows.shape[0] == n_ref + 1
@@ -223,10 +235,10 @@ def test_query_resume_bitwise(reference, split, tmp_path):
     assert _bitwise(resumed.state, full.state)
     assert _bitwise(resumed.train_state.opt_state, full.train_state.opt_state)
     cols = [c for c in full.history.to_frame().columns if c != "epoch_seconds"]
-    pd.testing.assert_frame_equal(resumed.history.to_frame()[cols],
-                                  full.history.to_frame()[cols])
-    np.testing.assert_array_equal(resumed.predict(soft=True).to_numpy(),
-                                  full.predict(soft=True).to_numpy())
+    pd.testing.assert_frame_equal(resumed.history.to_frame()[cols], full.history.to_frame()[cols])
+    np.testing.assert_array_equal(
+        resumed.predict(soft=True).to_numpy(), full.predict(soft=True).to_numpy()
+    )
 
 
 def test_new_cell_types_from_labelled_query_cells(reference, split):
@@ -259,12 +271,14 @@ def test_query_model_save_load_roundtrip(query_model, tmp_path):
     assert loaded.temperature == model.temperature
     assert loaded.query_info == model.query_info
     # what query training may change survives the round trip
-    for a, b in zip(jax.tree_util.tree_leaves(loaded._freeze),
-                    jax.tree_util.tree_leaves(model._freeze)):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(loaded._freeze), jax.tree_util.tree_leaves(model._freeze)
+    ):
         np.testing.assert_array_equal(np.asarray(a, bool), np.asarray(b, bool))
     assert loaded.reference_stats == model.reference_stats
-    np.testing.assert_array_equal(loaded.predict(soft=True).to_numpy(),
-                                  model.predict(soft=True).to_numpy())
+    np.testing.assert_array_equal(
+        loaded.predict(soft=True).to_numpy(), model.predict(soft=True).to_numpy()
+    )
     np.testing.assert_array_equal(loaded.novelty_score(), model.novelty_score())
 
 
@@ -274,11 +288,16 @@ def test_calibration_lowers_error_on_held_out_cells(reference):
     assert cal["n_cells"] == len(reference.validation_indices)
     assert cal["nll_after"] <= cal["nll_before"] + 1e-9
     n = reference.adata.n_obs
-    held = np.setdiff1d(np.arange(n), np.concatenate([reference.train_indices,
-                                                      reference.validation_indices]))
+    held = np.setdiff1d(
+        np.arange(n), np.concatenate([reference.train_indices, reference.validation_indices])
+    )
     assert len(held) > 50
-    y = np.asarray([reference.registry.label_categories.index(t)
-                    for t in reference.adata.obs["lab"].astype(str).to_numpy()[held]])
+    y = np.asarray(
+        [
+            reference.registry.label_categories.index(t)
+            for t in reference.adata.obs["lab"].astype(str).to_numpy()[held]
+        ]
+    )
     logits = reference._logits(reference.variables, reference._train_cells(), held, None)
 
     def soft(t):
@@ -328,18 +347,32 @@ def test_predict_soft_is_calibrated_and_unassigned(reference):
 
 
 # ---------------------------------------------------------------- real data
-COARSE = {"Naive CD4 T": "CD4 T", "Memory CD4 T": "CD4 T", "CD8 T": "CD8 T", "B": "B",
-          "NK": "NK", "CD14+ Mono": "Mono/DC", "FCGR3A+ Mono": "Mono/DC", "DC": "Mono/DC",
-          "Platelet": "Platelet", "T_CD4": "CD4 T", "T_CD8": "CD8 T", "MNP": "Mono/DC",
-          "Unknown": "Unknown", "CD4 T": "CD4 T", "Mono/DC": "Mono/DC"}
+COARSE = {
+    "Naive CD4 T": "CD4 T",
+    "Memory CD4 T": "CD4 T",
+    "CD8 T": "CD8 T",
+    "B": "B",
+    "NK": "NK",
+    "CD14+ Mono": "Mono/DC",
+    "FCGR3A+ Mono": "Mono/DC",
+    "DC": "Mono/DC",
+    "Platelet": "Platelet",
+    "T_CD4": "CD4 T",
+    "T_CD8": "CD8 T",
+    "MNP": "Mono/DC",
+    "Unknown": "Unknown",
+    "CD4 T": "CD4 T",
+    "Mono/DC": "Mono/DC",
+}
 
 
 def _reference_model(ref, n_genes=1000):
     ref = hvg(ref, n_genes)
     SCVI.setup_anndata(ref, batch_key="batch", labels_key="coarse")
     vae = SCVI(ref, n_hidden=64)
-    vae.train(max_epochs=15, batch_size=256, progress_bar=False,
-              plan_kwargs={"n_epochs_kl_warmup": 8})
+    vae.train(
+        max_epochs=15, batch_size=256, progress_bar=False, plan_kwargs={"n_epochs_kl_warmup": 8}
+    )
     model = SCANVI.from_scvi_model(vae, "Unknown")
     model.train(max_epochs=5, batch_size=256, progress_bar=False)
     return model
@@ -350,8 +383,7 @@ def _map(query, model):
         warnings.simplefilter("ignore")
         SCANVI.prepare_query_anndata(query, model)
     q = SCANVI.load_query_data(query, model)
-    q.train(max_epochs=8, batch_size=256, progress_bar=False,
-            plan_kwargs={"weight_decay": 0.0})
+    q.train(max_epochs=8, batch_size=256, progress_bar=False, plan_kwargs={"weight_decay": 0.0})
     return q
 
 
@@ -397,8 +429,15 @@ def test_pbmc_held_out_batch_with_a_type_absent_from_the_reference():
 @pytest.fixture(scope="module")
 def cli_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    a = synthetic_atlas(n_cells=500, n_genes=120, n_batches=3, n_lineages=2,
-                        types_per_lineage=2, seed=3, markers_per_type=8)
+    a = synthetic_atlas(
+        n_cells=500,
+        n_genes=120,
+        n_batches=3,
+        n_lineages=2,
+        types_per_lineage=2,
+        seed=3,
+        markers_per_type=8,
+    )
     is_q = (a.obs["batch"] == "batch2").to_numpy()
     ref, query = a[~is_q].copy(), a[is_q].copy()
     del query.obs["cell_type"]
@@ -407,47 +446,105 @@ def cli_files(tmp_path_factory):
     return d
 
 
-SMALL = ["--n-hidden", "16", "--n-latent", "4", "--scvi-epochs", "3", "--scanvi-epochs",
-         "2", "--quiet"]
+SMALL = [
+    "--n-hidden",
+    "16",
+    "--n-latent",
+    "4",
+    "--scvi-epochs",
+    "3",
+    "--scanvi-epochs",
+    "2",
+    "--quiet",
+]
 
 
 def _annotate(d, out: str, *extra: str) -> list[str]:
-    return ["annotate", "--reference", str(d / "ref.h5ad"), "--query", str(d / "query.h5ad"),
-            "--labels-key", "cell_type", "--batch-key", "batch", "--n-top-genes", "100",
-            *extra, "--out", str(d / out)] + SMALL
+    return [
+        "annotate",
+        "--reference",
+        str(d / "ref.h5ad"),
+        "--query",
+        str(d / "query.h5ad"),
+        "--labels-key",
+        "cell_type",
+        "--batch-key",
+        "batch",
+        "--n-top-genes",
+        "100",
+        *extra,
+        "--out",
+        str(d / out),
+        *SMALL,
+    ]
 
 
 def test_cli_annotate_predict_train(cli_files, capsys):
     from jaxscanvi.cli import main
+
     d = cli_files
     rc = main(_annotate(d, "annotated.h5ad", "--query-epochs", "2"))
     assert rc == 0, capsys.readouterr().err
     out = ad.read_h5ad(d / "annotated.h5ad")
-    for col in ("prediction", "prediction_probability", "prediction_assigned",
-                "novelty_score", "is_novel"):
+    for col in (
+        "prediction",
+        "prediction_probability",
+        "prediction_assigned",
+        "novelty_score",
+        "is_novel",
+    ):
         assert col in out.obs, col
     assert out.n_vars == 100 and out.obsm["X_scANVI"].shape == (out.n_obs, 4)
     assert set(out.obs["prediction"].astype(str)) <= {"L0_T0", "L0_T1", "L1_T0", "L1_T1"}
     assert (d / "annotated_model" / "metadata.json").exists()
     # predict with the saved query model: its batches are known, no surgery
-    rc = main(["predict", "--model-dir", str(d / "annotated_model"), "--adata",
-               str(d / "query.h5ad"), "--out", str(d / "pred.h5ad"), "--quiet"])
+    rc = main(
+        [
+            "predict",
+            "--model-dir",
+            str(d / "annotated_model"),
+            "--adata",
+            str(d / "query.h5ad"),
+            "--out",
+            str(d / "pred.h5ad"),
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     pred = ad.read_h5ad(d / "pred.h5ad")
-    np.testing.assert_array_equal(pred.obs["prediction"].astype(str),
-                                  out.obs["prediction"].astype(str))
+    np.testing.assert_array_equal(
+        pred.obs["prediction"].astype(str), out.obs["prediction"].astype(str)
+    )
     # the same reference as annotate's: its compiled steps are reused
-    rc = main(["train", "--adata", str(d / "ref.h5ad"), "--batch-key", "batch",
-               "--labels-key", "cell_type", "--n-top-genes", "100", "--model-dir",
-               str(d / "ref_model"), "--out", str(d / "ref_latent.h5ad")] + SMALL)
+    rc = main(
+        [
+            "train",
+            "--adata",
+            str(d / "ref.h5ad"),
+            "--batch-key",
+            "batch",
+            "--labels-key",
+            "cell_type",
+            "--n-top-genes",
+            "100",
+            "--model-dir",
+            str(d / "ref_model"),
+            "--out",
+            str(d / "ref_latent.h5ad"),
+            *SMALL,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert ad.read_h5ad(d / "ref_latent.h5ad").obsm["X_scANVI"].shape == (
-        ad.read_h5ad(d / "ref.h5ad").n_obs, 4)
+        ad.read_h5ad(d / "ref.h5ad").n_obs,
+        4,
+    )
     assert SCANVI.load(d / "ref_model").is_trained
 
 
 def test_cli_annotate_joint_mode(cli_files, capsys):
     from jaxscanvi.cli import main
+
     d = cli_files
     rc = main(_annotate(d, "joint.h5ad", "--mode", "joint"))
     assert rc == 0, capsys.readouterr().err
@@ -461,9 +558,23 @@ def test_cli_annotate_joint_mode(cli_files, capsys):
 
 
 # the demo at a small size (the default is 5,000 cells x 1,000 genes, ~2 minutes)
-DEMO_SMALL = ["--n-cells", "1200", "--n-genes", "300", "--marker-lfc", "3",
-              "--scvi-epochs", "30", "--scanvi-epochs", "5", "--query-epochs", "10",
-              "--n-hidden", "32", "--quiet"]
+DEMO_SMALL = [
+    "--n-cells",
+    "1200",
+    "--n-genes",
+    "300",
+    "--marker-lfc",
+    "3",
+    "--scvi-epochs",
+    "30",
+    "--scanvi-epochs",
+    "5",
+    "--query-epochs",
+    "10",
+    "--n-hidden",
+    "32",
+    "--quiet",
+]
 
 
 def test_cli_demo_small(tmp_path, capsys):
@@ -472,7 +583,9 @@ def test_cli_demo_small(tmp_path, capsys):
     and far above chance (11 reference types); the left-out type is flagged novel."""
     import importlib.util
     import re
+
     from jaxscanvi.cli import main
+
     out = tmp_path / "demo"
     rc = main(["demo", *DEMO_SMALL, "--out", str(out)])
     text = capsys.readouterr().out
@@ -496,19 +609,70 @@ def test_cli_demo_small(tmp_path, capsys):
             assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["annotate", "--reference", "nope.h5ad", "--query", "q.h5ad", "--labels-key", "x",
-      "--out", "o.h5ad"], "no such file"),
-    (["annotate", "--reference", "{d}/ref.h5ad", "--query", "{d}/query.h5ad",
-      "--labels-key", "celltype", "--out", "{d}/o.h5ad"], "labels_key='celltype'"),
-    (["annotate", "--reference", "{d}/ref.h5ad", "--query", "{d}/query.h5ad",
-      "--labels-key", "cell_type", "--batch-key", "sample", "--out", "{d}/o.h5ad"],
-     "batch_key='sample'"),
-    (["predict", "--model-dir", "{d}/missing_model", "--adata", "{d}/query.h5ad",
-      "--out", "{d}/o.h5ad"], "no model folder"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (
+            [
+                "annotate",
+                "--reference",
+                "nope.h5ad",
+                "--query",
+                "q.h5ad",
+                "--labels-key",
+                "x",
+                "--out",
+                "o.h5ad",
+            ],
+            "no such file",
+        ),
+        (
+            [
+                "annotate",
+                "--reference",
+                "{d}/ref.h5ad",
+                "--query",
+                "{d}/query.h5ad",
+                "--labels-key",
+                "celltype",
+                "--out",
+                "{d}/o.h5ad",
+            ],
+            "labels_key='celltype'",
+        ),
+        (
+            [
+                "annotate",
+                "--reference",
+                "{d}/ref.h5ad",
+                "--query",
+                "{d}/query.h5ad",
+                "--labels-key",
+                "cell_type",
+                "--batch-key",
+                "sample",
+                "--out",
+                "{d}/o.h5ad",
+            ],
+            "batch_key='sample'",
+        ),
+        (
+            [
+                "predict",
+                "--model-dir",
+                "{d}/missing_model",
+                "--adata",
+                "{d}/query.h5ad",
+                "--out",
+                "{d}/o.h5ad",
+            ],
+            "no model folder",
+        ),
+    ],
+)
 def test_cli_bad_input_one_line_and_exit_2(cli_files, capsys, argv, needle):
     from jaxscanvi.cli import main
+
     rc = main([a.format(d=cli_files) for a in argv] + ["--quiet"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
@@ -518,11 +682,19 @@ def test_cli_bad_input_one_line_and_exit_2(cli_files, capsys, argv, needle):
 def test_scvi_surgery_with_encoded_covariates_keeps_reference_exact():
     """SCVI, batches and a categorical covariate injected into the encoder too: the
     query's new categories train, every reference value stays bitwise."""
-    a = synthetic_atlas(n_cells=300, n_genes=60, n_batches=3, n_lineages=1,
-                        types_per_lineage=2, seed=5, markers_per_type=8)
+    a = synthetic_atlas(
+        n_cells=300,
+        n_genes=60,
+        n_batches=3,
+        n_lineages=1,
+        types_per_lineage=2,
+        seed=5,
+        markers_per_type=8,
+    )
     a.obs["donor"] = np.where(np.arange(a.n_obs) % 3 == 0, "d0", "d1")
-    a.obs.loc[(a.obs["batch"] == "batch2").to_numpy() & (np.arange(a.n_obs) % 2 == 0),
-              "donor"] = "d2"
+    a.obs.loc[(a.obs["batch"] == "batch2").to_numpy() & (np.arange(a.n_obs) % 2 == 0), "donor"] = (
+        "d2"
+    )
     is_q = (a.obs["batch"] == "batch2").to_numpy()
     ref, query = a[~is_q].copy(), a[is_q].copy()
     SCVI.setup_anndata(ref, batch_key="batch", categorical_covariate_keys=["donor"])
@@ -535,11 +707,14 @@ def test_scvi_surgery_with_encoded_covariates_keeps_reference_exact():
     q.train(max_epochs=2, progress_bar=False, plan_kwargs={"weight_decay": 0.1})
     mask = q._freeze[0]
     enc = "z_encoder"
-    for (path, b), new, m in zip(jax.tree_util.tree_leaves_with_path(before),
-                                 jax.tree_util.tree_leaves(q.params),
-                                 jax.tree_util.tree_leaves(mask)):
+    for (path, b), new, m in zip(
+        jax.tree_util.tree_leaves_with_path(before),
+        jax.tree_util.tree_leaves(q.params),
+        jax.tree_util.tree_leaves(mask),
+    ):
         assert np.array_equal(np.asarray(new)[~m], b[~m]), jax.tree_util.keystr(path)
     cov = np.asarray(q.params[enc]["encoder"]["layer0_cov1"])  # donor rows in the encoder
     assert not np.array_equal(cov[2], before[enc]["encoder"]["layer0_cov1"][2])
-    np.testing.assert_array_equal(q.get_latent_representation(vae.adata),
-                                  vae.get_latent_representation())
+    np.testing.assert_array_equal(
+        q.get_latent_representation(vae.adata), vae.get_latent_representation()
+    )

@@ -25,8 +25,15 @@ ARCH = dict(n_hidden=16, n_latent=4)
 
 
 def tiny_atlas(seed: int = 0) -> ad.AnnData:
-    return synthetic_atlas(n_cells=120, n_genes=40, n_batches=2, n_lineages=1,
-                           types_per_lineage=2, seed=seed, markers_per_type=5)
+    return synthetic_atlas(
+        n_cells=120,
+        n_genes=40,
+        n_batches=2,
+        n_lineages=1,
+        types_per_lineage=2,
+        seed=seed,
+        markers_per_type=5,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +52,24 @@ def with_covariates(a: ad.AnnData) -> ad.AnnData:
     rng = np.random.default_rng(1)
     n = a.n_obs
     a.obs["sf"] = rng.uniform(0.5, 2.0, n)
-    a.obs["donor"] = pd.Categorical(rng.choice(["zeta", "alpha", "mu"], n),
-                                    categories=["zeta", "alpha", "mu", "unused_donor"])
+    a.obs["donor"] = pd.Categorical(
+        rng.choice(["zeta", "alpha", "mu"], n), categories=["zeta", "alpha", "mu", "unused_donor"]
+    )
     a.obs["pct_mito"] = rng.uniform(0.0, 0.2, n)
     a.obs["site"] = rng.choice(["s2", "s10", "s1"], n)  # plain object column
     return a
 
 
 def full_setup(a: ad.AnnData) -> Registry:
-    SCVI.setup_anndata(a, layer="counts", batch_key="batch", labels_key="cell_type",
-                       size_factor_key="sf", categorical_covariate_keys=["donor", "site"],
-                       continuous_covariate_keys=["pct_mito"])
+    SCVI.setup_anndata(
+        a,
+        layer="counts",
+        batch_key="batch",
+        labels_key="cell_type",
+        size_factor_key="sf",
+        categorical_covariate_keys=["donor", "site"],
+        continuous_covariate_keys=["pct_mito"],
+    )
     return registry_of(a)
 
 
@@ -76,8 +90,7 @@ def test_registry_records_every_field(adata):
     assert reg.categorical_covariate_keys == ("donor", "site")
     # categorical column: its own category order, minus unused categories;
     # object column: sorted
-    assert reg.categorical_covariate_categories == (("zeta", "alpha", "mu"),
-                                                    ("s1", "s10", "s2"))
+    assert reg.categorical_covariate_categories == (("zeta", "alpha", "mu"), ("s1", "s10", "s2"))
     assert reg.n_cats_per_cov == (3, 3)
     assert reg.continuous_covariate_keys == ("pct_mito",)
     assert reg.n_continuous_cov == 1
@@ -96,7 +109,7 @@ def test_registry_is_frozen(adata):
 
 def test_registry_json_roundtrip(adata):
     reg = full_setup(with_covariates(adata))
-    text = json.dumps(reg.to_dict())            # plain JSON, no custom encoder
+    text = json.dumps(reg.to_dict())  # plain JSON, no custom encoder
     back = Registry.from_dict(json.loads(text))
     assert back == reg
     assert Registry.from_json(reg.to_json()) == reg
@@ -130,9 +143,8 @@ def test_layer_is_read_not_X(adata):
     adata.X = adata.X.multiply(1.0 / np.asarray(adata.X.sum(1))).tocsr()
     SCVI.setup_anndata(adata, layer="counts", batch_key="batch")
     cells = cell_data(adata, registry_of(adata))
-    assert (cells.X != raw.astype(np.float32)).nnz == 0
-    np.testing.assert_allclose(cells.log_library, np.log(np.asarray(raw.sum(1)).ravel()),
-                               rtol=1e-6)
+    assert (raw.astype(np.float32) != cells.X).nnz == 0
+    np.testing.assert_allclose(cells.log_library, np.log(np.asarray(raw.sum(1)).ravel()), rtol=1e-6)
 
 
 def test_cell_data_encodes_in_registry_order(adata):
@@ -143,8 +155,7 @@ def test_cell_data_encodes_in_registry_order(adata):
     sites = np.asarray(reg.categorical_covariate_categories[1])
     assert list(donors[cells.cat_covs[:, 0]]) == list(a.obs["donor"].astype(str))
     assert list(sites[cells.cat_covs[:, 1]]) == list(a.obs["site"].astype(str))
-    assert list(np.asarray(reg.batch_categories)[cells.batch]) == \
-        list(a.obs["batch"].astype(str))
+    assert list(np.asarray(reg.batch_categories)[cells.batch]) == list(a.obs["batch"].astype(str))
     np.testing.assert_allclose(cells.cont_covs[:, 0], a.obs["pct_mito"], rtol=1e-6)
     np.testing.assert_allclose(cells.log_size_factor, np.log(a.obs["sf"]), rtol=1e-6)
     assert cells.X.dtype == np.float32 and sp.isspmatrix_csr(cells.X)
@@ -180,14 +191,12 @@ def test_formats_give_same_registry_and_cells(per_format):
         c = cells[f]
         assert sp.isspmatrix_csr(c.X)
         assert (c.X != ref.X).nnz == 0
-        for name in ("batch", "labels", "cat_covs", "cont_covs", "log_library",
-                     "lgamma_const"):
+        for name in ("batch", "labels", "cat_covs", "cont_covs", "log_library", "lgamma_const"):
             assert np.array_equal(getattr(c, name), getattr(ref, name)), (f, name)
 
 
 def test_formats_give_same_model_outputs(per_format):
-    z = {f: SCVI(a, **ARCH, seed=3).get_latent_representation()
-         for f, a in per_format.items()}
+    z = {f: SCVI(a, **ARCH, seed=3).get_latent_representation() for f, a in per_format.items()}
     assert z["csr"].shape == (per_format["csr"].n_obs, 4)
     assert np.array_equal(z["csr"], z["csc"])
     assert np.array_equal(z["csr"], z["dense"])
@@ -215,8 +224,9 @@ def _big_sparse(fmt: str) -> ad.AnnData:
     X = sp.coo_matrix((vals, (rows, cols)), shape=(n, g)).tocsr()
     X.sum_duplicates()
     X = X.asformat(fmt)
-    obs = pd.DataFrame({"batch": pd.Categorical(rng.choice(["a", "b"], n))},
-                       index=[f"c{i}" for i in range(n)])
+    obs = pd.DataFrame(
+        {"batch": pd.Categorical(rng.choice(["a", "b"], n))}, index=[f"c{i}" for i in range(n)]
+    )
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(g)]))
 
 
@@ -231,12 +241,12 @@ def test_big_sparse_matrix_is_never_densified(fmt, monkeypatch):
             if self.shape == full_shape:
                 densified.append(name)
             return orig(self, *args, **kwargs)
+
         return wrapper
 
     for cls in (sp.csr_matrix, sp.csc_matrix, sp.coo_matrix):
         for meth in ("toarray", "todense"):
-            monkeypatch.setattr(cls, meth, spy(f"{cls.__name__}.{meth}",
-                                               getattr(cls, meth)))
+            monkeypatch.setattr(cls, meth, spy(f"{cls.__name__}.{meth}", getattr(cls, meth)))
     tracemalloc.start()
     try:
         SCVI.setup_anndata(a, batch_key="batch")
@@ -255,10 +265,12 @@ def test_unused_categories_are_dropped(adata):
     a = adata
     a.obs["batch"] = a.obs["batch"].cat.add_categories(["ghost_batch"])
     a.obs["cell_type"] = a.obs["cell_type"].cat.add_categories(["ghost_type"])
-    a.obs["donor"] = pd.Categorical(["d1"] * 60 + ["d2"] * 60,
-                                    categories=["ghost_donor", "d2", "d1"])
-    SCVI.setup_anndata(a, batch_key="batch", labels_key="cell_type",
-                       categorical_covariate_keys=["donor"])
+    a.obs["donor"] = pd.Categorical(
+        ["d1"] * 60 + ["d2"] * 60, categories=["ghost_donor", "d2", "d1"]
+    )
+    SCVI.setup_anndata(
+        a, batch_key="batch", labels_key="cell_type", categorical_covariate_keys=["donor"]
+    )
     reg = registry_of(a)
     assert "ghost_batch" not in reg.batch_categories and reg.n_batch == 2
     assert "ghost_type" not in reg.label_categories
@@ -271,8 +283,9 @@ def test_unused_categories_are_dropped(adata):
 def _semi_labelled(a: ad.AnnData, n_unlabelled: int = 50) -> ad.AnnData:
     ct = a.obs["cell_type"].astype(str).to_numpy().copy()
     ct[:n_unlabelled] = "Unknown"
-    a.obs["ct"] = pd.Categorical(ct, categories=["Unknown"] + sorted(set(ct) - {"Unknown"})
-                                 + ["never_seen_type"])
+    a.obs["ct"] = pd.Categorical(
+        ct, categories=["Unknown", *sorted(set(ct) - {"Unknown"}), "never_seen_type"]
+    )
     return a
 
 
@@ -335,8 +348,11 @@ def test_query_with_missing_genes_is_refused(fitted):
 def test_query_with_extra_genes_is_refused(fitted):
     a, model = fitted
     ones = sp.csr_matrix(np.ones((a.n_obs, 1), np.float32))
-    q = ad.AnnData(X=sp.hstack([a.X, ones]).tocsr(), obs=a.obs.copy(),
-                   var=pd.DataFrame(index=list(a.var_names) + ["extra_gene"]))
+    q = ad.AnnData(
+        X=sp.hstack([a.X, ones]).tocsr(),
+        obs=a.obs.copy(),
+        var=pd.DataFrame(index=[*list(a.var_names), "extra_gene"]),
+    )
     with pytest.raises(InputError, match=r"adata\.var_names"):
         model.get_latent_representation(adata=q)
 
@@ -347,13 +363,15 @@ def test_var_names_fix_can_be_followed(fitted):
     perm = np.random.default_rng(1).permutation(a.n_vars)
     q = a[:, perm].copy()
     fixed = q[:, model.registry.var_names].copy()  # literally as the message says
-    assert np.array_equal(model.get_latent_representation(adata=fixed),
-                          model.get_latent_representation())
+    assert np.array_equal(
+        model.get_latent_representation(adata=fixed), model.get_latent_representation()
+    )
 
 
 def test_fixes_name_functions_that_exist(fitted):
     """The var_names / unseen-category messages suggest helpers by name; they must exist."""
     import jaxscanvi
+
     a, model = fitted
     msgs = []
     with pytest.raises(InputError) as e:
@@ -367,7 +385,7 @@ def test_fixes_name_functions_that_exist(fitted):
     for msg in msgs:
         fix = msg.split("Fix:", 1)[1]
         for name in re.findall(r"\b([a-z_][a-z0-9_]*)\(", fix):
-            found = (hasattr(jaxscanvi, name) or hasattr(SCVI, name) or hasattr(SCANVI, name))
+            found = hasattr(jaxscanvi, name) or hasattr(SCVI, name) or hasattr(SCANVI, name)
             assert found, f"fix suggests {name}(...), which jaxscanvi does not have: {msg}"
 
 
@@ -409,7 +427,7 @@ def test_reading_does_not_modify_the_callers_matrix(base_atlas):
     """cell_data may clean up a CSR (drop stored zeros), but on its own copy."""
     a = base_atlas.copy()
     X = a.X.copy()
-    X.data[:5] = 0.0          # explicitly stored zeros: valid CSR, same values
+    X.data[:5] = 0.0  # explicitly stored zeros: valid CSR, same values
     a.X = X
     before = (a.X.indptr.copy(), a.X.indices.copy(), a.X.data.copy())
     SCVI.setup_anndata(a, batch_key="batch")

@@ -22,8 +22,9 @@ from jaxscanvi.train import chunks, sources
 from jaxscanvi.train.sources import epoch_rows
 
 HERE = Path(__file__).resolve().parent
-TRAIN = dict(max_epochs=3, batch_size=64, progress_bar=False, train_size=0.8,
-             check_val_every_n_epoch=1)
+TRAIN = dict(
+    max_epochs=3, batch_size=64, progress_bar=False, train_size=0.8, check_val_every_n_epoch=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +50,14 @@ def test_backed_rows_read_the_same_counts(on_disk):
 def _monkey_buffer_order(monkeypatch):
     """Give every source the streaming source's buffered order (small runs and
     buffers, so this small file spans several of each)."""
+
     def order(self, rng, idx, batch_size, *, shuffle=True):
         if not shuffle:
             return epoch_rows(rng, idx, batch_size, shuffle=False)
-        return epoch_rows(rng, buffer_order(rng, idx, run_cells=16, buffer_cells=128),
-                          batch_size, shuffle=False)
+        return epoch_rows(
+            rng, buffer_order(rng, idx, run_cells=16, buffer_cells=128), batch_size, shuffle=False
+        )
+
     monkeypatch.setattr(sources.Source, "order", order)
     monkeypatch.setattr(backed, "DEFAULT_BLOCK", 50)
     monkeypatch.setattr(chunks, "CHUNK_CELLS", 128)  # several chunks per epoch
@@ -65,8 +69,7 @@ def test_three_sources_give_the_same_trajectory(on_disk, monkeypatch):
     _monkey_buffer_order(monkeypatch)
     histories = {}
     for source in ("device", "host", "stream"):
-        adata = ad.read_h5ad(d / "atlas.h5ad", backed="r") if source == "stream" \
-            else a.copy()
+        adata = ad.read_h5ad(d / "atlas.h5ad", backed="r") if source == "stream" else a.copy()
         js.SCVI.setup_anndata(adata, batch_key="batch")
         m = js.SCVI(adata, n_latent=4, n_hidden=16)
         m.train(data_source=source, **TRAIN)
@@ -76,8 +79,9 @@ def test_three_sources_give_the_same_trajectory(on_disk, monkeypatch):
     for col in ("train_loss", "elbo_validation"):
         ref = histories["host"][col].to_numpy()
         for s in ("device", "stream"):
-            np.testing.assert_allclose(histories[s][col].to_numpy(), ref, rtol=1e-5,
-                                       err_msg=f"{s} {col}")
+            np.testing.assert_allclose(
+                histories[s][col].to_numpy(), ref, rtol=1e-5, err_msg=f"{s} {col}"
+            )
     assert histories["host"]["train_loss"].iloc[-1] < histories["host"]["train_loss"].iloc[0]
     # inference on the backed AnnData streams too, in cell order
     z = streamed.get_latent_representation()
@@ -91,8 +95,9 @@ def test_scanvi_streams_labelled_minibatches(on_disk):
     labels = a.obs["cell_type"].astype(str).to_numpy().copy()
     labels[::2] = "Unknown"
     adata.obs["label"] = labels
-    js.SCANVI.setup_anndata(adata, labels_key="label", unlabeled_category="Unknown",
-                            batch_key="batch")
+    js.SCANVI.setup_anndata(
+        adata, labels_key="label", unlabeled_category="Unknown", batch_key="batch"
+    )
     m = js.SCANVI(adata, n_latent=4, n_hidden=16)
     m.train(max_epochs=2, batch_size=64, progress_bar=False)
     assert "classification_loss_train" in m.history
@@ -105,11 +110,12 @@ def test_zarr_store_streams(on_disk):
     with the same per-cell statistics as the matrix in memory."""
     import zarr
     from anndata.io import read_elem, sparse_dataset
+
     from jaxscanvi.data.cells import cell_data
+
     a, d = on_disk
     g = zarr.open(str(d / "atlas.zarr"), mode="r")
-    adata = ad.AnnData(X=sparse_dataset(g["X"]), obs=read_elem(g["obs"]),
-                       var=read_elem(g["var"]))
+    adata = ad.AnnData(X=sparse_dataset(g["X"]), obs=read_elem(g["obs"]), var=read_elem(g["var"]))
     js.SCVI.setup_anndata(adata, batch_key="batch")
     mem = a.copy()
     js.SCVI.setup_anndata(mem, batch_key="batch")
@@ -126,13 +132,21 @@ def test_zarr_store_streams(on_disk):
 @pytest.mark.system
 @pytest.mark.slow
 def test_two_devices_match_one():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, str(HERE / "parallel_check.py")], env=env,
-                         capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    res = subprocess.run(
+        [sys.executable, str(HERE / "parallel_check.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     assert res.returncode == 0 and line, res.stderr[-3000:]
-    out = json.loads(line[0][len("RESULT "):])
+    out = json.loads(line[0][len("RESULT ") :])
     assert out["n_devices"] == 2
     for k, v in out.items():
         if k.endswith(("_params", "_batch_stats", "_latent")):

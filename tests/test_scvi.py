@@ -17,11 +17,10 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import (batch_entropy, hvg, knn_accuracy, pca_log_normalized,  # noqa: E402
-                      shared_file)
+from conftest import batch_entropy, hvg, knn_accuracy, pca_log_normalized, shared_file
 
-from jaxscanvi import SCVI, InputError, NonFiniteLossError, synthetic_atlas  # noqa: E402
-from jaxscanvi.train.config import max_epochs_heuristic  # noqa: E402
+from jaxscanvi import SCVI, InputError, NonFiniteLossError, synthetic_atlas
+from jaxscanvi.train.config import max_epochs_heuristic
 
 TINY = dict(n_hidden=32, n_latent=5)
 TRAIN = dict(max_epochs=4, batch_size=128, progress_bar=False)
@@ -35,8 +34,9 @@ def leaves(params):
 
 def params_equal(a, b) -> bool:
     la, lb = leaves(a), leaves(b)
-    return len(la) == len(lb) and all(x.shape == y.shape and np.array_equal(x, y)
-                                      for x, y in zip(la, lb))
+    return len(la) == len(lb) and all(
+        x.shape == y.shape and np.array_equal(x, y) for x, y in zip(la, lb)
+    )
 
 
 def max_abs_diff(a, b) -> float:
@@ -74,8 +74,9 @@ def train_tiny(adata, seed=0, train_seed=0, **kw):
 
 
 # ------------------------------------------------------------ quality tests
-def _quality_checks(model, adata, cell_type, batch, counts, *, min_acc, min_gain,
-                    label_mask=None, n_pcs=10):
+def _quality_checks(
+    model, adata, cell_type, batch, counts, *, min_acc, min_gain, label_mask=None, n_pcs=10
+):
     hist = model.history.to_frame()
     assert "elbo_validation" in hist.columns and "validation_loss" in hist.columns
     v = hist["elbo_validation"].to_numpy()
@@ -92,31 +93,43 @@ def _quality_checks(model, adata, cell_type, batch, counts, *, min_acc, min_gain
     pcs = pca_log_normalized(counts, n_pcs)
     ent_scvi = batch_entropy(z, batch, k=15)
     ent_pca = batch_entropy(pcs, batch, k=15)
-    print(f"\nkNN accuracy {acc:.3f} (chance {chance:.3f}); batch entropy scVI "
-          f"{ent_scvi:.3f} vs PCA {ent_pca:.3f}; validation -ELBO {v[0]:.1f} -> {v[-1]:.1f}")
-    assert ent_scvi > ent_pca + min_gain, (f"batch entropy scVI {ent_scvi:.3f} is not "
-                                           f"clearly above PCA's {ent_pca:.3f}")
+    print(
+        f"\nkNN accuracy {acc:.3f} (chance {chance:.3f}); batch entropy scVI "
+        f"{ent_scvi:.3f} vs PCA {ent_pca:.3f}; validation -ELBO {v[0]:.1f} -> {v[-1]:.1f}"
+    )
+    assert ent_scvi > ent_pca + min_gain, (
+        f"batch entropy scVI {ent_scvi:.3f} is not clearly above PCA's {ent_pca:.3f}"
+    )
     return acc, ent_scvi, ent_pca
 
 
 def test_synthetic_atlas_quality():
-    adata = synthetic_atlas(n_cells=2000, n_genes=400, n_batches=3, n_lineages=3,
-                            types_per_lineage=2, seed=1)
+    adata = synthetic_atlas(
+        n_cells=2000, n_genes=400, n_batches=3, n_lineages=3, types_per_lineage=2, seed=1
+    )
     setup(adata)
     model = SCVI(adata, seed=0)
     epochs = 30
     # a short KL warm-up and a larger learning rate than scvi-tools' defaults, so that
     # batches mix within a few CPU seconds (with lr=1e-3 it takes ~80 epochs here)
-    model.train(max_epochs=epochs, check_val_every_n_epoch=1, progress_bar=False,
-                plan_kwargs=QUICK_PLAN)
+    model.train(
+        max_epochs=epochs, check_val_every_n_epoch=1, progress_bar=False, plan_kwargs=QUICK_PLAN
+    )
     assert model.history.n_epochs == epochs
-    _quality_checks(model, adata, adata.obs["cell_type"].to_numpy(),
-                    adata.obs["batch"].to_numpy(), adata.layers["counts"], min_acc=0.8,
-                    min_gain=0.3)
+    _quality_checks(
+        model,
+        adata,
+        adata.obs["cell_type"].to_numpy(),
+        adata.obs["batch"].to_numpy(),
+        adata.layers["counts"],
+        min_acc=0.8,
+        min_gain=0.3,
+    )
 
 
 def test_pbmc_quality():
     import anndata as ad
+
     adata = hvg(ad.read_h5ad(shared_file("pbmc_3k_4k.h5ad")), 2000)
     # README: X holds raw integer UMI counts; batch and cell_type are categoricals
     SCVI.setup_anndata(adata, batch_key="batch")
@@ -125,11 +138,25 @@ def test_pbmc_quality():
     assert (~known).sum() > 0  # the Unknown cells exist and are excluded below
     model = SCVI(adata, seed=0)
     epochs = 20
-    model.train(max_epochs=epochs, batch_size=256, check_val_every_n_epoch=1,
-                progress_bar=False, plan_kwargs=QUICK_PLAN)
+    model.train(
+        max_epochs=epochs,
+        batch_size=256,
+        check_val_every_n_epoch=1,
+        progress_bar=False,
+        plan_kwargs=QUICK_PLAN,
+    )
     assert model.history.n_epochs == epochs
-    _quality_checks(model, adata, cell_type, adata.obs["batch"].astype(str).to_numpy(),
-                    adata.X, min_acc=0.85, min_gain=0.1, label_mask=known, n_pcs=20)
+    _quality_checks(
+        model,
+        adata,
+        cell_type,
+        adata.obs["batch"].astype(str).to_numpy(),
+        adata.X,
+        min_acc=0.85,
+        min_gain=0.1,
+        label_mask=known,
+        n_pcs=20,
+    )
 
 
 # ------------------------------------------------------------- determinism
@@ -187,8 +214,9 @@ def test_device_csr_source_matches_host(tiny_adata, monkeypatch):
     monkeypatch.setattr(fit, "make_source", csr_source)
     dev = train_tiny(tiny_adata, data_source="device", max_epochs=2)
     assert seen and seen[0].kind == "device" and not seen[0].dense
-    np.testing.assert_allclose(dev.history.to_frame()["train_loss"], host.history.to_frame()["train_loss"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        dev.history.to_frame()["train_loss"], host.history.to_frame()["train_loss"], rtol=1e-6
+    )
     assert max_abs_diff(dev.params, host.params) < 1e-5
 
 
@@ -210,8 +238,9 @@ def test_checkpoint_resume_bitwise(tiny, tiny_adata, tmp_path):
     cols = [c for c in full.history.to_frame().columns if c != "epoch_seconds"]
     assert list(resumed.history.to_frame().index) == [0, 1, 2, 3]
     pd.testing.assert_frame_equal(resumed.history.to_frame()[cols], full.history.to_frame()[cols])
-    np.testing.assert_array_equal(resumed.get_latent_representation(),
-                                  full.get_latent_representation())
+    np.testing.assert_array_equal(
+        resumed.get_latent_representation(), full.get_latent_representation()
+    )
 
     # resuming a finished run trains no further
     again = SCVI(tiny_adata, **TINY, seed=0)
@@ -219,10 +248,16 @@ def test_checkpoint_resume_bitwise(tiny, tiny_adata, tmp_path):
     assert params_equal(again.params, full.params) and again.history.n_epochs == 4
 
 
-@pytest.mark.parametrize("change", [
-    {"batch_size": 64}, {"seed": 3}, {"train_size": 0.8},
-    {"plan_kwargs": {"lr": 2e-3}}, {"model": {"n_hidden": 16}},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"batch_size": 64},
+        {"seed": 3},
+        {"train_size": 0.8},
+        {"plan_kwargs": {"lr": 2e-3}},
+        {"model": {"n_hidden": 16}},
+    ],
+)
 def test_resume_with_other_settings_refused(tiny_adata, tmp_path, change):
     d = tmp_path / "ckpt"
     train_tiny(tiny_adata, checkpoint_dir=d, max_epochs=1)
@@ -274,7 +309,9 @@ def test_save_load_bit_identical(tiny, tiny_adata, tmp_path):
         assert list(e2.index) == list(expr.index) and list(e2.columns) == list(expr.columns)
         np.testing.assert_array_equal(loaded.train_indices, tiny.train_indices)
         np.testing.assert_array_equal(loaded.validation_indices, tiny.validation_indices)
-        pd.testing.assert_frame_equal(loaded.history.to_frame(), tiny.history.to_frame(), check_dtype=False)
+        pd.testing.assert_frame_equal(
+            loaded.history.to_frame(), tiny.history.to_frame(), check_dtype=False
+        )
 
 
 def test_save_with_anndata_and_load_without(tiny, tmp_path):
@@ -282,8 +319,7 @@ def test_save_with_anndata_and_load_without(tiny, tmp_path):
     tiny.save(d, save_anndata=True)
     loaded = SCVI.load(d)
     assert loaded.adata is not None and loaded.adata.n_obs == tiny.adata.n_obs
-    assert np.array_equal(loaded.get_latent_representation(),
-                          tiny.get_latent_representation())
+    assert np.array_equal(loaded.get_latent_representation(), tiny.get_latent_representation())
 
 
 def test_load_without_data_needs_adata(tiny, tiny_adata, tmp_path):
@@ -316,34 +352,39 @@ def test_latent_representation_api(tiny, tiny_adata):
     zs = tiny.get_latent_representation(give_mean=False)
     assert zs.shape == (n, L) and not np.array_equal(zs, z)
     r = (zs - m) / np.sqrt(v)
-    assert abs(r.mean()) < 0.1 and 0.85 < (r ** 2).mean() < 1.15
+    assert abs(r.mean()) < 0.1 and 0.85 < (r**2).mean() < 1.15
     # indices (ints and bool masks) select rows, in the order given
     idx = np.array([5, 3, 400, 17, 599])
-    np.testing.assert_allclose(tiny.get_latent_representation(indices=idx), z[idx],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        tiny.get_latent_representation(indices=idx), z[idx], rtol=1e-5, atol=1e-6
+    )
     mask = np.zeros(n, bool)
     mask[::7] = True
-    np.testing.assert_allclose(tiny.get_latent_representation(indices=mask), z[mask],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        tiny.get_latent_representation(indices=mask), z[mask], rtol=1e-5, atol=1e-6
+    )
     # minibatch size of the inference pass does not matter
-    np.testing.assert_allclose(tiny.get_latent_representation(batch_size=50), z,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        tiny.get_latent_representation(batch_size=50), z, rtol=1e-5, atol=1e-6
+    )
     with pytest.raises(InputError):
         tiny.get_latent_representation(indices=[n])
 
 
 def test_latent_on_new_anndata(tiny, tiny_adata):
     import anndata as ad
+
     z = tiny.get_latent_representation()
     perm = np.random.default_rng(0).permutation(tiny_adata.n_obs)[:250]
     src = tiny_adata[perm]
-    new = ad.AnnData(X=src.layers["counts"].copy(),
-                     obs=src.obs[["batch", "cell_type"]].copy(),
-                     var=pd.DataFrame(index=src.var_names.copy()))
+    new = ad.AnnData(
+        X=src.layers["counts"].copy(),
+        obs=src.obs[["batch", "cell_type"]].copy(),
+        var=pd.DataFrame(index=src.var_names.copy()),
+    )
     new.layers["counts"] = new.X.copy()
     SCVI.setup_anndata(new, layer="counts", batch_key="batch", labels_key="cell_type")
-    np.testing.assert_allclose(tiny.get_latent_representation(new), z[perm],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tiny.get_latent_representation(new), z[perm], rtol=1e-5, atol=1e-6)
     # an unseen batch is refused
     bad = new.copy()
     bad.obs["batch"] = bad.obs["batch"].cat.rename_categories({"batch0": "elsewhere"})
@@ -371,8 +412,7 @@ def test_normalized_expression_api(tiny, tiny_adata):
     # transform_batch decodes all cells as one batch; a list averages batches
     b0 = tiny.get_normalized_expression(transform_batch="batch0", return_numpy=True)
     b1 = tiny.get_normalized_expression(transform_batch="batch1", return_numpy=True)
-    both = tiny.get_normalized_expression(transform_batch=["batch0", "batch1"],
-                                          return_numpy=True)
+    both = tiny.get_normalized_expression(transform_batch=["batch0", "batch1"], return_numpy=True)
     assert not np.allclose(b0, b1)
     np.testing.assert_allclose(both, (b0 + b1) / 2, rtol=1e-5)
     in0 = tiny_adata.obs["batch"].to_numpy() == "batch0"
@@ -448,8 +488,9 @@ def test_per_cell_values_with_return_mean_false(tiny):
     ll = tiny.get_marginal_ll(indices=idx, n_mc_samples=4, batch_size=40, return_mean=False)
     assert ll.shape == (100,) and np.isfinite(ll).all()
     mean = tiny.get_marginal_ll(indices=idx, n_mc_samples=4, batch_size=40)
-    assert mean == pytest.approx(np.mean([ll[:40].mean(), ll[40:80].mean(),
-                                          ll[80:].mean()]), rel=1e-6)
+    assert mean == pytest.approx(
+        np.mean([ll[:40].mean(), ll[40:80].mean(), ll[80:].mean()]), rel=1e-6
+    )
 
 
 def test_marginal_ll_single_sample(tiny):
@@ -479,29 +520,48 @@ def test_marginal_ll_sign_matches_scvi_tools(tiny):
 def test_history_columns(tiny):
     h = tiny.history.to_frame()
     assert h.index.name == "epoch" and list(h.index) == [0, 1, 2, 3]
-    expected = {"train_loss", "elbo_train", "reconstruction_loss_train", "kl_local_train",
-                "kl_z_train", "kl_l_train", "kl_weight", "lr", "epoch_seconds",
-                "validation_loss", "elbo_validation", "reconstruction_loss_validation",
-                "kl_local_validation", "kl_z_validation", "kl_l_validation"}
+    expected = {
+        "train_loss",
+        "elbo_train",
+        "reconstruction_loss_train",
+        "kl_local_train",
+        "kl_z_train",
+        "kl_l_train",
+        "kl_weight",
+        "lr",
+        "epoch_seconds",
+        "validation_loss",
+        "elbo_validation",
+        "reconstruction_loss_validation",
+        "kl_local_validation",
+        "kl_z_validation",
+        "kl_l_validation",
+    }
     assert expected <= set(h.columns), expected - set(h.columns)
     assert np.isfinite(h.to_numpy(dtype=float)).all()
     # scvi-tools' linear KL warm-up over 400 epochs, applied per epoch
     np.testing.assert_allclose(h["kl_weight"], np.arange(4) / 400, atol=1e-7)
     np.testing.assert_allclose(h["lr"], 1e-3, rtol=1e-6)
     for split in ("train", "validation"):
-        rec, kl, elbo = (h[f"reconstruction_loss_{split}"], h[f"kl_local_{split}"],
-                         h[f"elbo_{split}"])
+        rec, kl, elbo = (
+            h[f"reconstruction_loss_{split}"],
+            h[f"kl_local_{split}"],
+            h[f"elbo_{split}"],
+        )
         np.testing.assert_allclose(elbo, rec + kl, rtol=1e-5)
         np.testing.assert_allclose(kl, h[f"kl_z_{split}"] + h[f"kl_l_{split}"], rtol=1e-5)
         loss = h["train_loss" if split == "train" else "validation_loss"]
-        np.testing.assert_allclose(loss, rec + h["kl_weight"] * h[f"kl_z_{split}"]
-                                   + h[f"kl_l_{split}"], rtol=1e-5)
+        np.testing.assert_allclose(
+            loss, rec + h["kl_weight"] * h[f"kl_z_{split}"] + h[f"kl_l_{split}"], rtol=1e-5
+        )
     assert (h["kl_l_train"] == 0).all()  # observed library: no library KL
     assert (h["kl_z_train"] > 0).all()
     assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
     # without validation, no validation columns
-    assert not any(c.endswith("_validation") for c in
-                   train_tiny(tiny.adata, max_epochs=1).history.to_frame().columns)
+    assert not any(
+        c.endswith("_validation")
+        for c in train_tiny(tiny.adata, max_epochs=1).history.to_frame().columns
+    )
 
 
 def test_max_epochs_default_heuristic(tiny_adata, monkeypatch):
@@ -548,8 +608,12 @@ def test_nonfinite_raise_keeps_last_finite_parameters(tiny_adata):
 
 def test_nonfinite_skip_step(tiny_adata):
     model = SCVI(tiny_adata, **TINY, seed=0)
-    model.train(**{**TRAIN, "max_epochs": 2}, train_size=1.0, on_nonfinite="skip_step",
-                loss_terms={"boom": _nan_on_short_minibatch})
+    model.train(
+        **{**TRAIN, "max_epochs": 2},
+        train_size=1.0,
+        on_nonfinite="skip_step",
+        loss_terms={"boom": _nan_on_short_minibatch},
+    )
     assert all_finite(model.params) and model.history.n_epochs == 2
     assert int(model.train_state.step) == 10  # skipped steps still count
     # the ELBO terms of every step are finite; only the extra term (and so the total
@@ -574,38 +638,59 @@ def test_on_nonfinite_validated(tiny_adata):
 def test_early_stopping_deterministic_monitor(tiny_adata):
     # kl_weight grows every epoch, so it never improves after epoch 0
     for patience, n_epochs in ((1, 2), (3, 4)):
-        model = train_tiny(tiny_adata, max_epochs=10, early_stopping=True,
-                           early_stopping_patience=patience,
-                           early_stopping_monitor="kl_weight")
+        model = train_tiny(
+            tiny_adata,
+            max_epochs=10,
+            early_stopping=True,
+            early_stopping_patience=patience,
+            early_stopping_monitor="kl_weight",
+        )
         assert model.history.n_epochs == n_epochs
         assert int(model.train_state.epoch) == n_epochs
 
 
 def test_early_stopping_huge_lr(tiny_adata):
     model = SCVI(tiny_adata, **TINY, seed=0)
-    model.train(max_epochs=15, progress_bar=False, early_stopping=True,
-                early_stopping_patience=1, on_nonfinite="skip_step",
-                plan_kwargs={"lr": 1e6})
+    model.train(
+        max_epochs=15,
+        progress_bar=False,
+        early_stopping=True,
+        early_stopping_patience=1,
+        on_nonfinite="skip_step",
+        plan_kwargs={"lr": 1e6},
+    )
     assert model.history.n_epochs < 15
     assert all_finite(model.params)
 
 
 def test_reduce_lr_on_plateau(tiny_adata):
-    model = train_tiny(tiny_adata, max_epochs=5, plan_kwargs={
-        "reduce_lr_on_plateau": True, "lr_patience": 0, "lr_factor": 0.5,
-        "lr_scheduler_metric": "kl_weight", "lr_min": 2e-4})
+    model = train_tiny(
+        tiny_adata,
+        max_epochs=5,
+        plan_kwargs={
+            "reduce_lr_on_plateau": True,
+            "lr_patience": 0,
+            "lr_factor": 0.5,
+            "lr_scheduler_metric": "kl_weight",
+            "lr_min": 2e-4,
+        },
+    )
     # epoch 0 improves; every later epoch is a plateau and halves the lr (floor 2e-4);
     # the history records the lr used in that epoch
-    np.testing.assert_allclose(model.history.to_frame()["lr"], [1e-3, 1e-3, 5e-4, 2.5e-4, 2e-4],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        model.history.to_frame()["lr"], [1e-3, 1e-3, 5e-4, 2.5e-4, 2e-4], rtol=1e-6
+    )
     assert model.history.n_epochs == 5
 
 
 def test_reduce_lr_on_plateau_validation_metric(tiny_adata):
     model = SCVI(tiny_adata, **TINY, seed=0)
-    model.train(max_epochs=8, progress_bar=False, on_nonfinite="skip_step",
-                plan_kwargs={"lr": 1e6, "reduce_lr_on_plateau": True, "lr_patience": 1,
-                             "lr_factor": 0.1})
+    model.train(
+        max_epochs=8,
+        progress_bar=False,
+        on_nonfinite="skip_step",
+        plan_kwargs={"lr": 1e6, "reduce_lr_on_plateau": True, "lr_patience": 1, "lr_factor": 0.1},
+    )
     lr = model.history.to_frame()["lr"].to_numpy()
     assert "elbo_validation" in model.history.to_frame().columns
     assert lr[-1] < lr[0] and (np.diff(lr) <= 0).all()
@@ -618,11 +703,18 @@ def test_reduce_lr_on_plateau_validation_metric(tiny_adata):
 # default per-gene dispersion.)
 OPTIONS = {
     "nb+gene-batch+2-layers+layer-norm": dict(
-        gene_likelihood="nb", dispersion="gene-batch", n_layers=2, use_batch_norm="none",
-        use_layer_norm="both"),
+        gene_likelihood="nb",
+        dispersion="gene-batch",
+        n_layers=2,
+        use_batch_norm="none",
+        use_layer_norm="both",
+    ),
     "zinb+gene-label+ln+bn-encoder-ln-decoder": dict(
-        dispersion="gene-label", latent_distribution="ln", use_batch_norm="encoder",
-        use_layer_norm="decoder"),
+        dispersion="gene-label",
+        latent_distribution="ln",
+        use_batch_norm="encoder",
+        use_layer_norm="decoder",
+    ),
     "zinb+gene-cell+covariates": dict(dispersion="gene-cell", encode_covariates=True),
     "poisson+learned-library": dict(gene_likelihood="poisson", use_observed_lib_size=False),
 }
@@ -637,8 +729,9 @@ def test_options_train(small_atlas, name):
         rng = np.random.default_rng(0)
         adata.obs["donor"] = pd.Categorical(rng.choice(["d0", "d1", "d2"], adata.n_obs))
         adata.obs["pct_mito"] = rng.uniform(0, 0.2, adata.n_obs)
-        setup_kw.update(categorical_covariate_keys=["donor"],
-                        continuous_covariate_keys=["pct_mito"])
+        setup_kw.update(
+            categorical_covariate_keys=["donor"], continuous_covariate_keys=["pct_mito"]
+        )
     setup(adata, **setup_kw)
     model = SCVI(adata, n_hidden=16, n_latent=4, **kw)
     model.train(max_epochs=2, train_size=1.0, progress_bar=False)
@@ -662,8 +755,9 @@ def test_options_train(small_atlas, name):
     if not cfg.use_observed_lib_size:
         assert "l_encoder" in p and (h["kl_l_train"] > 0).all()
         assert np.isfinite(model.get_elbo())
-        assert np.isfinite(model.get_marginal_ll(indices=np.arange(50), n_mc_samples=10,
-                                              batch_size=50))
+        assert np.isfinite(
+            model.get_marginal_ll(indices=np.arange(50), n_mc_samples=10, batch_size=50)
+        )
     if cfg.latent_distribution == "ln":
         np.testing.assert_allclose(z.sum(1), 1.0, rtol=1e-4)  # mean on the simplex
         assert (z > 0).all()

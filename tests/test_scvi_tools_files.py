@@ -48,10 +48,12 @@ def models(ref_adata):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return {"scvi": js.SCVI.load(F / "scvi"),
-                    "scvi_legacy": js.SCVI.load(F / "scvi_legacy", adata=ref_adata.copy()),
-                    "scanvi": js.SCANVI.load(F / "scanvi"),
-                    "scanvi_query": js.SCANVI.load(F / "scanvi_query")}
+            return {
+                "scvi": js.SCVI.load(F / "scvi"),
+                "scvi_legacy": js.SCVI.load(F / "scvi_legacy", adata=ref_adata.copy()),
+                "scanvi": js.SCANVI.load(F / "scanvi"),
+                "scanvi_query": js.SCANVI.load(F / "scanvi_query"),
+            }
     finally:
         if blocked == "absent":
             del sys.modules["torch"]
@@ -59,8 +61,10 @@ def models(ref_adata):
             sys.modules["torch"] = blocked
 
 
-@pytest.mark.parametrize("name,key", [("scvi", "scvi"), ("scvi_legacy", "scvi"),
-                                      ("scanvi", "scanvi"), ("scanvi_query", "query")])
+@pytest.mark.parametrize(
+    "name,key",
+    [("scvi", "scvi"), ("scvi_legacy", "scvi"), ("scanvi", "scanvi"), ("scanvi_query", "query")],
+)
 def test_scvi_tools_folder_gives_scvi_tools_outputs(models, outputs, ref_adata, name, key):
     model = models[name]
     data = ref_adata.copy() if name == "scanvi" else None  # saved without its AnnData
@@ -70,8 +74,9 @@ def test_scvi_tools_folder_gives_scvi_tools_outputs(models, outputs, ref_adata, 
     np.testing.assert_allclose(z, outputs[f"{key}_latent"], rtol=0, atol=TOL)
     if isinstance(model, js.SCANVI):
         assert (np.asarray(model.predict(data)).astype(str) == outputs[f"{key}_predict"]).all()
-        np.testing.assert_allclose(np.asarray(model.predict(data, soft=True)),
-                                   outputs[f"{key}_soft"], rtol=0, atol=TOL)
+        np.testing.assert_allclose(
+            np.asarray(model.predict(data, soft=True)), outputs[f"{key}_soft"], rtol=0, atol=TOL
+        )
 
 
 def test_registry_and_indices_come_from_the_folder(models, ref_adata):
@@ -88,14 +93,14 @@ def test_registry_and_indices_come_from_the_folder(models, ref_adata):
 
 def test_from_scvi_tools_is_the_same_import(models):
     again = js.SCVI.from_scvi_tools(F / "scvi")
-    np.testing.assert_array_equal(again.get_latent_representation(),
-                                  models["scvi"].get_latent_representation())
+    np.testing.assert_array_equal(
+        again.get_latent_representation(), models["scvi"].get_latent_representation()
+    )
 
 
 def test_scvi_tools_folder_as_query_reference(models):
     query = ad.read_h5ad(F / "scanvi_query" / "adata.h5ad")
-    names = js.SCANVI.prepare_query_anndata(query, F / "scanvi",
-                                            return_reference_var_names=True)
+    names = js.SCANVI.prepare_query_anndata(query, F / "scanvi", return_reference_var_names=True)
     assert list(names) == list(models["scanvi"].registry.var_names)
     q = js.SCANVI.load_query_data(query, F / "scanvi")
     assert q.registry.batch_categories == ("b0", "b1", "b2")
@@ -139,7 +144,7 @@ def _torch_zip(path: Path, pkl: bytes, extra: dict | None = None) -> None:
 @pytest.mark.parametrize("payload", sorted(PAYLOADS))
 def test_model_pt_naming_other_callables_is_refused(tmp_path, trap, payload):
     _torch_zip(tmp_path / "model.pt", PAYLOADS[payload])
-    with pytest.raises(js.ModelFormatError, match="refers to .*not loaded") as e:
+    with pytest.raises(js.ModelFormatError, match=r"refers to .*not loaded") as e:
         js.SCVI.load(tmp_path)
     assert "Fix:" in str(e.value)
     assert trap == []  # nothing was called
@@ -155,8 +160,9 @@ def test_legacy_attr_pkl_naming_other_callables_is_refused(tmp_path, trap, paylo
     assert trap == []
 
 
-@pytest.mark.parametrize("item,match", [(b"cevil_mod\nboom\n)R", "refers to"),
-                                        (b"}", "object array")])
+@pytest.mark.parametrize(
+    "item,match", [(b"cevil_mod\nboom\n)R", "refers to"), (b"}", "object array")]
+)
 def test_object_array_of_non_strings_is_refused(tmp_path, trap, item, match):
     # a numpy object array whose second item is a forbidden call's result, or a dict
     raw = pickle.dumps(np.array(["a", "zz"], dtype=object), protocol=2)
@@ -173,7 +179,7 @@ def test_storage_size_is_checked_before_reading(tmp_path):
         for info in src.infolist():
             data = src.read(info)
             z.writestr(info.filename, data[:-4] if info.filename.endswith("/data/1") else data)
-    with pytest.raises(js.ModelFormatError, match="storage .*bytes"):
+    with pytest.raises(js.ModelFormatError, match=r"storage .*bytes"):
         js.SCVI.load(tmp_path, adata=ad.read_h5ad(F / "scvi" / "adata.h5ad"))
 
 
@@ -196,7 +202,7 @@ def test_ndarray_cannot_be_called_around_the_checks(tmp_path):
 
 def test_not_a_torch_file(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"\x80\x02 not a zip")
-    with pytest.raises(js.ModelFormatError, match="zip format.*Fix:"):
+    with pytest.raises(js.ModelFormatError, match=r"zip format.*Fix:"):
         js.SCVI.load(tmp_path)
 
 
@@ -217,8 +223,7 @@ def test_export_reads_back_exactly(models, tmp_path):
     assert shapes == {k: np.shape(v) for k, v in theirs["model_state_dict"].items()}
     assert saved["attr_dict"]["registry_"]["model_name"] == "SCANVI"
     back = js.SCANVI.load(tmp_path / "out")
-    np.testing.assert_array_equal(back.get_latent_representation(),
-                                  q.get_latent_representation())
+    np.testing.assert_array_equal(back.get_latent_representation(), q.get_latent_representation())
     np.testing.assert_array_equal(back.predict(soft=True), q.predict(soft=True))
     with pytest.raises(FileExistsError, match="overwrite=True"):
         q.save(tmp_path / "out", format="scvi-tools")
@@ -235,13 +240,17 @@ def test_export_warns_that_the_temperature_is_dropped(models, tmp_path):
 
 
 def test_unknown_save_format(models, tmp_path):
-    with pytest.raises(js.InputError, match="format.*Fix:"):
+    with pytest.raises(js.InputError, match=r"format.*Fix:"):
         models["scvi"].save(tmp_path / "x", format="torch")
 
 
 def test_torchfile_round_trip_keeps_dtypes_and_shapes(tmp_path):
-    arrays = {"f": np.arange(6, dtype=np.float32).reshape(2, 3), "i": np.array(7, np.int64),
-              "b": np.array([True, False]), "e": np.zeros((0, 3), np.float64)}
+    arrays = {
+        "f": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "i": np.array(7, np.int64),
+        "b": np.array([True, False]),
+        "e": np.zeros((0, 3), np.float64),
+    }
     torchfile.save({k: torchfile.Tensor(v) for k, v in arrays.items()}, tmp_path / "a.pt")
     back = torchfile.load(tmp_path / "a.pt")
     for k, v in arrays.items():

@@ -23,13 +23,21 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def out():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, str(HERE / "sharded_check.py")], env=env,
-                         capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    res = subprocess.run(
+        [sys.executable, str(HERE / "sharded_check.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     assert res.returncode == 0 and line, res.stderr[-3000:]
-    result = json.loads(line[0][len("RESULT "):])
+    result = json.loads(line[0][len("RESULT ") :])
     assert result["n_devices"] == 2
     return result
 
@@ -107,7 +115,8 @@ def test_device_bounds():
 
 def test_rows_become_positions_in_their_slice():
     rows = np.array([[0, 4, 5, -1], [-1, 2, 9, 6]])
-    np.testing.assert_array_equal(local_rows(rows, np.array([0, 5, 10])),
-                                  [[0, 4, 0, -1], [-1, 2, 4, 1]])
+    np.testing.assert_array_equal(
+        local_rows(rows, np.array([0, 5, 10])), [[0, 4, 0, -1], [-1, 2, 4, 1]]
+    )
     assert per_device(rows, 2).shape == (4, 2)
     assert per_device(None, 2) is None

@@ -4,6 +4,8 @@ interface the streaming source uses (`BackedRows`: read, indptr, rows by index).
 
 from __future__ import annotations
 
+import itertools
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -16,8 +18,9 @@ from jaxscanvi.data.cells import cell_data
 from jaxscanvi.errors import InputError
 from jaxscanvi.train import sources
 
-TRAIN = dict(max_epochs=1, batch_size=64, progress_bar=False, train_size=0.8,
-             check_val_every_n_epoch=1)
+TRAIN = dict(
+    max_epochs=1, batch_size=64, progress_bar=False, train_size=0.8, check_val_every_n_epoch=1
+)
 SPLITS = (0, 130, 260, 400)  # three files of unequal sizes
 RUNS = [(0, 1), (0, 400), (125, 135), (129, 261), (259, 260), (399, 400), (40, 40)]
 
@@ -34,7 +37,7 @@ def files(atlas400, tmp_path_factory):
     """The atlas cut into .h5ad, .zarr, .h5ad files, and written whole as one .h5ad."""
     d = tmp_path_factory.mktemp("stores")
     paths = []
-    for i, (lo, hi) in enumerate(zip(SPLITS[:-1], SPLITS[1:])):
+    for i, (lo, hi) in enumerate(itertools.pairwise(SPLITS)):
         p = d / (f"part{i}.zarr" if i == 1 else f"part{i}.h5ad")
         part = atlas400[lo:hi].copy()
         part.write_zarr(p) if i == 1 else part.write_h5ad(p)
@@ -80,8 +83,9 @@ def test_collection_reads_rows_across_files(files, atlas400):
     np.testing.assert_array_equal(adata.X[mask, 5:9].toarray(), atlas400.X[mask][:, 5:9].toarray())
     # a process's slice in a many-host run reads only its rows
     mine = adata.X.limited(slice(100, 200))
-    np.testing.assert_array_equal(mine[np.array([150, 100])].toarray(),
-                                  atlas400.X[[150, 100]].toarray())
+    np.testing.assert_array_equal(
+        mine[np.array([150, 100])].toarray(), atlas400.X[[150, 100]].toarray()
+    )
     with pytest.raises(InputError, match="reads only rows"):
         mine[np.array([50])]
 
@@ -103,21 +107,24 @@ def test_collection_trains_like_one_backed_file(files, atlas400, monkeypatch):
     paths, whole = files
     monkeypatch.setattr(backed, "DEFAULT_BLOCK", 50)  # blocks that straddle files
     runs = {}
-    for name, adata in (("collection", read_collection(paths)),
-                        ("file", ad.read_h5ad(whole, backed="r"))):
+    for name, adata in (
+        ("collection", read_collection(paths)),
+        ("file", ad.read_h5ad(whole, backed="r")),
+    ):
         js.SCVI.setup_anndata(adata, batch_key="batch")
         m = js.SCVI(adata, n_latent=4, n_hidden=16)
         m.train(data_source="stream", **TRAIN)
         runs[name] = m
     h = {k: m.history.to_frame() for k, m in runs.items()}
     for col in ("train_loss", "elbo_validation"):
-        np.testing.assert_array_equal(h["collection"][col].to_numpy(),
-                                      h["file"][col].to_numpy(), err_msg=col)
+        np.testing.assert_array_equal(
+            h["collection"][col].to_numpy(), h["file"][col].to_numpy(), err_msg=col
+        )
     z = runs["collection"].get_latent_representation()
-    np.testing.assert_allclose(z, runs["file"].get_latent_representation(), rtol=1e-6,
-                               atol=1e-7)
-    np.testing.assert_allclose(z, runs["collection"].get_latent_representation(
-        adata=atlas400), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(z, runs["file"].get_latent_representation(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        z, runs["collection"].get_latent_representation(adata=atlas400), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_collection_auto_source_and_save_load(files, tmp_path):
@@ -130,16 +137,20 @@ def test_collection_auto_source_and_save_load(files, tmp_path):
     saved = sum(f.stat().st_size for f in (tmp_path / "model").rglob("*") if f.is_file())
     assert saved < 2_000_000  # parameters and metadata, no copy of the counts
     back = js.SCVI.load(tmp_path / "model", adata=read_collection(paths))
-    np.testing.assert_allclose(back.get_latent_representation(),
-                               m.get_latent_representation(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        back.get_latent_representation(), m.get_latent_representation(), rtol=1e-6, atol=1e-7
+    )
     with pytest.raises(InputError, match="save_anndata"):
         m.save(tmp_path / "with_data", save_anndata=True)
 
 
 def test_collection_of_backed_anndatas(files, atlas400):
     paths, _ = files
-    parts = [ad.read_h5ad(paths[0], backed="r"), ad.read_zarr(paths[1]),
-             ad.read_h5ad(paths[2], backed="r")]
+    parts = [
+        ad.read_h5ad(paths[0], backed="r"),
+        ad.read_zarr(paths[1]),
+        ad.read_h5ad(paths[2], backed="r"),
+    ]
     adata = read_collection(parts, label="file", keys=["a", "b", "c"])
     assert list(adata.obs["file"].value_counts(sort=False)) == [130, 130, 140]
     check_reads(adata.X, atlas400.X)
@@ -147,7 +158,7 @@ def test_collection_of_backed_anndatas(files, atlas400):
 
 def test_collection_genes_must_match(files, atlas400, tmp_path):
     paths, _ = files
-    swapped = atlas400[:50, list(range(1, atlas400.n_vars)) + [0]].copy()
+    swapped = atlas400[:50, [*list(range(1, atlas400.n_vars)), 0]].copy()
     swapped.write_h5ad(tmp_path / "swapped.h5ad")
     with pytest.raises(InputError, match=r"paths\[2\].*swapped\.h5ad.*genes differ.*paths\[0\]"):
         read_collection([paths[0], paths[1], tmp_path / "swapped.h5ad"])
@@ -183,21 +194,28 @@ def soma_experiment(atlas400, tmp_path_factory):
 
 def test_soma_reads_the_selected_rows(soma_experiment, atlas400):
     from jaxscanvi.data import read_soma
+
     adata = read_soma(soma_experiment)
     check_reads(adata.X, atlas400.X)
     genes = np.flatnonzero(atlas400.var["marker_of"] != "")
-    sub = read_soma(soma_experiment, var_value_filter="marker_of != ''",
-                    obs_coords=slice(100, 299))  # SOMA slices include both ends
+    sub = read_soma(
+        soma_experiment, var_value_filter="marker_of != ''", obs_coords=slice(100, 299)
+    )  # SOMA slices include both ends
     assert list(sub.var_names) == list(atlas400.var_names[genes])
     assert list(sub.obs_names) == list(atlas400.obs_names[100:300])
-    np.testing.assert_array_equal(sub.X.read(0, 200).toarray(),
-                                  atlas400.X[100:300][:, genes].toarray())
+    np.testing.assert_array_equal(
+        sub.X.read(0, 200).toarray(), atlas400.X[100:300][:, genes].toarray()
+    )
 
 
 def test_soma_obs_filter_trains_on_exactly_the_filtered_cells(soma_experiment, atlas400):
     from jaxscanvi.data import read_soma
-    adata = read_soma(soma_experiment, obs_value_filter="cell_type in ['L0_T0', 'L1_T1']",
-                      obs_column_names=["batch", "cell_type"])
+
+    adata = read_soma(
+        soma_experiment,
+        obs_value_filter="cell_type in ['L0_T0', 'L1_T1']",
+        obs_column_names=["batch", "cell_type"],
+    )
     keep = atlas400.obs["cell_type"].isin(["L0_T0", "L1_T1"]).to_numpy()
     want = atlas400[keep].copy()
     assert 0 < adata.n_obs < atlas400.n_obs
@@ -211,13 +229,13 @@ def test_soma_obs_filter_trains_on_exactly_the_filtered_cells(soma_experiment, a
     m.train(data_source="stream", **TRAIN)
     assert len(m.train_indices) + len(m.validation_indices) == want.n_obs
     z = m.get_latent_representation()
-    np.testing.assert_allclose(z, m.get_latent_representation(adata=want), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(z, m.get_latent_representation(adata=want), rtol=1e-5, atol=1e-6)
 
 
 def test_soma_bad_queries_are_clear(soma_experiment):
     from jaxscanvi.data import read_soma
-    with pytest.raises(InputError, match="obs_value_filter.*Column nope does not exist"):
+
+    with pytest.raises(InputError, match=r"obs_value_filter.*Column nope does not exist"):
         read_soma(soma_experiment, obs_value_filter="nope == 1")
     with pytest.raises(InputError, match="selects no cells"):
         read_soma(soma_experiment, obs_value_filter="batch == 'no such batch'")
@@ -236,13 +254,17 @@ def annbatch_collection(files, tmp_path_factory):
     paths, _ = files
     path = tmp_path_factory.mktemp("annbatch") / "collection.zarr"
     annbatch.DatasetCollection(path).add_adatas(
-        [str(p) for p in paths], dataset_size=150, shuffle_chunk_size=25,
-        rng=np.random.default_rng(0))
+        [str(p) for p in paths],
+        dataset_size=150,
+        shuffle_chunk_size=25,
+        rng=np.random.default_rng(0),
+    )
     return path
 
 
 def test_annbatch_collection_reads_its_shuffled_rows(annbatch_collection, atlas400):
     from jaxscanvi.data import read_annbatch
+
     adata = read_annbatch(annbatch_collection)
     assert adata.n_obs == atlas400.n_obs
     pos = atlas400.obs_names.get_indexer(adata.obs_names)
@@ -253,6 +275,7 @@ def test_annbatch_collection_reads_its_shuffled_rows(annbatch_collection, atlas4
 
 def test_annbatch_collection_trains(annbatch_collection, atlas400):
     from jaxscanvi.data import read_annbatch
+
     adata = read_annbatch(annbatch_collection, obs_columns=["batch", "cell_type"])
     want = atlas400[atlas400.obs_names.get_indexer(adata.obs_names)].copy()
     lazy, mem = setup_cells(adata), setup_cells(want)
@@ -263,19 +286,20 @@ def test_annbatch_collection_trains(annbatch_collection, atlas400):
     loss = m.history.to_frame()["train_loss"].to_numpy()
     assert loss.shape == (1,) and np.isfinite(loss).all()
     z = m.get_latent_representation()
-    np.testing.assert_allclose(z, m.get_latent_representation(adata=want), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(z, m.get_latent_representation(adata=want), rtol=1e-5, atol=1e-6)
 
 
 def test_annbatch_missing_collection_is_clear(tmp_path):
     pytest.importorskip("annbatch")
     from jaxscanvi.data import read_annbatch
+
     with pytest.raises(InputError, match="no such folder"):
         read_annbatch(tmp_path / "nothing.zarr")
     (tmp_path / "empty.zarr").mkdir()
     with pytest.raises(InputError, match="not an annbatch collection"):
         read_annbatch(tmp_path / "empty.zarr")
     import zarr
+
     zarr.open_group(tmp_path / "plain.zarr", mode="w")
     with pytest.raises(InputError, match="holds no annbatch datasets"):
         read_annbatch(tmp_path / "plain.zarr")
@@ -291,16 +315,25 @@ def test_stores_benchmark_smoke(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "stores.json"
-    p = subprocess.run([sys.executable, str(root / "benchmarks" / "stores.py"), "--smoke",
-                        "--out", str(out)], capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, PYTHONPATH=str(root)), cwd=root)
+    p = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "stores.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(root)),
+        cwd=root,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads(out.read_text())
     res = doc["results"]
-    assert {"scipy CSR in memory", "one .h5ad (BackedRows)",
-            "4 files, .h5ad + .zarr (read_collection)"} <= set(res)
+    assert {
+        "scipy CSR in memory",
+        "one .h5ad (BackedRows)",
+        "4 files, .h5ad + .zarr (read_collection)",
+    } <= set(res)
     for name, r in res.items():
         assert len(r["read_per_round"]) == 2 and r["read_cells_per_s"] > 0, name
     assert res["scipy CSR in memory"]["read_vs_memory"] == 1.0
@@ -315,6 +348,7 @@ def test_scale_guide_atlas_code_runs(atlas400, tmp_path, monkeypatch):
     import re
     from importlib.util import find_spec
     from pathlib import Path
+
     page = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "scale.md").read_text()
     section = page.split("## Atlases in many files, annbatch and TileDB-SOMA")[1]
     section = section.split("\n## ")[0]

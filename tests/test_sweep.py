@@ -18,15 +18,23 @@ FIT = dict(batch_size=64, progress_bar=False, devices=1)
 
 @pytest.fixture(scope="module")
 def data():
-    adata = js.synthetic_atlas(n_cells=300, n_genes=100, n_batches=2, n_lineages=2,
-                               types_per_lineage=2, seed=0, markers_per_type=10)
+    adata = js.synthetic_atlas(
+        n_cells=300,
+        n_genes=100,
+        n_batches=2,
+        n_lineages=2,
+        types_per_lineage=2,
+        seed=0,
+        markers_per_type=10,
+    )
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
     hide = np.random.default_rng(0).random(adata.n_obs) < 0.5
     adata.obs["labels"] = np.where(hide, "Unknown", adata.obs["cell_type"])
     scvi_data = adata.copy()
     js.SCVI.setup_anndata(scvi_data, batch_key="batch", labels_key="cell_type")
-    js.SCANVI.setup_anndata(adata, labels_key="labels", unlabeled_category="Unknown",
-                            batch_key="batch")
+    js.SCANVI.setup_anndata(
+        adata, labels_key="labels", unlabeled_category="Unknown", batch_key="batch"
+    )
     return scvi_data, adata
 
 
@@ -36,13 +44,22 @@ def assert_same_model(got, want, rtol=2e-4, atol=2e-5):
         la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
         assert len(la) == len(lb), name
         for (path, x), y in zip(la, lb):
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
-                                       err_msg=f"{name}{jax.tree_util.keystr(path)}")
+            np.testing.assert_allclose(
+                np.asarray(x),
+                np.asarray(y),
+                rtol=rtol,
+                atol=atol,
+                err_msg=f"{name}{jax.tree_util.keystr(path)}",
+            )
     assert list(got.history.to_frame().columns) == list(want.history.to_frame().columns)
     assert list(got.history.to_frame().index) == list(want.history.to_frame().index)
     cols = [c for c in want.history.to_frame().columns if c != "epoch_seconds"]
-    np.testing.assert_allclose(got.history.to_frame()[cols].to_numpy(float),
-                               want.history.to_frame()[cols].to_numpy(float), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(
+        got.history.to_frame()[cols].to_numpy(float),
+        want.history.to_frame()[cols].to_numpy(float),
+        rtol=rtol,
+        atol=atol,
+    )
     np.testing.assert_array_equal(got.train_indices, want.train_indices)
     np.testing.assert_array_equal(got.validation_indices, want.validation_indices)
     assert got.is_trained and int(got.train_state.step) == int(want.train_state.step)
@@ -55,30 +72,50 @@ def test_scvi_members_equal_their_single_runs(data):
     rate is at lr_min, so its monitored "lr" never improves and it stops after 3
     epochs, its parameters held while the others train on."""
     adata, _ = data
-    members = [{"seed": 0, "lr": 1e-3},
-               {"seed": 1, "lr": 1e-4, "weight_decay": 1e-3},
-               {"seed": 2, "max_kl_weight": 0.5, "n_epochs_kl_warmup": 2}]
-    plan = {"reduce_lr_on_plateau": True, "lr_scheduler_metric": "kl_weight",
-            "lr_patience": 0, "lr_min": 1e-4}
-    kw = dict(max_epochs=5, early_stopping=True, early_stopping_monitor="lr",
-              early_stopping_patience=2, **FIT)
-    out = sweep.train_many(lambda s: js.SCVI(adata, seed=s, **NET), members=members,
-                           order="per_model", plan_kwargs=plan, **kw)
+    members = [
+        {"seed": 0, "lr": 1e-3},
+        {"seed": 1, "lr": 1e-4, "weight_decay": 1e-3},
+        {"seed": 2, "max_kl_weight": 0.5, "n_epochs_kl_warmup": 2},
+    ]
+    plan = {
+        "reduce_lr_on_plateau": True,
+        "lr_scheduler_metric": "kl_weight",
+        "lr_patience": 0,
+        "lr_min": 1e-4,
+    }
+    kw = dict(
+        max_epochs=5,
+        early_stopping=True,
+        early_stopping_monitor="lr",
+        early_stopping_patience=2,
+        **FIT,
+    )
+    out = sweep.train_many(
+        lambda s: js.SCVI(adata, seed=s, **NET),
+        members=members,
+        order="per_model",
+        plan_kwargs=plan,
+        **kw,
+    )
     assert [m.history.n_epochs for m in out.models] == [5, 3, 5]
     assert len(out.history) == 13
-    assert {"member", "seed", "hp_lr", "hp_max_kl_weight", "lr", "elbo_validation"} <= \
-        set(out.history.columns)
+    assert {"member", "seed", "hp_lr", "hp_max_kl_weight", "lr", "elbo_validation"} <= set(
+        out.history.columns
+    )
     assert out.models[0].history.to_frame()["lr"].iloc[-1] < 1e-3
     for model, m in zip(out.models, members):
         single = js.SCVI(adata, seed=m["seed"], **NET).train(
-            seed=m["seed"], plan_kwargs={**plan, **{k: v for k, v in m.items() if k != "seed"}},
-            **kw)
+            seed=m["seed"],
+            plan_kwargs={**plan, **{k: v for k, v in m.items() if k != "seed"}},
+            **kw,
+        )
         assert_same_model(model, single)
     # the members really differ: different seeds and hyperparameters train differently
     z = [np.asarray(m.get_latent_representation()) for m in out.models]
     assert not np.allclose(z[0], z[2], atol=1e-3)
-    assert out.history.groupby("member")["kl_weight"].last().tolist() == \
-        pytest.approx([4 / 400, 2 / 400, 0.5])
+    assert out.history.groupby("member")["kl_weight"].last().tolist() == pytest.approx(
+        [4 / 400, 2 / 400, 0.5]
+    )
     last = [m.history.to_frame()["elbo_validation"].iloc[-1] for m in out.models]
     assert out.final["elbo_validation"].tolist() == last
     assert out.best("elbo_validation") is out.models[int(np.argmin(last))]
@@ -94,11 +131,14 @@ def _centre(outputs, batch, params):
 def scanvi_sweep(data):
     _, adata = data
     start = js.SCANVI(adata, seed=0, **NET)  # every member starts from this model
-    members = [{"seed": 0, "classification_ratio": 10.0, "loss_weights.centre": 0.5},
-               {"seed": 0, "classification_ratio": 50.0, "loss_weights.centre": 2.0},
-               {"seed": 3, "classification_ratio": 50.0, "loss_weights.centre": 2.0}]
-    out = sweep.train_many(start, members=members, max_epochs=2,
-                           loss_terms={"centre": _centre}, **FIT)
+    members = [
+        {"seed": 0, "classification_ratio": 10.0, "loss_weights.centre": 0.5},
+        {"seed": 0, "classification_ratio": 50.0, "loss_weights.centre": 2.0},
+        {"seed": 3, "classification_ratio": 50.0, "loss_weights.centre": 2.0},
+    ]
+    out = sweep.train_many(
+        start, members=members, max_epochs=2, loss_terms={"centre": _centre}, **FIT
+    )
     return out, members
 
 
@@ -109,19 +149,27 @@ def test_scanvi_shared_order_with_loss_term_equals_single_runs(data, scanvi_swee
     out, members = scanvi_sweep
     for model, m in list(zip(out.models, members))[:1]:
         single = js.SCANVI(adata, seed=0, **NET).train(
-            max_epochs=2, seed=0, plan_kwargs={"classification_ratio": m[
-                "classification_ratio"]}, loss_terms={"centre": _centre},
-            loss_weights={"centre": m["loss_weights.centre"]}, **FIT)
+            max_epochs=2,
+            seed=0,
+            plan_kwargs={"classification_ratio": m["classification_ratio"]},
+            loss_terms={"centre": _centre},
+            loss_weights={"centre": m["loss_weights.centre"]},
+            **FIT,
+        )
         assert_same_model(model, single)
         assert model.temperature == pytest.approx(single.temperature, rel=1e-3)
         assert model.loss_term_names == ("centre",)
-    assert not np.allclose(np.asarray(out.models[0].history.to_frame()["train_loss"]),
-                           np.asarray(out.models[1].history.to_frame()["train_loss"]))
+    assert not np.allclose(
+        np.asarray(out.models[0].history.to_frame()["train_loss"]),
+        np.asarray(out.models[1].history.to_frame()["train_loss"]),
+    )
     # seed 3 shares seed 0's split and order, not its noise
     third = out.models[2]
     np.testing.assert_array_equal(third.validation_indices, out.models[1].validation_indices)
-    assert not np.allclose(np.asarray(third.history.to_frame()["train_loss"]),
-                           np.asarray(out.models[1].history.to_frame()["train_loss"]))
+    assert not np.allclose(
+        np.asarray(third.history.to_frame()["train_loss"]),
+        np.asarray(out.models[1].history.to_frame()["train_loss"]),
+    )
     assert (out.history["data_seed"] == 0).all()
 
 
@@ -131,8 +179,12 @@ def test_members_save_load_and_ensemble(data, scanvi_sweep, tmp_path):
     models = out.models
     models[1].save(tmp_path / "m1")
     back = js.SCANVI.load(tmp_path / "m1", adata=adata)
-    np.testing.assert_allclose(back.get_latent_representation(),
-                               models[1].get_latent_representation(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        back.get_latent_representation(),
+        models[1].get_latent_representation(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     ens = sweep.ensemble_predict(models)
     each = np.stack([m.predict(soft=True).to_numpy() for m in models])
     np.testing.assert_allclose(ens.probabilities.to_numpy(), each.mean(0), rtol=1e-6)
@@ -141,8 +193,9 @@ def test_members_save_load_and_ensemble(data, scanvi_sweep, tmp_path):
     np.testing.assert_allclose(ens.disagreement, (each.argmax(2) != top).mean(0))
     assert (ens.prediction == np.asarray(models[0].registry.label_categories)[top]).all()
     h = lambda p: -(p * np.log(np.clip(p, 1e-12, 1))).sum(-1)  # noqa: E731
-    np.testing.assert_allclose(ens.mutual_information,
-                               np.maximum(h(each.mean(0)) - h(each).mean(0), 0), atol=1e-9)
+    np.testing.assert_allclose(
+        ens.mutual_information, np.maximum(h(each.mean(0)) - h(each).mean(0), 0), atol=1e-9
+    )
     cal = sweep.ensemble_calibration(models)
     assert len(cal["ece_members"]) == 3 and 0 <= cal["ece_ensemble"] <= 1
     y_idx = models[0].validation_indices
@@ -161,7 +214,8 @@ def test_query_members_equal_single_runs_and_keep_frozen_weights(data, scanvi_sw
     start = js.SCANVI.load_query_data(query.copy(), ref)
     out = sweep.train_many(start, seeds=[0], grid={"lr": [1e-3, 3e-3]}, **kw)
     single = js.SCANVI.load_query_data(query.copy(), ref).train(
-        seed=0, **{**kw, "plan_kwargs": {"weight_decay": 0.0, "lr": 3e-3}})
+        seed=0, **{**kw, "plan_kwargs": {"weight_decay": 0.0, "lr": 3e-3}}
+    )
     assert_same_model(out.models[1], single)
     mask = jax.tree_util.tree_leaves(start._freeze[0])
     before = jax.tree_util.tree_leaves(start.params)
@@ -182,12 +236,14 @@ def test_library_kernels_and_sparse_device_cells(data, monkeypatch):
     import jaxscanvi.sweep as sweep_module
     from jaxscanvi import backend
     from jaxscanvi.train.sources import make_source
+
     adata, _ = data
     monkeypatch.setattr(sweep_module, "make_source", partial(make_source, dense_max_bytes=0))
     kw = dict(max_epochs=1, **FIT)
     with backend.use("library"):
-        out = sweep.train_many(lambda s: js.SCVI(adata, seed=s, **NET), seeds=[0, 1],
-                               order="per_model", **kw)
+        out = sweep.train_many(
+            lambda s: js.SCVI(adata, seed=s, **NET), seeds=[0, 1], order="per_model", **kw
+        )
         for s, model in enumerate(out.models):
             assert_same_model(model, js.SCVI(adata, seed=s, **NET).train(seed=s, **kw))
 
@@ -197,25 +253,32 @@ def test_memory_refuses_too_many_members(data):
     model = js.SCVI(adata, seed=0, **NET)
 
     def need(k):
-        return _memory.estimate(model.params, model.state, n_members=k, batch_size=64,
-                                n_genes=adata.n_vars, data_bytes=adata.n_obs * adata.n_vars * 4,
-                                shared=True, paired=False)
+        return _memory.estimate(
+            model.params,
+            model.state,
+            n_members=k,
+            batch_size=64,
+            n_genes=adata.n_vars,
+            data_bytes=adata.n_obs * adata.n_vars * 4,
+            shared=True,
+            paired=False,
+        )
+
     with pytest.raises(InputError, match="at most 2 members") as err:
-        sweep.train_many(model, seeds=[0, 1, 2, 3], max_epochs=1, memory_budget=need(2) + 1,
-                         **FIT)
+        sweep.train_many(model, seeds=[0, 1, 2, 3], max_epochs=1, memory_budget=need(2) + 1, **FIT)
     assert err.value.field == "members" and err.value.value == 4
     assert need(4) - need(2) == 2 * (need(2) - need(1))  # linear in K beyond the data
 
 
 def test_memory_estimate_covers_what_xla_allocates(data):
     """The estimate is at least XLA's own count for the compiled epoch of 4 members."""
-    from jaxscanvi.sweep import _members
+    from jaxscanvi.sweep import _capture, _members
     from jaxscanvi.sweep._loop import Member, initial_state
     from jaxscanvi.sweep._step import member_steps, vmapped_epoch
-    from jaxscanvi.sweep import _capture
     from jaxscanvi.train.fit import check, loop_config
     from jaxscanvi.train.loop import epoch_orders
     from jaxscanvi.train.sources import make_source
+
     adata, _ = data
     group = []
     for s in range(4):
@@ -225,20 +288,24 @@ def test_memory_estimate_covers_what_xla_allocates(data):
         group.append(Member(config, task, tr, va, s))
     source = make_source("device", group[0].task.cells, 64)
     tx, train, _ = member_steps(group[0].task, group[0].config, schedule_mode="epochs")
-    ts = initial_state(group, tx, _members.hyper_arrays([g.config for g in group],
-                                                        has_ratio=False))
-    _, rows, _ = epoch_orders(source, loop_config(group[0].config), 0, group[0].train_idx,
-                              None)
+    ts = initial_state(group, tx, _members.hyper_arrays([g.config for g in group], has_ratio=False))
+    _, rows, _ = epoch_orders(source, loop_config(group[0].config), 0, group[0].train_idx, None)
     epoch = vmapped_epoch(source, train, own_rows=False)
     carry = (ts, jnp.full((4,), -1, jnp.int32))
-    stats = epoch.lower(carry, source.cells, jnp.asarray(rows), None).compile() \
-        .memory_analysis()
+    stats = epoch.lower(carry, source.cells, jnp.asarray(rows), None).compile().memory_analysis()
     if stats is None:
         pytest.skip("this backend reports no memory analysis")
     xla = stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
-    est = _memory.estimate(group[0].task.params, group[0].task.state, n_members=4,
-                           batch_size=64, n_genes=adata.n_vars,
-                           data_bytes=source.device_bytes(), shared=True, paired=False)
+    est = _memory.estimate(
+        group[0].task.params,
+        group[0].task.state,
+        n_members=4,
+        batch_size=64,
+        n_genes=adata.n_vars,
+        data_bytes=source.device_bytes(),
+        shared=True,
+        paired=False,
+    )
     assert xla <= est < 20 * xla, (xla, est)
 
 
@@ -247,13 +314,16 @@ def test_bad_sweeps_are_refused_before_compiling(data):
 
     def make(s):
         return js.SCVI(adata, seed=s, **NET)
-    cases = [(dict(grid={"n_hidden": [16, 32]}), "grid['n_hidden']"),
-             (dict(grid={"lr": [1e-3, "fast"]}), "grid['lr']"),
-             (dict(seed=3), "seed"),
-             (dict(devices=2), "devices"),
-             (dict(order="random"), "order"),
-             (dict(order="per_model", data_seed=1), "data_seed"),
-             (dict(grid={"n_epochs_kl_warmup": [None, 5]}), "grid")]
+
+    cases = [
+        (dict(grid={"n_hidden": [16, 32]}), "grid['n_hidden']"),
+        (dict(grid={"lr": [1e-3, "fast"]}), "grid['lr']"),
+        (dict(seed=3), "seed"),
+        (dict(devices=2), "devices"),
+        (dict(order="random"), "order"),
+        (dict(order="per_model", data_seed=1), "data_seed"),
+        (dict(grid={"n_epochs_kl_warmup": [None, 5]}), "grid"),
+    ]
     for kwargs, field in cases:
         with pytest.raises(InputError) as err:
             sweep.train_many(make, max_epochs=1, **{**FIT, **kwargs})
@@ -266,6 +336,7 @@ def test_fit_with_swaps_the_fit_alone(data):
     also after the given fit raised."""
     from jaxscanvi.train.config import TrainConfig
     from jaxscanvi.train.fit import Task, fit
+
     adata, _ = data
     m = js.SCVI(adata, seed=0, **NET)
     seen = []
@@ -307,20 +378,34 @@ def test_vmapped_and_in_turn_sweeps_give_the_same_models(data):
     CPU by default) train the same models: own orders with early stopping and the
     plateau acting on some members only (as in the first test)."""
     adata, _ = data
-    members = [{"seed": 0, "lr": 1e-3},
-               {"seed": 1, "lr": 1e-4, "weight_decay": 1e-3},
-               {"seed": 2, "max_kl_weight": 0.5, "n_epochs_kl_warmup": 2}]
-    plan = {"reduce_lr_on_plateau": True, "lr_scheduler_metric": "kl_weight",
-            "lr_patience": 0, "lr_min": 1e-4}
-    vm, turn = _both_ways(lambda s: js.SCVI(adata, seed=s, **NET), members=members,
-                          order="per_model", plan_kwargs=plan, max_epochs=4,
-                          early_stopping=True, early_stopping_monitor="lr",
-                          early_stopping_patience=2, **FIT)
+    members = [
+        {"seed": 0, "lr": 1e-3},
+        {"seed": 1, "lr": 1e-4, "weight_decay": 1e-3},
+        {"seed": 2, "max_kl_weight": 0.5, "n_epochs_kl_warmup": 2},
+    ]
+    plan = {
+        "reduce_lr_on_plateau": True,
+        "lr_scheduler_metric": "kl_weight",
+        "lr_patience": 0,
+        "lr_min": 1e-4,
+    }
+    vm, turn = _both_ways(
+        lambda s: js.SCVI(adata, seed=s, **NET),
+        members=members,
+        order="per_model",
+        plan_kwargs=plan,
+        max_epochs=4,
+        early_stopping=True,
+        early_stopping_monitor="lr",
+        early_stopping_patience=2,
+        **FIT,
+    )
     assert [m.history.n_epochs for m in vm.models] == [4, 3, 4]
     for a, b in zip(vm.models, turn.models):
         assert_same_model(a, b)
-    assert not np.allclose(vm.models[0].history.to_frame()["train_loss"],
-                           vm.models[2].history.to_frame()["train_loss"])
+    assert not np.allclose(
+        vm.models[0].history.to_frame()["train_loss"], vm.models[2].history.to_frame()["train_loss"]
+    )
 
 
 def test_vmapped_scanvi_sparse_library_kernels_equal_in_turn(data, monkeypatch):
@@ -332,19 +417,32 @@ def test_vmapped_scanvi_sparse_library_kernels_equal_in_turn(data, monkeypatch):
     import jaxscanvi.sweep as sweep_module
     from jaxscanvi import backend
     from jaxscanvi.train.sources import make_source
+
     _, adata = data
-    members = [{"seed": 0, "classification_ratio": 10.0, "loss_weights.centre": 0.5},
-               {"seed": 4, "classification_ratio": 50.0, "loss_weights.centre": 2.0}]
-    kw = dict(members=members, max_epochs=2, loss_terms={"centre": _centre},
-              check_val_every_n_epoch=1, **FIT)
+    members = [
+        {"seed": 0, "classification_ratio": 10.0, "loss_weights.centre": 0.5},
+        {"seed": 4, "classification_ratio": 50.0, "loss_weights.centre": 2.0},
+    ]
+    kw = dict(
+        members=members,
+        max_epochs=2,
+        loss_terms={"centre": _centre},
+        check_val_every_n_epoch=1,
+        **FIT,
+    )
     vm, turn = _both_ways(lambda s: js.SCANVI(adata, seed=s, **NET), **kw)
     for a, b in zip(vm.models, turn.models):
         assert_same_model(a, b)
         assert "classification_loss_validation_labelled" in a.history  # val_metrics ran
     monkeypatch.setattr(sweep_module, "make_source", partial(make_source, dense_max_bytes=0))
     with backend.use("library"):
-        vm, turn = _both_ways(lambda s: js.SCVI(data[0], seed=s, **NET), seeds=[0, 1],
-                              order="per_model", max_epochs=1, **FIT)
+        vm, turn = _both_ways(
+            lambda s: js.SCVI(data[0], seed=s, **NET),
+            seeds=[0, 1],
+            order="per_model",
+            max_epochs=1,
+            **FIT,
+        )
     for a, b in zip(vm.models, turn.models):
         assert_same_model(a, b)
 
@@ -355,10 +453,16 @@ def test_adamw_and_clipping_members_equal_single_runs(data):
     adata, _ = data
     plan = {"optimizer": "AdamW", "gradient_clip_val": 0.05}
     kw = dict(max_epochs=2, **FIT)
-    vm, turn = _both_ways(lambda s: js.SCVI(adata, seed=s, **NET), seeds=[0],
-                          grid={"weight_decay": [0.0, 0.3]}, plan_kwargs=plan, **kw)
+    vm, turn = _both_ways(
+        lambda s: js.SCVI(adata, seed=s, **NET),
+        seeds=[0],
+        grid={"weight_decay": [0.0, 0.3]},
+        plan_kwargs=plan,
+        **kw,
+    )
     single = js.SCVI(adata, seed=0, **NET).train(
-        seed=0, plan_kwargs={**plan, "weight_decay": 0.3}, **kw)
+        seed=0, plan_kwargs={**plan, "weight_decay": 0.3}, **kw
+    )
     assert_same_model(vm.models[1], single)
     assert_same_model(turn.models[1], single)
     a, b = (np.asarray(m.params["z_encoder"]["mean"]["kernel"]) for m in turn.models)
@@ -369,12 +473,11 @@ def test_vectorize_auto_picks_by_backend(data, monkeypatch):
     """'auto' runs members in turn on the CPU and vmapped elsewhere; a bad value is
     refused before anything trains."""
     import jaxscanvi.sweep as sweep_module
+
     adata, _ = data
     called = []
-    monkeypatch.setattr(sweep_module, "run_vmapped",
-                        lambda *a, **k: called.append("vmapped") or [])
-    monkeypatch.setattr(sweep_module, "run_in_turn",
-                        lambda *a, **k: called.append("in turn") or [])
+    monkeypatch.setattr(sweep_module, "run_vmapped", lambda *a, **k: called.append("vmapped") or [])
+    monkeypatch.setattr(sweep_module, "run_in_turn", lambda *a, **k: called.append("in turn") or [])
     monkeypatch.setattr(sweep_module, "_finish", lambda *a: None)
     monkeypatch.setattr(sweep_module, "_result", lambda *a: None)
     make = lambda s: js.SCVI(adata, seed=s, **NET)  # noqa: E731

@@ -30,9 +30,12 @@ def _require_annbatch():
     try:
         import annbatch
     except ImportError:
-        raise InputError("annbatch", "not installed", "reading an annbatch collection needs "
-                         "the annbatch package (Python 3.12 or newer)",
-                         "pip install 'jaxscanvi[atlas]' on Python >= 3.12") from None
+        raise InputError(
+            "annbatch",
+            "not installed",
+            "reading an annbatch collection needs the annbatch package (Python 3.12 or newer)",
+            "pip install 'jaxscanvi[atlas]' on Python >= 3.12",
+        ) from None
     return annbatch
 
 
@@ -63,8 +66,7 @@ def _runs_sampler_class():
         def _sample(self, n_obs: int):
             total = sum(b - a for a, b in self.runs)
             # one split of every row, in the runs' order
-            yield {"requests": [slice(a, b) for a, b in self.runs],
-                   "splits": [np.arange(total)]}
+            yield {"requests": [slice(a, b) for a, b in self.runs], "splits": [np.arange(total)]}
 
     return RunsSampler
 
@@ -86,8 +88,9 @@ class AnnbatchRows(AtlasRows):
             base += int(ip[-1] - ip[0])
         # the loader keeps one pass's state: one read at a time
         self._lock = threading.Lock()
-        self._init_rows((self.loader.n_obs, self.loader.n_var), np.concatenate(ptrs),
-                        block_size, cache_blocks)
+        self._init_rows(
+            (self.loader.n_obs, self.loader.n_var), np.concatenate(ptrs), block_size, cache_blocks
+        )
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows [start, stop) as canonical float32 CSR."""
@@ -115,21 +118,34 @@ def _open_collection(collection):
         return collection
     path = Path(collection)
     if not path.is_dir():
-        raise InputError("collection", str(collection), "no such folder", "pass the path "
-                         "of an annbatch collection (a .zarr folder written by "
-                         "annbatch.DatasetCollection(path).add_adatas(files))")
+        raise InputError(
+            "collection",
+            str(collection),
+            "no such folder",
+            "pass the path "
+            "of an annbatch collection (a .zarr folder written by "
+            "annbatch.DatasetCollection(path).add_adatas(files))",
+        )
     import zarr.errors
+
     try:
         return annbatch.DatasetCollection(str(path), mode="r")
     except (zarr.errors.GroupNotFoundError, FileNotFoundError):
-        raise InputError("collection", str(collection), "not a zarr group, so not an "
-                         "annbatch collection", "pass the folder that annbatch."
-                         "DatasetCollection(path).add_adatas(files) wrote") from None
+        raise InputError(
+            "collection",
+            str(collection),
+            "not a zarr group, so not an annbatch collection",
+            "pass the folder that annbatch.DatasetCollection(path).add_adatas(files) wrote",
+        ) from None
 
 
-def read_annbatch(collection, *, layer: str | None = None,
-                  obs_columns: list[str] | None = None,
-                  block_size: int | None = None) -> anndata.AnnData:
+def read_annbatch(
+    collection,
+    *,
+    layer: str | None = None,
+    obs_columns: list[str] | None = None,
+    block_size: int | None = None,
+) -> anndata.AnnData:
     """Open an annbatch collection (a path or an ``annbatch.DatasetCollection``).
 
     obs (``obs_columns``, default all) comes from ``DatasetCollection.obs``,
@@ -138,9 +154,12 @@ def read_annbatch(collection, *, layer: str | None = None,
     """
     coll = _open_collection(collection)
     if coll.is_empty:
-        raise InputError("collection", str(collection), "holds no annbatch datasets",
-                         "write it first with annbatch.DatasetCollection(path)"
-                         ".add_adatas(files)")
+        raise InputError(
+            "collection",
+            str(collection),
+            "holds no annbatch datasets",
+            "write it first with annbatch.DatasetCollection(path).add_adatas(files)",
+        )
     io = _anndata_io()
     groups = list(coll)
     key = "X" if layer is None else f"layers/{layer}"
@@ -148,20 +167,36 @@ def read_annbatch(collection, *, layer: str | None = None,
     datasets = []
     for i, g in enumerate(groups):
         if key not in g:
-            raise InputError("layer", layer, f"dataset_{i} of the collection has no {key!r}",
-                             "pass layer=None (X) or a layer every dataset has")
+            raise InputError(
+                "layer",
+                layer,
+                f"dataset_{i} of the collection has no {key!r}",
+                "pass layer=None (X) or a layer every dataset has",
+            )
         if g[key].attrs.get("encoding-type") != "csr_matrix":
-            raise InputError("collection", f"dataset_{i}", f"its {key} is not a CSR matrix",
-                             "rebuild the collection from files with CSR counts")
+            raise InputError(
+                "collection",
+                f"dataset_{i}",
+                f"its {key} is not a CSR matrix",
+                "rebuild the collection from files with CSR counts",
+            )
         genes = io.read_elem(g["var"]).index
         if not pd.Index(genes).equals(var.index):
-            raise InputError("collection", f"dataset_{i}", "its genes differ from "
-                             "dataset_0's", "rebuild the collection from files with the "
-                             "same genes (add_adatas(..., var_subset=genes))")
+            raise InputError(
+                "collection",
+                f"dataset_{i}",
+                "its genes differ from dataset_0's",
+                "rebuild the collection from files with the "
+                "same genes (add_adatas(..., var_subset=genes))",
+            )
         datasets.append(io.sparse_dataset(g[key]))
     store = AnnbatchRows(datasets, block_size=block_size)
     obs = coll.obs(columns=obs_columns)
     if len(obs) != store.shape[0]:
-        raise InputError("collection", str(collection), f"obs has {len(obs)} rows for "
-                         f"{store.shape[0]} cells", "rebuild the collection")
+        raise InputError(
+            "collection",
+            str(collection),
+            f"obs has {len(obs)} rows for {store.shape[0]} cells",
+            "rebuild the collection",
+        )
     return atlas_anndata(store, obs, var)

@@ -74,8 +74,9 @@ class AtlasRows(BackedRows, anndata.abc.CSRDataset):
         if self.read_threads < 2 or len(runs) < 2:
             return backed.RowRuns.read_runs(self, starts, stops)
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.read_threads,
-                                            thread_name_prefix=f"{self.backend}-read")
+            self._pool = ThreadPoolExecutor(
+                self.read_threads, thread_name_prefix=f"{self.backend}-read"
+            )
         return sp.vstack(list(self._pool.map(lambda r: self.read(*r), runs)), format="csr")
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
@@ -86,17 +87,22 @@ class AtlasRows(BackedRows, anndata.abc.CSRDataset):
         """Global CSR offsets (int64, n_obs + 1); a store without offsets of its own
         counts them in one pass (set-up's pass fills them first)."""
         if self._indptr is None:
-            self._indptr = offsets(np.concatenate(
-                [np.diff(b.indptr) for _, b in self.blocks()] or [np.zeros(0, np.int64)]))
+            self._indptr = offsets(
+                np.concatenate(
+                    [np.diff(b.indptr) for _, b in self.blocks()] or [np.zeros(0, np.int64)]
+                )
+            )
         return self._indptr
 
     # ------------------------------------------------ per-cell columns, once
     def remember(self, *, totals, lgamma, row_nnz, allow_noninteger: bool) -> None:
         """Keep what set-up's checked pass computed, so building the model's cell
         columns does not read the whole atlas again."""
-        self._stats = {"totals": np.asarray(totals, np.float64),
-                       "lgamma": np.asarray(lgamma, np.float64),
-                       "allow_noninteger": bool(allow_noninteger)}
+        self._stats = {
+            "totals": np.asarray(totals, np.float64),
+            "lgamma": np.asarray(lgamma, np.float64),
+            "allow_noninteger": bool(allow_noninteger),
+        }
         if self._indptr is None:
             self._indptr = offsets(row_nnz)
 
@@ -117,8 +123,11 @@ class AtlasRows(BackedRows, anndata.abc.CSRDataset):
             index, cols = (*index, slice(None))[:2]
         if isinstance(index, slice):
             start, stop, step = index.indices(self.shape[0])
-            out = self.read(start, stop) if step == 1 else \
-                BackedRows.__getitem__(self, np.arange(start, stop, step))
+            out = (
+                self.read(start, stop)
+                if step == 1
+                else BackedRows.__getitem__(self, np.arange(start, stop, step))
+            )
         else:
             rows = np.atleast_1d(np.asarray(index))
             if rows.dtype == bool:

@@ -43,11 +43,18 @@ class RowRuns:
 class BackedRows(RowRuns):
     """Row access to an on-disk CSR matrix through a small cache of row blocks."""
 
-    def __init__(self, dataset, block_size: int | None = None, cache_blocks: int = 4,
-                 rows: slice | None = None):
+    def __init__(
+        self,
+        dataset,
+        block_size: int | None = None,
+        cache_blocks: int = 4,
+        rows: slice | None = None,
+    ):
         if getattr(dataset, "format", "csr") != "csr":
-            raise ValueError("streaming needs CSR (cells x genes, row-compressed) counts; "
-                             "re-save the matrix as CSR")
+            raise ValueError(
+                "streaming needs CSR (cells x genes, row-compressed) counts; "
+                "re-save the matrix as CSR"
+            )
         self.dataset = dataset
         self.shape = tuple(dataset.shape)
         self.block_size = int(block_size or DEFAULT_BLOCK)
@@ -78,8 +85,9 @@ class BackedRows(RowRuns):
             self._arrays = (group["data"], group["indices"])
         data = np.asarray(self._arrays[0][a:b], np.float32)
         indices = np.asarray(self._arrays[1][a:b], np.int32)
-        return sp.csr_matrix((data, indices, self.indptr[start:stop + 1] - a),
-                             shape=(stop - start, self.shape[1]))
+        return sp.csr_matrix(
+            (data, indices, self.indptr[start : stop + 1] - a), shape=(stop - start, self.shape[1])
+        )
 
     def read_runs(self, starts: np.ndarray, stops: np.ndarray) -> sp.csr_matrix:
         """Rows [starts[i], stops[i]) for each i, stacked in that order: the
@@ -90,12 +98,15 @@ class BackedRows(RowRuns):
             group = self.dataset.group
             self._arrays = (group["data"], group["indices"])
         a, b = self.indptr[starts], self.indptr[stops]
-        data = np.concatenate([np.asarray(self._arrays[0][i:j], np.float32)
-                               for i, j in zip(a.tolist(), b.tolist())])
-        indices = np.concatenate([np.asarray(self._arrays[1][i:j], np.int32)
-                                  for i, j in zip(a.tolist(), b.tolist())])
-        counts = np.concatenate([np.diff(self.indptr[i:j + 1])
-                                 for i, j in zip(starts.tolist(), stops.tolist())])
+        data = np.concatenate(
+            [np.asarray(self._arrays[0][i:j], np.float32) for i, j in zip(a.tolist(), b.tolist())]
+        )
+        indices = np.concatenate(
+            [np.asarray(self._arrays[1][i:j], np.int32) for i, j in zip(a.tolist(), b.tolist())]
+        )
+        counts = np.concatenate(
+            [np.diff(self.indptr[i : j + 1]) for i, j in zip(starts.tolist(), stops.tolist())]
+        )
         indptr = np.zeros(counts.size + 1, np.int64)
         np.cumsum(counts, out=indptr[1:])
         return sp.csr_matrix((data, indices, indptr), shape=(counts.size, self.shape[1]))
@@ -132,11 +143,15 @@ class BackedRows(RowRuns):
             return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
         lim = self.rows
         if lim is not None and (rows.min() < lim.start or rows.max() >= lim.stop):
-            raise InputError("indices", f"[{rows.min()}, {rows.max()}]", "this process "
-                             f"reads only rows [{lim.start}, {lim.stop}) of the backed "
-                             "file: its slice in a run of several processes",
-                             "pass indices=jaxscanvi.distributed.local_indices(adata.n_obs)"
-                             ", or load the AnnData into memory")
+            raise InputError(
+                "indices",
+                f"[{rows.min()}, {rows.max()}]",
+                "this process "
+                f"reads only rows [{lim.start}, {lim.stop}) of the backed "
+                "file: its slice in a run of several processes",
+                "pass indices=jaxscanvi.distributed.local_indices(adata.n_obs)"
+                ", or load the AnnData into memory",
+            )
         which = rows // self.block_size
         parts, where = [], np.empty(rows.size, np.int64)
         offset = 0

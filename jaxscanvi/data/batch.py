@@ -23,11 +23,15 @@ MAX_OFFSET = 2**31 - 1
 def check_offsets(nnz: int, where: str) -> None:
     """Refuse CSR offsets past int32 before any cast could wrap them."""
     if int(nnz) > MAX_OFFSET:
-        raise InputError("data_source", "device", f"{where} holds {int(nnz):,} non-zeros, "
-                         f"more than a device CSR's 32-bit offsets address ({MAX_OFFSET:,})",
-                         "pass data_source='host' or 'stream' (each chunk has its own "
-                         "offsets), or train on more devices (devices=..., each holds "
-                         "its own slice)")
+        raise InputError(
+            "data_source",
+            "device",
+            f"{where} holds {int(nnz):,} non-zeros, "
+            f"more than a device CSR's 32-bit offsets address ({MAX_OFFSET:,})",
+            "pass data_source='host' or 'stream' (each chunk has its own "
+            "offsets), or train on more devices (devices=..., each holds "
+            "its own slice)",
+        )
 
 
 class NonZeros(NamedTuple):
@@ -42,16 +46,16 @@ class NonZeros(NamedTuple):
 
 
 class Batch(NamedTuple):
-    x: jax.Array              # (B, G) float32 counts
-    nz: NonZeros | None       # non-zero entries of x padded to K (None: use x densely)
-    weight: jax.Array         # (B,) 1 for real cells, 0 for padding
-    batch: jax.Array          # (B,) int32
-    labels: jax.Array         # (B,) int32
-    cat_covs: jax.Array       # (B, k) int32
-    cont_covs: jax.Array      # (B, m) float32
+    x: jax.Array  # (B, G) float32 counts
+    nz: NonZeros | None  # non-zero entries of x padded to K (None: use x densely)
+    weight: jax.Array  # (B,) 1 for real cells, 0 for padding
+    batch: jax.Array  # (B,) int32
+    labels: jax.Array  # (B,) int32
+    cat_covs: jax.Array  # (B, k) int32
+    cont_covs: jax.Array  # (B, m) float32
     log_size_factor: jax.Array  # (B,) float32 (zeros when unused)
-    log_library: jax.Array    # (B,) float32
-    lgamma_const: jax.Array   # (B,) float32
+    log_library: jax.Array  # (B,) float32
+    lgamma_const: jax.Array  # (B,) float32
 
 
 def nnz_cap(row_nnz: np.ndarray, batch_size: int) -> int:
@@ -59,12 +63,11 @@ def nnz_cap(row_nnz: np.ndarray, batch_size: int) -> int:
     if row_nnz.size == 0:
         return 1
     k = min(batch_size, row_nnz.size)
-    top = np.partition(row_nnz, row_nnz.size - k)[row_nnz.size - k:]
+    top = np.partition(row_nnz, row_nnz.size - k)[row_nnz.size - k :]
     return max(int(top.sum()), 1)
 
 
-def host_batch(cells: CellData, rows: np.ndarray, batch_size: int,
-               k_cap: int | None) -> Batch:
+def host_batch(cells: CellData, rows: np.ndarray, batch_size: int, k_cap: int | None) -> Batch:
     """Build a Batch in numpy from CSR rows. ``rows`` may be shorter than B and
     may hold -1 (padding); each cell keeps its position. ``k_cap=None`` leaves
     out the list of non-zeros (dense likelihood)."""
@@ -89,18 +92,29 @@ def host_batch(cells: CellData, rows: np.ndarray, batch_size: int,
         nz = NonZeros(row, col, val)
 
     def pad(a, fill=0):
-        out = np.full((batch_size,) + a.shape[1:], fill, a.dtype)
+        out = np.full((batch_size, *a.shape[1:]), fill, a.dtype)
         out[pos] = a[rows]
         return out
 
     weight = np.zeros(batch_size, np.float32)
     weight[pos] = 1.0
-    lsf = (cells.log_size_factor if cells.log_size_factor is not None
-           else np.zeros(cells.n_obs, np.float32))
-    return Batch(x=x, nz=nz, weight=weight, batch=pad(cells.batch),
-                 labels=pad(cells.labels), cat_covs=pad(cells.cat_covs),
-                 cont_covs=pad(cells.cont_covs), log_size_factor=pad(lsf),
-                 log_library=pad(cells.log_library), lgamma_const=pad(cells.lgamma_const))
+    lsf = (
+        cells.log_size_factor
+        if cells.log_size_factor is not None
+        else np.zeros(cells.n_obs, np.float32)
+    )
+    return Batch(
+        x=x,
+        nz=nz,
+        weight=weight,
+        batch=pad(cells.batch),
+        labels=pad(cells.labels),
+        cat_covs=pad(cells.cat_covs),
+        cont_covs=pad(cells.cont_covs),
+        log_size_factor=pad(lsf),
+        log_library=pad(cells.log_library),
+        lgamma_const=pad(cells.lgamma_const),
+    )
 
 
 class DeviceCells(NamedTuple):
@@ -121,12 +135,24 @@ class DeviceCells(NamedTuple):
     def from_cells(cells: CellData, device=None) -> DeviceCells:
         X = cells.X
         check_offsets(X.indptr[-1], "the count matrix")
-        lsf = (cells.log_size_factor if cells.log_size_factor is not None
-               else np.zeros(cells.n_obs, np.float32))
+        lsf = (
+            cells.log_size_factor
+            if cells.log_size_factor is not None
+            else np.zeros(cells.n_obs, np.float32)
+        )
         # asarray, not astype: no host copy when the dtype is already right
-        arrays = (np.asarray(X.data, np.float32), np.asarray(X.indices, np.int32),
-                  np.asarray(X.indptr, np.int32), cells.batch, cells.labels, cells.cat_covs,
-                  cells.cont_covs, lsf, cells.log_library, cells.lgamma_const)
+        arrays = (
+            np.asarray(X.data, np.float32),
+            np.asarray(X.indices, np.int32),
+            np.asarray(X.indptr, np.int32),
+            cells.batch,
+            cells.labels,
+            cells.cat_covs,
+            cells.cont_covs,
+            lsf,
+            cells.log_library,
+            cells.lgamma_const,
+        )
         return DeviceCells(*jax.device_put(arrays, device))
 
     def nbytes(self) -> int:
@@ -147,10 +173,21 @@ class DenseDeviceCells(NamedTuple):
 
     @staticmethod
     def from_cells(cells: CellData, device=None) -> DenseDeviceCells:
-        lsf = (cells.log_size_factor if cells.log_size_factor is not None
-               else np.zeros(cells.n_obs, np.float32))
-        arrays = (cells.X.toarray(), cells.batch, cells.labels, cells.cat_covs,
-                  cells.cont_covs, lsf, cells.log_library, cells.lgamma_const)
+        lsf = (
+            cells.log_size_factor
+            if cells.log_size_factor is not None
+            else np.zeros(cells.n_obs, np.float32)
+        )
+        arrays = (
+            cells.X.toarray(),
+            cells.batch,
+            cells.labels,
+            cells.cat_covs,
+            cells.cont_covs,
+            lsf,
+            cells.log_library,
+            cells.lgamma_const,
+        )
         return DenseDeviceCells(*jax.device_put(arrays, device))
 
 
@@ -159,10 +196,18 @@ def dense_device_batch(cells: DenseDeviceCells, rows: jax.Array) -> Batch:
     valid = rows >= 0
     r = jnp.where(valid, rows, 0)
     w = valid.astype(jnp.float32)
-    return Batch(x=cells.X[r] * w[:, None], nz=None, weight=w, batch=cells.batch[r],
-                 labels=cells.labels[r], cat_covs=cells.cat_covs[r],
-                 cont_covs=cells.cont_covs[r], log_size_factor=cells.log_size_factor[r],
-                 log_library=cells.log_library[r], lgamma_const=cells.lgamma_const[r] * w)
+    return Batch(
+        x=cells.X[r] * w[:, None],
+        nz=None,
+        weight=w,
+        batch=cells.batch[r],
+        labels=cells.labels[r],
+        cat_covs=cells.cat_covs[r],
+        cont_covs=cells.cont_covs[r],
+        log_size_factor=cells.log_size_factor[r],
+        log_library=cells.log_library[r],
+        lgamma_const=cells.lgamma_const[r] * w,
+    )
 
 
 def device_batch(cells: DeviceCells, rows: jax.Array, n_genes: int, k_cap: int) -> Batch:
@@ -182,7 +227,15 @@ def device_batch(cells: DeviceCells, rows: jax.Array, n_genes: int, k_cap: int) 
     col = jnp.where(inside, cells.indices[src], 0)
     x = jnp.zeros((B, n_genes), jnp.float32).at[slot, col].add(val)
     w = valid.astype(jnp.float32)
-    return Batch(x=x, nz=NonZeros(slot, col, val), weight=w, batch=cells.batch[r],
-                 labels=cells.labels[r], cat_covs=cells.cat_covs[r],
-                 cont_covs=cells.cont_covs[r], log_size_factor=cells.log_size_factor[r],
-                 log_library=cells.log_library[r], lgamma_const=cells.lgamma_const[r] * w)
+    return Batch(
+        x=x,
+        nz=NonZeros(slot, col, val),
+        weight=w,
+        batch=cells.batch[r],
+        labels=cells.labels[r],
+        cat_covs=cells.cat_covs[r],
+        cont_covs=cells.cont_covs[r],
+        log_size_factor=cells.log_size_factor[r],
+        log_library=cells.log_library[r],
+        lgamma_const=cells.lgamma_const[r] * w,
+    )

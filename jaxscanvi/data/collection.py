@@ -15,8 +15,9 @@ costs 10 ms here, 100x the read of a 144-row run (benchmarks/stores.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import anndata
 import numpy as np
@@ -46,8 +47,14 @@ class FileCollection(AtlasRows):
 
     backend = "collection"
 
-    def __init__(self, parts: Sequence, *, names: Sequence[str] = (),
-                 block_size: int | None = None, cache_blocks: int = 4):
+    def __init__(
+        self,
+        parts: Sequence,
+        *,
+        names: Sequence[str] = (),
+        block_size: int | None = None,
+        cache_blocks: int = 4,
+    ):
         self.parts = list(parts)
         self.names = list(names) or [f"part {i}" for i in range(len(self.parts))]
         n_rows = np.array([p.shape[0] for p in self.parts], np.int64)
@@ -62,14 +69,19 @@ class FileCollection(AtlasRows):
             self.shift[f] = base - ip[0]
             base += int(ip[-1] - ip[0])
         # a file's (data, indices) arrays on disk; None: an in-memory matrix
-        self.arrays = [None if sp.issparse(p) else (p.group["data"], p.group["indices"])
-                       for p in self.parts]
+        self.arrays = [
+            None if sp.issparse(p) else (p.group["data"], p.group["indices"]) for p in self.parts
+        ]
         # zarr reads run concurrently (1.5x per run with 4 threads, measured on 2
         # .h5ad + 2 .zarr files); h5py's run one at a time anyway
         if any(getattr(p, "backend", None) == "zarr" for p in self.parts):
             self.read_threads = 4
-        self._init_rows((self.bounds[-1], self.parts[0].shape[1]), np.concatenate(ptrs),
-                        block_size, cache_blocks)
+        self._init_rows(
+            (self.bounds[-1], self.parts[0].shape[1]),
+            np.concatenate(ptrs),
+            block_size,
+            cache_blocks,
+        )
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows [start, stop) as canonical float32 CSR, from each file they span."""
@@ -94,8 +106,10 @@ class FileCollection(AtlasRows):
         a, b = int(self.indptr[g0]), int(self.indptr[g1])
         s = int(self.shift[f])
         data, indices = self.arrays[f]
-        return sp.csr_matrix((data[a - s:b - s], indices[a - s:b - s],
-                              self.indptr[g0:g1 + 1] - a), shape=(hi - lo, self.shape[1]))
+        return sp.csr_matrix(
+            (data[a - s : b - s], indices[a - s : b - s], self.indptr[g0 : g1 + 1] - a),
+            shape=(hi - lo, self.shape[1]),
+        )
 
 
 def _indptr_of(part) -> np.ndarray:
@@ -108,26 +122,44 @@ def _open_file(path: Path, where: str, layer: str | None):
     """(counts, obs, var) of one ``.h5ad`` or ``.zarr``: counts lazily, obs/var in memory."""
     io = _anndata_io()
     if not path.exists():
-        raise InputError(where, str(path), "no such file or directory",
-                         "pass the paths of existing .h5ad files or .zarr stores")
+        raise InputError(
+            where,
+            str(path),
+            "no such file or directory",
+            "pass the paths of existing .h5ad files or .zarr stores",
+        )
     if path.is_dir():
         import zarr
+
         group = zarr.open_group(str(path), mode="r")
     else:
         import h5py
+
         if not h5py.is_hdf5(path):
-            raise InputError(where, str(path), "neither an .h5ad (HDF5) file nor a .zarr "
-                             "store", "pass .h5ad files or .zarr stores written by anndata")
+            raise InputError(
+                where,
+                str(path),
+                "neither an .h5ad (HDF5) file nor a .zarr store",
+                "pass .h5ad files or .zarr stores written by anndata",
+            )
         group = h5py.File(path, "r")
     key = "X" if layer is None else f"layers/{layer}"
     if key not in group:
-        raise InputError(where, str(path), f"the file has no {key!r}", "pass layer= "
-                         "naming the layer that holds raw counts in every file")
+        raise InputError(
+            where,
+            str(path),
+            f"the file has no {key!r}",
+            "pass layer= naming the layer that holds raw counts in every file",
+        )
     elem = group[key]
     if elem.attrs.get("encoding-type") not in ("csr_matrix", "csc_matrix"):
-        raise InputError(where, str(path), f"{key} is stored dense, not as a sparse "
-                         "matrix", "re-save the counts as CSR: adata.X = "
-                         "scipy.sparse.csr_matrix(adata.X); adata.write_h5ad(path)")
+        raise InputError(
+            where,
+            str(path),
+            f"{key} is stored dense, not as a sparse matrix",
+            "re-save the counts as CSR: adata.X = "
+            "scipy.sparse.csr_matrix(adata.X); adata.write_h5ad(path)",
+        )
     return io.sparse_dataset(elem), io.read_elem(group["obs"]), io.read_elem(group["var"])
 
 
@@ -137,9 +169,12 @@ def _open_part(part, i: int, layer: str | None):
     if isinstance(part, anndata.AnnData):
         X = counts_matrix(part, layer)
         if not (is_backed(X) or sp.issparse(X)):
-            raise InputError(where, f"AnnData with {type(X).__name__} counts", "a "
-                             "collection reads sparse counts", "store them as CSR, or "
-                             "pass the file's path")
+            raise InputError(
+                where,
+                f"AnnData with {type(X).__name__} counts",
+                "a collection reads sparse counts",
+                "store them as CSR, or pass the file's path",
+            )
         name = str(part.filename) if part.isbacked else f"AnnData {i}"
         counts = X if is_backed(X) else sp.csr_matrix(X)
         return name, counts, part.obs, part.var
@@ -152,26 +187,42 @@ def _check_parts(names, counts, vars_) -> None:
     genes = pd.Index(vars_[0].index.astype(str))
     for i, (name, X, var) in enumerate(zip(names, counts, vars_)):
         if getattr(X, "format", "csr") != "csr":
-            raise InputError(f"paths[{i}]", name, "counts are stored column-compressed "
-                             "(CSC); streaming reads rows", "re-save them as CSR: "
-                             "adata.X = adata.X.tocsr(); adata.write_h5ad(path)")
+            raise InputError(
+                f"paths[{i}]",
+                name,
+                "counts are stored column-compressed (CSC); streaming reads rows",
+                "re-save them as CSR: adata.X = adata.X.tocsr(); adata.write_h5ad(path)",
+            )
         other = pd.Index(var.index.astype(str))
         if i and not other.equals(genes):
             n = min(len(other), len(genes))
             diff = np.flatnonzero(other[:n] != genes[:n])
             at = int(diff[0]) if diff.size else n
-            shown = (f"gene {at}: {other[at]!r} vs {genes[at]!r}" if at < n
-                     else f"{len(other)} genes vs {len(genes)}")
-            raise InputError(f"paths[{i}]", name, f"its genes differ from those of "
-                             f"paths[0] ({names[0]}): {shown}", "give every file the "
-                             "same genes in the same order, e.g. adata[:, genes].copy() "
-                             "with one list of genes, before writing them")
+            shown = (
+                f"gene {at}: {other[at]!r} vs {genes[at]!r}"
+                if at < n
+                else f"{len(other)} genes vs {len(genes)}"
+            )
+            raise InputError(
+                f"paths[{i}]",
+                name,
+                f"its genes differ from those of paths[0] ({names[0]}): {shown}",
+                "give every file the "
+                "same genes in the same order, e.g. adata[:, genes].copy() "
+                "with one list of genes, before writing them",
+            )
 
 
-def read_collection(paths: Sequence, *, layer: str | None = None,
-                    join: Literal["inner", "outer"] = "inner", label: str | None = None,
-                    keys: Sequence[str] | None = None, index_unique: str | None = None,
-                    block_size: int | None = None) -> anndata.AnnData:
+def read_collection(
+    paths: Sequence,
+    *,
+    layer: str | None = None,
+    join: Literal["inner", "outer"] = "inner",
+    label: str | None = None,
+    keys: Sequence[str] | None = None,
+    index_unique: str | None = None,
+    block_size: int | None = None,
+) -> anndata.AnnData:
     """Open ``.h5ad``/``.zarr`` files (or AnnDatas) with the same genes as one AnnData.
 
     The counts stay in the files (``X`` is a `FileCollection`, read in place);
@@ -185,13 +236,16 @@ def read_collection(paths: Sequence, *, layer: str | None = None,
     """
     paths = list(paths) if not isinstance(paths, (str, Path)) else [paths]
     if not paths:
-        raise InputError("paths", [], "no files given", "pass a list of .h5ad or .zarr "
-                         "paths")
+        raise InputError("paths", [], "no files given", "pass a list of .h5ad or .zarr paths")
     opened = [_open_part(p, i, layer) for i, p in enumerate(paths)]
     names, counts, obs, var = (list(t) for t in zip(*opened))
     _check_parts(names, counts, var)
     store = FileCollection(counts, names=names, block_size=block_size)
-    meta = anndata.concat([anndata.AnnData(obs=o, var=pd.DataFrame(index=var[0].index))
-                           for o in obs], join=join, label=label, keys=keys,
-                          index_unique=index_unique)
+    meta = anndata.concat(
+        [anndata.AnnData(obs=o, var=pd.DataFrame(index=var[0].index)) for o in obs],
+        join=join,
+        label=label,
+        keys=keys,
+        index_unique=index_unique,
+    )
     return atlas_anndata(store, meta.obs, var[0])

@@ -22,13 +22,20 @@ def counts_matrix(adata, layer: str | None):
     """The counts matrix named by ``layer`` (``None`` means ``adata.X``)."""
     if layer is None:
         if adata.X is None:
-            raise InputError("layer", None, "adata.X is empty (None)",
-                             "pass layer= naming the layer that holds raw counts")
+            raise InputError(
+                "layer",
+                None,
+                "adata.X is empty (None)",
+                "pass layer= naming the layer that holds raw counts",
+            )
         return adata.X
     if layer not in adata.layers:
         raise InputError(
-            "layer", layer, f"no such layer; adata.layers has {sorted(adata.layers.keys())}",
-            "pass the name of the layer holding raw counts, or layer=None for adata.X")
+            "layer",
+            layer,
+            f"no such layer; adata.layers has {sorted(adata.layers.keys())}",
+            "pass the name of the layer holding raw counts, or layer=None for adata.X",
+        )
     return adata.layers[layer]
 
 
@@ -36,6 +43,7 @@ def _row_blocks(X, rows: slice | None = None):
     """(start, rows) blocks of a backed (on-disk) matrix, or an in-memory one whole;
     only rows ``rows`` (a slice) of a backed one when given."""
     from .backed import BackedRows, is_backed
+
     if is_backed(X) or isinstance(X, BackedRows):
         X = X if isinstance(X, BackedRows) else BackedRows(X)
         yield from X.blocks(*((rows.start, rows.stop) if rows is not None else ()))
@@ -49,33 +57,54 @@ def _check_values(block, field: str, chunk: int, *, allow_noninteger: bool) -> b
     values = np.asarray(block.data) if sp.issparse(block) else np.asarray(block).ravel()
     fractional = False
     for start in range(0, values.size, chunk):
-        v = values[start:start + chunk]
+        v = values[start : start + chunk]
         if v.dtype.kind not in "iuf":  # (complex is a number, not a count)
-            raise InputError(field, str(v.dtype), "counts are not numeric",
-                             "store raw counts as an integer or float matrix")
+            raise InputError(
+                field,
+                str(v.dtype),
+                "counts are not numeric",
+                "store raw counts as an integer or float matrix",
+            )
         finite = np.isfinite(v)
         if not finite.all():
             bad = v[~finite][0]
-            raise InputError(field, float(bad), "counts contain NaN or inf",
-                             "remove or repair the cells/genes with non-finite values")
+            raise InputError(
+                field,
+                float(bad),
+                "counts contain NaN or inf",
+                "remove or repair the cells/genes with non-finite values",
+            )
         if (v < 0).any():
-            raise InputError(field, float(v[v < 0][0]), "counts contain negative values",
-                             "pass raw (un-normalised, non-negative) counts")
+            raise InputError(
+                field,
+                float(v[v < 0][0]),
+                "counts contain negative values",
+                "pass raw (un-normalised, non-negative) counts",
+            )
         frac = v != np.round(v)
         if frac.any():
             if not allow_noninteger:
                 raise InputError(
-                    field, float(v[frac][0]),
+                    field,
+                    float(v[frac][0]),
                     "counts contain non-integer values (normalised or log data?)",
                     "pass raw integer counts via layer=..., or setup_anndata(..., "
                     "allow_noninteger_counts=True) to accept them with a warning, as "
-                    "scvi-tools does")
+                    "scvi-tools does",
+                )
             fractional = True
     return fractional
 
 
-def scan_counts(X, field: str, *, allow_noninteger: bool = False, each_block=(),
-                chunk: int = 1 << 22, rows: slice | None = None) -> list[list]:
+def scan_counts(
+    X,
+    field: str,
+    *,
+    allow_noninteger: bool = False,
+    each_block=(),
+    chunk: int = 1 << 22,
+    rows: slice | None = None,
+) -> list[list]:
     """Check every stored count (see `_check_values`) and apply each function of
     ``each_block`` to every block of rows, in one pass over the matrix (one read
     of a backed file); returns each function's per-block results. ``rows``
@@ -87,9 +116,13 @@ def scan_counts(X, field: str, *, allow_noninteger: bool = False, each_block=(),
         for out, fn in zip(results, each_block):
             out.append(fn(block))
     if fractional:
-        warnings.warn(f"{field}: non-integer counts accepted "
-                      "(allow_noninteger_counts=True); the count likelihood assumes "
-                      "integers", UserWarning, stacklevel=_user_stacklevel())
+        warnings.warn(
+            f"{field}: non-integer counts accepted "
+            "(allow_noninteger_counts=True); the count likelihood assumes "
+            "integers",
+            UserWarning,
+            stacklevel=_user_stacklevel(),
+        )
     return results
 
 
@@ -97,11 +130,15 @@ def _scan_shards(X, field: str, each_block, *, allow_noninteger: bool) -> list[l
     """`scan_counts` over all rows, or, for a backed matrix in a run of several
     processes, over this process's slice only (each process reads its own)."""
     from .backed import BackedRows, is_backed
+
     rows = None
     if distributed.process_count() > 1 and (is_backed(X) or isinstance(X, BackedRows)):
         rows = distributed.local_slice(X.shape[0])
-    return distributed.agree(lambda: scan_counts(
-        X, field, allow_noninteger=allow_noninteger, each_block=each_block, rows=rows))
+    return distributed.agree(
+        lambda: scan_counts(
+            X, field, allow_noninteger=allow_noninteger, each_block=each_block, rows=rows
+        )
+    )
 
 
 def _cat(parts, dtype) -> np.ndarray:
@@ -128,13 +165,15 @@ def col_sums(block) -> np.ndarray:
     total = np.zeros(block.shape[1], np.float64)
     # bincount in chunks: a float64 copy of all values at once could be GBs
     for a in range(0, block.nnz, 1 << 22):
-        total += np.bincount(block.indices[a:a + (1 << 22)],
-                             weights=block.data[a:a + (1 << 22)], minlength=block.shape[1])
+        total += np.bincount(
+            block.indices[a : a + (1 << 22)],
+            weights=block.data[a : a + (1 << 22)],
+            minlength=block.shape[1],
+        )
     return total
 
 
-def row_stats(X: sp.csr_matrix, rows_per_chunk: int = 65536
-              ) -> tuple[np.ndarray, np.ndarray]:
+def row_stats(X: sp.csr_matrix, rows_per_chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Per-row total counts and sum of lgamma(x + 1) (float64), in row chunks so
     the float64 temporaries stay small next to the matrix."""
     n = X.shape[0]
@@ -143,7 +182,7 @@ def row_stats(X: sp.csr_matrix, rows_per_chunk: int = 65536
         e = min(s + rows_per_chunk, n)
         a, b = X.indptr[s], X.indptr[e]
         v = np.asarray(X.data[a:b], np.float64)
-        ptr = X.indptr[s:e + 1] - a
+        ptr = X.indptr[s : e + 1] - a
         # per-row sums via cumulative sums (empty rows give 0)
         cs = np.concatenate([[0.0], np.cumsum(v)])
         totals[s:e] = cs[ptr[1:]] - cs[ptr[:-1]]

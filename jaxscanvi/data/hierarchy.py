@@ -12,9 +12,9 @@ why a leaf label gives scANVI's L_S and no label its L_U.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -29,19 +29,28 @@ def normalise(mapping) -> dict[str, str]:
     if isinstance(mapping, pd.Series):
         mapping = mapping.to_dict()
     if not isinstance(mapping, Mapping):
-        raise InputError(FIELD, type(mapping).__name__, "must be a mapping child -> parent "
-                         "over label names", "pass a dict, e.g. {'CD4 T': 'T cell', "
-                         "'T cell': 'cell'}")
+        raise InputError(
+            FIELD,
+            type(mapping).__name__,
+            "must be a mapping child -> parent over label names",
+            "pass a dict, e.g. {'CD4 T': 'T cell', 'T cell': 'cell'}",
+        )
     out = {}
     for child, parent in mapping.items():
         if child is None or parent is None or pd.isna(child) or pd.isna(parent):
-            raise InputError(FIELD, {child: parent}, "names must not be missing",
-                             "give every child a parent name; the root is the one "
-                             "node that is nobody's child")
+            raise InputError(
+                FIELD,
+                {child: parent},
+                "names must not be missing",
+                "give every child a parent name; the root is the one node that is nobody's child",
+            )
         if str(child) == str(parent):
-            raise InputError(FIELD, {child: parent}, "a label is its own parent (a cycle)",
-                             "map it to the node above it, or leave the root out of the "
-                             "keys")
+            raise InputError(
+                FIELD,
+                {child: parent},
+                "a label is its own parent (a cycle)",
+                "map it to the node above it, or leave the root out of the keys",
+            )
         out[str(child)] = str(parent)
     if not out:
         raise InputError(FIELD, {}, "the hierarchy is empty", "map each label to its parent")
@@ -54,10 +63,14 @@ def _check_acyclic(parent: dict[str, str]) -> None:
         path, node = [], start
         while node in parent and node not in done:
             if node in path:
-                cycle = path[path.index(node):] + [node]
-                raise InputError(FIELD, " -> ".join(cycle), "the hierarchy has a cycle",
-                                 "give each label a parent above it, so that walking up "
-                                 "from any label ends at one root")
+                cycle = [*path[path.index(node) :], node]
+                raise InputError(
+                    FIELD,
+                    " -> ".join(cycle),
+                    "the hierarchy has a cycle",
+                    "give each label a parent above it, so that walking up "
+                    "from any label ends at one root",
+                )
             path.append(node)
             node = parent[node]
         done.update(path)
@@ -68,10 +81,14 @@ def root_of(parent: dict[str, str]) -> str:
     _check_acyclic(parent)
     roots = sorted(set(parent.values()) - set(parent))
     if len(roots) != 1:
-        raise InputError(FIELD, roots[:10], f"the hierarchy has {len(roots)} roots, and "
-                         "needs exactly one", "map each of them to one common parent, "
-                         f"e.g. {{{', '.join(repr(r) + ': ' + repr('cell') for r in roots[:2])}"
-                         "}")
+        raise InputError(
+            FIELD,
+            roots[:10],
+            f"the hierarchy has {len(roots)} roots, and needs exactly one",
+            "map each of them to one common parent, "
+            f"e.g. {{{', '.join(repr(r) + ': ' + repr('cell') for r in roots[:2])}"
+            "}",
+        )
     return roots[0]
 
 
@@ -87,7 +104,7 @@ class Hierarchy:
     @property
     def nodes(self) -> tuple[str, ...]:
         """Node names in code order: leaves, root, inner nodes."""
-        return self.leaves + (self.root,) + self.inner
+        return (*self.leaves, self.root, *self.inner)
 
     @property
     def parents(self) -> tuple[int, ...]:
@@ -102,8 +119,12 @@ class Hierarchy:
     def encode(self, series: pd.Series, field: str, unlabeled: str | None) -> np.ndarray:
         """Label codes of ``series`` (any node, or the unlabelled category)."""
         if series.isna().any():
-            raise InputError(field, "NaN", "the column has missing values",
-                             "fill them with the unlabelled category, or drop those cells")
+            raise InputError(
+                field,
+                "NaN",
+                "the column has missing values",
+                "fill them with the unlabelled category, or drop those cells",
+            )
         lookup = {n: i for i, n in enumerate(self.nodes)}
         if unlabeled is not None:
             lookup[unlabeled] = len(self.leaves)
@@ -111,15 +132,25 @@ class Hierarchy:
         codes = np.fromiter((lookup.get(v, -1) for v in values), np.int32, len(values))
         if (codes < 0).any():
             unseen = sorted(set(values[codes < 0]))
-            raise InputError(field, unseen[:10], "labels that are not nodes of the "
-                             "model's label hierarchy",
-                             "rename them to nodes of model.registry.label_hierarchy, or "
-                             "extend the hierarchy (load_query_data(label_hierarchy=...))")
+            raise InputError(
+                field,
+                unseen[:10],
+                "labels that are not nodes of the model's label hierarchy",
+                "rename them to nodes of model.registry.label_hierarchy, or "
+                "extend the hierarchy (load_query_data(label_hierarchy=...))",
+            )
         return codes
 
 
-def build(mapping, column: pd.Series, categories: tuple[str, ...], unlabeled: str | None,
-          field: str, *, fixed_leaves: tuple[str, ...] = ()) -> Hierarchy:
+def build(
+    mapping,
+    column: pd.Series,
+    categories: tuple[str, ...],
+    unlabeled: str | None,
+    field: str,
+    *,
+    fixed_leaves: tuple[str, ...] = (),
+) -> Hierarchy:
     """Validate ``mapping`` against a labels ``column`` and return the tree.
 
     Refused: cycles, several roots, a label of the column missing from the
@@ -131,28 +162,41 @@ def build(mapping, column: pd.Series, categories: tuple[str, ...], unlabeled: st
     root = root_of(parent)
     nodes = set(parent) | {root}
     if unlabeled is not None and unlabeled in nodes and unlabeled != root:
-        raise InputError(FIELD, unlabeled, "the unlabelled category is a node of the "
-                         "hierarchy below its root", "leave it out of the map (or make it "
-                         "the root, which means 'any type')")
+        raise InputError(
+            FIELD,
+            unlabeled,
+            "the unlabelled category is a node of the hierarchy below its root",
+            "leave it out of the map (or make it the root, which means 'any type')",
+        )
     missing = [c for c in categories if c != unlabeled and c not in nodes]
     if missing:
-        raise InputError(FIELD, missing[:10], f"labels of {field} missing from the map",
-                         "give each of them a parent in label_hierarchy")
+        raise InputError(
+            FIELD,
+            missing[:10],
+            f"labels of {field} missing from the map",
+            "give each of them a parent in label_hierarchy",
+        )
     inner_all = set(parent.values())
     grown = [leaf for leaf in fixed_leaves if leaf in inner_all]
     if grown:
-        raise InputError(FIELD, grown[:10], "cell types of the reference are given "
-                         "children; a type the model predicts must stay a leaf",
-                         "add new types under an inner node instead (e.g. a sibling)")
+        raise InputError(
+            FIELD,
+            grown[:10],
+            "cell types of the reference are given "
+            "children; a type the model predicts must stay a leaf",
+            "add new types under an inner node instead (e.g. a sibling)",
+        )
     counts = column.astype(str).value_counts()
     leaves = [n for n in nodes if n not in inner_all]
     empty = sorted(n for n in leaves if counts.get(n, 0) == 0 and n not in fixed_leaves)
     if empty:
-        raise InputError(FIELD, empty[:10], f"leaves that no cell of {field} carries; the "
-                         "model could never learn them", "drop them from the map, or "
-                         "label some cells with them")
-    order = list(fixed_leaves) + [c for c in categories if c in leaves
-                                  and c not in fixed_leaves]
+        raise InputError(
+            FIELD,
+            empty[:10],
+            f"leaves that no cell of {field} carries; the model could never learn them",
+            "drop them from the map, or label some cells with them",
+        )
+    order = list(fixed_leaves) + [c for c in categories if c in leaves and c not in fixed_leaves]
     inner = tuple(sorted(inner_all - {root}))
     return Hierarchy(tuple(order), root, inner, tuple(sorted(parent.items())))
 
@@ -164,8 +208,12 @@ def from_registry(registry) -> Hierarchy | None:
         return None
     parent = dict(pairs)
     root = root_of(parent)
-    return Hierarchy(tuple(registry.label_categories), root,
-                     tuple(sorted(set(parent.values()) - {root})), tuple(sorted(pairs)))
+    return Hierarchy(
+        tuple(registry.label_categories),
+        root,
+        tuple(sorted(set(parent.values()) - {root})),
+        tuple(sorted(pairs)),
+    )
 
 
 def depths(parents: tuple[int, ...]) -> np.ndarray:

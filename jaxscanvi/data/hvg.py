@@ -24,9 +24,14 @@ from .counts import counts_matrix
 FLAVORS = ("seurat_v3", "seurat", "variance")
 
 
-def highly_variable_genes(adata, n_top_genes: int = 2000, layer: str | None = None,
-                          batch_key: str | None = None, flavor: str = "seurat_v3",
-                          span: float = 0.3) -> np.ndarray:
+def highly_variable_genes(
+    adata,
+    n_top_genes: int = 2000,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    flavor: str = "seurat_v3",
+    span: float = 0.3,
+) -> np.ndarray:
     """A boolean mask over ``adata.var_names`` of the ``n_top_genes`` most variable genes.
 
     ``flavor``: ``"seurat_v3"`` on raw counts (scanpy's and scvi-tools' choice),
@@ -34,16 +39,25 @@ def highly_variable_genes(adata, n_top_genes: int = 2000, layer: str | None = No
     loess span of seurat_v3's mean-variance fit.
     """
     if not isinstance(n_top_genes, (int, np.integer)) or n_top_genes <= 0:
-        raise InputError("n_top_genes", n_top_genes, "must be a positive integer",
-                         "pass e.g. n_top_genes=2000")
+        raise InputError(
+            "n_top_genes", n_top_genes, "must be a positive integer", "pass e.g. n_top_genes=2000"
+        )
     if flavor not in FLAVORS:
-        raise InputError("flavor", flavor, f"is not one of {FLAVORS}",
-                         "pass flavor='seurat_v3' for raw counts")
+        raise InputError(
+            "flavor", flavor, f"is not one of {FLAVORS}", "pass flavor='seurat_v3' for raw counts"
+        )
     if batch_key is not None and batch_key not in adata.obs.columns:
-        raise InputError("batch_key", batch_key, "not a column of adata.obs",
-                         "pass the name of the batch column, or None")
-    X = adata.layers[layer] if (flavor == "seurat" and layer) else (
-        adata.X if flavor == "seurat" else counts_matrix(adata, layer))
+        raise InputError(
+            "batch_key",
+            batch_key,
+            "not a column of adata.obs",
+            "pass the name of the batch column, or None",
+        )
+    X = (
+        adata.layers[layer]
+        if (flavor == "seurat" and layer)
+        else (adata.X if flavor == "seurat" else counts_matrix(adata, layer))
+    )
     if hasattr(X, "to_memory"):
         X = X.to_memory()
     X = X.tocsr() if sp.issparse(X) else np.asarray(X)
@@ -66,19 +80,21 @@ def _seurat_v3(X, batches, n_top: int, span: float) -> np.ndarray:
         not_const = var > 0
         log_fit = np.zeros(X.shape[1])
         log_fit[not_const] = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span)
-        reg_std = np.sqrt(10 ** log_fit)
+        reg_std = np.sqrt(10**log_fit)
         n_obs = Xb.shape[0]
         clip = reg_std * np.sqrt(n_obs) + mean  # Seurat clips at sqrt(n) sds
         s1, s2 = _clipped_sums(Xb, clip)
-        norm_vars.append((n_obs * mean ** 2 + s2 - 2 * s1 * mean)
-                         / ((n_obs - 1) * reg_std ** 2))
+        norm_vars.append((n_obs * mean**2 + s2 - 2 * s1 * mean) / ((n_obs - 1) * reg_std**2))
     norm_vars = np.stack(norm_vars)
     ranks = np.argsort(np.argsort(-norm_vars, axis=1), axis=1).astype(np.float32)
     n_batches_hv = (ranks < n_top).sum(0)
     ranks[ranks >= n_top] = np.nan
     median_rank = np.ma.median(np.ma.masked_invalid(ranks), axis=0).filled(np.nan)
-    order = pd.DataFrame({"rank": median_rank, "nb": n_batches_hv}).sort_values(
-        ["rank", "nb"], ascending=[True, False], na_position="last").index
+    order = (
+        pd.DataFrame({"rank": median_rank, "nb": n_batches_hv})
+        .sort_values(["rank", "nb"], ascending=[True, False], na_position="last")
+        .index
+    )
     return _mask(X.shape[1], np.asarray(order)[:n_top])
 
 
@@ -94,8 +110,9 @@ def _clipped_sums(X, clip: np.ndarray):
     return v.sum(0), (v * v).sum(0)
 
 
-def loess(x: np.ndarray, y: np.ndarray, span: float = 0.3, cell: float = 0.2,
-          surface: str = "interpolate") -> np.ndarray:
+def loess(
+    x: np.ndarray, y: np.ndarray, span: float = 0.3, cell: float = 0.2, surface: str = "interpolate"
+) -> np.ndarray:
     """Cleveland's loess of y on x (local quadratic, tricube weights on the
     ``floor(span * n)`` nearest points, gaussian family), at every x.
 
@@ -108,8 +125,12 @@ def loess(x: np.ndarray, y: np.ndarray, span: float = 0.3, cell: float = 0.2,
     n = x.size
     q = min(n, int(np.floor(n * span + 1e-5)))
     if q < 3:
-        raise InputError("span", span, f"keeps {q} of {n} points, fewer than the 3 a "
-                         "local quadratic needs", "pass a larger span")
+        raise InputError(
+            "span",
+            span,
+            f"keeps {q} of {n} points, fewer than the 3 a local quadratic needs",
+            "pass a larger span",
+        )
     order = np.argsort(x, kind="stable")
     xs, ys = x[order], y[order]
     if surface == "direct":
@@ -186,10 +207,9 @@ def _hermite(verts, value, slope, z):
     j = np.clip(np.searchsorted(verts, z, side="left") - 1, 0, verts.size - 2)
     h = verts[j + 1] - verts[j]
     t = (z - verts[j]) / h
-    phi0, phi1 = (1 - t) ** 2 * (1 + 2 * t), t ** 2 * (3 - 2 * t)
-    psi0, psi1 = t * (1 - t) ** 2, -(t ** 2) * (1 - t)
-    return (phi0 * value[j] + phi1 * value[j + 1]
-            + (psi0 * slope[j] + psi1 * slope[j + 1]) * h)
+    phi0, phi1 = (1 - t) ** 2 * (1 + 2 * t), t**2 * (3 - 2 * t)
+    psi0, psi1 = t * (1 - t) ** 2, -(t**2) * (1 - t)
+    return phi0 * value[j] + phi1 * value[j + 1] + (psi0 * slope[j] + psi1 * slope[j + 1]) * h
 
 
 def _nearest_windows(xs: np.ndarray, at: np.ndarray, q: int) -> np.ndarray:
@@ -214,6 +234,7 @@ def _nearest_windows(xs: np.ndarray, at: np.ndarray, q: int) -> np.ndarray:
 
     def reach(s):
         return np.maximum(np.abs(at - xs[s]), np.abs(xs[s + q - 1] - at))
+
     return np.where(reach(prev) < reach(best), prev, best)
 
 
@@ -231,15 +252,16 @@ def _seurat(X, batches, n_top: int) -> np.ndarray:
         df = _dispersion_table(Xb[:, expressed])
         hv = np.zeros(expressed.sum(), bool)
         hv[_top_dispersion(df, n_top)] = True
-        full = pd.DataFrame(0.0, index=np.arange(X.shape[1]),
-                            columns=["dispersions_norm"])
-        full.loc[np.flatnonzero(expressed), "dispersions_norm"] = \
-            df["dispersions_norm"].to_numpy()
+        full = pd.DataFrame(0.0, index=np.arange(X.shape[1]), columns=["dispersions_norm"])
+        full.loc[np.flatnonzero(expressed), "dispersions_norm"] = df["dispersions_norm"].to_numpy()
         hv_count[np.flatnonzero(expressed)] += hv
         frames.append(full["dispersions_norm"].to_numpy())
     disp = np.nanmean(np.stack(frames), 0)
-    order = pd.DataFrame({"nb": hv_count, "disp": disp}).sort_values(
-        ["nb", "disp"], ascending=False, na_position="last").index
+    order = (
+        pd.DataFrame({"nb": hv_count, "disp": disp})
+        .sort_values(["nb", "disp"], ascending=False, na_position="last")
+        .index
+    )
     return _mask(X.shape[1], np.asarray(order)[:n_top])
 
 
@@ -294,7 +316,7 @@ def _log_norm_var(X) -> np.ndarray:
     norm.data = np.log1p(norm.data)
     mean = np.asarray(norm.mean(0)).ravel()
     sq = np.asarray(norm.multiply(norm).mean(0)).ravel()
-    return sq - mean ** 2
+    return sq - mean**2
 
 
 # ------------------------------------------------------------------ shared
@@ -304,12 +326,11 @@ def mean_var(X) -> tuple[np.ndarray, np.ndarray]:
     if sp.issparse(X):
         X = X.tocsr()
         mean = np.asarray(X.sum(0, dtype=np.float64)).ravel() / n
-        sq = np.bincount(X.indices, X.data.astype(np.float64) ** 2,
-                         minlength=X.shape[1]) / n
+        sq = np.bincount(X.indices, X.data.astype(np.float64) ** 2, minlength=X.shape[1]) / n
     else:
         X = np.asarray(X, np.float64)
         mean, sq = X.mean(0), (X * X).mean(0)
-    var = sq - mean ** 2
+    var = sq - mean**2
     if n > 1:
         var *= n / (n - 1)
     return mean, var

@@ -10,25 +10,44 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .._version import FORMAT_VERSION
 from .. import distributed
+from .._version import FORMAT_VERSION
 from ..errors import InputError
 from . import hierarchy
 from .atlas import AtlasRows
-from .counts import (_cat, _scan_shards, _user_stacklevel, col_sums, counts_matrix, row_nnz,
-                     row_stats, row_sums)
+from .counts import (
+    _cat,
+    _scan_shards,
+    _user_stacklevel,
+    col_sums,
+    counts_matrix,
+    row_nnz,
+    row_stats,
+    row_sums,
+)
 
 UNS_KEY = "_jaxscanvi_registry"
 # label values that mean "no label": a mismatched unlabeled_category next to one
 # of these is a typo, not a fully labelled dataset
-UNLABELLED_NAMES = {"unknown", "unlabeled", "unlabelled", "unassigned", "nan", "na", "none",
-                    "n/a", "?", ""}
+UNLABELLED_NAMES = {
+    "unknown",
+    "unlabeled",
+    "unlabelled",
+    "unassigned",
+    "nan",
+    "na",
+    "none",
+    "n/a",
+    "?",
+    "",
+}
 
 
 @dataclass(frozen=True)
@@ -93,13 +112,19 @@ class Registry:
         if unknown:
             raise ValueError(f"registry has unknown fields {sorted(unknown)}")
         d = dict(d)
-        for k in ("var_names", "batch_categories", "label_categories",
-                  "categorical_covariate_keys", "continuous_covariate_keys"):
+        for k in (
+            "var_names",
+            "batch_categories",
+            "label_categories",
+            "categorical_covariate_keys",
+            "continuous_covariate_keys",
+        ):
             if k in d:
                 d[k] = tuple(d[k])
         if "categorical_covariate_categories" in d:
             d["categorical_covariate_categories"] = tuple(
-                tuple(c) for c in d["categorical_covariate_categories"])
+                tuple(c) for c in d["categorical_covariate_categories"]
+            )
         if d.get("label_hierarchy") is not None:
             d["label_hierarchy"] = tuple((str(a), str(b)) for a, b in d["label_hierarchy"])
         return cls(**d)
@@ -124,24 +149,36 @@ def _warn_zero_genes(gene_totals: np.ndarray, field: str, var_names: pd.Index) -
         f"({', '.join(shown)}{more}); the model learns nothing from them and they cost "
         "time and memory. Fix: filter them out before setup_anndata, e.g. "
         "sc.pp.filter_genes(adata, min_counts=1), or adata = adata[:, np.asarray("
-        f"{field}.sum(0)).ravel() > 0].copy()", UserWarning, stacklevel=_user_stacklevel())
+        f"{field}.sum(0)).ravel() > 0].copy()",
+        UserWarning,
+        stacklevel=_user_stacklevel(),
+    )
 
 
 def categories_of(series: pd.Series, field: str) -> tuple[str, ...]:
     """Categories actually present, in the column's category order (or sorted)."""
     if series.isna().any():
         first = series.index[series.isna().to_numpy()][0]
-        raise InputError(field, "NaN", f"the column has missing values (first at obs "
-                         f"'{first}', {int(series.isna().sum())} in all)",
-                         "fill them with a category of their own, e.g. .cat.add_categories"
-                         "('unknown').fillna('unknown'), or drop those cells")
+        raise InputError(
+            field,
+            "NaN",
+            f"the column has missing values (first at obs "
+            f"'{first}', {int(series.isna().sum())} in all)",
+            "fill them with a category of their own, e.g. .cat.add_categories"
+            "('unknown').fillna('unknown'), or drop those cells",
+        )
     if pd.api.types.is_float_dtype(series.dtype) and (series % 1 != 0).any():
         first = series[(series % 1 != 0).to_numpy()].iloc[0]
-        raise InputError(field, float(first), "the column holds non-integer numbers "
-                         f"({series.nunique()} distinct values), which look continuous, "
-                         "not categories", "pass a column of categories (e.g. "
-                         ".astype(str) if the numbers are codes), or pass it as "
-                         "continuous_covariate_keys")
+        raise InputError(
+            field,
+            float(first),
+            "the column holds non-integer numbers "
+            f"({series.nunique()} distinct values), which look continuous, "
+            "not categories",
+            "pass a column of categories (e.g. "
+            ".astype(str) if the numbers are codes), or pass it as "
+            "continuous_covariate_keys",
+        )
     if isinstance(series.dtype, pd.CategoricalDtype):
         present = set(series.cat.remove_unused_categories().cat.categories)
         cats = [c for c in series.cat.categories if c in present]
@@ -149,8 +186,12 @@ def categories_of(series: pd.Series, field: str) -> tuple[str, ...]:
         cats = sorted(pd.unique(series.to_numpy()), key=lambda v: (str(type(v)), v))
     out = tuple(str(c) for c in cats)
     if len(set(out)) != len(out):
-        raise InputError(field, list(cats), "categories collide once written as text",
-                         "rename the categories so that their string forms differ")
+        raise InputError(
+            field,
+            list(cats),
+            "categories collide once written as text",
+            "rename the categories so that their string forms differ",
+        )
     return out
 
 
@@ -158,9 +199,12 @@ def _obs_column(adata, key: str, field: str) -> pd.Series:
     if key not in adata.obs.columns:
         close = [c for c in adata.obs.columns if c.lower() == str(key).lower()]
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InputError(field, key, f"not a column of adata.obs{hint}; columns are "
-                         f"{list(adata.obs.columns)[:20]}",
-                         "pass the name of an existing adata.obs column")
+        raise InputError(
+            field,
+            key,
+            f"not a column of adata.obs{hint}; columns are {list(adata.obs.columns)[:20]}",
+            "pass the name of an existing adata.obs column",
+        )
     return adata.obs[key]
 
 
@@ -179,12 +223,17 @@ def setup_anndata(  # noqa: PLR0913 (scvi-tools' keywords)
 ) -> Registry:
     """Validate ``adata`` and store its registry in ``adata.uns``; also return it."""
     registry = build_registry(
-        adata, layer=layer, batch_key=batch_key, labels_key=labels_key,
+        adata,
+        layer=layer,
+        batch_key=batch_key,
+        labels_key=labels_key,
         size_factor_key=size_factor_key,
         categorical_covariate_keys=categorical_covariate_keys,
         continuous_covariate_keys=continuous_covariate_keys,
         unlabeled_category=unlabeled_category,
-        allow_noninteger_counts=allow_noninteger_counts, label_hierarchy=label_hierarchy)
+        allow_noninteger_counts=allow_noninteger_counts,
+        label_hierarchy=label_hierarchy,
+    )
     adata.uns[UNS_KEY] = registry.to_json()
     return registry
 
@@ -207,54 +256,82 @@ def build_registry(  # noqa: PLR0913 (setup_anndata's keywords)
 
     batch_cats: tuple[str, ...] = ("0",)
     if batch_key is not None:
-        batch_cats = categories_of(_obs_column(adata, batch_key, "batch_key"),
-                                   f"adata.obs[{batch_key!r}]")
+        batch_cats = categories_of(
+            _obs_column(adata, batch_key, "batch_key"), f"adata.obs[{batch_key!r}]"
+        )
 
     label_cats = _label_categories(adata, labels_key, unlabeled_category)
     pairs = None
     if label_hierarchy is not None:
         if labels_key is None:
-            raise InputError("label_hierarchy", "given", "a hierarchy needs labels",
-                             "pass labels_key naming the cell-type column")
-        tree = hierarchy.build(label_hierarchy, adata.obs[labels_key], label_cats,
-                               unlabeled_category, f"adata.obs[{labels_key!r}]")
+            raise InputError(
+                "label_hierarchy",
+                "given",
+                "a hierarchy needs labels",
+                "pass labels_key naming the cell-type column",
+            )
+        tree = hierarchy.build(
+            label_hierarchy,
+            adata.obs[labels_key],
+            label_cats,
+            unlabeled_category,
+            f"adata.obs[{labels_key!r}]",
+        )
         label_cats, pairs = tree.leaves, tree.parent
 
     _check_size_factors(adata, size_factor_key)
     cat_keys = tuple(categorical_covariate_keys or ())
-    cat_cats = tuple(categories_of(_obs_column(adata, k, "categorical_covariate_keys"),
-                                   f"adata.obs[{k!r}]") for k in cat_keys)
+    cat_cats = tuple(
+        categories_of(_obs_column(adata, k, "categorical_covariate_keys"), f"adata.obs[{k!r}]")
+        for k in cat_keys
+    )
     cont_keys = tuple(continuous_covariate_keys or ())
     _check_continuous(adata, cont_keys)
     _warn_single_cell_batches(adata, batch_key, batch_cats)
 
     return Registry(
         var_names=tuple(str(v) for v in var_names),
-        layer=layer, batch_key=batch_key, batch_categories=batch_cats,
-        labels_key=labels_key, label_categories=label_cats,
+        layer=layer,
+        batch_key=batch_key,
+        batch_categories=batch_cats,
+        labels_key=labels_key,
+        label_categories=label_cats,
         unlabeled_category=None if unlabeled_category is None else str(unlabeled_category),
         size_factor_key=size_factor_key,
-        categorical_covariate_keys=cat_keys, categorical_covariate_categories=cat_cats,
+        categorical_covariate_keys=cat_keys,
+        categorical_covariate_categories=cat_cats,
         continuous_covariate_keys=cont_keys,
-        allow_noninteger_counts=allow_noninteger_counts, label_hierarchy=pairs)
+        allow_noninteger_counts=allow_noninteger_counts,
+        label_hierarchy=pairs,
+    )
 
 
 def _checked_var_names(adata) -> pd.Index:
     """``adata``'s genes, once it is known to be a non-empty AnnData with unique names."""
     if not hasattr(adata, "obs") or not hasattr(adata, "var_names"):
-        raise InputError("adata", type(adata).__name__, "not an AnnData",
-                         "pass an anndata.AnnData (e.g. anndata.read_h5ad(path))")
+        raise InputError(
+            "adata",
+            type(adata).__name__,
+            "not an AnnData",
+            "pass an anndata.AnnData (e.g. anndata.read_h5ad(path))",
+        )
     if adata.n_obs == 0:
-        raise InputError("adata.n_obs", 0, "the AnnData has no cells",
-                         "pass an AnnData with at least one cell")
+        raise InputError(
+            "adata.n_obs", 0, "the AnnData has no cells", "pass an AnnData with at least one cell"
+        )
     if adata.n_vars == 0:
-        raise InputError("adata.n_vars", 0, "the AnnData has no genes",
-                         "pass an AnnData with at least one gene")
+        raise InputError(
+            "adata.n_vars", 0, "the AnnData has no genes", "pass an AnnData with at least one gene"
+        )
     var_names = pd.Index(adata.var_names)
     if var_names.has_duplicates:
         dup = var_names[var_names.duplicated()][0]
-        raise InputError("adata.var_names", str(dup), "gene names are duplicated",
-                         "make them unique with adata.var_names_make_unique()")
+        raise InputError(
+            "adata.var_names",
+            str(dup),
+            "gene names are duplicated",
+            "make them unique with adata.var_names_make_unique()",
+        )
     return var_names
 
 
@@ -264,24 +341,31 @@ def _check_library_sizes(adata, layer, var_names: pd.Index, *, allow_noninteger:
     field = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
     if isinstance(X, AtlasRows) and distributed.process_count() == 1:
         # an atlas store keeps this pass's per-cell columns for the model
-        stats, cols, nnz = _scan_shards(X, field, (row_stats, col_sums, row_nnz),
-                                        allow_noninteger=allow_noninteger)
+        stats, cols, nnz = _scan_shards(
+            X, field, (row_stats, col_sums, row_nnz), allow_noninteger=allow_noninteger
+        )
         sums = _cat([t for t, _ in stats], np.float64)
-        X.remember(totals=sums, lgamma=_cat([g for _, g in stats], np.float64),
-                   row_nnz=_cat(nnz, np.int64), allow_noninteger=allow_noninteger)
+        X.remember(
+            totals=sums,
+            lgamma=_cat([g for _, g in stats], np.float64),
+            row_nnz=_cat(nnz, np.int64),
+            allow_noninteger=allow_noninteger,
+        )
     else:
-        rows, cols = _scan_shards(X, field, (row_sums, col_sums),
-                                  allow_noninteger=allow_noninteger)
+        rows, cols = _scan_shards(X, field, (row_sums, col_sums), allow_noninteger=allow_noninteger)
         sums = distributed.gather_rows(_cat(rows, np.float64))
     gene_totals = distributed.sum_all(np.sum(cols, axis=0) if cols else np.zeros(X.shape[1]))
     if (sums <= 0).any():
         idx = int(np.flatnonzero(sums <= 0)[0])
         raise InputError(
-            field, f"cell {adata.obs_names[idx]!r} (row {idx})",
+            field,
+            f"cell {adata.obs_names[idx]!r} (row {idx})",
             f"{int((sums <= 0).sum())} cell(s) have no counts at all, so their library "
-            "size is zero", "drop them first, e.g. adata = adata[np.asarray("
+            "size is zero",
+            "drop them first, e.g. adata = adata[np.asarray("
             f"{'adata.X' if layer is None else f'adata.layers[{layer!r}]'}.sum(1)).ravel()"
-            " > 0].copy()")
+            " > 0].copy()",
+        )
     _warn_zero_genes(gene_totals, field, var_names)
 
 
@@ -297,18 +381,27 @@ def _label_categories(adata, labels_key, unlabeled_category) -> tuple[str, ...]:
             if unl not in label_cats and suspects:
                 # a fully labelled dataset (a reference) is fine; a typo is not
                 raise InputError(
-                    "unlabeled_category", unlabeled_category,
+                    "unlabeled_category",
+                    unlabeled_category,
                     f"not among the labels of adata.obs[{labels_key!r}], which has "
                     f"{suspects[0]!r}; those cells would count as a cell type",
-                    f"pass unlabeled_category={suspects[0]!r}")
+                    f"pass unlabeled_category={suspects[0]!r}",
+                )
             label_cats = tuple(c for c in label_cats if c != unl)
             if len(label_cats) == 0:
-                raise InputError("labels_key", labels_key,
-                                 "no cell has a label (all are the unlabelled category)",
-                                 "label at least two cell types")
+                raise InputError(
+                    "labels_key",
+                    labels_key,
+                    "no cell has a label (all are the unlabelled category)",
+                    "label at least two cell types",
+                )
     elif unlabeled_category is not None:
-        raise InputError("labels_key", None, "unlabeled_category is given but labels_key "
-                         "is not", "pass labels_key naming the cell-type column")
+        raise InputError(
+            "labels_key",
+            None,
+            "unlabeled_category is given but labels_key is not",
+            "pass labels_key naming the cell-type column",
+        )
     return label_cats
 
 
@@ -317,22 +410,32 @@ def _check_size_factors(adata, size_factor_key) -> None:
         sf = _obs_column(adata, size_factor_key, "size_factor_key")
         vals = pd.to_numeric(sf, errors="coerce").to_numpy(dtype=float)
         if not np.isfinite(vals).all() or (vals <= 0).any():
-            raise InputError(f"adata.obs[{size_factor_key!r}]", "non-positive or NaN",
-                             "size factors must be finite and positive",
-                             "recompute the size factors, or leave size_factor_key=None")
+            raise InputError(
+                f"adata.obs[{size_factor_key!r}]",
+                "non-positive or NaN",
+                "size factors must be finite and positive",
+                "recompute the size factors, or leave size_factor_key=None",
+            )
 
 
 def _check_continuous(adata, cont_keys) -> None:
     for k in cont_keys:
         col = _obs_column(adata, k, "continuous_covariate_keys")
         if not pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype):
-            raise InputError(f"adata.obs[{k!r}]", str(col.dtype), "a continuous covariate "
-                             "must be numeric", "convert it with pd.to_numeric, or pass it "
-                             "in categorical_covariate_keys instead")
+            raise InputError(
+                f"adata.obs[{k!r}]",
+                str(col.dtype),
+                "a continuous covariate must be numeric",
+                "convert it with pd.to_numeric, or pass it in categorical_covariate_keys instead",
+            )
         v = col.to_numpy(dtype=float)
         if not np.isfinite(v).all():
-            raise InputError(f"adata.obs[{k!r}]", "NaN", "the continuous covariate has "
-                             "NaN or inf values", "impute or drop those cells")
+            raise InputError(
+                f"adata.obs[{k!r}]",
+                "NaN",
+                "the continuous covariate has NaN or inf values",
+                "impute or drop those cells",
+            )
 
 
 def _warn_single_cell_batches(adata, batch_key, batch_cats) -> None:
@@ -341,15 +444,21 @@ def _warn_single_cell_batches(adata, batch_key, batch_cats) -> None:
             counts = adata.obs[key].astype(str).value_counts()
             single = [c for c in cats if counts.get(c, 0) == 1]
             if single:
-                warnings.warn(f"{fname}: batch(es) {single[:5]} of adata.obs[{key!r}] have a "
-                              "single cell; their batch effect cannot be estimated",
-                              UserWarning, stacklevel=4)
+                warnings.warn(
+                    f"{fname}: batch(es) {single[:5]} of adata.obs[{key!r}] have a "
+                    "single cell; their batch effect cannot be estimated",
+                    UserWarning,
+                    stacklevel=4,
+                )
 
 
 def registry_of(adata) -> Registry:
     """The registry that setup_anndata stored in ``adata``."""
     if UNS_KEY not in getattr(adata, "uns", {}):
-        raise InputError("adata", "not set up", "setup_anndata has not been run on this "
-                         "AnnData", "call SCVI.setup_anndata(adata, ...) (or "
-                         "SCANVI.setup_anndata) first")
+        raise InputError(
+            "adata",
+            "not set up",
+            "setup_anndata has not been run on this AnnData",
+            "call SCVI.setup_anndata(adata, ...) (or SCANVI.setup_anndata) first",
+        )
     return Registry.from_json(str(adata.uns[UNS_KEY]))

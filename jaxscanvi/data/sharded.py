@@ -18,10 +18,17 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from .batch import (Batch, DenseDeviceCells, DeviceCells, check_offsets, dense_device_batch,
-                    device_batch)
+from .batch import (
+    Batch,
+    DenseDeviceCells,
+    DeviceCells,
+    check_offsets,
+    dense_device_batch,
+    device_batch,
+)
 from .cells import CellData
 
 AXIS = "data"
@@ -30,37 +37,49 @@ AXIS = "data"
 def columns(cells: CellData, which, rows: int) -> list[np.ndarray]:
     """The per-cell columns of cells ``which`` (a slice or indices), zero-padded
     to ``rows`` cells, in the field order of (Dense)DeviceCells after the counts."""
-    lsf = (cells.log_size_factor if cells.log_size_factor is not None
-           else np.zeros(cells.n_obs, np.float32))
+    lsf = (
+        cells.log_size_factor
+        if cells.log_size_factor is not None
+        else np.zeros(cells.n_obs, np.float32)
+    )
     out = []
-    for a in (cells.batch, cells.labels, cells.cat_covs, cells.cont_covs, lsf,
-              cells.log_library, cells.lgamma_const):
+    for a in (
+        cells.batch,
+        cells.labels,
+        cells.cat_covs,
+        cells.cont_covs,
+        lsf,
+        cells.log_library,
+        cells.lgamma_const,
+    ):
         part = a[which]
-        p = np.zeros((rows,) + a.shape[1:], a.dtype)
-        p[:len(part)] = part
+        p = np.zeros((rows, *a.shape[1:]), a.dtype)
+        p[: len(part)] = part
         out.append(p)
     return out
 
 
-def _slice_arrays(cells: CellData, lo: int, hi: int, rows: int, nnz: int, *,
-                  dense: bool) -> list[np.ndarray]:
+def _slice_arrays(
+    cells: CellData, lo: int, hi: int, rows: int, nnz: int, *, dense: bool
+) -> list[np.ndarray]:
     """One device's arrays, in the field order of (Dense)DeviceCells."""
     X = cells.X[lo:hi]
     if dense:
         x = np.zeros((rows, cells.n_vars), np.float32)
-        x[:hi - lo] = X.toarray()
-        return [x] + columns(cells, slice(lo, hi), rows)
+        x[: hi - lo] = X.toarray()
+        return [x, *columns(cells, slice(lo, hi), rows)]
     data = np.zeros(nnz, np.float32)
     indices = np.zeros(nnz, np.int32)
-    data[:X.nnz], indices[:X.nnz] = X.data, X.indices
+    data[: X.nnz], indices[: X.nnz] = X.data, X.indices
     # rows past the slice's end are empty: indptr stays at its last value
     indptr = np.full(rows + 1, X.nnz, np.int32)
-    indptr[:hi - lo + 1] = X.indptr
-    return [data, indices, indptr] + columns(cells, slice(lo, hi), rows)
+    indptr[: hi - lo + 1] = X.indptr
+    return [data, indices, indptr, *columns(cells, slice(lo, hi), rows)]
 
 
-def shard_cells(cells: CellData, bounds: np.ndarray, mesh: Mesh, *,
-                dense: bool) -> DeviceCells | DenseDeviceCells:
+def shard_cells(
+    cells: CellData, bounds: np.ndarray, mesh: Mesh, *, dense: bool
+) -> DeviceCells | DenseDeviceCells:
     """Slice d of ``bounds`` onto mesh device d; no device gets another's cells.
 
     Each slice is built on the host and copied to its own device alone, so
@@ -75,8 +94,10 @@ def shard_cells(cells: CellData, bounds: np.ndarray, mesh: Mesh, *,
     nnz = max(int(slice_nnz(indptr, bounds).max()), 1)
     if not dense:
         check_offsets(nnz, "the largest device's slice")
-    parts = {d: _slice_arrays(cells, int(bounds[d]), int(bounds[d + 1]), rows, nnz,
-                              dense=dense) for d in range(n)}
+    parts = {
+        d: _slice_arrays(cells, int(bounds[d]), int(bounds[d + 1]), rows, nnz, dense=dense)
+        for d in range(n)
+    }
     fields = stack_on_devices(parts, mesh)
     return (DenseDeviceCells if dense else DeviceCells)(*fields)
 
@@ -96,12 +117,16 @@ def stack_on_devices(parts: dict, mesh: Mesh) -> list[jax.Array]:
     devices = list(mesh.devices.flat)
     n = len(devices)
     sharding = NamedSharding(mesh, P(AXIS))
-    placed = {d: jax.device_put([a[None] for a in arrays], devices[d])
-              for d, arrays in parts.items()}
+    placed = {
+        d: jax.device_put([a[None] for a in arrays], devices[d]) for d, arrays in parts.items()
+    }
     first = next(iter(parts.values()))
-    return [jax.make_array_from_single_device_arrays(
-        (n,) + a.shape, sharding, [placed[d][i] for d in sorted(placed)])
-        for i, a in enumerate(first)]
+    return [
+        jax.make_array_from_single_device_arrays(
+            (n, *a.shape), sharding, [placed[d][i] for d in sorted(placed)]
+        )
+        for i, a in enumerate(first)
+    ]
 
 
 def local_rows(rows: np.ndarray, bounds: np.ndarray) -> np.ndarray:
@@ -141,8 +166,9 @@ def sharded_batch(cells, rows: jax.Array, mesh: Mesh, n_genes: int, k_cap: int) 
         start = jax.lax.axis_index(AXIS) * r.shape[0]
         return b._replace(nz=b.nz._replace(row=b.nz.row + start))
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), P(AXIS)),
-                         out_specs=P(AXIS))(cells, rows)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), P(AXIS)), out_specs=P(AXIS))(
+        cells, rows
+    )
 
 
 def resident_bytes(arrays) -> int:
@@ -152,4 +178,3 @@ def resident_bytes(arrays) -> int:
         for s in a.addressable_shards:
             per[s.device] = per.get(s.device, 0) + s.data.nbytes
     return max(per.values(), default=0)
-

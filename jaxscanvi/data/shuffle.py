@@ -22,6 +22,7 @@ annbatch's rule (chunks gathered into a preloaded, shuffled buffer).
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 import numpy as np
@@ -31,8 +32,12 @@ RUN_CELLS = 64
 BUFFER_CELLS = 1 << 16
 
 
-def buffer_order(rng: np.random.Generator, idx: np.ndarray, run_cells: int = RUN_CELLS,
-                 buffer_cells: int = BUFFER_CELLS) -> np.ndarray:
+def buffer_order(
+    rng: np.random.Generator,
+    idx: np.ndarray,
+    run_cells: int = RUN_CELLS,
+    buffer_cells: int = BUFFER_CELLS,
+) -> np.ndarray:
     """``idx`` in the buffered order above: every cell once, runs shuffled, then
     cells shuffled within each buffer of about ``buffer_cells`` cells."""
     idx = np.asarray(idx)
@@ -51,7 +56,7 @@ def buffer_order(rng: np.random.Generator, idx: np.ndarray, run_cells: int = RUN
     step = max(int(buffer_cells), 1)
     out = np.empty_like(cells)
     for a in range(0, cells.size, step):
-        out[a:a + step] = rng.permutation(cells[a:a + step])
+        out[a : a + step] = rng.permutation(cells[a : a + step])
     return out
 
 
@@ -88,8 +93,7 @@ class RunCache:
     dropped, least recently used first, past ``max_cells`` cells.
     """
 
-    def __init__(self, reader, run_cells: int = RUN_CELLS,
-                 max_cells: int = 3 * BUFFER_CELLS):
+    def __init__(self, reader, run_cells: int = RUN_CELLS, max_cells: int = 3 * BUFFER_CELLS):
         self.reader = reader
         self.run_cells = int(run_cells)
         self.max_cells = int(max_cells)
@@ -110,7 +114,7 @@ class RunCache:
         cuts = np.r_[0, np.flatnonzero(np.diff(missing) != 1) + 1, missing.size]
         spans, offset, seg = [], 0, self._next
         self._next += 1
-        for a, b in zip(cuts[:-1], cuts[1:]):  # adjacent missing runs: one read
+        for a, b in itertools.pairwise(cuts):  # adjacent missing runs: one read
             first, last = int(missing[a]), int(missing[b - 1])
             lo, hi = self._span(first, last)
             spans.append((lo, hi))
@@ -123,8 +127,7 @@ class RunCache:
             self._segments[seg] = self.reader.read_runs(lo, hi)
         else:
             parts = [self.reader.read(a, b) for a, b in spans]
-            self._segments[seg] = sp.vstack(parts, format="csr") if len(parts) > 1 \
-                else parts[0]
+            self._segments[seg] = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
 
     def _evict(self, keep: set) -> None:
         total = sum(m.shape[0] for m in self._segments.values())
@@ -167,8 +170,10 @@ class RunCache:
             out = X if whole else self._gather(X, row)
         else:  # rows of each segment, then back into the order asked
             pos = [np.flatnonzero(seg == s_) for s_ in segs]
-            stacked = sp.vstack([self._gather(self._segments[int(s_)], row[p])
-                                 for s_, p in zip(segs, pos)], format="csr")
+            stacked = sp.vstack(
+                [self._gather(self._segments[int(s_)], row[p]) for s_, p in zip(segs, pos)],
+                format="csr",
+            )
             inverse = np.empty(take.size, np.int64)
             inverse[np.concatenate(pos)] = np.arange(take.size)
             out = stacked[inverse]

@@ -11,7 +11,7 @@ runs' reads together on a few threads.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import anndata
 import numpy as np
@@ -21,17 +21,22 @@ import scipy.sparse as sp
 from ..errors import InputError
 from .atlas import AtlasRows, atlas_anndata, canonical, offsets
 
-FILTER_FIX = ("write a TileDB-SOMA value filter over the columns, e.g. "
-              "\"cell_type == 'B cell' and tissue in ['lung', 'blood']\"")
+FILTER_FIX = (
+    "write a TileDB-SOMA value filter over the columns, e.g. "
+    "\"cell_type == 'B cell' and tissue in ['lung', 'blood']\""
+)
 
 
 def _require_tiledbsoma():
     try:
         import tiledbsoma
     except ImportError:
-        raise InputError("tiledbsoma", "not installed", "reading a TileDB-SOMA experiment "
-                         "needs the tiledbsoma package", "pip install 'jaxscanvi[atlas]'"
-                         ) from None
+        raise InputError(
+            "tiledbsoma",
+            "not installed",
+            "reading a TileDB-SOMA experiment needs the tiledbsoma package",
+            "pip install 'jaxscanvi[atlas]'",
+        ) from None
     return tiledbsoma
 
 
@@ -49,8 +54,16 @@ class SomaRows(AtlasRows):
     # time per run (benchmarks/stores.py)
     read_threads = 4
 
-    def __init__(self, array, obs_ids: np.ndarray, var_ids: np.ndarray, *, experiment=None,
-                 block_size: int | None = None, cache_blocks: int = 4):
+    def __init__(
+        self,
+        array,
+        obs_ids: np.ndarray,
+        var_ids: np.ndarray,
+        *,
+        experiment=None,
+        block_size: int | None = None,
+        cache_blocks: int = 4,
+    ):
         soma = _require_tiledbsoma()
         self.array, self.experiment = array, experiment
         self.obs_ids = np.asarray(obs_ids, np.int64)
@@ -58,12 +71,11 @@ class SomaRows(AtlasRows):
         # every gene, in joinid order: a value's column is its joinid
         self._all_vars = bool(np.array_equal(self.var_ids, np.arange(array.shape[1])))
         self._var_pos = None if self._all_vars else soma.IntIndexer(self.var_ids)
-        self._init_rows((len(self.obs_ids), len(self.var_ids)), None, block_size,
-                        cache_blocks)
+        self._init_rows((len(self.obs_ids), len(self.var_ids)), None, block_size, cache_blocks)
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows [start, stop) as canonical float32 CSR: one coordinate read."""
-        return self._read_ids(self.obs_ids[max(int(start), 0):max(int(stop), 0)])
+        return self._read_ids(self.obs_ids[max(int(start), 0) : max(int(stop), 0)])
 
     def _read_ids(self, ids: np.ndarray) -> sp.csr_matrix:
         """CSR of the cells with joinids ``ids`` (strictly ascending), in that order."""
@@ -84,8 +96,11 @@ class SomaRows(AtlasRows):
         if r.size and (np.diff(r) < 0).any():  # not row-major after all: let scipy sort
             return canonical(sp.coo_matrix((data, (r, c)), shape=(n, G)).tocsr())
         ptr = offsets(np.bincount(r, minlength=n))
-        return canonical(sp.csr_matrix((data.astype(np.float32, copy=False),
-                                        c.astype(np.int32), ptr), shape=(n, G)))
+        return canonical(
+            sp.csr_matrix(
+                (data.astype(np.float32, copy=False), c.astype(np.int32), ptr), shape=(n, G)
+            )
+        )
 
 
 def _joinids(query, axis: str, field: str, value) -> np.ndarray:
@@ -93,11 +108,13 @@ def _joinids(query, axis: str, field: str, value) -> np.ndarray:
     try:
         ids = getattr(query, f"{axis}_joinids")().to_numpy()
     except (soma.SOMAError, ValueError, TypeError, KeyError) as e:
-        raise InputError(field, value, f"the query failed: {str(e).splitlines()[0][:160]}",
-                         FILTER_FIX) from None
+        raise InputError(
+            field, value, f"the query failed: {str(e).splitlines()[0][:160]}", FILTER_FIX
+        ) from None
     if ids.size == 0:
-        raise InputError(field, value, f"selects no {'cells' if axis == 'obs' else 'genes'}",
-                         "loosen the filter")
+        raise InputError(
+            field, value, f"selects no {'cells' if axis == 'obs' else 'genes'}", "loosen the filter"
+        )
     return np.sort(ids.astype(np.int64))
 
 
@@ -116,35 +133,58 @@ def _open(experiment, context):
     try:
         return soma.Experiment.open(str(experiment), context=context)
     except (soma.DoesNotExistError, soma.SOMAError) as e:
-        raise InputError("experiment", str(experiment), f"not a TileDB-SOMA experiment "
-                         f"({str(e)[:120]})", "pass the experiment's URI, or an open "
-                         "tiledbsoma.Experiment (e.g. census['census_data']['homo_sapiens'])"
-                         ) from None
+        raise InputError(
+            "experiment",
+            str(experiment),
+            f"not a TileDB-SOMA experiment ({str(e)[:120]})",
+            "pass the experiment's URI, or an open "
+            "tiledbsoma.Experiment (e.g. census['census_data']['homo_sapiens'])",
+        ) from None
 
 
 def _x_layer(exp, measurement: str, X_name: str):
     soma = _require_tiledbsoma()
     if measurement not in exp.ms:
-        raise InputError("measurement", measurement, f"not a measurement of the experiment "
-                         f"(it has {sorted(exp.ms.keys())})", "pass one of those")
+        raise InputError(
+            "measurement",
+            measurement,
+            f"not a measurement of the experiment (it has {sorted(exp.ms.keys())})",
+            "pass one of those",
+        )
     layers = exp.ms[measurement].X
     if X_name not in layers:
-        raise InputError("X_name", X_name, f"no such X layer in measurement "
-                         f"{measurement!r} (it has {sorted(layers.keys())})",
-                         "pass the layer holding raw counts (CELLxGENE Census: 'raw')")
+        raise InputError(
+            "X_name",
+            X_name,
+            f"no such X layer in measurement {measurement!r} (it has {sorted(layers.keys())})",
+            "pass the layer holding raw counts (CELLxGENE Census: 'raw')",
+        )
     array = layers[X_name]
     if not isinstance(array, soma.SparseNDArray):
-        raise InputError("X_name", X_name, f"a {type(array).__name__}, not a "
-                         "SparseNDArray", "ingest the counts as a sparse array")
+        raise InputError(
+            "X_name",
+            X_name,
+            f"a {type(array).__name__}, not a SparseNDArray",
+            "ingest the counts as a sparse array",
+        )
     return array
 
 
-def read_soma(experiment, *, measurement: str = "RNA", X_name: str = "raw",  # noqa: PLR0913 (the query's keywords)
-              obs_value_filter: str | None = None, obs_coords=None,
-              var_value_filter: str | None = None, var_coords=None,
-              obs_column_names: Sequence[str] | None = None,
-              obs_id_name: str = "obs_id", var_id_name: str = "var_id",
-              block_size: int | None = None, context=None) -> anndata.AnnData:
+def read_soma(  # noqa: PLR0913 - the query's keywords
+    experiment,
+    *,
+    measurement: str = "RNA",
+    X_name: str = "raw",
+    obs_value_filter: str | None = None,
+    obs_coords=None,
+    var_value_filter: str | None = None,
+    var_coords=None,
+    obs_column_names: Sequence[str] | None = None,
+    obs_id_name: str = "obs_id",
+    var_id_name: str = "var_id",
+    block_size: int | None = None,
+    context=None,
+) -> anndata.AnnData:
     """Open the cells and genes of a TileDB-SOMA experiment that a query selects.
 
     ``experiment``: a URI or an open ``tiledbsoma.Experiment``. The filters
@@ -160,10 +200,13 @@ def read_soma(experiment, *, measurement: str = "RNA", X_name: str = "raw",  # n
     array = _x_layer(exp, measurement, X_name)
 
     def axis(value_filter, coords):
-        return soma.AxisQuery(value_filter=value_filter,
-                              coords=() if coords is None else (coords,))
-    query = exp.axis_query(measurement, obs_query=axis(obs_value_filter, obs_coords),
-                           var_query=axis(var_value_filter, var_coords))
+        return soma.AxisQuery(value_filter=value_filter, coords=() if coords is None else (coords,))
+
+    query = exp.axis_query(
+        measurement,
+        obs_query=axis(obs_value_filter, obs_coords),
+        var_query=axis(var_value_filter, var_coords),
+    )
     obs_ids = _joinids(query, "obs", "obs_value_filter", obs_value_filter or obs_coords)
     var_ids = _joinids(query, "var", "var_value_filter", var_value_filter or var_coords)
     cols = None
@@ -172,8 +215,12 @@ def read_soma(experiment, *, measurement: str = "RNA", X_name: str = "raw",  # n
         known = set(exp.obs.schema.names)
         missing = [c for c in cols if c not in known and c != obs_id_name]
         if missing:
-            raise InputError("obs_column_names", missing, f"not obs columns (they are "
-                             f"{sorted(known)[:20]})", "pass existing column names")
+            raise InputError(
+                "obs_column_names",
+                missing,
+                f"not obs columns (they are {sorted(known)[:20]})",
+                "pass existing column names",
+            )
         cols = [c for c in cols if c in known]
     obs = _frame(query.obs(column_names=cols), obs_ids, obs_id_name)
     var = _frame(query.var(), var_ids, var_id_name)

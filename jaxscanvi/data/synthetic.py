@@ -14,12 +14,22 @@ import pandas as pd
 import scipy.sparse as sp
 
 
-def synthetic_atlas(n_cells: int = 2000, n_genes: int = 500, n_batches: int = 2,  # noqa: PLR0913 (a generator's knobs)
-                    n_lineages: int = 3, types_per_lineage: int = 2, seed: int = 0, *,
-                    batch_effect: float = 0.5, library_log_mean: float = 7.0,
-                    library_log_sd: float = 0.35, markers_per_type: int = 15,
-                    marker_lfc: float = 2.0, de_genes: dict[str, list[int]] | None = None,
-                    dtype=np.float32) -> ad.AnnData:
+def synthetic_atlas(  # noqa: PLR0913 - the simulation's knobs, keyword-only
+    n_cells: int = 2000,
+    n_genes: int = 500,
+    n_batches: int = 2,
+    n_lineages: int = 3,
+    types_per_lineage: int = 2,
+    seed: int = 0,
+    *,
+    batch_effect: float = 0.5,
+    library_log_mean: float = 7.0,
+    library_log_sd: float = 0.35,
+    markers_per_type: int = 15,
+    marker_lfc: float = 2.0,
+    de_genes: dict[str, list[int]] | None = None,
+    dtype=np.float32,
+) -> ad.AnnData:
     """Simulate an AnnData of raw counts.
 
     ``obs`` holds ``batch``, ``cell_type`` and ``lineage`` (categoricals);
@@ -39,19 +49,21 @@ def synthetic_atlas(n_cells: int = 2000, n_genes: int = 500, n_batches: int = 2,
     take = 0
     lin_markers = []
     for l in range(n_lineages):
-        g = free[take:take + markers_per_type]
+        g = free[take : take + markers_per_type]
         take += markers_per_type
         marker_of[g] = f"L{l}"
         lin_markers.append(g)
     type_markers = {}
-    for t, name in enumerate(types):
-        g = free[take:take + markers_per_type]
+    for name in types:
+        g = free[take : take + markers_per_type]
         take += markers_per_type
         marker_of[g] = name
         type_markers[name] = g
     if take > n_genes:
-        raise ValueError(f"n_genes={n_genes} is too small for {n_types} types with "
-                         f"{markers_per_type} markers each")
+        raise ValueError(
+            f"n_genes={n_genes} is too small for {n_types} types with "
+            f"{markers_per_type} markers each"
+        )
     logits = np.tile(base, (n_types, 1))
     for t, name in enumerate(types):
         logits[t, lin_markers[lineage_of[t]]] += marker_lfc * 0.75
@@ -75,21 +87,31 @@ def synthetic_atlas(n_cells: int = 2000, n_genes: int = 500, n_batches: int = 2,
     empty = counts.sum(1) == 0
     counts[empty, rng.integers(0, n_genes, empty.sum())] = 1
 
-    obs = pd.DataFrame({
-        "batch": pd.Categorical([f"batch{b}" for b in batch],
-                                categories=[f"batch{b}" for b in range(n_batches)]),
-        "cell_type": pd.Categorical([types[t] for t in cell_type], categories=types),
-        "lineage": pd.Categorical([f"L{lineage_of[t]}" for t in cell_type],
-                                  categories=[f"L{l}" for l in range(n_lineages)]),
-    }, index=[f"cell{i}" for i in range(n_cells)])
-    var = pd.DataFrame({"marker_of": marker_of.astype(str)},
-                       index=[f"gene{g}" for g in range(n_genes)])
+    obs = pd.DataFrame(
+        {
+            "batch": pd.Categorical(
+                [f"batch{b}" for b in batch], categories=[f"batch{b}" for b in range(n_batches)]
+            ),
+            "cell_type": pd.Categorical([types[t] for t in cell_type], categories=types),
+            "lineage": pd.Categorical(
+                [f"L{lineage_of[t]}" for t in cell_type],
+                categories=[f"L{l}" for l in range(n_lineages)],
+            ),
+        },
+        index=[f"cell{i}" for i in range(n_cells)],
+    )
+    var = pd.DataFrame(
+        {"marker_of": marker_of.astype(str)}, index=[f"gene{g}" for g in range(n_genes)]
+    )
     adata = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
     adata.layers["counts"] = adata.X.copy()
     adata.uns["synthetic"] = {
-        "seed": seed, "de_genes": {k: v.tolist() for k, v in type_markers.items()},
+        "seed": seed,
+        "de_genes": {k: v.tolist() for k, v in type_markers.items()},
         # ground truth for tests: per-type log expression (up to a constant),
         # per-batch log fold changes, and the type proportions
-        "type_logits": logits.astype(np.float32), "batch_lfc": batch_lfc.astype(np.float32),
-        "type_weights": weights.astype(np.float32)}
+        "type_logits": logits.astype(np.float32),
+        "batch_lfc": batch_lfc.astype(np.float32),
+        "type_weights": weights.astype(np.float32),
+    }
     return adata

@@ -3,21 +3,28 @@ forward pass and user-added terms."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ..data.batch import Batch
-from ..distributions import (kl_normal, kl_standard_normal, log_nb, log_poisson, log_zinb,
-                             sparse_pays)
+from ..distributions import (
+    kl_normal,
+    kl_standard_normal,
+    log_nb,
+    log_poisson,
+    log_zinb,
+    sparse_pays,
+)
 
 
 class LossAux(NamedTuple):
     """What a loss function returns beside the scalar loss."""
 
-    terms: dict[str, jax.Array]   # per-term means over the minibatch's cells
-    state: Any                    # updated mutable collections (batch statistics)
+    terms: dict[str, jax.Array]  # per-term means over the minibatch's cells
+    state: Any  # updated mutable collections (batch statistics)
     outputs: dict[str, jax.Array]  # forward outputs, for extra loss terms
 
 
@@ -26,18 +33,24 @@ def weighted_mean(v, weight):
     return (v * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
 
-def reconstruction_loss(outputs: dict, batch: Batch, gene_likelihood: str, *,
-                        sparse: bool = True):
+def reconstruction_loss(outputs: dict, batch: Batch, gene_likelihood: str, *, sparse: bool = True):
     """-log p(x | z, l) per cell, (B,) (or (S, B) for S posterior samples)."""
     # None: dense (also where the fused dense pass is the faster one)
     nz = batch.nz if sparse and sparse_pays() and outputs["log_mu"].ndim == 2 else None
     x = batch.x
     if gene_likelihood == "zinb":
-        ll = log_zinb(x, outputs["log_mu"], outputs["log_theta"], outputs["zi_logits"],
-                      nz=nz, lgamma_const=batch.lgamma_const)
+        ll = log_zinb(
+            x,
+            outputs["log_mu"],
+            outputs["log_theta"],
+            outputs["zi_logits"],
+            nz=nz,
+            lgamma_const=batch.lgamma_const,
+        )
     elif gene_likelihood == "nb":
-        ll = log_nb(x, outputs["log_mu"], outputs["log_theta"], nz=nz,
-                    lgamma_const=batch.lgamma_const)
+        ll = log_nb(
+            x, outputs["log_mu"], outputs["log_theta"], nz=nz, lgamma_const=batch.lgamma_const
+        )
     else:
         ll = log_poisson(x, outputs["log_mu"], lgamma_const=batch.lgamma_const)
     return -ll
@@ -63,11 +76,15 @@ def forward(module, params, state, batch: Batch, rng, *, train: bool, **kwargs):
     variables = {"params": params, **state}
     if train:
         outputs, mutated = module.apply(
-            variables, batch, train=True, rngs={"sample": k_sample, "dropout": k_dropout},
-            mutable=["batch_stats"], **kwargs)
+            variables,
+            batch,
+            train=True,
+            rngs={"sample": k_sample, "dropout": k_dropout},
+            mutable=["batch_stats"],
+            **kwargs,
+        )
         return outputs, {**state, **mutated}
-    outputs = module.apply(variables, batch, train=False, rngs={"sample": k_sample},
-                           **kwargs)
+    outputs = module.apply(variables, batch, train=False, rngs={"sample": k_sample}, **kwargs)
     return outputs, state
 
 
@@ -82,8 +99,7 @@ def term_weight(weight, step):
     return jnp.asarray(weight, jnp.float32)
 
 
-def add_extra_terms(loss, terms, outputs, batch, params, extra_terms, extra_weights,
-                    step=None):
+def add_extra_terms(loss, terms, outputs, batch, params, extra_terms, extra_weights, step=None):
     """Add user loss terms fn(outputs, batch, params) -> scalar, each times its weight.
 
     Each term's value goes into ``terms[name]`` and its weight at this step

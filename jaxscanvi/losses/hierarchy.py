@@ -51,4 +51,3 @@ def subtree_bound(logits, log_prior, nll_z1, kl_z2, mask):
     log_probs = jax.nn.log_softmax(masked, -1)
     kl_c = jnp.where(inside, probs * (log_probs - log_prior), 0.0).sum(-1)
     return (probs * nll_z1).sum(-1), (probs * kl_z2).sum(-1) + kl_c
-

@@ -37,8 +37,8 @@ from ..data.batch import Batch
 from ..distributions import normal_log_prob
 from ..module.scanvae import SCANVAE, class_noise
 from ..nn.layers import global_stats
-from .hierarchy import label_mask, subtree_bound, subtree_cross_entropy
 from .common import LossAux, add_extra_terms, forward, reconstruction_loss, weighted_mean
+from .hierarchy import label_mask, subtree_bound, subtree_cross_entropy
 from .scvi import scvi_terms
 
 
@@ -80,8 +80,7 @@ def _get(tree, path):
     return tree
 
 
-def class_bounds(module, params, state, z1, weight, rng, *, train: bool,
-                 sample: bool = True):
+def class_bounds(module, params, state, z1, weight, rng, *, train: bool, sample: bool = True):
     """-log p(z1|u,c) and KL(q(u|z1,c)||p(u)) for every class: two (B, C) arrays.
 
     Also returns the updated batch statistics of the two class networks.
@@ -111,25 +110,29 @@ def class_bounds(module, params, state, z1, weight, rng, *, train: bool,
         args = (z1, classes, mask, noise)
         if train:
             mutable = ["batch_stats"] + (["bn_sums"] if collect else [])
-            (nll, kl2), upd = module.apply(variables, *args, train=True, mutable=mutable,
-                                           method=SCANVAE.class_grid)
+            (nll, kl2), upd = module.apply(
+                variables, *args, train=True, mutable=mutable, method=SCANVAE.class_grid
+            )
             if collect:  # a statistics pass: only this layer's sums are used
                 return _get(upd["bn_sums"], collect)["sums"]
-            sub = {k: upd["batch_stats"][k] for k in ("encoder_z2_z1", "decoder_z1_z2")
-                   if k in upd["batch_stats"]}
+            sub = {
+                k: upd["batch_stats"][k]
+                for k in ("encoder_z2_z1", "decoder_z1_z2")
+                if k in upd["batch_stats"]
+            }
             return nll, kl2, sub
         nll, kl2 = module.apply(variables, *args, train=False, method=SCANVAE.class_grid)
         return nll, kl2, {}
 
     keys = jax.random.split(rng, C)
-    if C <= chunk:
+    if chunk >= C:
         nll, kl2, sub = run((jnp.arange(C), jnp.ones(C, z1.dtype), keys))
         return nll.T, kl2.T, sub
 
     n_chunks = -(-C // chunk)
     classes = jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk)
     valid = (classes < C).astype(z1.dtype)
-    keys = jnp.concatenate([keys, keys[:n_chunks * chunk - C]])  # padded classes reuse some
+    keys = jnp.concatenate([keys, keys[: n_chunks * chunk - C]])  # padded classes reuse some
     keys = keys.reshape(n_chunks, chunk, *keys.shape[1:])
     xs = (jnp.minimum(classes, C - 1), valid, keys)
     # every scan recomputes each chunk in the backward pass (jax.checkpoint):
@@ -137,7 +140,8 @@ def class_bounds(module, params, state, z1, weight, rng, *, train: bool,
     # linearly with C. The statistics passes carry only (n, sum, sum of squares).
     known: dict = {}
     for path in class_bn_layers(module, state) if train else []:
-        def add(total, x, bn_global=_nested(known), path=path):
+
+        def add(total, x, bn_global=_nested(known), path=path):  # noqa: B008 - bound per layer
             sums = run(x, bn_global, collect=path)
             return jax.tree_util.tree_map(jnp.add, total, sums), None
 
@@ -164,8 +168,7 @@ def classification_loss(module, params, state, batch: Batch, rng, *, train: bool
     k_sample, k_dropout = jax.random.split(rng)
     kw = dict(rngs={"sample": k_sample, "dropout": k_dropout}, method=SCANVAE.classify)
     if train:
-        logits, upd = module.apply(variables, batch, train=True, mutable=["batch_stats"],
-                                   **kw)
+        logits, upd = module.apply(variables, batch, train=True, mutable=["batch_stats"], **kw)
         state = {**state, **upd}
     else:
         logits = module.apply(variables, batch, train=False, **kw)
@@ -200,8 +203,9 @@ def replay_loss(module, params, state, rng, n: int, replay, *, train: bool):
         return mdl.classifier(z, train=train)
 
     if train:
-        logits, upd = module.apply(variables, z, method=run, rngs={"dropout": k_d},
-                                   mutable=["batch_stats"])
+        logits, upd = module.apply(
+            variables, z, method=run, rngs={"dropout": k_d}, mutable=["batch_stats"]
+        )
         state = {**state, **upd}
     else:
         logits = module.apply(variables, z, method=run)
@@ -233,12 +237,24 @@ def labelled_bound(labels, log_prior, nll_z1, kl_z2):
     ``labels`` (B,) codes below C. Returns ``(rec, kl)``, each (B,).
     """
     y = labels[:, None]
-    return (jnp.take_along_axis(nll_z1, y, axis=1)[:, 0],
-            jnp.take_along_axis(kl_z2, y, axis=1)[:, 0] - log_prior[labels])
+    return (
+        jnp.take_along_axis(nll_z1, y, axis=1)[:, 0],
+        jnp.take_along_axis(kl_z2, y, axis=1)[:, 0] - log_prior[labels],
+    )
 
 
-def scanvi_per_cell(module, params, state, batch: Batch, rng, *, train: bool = False,  # noqa: PLR0913 (keyword options)
-                    objective: str = "seed", sparse: bool = True, sample: bool = True):
+def scanvi_per_cell(  # noqa: PLR0913 - the loss signature, then keyword options
+    module,
+    params,
+    state,
+    batch: Batch,
+    rng,
+    *,
+    train: bool = False,
+    objective: str = "seed",
+    sparse: bool = True,
+    sample: bool = True,
+):
     """Per-cell scANVI terms, each (B,): ``reconstruction_loss`` (count term plus
     log q(z1|x) plus the class-conditional z1 term), ``kl_local`` (the u, c and
     library KLs), ``elbo`` (their sum, the negative bound), and scVI's ``kl_z``
@@ -252,38 +268,58 @@ def scanvi_per_cell(module, params, state, batch: Batch, rng, *, train: bool = F
     if objective not in ("seed", "scvi-tools"):
         raise ValueError(f"objective={objective!r}: use 'seed' or 'scvi-tools'")
     k_main, k_class, _ = jax.random.split(rng, 3)  # the third key is scanvi_elbo's
-    outputs, new_state = forward(module, params, state, batch, k_main, train=train,
-                                 sample=sample)
+    outputs, new_state = forward(module, params, state, batch, k_main, train=train, sample=sample)
     cfg = module.config
     t = scvi_terms(module, outputs, batch, state, sparse=sparse)
     z1 = outputs["z"]
     log_qz1 = normal_log_prob(z1, outputs["qz_m"], outputs["qz_v"]).sum(-1)
-    nll_z1, kl_z2, sub = class_bounds(module, params, new_state, z1, batch.weight, k_class,
-                                      train=train, sample=sample)
+    nll_z1, kl_z2, sub = class_bounds(
+        module, params, new_state, z1, batch.weight, k_class, train=train, sample=sample
+    )
     if train:
         new_state = _merge_stats(new_state, {"batch_stats": sub}, sub.keys())
     log_prior = cfg.log_prior()
     rec_c, kl_c = marginal_bound(outputs["logits_z"], log_prior, nll_z1, kl_z2)
     if objective == "seed" and cfg.label_parents is not None:
-        rec_c, kl_c = subtree_bound(outputs["logits_z"], log_prior, nll_z1, kl_z2,
-                                    label_mask(cfg, batch.labels))
+        rec_c, kl_c = subtree_bound(
+            outputs["logits_z"], log_prior, nll_z1, kl_z2, label_mask(cfg, batch.labels)
+        )
     elif objective == "seed":
         labelled_cell = batch.labels < cfg.n_labels
-        rec_s, kl_s = labelled_bound(jnp.minimum(batch.labels, cfg.n_labels - 1),
-                                     log_prior, nll_z1, kl_z2)
+        rec_s, kl_s = labelled_bound(
+            jnp.minimum(batch.labels, cfg.n_labels - 1), log_prior, nll_z1, kl_z2
+        )
         rec_c = jnp.where(labelled_cell, rec_s, rec_c)
         kl_c = jnp.where(labelled_cell, kl_s, kl_c)
     rec = t["reconstruction_loss"] + log_qz1 + rec_c
     kl = kl_c + t["kl_l"]
-    terms = {"reconstruction_loss": rec, "kl_local": kl, "elbo": rec + kl,
-             "kl_z": t["kl_z"], "kl_l": t["kl_l"]}
+    terms = {
+        "reconstruction_loss": rec,
+        "kl_local": kl,
+        "elbo": rec + kl,
+        "kl_z": t["kl_z"],
+        "kl_l": t["kl_l"],
+    }
     return terms, outputs, new_state
 
 
-def scanvi_elbo(module, params, state, batches, rng, kl_weight, *, train: bool = True,  # noqa: PLR0913 (the loss signature, then keyword options)
-                objective: str = "seed", classification_ratio: float = 50.0,
-                sparse: bool = True, extra_terms=None, extra_weights=None, replay=None,
-                step=None):
+def scanvi_elbo(  # noqa: PLR0913 - the loss signature, then keyword options
+    module,
+    params,
+    state,
+    batches,
+    rng,
+    kl_weight,
+    *,
+    train: bool = True,
+    objective: str = "seed",
+    classification_ratio: float = 50.0,
+    sparse: bool = True,
+    extra_terms=None,
+    extra_weights=None,
+    replay=None,
+    step=None,
+):
     """scANVI loss: (params, state, (batch, labelled_batch), rng, kl_weight) -> (loss, LossAux).
 
     ``batches`` is the main minibatch, or a pair (main, labelled); with the
@@ -293,9 +329,9 @@ def scanvi_elbo(module, params, state, batches, rng, kl_weight, *, train: bool =
     """
     batch, labelled = (batches, None) if isinstance(batches, Batch) else batches
     k_ce = jax.random.split(rng, 3)[2]
-    pc, outputs, new_state = scanvi_per_cell(module, params, state, batch, rng,
-                                             train=train, objective=objective,
-                                             sparse=sparse)
+    pc, outputs, new_state = scanvi_per_cell(
+        module, params, state, batch, rng, train=train, objective=objective, sparse=sparse
+    )
     rec, kl, t = pc["reconstruction_loss"], pc["kl_local"], pc
     w = batch.weight
     loss = weighted_mean(rec + kl_weight * kl, w)
@@ -307,18 +343,26 @@ def scanvi_elbo(module, params, state, batches, rng, kl_weight, *, train: bool =
         "kl_l": weighted_mean(t["kl_l"], w),
     }
     if labelled is not None:
-        ce, acc, new_state, _ = classification_loss(module, params, new_state, labelled,
-                                                    k_ce, train=train)
+        ce, acc, new_state, _ = classification_loss(
+            module, params, new_state, labelled, k_ce, train=train
+        )
         if replay is not None:
-            ce_r, new_state = replay_loss(module, params, new_state,
-                                          jax.random.fold_in(k_ce, 1),
-                                          labelled.weight.shape[0], replay, train=train)
+            ce_r, new_state = replay_loss(
+                module,
+                params,
+                new_state,
+                jax.random.fold_in(k_ce, 1),
+                labelled.weight.shape[0],
+                replay,
+                train=train,
+            )
             ce = 0.5 * (ce + ce_r)
         loss = loss + classification_ratio * ce
         terms["classification_loss"] = ce
         terms["accuracy"] = acc
-    loss, terms = add_extra_terms(loss, terms, outputs, batch, params, extra_terms,
-                                  extra_weights, step)
+    loss, terms = add_extra_terms(
+        loss, terms, outputs, batch, params, extra_terms, extra_weights, step
+    )
     terms["loss"] = loss
     return loss, LossAux(terms, new_state, outputs)
 
@@ -336,8 +380,9 @@ def scanvi_elbo_terms(module, variables, batch: Batch, key):
     """
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
-    t, _, _ = scanvi_per_cell(module, params, state, batch, key, train=False,
-                              objective="scvi-tools", sparse=False)
+    t, _, _ = scanvi_per_cell(
+        module, params, state, batch, key, train=False, objective="scvi-tools", sparse=False
+    )
     return {"reconstruction_loss": t["reconstruction_loss"], "kl_local": t["kl_local"]}
 
 
@@ -360,8 +405,9 @@ def scanvi_log_importance_weights(module, variables, batch: Batch, key, *, n_sam
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
     k_main, k_class = jax.random.split(key)
-    outputs = module.apply(variables, batch, train=False, rngs={"sample": k_main},
-                           n_samples=n_samples)
+    outputs = module.apply(
+        variables, batch, train=False, rngs={"sample": k_main}, n_samples=n_samples
+    )
     rec_x = reconstruction_loss(outputs, batch, module.config.gene_likelihood, sparse=False)
     z = outputs["z"]  # scvi-tools evaluates the densities at z after its transform
     S = n_samples
@@ -381,8 +427,11 @@ def scanvi_log_importance_weights(module, variables, batch: Batch, key, *, n_sam
         lib = outputs["library"]
         m = const["library_log_means"][batch.batch]
         v = const["library_log_vars"][batch.batch]
-        logw = logw + normal_log_prob(lib, m, v) - normal_log_prob(
-            lib, outputs["ql_m"], outputs["ql_v"])
+        logw = (
+            logw
+            + normal_log_prob(lib, m, v)
+            - normal_log_prob(lib, outputs["ql_m"], outputs["ql_v"])
+        )
     return jnp.atleast_2d(logw).T  # (B, S); with n_samples=1 logw is (B,)
 
 

@@ -24,22 +24,38 @@ import jax.numpy as jnp
 from ..data.batch import Batch
 from ..distributions import normal_log_prob
 from ..module import VAE
-from .common import (LossAux, add_extra_terms, forward, kl_library, kl_z,
-                     reconstruction_loss, weighted_mean)
+from .common import (
+    LossAux,
+    add_extra_terms,
+    forward,
+    kl_library,
+    kl_z,
+    reconstruction_loss,
+    weighted_mean,
+)
 
 
-def scvi_terms(module: VAE, outputs: dict, batch: Batch, state: dict, *,
-               sparse: bool = True) -> dict[str, jax.Array]:
+def scvi_terms(
+    module: VAE, outputs: dict, batch: Batch, state: dict, *, sparse: bool = True
+) -> dict[str, jax.Array]:
     """Per-cell reconstruction loss and KL terms, each (B,)."""
     rec = reconstruction_loss(outputs, batch, module.config.gene_likelihood, sparse=sparse)
     const = state.get("constants", {})
-    kl_l = kl_library(outputs, batch, const.get("library_log_means"),
-                      const.get("library_log_vars"))
+    kl_l = kl_library(outputs, batch, const.get("library_log_means"), const.get("library_log_vars"))
     return {"reconstruction_loss": rec, "kl_z": kl_z(outputs), "kl_l": kl_l}
 
 
-def scvi_per_cell(module: VAE, params, state, batch: Batch, rng, *, train: bool = False,
-                  sparse: bool = True, sample: bool = True):
+def scvi_per_cell(
+    module: VAE,
+    params,
+    state,
+    batch: Batch,
+    rng,
+    *,
+    train: bool = False,
+    sparse: bool = True,
+    sample: bool = True,
+):
     """Per-cell scVI terms, each (B,): ``reconstruction_loss``, ``kl_z``, ``kl_l``,
     ``kl_local`` (= kl_z + kl_l) and ``elbo`` (the negative ELBO, rec + kl_local).
 
@@ -47,17 +63,27 @@ def scvi_per_cell(module: VAE, params, state, batch: Batch, rng, *, train: bool 
     bound at the posterior means instead of at a sample (deterministic; what
     the parity tests compare).
     """
-    outputs, new_state = forward(module, params, state, batch, rng, train=train,
-                                 sample=sample)
+    outputs, new_state = forward(module, params, state, batch, rng, train=train, sample=sample)
     t = scvi_terms(module, outputs, batch, state, sparse=sparse)
     t["kl_local"] = t["kl_z"] + t["kl_l"]
     t["elbo"] = t["reconstruction_loss"] + t["kl_local"]
     return t, outputs, new_state
 
 
-def scvi_elbo(module: VAE, params, state, batch: Batch, rng, kl_weight, *,  # noqa: PLR0913 (the loss signature, then keyword options)
-              train: bool = True, sparse: bool = True, extra_terms=None,
-              extra_weights=None, step=None):
+def scvi_elbo(  # noqa: PLR0913 - the loss signature, then keyword options
+    module: VAE,
+    params,
+    state,
+    batch: Batch,
+    rng,
+    kl_weight,
+    *,
+    train: bool = True,
+    sparse: bool = True,
+    extra_terms=None,
+    extra_weights=None,
+    step=None,
+):
     """scVI loss: (params, state, batch, rng, kl_weight) -> (loss, LossAux).
 
     ``LossAux.terms`` holds per-term means over the minibatch: ``loss``,
@@ -65,8 +91,9 @@ def scvi_elbo(module: VAE, params, state, batch: Batch, rng, kl_weight, *,  # no
     ``kl_z``, ``kl_l``, plus any extra terms by name. ``step`` (the global
     optimisation step) is what weight schedules of extra terms are evaluated at.
     """
-    t, outputs, new_state = scvi_per_cell(module, params, state, batch, rng, train=train,
-                                          sparse=sparse)
+    t, outputs, new_state = scvi_per_cell(
+        module, params, state, batch, rng, train=train, sparse=sparse
+    )
     w = batch.weight
     per_cell = t["reconstruction_loss"] + kl_weight * t["kl_z"] + t["kl_l"]
     loss = weighted_mean(per_cell, w)
@@ -78,8 +105,9 @@ def scvi_elbo(module: VAE, params, state, batch: Batch, rng, kl_weight, *,  # no
         "kl_z": weighted_mean(t["kl_z"], w),
         "kl_l": weighted_mean(t["kl_l"], w),
     }
-    loss, terms = add_extra_terms(loss, terms, outputs, batch, params, extra_terms,
-                                  extra_weights, step)
+    loss, terms = add_extra_terms(
+        loss, terms, outputs, batch, params, extra_terms, extra_weights, step
+    )
     terms["loss"] = loss
     return loss, LossAux(terms, new_state, outputs)
 
@@ -97,8 +125,7 @@ def elbo_terms(module, variables, batch: Batch, key):
 
 def log_importance_weights(module, variables, batch: Batch, key, *, n_samples: int):
     """log p(x|z,l) + log p(z) + log p(l) - log q(z|x) - log q(l|x), as (B, S)."""
-    outputs = module.apply(variables, batch, train=False, rngs={"sample": key},
-                           n_samples=n_samples)
+    outputs = module.apply(variables, batch, train=False, rngs={"sample": key}, n_samples=n_samples)
     rec = reconstruction_loss(outputs, batch, module.config.gene_likelihood, sparse=False)
     z = outputs["untran_z"]
     log_pz = normal_log_prob(z, 0.0, 1.0).sum(-1)
@@ -109,6 +136,9 @@ def log_importance_weights(module, variables, batch: Batch, key, *, n_samples: i
         lib = outputs["library"]
         m = const["library_log_means"][batch.batch]
         v = const["library_log_vars"][batch.batch]
-        logw = logw + normal_log_prob(lib, m, v) - normal_log_prob(
-            lib, outputs["ql_m"], outputs["ql_v"])
+        logw = (
+            logw
+            + normal_log_prob(lib, m, v)
+            - normal_log_prob(lib, outputs["ql_m"], outputs["ql_v"])
+        )
     return jnp.atleast_2d(logw).T  # (B, S); with n_samples=1 logw is (B,)

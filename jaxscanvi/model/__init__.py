@@ -1,4 +1,4 @@
 """User-facing model classes."""
 
-from .scvi import SCVI
 from .scanvi import SCANVI
+from .scvi import SCVI

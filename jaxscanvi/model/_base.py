@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..compile_cache import exported, functions
-from ..data.batch import Batch, host_batch
+from ..data.batch import Batch, NonZeros, host_batch
 from ..data.cells import CellData, cell_data
 from ..data.registry import Registry
-from ..data.batch import NonZeros
 from ..errors import InputError, NonFiniteLossError
 from ..nn import prng
 from ..train import budget
@@ -71,18 +71,30 @@ class BaseModel:
             means, var = library_prior(self._train_cells(), registry.n_batch)
             if not config.use_observed_lib_size and (var <= 0).any():
                 bad = [registry.batch_categories[i] for i in np.flatnonzero(var <= 0)]
-                raise InputError("batch_key", bad[:5], "these batches' log library sizes "
-                                 "have zero variance (one cell?), so the library prior is "
-                                 "degenerate", "merge tiny batches, or keep "
-                                 "use_observed_lib_size=True")
+                raise InputError(
+                    "batch_key",
+                    bad[:5],
+                    "these batches' log library sizes "
+                    "have zero variance (one cell?), so the library prior is "
+                    "degenerate",
+                    "merge tiny batches, or keep use_observed_lib_size=True",
+                )
         else:
             means = np.zeros(registry.n_batch, np.float32)
             var = np.ones(registry.n_batch, np.float32)
         # device_put, not jnp.asarray: that would compile a program per shape
-        constants = {"library_log_means": jax.device_put(np.asarray(means, np.float32)),
-                     "library_log_vars": jax.device_put(np.asarray(var, np.float32))}
-        variables = init_variables(module, config.n_genes, config.n_continuous_cov,
-                                   len(config.n_cats_per_cov), seed, constants)
+        constants = {
+            "library_log_means": jax.device_put(np.asarray(means, np.float32)),
+            "library_log_vars": jax.device_put(np.asarray(var, np.float32)),
+        }
+        variables = init_variables(
+            module,
+            config.n_genes,
+            config.n_continuous_cov,
+            len(config.n_cats_per_cov),
+            seed,
+            constants,
+        )
         self.module = module
         self.params = variables["params"]
         self.state = {k: v for k, v in variables.items() if k != "params"}
@@ -109,8 +121,12 @@ class BaseModel:
     def _cells_for(self, adata) -> CellData:
         if adata is None or adata is self.adata:
             if self.adata is None:
-                raise InputError("adata", None, "this model was loaded without data",
-                                 "pass adata=... set up like the training data")
+                raise InputError(
+                    "adata",
+                    None,
+                    "this model was loaded without data",
+                    "pass adata=... set up like the training data",
+                )
             return self._train_cells()
         return cell_data(adata, self.registry)
 
@@ -146,11 +162,21 @@ class BaseModel:
 
     # -------------------------------------------------------------- training
     def _task(self, config: TrainConfig, make_loss: Callable, loss_spec, **hooks) -> Task:
-        owner = {"model_class": type(self).__name__,
-                 "config": self.module.config.to_dict(), "registry": self.registry.to_dict()}
-        return Task(cells=self._train_cells(), params=self.params, state=self.state,
-                    make_loss=make_loss, loss_spec=loss_spec, owner=owner,
-                    freeze=self._freeze, **hooks)
+        owner = {
+            "model_class": type(self).__name__,
+            "config": self.module.config.to_dict(),
+            "registry": self.registry.to_dict(),
+        }
+        return Task(
+            cells=self._train_cells(),
+            params=self.params,
+            state=self.state,
+            make_loss=make_loss,
+            loss_spec=loss_spec,
+            owner=owner,
+            freeze=self._freeze,
+            **hooks,
+        )
 
     # what `_train` fits with, and whether to check memory first; `_fit_with`
     # swaps them for one block
@@ -167,8 +193,7 @@ class BaseModel:
         reference statistics, calibration) runs as after `fit`.
         ``check_budget=False`` skips the memory check, for a result that is
         already in memory. Blocks nest."""
-        before = {k: self.__dict__[k] for k in ("_fit_fn", "_fit_budget")
-                  if k in self.__dict__}
+        before = {k: self.__dict__[k] for k in ("_fit_fn", "_fit_budget") if k in self.__dict__}
         self._fit_fn, self._fit_budget = fn, bool(check_budget)
         try:
             yield self
@@ -181,10 +206,13 @@ class BaseModel:
 
     def _train(self, config: TrainConfig, task: Task):
         if self.loss_term_names and not config.loss_terms:
-            warnings.warn(f"this model was trained with extra loss terms "
-                          f"{list(self.loss_term_names)}; train() without them drops "
-                          "them. Pass loss_terms=... again to keep them", UserWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"this model was trained with extra loss terms "
+                f"{list(self.loss_term_names)}; train() without them drops "
+                "them. Pass loss_terms=... again to keep them",
+                UserWarning,
+                stacklevel=3,
+            )
         self.loss_term_names = config.loss_term_names
         check(config, task.cells)  # every input error before anything compiles
         if self._fit_budget:  # and before allocating
@@ -216,8 +244,9 @@ class BaseModel:
 
     def _map(self, fn, cells: CellData, indices, batch_size, seed: int = 0):
         """`map_cells` with this model's variables and devices."""
-        return map_cells(fn, self.variables, cells, indices, batch_size,
-                         parallel=self._parallel, seed=seed)
+        return map_cells(
+            fn, self.variables, cells, indices, batch_size, parallel=self._parallel, seed=seed
+        )
 
     def minibatch(self, indices=None, adata=None) -> Batch:
         """Cells of ``adata`` (default: the model's) as one `Batch`, the input of
@@ -235,10 +264,12 @@ class BaseModel:
 
     def __repr__(self) -> str:
         c = self.module.config
-        return (f"{type(self).__name__}(n_genes={c.n_genes}, n_batch={c.n_batch}, "
-                f"n_latent={c.n_latent}, n_hidden={c.n_hidden}, n_layers={c.n_layers}, "
-                f"gene_likelihood={c.gene_likelihood!r}, dispersion={c.dispersion!r}, "
-                f"trained={self.is_trained})")
+        return (
+            f"{type(self).__name__}(n_genes={c.n_genes}, n_batch={c.n_batch}, "
+            f"n_latent={c.n_latent}, n_hidden={c.n_hidden}, n_layers={c.n_layers}, "
+            f"gene_likelihood={c.gene_likelihood!r}, dispersion={c.dispersion!r}, "
+            f"trained={self.is_trained})"
+        )
 
 
 def library_prior(cells, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -256,12 +287,17 @@ def dummy_batch(n_genes: int, n_cont: int, n_cat: int) -> Batch:
     """Two cells of numpy arrays (jnp.ones would compile a program per shape)."""
     B, f, i = 2, np.float32, np.int32
     return Batch(
-        x=np.ones((B, n_genes), f), nz=NonZeros(np.zeros(1, i), np.zeros(1, i),
-                                                np.zeros(1, f)),
-        weight=np.ones(B, f), batch=np.zeros(B, i), labels=np.zeros(B, i),
-        cat_covs=np.zeros((B, n_cat), i), cont_covs=np.zeros((B, n_cont), f),
-        log_size_factor=np.zeros(B, f), log_library=np.ones(B, f),
-        lgamma_const=np.zeros(B, f))
+        x=np.ones((B, n_genes), f),
+        nz=NonZeros(np.zeros(1, i), np.zeros(1, i), np.zeros(1, f)),
+        weight=np.ones(B, f),
+        batch=np.zeros(B, i),
+        labels=np.zeros(B, i),
+        cat_covs=np.zeros((B, n_cat), i),
+        cont_covs=np.zeros((B, n_cont), f),
+        log_size_factor=np.zeros(B, f),
+        log_library=np.ones(B, f),
+        lgamma_const=np.zeros(B, f),
+    )
 
 
 def variable_shapes(module) -> dict:
@@ -270,10 +306,15 @@ def variable_shapes(module) -> dict:
     c = module.config
 
     def init():
-        keys = dict(zip(("params", "sample", "dropout"),
-                        jax.random.split(jax.random.PRNGKey(0), 3)))
-        return dict(module.init(keys, dummy_batch(c.n_genes, c.n_continuous_cov,
-                                                  len(c.n_cats_per_cov)), train=False))
+        keys = dict(
+            zip(("params", "sample", "dropout"), jax.random.split(jax.random.PRNGKey(0), 3))
+        )
+        return dict(
+            module.init(
+                keys, dummy_batch(c.n_genes, c.n_continuous_cov, len(c.n_cats_per_cov)), train=False
+            )
+        )
+
     shapes = jax.eval_shape(init)
     shapes.setdefault("batch_stats", {})
     const = jax.ShapeDtypeStruct((c.n_batch,), jnp.float32)
@@ -281,8 +322,9 @@ def variable_shapes(module) -> dict:
     return shapes
 
 
-def init_variables(module, n_genes: int, n_cont: int, n_cat: int, seed: int,
-                   constants: dict | None = None):
+def init_variables(
+    module, n_genes: int, n_cont: int, n_cat: int, seed: int, constants: dict | None = None
+):
     """Initialise a module's variables on a dummy batch of two cells."""
     batch = dummy_batch(n_genes, n_cont, n_cat)
     key = prng.host_key(seed) if prng.host_keys_ok() else jax.random.PRNGKey(seed)
@@ -295,16 +337,16 @@ def init_variables(module, n_genes: int, n_cont: int, n_cat: int, seed: int,
     # would make training compile its epoch again on the next train() call;
     # through the host they are plain (uncommitted) arrays, as jit's (parameters
     # are megabytes, copied once per model)
-    variables = jax.tree_util.tree_map(lambda a: jax.device_put(np.asarray(a)),
-                                       dict(init(key, batch)))
+    variables = jax.tree_util.tree_map(
+        lambda a: jax.device_put(np.asarray(a)), dict(init(key, batch))
+    )
     variables.setdefault("batch_stats", {})
     if constants is not None:
         variables["constants"] = constants
     return variables
 
 
-_INIT_OPTIONS = {"xla_backend_optimization_level": 0,
-                 "xla_llvm_disable_expensive_passes": True}
+_INIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _init_program(module, key, batch):
@@ -312,8 +354,9 @@ def _init_program(module, key, batch):
     text = repr(module)
     if " at 0x" in text:
         return jax.jit(partial(_init, module), compiler_options=_INIT_OPTIONS)
-    return exported(("init", text), partial(_init, module), key, batch,
-                    compiler_options=_INIT_OPTIONS)
+    return exported(
+        ("init", text), partial(_init, module), key, batch, compiler_options=_INIT_OPTIONS
+    )
 
 
 def _init(module, key, batch):

@@ -6,6 +6,8 @@ SCANVI's methods; the rest is plain numpy on logits.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from ..errors import InputError
@@ -17,14 +19,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10
-                               ) -> float:
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> float:
     """ECE: bin cells by top-class confidence; weighted |accuracy - confidence|."""
     conf = probs.max(1)
     correct = probs.argmax(1) == labels
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         sel = (conf > lo) & (conf <= hi)
         if sel.any():
             ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
@@ -41,13 +42,18 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> dict:
         z = z - z.max(1, keepdims=True)
         return float((np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]).mean())
 
-    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(50.0)), method="bounded",
-                          options={"xatol": 1e-4})
+    res = minimize_scalar(
+        nll, bounds=(np.log(0.05), np.log(50.0)), method="bounded", options={"xatol": 1e-4}
+    )
     t = float(np.exp(res.x))
-    return {"temperature": t, "n_cells": int(len(y)),
-            "nll_before": nll(0.0), "nll_after": float(res.fun),
-            "ece_before": expected_calibration_error(softmax(logits), y),
-            "ece_after": expected_calibration_error(softmax(logits / t), y)}
+    return {
+        "temperature": t,
+        "n_cells": len(y),
+        "nll_before": nll(0.0),
+        "nll_after": float(res.fun),
+        "ece_before": expected_calibration_error(softmax(logits), y),
+        "ece_after": expected_calibration_error(softmax(logits / t), y),
+    }
 
 
 def labelled_cells(model, adata, indices) -> tuple:
@@ -77,23 +83,31 @@ def calibrate(self, adata=None, indices=None, batch_size: int | None = None) -> 
     """
     cells, idx, y = labelled_cells(self, adata, indices)
     if len(idx) < 10:
-        raise InputError("indices", f"{len(idx)} labelled cells", "too few labelled "
-                         "cells to fit a temperature (10 or more needed)",
-                         "train with validation cells that carry labels (train_size < 1) "
-                         "or pass adata/indices with labelled cells")
+        raise InputError(
+            "indices",
+            f"{len(idx)} labelled cells",
+            "too few labelled cells to fit a temperature (10 or more needed)",
+            "train with validation cells that carry labels (train_size < 1) "
+            "or pass adata/indices with labelled cells",
+        )
     logits = self._logits(self.variables, cells, idx, batch_size, parallel=self._parallel)
     self.calibration = fit_temperature(logits, y)
     self.temperature = self.calibration["temperature"]
     return dict(self.calibration)
 
 
-def calibration_error(self, adata=None, indices=None, n_bins: int = 10,
-                      batch_size: int | None = None) -> float:
+def calibration_error(
+    self, adata=None, indices=None, n_bins: int = 10, batch_size: int | None = None
+) -> float:
     """Expected calibration error of ``predict(soft=True)`` on labelled cells
     (default: the labelled validation cells)."""
     cells, idx, y = labelled_cells(self, adata, indices)
     if len(idx) == 0:
-        raise InputError("indices", "no labelled cells", "the calibration error needs "
-                         "cells with known labels", "pass adata/indices with labels")
+        raise InputError(
+            "indices",
+            "no labelled cells",
+            "the calibration error needs cells with known labels",
+            "pass adata/indices with labels",
+        )
     logits = self._logits(self.variables, cells, idx, batch_size, parallel=self._parallel)
     return expected_calibration_error(softmax(logits / self.temperature), y, n_bins)

@@ -10,8 +10,9 @@ memory stays bounded by the chunk size.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from functools import partial
-from typing import Literal, Sequence
+from typing import Literal
 
 import jax
 import numpy as np
@@ -24,12 +25,12 @@ from . import _kernels as kernels
 from ._inference import chunks, gene_positions, jitted, transform_batches
 from ._posterior import marginal_ll_per_cell
 
-
 # ------------------------------------------------------------ helpers
 
 
-def _scale_samples(self, cells, rows: np.ndarray, n: int, batch_code, seed: int,
-                   batch_size) -> np.ndarray:
+def _scale_samples(
+    self, cells, rows: np.ndarray, n: int, batch_code, seed: int, batch_size
+) -> np.ndarray:
     """(n, G) posterior samples of normalized expression, cells drawn uniformly from rows.
 
     scvi-tools samples every cell ``n // len(rows) + 1`` times and keeps n of
@@ -38,8 +39,7 @@ def _scale_samples(self, cells, rows: np.ndarray, n: int, batch_code, seed: int,
     """
     picks = np.random.default_rng(seed).choice(rows, n)
     fn = jitted(partial(kernels.expression_fn, self.module, n_samples=1, latent_library=False))
-    return self._map(lambda v, b, k: fn(v, b, k, batch_code), cells, picks, batch_size,
-                     seed=seed)
+    return self._map(lambda v, b, k: fn(v, b, k, batch_code), cells, picks, batch_size, seed=seed)
 
 
 def _de_masks(self, adata, groupby, group1, group2, idx1, idx2):
@@ -52,9 +52,12 @@ def _de_masks(self, adata, groupby, group1, group2, idx1, idx2):
         a = np.asarray(idx).ravel()
         if a.dtype == bool:
             if a.size != n:
-                raise InputError(field, f"boolean mask of length {a.size}",
-                                 f"must have one entry per cell ({n})",
-                                 "pass a mask over adata.obs")
+                raise InputError(
+                    field,
+                    f"boolean mask of length {a.size}",
+                    f"must have one entry per cell ({n})",
+                    "pass a mask over adata.obs",
+                )
             return a
         m = np.zeros(n, bool)
         m[a.astype(np.int64)] = True
@@ -66,16 +69,24 @@ def _de_masks(self, adata, groupby, group1, group2, idx1, idx2):
         out = [(m1, m2, None, None)]
     else:
         if groupby is None or groupby not in adata.obs:
-            raise InputError("groupby", groupby, "is not a column of adata.obs",
-                             "pass groupby= an obs column, or idx1= (and idx2=)")
+            raise InputError(
+                "groupby",
+                groupby,
+                "is not a column of adata.obs",
+                "pass groupby= an obs column, or idx1= (and idx2=)",
+            )
         col = adata.obs[groupby].astype(str).to_numpy()
         if group1 is None:
-            group1 = list(pd.unique(adata.obs[groupby].astype("category")
-                                    .cat.categories.astype(str)))
+            group1 = list(
+                pd.unique(adata.obs[groupby].astype("category").cat.categories.astype(str))
+            )
             if len(group1) == 1:
-                raise InputError("groupby", groupby, "has a single group, so there is "
-                                 "nothing to compare", "group by a column with >= 2 "
-                                 "values")
+                raise InputError(
+                    "groupby",
+                    groupby,
+                    "has a single group, so there is nothing to compare",
+                    "group by a column with >= 2 values",
+                )
         elif isinstance(group1, str) or not isinstance(group1, Sequence):
             group1 = [group1]
         out = []
@@ -86,9 +97,14 @@ def _de_masks(self, adata, groupby, group1, group2, idx1, idx2):
     for m1, m2, g1, g2 in out:
         for m, g in ((m1, g1 or "idx1"), (m2, g2 or "idx2")):
             if not m.any():
-                raise InputError("group1" if m is m1 else "group2", g, "selects no "
-                                 "cells", f"pick values present in adata.obs[{groupby!r}]"
-                                 if groupby else "pass non-empty idx1/idx2")
+                raise InputError(
+                    "group1" if m is m1 else "group2",
+                    g,
+                    "selects no cells",
+                    f"pick values present in adata.obs[{groupby!r}]"
+                    if groupby
+                    else "pass non-empty idx1/idx2",
+                )
     return out
 
 
@@ -96,15 +112,30 @@ def _de_masks(self, adata, groupby, group1, group2, idx1, idx2):
 
 
 def differential_expression(
-    self, adata=None, groupby: str | None = None, group1=None, group2: str | None = None,
-    idx1=None, idx2=None, mode: Literal["vanilla", "change"] = "vanilla",
-    delta: float | None = 0.25, batch_size: int | None = None, all_stats: bool = True,
-    batch_correction: bool = False, batchid1: Sequence[str] | None = None,
-    batchid2: Sequence[str] | None = None, fdr_target: float = 0.05, silent: bool = True,
+    self,
+    adata=None,
+    groupby: str | None = None,
+    group1=None,
+    group2: str | None = None,
+    idx1=None,
+    idx2=None,
+    mode: Literal["vanilla", "change"] = "vanilla",
+    delta: float | None = 0.25,
+    batch_size: int | None = None,
+    all_stats: bool = True,
+    batch_correction: bool = False,
+    batchid1: Sequence[str] | None = None,
+    batchid2: Sequence[str] | None = None,
+    fdr_target: float = 0.05,
+    silent: bool = True,
     weights: Literal["uniform", "importance"] | None = "uniform",
-    filter_outlier_cells: bool = False, importance_weighting_kwargs: dict | None = None,
-    n_samples: int = 5000, pseudocounts: float | None = None,
-    test_mode: Literal["two", "three"] = "three", seed: int = 0, *,
+    filter_outlier_cells: bool = False,
+    importance_weighting_kwargs: dict | None = None,
+    n_samples: int = 5000,
+    pseudocounts: float | None = None,
+    test_mode: Literal["two", "three"] = "three",
+    seed: int = 0,
+    *,
     n_samples_overall: int | None = None,
 ) -> pd.DataFrame:
     """Bayesian differential expression, one-vs-rest when ``group2`` is None.
@@ -126,27 +157,41 @@ def differential_expression(
     if mode not in ("vanilla", "change"):
         raise InputError("mode", mode, "is not a DE mode", "use 'vanilla' or 'change'")
     if weights not in (None, "uniform", "importance"):
-        raise InputError("weights", weights, "is not a weighting of posterior samples",
-                         "pass weights='uniform' (default) or 'importance'")
-    iw = _importance_options(importance_weighting_kwargs) if weights == "importance" \
-        else None
+        raise InputError(
+            "weights",
+            weights,
+            "is not a weighting of posterior samples",
+            "pass weights='uniform' (default) or 'importance'",
+        )
+    iw = _importance_options(importance_weighting_kwargs) if weights == "importance" else None
     check_positive_int("n_samples", n_samples)
     if not (0 < fdr_target < 1):
         raise InputError("fdr_target", fdr_target, "must lie in (0, 1)", "e.g. 0.05")
     if (batchid1 is not None or batchid2 is not None) and not batch_correction:
-        raise InputError("batchid1", batchid1, "batch ids only apply with "
-                         "batch_correction=True", "pass batch_correction=True")
+        raise InputError(
+            "batchid1",
+            batchid1,
+            "batch ids only apply with batch_correction=True",
+            "pass batch_correction=True",
+        )
     adata = self.adata if adata is None else adata
     cells = self._cells_for(adata)
     reg = self.registry
     all_batches = list(reg.batch_categories)
-    codes1 = [None] if not batch_correction else transform_batches(
-        reg.batch_categories, all_batches if batchid1 is None else batchid1)
-    codes2 = [None] if not batch_correction else transform_batches(
-        reg.batch_categories, all_batches if batchid2 is None else batchid2)
+    codes1 = (
+        [None]
+        if not batch_correction
+        else transform_batches(reg.batch_categories, all_batches if batchid1 is None else batchid1)
+    )
+    codes2 = (
+        [None]
+        if not batch_correction
+        else transform_batches(reg.batch_categories, all_batches if batchid2 is None else batchid2)
+    )
     results = []
-    for t, (m1, m2, g1, g2) in enumerate(_de_masks(self, adata, groupby, group1, group2,
-                                                       idx1, idx2)):
+    for t, (m1, m2, g1, g2) in enumerate(
+        _de_masks(self, adata, groupby, group1, group2, idx1, idx2)
+    ):
         rows1, rows2 = np.flatnonzero(m1), np.flatnonzero(m2)
         if filter_outlier_cells:
             rows1, rows2 = _inliers(self, adata, rows1), _inliers(self, adata, rows2)
@@ -163,17 +208,19 @@ def differential_expression(
             else:
                 pc = float(pseudocounts)
             info = de.change(a, b, delta=delta, pseudocounts=pc, test_mode=test_mode)
-        info = {**{k: info.pop(k) for k in list(info)[:3]},
-                "scale1": np.concatenate([s for s, _ in s1]).mean(0),
-                "scale2": np.concatenate([s for s, _ in s2]).mean(0), **info}
+        info = {
+            **{k: info.pop(k) for k in list(info)[:3]},
+            "scale1": np.concatenate([s for s, _ in s1]).mean(0),
+            "scale2": np.concatenate([s for s, _ in s2]).mean(0),
+            **info,
+        }
         if all_stats:
             info.update(de.raw_counts_properties(cells.X, rows1, rows2))
         res = pd.DataFrame(info, index=pd.Index(reg.var_names))
         key = "proba_de" if mode == "change" else "bayes_factor"
         res = res.sort_values(by=key, ascending=False, kind="stable")
         if mode == "change":
-            res[f"is_de_fdr_{fdr_target}"] = de.fdr_de_prediction(res["proba_de"],
-                                                                  fdr_target)
+            res[f"is_de_fdr_{fdr_target}"] = de.fdr_de_prediction(res["proba_de"], fdr_target)
         if g1 is not None:
             res["comparison"] = f"{g1} vs {g2}"
             res["group1"] = g1
@@ -186,9 +233,12 @@ def _inliers(self, adata, rows: np.ndarray) -> np.ndarray:
     """``rows`` without their latent outliers (all of them if no fit is possible)."""
     keep = de.robust_inliers(self.get_latent_representation(adata, indices=rows))
     if keep is None:
-        warnings.warn("filter_outlier_cells: could not estimate the latent covariance "
-                      f"of a group of {len(rows)} cells; using all of them", UserWarning,
-                      stacklevel=3)
+        warnings.warn(
+            "filter_outlier_cells: could not estimate the latent covariance "
+            f"of a group of {len(rows)} cells; using all of them",
+            UserWarning,
+            stacklevel=3,
+        )
         return rows
     return rows[keep]
 
@@ -202,8 +252,9 @@ def _group_samples(self, cells, rows, n_samples, codes, seed, batch_size, iw=Non
         if iw is None:
             out.append((_scale_samples(self, cells, rows, n_b, code, s, batch_size), code))
         else:
-            out.append((_importance_samples(self, cells, rows, n_b, code, s, batch_size,
-                                                 **iw), code))
+            out.append(
+                (_importance_samples(self, cells, rows, n_b, code, s, batch_size, **iw), code)
+            )
     return out
 
 
@@ -211,23 +262,39 @@ def _importance_options(options: dict | None) -> dict:
     iw = dict(options or {})
     unknown = set(iw) - {"max_cells", "n_mc_samples", "truncation"}
     if unknown:
-        raise InputError("importance_weighting_kwargs", sorted(unknown),
-                         "are not options", "use max_cells, n_mc_samples, truncation")
+        raise InputError(
+            "importance_weighting_kwargs",
+            sorted(unknown),
+            "are not options",
+            "use max_cells, n_mc_samples, truncation",
+        )
     return iw
 
 
-def importance_weighted_expression(self, cells, rows, n, code, batch_size,  # noqa: PLR0913 (get_normalized_expression's pieces)
-                                   options: dict | None) -> np.ndarray:
+def importance_weighted_expression(
+    self, cells, rows, n, code, batch_size, options: dict | None
+) -> np.ndarray:
     """(n, G) normalized expression resampled by importance weights over ``rows``
     (`get_normalized_expression(weights="importance", n_samples_overall=n)`)."""
     check_positive_int("n_samples_overall", n)
-    return _importance_samples(self, cells, rows, int(n), code, 0, batch_size,
-                               **_importance_options(options))
+    return _importance_samples(
+        self, cells, rows, int(n), code, 0, batch_size, **_importance_options(options)
+    )
 
 
-def _importance_samples(self, cells, rows, n, code, seed, batch_size, *,
-                        max_cells: int = 1024, n_mc_samples: int = 500,
-                        truncation: bool = False) -> np.ndarray:
+def _importance_samples(
+    self,
+    cells,
+    rows,
+    n,
+    code,
+    seed,
+    batch_size,
+    *,
+    max_cells: int = 1024,
+    n_mc_samples: int = 500,
+    truncation: bool = False,
+) -> np.ndarray:
     """Scale samples resampled towards latent codes that explain many cells of the group.
 
     scvi-tools' get_importance_weights: for a sample z_s, over anchor cells a
@@ -240,8 +307,7 @@ def _importance_samples(self, cells, rows, n, code, seed, batch_size, *,
     picks = rng.choice(rows, n)
     fn = jitted(partial(kernels.sample_fn, self.module))
     smp = self._map(lambda v, b, k: fn(v, b, k, code), cells, picks, batch_size, seed=seed)
-    enc = self._map(jitted(partial(kernels.encode_fn, self.module)), cells, anchors,
-                    batch_size)
+    enc = self._map(jitted(partial(kernels.encode_fn, self.module)), cells, anchors, batch_size)
     qz = {"m": enc["qz_m"], "v": enc["qz_v"]}
     log_px = marginal_ll_per_cell(self, cells, anchors, n_mc_samples, batch_size)
     xa = cells.X[anchors].toarray()
@@ -249,14 +315,17 @@ def _importance_samples(self, cells, rows, n, code, seed, batch_size, *,
     kernel = jitted(partial(kernels.anchor_terms, self.module.config.gene_likelihood))
     chunk = max(1, (1 << 24) // (len(anchors) * xa.shape[1]))  # ~64 MiB per temporary
     pad = -n % chunk
-    arrays = [smp["z"], smp["log_scale"], smp.get("log_theta", smp["z"]),
-              smp.get("zi_logits", smp["z"])]
+    arrays = [
+        smp["z"],
+        smp["log_scale"],
+        smp.get("log_theta", smp["z"]),
+        smp.get("zi_logits", smp["z"]),
+    ]
     arrays = [np.concatenate([a, np.repeat(a[:1], pad, 0)]) for a in arrays]
     logw = []
     for s0 in range(0, n + pad, chunk):
         sl = slice(s0, s0 + chunk)
-        logw.append(np.asarray(kernel(*(a[sl] for a in arrays), qz["m"], qz["v"], xa,
-                                      lib, log_px)))
+        logw.append(np.asarray(kernel(*(a[sl] for a in arrays), qz["m"], qz["v"], xa, lib, log_px)))
     logw = np.concatenate(logw)[:n].astype(np.float64)
     if truncation:
         tau = _logsumexp(logw) - np.log(len(logw))
@@ -268,10 +337,16 @@ def _importance_samples(self, cells, rows, n, code, seed, batch_size, *,
 # ------------------------------------------------------------ predictive
 
 
-def posterior_predictive_sample(self, adata=None, indices=None, n_samples: int = 1,
-                                gene_list: Sequence[str] | None = None,
-                                batch_size: int | None = None, transform_batch=None,
-                                seed: int = 0):
+def posterior_predictive_sample(
+    self,
+    adata=None,
+    indices=None,
+    n_samples: int = 1,
+    gene_list: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    transform_batch=None,
+    seed: int = 0,
+):
     """Counts drawn from p(x_hat | x): z ~ q(z|x), then x_hat ~ p(x | z, l).
 
     Returns a scipy sparse CSR matrix (cells, genes) when ``n_samples == 1``,
@@ -282,8 +357,9 @@ def posterior_predictive_sample(self, adata=None, indices=None, n_samples: int =
     genes = gene_positions(self.registry.var_names, gene_list)
     code = transform_batches(self.registry.batch_categories, transform_batch)
     if len(code) != 1:
-        raise InputError("transform_batch", transform_batch, "takes one batch here",
-                         "pass a single batch name")
+        raise InputError(
+            "transform_batch", transform_batch, "takes one batch here", "pass a single batch name"
+        )
     fn = jitted(partial(kernels.predictive_fn, self.module, n_samples=int(n_samples)))
     cells = self._cells_for(adata)
     parts = []
@@ -298,9 +374,14 @@ def posterior_predictive_sample(self, adata=None, indices=None, n_samples: int =
     return sp.coo_array(_concat_coo(parts))
 
 
-def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1,
-                              give_mean: bool = False, batch_size: int | None = None
-                              ) -> dict[str, np.ndarray]:
+def get_likelihood_parameters(
+    self,
+    adata=None,
+    indices=None,
+    n_samples: int = 1,
+    give_mean: bool = False,
+    batch_size: int | None = None,
+) -> dict[str, np.ndarray]:
     """Parameters of p(x | z): ``mean``, ``dispersions`` (NB/ZINB), ``dropout`` (ZINB).
 
     ``dropout`` is the zero-inflation probability. Shapes (cells, genes), or
@@ -316,8 +397,9 @@ def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1
     return out
 
 
-def get_latent_library_size(self, adata=None, indices=None, give_mean: bool = True,
-                            batch_size: int | None = None) -> np.ndarray:
+def get_latent_library_size(
+    self, adata=None, indices=None, give_mean: bool = True, batch_size: int | None = None
+) -> np.ndarray:
     """Library size of each cell, shape (cells, 1).
 
     With a learned library, the log-normal posterior mean (give_mean) or a
@@ -327,31 +409,44 @@ def get_latent_library_size(self, adata=None, indices=None, give_mean: bool = Tr
     return self._map(fn, self._cells_for(adata), indices, batch_size)[:, None]
 
 
-def get_feature_correlation_matrix(self, adata=None, indices=None, n_samples: int = 10,
-                                   batch_size: int = 64, rna_size_factor: float = 1000,
-                                   transform_batch=None,
-                                   correlation_type: Literal["spearman", "pearson"]
-                                   = "spearman", seed: int = 0) -> pd.DataFrame:
+def get_feature_correlation_matrix(
+    self,
+    adata=None,
+    indices=None,
+    n_samples: int = 10,
+    batch_size: int = 64,
+    rna_size_factor: float = 1000,
+    transform_batch=None,
+    correlation_type: Literal["spearman", "pearson"] = "spearman",
+    seed: int = 0,
+) -> pd.DataFrame:
     """Gene-gene correlation of denoised samples, averaged over ``transform_batch``.
 
     As scvi-tools: rate = rna_size_factor * scale, one Gamma(theta, rate/theta)
     draw per posterior sample, correlation across cells and samples.
     """
     if correlation_type not in ("spearman", "pearson"):
-        raise InputError("correlation_type", correlation_type, "is not supported",
-                         "use 'spearman' or 'pearson'")
+        raise InputError(
+            "correlation_type", correlation_type, "is not supported", "use 'spearman' or 'pearson'"
+        )
     check_positive_int("n_samples", n_samples)
     fn = jitted(partial(kernels.denoised_fn, self.module, n_samples=int(n_samples)))
     mats = []
     cells = self._cells_for(adata)
     for j, code in enumerate(transform_batches(self.registry.batch_categories, transform_batch)):
-        data = self._map(lambda v, b, k, c=code: fn(v, b, k, c, float(rna_size_factor)),
-                         cells, indices, batch_size, seed=seed + j)
+        data = self._map(
+            lambda v, b, k, c=code: fn(v, b, k, c, float(rna_size_factor)),
+            cells,
+            indices,
+            batch_size,
+            seed=seed + j,
+        )
         flat = data.reshape(-1, data.shape[-1])  # (cells * samples, genes)
         if correlation_type == "pearson":
             mats.append(np.corrcoef(flat, rowvar=False))
         else:
             from scipy.stats import spearmanr
+
             mats.append(spearmanr(flat).statistic)
     names = list(self.registry.var_names)
     return pd.DataFrame(np.mean(mats, 0), index=names, columns=names)
@@ -387,7 +482,7 @@ def _concat_coo(parts):
         c = p.coords
         rows.append((c[0] + offs, c[1], c[2], p.data))
         offs += p.shape[0]
-    shape = (offs,) + parts[0].shape[1:]
+    shape = (offs, *parts[0].shape[1:])
     r, g, s, d = (np.concatenate(a) for a in zip(*rows))
     return sp.coo_array((d, (r, g, s)), shape=shape)
 

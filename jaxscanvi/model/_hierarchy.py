@@ -26,38 +26,74 @@ def check_level(model, level, threshold, soft, unassigned_threshold) -> None:
     """Refuse a bad ``level``/``threshold`` pair before anything runs."""
     is_depth = isinstance(level, (int, np.integer)) and not isinstance(level, bool)
     if not is_depth and level not in LEVELS:
-        raise InputError("level", level, "unknown prediction level",
-                         f"pass one of {list(LEVELS)} or a depth (1 = the root's children)")
+        raise InputError(
+            "level",
+            level,
+            "unknown prediction level",
+            f"pass one of {list(LEVELS)} or a depth (1 = the root's children)",
+        )
     if is_depth and model.registry.label_hierarchy:
         if level < 1:
-            raise InputError("level", level, "depths start at 1 (the root's children)",
-                             "pass level=1 for the coarsest types")
+            raise InputError(
+                "level",
+                level,
+                "depths start at 1 (the root's children)",
+                "pass level=1 for the coarsest types",
+            )
         if soft or threshold is not None:
-            raise InputError("level", level, "a depth gives hard predictions",
-                             "pass soft=False and no threshold")
+            raise InputError(
+                "level", level, "a depth gives hard predictions", "pass soft=False and no threshold"
+            )
     if level == "leaf":
         if threshold is not None:
-            raise InputError("threshold", threshold, "applies to level='deepest' only",
-                             "pass level='deepest', or unassigned_threshold for leaves")
+            raise InputError(
+                "threshold",
+                threshold,
+                "applies to level='deepest' only",
+                "pass level='deepest', or unassigned_threshold for leaves",
+            )
         return
     if not model.registry.label_hierarchy:
-        raise InputError("level", level, "the model has no label hierarchy",
-                         "set up with SCANVI.setup_anndata(..., label_hierarchy=...), or "
-                         "use unassigned_threshold for flat labels")
+        raise InputError(
+            "level",
+            level,
+            "the model has no label hierarchy",
+            "set up with SCANVI.setup_anndata(..., label_hierarchy=...), or "
+            "use unassigned_threshold for flat labels",
+        )
     if unassigned_threshold is not None:
-        raise InputError("unassigned_threshold", unassigned_threshold,
-                         f"does not apply with level={level!r}", "leave it None")
+        raise InputError(
+            "unassigned_threshold",
+            unassigned_threshold,
+            f"does not apply with level={level!r}",
+            "leave it None",
+        )
     if level == "all" and not soft:
-        raise InputError("level", level, "every node's probability is a soft output",
-                         "pass soft=True with level='all'")
+        raise InputError(
+            "level",
+            level,
+            "every node's probability is a soft output",
+            "pass soft=True with level='all'",
+        )
     if level == "deepest":
         if soft:
-            raise InputError("soft", soft, "level='deepest' is a hard prediction",
-                             "pass soft=False, or level='all' for every node's probability")
-        if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
-                and 0 < threshold <= 1):
-            raise InputError("threshold", threshold, "level='deepest' needs a "
-                             "probability in (0, 1]", "pass e.g. threshold=0.9")
+            raise InputError(
+                "soft",
+                soft,
+                "level='deepest' is a hard prediction",
+                "pass soft=False, or level='all' for every node's probability",
+            )
+        if not (
+            isinstance(threshold, (int, float))
+            and not isinstance(threshold, bool)
+            and 0 < threshold <= 1
+        ):
+            raise InputError(
+                "threshold",
+                threshold,
+                "level='deepest' needs a probability in (0, 1]",
+                "pass e.g. threshold=0.9",
+            )
 
 
 def node_probabilities(registry, probs: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -90,9 +126,14 @@ def predict_level(registry, probs: np.ndarray, level: str, threshold, index) -> 
         return np.asarray(names, dtype=object)[pick]
     pick = deepest(node_probs, depths, float(threshold))
     names = np.asarray(names, dtype=object)
-    return pd.DataFrame({"prediction": names[pick],
-                         "probability": node_probs[np.arange(len(pick)), pick],
-                         "depth": depths[pick]}, index=index)
+    return pd.DataFrame(
+        {
+            "prediction": names[pick],
+            "probability": node_probs[np.arange(len(pick)), pick],
+            "depth": depths[pick],
+        },
+        index=index,
+    )
 
 
 def query_labels(adata, ref, extension, field: str):
@@ -103,16 +144,21 @@ def query_labels(adata, ref, extension, field: str):
     ``(label_categories, pairs, new_leaves)``.
     """
     from ..data.registry import categories_of
+
     ref_tree = hierarchy.from_registry(ref)
     merged = dict(ref_tree.parent)
     clash = sorted(set(hierarchy.normalise(extension)) & set(merged)) if extension else []
     if clash:
-        raise InputError("label_hierarchy", clash[:10], "these labels already have a "
-                         "parent in the reference's hierarchy",
-                         "extend the tree with new labels only")
+        raise InputError(
+            "label_hierarchy",
+            clash[:10],
+            "these labels already have a parent in the reference's hierarchy",
+            "extend the tree with new labels only",
+        )
     merged.update(hierarchy.normalise(extension) if extension else {})
     column = adata.obs[ref.labels_key]
     cats = categories_of(column, field)
-    tree = hierarchy.build(merged, column, cats, ref.unlabeled_category, field,
-                           fixed_leaves=ref_tree.leaves)
-    return tree.leaves, tree.parent, list(tree.leaves[len(ref_tree.leaves):])
+    tree = hierarchy.build(
+        merged, column, cats, ref.unlabeled_category, field, fixed_leaves=ref_tree.leaves
+    )
+    return tree.leaves, tree.parent, list(tree.leaves[len(ref_tree.leaves) :])

@@ -35,20 +35,43 @@ from ..errors import InputError, ModelFormatError
 from ..io import METADATA
 
 # init_params_ entries that do not change the network (or that we read elsewhere)
-_IGNORED = {"datamodule", "n_batch", "n_labels", "n_continuous_cov", "n_cats_per_cov",
-            "n_input", "use_cuda", "use_gpu", "unlabeled_category", "pretrained_model"}
-_ARCH = {"n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion",
-         "gene_likelihood", "latent_distribution", "encode_covariates",
-         "deeply_inject_covariates", "use_batch_norm", "use_layer_norm",
-         "use_observed_lib_size"}
+_IGNORED = {
+    "datamodule",
+    "n_batch",
+    "n_labels",
+    "n_continuous_cov",
+    "n_cats_per_cov",
+    "n_input",
+    "use_cuda",
+    "use_gpu",
+    "unlabeled_category",
+    "pretrained_model",
+}
+_ARCH = {
+    "n_hidden",
+    "n_latent",
+    "n_layers",
+    "dropout_rate",
+    "dispersion",
+    "gene_likelihood",
+    "latent_distribution",
+    "encode_covariates",
+    "deeply_inject_covariates",
+    "use_batch_norm",
+    "use_layer_norm",
+    "use_observed_lib_size",
+}
 _SCANVI_ARCH = {"linear_classifier", "classifier_parameters", "y_prior"}
 
 
 def is_scvi_tools_folder(dir_path) -> bool:
     """A folder scvi-tools wrote (``model.pt``, or < 0.15's ``model_params.pt``)."""
     d = Path(dir_path)
-    return d.is_dir() and not (d / METADATA).exists() and any(
-        (d / name).exists() for name in ("model.pt", "model_params.pt"))
+    return (
+        d.is_dir()
+        and not (d / METADATA).exists()
+        and any((d / name).exists() for name in ("model.pt", "model_params.pt"))
+    )
 
 
 def read_scvi_tools(dir_path) -> dict:
@@ -62,15 +85,21 @@ def read_scvi_tools(dir_path) -> dict:
     if (d / "model.pt").exists():
         saved = torchfile.load(d / "model.pt")
         if not isinstance(saved, dict) or "model_state_dict" not in saved:
-            raise ModelFormatError(f"{str(d / 'model.pt')!r} is not a scvi-tools model file "
-                                   "(no model_state_dict)")
-        state, names, attr = (saved["model_state_dict"], saved.get("var_names"),
-                              saved.get("attr_dict"))
+            raise ModelFormatError(
+                f"{str(d / 'model.pt')!r} is not a scvi-tools model file (no model_state_dict)"
+            )
+        state, names, attr = (
+            saved["model_state_dict"],
+            saved.get("var_names"),
+            saved.get("attr_dict"),
+        )
     elif (d / "model_params.pt").exists():
         missing = [n for n in ("var_names.csv", "attr.pkl") if not (d / n).exists()]
         if missing:
-            raise ModelFormatError(f"{str(d)!r} holds model_params.pt (scvi-tools < 0.15) "
-                                   f"but not {missing}. Fix: copy the whole folder")
+            raise ModelFormatError(
+                f"{str(d)!r} holds model_params.pt (scvi-tools < 0.15) "
+                f"but not {missing}. Fix: copy the whole folder"
+            )
         state = torchfile.load(d / "model_params.pt")
         # np.savetxt(fmt="%s"): one name a line
         names = (d / "var_names.csv").read_text().splitlines()
@@ -79,12 +108,18 @@ def read_scvi_tools(dir_path) -> dict:
         found = sorted(p.name for p in d.glob("*")) if d.is_dir() else "no such folder"
         raise ModelFormatError(
             f"{str(dir_path)!r} has no model.pt (found: {found}). Fix: pass the folder "
-            "that scvi-tools' model.save(dir_path) wrote")
+            "that scvi-tools' model.save(dir_path) wrote"
+        )
     if not isinstance(state, dict) or not isinstance(attr, dict) or names is None:
-        raise ModelFormatError(f"{str(d)!r}: the scvi-tools files lack the state dict, "
-                               "attributes or gene names. Fix: save the model again")
-    return {"state": {k: v for k, v in state.items() if isinstance(v, np.ndarray)},
-            "var_names": np.asarray(names).astype(str), "attr": attr}
+        raise ModelFormatError(
+            f"{str(d)!r}: the scvi-tools files lack the state dict, "
+            "attributes or gene names. Fix: save the model again"
+        )
+    return {
+        "state": {k: v for k, v in state.items() if isinstance(v, np.ndarray)},
+        "var_names": np.asarray(names).astype(str),
+        "attr": attr,
+    }
 
 
 def _strs(a) -> tuple[str, ...]:
@@ -97,9 +132,11 @@ def registry_from_scvi_tools(attr: dict, var_names, model_name: str) -> Registry
     setup = reg.get("setup_args") or {}
     fields = reg.get("field_registries") or {}
     if reg.get("model_name") not in (None, model_name):
-        raise ModelFormatError(f"the folder holds a scvi-tools {reg.get('model_name')} "
-                               f"model, not {model_name}. Fix: import it with "
-                               f"{reg.get('model_name')}.from_scvi_tools")
+        raise ModelFormatError(
+            f"the folder holds a scvi-tools {reg.get('model_name')} "
+            f"model, not {model_name}. Fix: import it with "
+            f"{reg.get('model_name')}.from_scvi_tools"
+        )
 
     def state(name):
         return (fields.get(name) or {}).get("state_registry") or {}
@@ -115,7 +152,8 @@ def registry_from_scvi_tools(attr: dict, var_names, model_name: str) -> Registry
                 raise ModelFormatError(
                     f"the unlabelled category {unlabeled!r} is not last in scvi-tools' "
                     f"label mapping {list(label_cats)[:10]}; this scvi-tools version "
-                    "orders labels differently. Fix: re-save it with scvi-tools >= 1.0")
+                    "orders labels differently. Fix: re-save it with scvi-tools >= 1.0"
+                )
             label_cats = label_cats[:-1]
     else:
         unlabeled = None
@@ -123,15 +161,24 @@ def registry_from_scvi_tools(attr: dict, var_names, model_name: str) -> Registry
     cat_keys = tuple(cat.get("field_keys") or setup.get("categorical_covariate_keys") or ())
     mappings = cat.get("mappings") or {}
     cat_cats = tuple(_strs(mappings[k]) for k in cat_keys)
-    cont_keys = _strs(state("extra_continuous_covs").get("columns", ())) \
-        if state("extra_continuous_covs") else ()
+    cont_keys = (
+        _strs(state("extra_continuous_covs").get("columns", ()))
+        if state("extra_continuous_covs")
+        else ()
+    )
     return Registry(
-        var_names=tuple(str(v) for v in var_names), layer=setup.get("layer"),
-        batch_key=setup.get("batch_key"), batch_categories=batch_cats,
-        labels_key=setup.get("labels_key"), label_categories=label_cats,
-        unlabeled_category=unlabeled, size_factor_key=setup.get("size_factor_key"),
-        categorical_covariate_keys=cat_keys, categorical_covariate_categories=cat_cats,
-        continuous_covariate_keys=cont_keys)
+        var_names=tuple(str(v) for v in var_names),
+        layer=setup.get("layer"),
+        batch_key=setup.get("batch_key"),
+        batch_categories=batch_cats,
+        labels_key=setup.get("labels_key"),
+        label_categories=label_cats,
+        unlabeled_category=unlabeled,
+        size_factor_key=setup.get("size_factor_key"),
+        categorical_covariate_keys=cat_keys,
+        categorical_covariate_categories=cat_cats,
+        continuous_covariate_keys=cont_keys,
+    )
 
 
 def _registry_from_setup_dict(attr: dict) -> dict:
@@ -148,23 +195,33 @@ def _registry_from_setup_dict(attr: dict) -> dict:
         m = maps.get(code) or {}
         key = m.get("original_key")
         return (None if key in (None, code) else key), {
-            "state_registry": {"categorical_mapping": m.get("mapping", ["0"])}}
+            "state_registry": {"categorical_mapping": m.get("mapping", ["0"])}
+        }
 
     batch_key, batch = obs("_scvi_batch")
     labels_key, labels = obs("_scvi_labels")
     labels["state_registry"]["unlabeled_category"] = attr.get("unlabeled_category_")
     cont = list(np.asarray(sd.get("extra_continuous_keys", [])).astype(str).tolist())
-    return {"scvi_version": sd.get("scvi_version"),
-            "setup_args": {"layer": x.get("attr_key") if x.get("attr_name") == "layers"
-                           else None, "batch_key": batch_key, "labels_key": labels_key,
-                           "unlabeled_category": attr.get("unlabeled_category_")},
-            "field_registries": {
-                "batch": batch, "labels": labels,
-                "extra_categorical_covs": {"state_registry": {
+    return {
+        "scvi_version": sd.get("scvi_version"),
+        "setup_args": {
+            "layer": x.get("attr_key") if x.get("attr_name") == "layers" else None,
+            "batch_key": batch_key,
+            "labels_key": labels_key,
+            "unlabeled_category": attr.get("unlabeled_category_"),
+        },
+        "field_registries": {
+            "batch": batch,
+            "labels": labels,
+            "extra_categorical_covs": {
+                "state_registry": {
                     "field_keys": list(extra.get("keys") or []),
-                    "mappings": dict(extra.get("mappings") or {})}},
-                "extra_continuous_covs": {"state_registry": {"columns": cont}
-                                          if cont else {}}}}
+                    "mappings": dict(extra.get("mappings") or {}),
+                }
+            },
+            "extra_continuous_covs": {"state_registry": {"columns": cont} if cont else {}},
+        },
+    }
 
 
 def init_kwargs(attr: dict, model_name: str) -> dict:
@@ -187,13 +244,16 @@ def init_kwargs(attr: dict, model_name: str) -> dict:
     if unknown:
         raise ModelFormatError(
             f"the scvi-tools model was built with options jaxscanvi does not have: "
-            f"{sorted(unknown)}. Fix: retrain it without them, or train in jaxscanvi")
+            f"{sorted(unknown)}. Fix: retrain it without them, or train in jaxscanvi"
+        )
     return {k: v for k, v in flat.items() if k in allowed}
 
 
 # --------------------------------------------------------------- weights
-_LAYER = re.compile(r"^(?P<net>.+?)\.fc_layers\.Layer (?P<i>\d+)\.(?P<j>[01])\."
-                    r"(?P<what>weight|bias|running_mean|running_var)$")
+_LAYER = re.compile(
+    r"^(?P<net>.+?)\.fc_layers\.Layer (?P<i>\d+)\.(?P<j>[01])\."
+    r"(?P<what>weight|bias|running_mean|running_var)$"
+)
 
 # torch module prefix -> our path (for FCLayers and plain linear layers)
 _NETS_SCVI = {
@@ -231,12 +291,15 @@ def _put(tree: dict, path, value, filled: set, where: str):
     node = _get(tree, path[:-1])
     old = node.get(path[-1]) if isinstance(node, dict) else None
     if old is None:
-        raise ModelFormatError(f"scvi-tools weight {where!r} has no counterpart "
-                               f"{'/'.join(path)} in the jaxscanvi model")
+        raise ModelFormatError(
+            f"scvi-tools weight {where!r} has no counterpart "
+            f"{'/'.join(path)} in the jaxscanvi model"
+        )
     if tuple(np.shape(old)) != tuple(value.shape):
         raise ModelFormatError(
             f"scvi-tools weight {where!r} has shape {tuple(value.shape)} but jaxscanvi's "
-            f"{'/'.join(path)} has {tuple(np.shape(old))}: the architectures differ")
+            f"{'/'.join(path)} has {tuple(np.shape(old))}: the architectures differ"
+        )
     node[path[-1]] = jnp.asarray(value, jnp.float32)
     filled.add(tuple(path))
 
@@ -255,8 +318,11 @@ def map_weights(state: dict, variables: dict, model_name: str) -> dict:
     nets = dict(_NETS_SCVI)
     linear = dict(_LINEAR)
     # the classifier's last linear layer is .1 after FCLayers, .0 when linear
-    last = "classifier.classifier.1" if "classifier.classifier.1.weight" in state \
+    last = (
+        "classifier.classifier.1"
+        if "classifier.classifier.1.weight" in state
         else "classifier.classifier.0"
+    )
     linear[last] = ("classifier", "logits")
     used = set()
     for key, value in state.items():
@@ -269,43 +335,60 @@ def map_weights(state: dict, variables: dict, model_name: str) -> dict:
             i, what = int(m["i"]), m["what"]
             if m["j"] == "1":  # BatchNorm1d
                 if what in ("weight", "bias"):
-                    _put(params, base + (f"bn{i}", "scale" if what == "weight" else "bias"),
-                         value, filled, key)
+                    _put(
+                        params,
+                        (*base, f"bn{i}", "scale" if what == "weight" else "bias"),
+                        value,
+                        filled,
+                        key,
+                    )
                 else:
-                    _put(stats, base + (f"bn{i}", "mean" if what == "running_mean"
-                                        else "var"), value, filled, key)
+                    stat = "mean" if what == "running_mean" else "var"
+                    _put(stats, (*base, f"bn{i}", stat), value, filled, key)
             elif what == "bias":
-                _put(params, base + (f"dense{i}", "bias"), value, filled, key)
+                _put(params, (*base, f"dense{i}", "bias"), value, filled, key)
             else:
-                kernel = _get(params, base + (f"dense{i}", "kernel"))
+                kernel = _get(params, (*base, f"dense{i}", "kernel"))
                 if kernel is None:
-                    raise ModelFormatError(f"scvi-tools weight {key!r} has no "
-                                           "counterpart in the jaxscanvi model")
+                    raise ModelFormatError(
+                        f"scvi-tools weight {key!r} has no counterpart in the jaxscanvi model"
+                    )
                 n_in = kernel.shape[0]
-                _put(params, base + (f"dense{i}", "kernel"), value[:, :n_in].T, filled, key)
+                _put(params, (*base, f"dense{i}", "kernel"), value[:, :n_in].T, filled, key)
                 net = _get(params, base)
-                covs = sorted((int(c.group(1)), name) for name in net
-                              if (c := re.fullmatch(rf"layer{i}_cov(\d+)", name)))
+                covs = sorted(
+                    (int(c.group(1)), name)
+                    for name in net
+                    if (c := re.fullmatch(rf"layer{i}_cov(\d+)", name))
+                )
                 off = n_in
                 for _, name in covs:
                     width = net[name].shape[0]
-                    _put(params, base + (name,), value[:, off:off + width].T, filled, key)
+                    _put(params, (*base, name), value[:, off : off + width].T, filled, key)
                     off += width
                 if off != value.shape[1]:
                     raise ModelFormatError(
                         f"scvi-tools weight {key!r} has {value.shape[1]} input columns; "
                         f"jaxscanvi expects {off} (inputs plus one-hot covariates): the "
-                        "registries differ")
+                        "registries differ"
+                    )
             used.add(key)
             continue
         net, _, what = key.rpartition(".")
-        if net in ("decoder.px_r_decoder", "decoder.px_dropout_decoder") \
-                and _get(params, linear[net]) is None:
+        if (
+            net in ("decoder.px_r_decoder", "decoder.px_dropout_decoder")
+            and _get(params, linear[net]) is None
+        ):
             used.add(key)  # heads scvi-tools builds but does not use in this setting
             continue
         if net in linear and what in ("weight", "bias"):
-            _put(params, linear[net] + ("kernel" if what == "weight" else "bias",),
-                 value.T if what == "weight" else value, filled, key)
+            _put(
+                params,
+                linear[net] + ("kernel" if what == "weight" else "bias",),
+                value.T if what == "weight" else value,
+                filled,
+                key,
+            )
             used.add(key)
         elif key == "px_r":
             if "px_r" in params:  # (built but unused by a Poisson likelihood)
@@ -319,32 +402,44 @@ def map_weights(state: dict, variables: dict, model_name: str) -> dict:
             used.add(key)
     left = sorted(set(state) - used)
     if left:
-        raise ModelFormatError(f"scvi-tools weights with no place in jaxscanvi's "
-                               f"{model_name}: {left[:8]}")
+        raise ModelFormatError(
+            f"scvi-tools weights with no place in jaxscanvi's {model_name}: {left[:8]}"
+        )
     missing = [p for p in _leaf_paths(params) if p not in filled]
     if missing:
-        raise ModelFormatError(f"jaxscanvi parameters not found in the scvi-tools model: "
-                               f"{['/'.join(p) for p in missing[:8]]}")
+        raise ModelFormatError(
+            f"jaxscanvi parameters not found in the scvi-tools model: "
+            f"{['/'.join(p) for p in missing[:8]]}"
+        )
     return variables
 
 
 def _leaf_paths(tree, prefix=()):
     if isinstance(tree, dict):
         for k, v in tree.items():
-            yield from _leaf_paths(v, prefix + (k,))
+            yield from _leaf_paths(v, (*prefix, k))
     else:
         yield prefix
 
 
 def setup_adata(adata, registry: Registry, dir_path):
     """Record ``registry`` in ``adata`` after checking its genes and obs columns."""
-    from ..data.cells import check_var_names, cell_data
+    from ..data.cells import cell_data, check_var_names
+
     check_var_names(adata, registry)
-    for key in (registry.batch_key, registry.labels_key, *registry.categorical_covariate_keys,
-                *registry.continuous_covariate_keys):
+    for key in (
+        registry.batch_key,
+        registry.labels_key,
+        *registry.categorical_covariate_keys,
+        *registry.continuous_covariate_keys,
+    ):
         if key is not None and key not in adata.obs:
-            raise InputError(f"adata.obs[{key!r}]", "missing", "the scvi-tools model was "
-                             "set up with this column", f"add adata.obs[{key!r}]")
+            raise InputError(
+                f"adata.obs[{key!r}]",
+                "missing",
+                "the scvi-tools model was set up with this column",
+                f"add adata.obs[{key!r}]",
+            )
     adata.uns[UNS_KEY] = registry.to_json()
     cell_data(adata, registry)  # codes every category now: unknown ones fail here
     return adata
@@ -358,6 +453,7 @@ def load_adata(dir_path, adata):
     if not path.exists():
         return None
     import anndata
+
     return anndata.read_h5ad(path)
 
 
@@ -385,13 +481,14 @@ def import_model(cls, dir_path, adata, model_name: str, extra_kwargs=None):
     model.state = {k: v for k, v in variables.items() if k != "params"}
     model.adata, model._cells = adata, None
     model.is_trained = bool(attr.get("is_trained_", True))
-    for ours, theirs in (("train_indices", "train_indices_"),
-                         ("validation_indices", "validation_indices_")):
+    for ours, theirs in (
+        ("train_indices", "train_indices_"),
+        ("validation_indices", "validation_indices_"),
+    ):
         if isinstance(attr.get(theirs), np.ndarray):
             setattr(model, ours, np.asarray(attr[theirs], np.int64))
     reg = attr.get("registry_") or _registry_from_setup_dict(attr)
-    model.imported_from = {"scvi_version": reg.get("scvi_version"),
-                           "path": str(dir_path)}
+    model.imported_from = {"scvi_version": reg.get("scvi_version"), "path": str(dir_path)}
     return model
 
 

@@ -22,7 +22,6 @@ from ..data.cells import CellData
 from ..errors import InputError, check_positive_int
 from ..nn import prng
 
-
 DEFAULT_CHUNK = 1024  # cells per inference chunk when neither call nor settings say
 
 
@@ -32,8 +31,9 @@ def jitted(fn: partial):
     process loads the traced program instead of tracing it."""
     numerics = backend.current()
     spec = ("kernel", fn.func, fn.args, tuple(sorted(fn.keywords.items())), numerics)
-    return functions.get(spec, lambda: Kernel(backend.traced(fn, numerics),
-                                              stable_key(fn, numerics)))
+    return functions.get(
+        spec, lambda: Kernel(backend.traced(fn, numerics), stable_key(fn, numerics))
+    )
 
 
 def stable_key(fn: partial, numerics) -> str | None:
@@ -42,8 +42,10 @@ def stable_key(fn: partial, numerics) -> str | None:
     for a in (*fn.args, *sorted(fn.keywords.items())):
         text = repr(a)
         # flax modules print their fields; a default repr (an address) is no key
-        if " at 0x" in text or (not isinstance(a, (str, int, float, bool, tuple, type(None)))
-                                and not isinstance(a, nn.Module)):
+        if " at 0x" in text or (
+            not isinstance(a, (str, int, float, bool, tuple, type(None)))
+            and not isinstance(a, nn.Module)
+        ):
             return None
         parts.append(text)
     return "\n".join(parts)
@@ -59,11 +61,16 @@ class Kernel:
 
     def __call__(self, *args):
         leaves, tree = jax.tree_util.tree_flatten(args)
-        if self._key is None or any(len(getattr(x, "sharding", None).device_set) > 1
-                                    for x in leaves if isinstance(x, jax.Array)):
+        if self._key is None or any(
+            len(getattr(x, "sharding", None).device_set) > 1
+            for x in leaves
+            if isinstance(x, jax.Array)
+        ):
             return self._jit(*args)
-        sig = (tree, tuple((np.shape(x), getattr(x, "dtype", None) or np.result_type(x))
-                           for x in leaves))
+        sig = (
+            tree,
+            tuple((np.shape(x), getattr(x, "dtype", None) or np.result_type(x)) for x in leaves),
+        )
         if sig not in self._programs:
             self._programs[sig] = exported(self._key, self._fn, *args)
         return self._programs[sig](*args)
@@ -75,8 +82,12 @@ def row_positions(n_obs: int, indices) -> np.ndarray:
     if idx.dtype == bool:
         idx = np.flatnonzero(idx)
     if idx.size and (idx.min() < 0 or idx.max() >= n_obs):
-        raise InputError("indices", f"[{idx.min()}, {idx.max()}]", "out of range for "
-                         f"{n_obs} cells", "pass indices in [0, n_obs)")
+        raise InputError(
+            "indices",
+            f"[{idx.min()}, {idx.max()}]",
+            f"out of range for {n_obs} cells",
+            "pass indices in [0, n_obs)",
+        )
     return idx
 
 
@@ -101,14 +112,15 @@ def chunks(cells: CellData, indices, batch_size: int | None, n_devices: int = 1)
         B = int(batch_size)
     B = -(-B // n_devices) * n_devices  # whole rows per device
     for s in range(0, len(idx), B):
-        rows = idx[s:s + B]
+        rows = idx[s : s + B]
         # no list of non-zeros: no inference kernel reads one, and its length
         # (a short last chunk's is smaller) would compile each kernel again
         yield len(rows), host_batch(cells, rows, B, None)
 
 
-def map_cells(fn, variables: dict, cells: CellData, indices, batch_size, *,
-              parallel=None, seed: int = 0):
+def map_cells(
+    fn, variables: dict, cells: CellData, indices, batch_size, *, parallel=None, seed: int = 0
+):
     """``fn(variables, batch, key)`` over the selected cells, results in their order.
 
     ``fn`` returns arrays with the cell axis first. With ``parallel`` (the
@@ -132,8 +144,7 @@ def _map_here(fn, variables, cells, indices, batch_size, parallel, seed):
     for i, (n, b) in enumerate(chunks(cells, indices, batch_size, n_devices)):
         if parallel is not None:  # rows split across the training devices
             b = parallel.put(b)
-        res = fn(variables, b, prng.host_fold_in(key, i) if host
-                 else jax.random.fold_in(key, i))
+        res = fn(variables, b, prng.host_fold_in(key, i) if host else jax.random.fold_in(key, i))
         outs.append(jax.tree_util.tree_map(lambda a, n=n: np.asarray(a)[:n], res))
     if not outs:
         raise InputError("indices", [], "selects no cells", "pass at least one index")
@@ -145,21 +156,32 @@ def _map_slices(fn, variables, cells, indices, batch_size, parallel, seed):
     if idx.size == 0:
         raise InputError("indices", [], "selects no cells", "pass at least one index")
     # a collective: every process must ask for the same cells
-    sig = np.array([[idx.size, zlib.crc32(np.ascontiguousarray(idx, np.int64))]],
-                   np.int64)
+    sig = np.array([[idx.size, zlib.crc32(np.ascontiguousarray(idx, np.int64))]], np.int64)
     if (distributed.gather_rows(sig) != sig).any():
-        raise InputError("indices", f"{idx.size} cells here", "the processes asked "
-                         "for different cells; inference over a backed AnnData is "
-                         "shared by all processes", "pass the same indices on every "
-                         "process (default: all cells) and take your own rows with "
-                         "distributed.local_slice(n_obs)")
+        raise InputError(
+            "indices",
+            f"{idx.size} cells here",
+            "the processes asked "
+            "for different cells; inference over a backed AnnData is "
+            "shared by all processes",
+            "pass the same indices on every "
+            "process (default: all cells) and take your own rows with "
+            "distributed.local_slice(n_obs)",
+        )
     bounds = distributed.shard_bounds(cells.n_obs, jax.process_count())
     owner = np.searchsorted(bounds, idx, side="right") - 1
     p = jax.process_index()
     mine = idx[owner == p]
     # a process none of whose cells were asked for still joins the gather
-    out = _map_here(fn, variables, cells, mine if mine.size else bounds[p:p + 1],
-                    batch_size, parallel, seed + 7919 * p)
+    out = _map_here(
+        fn,
+        variables,
+        cells,
+        mine if mine.size else bounds[p : p + 1],
+        batch_size,
+        parallel,
+        seed + 7919 * p,
+    )
     if not mine.size:
         out = jax.tree_util.tree_map(lambda a: a[:0], out)
     where = np.concatenate([np.flatnonzero(owner == q) for q in range(len(bounds) - 1)])
@@ -169,6 +191,7 @@ def _map_slices(fn, variables, cells, indices, batch_size, parallel, seed):
         res = np.empty_like(a)
         res[where] = a
         return res
+
     return jax.tree_util.tree_map(place, out)
 
 
@@ -176,15 +199,21 @@ def transform_batches(batch_categories, transform_batch) -> list:
     """Batch codes to decode as (``[None]``: each cell's own batch)."""
     if transform_batch is None:
         return [None]
-    names = [transform_batch] if isinstance(transform_batch, (str, int, np.integer)) \
+    names = (
+        [transform_batch]
+        if isinstance(transform_batch, (str, int, np.integer))
         else list(transform_batch)
+    )
     codes = []
     for n in names:
         s = str(n)
         if s not in batch_categories:
-            raise InputError("transform_batch", n, f"not a batch the model knows "
-                             f"({list(batch_categories)[:10]})",
-                             "pass one of model.registry.batch_categories")
+            raise InputError(
+                "transform_batch",
+                n,
+                f"not a batch the model knows ({list(batch_categories)[:10]})",
+                "pass one of model.registry.batch_categories",
+            )
         codes.append(batch_categories.index(s))
     return codes
 
@@ -196,6 +225,10 @@ def gene_positions(var_names, gene_list) -> np.ndarray | None:
     pos = {g: i for i, g in enumerate(var_names)}
     missing = [g for g in gene_list if g not in pos]
     if missing:
-        raise InputError("gene_list", missing[:5], "genes the model does not have",
-                         "pass names from model.registry.var_names")
+        raise InputError(
+            "gene_list",
+            missing[:5],
+            "genes the model does not have",
+            "pass names from model.registry.var_names",
+        )
     return np.asarray([pos[g] for g in gene_list])

@@ -19,6 +19,7 @@ def encode_fn(module, variables, batch, key):
     logits at the posterior mean: the one program of a model (and chunk size)
     behind get_latent_representation, predict, calibration and DE's q(z|x),
     instead of one per call site. The classifier is small next to the encoder."""
+
     def run(mdl, b):
         inf = mdl.inference(b, train=False)
         out = {"z": inf["z"], "qz_m": inf["qz_m"], "qz_v": inf["qz_v"]}
@@ -30,11 +31,12 @@ def encode_fn(module, variables, batch, key):
 
 
 def latent_fn(module, variables, batch, key, *, give_mean: bool, mc_samples: int):
-    inf = module.apply(variables, batch, train=False, rngs={"sample": key},
-                       method=type(module).inference)
+    inf = module.apply(
+        variables, batch, train=False, rngs={"sample": key}, method=type(module).inference
+    )
     if give_mean:
         if module.config.latent_distribution == "ln":
-            eps = jax.random.normal(key, (mc_samples,) + inf["qz_m"].shape)
+            eps = jax.random.normal(key, (mc_samples, *inf["qz_m"].shape))
             z = jax.nn.softmax(inf["qz_m"] + jnp.sqrt(inf["qz_v"]) * eps, -1).mean(0)
         else:
             z = inf["qz_m"]
@@ -43,8 +45,9 @@ def latent_fn(module, variables, batch, key, *, give_mean: bool, mc_samples: int
     return {"z": z, "qz_m": inf["qz_m"], "qz_v": inf["qz_v"]}
 
 
-def expression_fn(module, variables, batch, key, batch_code, *, n_samples: int,
-                   latent_library: bool):
+def expression_fn(
+    module, variables, batch, key, batch_code, *, n_samples: int, latent_library: bool
+):
     def run(mdl, b):
         inf = mdl.inference(b, train=False, n_samples=n_samples)
         bidx = None if batch_code is None else jnp.full_like(b.batch, batch_code)
@@ -56,12 +59,19 @@ def expression_fn(module, variables, batch, key, batch_code, *, n_samples: int,
 
 
 def classify_fn(module, variables, batch, key, *, use_posterior_mean):
-    return module.apply(variables, batch, train=False, rngs={"sample": key},
-                        use_posterior_mean=use_posterior_mean, method=SCANVAE.classify)
+    return module.apply(
+        variables,
+        batch,
+        train=False,
+        rngs={"sample": key},
+        use_posterior_mean=use_posterior_mean,
+        method=SCANVAE.classify,
+    )
 
 
-def label_expression_fn(module, variables, batch, key, batch_code, *, target: int,
-                         n_samples: int, latent_library: bool):
+def label_expression_fn(
+    module, variables, batch, key, batch_code, *, target: int, n_samples: int, latent_library: bool
+):
     def run(mdl, b):
         inf = mdl.inference(b, train=False, n_samples=n_samples)
         z1 = inf["z"]
@@ -74,8 +84,9 @@ def label_expression_fn(module, variables, batch, key, batch_code, *, target: in
         w = jnp.tile(b.weight, reps)
         m2, v2 = mdl.encoder_z2_z1(flat, (jnp.tile(src, reps),), train=False, mask=w)
         u = m2 + jnp.sqrt(v2) * jax.random.normal(mdl.make_rng("sample"), m2.shape)
-        z1t, _ = mdl.decoder_z1_z2(u, (jnp.full(src.shape[0] * reps, target, jnp.int32),),
-                                   train=False, mask=w)
+        z1t, _ = mdl.decoder_z1_z2(
+            u, (jnp.full(src.shape[0] * reps, target, jnp.int32),), train=False, mask=w
+        )
         z1t = z1t.reshape(z1.shape)
         bidx = None if batch_code is None else jnp.full_like(b.batch, batch_code)
         gen = mdl.generative(z1t, inf["library"], b, train=False, batch_index=bidx)
@@ -109,8 +120,9 @@ def predictive_fn(module, variables, batch, key, batch_code, *, n_samples: int):
         elif lik == "nb":
             d = dist.NegativeBinomial2(mean=mu, concentration=_theta(gen, mu.shape))
         else:
-            d = dist.ZeroInflatedNegativeBinomial2(mean=mu, concentration=_theta(gen, mu.shape),
-                                                   gate_logits=gen["zi_logits"])
+            d = dist.ZeroInflatedNegativeBinomial2(
+                mean=mu, concentration=_theta(gen, mu.shape), gate_logits=gen["zi_logits"]
+            )
         x = d.sample(mdl.make_rng("sample"))
         return jnp.moveaxis(x, 0, -1) if n_samples > 1 else x  # (B, G[, S])
 
@@ -159,10 +171,14 @@ def denoised_fn(module, variables, batch, key, batch_code, size_factor, *, n_sam
 
 def sample_fn(module, variables, batch, key, batch_code):
     """One posterior sample per cell: z (pre-transform), scale and likelihood params."""
+
     def run(mdl, b):
         inf, gen = _generate(mdl, b, 1, batch_code)
-        out = {"z": inf["untran_z"], "log_scale": gen["log_scale"],
-               "scale": jnp.exp(gen["log_scale"])}
+        out = {
+            "z": inf["untran_z"],
+            "log_scale": gen["log_scale"],
+            "scale": jnp.exp(gen["log_scale"]),
+        }
         if gen["log_theta"] is not None:
             out["log_theta"] = jnp.broadcast_to(gen["log_theta"], gen["log_scale"].shape)
         if gen["zi_logits"] is not None:
@@ -174,9 +190,9 @@ def sample_fn(module, variables, batch, key, batch_code):
 
 def anchor_terms(likelihood, z, log_scale, log_theta, zi, qm, qv, xa, lib, log_px):  # noqa: PLR0913 (a jitted kernel's arrays)
     """Per sample: logsumexp_a [log p(z) + log p(x_a|z) - log p(x_a)] - logsumexp_a log q(z|x_a)."""
-    log_pz = normal_log_prob(z, 0.0, 1.0).sum(-1)                                  # (S,)
-    log_qz = normal_log_prob(z[:, None, :], qm[None], qv[None]).sum(-1)            # (S, A)
-    log_mu = log_scale[:, None, :] + lib[None, :, None]                            # (S, A, G)
+    log_pz = normal_log_prob(z, 0.0, 1.0).sum(-1)  # (S,)
+    log_qz = normal_log_prob(z[:, None, :], qm[None], qv[None]).sum(-1)  # (S, A)
+    log_mu = log_scale[:, None, :] + lib[None, :, None]  # (S, A, G)
     x = xa[None]
     if likelihood == "poisson":
         ll = log_poisson(x, log_mu)

@@ -20,6 +20,7 @@ from ._inference import jitted
 def excess_fn(module, variables, batch, key):
     """Fraction of each cell's counts far above the model's expectation at the
     posterior mean of z: sum of (x - mu) over genes with x > 3 mu + 3, over sum x."""
+
     def run(mdl, b):
         inf = mdl.inference(b, train=False)
         z = inf["qz_m"]
@@ -51,17 +52,20 @@ def reference_statistics(model, quantile: float = 0.99) -> dict | None:
     z = np.asarray(model.get_latent_representation(indices=idx), np.float64)
     y = cells.labels[idx]
     codes = [c for c in range(C) if (y == c).sum() >= 2]
-    return {"threshold": float(np.quantile(scores, quantile)), "quantile": quantile,
-            "median": float(np.median(scores)),
-            "statistic": "unexplained count fraction", "n_cells": int(len(idx)),
-            # per-type latent moments: what a query adding types replays
-            "latent_codes": codes,
-            "latent_means": [z[y == c].mean(0).tolist() for c in codes],
-            "latent_sds": [z[y == c].std(0).tolist() for c in codes]}
+    return {
+        "threshold": float(np.quantile(scores, quantile)),
+        "quantile": quantile,
+        "median": float(np.median(scores)),
+        "statistic": "unexplained count fraction",
+        "n_cells": len(idx),
+        # per-type latent moments: what a query adding types replays
+        "latent_codes": codes,
+        "latent_means": [z[y == c].mean(0).tolist() for c in codes],
+        "latent_sds": [z[y == c].std(0).tolist() for c in codes],
+    }
 
 
-def novelty_score(self, adata=None, indices=None, batch_size: int | None = None
-                  ) -> np.ndarray:
+def novelty_score(self, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
     """How poorly the reference's cell types explain each cell; above 1 means novel.
 
     scANVI maps a cell of a type it never saw onto the nearest known
@@ -77,8 +81,13 @@ def novelty_score(self, adata=None, indices=None, batch_size: int | None = None
     cell's score: compare a type's flag rate with the query's overall rate.
     """
     if not self.reference_stats or "threshold" not in self.reference_stats:
-        raise InputError("model", "no reference statistics", "novelty scores need a "
-                         "model trained on labelled cells (or a query model built from "
-                         "one)", "train the reference SCANVI first")
+        raise InputError(
+            "model",
+            "no reference statistics",
+            "novelty scores need a "
+            "model trained on labelled cells (or a query model built from "
+            "one)",
+            "train the reference SCANVI first",
+        )
     scores = unexplained(self, self._cells_for(adata), indices, batch_size)
     return scores / self.reference_stats["threshold"]

@@ -25,8 +25,14 @@ from . import _validate
 from ._query import QueryInfo
 
 
-def save(self, dir_path, overwrite: bool = False, save_anndata: bool = False, *,  # noqa: FBT001, FBT002 (scvi-tools' signature)
-         format: str = "jaxscanvi") -> None:
+def save(
+    self,
+    dir_path,
+    overwrite: bool = False,
+    save_anndata: bool = False,
+    *,
+    format: str = "jaxscanvi",
+) -> None:
     """Save parameters, config, registry and history to a folder, atomically.
 
     ``format="scvi-tools"`` writes scvi-tools' folder instead (``model.pt``,
@@ -36,22 +42,35 @@ def save(self, dir_path, overwrite: bool = False, save_anndata: bool = False, *,
     for it (an error there is raised on every process).
     """
     if format not in ("jaxscanvi", "scvi-tools"):
-        raise InputError("format", format, "unknown model folder format",
-                         "pass format='jaxscanvi' (the default) or format='scvi-tools'")
+        raise InputError(
+            "format",
+            format,
+            "unknown model folder format",
+            "pass format='jaxscanvi' (the default) or format='scvi-tools'",
+        )
     if save_anndata and self.adata is not None and isinstance(self.adata.X, AtlasRows):
-        raise InputError("save_anndata", True, f"the counts are in an atlas store "
-                         f"({self.adata.X!r}), which a model folder does not copy",
-                         "save with save_anndata=False and load with SCVI.load(dir, "
-                         "adata=...) on the store opened again (jaxscanvi.data."
-                         "read_collection, read_annbatch or read_soma)")
+        raise InputError(
+            "save_anndata",
+            True,
+            f"the counts are in an atlas store "
+            f"({self.adata.X!r}), which a model folder does not copy",
+            "save with save_anndata=False and load with SCVI.load(dir, "
+            "adata=...) on the store opened again (jaxscanvi.data."
+            "read_collection, read_annbatch or read_soma)",
+        )
     if format == "scvi-tools":
         from ._export import write_scvi_tools
+
         writer = write_scvi_tools
     else:
         writer = _write
-    distributed.agree(lambda: writer(self, dir_path, overwrite=overwrite,
-                                     save_anndata=save_anndata)
-                      if distributed.is_main() else None)
+    distributed.agree(
+        lambda: (
+            writer(self, dir_path, overwrite=overwrite, save_anndata=save_anndata)
+            if distributed.is_main()
+            else None
+        )
+    )
 
 
 def _metadata(model) -> dict:
@@ -62,8 +81,9 @@ def _metadata(model) -> dict:
         "init_seed": model.init_seed,
         "is_trained": model.is_trained,
         "loss_terms": list(model.loss_term_names),
-        "custom_modules": {k: _qualified_name(getattr(model.module, f"{k}_cls"))
-                           for k in ("encoder", "decoder")},
+        "custom_modules": {
+            k: _qualified_name(getattr(model.module, f"{k}_cls")) for k in ("encoder", "decoder")
+        },
         "history": model.history.to_records(),
         "train_indices": np.asarray(model.train_indices).tolist(),
         "validation_indices": np.asarray(model.validation_indices).tolist(),
@@ -76,23 +96,25 @@ def _write(model, dir_path, *, overwrite: bool, save_anndata: bool) -> None:
     blobs = {"variables": io.to_bytes(model.variables)}
     if model._freeze is not None:  # a query model keeps what its training may change
         meta["query_info"] = None if model.query_info is None else model.query_info.to_dict()
-        blobs["freeze"] = io.to_bytes({"params": model._freeze[0],
-                                       "state": model._freeze[1]})
+        blobs["freeze"] = io.to_bytes({"params": model._freeze[0], "state": model._freeze[1]})
     extra = {}
     d = Path(dir_path)
     if d.is_dir() and (d / io.METADATA).exists() and not overwrite:
-        raise FileExistsError(f"{d} already holds a saved model. Fix: pass "
-                              "overwrite=True to replace it, or another folder")
+        raise FileExistsError(
+            f"{d} already holds a saved model. Fix: pass "
+            "overwrite=True to replace it, or another folder"
+        )
     if save_anndata and model.adata is None:
-        raise InputError("save_anndata", True, "the model holds no AnnData",
-                         "pass save_anndata=False")
+        raise InputError(
+            "save_anndata", True, "the model holds no AnnData", "pass save_anndata=False"
+        )
     with lock.locked(d, "save"):  # one writer at a time, the AnnData included
-        _write_locked(model, d, meta, blobs, extra, overwrite=overwrite,
-                      save_anndata=save_anndata)
+        _write_locked(model, d, meta, blobs, extra, overwrite=overwrite, save_anndata=save_anndata)
 
 
-def _write_locked(model, d: Path, meta, blobs, extra, *, overwrite: bool,
-                  save_anndata: bool) -> None:
+def _write_locked(
+    model, d: Path, meta, blobs, extra, *, overwrite: bool, save_anndata: bool
+) -> None:
     try:
         if save_anndata:
             d.mkdir(parents=True, exist_ok=True)
@@ -106,8 +128,9 @@ def _write_locked(model, d: Path, meta, blobs, extra, *, overwrite: bool,
             tmp_file.unlink(missing_ok=True)
 
 
-def load(cls, dir_path, adata=None, *, encoder=None, decoder=None,
-         trust_custom_modules: bool = False):
+def load(
+    cls, dir_path, adata=None, *, encoder=None, decoder=None, trust_custom_modules: bool = False
+):
     """Load a model saved by ``save``; ``adata`` must match its genes.
 
     Loading runs no code that the folder names. A model built with a custom
@@ -118,26 +141,36 @@ def load(cls, dir_path, adata=None, *, encoder=None, decoder=None,
     as by ``from_scvi_tools``, through a reader that runs no pickled code.
     """
     from ._import import import_model, is_scvi_tools_folder
+
     if is_scvi_tools_folder(dir_path):
         return import_model(cls, dir_path, adata, cls.__name__)
     meta = io.read_metadata(dir_path)
     if meta.get("model_class") != cls.__name__:
         raise ModelFormatError(
             f"{str(dir_path)!r} holds a {meta.get('model_class')} model, not a "
-            f"{cls.__name__}. Fix: load it with {meta.get('model_class')}.load(...)")
+            f"{cls.__name__}. Fix: load it with {meta.get('model_class')}.load(...)"
+        )
     # every declared size is checked against the registry and the stored
     # shapes before the model (and its parameters) is built
     registry, config = _validate.check(cls, dir_path, meta)
     custom = meta.get("custom_modules") or {}
-    encoder = _resolve_module(custom.get("encoder"), encoder, "encoder", dir_path,
-                              trust=trust_custom_modules)
-    decoder = _resolve_module(custom.get("decoder"), decoder, "decoder", dir_path,
-                              trust=trust_custom_modules)
+    encoder = _resolve_module(
+        custom.get("encoder"), encoder, "encoder", dir_path, trust=trust_custom_modules
+    )
+    decoder = _resolve_module(
+        custom.get("decoder"), decoder, "decoder", dir_path, trust=trust_custom_modules
+    )
     blob = io.read_blob(dir_path, meta, "variables")
     _validate.check_variables(dir_path, config, blob, encoder=encoder, decoder=decoder)
     adata = _adata(dir_path, meta, adata, registry)
-    model = cls(adata, registry=registry, _config=config, seed=meta.get("init_seed", 0),
-                encoder=encoder, decoder=decoder)
+    model = cls(
+        adata,
+        registry=registry,
+        _config=config,
+        seed=meta.get("init_seed", 0),
+        encoder=encoder,
+        decoder=decoder,
+    )
     model._read_metadata(meta)
     restored = io.from_bytes(model.variables, blob, "parameters")
     model.params = restored["params"]
@@ -161,13 +194,15 @@ def _adata(dir_path, meta: dict, adata, registry: Registry):
         path = io.file_path(dir_path, meta, "adata")
         if path is not None:
             import anndata
+
             try:
                 adata = anndata.read_h5ad(path)
             except Exception as e:  # noqa: BLE001 (h5py raises many kinds on bad files)
-                raise ModelFormatError(f"{str(path)!r}, the saved AnnData, cannot be read "
-                                       f"({type(e).__name__}: {str(e)[:160]}). Fix: pass "
-                                       "adata=... to load(), or save the model again"
-                                       ) from None
+                raise ModelFormatError(
+                    f"{str(path)!r}, the saved AnnData, cannot be read "
+                    f"({type(e).__name__}: {str(e)[:160]}). Fix: pass "
+                    "adata=... to load(), or save the model again"
+                ) from None
     if adata is not None:
         check_var_names(adata, registry)
         adata.uns["_jaxscanvi_registry"] = registry.to_json()
@@ -177,10 +212,16 @@ def _adata(dir_path, meta: dict, adata, registry: Registry):
 def _freeze_masks(dir_path, meta: dict, model) -> tuple:
     def as_bool(tree):
         return jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), bool), tree)
-    masks = io.from_bytes({"params": as_bool(model.params), "state": as_bool(model.state)},
-                          io.read_blob(dir_path, meta, "freeze"), "freeze masks")
-    return tuple(jax.tree_util.tree_map(lambda m: np.asarray(m, bool), t)
-                 for t in (masks["params"], masks["state"]))
+
+    masks = io.from_bytes(
+        {"params": as_bool(model.params), "state": as_bool(model.state)},
+        io.read_blob(dir_path, meta, "freeze"),
+        "freeze masks",
+    )
+    return tuple(
+        jax.tree_util.tree_map(lambda m: np.asarray(m, bool), t)
+        for t in (masks["params"], masks["state"])
+    )
 
 
 def _qualified_name(obj) -> str | None:
@@ -193,9 +234,11 @@ def _resolve_module(name, given, what: str, dir_path, *, trust: bool):
     """The custom module a saved model was built with: ``given``, or, only when
     the caller trusts the folder, imported by the name it records."""
     if name is not None and not isinstance(name, str):
-        raise ModelFormatError(f"{str(dir_path)!r}: metadata names the custom {what} "
-                               f"{str(name)[:80]!r}, not a 'module:Class' path; the folder "
-                               "is damaged. Fix: save the model again")
+        raise ModelFormatError(
+            f"{str(dir_path)!r}: metadata names the custom {what} "
+            f"{str(name)[:80]!r}, not a 'module:Class' path; the folder "
+            "is damaged. Fix: save the model again"
+        )
     if given is not None:
         return given
     if name is None:
@@ -205,7 +248,8 @@ def _resolve_module(name, given, what: str, dir_path, *, trust: bool):
             f"{str(dir_path)!r} was saved with a custom {what} {name!r}; load() does not "
             "import code named by a file. Fix: pass "
             f"{what}=<that class> to load(), or trust_custom_modules=True if you trust "
-            "this folder (importing runs the module's code)")
+            "this folder (importing runs the module's code)"
+        )
     mod_name, _, qual = name.partition(":")
     try:
         if not _IMPORT_PATH.fullmatch(name):  # e.g. a class defined inside a function
@@ -217,7 +261,8 @@ def _resolve_module(name, given, what: str, dir_path, *, trust: bool):
     except (ImportError, AttributeError):
         raise ModelFormatError(
             f"{str(dir_path)!r} was saved with a custom {what} {name!r}, which cannot be "
-            f"imported here. Fix: pass {what}=<that class> to load()") from None
+            f"imported here. Fix: pass {what}=<that class> to load()"
+        ) from None
 
 
 # what _qualified_name writes: dotted identifiers, a colon, a dotted qualname

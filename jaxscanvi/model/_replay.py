@@ -18,9 +18,11 @@ def replay_of(query_info: QueryInfo | None, reference_stats: dict | None):
     stats = reference_stats or {}
     if query_info is None or not query_info.new_labels or "latent_means" not in stats:
         return None
-    return (np.asarray(stats["latent_codes"], np.int32),
-            np.asarray(stats["latent_means"], np.float32),
-            np.asarray(stats["latent_sds"], np.float32))
+    return (
+        np.asarray(stats["latent_codes"], np.int32),
+        np.asarray(stats["latent_means"], np.float32),
+        np.asarray(stats["latent_sds"], np.float32),
+    )
 
 
 def replay_spec(replay) -> tuple | None:

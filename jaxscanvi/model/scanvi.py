@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -43,13 +44,19 @@ class SCANVI(BaseModel):
     novelty_score = _novelty.novelty_score
 
     @staticmethod
-    def setup_anndata(adata, labels_key: str, unlabeled_category: str,
-                      layer: str | None = None, batch_key: str | None = None,
-                      size_factor_key: str | None = None,
-                      categorical_covariate_keys: Sequence[str] | None = None,
-                      continuous_covariate_keys: Sequence[str] | None = None, *,
-                      allow_noninteger_counts: bool = False,
-                      label_hierarchy: Mapping[str, str] | None = None) -> None:
+    def setup_anndata(
+        adata,
+        labels_key: str,
+        unlabeled_category: str,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+        *,
+        allow_noninteger_counts: bool = False,
+        label_hierarchy: Mapping[str, str] | None = None,
+    ) -> None:
         """Validate ``adata``; ``unlabeled_category`` marks cells without a label.
 
         ``label_hierarchy`` (child -> parent over label names, one root) lets
@@ -59,72 +66,109 @@ class SCANVI(BaseModel):
         roots, a label missing from the map, a leaf no cell carries.
         """
         if labels_key is None:
-            raise InputError("labels_key", None, "scANVI needs a cell-type column",
-                             "pass labels_key naming the adata.obs column of labels")
+            raise InputError(
+                "labels_key",
+                None,
+                "scANVI needs a cell-type column",
+                "pass labels_key naming the adata.obs column of labels",
+            )
         if unlabeled_category is None:
-            raise InputError("unlabeled_category", None, "scANVI needs the value that "
-                             "marks unlabelled cells", "pass e.g. unlabeled_category="
-                             "'Unknown'")
-        _setup(adata, layer=layer, batch_key=batch_key, labels_key=labels_key,
-               size_factor_key=size_factor_key,
-               categorical_covariate_keys=categorical_covariate_keys,
-               continuous_covariate_keys=continuous_covariate_keys,
-               unlabeled_category=unlabeled_category,
-               allow_noninteger_counts=allow_noninteger_counts,
-               label_hierarchy=label_hierarchy)
+            raise InputError(
+                "unlabeled_category",
+                None,
+                "scANVI needs the value that marks unlabelled cells",
+                "pass e.g. unlabeled_category='Unknown'",
+            )
+        _setup(
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+            unlabeled_category=unlabeled_category,
+            allow_noninteger_counts=allow_noninteger_counts,
+            label_hierarchy=label_hierarchy,
+        )
 
-    def __init__(self, adata, n_hidden: int = 128, n_latent: int = 10, n_layers: int = 1,
-                 dropout_rate: float = 0.1,
-                 dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
-                 gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
-                 use_observed_lib_size: bool = True,
-                 latent_distribution: Literal["normal", "ln"] = "normal",
-                 encode_covariates: bool = False, deeply_inject_covariates: bool = True,
-                 use_batch_norm: Literal["encoder", "decoder", "none", "both"] = "both",
-                 use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none",
-                 linear_classifier: bool = False, y_prior: Sequence[float] | None = None,
-                 classifier_parameters: dict | None = None, *, seed: int | None = None,
-                 class_chunk_size: int = 64, encoder=None, decoder=None, registry=None,
-                 _config=None):
+    def __init__(
+        self,
+        adata,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
+        gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
+        use_observed_lib_size: bool = True,
+        latent_distribution: Literal["normal", "ln"] = "normal",
+        encode_covariates: bool = False,
+        deeply_inject_covariates: bool = True,
+        use_batch_norm: Literal["encoder", "decoder", "none", "both"] = "both",
+        use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none",
+        linear_classifier: bool = False,
+        y_prior: Sequence[float] | None = None,
+        classifier_parameters: dict | None = None,
+        *,
+        seed: int | None = None,
+        class_chunk_size: int = 64,
+        encoder=None,
+        decoder=None,
+        registry=None,
+        _config=None,
+    ):
         seed = default_seed(seed)
         registry = registry if registry is not None else registry_of(adata)
         if registry.unlabeled_category is None or registry.labels_key is None:
-            raise InputError("adata", "set up without unlabeled_category",
-                             "SCANVI needs labels_key and unlabeled_category",
-                             "call SCANVI.setup_anndata(adata, labels_key=..., "
-                             "unlabeled_category=...)")
+            raise InputError(
+                "adata",
+                "set up without unlabeled_category",
+                "SCANVI needs labels_key and unlabeled_category",
+                "call SCANVI.setup_anndata(adata, labels_key=..., unlabeled_category=...)",
+            )
         if _config is None:
             cls_kw = dict(classifier_parameters or {})
-            allowed = {"n_hidden", "n_layers", "dropout_rate", "use_batch_norm",
-                       "use_layer_norm"}
+            allowed = {"n_hidden", "n_layers", "dropout_rate", "use_batch_norm", "use_layer_norm"}
             unknown = set(cls_kw) - allowed
             if unknown:
-                raise InputError("classifier_parameters", sorted(unknown),
-                                 "unknown classifier options", f"use only {sorted(allowed)}")
+                raise InputError(
+                    "classifier_parameters",
+                    sorted(unknown),
+                    "unknown classifier options",
+                    f"use only {sorted(allowed)}",
+                )
             _config = SCANVIConfig(
-                n_genes=registry.n_vars, n_batch=registry.n_batch,
-                n_labels=registry.n_labels, n_cats_per_cov=registry.n_cats_per_cov,
-                n_continuous_cov=registry.n_continuous_cov, n_hidden=n_hidden,
-                n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
-                dispersion=dispersion, gene_likelihood=gene_likelihood,
+                n_genes=registry.n_vars,
+                n_batch=registry.n_batch,
+                n_labels=registry.n_labels,
+                n_cats_per_cov=registry.n_cats_per_cov,
+                n_continuous_cov=registry.n_continuous_cov,
+                n_hidden=n_hidden,
+                n_latent=n_latent,
+                n_layers=n_layers,
+                dropout_rate=dropout_rate,
+                dispersion=dispersion,
+                gene_likelihood=gene_likelihood,
                 latent_distribution=latent_distribution,
                 encode_covariates=encode_covariates,
                 deeply_inject_covariates=deeply_inject_covariates,
-                use_batch_norm=use_batch_norm, use_layer_norm=use_layer_norm,
+                use_batch_norm=use_batch_norm,
+                use_layer_norm=use_layer_norm,
                 use_observed_lib_size=use_observed_lib_size,
                 use_size_factor_key=registry.size_factor_key is not None,
-                classifier_n_hidden=cls_kw.get("n_hidden", 0 if linear_classifier
-                                               else n_hidden),
-                classifier_n_layers=cls_kw.get("n_layers", 0 if linear_classifier
-                                               else n_layers),
+                classifier_n_hidden=cls_kw.get("n_hidden", 0 if linear_classifier else n_hidden),
+                classifier_n_layers=cls_kw.get("n_layers", 0 if linear_classifier else n_layers),
                 classifier_dropout_rate=cls_kw.get("dropout_rate", dropout_rate),
                 classifier_use_batch_norm=cls_kw.get("use_batch_norm"),
                 classifier_use_layer_norm=cls_kw.get("use_layer_norm"),
                 y_prior=None if y_prior is None else tuple(float(p) for p in y_prior),
                 class_chunk_size=class_chunk_size,
-                label_parents=_hierarchy.parents_of(registry))
-        self._build(adata, registry,
-                    SCANVAE(_config, encoder_cls=encoder, decoder_cls=decoder), seed)
+                label_parents=_hierarchy.parents_of(registry),
+            )
+        self._build(
+            adata, registry, SCANVAE(_config, encoder_cls=encoder, decoder_cls=decoder), seed
+        )
         self.was_pretrained = False
         self.temperature = 1.0
         self.calibration: dict = {}
@@ -139,17 +183,22 @@ class SCANVI(BaseModel):
             return  # every leaf has cells (setup_anndata checked)
         present = np.unique(labels[labels < C])
         if len(present) == 0:
-            raise InputError(f"adata.obs[{self.registry.labels_key!r}]", "all unlabelled",
-                             "no cell carries a label", "label some cells of at least two "
-                             "types")
+            raise InputError(
+                f"adata.obs[{self.registry.labels_key!r}]",
+                "all unlabelled",
+                "no cell carries a label",
+                "label some cells of at least two types",
+            )
         if len(present) < 2:
-            raise InputError(f"adata.obs[{self.registry.labels_key!r}]",
-                             self.registry.label_categories[present[0]],
-                             "only one cell type is labelled",
-                             "label cells of at least two types")
+            raise InputError(
+                f"adata.obs[{self.registry.labels_key!r}]",
+                self.registry.label_categories[present[0]],
+                "only one cell type is labelled",
+                "label cells of at least two types",
+            )
 
     @classmethod
-    def from_scvi_tools(cls, dir_path, adata=None) -> "SCANVI":
+    def from_scvi_tools(cls, dir_path, adata=None) -> SCANVI:
         """Load a folder written by scvi-tools' ``SCANVI.save`` (``model.pt``).
 
         As `SCVI.from_scvi_tools`, plus the classifier, the class networks
@@ -158,6 +207,7 @@ class SCANVI(BaseModel):
         "scvi-tools"}``.
         """
         from ._import import import_model
+
         return import_model(cls, dir_path, adata, "SCANVI")
 
     def _read_metadata(self, meta: dict) -> None:
@@ -167,8 +217,12 @@ class SCANVI(BaseModel):
         self.reference_stats = meta.get("reference_stats")
 
     def _metadata(self):
-        return {"was_pretrained": self.was_pretrained, "temperature": self.temperature,
-                "calibration": self.calibration, "reference_stats": self.reference_stats}
+        return {
+            "was_pretrained": self.was_pretrained,
+            "temperature": self.temperature,
+            "calibration": self.calibration,
+            "reference_stats": self.reference_stats,
+        }
 
     def _inherit_reference(self, reference_model) -> None:
         # a frozen encoder maps reference cells as before, so the reference's
@@ -179,24 +233,41 @@ class SCANVI(BaseModel):
 
     from_scvi_model = classmethod(_pretrained.from_scvi_model)
 
-    def train(self, max_epochs: int | None = None, n_samples_per_label: int | None = None,
-              check_val_every_n_epoch: int | None = None, train_size: float | None = None,
-              validation_size: float | None = None, shuffle_set_split: bool = True,
-              batch_size: int = 128, accelerator: str = "auto", devices="auto",
-              adversarial_classifier: bool | None = None,
-              datasplitter_kwargs: dict | None = None, plan_config: dict | None = None,
-              plan_kwargs: dict | None = None, datamodule=None,
-              trainer_config: dict | None = None, *, early_stopping: bool = False,
-              early_stopping_patience: int = 45,
-              early_stopping_monitor: str = "elbo_validation", seed: int | None = None,
-              progress_bar: bool = True,
-              on_nonfinite: Literal["raise", "skip_step"] = "raise",
-              data_source: Literal["auto", "device", "host", "stream"] = "auto",
-              loss_terms: dict | None = None, loss_weights: dict | None = None,
-              checkpoint_dir=None, checkpoint_every: int = 1, resume: bool = False,
-              data_shards: int | None = None,
-              precision: Literal["float32", "bfloat16"] = "float32",
-              calibrate: bool = True, **trainer_kwargs):
+    def train(
+        self,
+        max_epochs: int | None = None,
+        n_samples_per_label: int | None = None,
+        check_val_every_n_epoch: int | None = None,
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        batch_size: int = 128,
+        accelerator: str = "auto",
+        devices="auto",
+        adversarial_classifier: bool | None = None,
+        datasplitter_kwargs: dict | None = None,
+        plan_config: dict | None = None,
+        plan_kwargs: dict | None = None,
+        datamodule=None,
+        trainer_config: dict | None = None,
+        *,
+        early_stopping: bool = False,
+        early_stopping_patience: int = 45,
+        early_stopping_monitor: str = "elbo_validation",
+        seed: int | None = None,
+        progress_bar: bool = True,
+        on_nonfinite: Literal["raise", "skip_step"] = "raise",
+        data_source: Literal["auto", "device", "host", "stream"] = "auto",
+        loss_terms: dict | None = None,
+        loss_weights: dict | None = None,
+        checkpoint_dir=None,
+        checkpoint_every: int = 1,
+        resume: bool = False,
+        data_shards: int | None = None,
+        precision: Literal["float32", "bfloat16"] = "float32",
+        calibrate: bool = True,
+        **trainer_kwargs,
+    ):
         """Train on all cells, each minibatch paired with a minibatch of labelled cells.
 
         ``n_samples_per_label`` re-draws, every epoch, a class-balanced subset
@@ -217,23 +288,35 @@ class SCANVI(BaseModel):
         seed = default_seed(seed)
         check_positive_int("n_samples_per_label", n_samples_per_label, allow_none=True)
         config = TrainConfig.from_arguments(
-            locals(), default_plan={"objective": "seed", "classification_ratio": 50.0})
+            locals(), default_plan={"objective": "seed", "classification_ratio": 50.0}
+        )
         objective = config.plan.get("objective")
         if objective not in ("seed", "scvi-tools"):
-            raise InputError("plan_kwargs['objective']", objective, "unknown objective",
-                             "pass 'seed' (default) or 'scvi-tools'")
+            raise InputError(
+                "plan_kwargs['objective']",
+                objective,
+                "unknown objective",
+                "pass 'seed' (default) or 'scvi-tools'",
+            )
         labels, C = cells.labels, self.registry.n_labels
         # an unlabelled query trains on the L_U bound alone
         unlabelled_query = self.query_info is not None and not (labels != C).any()
         replay = replay_of(self.query_info, self.reference_stats)
         hooks = {"val_metrics": partial(self._validation_metrics, cells)}
         if not unlabelled_query:
-            hooks["labelled"] = partial(_labelled_training_cells, labels, C,
-                                        n_samples_per_label, config.train_size)
+            hooks["labelled"] = partial(
+                _labelled_training_cells, labels, C, n_samples_per_label, config.train_size
+            )
             hooks["val_labelled"] = partial(_labelled_among, labels, C)
-        self._train(config, self._task(config, partial(_loss, self.module, config, replay),
-                                       ("scanvi", self.module, replay_spec(replay)),
-                                       **hooks))
+        self._train(
+            config,
+            self._task(
+                config,
+                partial(_loss, self.module, config, replay),
+                ("scanvi", self.module, replay_spec(replay)),
+                **hooks,
+            ),
+        )
         if self.query_info is None:
             self.reference_stats = _novelty.reference_statistics(self)
         val_lab = self.validation_indices[labels[self.validation_indices] < C]
@@ -243,8 +326,9 @@ class SCANVI(BaseModel):
                 frame = self._history.to_frame()
                 last = frame.index[-1]
                 frame.loc[last, "temperature"] = self.temperature
-                frame.loc[last, "calibration_error_validation_calibrated"] = \
-                    self.calibration["ece_after"]
+                frame.loc[last, "calibration_error_validation_calibrated"] = self.calibration[
+                    "ece_after"
+                ]
                 self._history = History(frame)
         return self
 
@@ -258,30 +342,50 @@ class SCANVI(BaseModel):
         probs = softmax(self._logits(variables, cells, val_lab, None, parallel=parallel))
         y = cells.labels[val_lab]
         p_true = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)
-        return {"classification_loss_validation_labelled": float(-np.log(p_true).mean()),
-                "accuracy_validation_labelled": float((probs.argmax(1) == y).mean()),
-                "calibration_error_validation": expected_calibration_error(probs, y)}
+        return {
+            "classification_loss_validation_labelled": float(-np.log(p_true).mean()),
+            "accuracy_validation_labelled": float((probs.argmax(1) == y).mean()),
+            "calibration_error_validation": expected_calibration_error(probs, y),
+        }
 
     # ------------------------------------------------------------ prediction
-    def _logits(self, variables, cells, indices, batch_size, *,
-                use_posterior_mean: bool = True, parallel=None) -> np.ndarray:
+    def _logits(
+        self,
+        variables,
+        cells,
+        indices,
+        batch_size,
+        *,
+        use_posterior_mean: bool = True,
+        parallel=None,
+    ) -> np.ndarray:
         """q(c|z)'s logits for the selected cells, under ``variables``."""
         if use_posterior_mean:  # the model's shared encoding program
             fn = jitted(partial(_kernels.encode_fn, self.module))
             out = map_cells(fn, variables, cells, indices, batch_size, parallel=parallel)
             return np.asarray(out["logits"], np.float64)
         fn = jitted(partial(_kernels.classify_fn, self.module, use_posterior_mean=False))
-        return np.asarray(map_cells(fn, variables, cells, indices, batch_size,
-                                    parallel=parallel), np.float64)
+        return np.asarray(
+            map_cells(fn, variables, cells, indices, batch_size, parallel=parallel), np.float64
+        )
 
-    def get_normalized_expression(self, adata=None, indices=None, transform_batch=None,
-                                  gene_list: Sequence[str] | None = None,
-                                  library_size: float | str = 1, n_samples: int = 1,
-                                  n_samples_overall: int | None = None,
-                                  weights: str | None = None,
-                                  batch_size: int | None = None, return_mean: bool = True,
-                                  return_numpy: bool | None = None, label: str | None = None,
-                                  silent: bool = True, **importance_weighting_kwargs):
+    def get_normalized_expression(
+        self,
+        adata=None,
+        indices=None,
+        transform_batch=None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | str = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        weights: str | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        label: str | None = None,
+        silent: bool = True,
+        **importance_weighting_kwargs,
+    ):
         """As SCVI's, plus ``label``: decode each cell as if it were of that cell type.
 
         Through scANVI's hierarchy: u ~ q(u | z1, c0) with c0 the cell's known
@@ -292,21 +396,45 @@ class SCANVI(BaseModel):
         if label is not None:
             cats = list(self.registry.label_categories)
             if str(label) not in cats:
-                raise InputError("label", label, f"is not a cell type of the model ({cats[:10]})",
-                                 "pass one of model.registry.label_categories")
+                raise InputError(
+                    "label",
+                    label,
+                    f"is not a cell type of the model ({cats[:10]})",
+                    "pass one of model.registry.label_categories",
+                )
             kernel, kernel_kw = _kernels.label_expression_fn, {"target": cats.index(str(label))}
-        return _posterior.normalized_expression(self, kernel, kernel_kw, dict(
-            adata=adata, indices=indices, transform_batch=transform_batch, gene_list=gene_list,
-            library_size=library_size, n_samples=n_samples,
-            n_samples_overall=n_samples_overall, batch_size=batch_size,
-            return_mean=return_mean, return_numpy=return_numpy, weights=weights,
-            label=label, importance_weighting_kwargs=importance_weighting_kwargs))
+        return _posterior.normalized_expression(
+            self,
+            kernel,
+            kernel_kw,
+            dict(
+                adata=adata,
+                indices=indices,
+                transform_batch=transform_batch,
+                gene_list=gene_list,
+                library_size=library_size,
+                n_samples=n_samples,
+                n_samples_overall=n_samples_overall,
+                batch_size=batch_size,
+                return_mean=return_mean,
+                return_numpy=return_numpy,
+                weights=weights,
+                label=label,
+                importance_weighting_kwargs=importance_weighting_kwargs,
+            ),
+        )
 
-    def predict(self, adata=None, indices=None, soft: bool = False,  # noqa: PLR0913 (scvi-tools' keywords, then ours)
-                batch_size: int | None = None, use_posterior_mean: bool = True,
-                unassigned_threshold: float | None = None,
-                level: Literal["leaf", "deepest", "all"] | int = "leaf",
-                threshold: float | None = None):
+    def predict(
+        self,
+        adata=None,
+        indices=None,
+        soft: bool = False,
+        batch_size: int | None = None,
+        use_posterior_mean: bool = True,
+        unassigned_threshold: float | None = None,
+        level: Literal["leaf", "deepest", "all"] | int = "leaf",
+        threshold: float | None = None,
+    ):
         """Predicted cell types (names), or with ``soft=True`` a DataFrame of
         calibrated probabilities (see `calibrate`), one column per cell type,
         rows summing to 1. With ``unassigned_threshold=p``, cells whose top
@@ -322,23 +450,37 @@ class SCANVI(BaseModel):
         _hierarchy.check_level(self, level, threshold, soft, unassigned_threshold)
         if unassigned_threshold is not None:
             if soft:
-                raise InputError("unassigned_threshold", unassigned_threshold,
-                                 "applies to hard predictions only",
-                                 "pass soft=False, or threshold the probabilities yourself")
-            if not (isinstance(unassigned_threshold, (int, float))
-                    and 0 <= unassigned_threshold <= 1):
-                raise InputError("unassigned_threshold", unassigned_threshold,
-                                 "must be a probability in [0, 1]",
-                                 "pass e.g. unassigned_threshold=0.5")
+                raise InputError(
+                    "unassigned_threshold",
+                    unassigned_threshold,
+                    "applies to hard predictions only",
+                    "pass soft=False, or threshold the probabilities yourself",
+                )
+            if not (
+                isinstance(unassigned_threshold, (int, float)) and 0 <= unassigned_threshold <= 1
+            ):
+                raise InputError(
+                    "unassigned_threshold",
+                    unassigned_threshold,
+                    "must be a probability in [0, 1]",
+                    "pass e.g. unassigned_threshold=0.5",
+                )
         cells = self._cells_for(adata)
-        logits = self._logits(self.variables, cells, indices, batch_size,
-                              use_posterior_mean=use_posterior_mean, parallel=self._parallel)
+        logits = self._logits(
+            self.variables,
+            cells,
+            indices,
+            batch_size,
+            use_posterior_mean=use_posterior_mean,
+            parallel=self._parallel,
+        )
         probs = softmax(logits / self.temperature)
         names = np.asarray(self.registry.label_categories, dtype=object)
         idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
         if level != "leaf":
-            return _hierarchy.predict_level(self.registry, probs, level, threshold,
-                                            cells.obs_names[idx])
+            return _hierarchy.predict_level(
+                self.registry, probs, level, threshold, cells.obs_names[idx]
+            )
         if not soft:
             pred = names[probs.argmax(1)]
             if unassigned_threshold is not None:
@@ -347,15 +489,22 @@ class SCANVI(BaseModel):
         probs = probs / probs.sum(1, keepdims=True)
         return pd.DataFrame(probs, index=cells.obs_names[idx], columns=list(names))
 
+
 UNASSIGNED = "Unassigned"
 
 
 def _loss(module, config: TrainConfig, replay, *, train: bool):
-    return partial(scanvi_elbo, module, train=train, objective=config.plan.get("objective"),
-                   classification_ratio=float(config.plan.get("classification_ratio")),
-                   sparse=config.plan.get("sparse_likelihood", True),
-                   extra_terms=dict(config.loss_terms),
-                   extra_weights=dict(config.loss_weights), replay=replay)
+    return partial(
+        scanvi_elbo,
+        module,
+        train=train,
+        objective=config.plan.get("objective"),
+        classification_ratio=float(config.plan.get("classification_ratio")),
+        sparse=config.plan.get("sparse_likelihood", True),
+        extra_terms=dict(config.loss_terms),
+        extra_weights=dict(config.loss_weights),
+        replay=replay,
+    )
 
 
 def _labelled_among(labels: np.ndarray, n_labels: int, idx: np.ndarray) -> np.ndarray:
@@ -363,14 +512,19 @@ def _labelled_among(labels: np.ndarray, n_labels: int, idx: np.ndarray) -> np.nd
     return idx[labels[idx] != n_labels]
 
 
-def _labelled_training_cells(labels, n_labels: int, n_per_label: int | None,
-                             train_size, rng, *, train_idx: np.ndarray) -> np.ndarray:
+def _labelled_training_cells(
+    labels, n_labels: int, n_per_label: int | None, train_size, rng, *, train_idx: np.ndarray
+) -> np.ndarray:
     """The labelled training cells an epoch pairs minibatches with: all of them, or
     a class-balanced draw of at most ``n_per_label`` per type."""
     lab = _labelled_among(labels, n_labels, train_idx)
     if len(lab) == 0:
-        raise InputError("train_size", train_size, "no labelled cell fell in the "
-                         "training split", "label more cells or raise train_size")
+        raise InputError(
+            "train_size",
+            train_size,
+            "no labelled cell fell in the training split",
+            "label more cells or raise train_size",
+        )
     if n_per_label is None:
         return lab
     picks = []

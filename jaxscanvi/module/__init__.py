@@ -3,4 +3,4 @@
 from .scanvae import SCANVAE, SCANVIConfig
 from .vae import VAE, VAEConfig
 
-__all__ = ["VAE", "VAEConfig", "SCANVAE", "SCANVIConfig"]
+__all__ = ["SCANVAE", "VAE", "SCANVIConfig", "VAEConfig"]

@@ -18,9 +18,9 @@ from ..data import hierarchy
 from ..data.batch import Batch
 from ..distributions import kl_standard_normal, normal_log_prob
 from ..errors import InputError
-from .vae import VAE, VAEConfig
 from ..nn import prng
 from ..nn.networks import Classifier, Decoder, Encoder
+from .vae import VAE, VAEConfig
 
 
 @dataclass(frozen=True)
@@ -45,32 +45,56 @@ class SCANVIConfig(VAEConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.n_labels < 2:
-            raise InputError("labels", self.n_labels, "scANVI needs at least two labelled "
-                             "cell types", "label cells of at least two types")
+            raise InputError(
+                "labels",
+                self.n_labels,
+                "scANVI needs at least two labelled cell types",
+                "label cells of at least two types",
+            )
         if self.y_prior is not None:
             p = self.y_prior
             if len(p) != self.n_labels or min(p) <= 0:
-                raise InputError("y_prior", list(p)[:10], f"must have {self.n_labels} "
-                                 "positive entries (one per cell type)",
-                                 "pass a positive vector, or None for uniform")
+                raise InputError(
+                    "y_prior",
+                    list(p)[:10],
+                    f"must have {self.n_labels} positive entries (one per cell type)",
+                    "pass a positive vector, or None for uniform",
+                )
         if not isinstance(self.class_chunk_size, int) or self.class_chunk_size <= 0:
-            raise InputError("class_chunk_size", self.class_chunk_size,
-                             "must be a positive integer", "pass e.g. 64")
+            raise InputError(
+                "class_chunk_size",
+                self.class_chunk_size,
+                "must be a positive integer",
+                "pass e.g. 64",
+            )
         if self.label_parents is not None:
             self._check_parents()
 
     def _check_parents(self):
         p, C = self.label_parents, self.n_labels
         n = len(p)
-        if n <= C or p[C] != -1 or sum(q == -1 for q in p) != 1 or \
-                any(not -1 <= q < n for q in p) or any(0 <= q < C for q in p):
-            raise InputError("label_parents", list(p)[:10], f"is not a tree over {C} leaves "
-                             "(leaf codes, then the root with parent -1, then inner nodes)",
-                             "build the model from a registry set up with label_hierarchy")
+        if (
+            n <= C
+            or p[C] != -1
+            or sum(q == -1 for q in p) != 1
+            or any(not -1 <= q < n for q in p)
+            or any(0 <= q < C for q in p)
+        ):
+            raise InputError(
+                "label_parents",
+                list(p)[:10],
+                f"is not a tree over {C} leaves "
+                "(leaf codes, then the root with parent -1, then inner nodes)",
+                "build the model from a registry set up with label_hierarchy",
+            )
         if self.dispersion == "gene-label":
-            raise InputError("dispersion", "gene-label", "a per-label dispersion is not "
-                             "defined for cells labelled at inner nodes of a hierarchy",
-                             "use dispersion='gene' or 'gene-batch'")
+            raise InputError(
+                "dispersion",
+                "gene-label",
+                "a per-label dispersion is not "
+                "defined for cells labelled at inner nodes of a hierarchy",
+                "use dispersion='gene' or 'gene-batch'",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -122,8 +146,10 @@ def class_noise(config: SCANVIConfig, keys, n_cells: int, *, train: bool, sample
         eps = prng.normal(k_sample, (n_cells, config.n_latent)) if sample else None
         keep = None
         if train and rate > 0:
-            keep = tuple(prng.bernoulli(k, 1.0 - rate, (n_cells, config.n_hidden))
-                         for k in jax.random.split(k_drop, config.n_layers))
+            keep = tuple(
+                prng.bernoulli(k, 1.0 - rate, (n_cells, config.n_hidden))
+                for k in jax.random.split(k_drop, config.n_layers)
+            )
         return eps, keep
 
     return jax.vmap(one)(keys)
@@ -140,14 +166,35 @@ class SCANVAE(VAE):
         bn_enc, bn_dec, ln_enc, ln_dec = c.norm_flags()
         cls_bn, cls_ln = c.classifier_flags()
         frozen = set(c.frozen_batchnorm)
-        self.classifier = Classifier(c.n_labels, c.classifier_n_hidden, c.classifier_n_layers,
-                                     c.classifier_dropout_rate, cls_bn, cls_ln,
-                                     bn_frozen="classifier" in frozen)
-        self.encoder_z2_z1 = Encoder(c.n_latent, (c.n_labels,), c.n_layers, c.n_hidden,
-                                     c.dropout_rate, bn_enc, ln_enc, True,
-                                     bn_frozen="encoder_z2_z1" in frozen)
-        self.decoder_z1_z2 = Decoder(c.n_latent, (c.n_labels,), c.n_layers, c.n_hidden,
-                                     bn_dec, ln_dec, bn_frozen="decoder_z1_z2" in frozen)
+        self.classifier = Classifier(
+            c.n_labels,
+            c.classifier_n_hidden,
+            c.classifier_n_layers,
+            c.classifier_dropout_rate,
+            cls_bn,
+            cls_ln,
+            bn_frozen="classifier" in frozen,
+        )
+        self.encoder_z2_z1 = Encoder(
+            c.n_latent,
+            (c.n_labels,),
+            c.n_layers,
+            c.n_hidden,
+            c.dropout_rate,
+            bn_enc,
+            ln_enc,
+            True,
+            bn_frozen="encoder_z2_z1" in frozen,
+        )
+        self.decoder_z1_z2 = Decoder(
+            c.n_latent,
+            (c.n_labels,),
+            c.n_layers,
+            c.n_hidden,
+            bn_dec,
+            ln_dec,
+            bn_frozen="decoder_z1_z2" in frozen,
+        )
 
     def classify(self, batch: Batch, *, train: bool, use_posterior_mean: bool = True):
         """Logits of q(c | z), z the posterior mean of q(z|x) (or a sample)."""
@@ -188,6 +235,5 @@ class SCANVAE(VAE):
         if n_samples == 1:
             out["logits_z"] = self.classifier(out["z"], train=train, mask=batch.weight)
         if self.is_initializing():
-            self.class_grid(out["z"], jnp.zeros(1, jnp.int32), batch.weight[None],
-                            train=False)
+            self.class_grid(out["z"], jnp.zeros(1, jnp.int32), batch.weight[None], train=False)
         return out

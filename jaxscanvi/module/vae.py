@@ -8,8 +8,9 @@ lives in `losses`, as pure functions of these outputs.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -53,22 +54,30 @@ class VAEConfig:
     frozen_batchnorm: tuple[str, ...] = ()
 
     def __post_init__(self):
-        validate_choice("dispersion", self.dispersion,
-                        ("gene", "gene-batch", "gene-label", "gene-cell"))
+        validate_choice(
+            "dispersion", self.dispersion, ("gene", "gene-batch", "gene-label", "gene-cell")
+        )
         validate_choice("gene_likelihood", self.gene_likelihood, ("zinb", "nb", "poisson"))
         validate_choice("latent_distribution", self.latent_distribution, ("normal", "ln"))
-        validate_choice("use_batch_norm", self.use_batch_norm,
-                        ("encoder", "decoder", "none", "both"))
-        validate_choice("use_layer_norm", self.use_layer_norm,
-                        ("encoder", "decoder", "none", "both"))
+        validate_choice(
+            "use_batch_norm", self.use_batch_norm, ("encoder", "decoder", "none", "both")
+        )
+        validate_choice(
+            "use_layer_norm", self.use_layer_norm, ("encoder", "decoder", "none", "both")
+        )
         for name in ("n_hidden", "n_latent", "n_layers"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise InputError(name, v, "must be a positive integer",
-                                 f"pass e.g. {name}={VAE_DEFAULTS[name]}")
+                raise InputError(
+                    name, v, "must be a positive integer", f"pass e.g. {name}={VAE_DEFAULTS[name]}"
+                )
         if not (isinstance(self.dropout_rate, (int, float)) and 0 <= self.dropout_rate < 1):
-            raise InputError("dropout_rate", self.dropout_rate, "must lie in [0, 1)",
-                             "pass e.g. dropout_rate=0.1")
+            raise InputError(
+                "dropout_rate",
+                self.dropout_rate,
+                "must lie in [0, 1)",
+                "pass e.g. dropout_rate=0.1",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,8 +91,12 @@ class VAEConfig:
 
     def norm_flags(self) -> tuple[bool, bool, bool, bool]:
         bn, ln = self.use_batch_norm, self.use_layer_norm
-        return (bn in ("encoder", "both"), bn in ("decoder", "both"),
-                ln in ("encoder", "both"), ln in ("decoder", "both"))
+        return (
+            bn in ("encoder", "both"),
+            bn in ("decoder", "both"),
+            ln in ("encoder", "both"),
+            ln in ("decoder", "both"),
+        )
 
 
 VAE_DEFAULTS = {"n_hidden": 128, "n_latent": 10, "n_layers": 1}
@@ -91,8 +104,12 @@ VAE_DEFAULTS = {"n_hidden": 128, "n_latent": 10, "n_layers": 1}
 
 def validate_choice(name: str, value, allowed) -> None:
     if value not in allowed:
-        raise InputError(name, value, f"not one of {list(allowed)}",
-                         f"pass one of {', '.join(map(repr, allowed))}")
+        raise InputError(
+            name,
+            value,
+            f"not one of {list(allowed)}",
+            f"pass one of {', '.join(map(repr, allowed))}",
+        )
 
 
 class VAE(nn.Module):
@@ -111,37 +128,62 @@ class VAE(nn.Module):
     def setup(self):
         c = self.config
         bn_enc, bn_dec, ln_enc, ln_dec = c.norm_flags()
-        cat_list = (c.n_batch,) + tuple(c.n_cats_per_cov)
+        cat_list = (c.n_batch, *tuple(c.n_cats_per_cov))
         enc_cats = cat_list if c.encode_covariates else ()
         frozen = set(c.frozen_batchnorm)
         if self.encoder_cls is not None:
             self.z_encoder = self.encoder_cls(c)
         else:
-            self.z_encoder = Encoder(c.n_latent, enc_cats, c.n_layers, c.n_hidden,
-                                     c.dropout_rate, bn_enc, ln_enc,
-                                     c.deeply_inject_covariates,
-                                     bn_frozen="z_encoder" in frozen)
+            self.z_encoder = Encoder(
+                c.n_latent,
+                enc_cats,
+                c.n_layers,
+                c.n_hidden,
+                c.dropout_rate,
+                bn_enc,
+                ln_enc,
+                c.deeply_inject_covariates,
+                bn_frozen="z_encoder" in frozen,
+            )
         if not c.use_observed_lib_size:
-            self.l_encoder = Encoder(1, enc_cats, 1, c.n_hidden, c.dropout_rate, bn_enc,
-                                     ln_enc, c.deeply_inject_covariates,
-                                     bn_frozen="l_encoder" in frozen)
+            self.l_encoder = Encoder(
+                1,
+                enc_cats,
+                1,
+                c.n_hidden,
+                c.dropout_rate,
+                bn_enc,
+                ln_enc,
+                c.deeply_inject_covariates,
+                bn_frozen="l_encoder" in frozen,
+            )
         if self.decoder_cls is not None:
             self.decoder = self.decoder_cls(c)
         else:
             self.decoder = DecoderSCVI(
-                c.n_genes, cat_list, c.n_layers, c.n_hidden, bn_dec, ln_dec,
+                c.n_genes,
+                cat_list,
+                c.n_layers,
+                c.n_hidden,
+                bn_dec,
+                ln_dec,
                 c.deeply_inject_covariates,
                 scale_activation="softplus" if c.use_size_factor_key else "softmax",
                 need_theta=c.dispersion == "gene-cell",
-                need_dropout=c.gene_likelihood == "zinb", bn_frozen="decoder" in frozen)
-        shape = {"gene": (c.n_genes,), "gene-batch": (c.n_genes, c.n_batch),
-                 "gene-label": (c.n_genes, c.n_labels), "gene-cell": None}[c.dispersion]
+                need_dropout=c.gene_likelihood == "zinb",
+                bn_frozen="decoder" in frozen,
+            )
+        shape = {
+            "gene": (c.n_genes,),
+            "gene-batch": (c.n_genes, c.n_batch),
+            "gene-label": (c.n_genes, c.n_labels),
+            "gene-cell": None,
+        }[c.dispersion]
         if shape is not None and c.gene_likelihood != "poisson":
             self.px_r = self.param("px_r", nn.initializers.normal(1.0), shape)
 
     def _cats(self, batch: Batch):
-        return (batch.batch,) + tuple(batch.cat_covs[:, j]
-                                      for j in range(batch.cat_covs.shape[1]))
+        return (batch.batch, *tuple(batch.cat_covs[:, j] for j in range(batch.cat_covs.shape[1])))
 
     def _encoder_input(self, batch: Batch):
         c = self.config
@@ -158,38 +200,46 @@ class VAE(nn.Module):
         x_, cats = self._encoder_input(batch)
         return self.z_encoder(x_, cats, train=train, mask=batch.weight)
 
-    def inference(self, batch: Batch, *, train: bool, n_samples: int = 1,
-                  sample: bool = True) -> dict[str, jax.Array]:
+    def inference(
+        self, batch: Batch, *, train: bool, n_samples: int = 1, sample: bool = True
+    ) -> dict[str, jax.Array]:
         """q(z|x) and q(l|x): moments and a sample (the means with ``sample=False``)."""
         c = self.config
         x_, cats = self._encoder_input(batch)
         qz_m, qz_v = self.z_encoder(x_, cats, train=train, mask=batch.weight)
-        shape = qz_m.shape if n_samples == 1 else (n_samples,) + qz_m.shape
-        eps = prng.normal(self.make_rng("sample"), shape, qz_m.dtype) if sample \
+        shape = qz_m.shape if n_samples == 1 else (n_samples, *qz_m.shape)
+        eps = (
+            prng.normal(self.make_rng("sample"), shape, qz_m.dtype)
+            if sample
             else jnp.zeros(shape, qz_m.dtype)
+        )
         untran_z = qz_m + jnp.sqrt(qz_v) * eps
         z = jax.nn.softmax(untran_z, -1) if c.latent_distribution == "ln" else untran_z
         out = {"qz_m": qz_m, "qz_v": qz_v, "untran_z": untran_z, "z": z}
         if c.use_observed_lib_size:
             library = batch.log_library
             if n_samples > 1:
-                library = jnp.broadcast_to(library, (n_samples,) + library.shape)
+                library = jnp.broadcast_to(library, (n_samples, *library.shape))
         else:
             ql_m, ql_v = self.l_encoder(x_, cats, train=train, mask=batch.weight)
             ql_m, ql_v = ql_m[..., 0], ql_v[..., 0]
-            shape = ql_m.shape if n_samples == 1 else (n_samples,) + ql_m.shape
-            eps_l = prng.normal(self.make_rng("sample"), shape, ql_m.dtype) if sample \
+            shape = ql_m.shape if n_samples == 1 else (n_samples, *ql_m.shape)
+            eps_l = (
+                prng.normal(self.make_rng("sample"), shape, ql_m.dtype)
+                if sample
                 else jnp.zeros(shape, ql_m.dtype)
+            )
             library = ql_m + jnp.sqrt(ql_v) * eps_l
             out.update(ql_m=ql_m, ql_v=ql_v)
         out["library"] = library
         return out
 
-    def generative(self, z, library, batch: Batch, *, train: bool,
-                   batch_index=None) -> dict[str, jax.Array]:
+    def generative(
+        self, z, library, batch: Batch, *, train: bool, batch_index=None
+    ) -> dict[str, jax.Array]:
         c = self.config
         b = batch.batch if batch_index is None else batch_index
-        cats = (b,) + tuple(batch.cat_covs[:, j] for j in range(batch.cat_covs.shape[1]))
+        cats = (b, *tuple(batch.cat_covs[:, j] for j in range(batch.cat_covs.shape[1])))
         dec_in = z
         if c.n_continuous_cov:
             cont = jnp.broadcast_to(batch.cont_covs, z.shape[:-1] + batch.cont_covs.shape[-1:])
@@ -199,26 +249,23 @@ class VAE(nn.Module):
             flat = dec_in.reshape(S * B, -1)
             fcats = tuple(jnp.tile(k, S) for k in cats)
             outs = self.decoder(flat, fcats, train=train, mask=jnp.tile(batch.weight, S))
-            log_scale, theta_cell, zi = (None if o is None else o.reshape(S, B, -1)
-                                         for o in outs)
+            log_scale, theta_cell, zi = (None if o is None else o.reshape(S, B, -1) for o in outs)
         else:
-            log_scale, theta_cell, zi = self.decoder(dec_in, cats, train=train,
-                                                     mask=batch.weight)
+            log_scale, theta_cell, zi = self.decoder(dec_in, cats, train=train, mask=batch.weight)
         size = batch.log_size_factor if c.use_size_factor_key else library
         log_mu = log_scale + size[..., None]
         if c.dispersion == "gene":
             log_theta = self.px_r if c.gene_likelihood != "poisson" else None
         elif c.dispersion == "gene-batch":
-            log_theta = jnp.take(self.px_r, b, axis=1).T if c.gene_likelihood != "poisson" \
-                else None
+            log_theta = jnp.take(self.px_r, b, axis=1).T if c.gene_likelihood != "poisson" else None
         elif c.dispersion == "gene-label":
             lab = jnp.minimum(batch.labels, c.n_labels - 1)
-            log_theta = jnp.take(self.px_r, lab, axis=1).T if c.gene_likelihood != "poisson" \
-                else None
+            log_theta = (
+                jnp.take(self.px_r, lab, axis=1).T if c.gene_likelihood != "poisson" else None
+            )
         else:
             log_theta = theta_cell
-        return {"log_scale": log_scale, "log_mu": log_mu, "log_theta": log_theta,
-                "zi_logits": zi}
+        return {"log_scale": log_scale, "log_mu": log_mu, "log_theta": log_theta, "zi_logits": zi}
 
     def __call__(self, batch: Batch, *, train: bool, n_samples: int = 1, sample: bool = True):
         inf = self.inference(batch, train=train, n_samples=n_samples, sample=sample)

@@ -18,8 +18,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -118,11 +118,15 @@ class BatchNorm(nn.Module):
         if not train or self.frozen:
             y = (x - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon)
             return y * scale + bias
-        w = (jnp.ones(x.shape[:-1], x.dtype) if mask is None
-             else jnp.broadcast_to(mask, x.shape[:-1]).astype(x.dtype))
+        w = (
+            jnp.ones(x.shape[:-1], x.dtype)
+            if mask is None
+            else jnp.broadcast_to(mask, x.shape[:-1]).astype(x.dtype)
+        )
         if self.is_mutable_collection("bn_sums"):
-            self.put_variable("bn_sums", "sums",
-                              shifted_sums(x, w, jax.lax.stop_gradient(ra_mean.value)))
+            self.put_variable(
+                "bn_sums", "sums", shifted_sums(x, w, jax.lax.stop_gradient(ra_mean.value))
+            )
         if self.has_variable("bn_global", "mean"):
             # statistics of the whole grid, differentiable functions of every row
             mean, s2, n = (self.get_variable("bn_global", k) for k in ("mean", "s2", "n"))
@@ -283,8 +287,9 @@ class FCLayers(nn.Module):
     bn_frozen: bool = False
 
     @nn.compact
-    def __call__(self, x, cats: Sequence[jax.Array] = (), *, train: bool, mask=None,
-                 keep_masks=None):
+    def __call__(
+        self, x, cats: Sequence[jax.Array] = (), *, train: bool, mask=None, keep_masks=None
+    ):
         """``mask`` weighs rows in the batch statistics; ``keep_masks``, one per
         layer, are dropout keep-masks drawn by the caller (else each layer draws
         its own from the ``dropout`` rng)."""
@@ -302,15 +307,18 @@ class FCLayers(nn.Module):
                     emb = self.param(f"layer{i}_cov{j}", init, (n, n_o))
                     h = h + jnp.take(emb, code, axis=0)
             if self.use_batch_norm:
-                h = BatchNorm(axis_name=self.bn_axis_name, frozen=self.bn_frozen,
-                              name=f"bn{i}")(
-                    h, train=train, mask=mask)
+                h = BatchNorm(axis_name=self.bn_axis_name, frozen=self.bn_frozen, name=f"bn{i}")(
+                    h, train=train, mask=mask
+                )
             if self.use_layer_norm:
                 h = layer_norm(h)
             if self.dropout_rate > 0:
-                h = Dropout(self.dropout_rate)(h, deterministic=not train, relu=True,
-                                               keep_mask=None if keep_masks is None
-                                               else keep_masks[i])
+                h = Dropout(self.dropout_rate)(
+                    h,
+                    deterministic=not train,
+                    relu=True,
+                    keep_mask=None if keep_masks is None else keep_masks[i],
+                )
             else:
                 h = nn.relu(h)
             x = h

@@ -6,7 +6,7 @@ A user may swap any of them for a module with the same call signature.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -36,11 +36,19 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, cats=(), *, train: bool, mask=None, keep_masks=None):
-        h = FCLayers(self.n_hidden, self.n_cats, self.n_layers, self.n_hidden,
-                     self.dropout_rate, self.use_batch_norm, self.use_layer_norm,
-                     self.inject_covariates, self.bn_axis_name, self.bn_frozen,
-                     name="encoder")(
-            x, cats, train=train, mask=mask, keep_masks=keep_masks)
+        h = FCLayers(
+            self.n_hidden,
+            self.n_cats,
+            self.n_layers,
+            self.n_hidden,
+            self.dropout_rate,
+            self.use_batch_norm,
+            self.use_layer_norm,
+            self.inject_covariates,
+            self.bn_axis_name,
+            self.bn_frozen,
+            name="encoder",
+        )(x, cats, train=train, mask=mask, keep_masks=keep_masks)
         mean = Dense(self.n_out, name="mean")(h)
         var = jnp.exp(Dense(self.n_out, name="var")(h)) + self.var_eps
         return mean, var
@@ -69,10 +77,18 @@ class DecoderSCVI(nn.Module):
 
     @nn.compact
     def __call__(self, z, cats=(), *, train: bool, mask=None):
-        h = FCLayers(self.n_hidden, self.n_cats, self.n_layers, self.n_hidden, 0.0,
-                     self.use_batch_norm, self.use_layer_norm, self.inject_covariates,
-                     bn_frozen=self.bn_frozen, name="px_decoder")(
-            z, cats, train=train, mask=mask)
+        h = FCLayers(
+            self.n_hidden,
+            self.n_cats,
+            self.n_layers,
+            self.n_hidden,
+            0.0,
+            self.use_batch_norm,
+            self.use_layer_norm,
+            self.inject_covariates,
+            bn_frozen=self.bn_frozen,
+            name="px_decoder",
+        )(z, cats, train=train, mask=mask)
         logits = Dense(self.n_genes, name="px_scale_decoder")(h)
         if self.scale_activation == "softmax":
             log_scale = jax.nn.log_softmax(logits, axis=-1)
@@ -100,9 +116,19 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, cats=(), *, train: bool, mask=None):
-        h = FCLayers(self.n_hidden, self.n_cats, self.n_layers, self.n_hidden, 0.0,
-                     self.use_batch_norm, self.use_layer_norm, True, self.bn_axis_name,
-                     self.bn_frozen, name="decoder")(x, cats, train=train, mask=mask)
+        h = FCLayers(
+            self.n_hidden,
+            self.n_cats,
+            self.n_layers,
+            self.n_hidden,
+            0.0,
+            self.use_batch_norm,
+            self.use_layer_norm,
+            True,
+            self.bn_axis_name,
+            self.bn_frozen,
+            name="decoder",
+        )(x, cats, train=train, mask=mask)
         mean = Dense(self.n_out, name="mean")(h)
         var = jnp.exp(Dense(self.n_out, name="var")(h))
         return mean, var
@@ -123,8 +149,15 @@ class Classifier(nn.Module):
     def __call__(self, z, *, train: bool, mask=None):
         h = z
         if self.n_layers > 0:
-            h = FCLayers(self.n_hidden, (), self.n_layers, self.n_hidden, self.dropout_rate,
-                         self.use_batch_norm, self.use_layer_norm, bn_frozen=self.bn_frozen,
-                         name="classifier")(
-                h, (), train=train, mask=mask)
+            h = FCLayers(
+                self.n_hidden,
+                (),
+                self.n_layers,
+                self.n_hidden,
+                self.dropout_rate,
+                self.use_batch_norm,
+                self.use_layer_norm,
+                bn_frozen=self.bn_frozen,
+                name="classifier",
+            )(h, (), train=train, mask=mask)
         return Dense(self.n_labels, name="logits")(h)

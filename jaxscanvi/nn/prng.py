@@ -49,8 +49,11 @@ def _key_words(key):
         if "threefry" not in str(jax.random.key_impl(key)):
             return None
         key = jax.random.key_data(key)
-    elif key.shape[-1:] != (2,) or key.dtype != jnp.uint32 \
-            or "threefry" not in str(jax.config.jax_default_prng_impl):
+    elif (
+        key.shape[-1:] != (2,)
+        or key.dtype != jnp.uint32
+        or "threefry" not in str(jax.config.jax_default_prng_impl)
+    ):
         return None
     return key[..., 0], key[..., 1]
 
@@ -61,7 +64,7 @@ def bits(key, shape) -> jax.Array:
     if words is None:
         return jax.random.bits(key, shape)
     size = int(np.prod(shape, dtype=np.int64))
-    if size >= 2 ** 32:  # the counter's high word would be needed
+    if size >= 2**32:  # the counter's high word would be needed
         return jax.random.bits(key, shape)
     lo = jax.lax.iota(jnp.uint32, size).reshape(shape) if shape else jnp.uint32(0)
     b0, b1 = threefry2x32(words[0], words[1], jnp.zeros_like(lo), lo)
@@ -121,5 +124,7 @@ def host_fold_in(key, data: int) -> np.ndarray:
 def host_keys_ok() -> bool:
     """Whether the keys JAX makes are raw Threefry words (its default), so
     `host_key` and `host_fold_in` stand for them."""
-    return "threefry" in str(jax.config.jax_default_prng_impl) \
+    return (
+        "threefry" in str(jax.config.jax_default_prng_impl)
         and not jax.config.jax_enable_custom_prng
+    )

@@ -81,7 +81,7 @@ from ._loop import Member, initial_state, run_in_turn, run_vmapped
 from ._step import member_steps
 from .ensemble import ensemble_calibration, ensemble_predict
 
-__all__ = ["train_many", "SweepResult", "ensemble_predict", "ensemble_calibration"]
+__all__ = ["SweepResult", "ensemble_calibration", "ensemble_predict", "train_many"]
 
 
 @dataclass
@@ -106,15 +106,27 @@ class SweepResult:
     def best(self, metric: str = "elbo_validation"):
         """The model whose final ``metric`` is lowest."""
         if metric not in self.history:
-            raise InputError("metric", metric, "not a history column",
-                             f"pass one of {sorted(self.history.columns)}")
+            raise InputError(
+                "metric",
+                metric,
+                "not a history column",
+                f"pass one of {sorted(self.history.columns)}",
+            )
         return self.models[int(self.final[metric].idxmin())]
 
 
-def train_many(model, *, seeds=(0,), grid: dict | None = None,  # noqa: PLR0913 (keyword-only)
-               members: list[dict] | None = None, order: str = "shared",
-               data_seed: int | None = None, memory_budget: int | None = None,
-               vectorize: bool | str = "auto", **train_kwargs) -> SweepResult:
+def train_many(
+    model,
+    *,
+    seeds=(0,),
+    grid: dict | None = None,
+    members: list[dict] | None = None,
+    order: str = "shared",
+    data_seed: int | None = None,
+    memory_budget: int | None = None,
+    vectorize: bool | str = "auto",
+    **train_kwargs,
+) -> SweepResult:
     """Train one model per seed x grid point (or per ``members`` entry) in one program.
 
     Parameters
@@ -151,21 +163,33 @@ def train_many(model, *, seeds=(0,), grid: dict | None = None,  # noqa: PLR0913 
         sweep's to set.
     """
     if order not in ("shared", "per_model"):
-        raise InputError("order", order, "not 'shared' or 'per_model'",
-                         "pass order='shared' (one minibatch order) or 'per_model'")
+        raise InputError(
+            "order",
+            order,
+            "not 'shared' or 'per_model'",
+            "pass order='shared' (one minibatch order) or 'per_model'",
+        )
     if vectorize not in (True, False, "auto"):
-        raise InputError("vectorize", vectorize, "not True, False or 'auto'",
-                         "pass vectorize='auto' (vmapped on accelerators, in turn on the "
-                         "CPU), True or False")
+        raise InputError(
+            "vectorize",
+            vectorize,
+            "not True, False or 'auto'",
+            "pass vectorize='auto' (vmapped on accelerators, in turn on the CPU), True or False",
+        )
     specs = _members.expand(seeds, grid, members)
     shared = order == "shared"
     if shared:
         data_seed = specs[0]["seed"] if data_seed is None else data_seed
     elif data_seed is not None:
-        raise InputError("data_seed", data_seed, "applies to order='shared' only",
-                         "leave data_seed out, or pass order='shared'")
-    kwargs = [_members.train_arguments(s, train_kwargs, data_seed if shared else None)
-              for s in specs]
+        raise InputError(
+            "data_seed",
+            data_seed,
+            "applies to order='shared' only",
+            "leave data_seed out, or pass order='shared'",
+        )
+    kwargs = [
+        _members.train_arguments(s, train_kwargs, data_seed if shared else None) for s in specs
+    ]
     progress = kwargs[0].get("progress_bar", False)
     models = [_build(model, s["seed"]) for s in specs]
     captured = [_capture(m, kw) for m, kw in zip(models, kwargs)]
@@ -177,8 +201,7 @@ def train_many(model, *, seeds=(0,), grid: dict | None = None,  # noqa: PLR0913 
     _same_program(group)
     mode = _members.schedule_mode(configs)
     first = group[0]
-    has_ratio = "classification_ratio" in getattr(first.task.make_loss(train=True),
-                                                  "keywords", {})
+    has_ratio = "classification_ratio" in getattr(first.task.make_loss(train=True), "keywords", {})
     hp = _members.hyper_arrays(configs, has_ratio=has_ratio)
     cells = first.task.cells
     _fits(first, len(group), cells, shared=shared, budget=memory_budget)
@@ -187,8 +210,14 @@ def train_many(model, *, seeds=(0,), grid: dict | None = None,  # noqa: PLR0913 
     if vectorize == "auto":
         vectorize = jax.default_backend() != "cpu"
     if vectorize:
-        results = run_vmapped(group, initial_state(group, tx, hp), source=source,
-                              steps=steps, shared=shared, progress_bar=progress)
+        results = run_vmapped(
+            group,
+            initial_state(group, tx, hp),
+            source=source,
+            steps=steps,
+            shared=shared,
+            progress_bar=progress,
+        )
     else:
         results = run_in_turn(group, tx, hp, source=source, steps=steps)
     for m, kw, result in zip(models, kwargs, results):
@@ -198,21 +227,31 @@ def train_many(model, *, seeds=(0,), grid: dict | None = None,  # noqa: PLR0913 
 
 def _build(model, seed: int):
     from ..model._base import BaseModel
+
     if isinstance(model, BaseModel):
         return _copy(model)
     if not callable(model):
-        raise InputError("model", type(model).__name__, "not a model nor a function "
-                         "seed -> model", "pass e.g. lambda seed: SCVI(adata, seed=seed)")
+        raise InputError(
+            "model",
+            type(model).__name__,
+            "not a model nor a function seed -> model",
+            "pass e.g. lambda seed: SCVI(adata, seed=seed)",
+        )
     built = model(seed)
     if not isinstance(built, BaseModel):
-        raise InputError("model", type(built).__name__, "the function returned no model",
-                         "return an SCVI or SCANVI built from the seed")
+        raise InputError(
+            "model",
+            type(built).__name__,
+            "the function returned no model",
+            "return an SCVI or SCANVI built from the seed",
+        )
     return built
 
 
 def _copy(model):
     """A member that starts where ``model`` is; shares its data and module."""
     import copy
+
     twin = copy.copy(model)
     for name, value in vars(model).items():
         if isinstance(value, (dict, list)):
@@ -228,6 +267,7 @@ class _Captured(Exception):
 
 def _capture(model, kwargs: dict):
     """The `TrainConfig` and `Task` that ``model.train(**kwargs)`` would fit."""
+
     def grab(config, task):
         raise _Captured(config, task)
 
@@ -253,14 +293,23 @@ def _same_program(group: list[Member]) -> None:
     tree = jax.tree_util.tree_structure(ref.task.params)
     shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(ref.task.params)]
     for m in group[1:]:
-        if jax.tree_util.tree_structure(m.task.params) != tree or \
-                [np.shape(x) for x in jax.tree_util.tree_leaves(m.task.params)] != shapes:
-            raise InputError("model", "members of different architectures",
-                             "a sweep vmaps one architecture", "build every member with "
-                             "the same network sizes and data")
+        if (
+            jax.tree_util.tree_structure(m.task.params) != tree
+            or [np.shape(x) for x in jax.tree_util.tree_leaves(m.task.params)] != shapes
+        ):
+            raise InputError(
+                "model",
+                "members of different architectures",
+                "a sweep vmaps one architecture",
+                "build every member with the same network sizes and data",
+            )
         if m.task.loss_spec != ref.task.loss_spec:
-            raise InputError("model", "members with different losses",
-                             "a sweep compiles one loss", "build every member alike")
+            raise InputError(
+                "model",
+                "members with different losses",
+                "a sweep compiles one loss",
+                "build every member alike",
+            )
 
 
 def _fits(first: Member, k: int, cells, *, shared: bool, budget: int | None) -> None:
@@ -269,22 +318,38 @@ def _fits(first: Member, k: int, cells, *, shared: bool, budget: int | None) -> 
     data = cells.n_obs * G * 4 if dense else cells.X.data.nbytes * 2 + cells.X.indptr.nbytes
     paired = first.task.labelled is not None
     budget = _memory.available_bytes() if budget is None else int(budget)
-    _memory.check_fits(k, budget, lambda n: _memory.estimate(
-        first.task.params, first.task.state, n_members=n, batch_size=B, n_genes=G,
-        data_bytes=data, shared=shared, paired=paired))
+    _memory.check_fits(
+        k,
+        budget,
+        lambda n: _memory.estimate(
+            first.task.params,
+            first.task.state,
+            n_members=n,
+            batch_size=B,
+            n_genes=G,
+            data_bytes=data,
+            shared=shared,
+            paired=paired,
+        ),
+    )
 
 
 def _result(models, specs, kwargs) -> SweepResult:
     hyper = sorted({k for s in specs for k in s if k != "seed"})
-    rows = [{"member": i, "seed": spec["seed"], "data_seed": kw["seed"],
-             **{k: spec.get(k) for k in hyper}}
-            for i, (spec, kw) in enumerate(zip(specs, kwargs))]
+    rows = [
+        {
+            "member": i,
+            "seed": spec["seed"],
+            "data_seed": kw["seed"],
+            **{k: spec.get(k) for k in hyper},
+        }
+        for i, (spec, kw) in enumerate(zip(specs, kwargs))
+    ]
     members = pd.DataFrame(rows)
     histories = [m.history.to_frame().reset_index() for m in models]
     history = pd.concat(histories, ignore_index=True)
     which = np.repeat(np.arange(len(models)), [len(h) for h in histories])
     # "hp_": the history has its own "lr" (the rate at each epoch)
-    front = members.iloc[which].reset_index(drop=True).rename(
-        columns={k: f"hp_{k}" for k in hyper})
+    front = members.iloc[which].reset_index(drop=True).rename(columns={k: f"hp_{k}" for k in hyper})
     history = pd.concat([front, history], axis=1)
     return SweepResult(models, members.set_index("member"), history)

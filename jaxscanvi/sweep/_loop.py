@@ -23,9 +23,18 @@ from tqdm.auto import tqdm
 
 from ..errors import NonFiniteLossError
 from ..train.fit import FitResult, loop_config
-from ..train.loop import (LoopState, add_validation, after_epoch, close_record, epoch_orders,
-                          nonfinite_error, run_loop, train_record, validates,
-                          validation_orders)
+from ..train.loop import (
+    LoopState,
+    add_validation,
+    after_epoch,
+    close_record,
+    epoch_orders,
+    nonfinite_error,
+    run_loop,
+    train_record,
+    validates,
+    validation_orders,
+)
 from ..train.state import TrainState, inject_state
 from ._step import masked_jit, run_epoch_vmapped
 
@@ -67,16 +76,23 @@ def member_state(m: Member, tx, hp: dict) -> TrainState:
     traced numbers ``hp`` (name -> scalar) in its optimiser's hyperparams."""
     opt_state = tx.init(m.task.params)
     inject_state(opt_state).hyperparams.update(
-        {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()})
-    return TrainState(params=m.task.params, state=m.task.state, opt_state=opt_state,
-                      rng=jax.random.PRNGKey(m.seed), step=jnp.asarray(0, jnp.int32),
-                      epoch=jnp.asarray(0, jnp.int32))
+        {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
+    )
+    return TrainState(
+        params=m.task.params,
+        state=m.task.state,
+        opt_state=opt_state,
+        rng=jax.random.PRNGKey(m.seed),
+        step=jnp.asarray(0, jnp.int32),
+        epoch=jnp.asarray(0, jnp.int32),
+    )
 
 
 def initial_state(members: list[Member], tx, hp: dict) -> TrainState:
     """K member states stacked; ``hp``: name -> (K,) numbers."""
-    return stack([member_state(m, tx, {k: v[i] for k, v in hp.items()})
-                  for i, m in enumerate(members)])
+    return stack(
+        [member_state(m, tx, {k: v[i] for k, v in hp.items()}) for i, m in enumerate(members)]
+    )
 
 
 def run_in_turn(members: list[Member], tx, hp: dict, *, source, steps) -> list[FitResult]:
@@ -86,23 +102,28 @@ def run_in_turn(members: list[Member], tx, hp: dict, *, source, steps) -> list[F
     for i, m in enumerate(members):
         ts = member_state(m, tx, {k: v[i] for k, v in hp.items()})
         try:
-            ts, loop = run_loop(ts, cfg=loop_config(m.config), source=source,
-                                train_step=train, eval_step=evaluate,
-                                train_idx=m.train_idx, val_idx=m.val_idx,
-                                labelled_idx=m.labelled(), val_labelled=m.val_labelled(),
-                                extra_val_metrics=m.val_metrics)
+            ts, loop = run_loop(
+                ts,
+                cfg=loop_config(m.config),
+                source=source,
+                train_step=train,
+                eval_step=evaluate,
+                train_idx=m.train_idx,
+                val_idx=m.val_idx,
+                labelled_idx=m.labelled(),
+                val_labelled=m.val_labelled(),
+                extra_val_metrics=m.val_metrics,
+            )
         except NonFiniteLossError as err:  # this member stops; the others train
             _warn_stopped(i, m, err)
             ts, loop = err.train_state, err.loop_state
             loop.stopped_early = True
-        results.append(FitResult(ts, loop, m.train_idx, m.val_idx, None,
-                                 source.device_bytes()))
+        results.append(FitResult(ts, loop, m.train_idx, m.val_idx, None, source.device_bytes()))
     return results
 
 
 def _warn_stopped(i: int, m: Member, err: Exception) -> None:
-    warnings.warn(f"member {i} (seed {m.seed}) stopped: {err}", RuntimeWarning,
-                  stacklevel=4)
+    warnings.warn(f"member {i} (seed {m.seed}) stopped: {err}", RuntimeWarning, stacklevel=4)
 
 
 def _joined(parts: list, *, shared: bool):
@@ -112,8 +133,9 @@ def _joined(parts: list, *, shared: bool):
     return parts[0] if shared else np.stack(parts, axis=1)
 
 
-def run_vmapped(members: list[Member], ts: TrainState, *, source, steps,  # noqa: PLR0913 (keyword-only; train_many builds them)
-                shared: bool, progress_bar: bool) -> list[FitResult]:
+def run_vmapped(
+    members: list[Member], ts: TrainState, *, source, steps, shared: bool, progress_bar: bool
+) -> list[FitResult]:
     """Every member's epoch in one vmapped program, to max_epochs or its early stop."""
     train, evaluate = steps
     cfgs = [loop_config(m.config) for m in members]
@@ -122,16 +144,23 @@ def run_vmapped(members: list[Member], ts: TrainState, *, source, steps,  # noqa
     active = np.ones(k, bool)
     drawing = range(1 if shared else k)  # who draws orders
     has_val = len(members[0].val_idx) > 0
-    bar = tqdm(range(cfg.max_epochs), desc=f"Training {k} models",
-               disable=not progress_bar, leave=False)
+    bar = tqdm(
+        range(cfg.max_epochs), desc=f"Training {k} models", disable=not progress_bar, leave=False
+    )
     for epoch in bar:
         t0 = time.perf_counter()
-        drawn = [epoch_orders(source, cfgs[i], epoch, members[i].train_idx,
-                              members[i].labelled()) for i in drawing]
+        drawn = [
+            epoch_orders(source, cfgs[i], epoch, members[i].train_idx, members[i].labelled())
+            for i in drawing
+        ]
         carry = (ts, jnp.full((k,), -1, jnp.int32))
         (new, bad), (terms, counts, klw) = run_epoch_vmapped(
-            source, train, carry, _joined([d[1] for d in drawn], shared=shared),
-            _joined([d[2] for d in drawn], shared=shared))
+            source,
+            train,
+            carry,
+            _joined([d[1] for d in drawn], shared=shared),
+            _joined([d[2] for d in drawn], shared=shared),
+        )
         bad = np.asarray(bad)
         failed = active & (bad >= 0) & (cfg.on_nonfinite == "raise")
         # as run_loop: a member whose loss went non-finite keeps its last finite
@@ -141,20 +170,40 @@ def run_vmapped(members: list[Member], ts: TrainState, *, source, steps,  # noqa
         ts = new if active.all() else masked_jit(jnp.asarray(active), new, ts)
         terms = {n: np.asarray(v) for n, v in terms.items()}
         for m in np.flatnonzero(failed):
-            _warn_stopped(m, members[m], nonfinite_error(
-                member_of(ts, m), int(bad[m]), {n: v[m] for n, v in terms.items()}, epoch))
+            _warn_stopped(
+                m,
+                members[m],
+                nonfinite_error(
+                    member_of(ts, m), int(bad[m]), {n: v[m] for n, v in terms.items()}, epoch
+                ),
+            )
             loops[m].stopped_early = True
         active &= ~failed
         lrs = np.asarray(inject_state(ts.opt_state).hyperparams["learning_rate"], np.float64)
         counts, klw = np.asarray(counts), np.asarray(klw)
-        records = {m: train_record(epoch, {n: t[m] for n, t in terms.items()}, counts[m],
-                                   klw[m], lrs[m]) for m in np.flatnonzero(done)}
+        records = {
+            m: train_record(epoch, {n: t[m] for n, t in terms.items()}, counts[m], klw[m], lrs[m])
+            for m in np.flatnonzero(done)
+        }
         if has_val and validates(cfg, epoch) and records:
-            v = [validation_orders(source, cfgs[i], epoch, drawn[i][0], members[i].val_idx,
-                                   members[i].val_labelled()) for i in drawing]
+            v = [
+                validation_orders(
+                    source,
+                    cfgs[i],
+                    epoch,
+                    drawn[i][0],
+                    members[i].val_idx,
+                    members[i].val_labelled(),
+                )
+                for i in drawing
+            ]
             _, (vterms, vcounts, _) = run_epoch_vmapped(
-                source, evaluate, ts, _joined([x[0] for x in v], shared=shared),
-                _joined([x[1] for x in v], shared=shared))
+                source,
+                evaluate,
+                ts,
+                _joined([x[0] for x in v], shared=shared),
+                _joined([x[1] for x in v], shared=shared),
+            )
             vterms, vcounts = {n: np.asarray(t) for n, t in vterms.items()}, np.asarray(vcounts)
             for m, rec in records.items():
                 add_validation(rec, {n: t[m] for n, t in vterms.items()}, vcounts[m])
@@ -165,11 +214,14 @@ def run_vmapped(members: list[Member], ts: TrainState, *, source, steps,  # noqa
             lrs[m], stop = after_epoch(loops[m], rec, lrs[m], cfgs[m])
             active[m] &= not stop
         if cfg.reduce_lr_on_plateau:
-            inject_state(ts.opt_state).hyperparams["learning_rate"] = jnp.asarray(
-                lrs, jnp.float32)
+            inject_state(ts.opt_state).hyperparams["learning_rate"] = jnp.asarray(lrs, jnp.float32)
         bar.set_postfix(active=int(active.sum()))
         if not active.any():
             break
     bar.close()
-    return [FitResult(member_of(ts, m), loops[m], mem.train_idx, mem.val_idx, None,
-                      source.device_bytes()) for m, mem in enumerate(members)]
+    return [
+        FitResult(
+            member_of(ts, m), loops[m], mem.train_idx, mem.val_idx, None, source.device_bytes()
+        )
+        for m, mem in enumerate(members)
+    ]

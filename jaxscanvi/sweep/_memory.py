@@ -28,23 +28,36 @@ _LAYER_ARRAYS = 8
 
 
 def tree_bytes(tree) -> int:
-    return int(sum(np.size(x) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree_util.tree_leaves(tree)))
+    return int(
+        sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+    )
 
 
 def _widths(params) -> int:
     """Sum of the output widths of every matrix in the parameters."""
-    return int(sum(np.shape(x)[-1] for x in jax.tree_util.tree_leaves(params)
-                   if np.ndim(x) >= 2))
+    return int(sum(np.shape(x)[-1] for x in jax.tree_util.tree_leaves(params) if np.ndim(x) >= 2))
 
 
-def estimate(params, state, *, n_members: int, batch_size: int, n_genes: int,
-             data_bytes: int, shared: bool, paired: bool) -> int:
+def estimate(
+    params,
+    state,
+    *,
+    n_members: int,
+    batch_size: int,
+    n_genes: int,
+    data_bytes: int,
+    shared: bool,
+    paired: bool,
+) -> int:
     """Bytes a sweep of ``n_members`` needs on the device (see the module docstring)."""
     per_member = 6 * tree_bytes(params) + 2 * tree_bytes(state)
     minibatches = 2 if paired else 1
-    act = 4 * batch_size * minibatches * (_LIKELIHOOD_ARRAYS * n_genes
-                                          + _LAYER_ARRAYS * _widths(params))
+    act = (
+        4
+        * batch_size
+        * minibatches
+        * (_LIKELIHOOD_ARRAYS * n_genes + _LAYER_ARRAYS * _widths(params))
+    )
     gathered = 4 * batch_size * n_genes * minibatches * (1 if shared else n_members)
     return int(data_bytes + gathered + n_members * (per_member + act))
 
@@ -55,7 +68,7 @@ def available_bytes(device=None) -> int:
     device = device or jax.devices()[0]
     try:
         stats = device.memory_stats() or {}
-    except Exception:  # CPU devices report no statistics
+    except Exception:  # noqa: BLE001 - CPU devices report no statistics
         stats = {}
     if stats.get("bytes_limit"):
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
@@ -80,9 +93,17 @@ def check_fits(n_members: int, budget: int, need) -> None:
         else:
             hi = mid - 1
     gib = 1 << 30
-    fix = (f"sweep at most {fits} members at a time (split seeds/grid into several "
-           "sweeps), or lower batch_size" if fits else
-           "not even one member fits: lower batch_size or the network size")
-    raise InputError("members", n_members, f"{n_members} members need about "
-                     f"{total / gib:.2f} GiB on the device, which has "
-                     f"{budget / gib:.2f} GiB free", fix)
+    fix = (
+        f"sweep at most {fits} members at a time (split seeds/grid into several "
+        "sweeps), or lower batch_size"
+        if fits
+        else "not even one member fits: lower batch_size or the network size"
+    )
+    raise InputError(
+        "members",
+        n_members,
+        f"{n_members} members need about "
+        f"{total / gib:.2f} GiB on the device, which has "
+        f"{budget / gib:.2f} GiB free",
+        fix,
+    )

@@ -13,9 +13,9 @@ members run it in turn, or `jax.vmap`-ed over their stacked states
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,24 +32,29 @@ from ..train.state import inject_state, mask_key, pending_update, zero_frozen
 WEIGHT_KEY = "loss_weight:"
 
 
-def sweep_optimizer(eps: float, trainable_mask=None, *, decoupled: bool = False,
-                    clip: tuple | None = None) -> optax.GradientTransformation:
+def sweep_optimizer(
+    eps: float, trainable_mask=None, *, decoupled: bool = False, clip: tuple | None = None
+) -> optax.GradientTransformation:
     """`train.state.make_optimizer`'s chain (Adam at element 1, coupled L2 or, with
     ``decoupled``, AdamW; Lightning's clipping), with the weight decay injected too.
 
     The factory ignores the other numbers a member keeps in its hyperparams.
     """
+
     def build(learning_rate, weight_decay, **numbers):
         del numbers  # the step's, not the optimiser's
-        first = [] if clip is None else [optax.clip_by_global_norm(clip[1])
-                                         if clip[0] == "norm" else optax.clip(clip[1])]
+        first = (
+            []
+            if clip is None
+            else [optax.clip_by_global_norm(clip[1]) if clip[0] == "norm" else optax.clip(clip[1])]
+        )
         if not decoupled:
             first.append(optax.add_decayed_weights(weight_decay))
         after = [optax.add_decayed_weights(weight_decay)] if decoupled else []
-        head = first[0] if len(first) == 1 else optax.chain(*first) if first \
-            else optax.identity()
-        return optax.chain(head, optax.scale_by_adam(eps=eps), *after,
-                           optax.scale_by_learning_rate(learning_rate))
+        head = first[0] if len(first) == 1 else optax.chain(*first) if first else optax.identity()
+        return optax.chain(
+            head, optax.scale_by_adam(eps=eps), *after, optax.scale_by_learning_rate(learning_rate)
+        )
 
     tx = optax.inject_hyperparams(build)(learning_rate=1e-3, weight_decay=0.0)
     if trainable_mask is not None:
@@ -78,8 +83,7 @@ class TracedSchedule:
         if self.mode == "constant":
             return jnp.asarray(h["kl_max"], jnp.float32)
         t = jnp.asarray(epoch if self.mode == "epochs" else step, jnp.float32)
-        return jnp.where(t < h["kl_n"], h["kl_slope"] * t / h["kl_n"] + h["kl_min"],
-                         h["kl_max"])
+        return jnp.where(t < h["kl_n"], h["kl_slope"] * t / h["kl_n"] + h["kl_min"], h["kl_max"])
 
 
 def with_hyper(loss: Callable, hp: dict) -> Callable:
@@ -91,7 +95,7 @@ def with_hyper(loss: Callable, hp: dict) -> Callable:
     kw = {}
     if "classification_ratio" in hp:
         kw["classification_ratio"] = hp["classification_ratio"]
-    weights = {k[len(WEIGHT_KEY):]: v for k, v in hp.items() if k.startswith(WEIGHT_KEY)}
+    weights = {k[len(WEIGHT_KEY) :]: v for k, v in hp.items() if k.startswith(WEIGHT_KEY)}
     if weights:
         kw["extra_weights"] = {**loss.keywords.get("extra_weights", {}), **weights}
     return partial(loss, **kw) if kw else loss
@@ -107,37 +111,63 @@ def member_steps(task, config, *, schedule_mode: str):
     numerics = backend.current(config.precision)
     plan = config.plan
     traced_plan = {"lr", "weight_decay", "classification_ratio"}
-    spec = ("sweep_member", task.loss_spec,
-            tuple(kv for kv in plan.options if kv[0] not in traced_plan),
-            config.on_nonfinite, config.loss_terms,
-            tuple((k, w) for k, w in config.loss_weights if callable(w)),
-            mask_key(masks[0]), mask_key(masks[1]), numerics, schedule_mode)
+    spec = (
+        "sweep_member",
+        task.loss_spec,
+        tuple(kv for kv in plan.options if kv[0] not in traced_plan),
+        config.on_nonfinite,
+        config.loss_terms,
+        tuple((k, w) for k, w in config.loss_weights if callable(w)),
+        mask_key(masks[0]),
+        mask_key(masks[1]),
+        numerics,
+        schedule_mode,
+    )
 
     def build():
         eps, decoupled = plan.get("eps", 0.01), plan.get("optimizer") == "AdamW"
         clip = plan.get("gradient_clip_val")
-        tx = sweep_optimizer(eps, masks[0], decoupled=decoupled, clip=None if clip is None
-                             else (plan.get("gradient_clip_algorithm", "norm"), clip))
+        tx = sweep_optimizer(
+            eps,
+            masks[0],
+            decoupled=decoupled,
+            clip=None if clip is None else (plan.get("gradient_clip_algorithm", "norm"), clip),
+        )
         deferred = numerics.kernels.deferred_adam
         loss_train, loss_eval = task.make_loss(train=True), task.make_loss(train=False)
 
         def fns(ts) -> StepFns:
             hp = numbers(ts)
-            pending = partial(pending_update, eps=eps, trainable_mask=masks[0],
-                              decoupled_decay=hp["weight_decay"] if decoupled else 0.0) \
-                if deferred else None
-            return make_train_step(with_hyper(loss_train, hp), tx,
-                                   TracedSchedule(schedule_mode, hp), config.on_nonfinite,
-                                   masks[1], pending)
+            pending = (
+                partial(
+                    pending_update,
+                    eps=eps,
+                    trainable_mask=masks[0],
+                    decoupled_decay=hp["weight_decay"] if decoupled else 0.0,
+                )
+                if deferred
+                else None
+            )
+            return make_train_step(
+                with_hyper(loss_train, hp),
+                tx,
+                TracedSchedule(schedule_mode, hp),
+                config.on_nonfinite,
+                masks[1],
+                pending,
+            )
 
         def evaluate(ts, batch):
             hp = numbers(ts)
-            return make_eval_step(with_hyper(loss_eval, hp),
-                                  TracedSchedule(schedule_mode, hp))(ts, batch)
+            return make_eval_step(with_hyper(loss_eval, hp), TracedSchedule(schedule_mode, hp))(
+                ts, batch
+            )
 
-        train = StepFns(lambda c, b: fns(c[0]).step(c, b),
-                        (lambda c, b: fns(c[0]).deferred(c, b)) if deferred else None,
-                        (lambda c: fns(c[0]).finish(c)) if deferred else None)
+        train = StepFns(
+            lambda c, b: fns(c[0]).step(c, b),
+            (lambda c, b: fns(c[0]).deferred(c, b)) if deferred else None,
+            (lambda c: fns(c[0]).finish(c)) if deferred else None,
+        )
         return tx, pinned(train, numerics), backend.traced(evaluate, numerics)
 
     return functions.get(spec, build)
@@ -153,8 +183,9 @@ def vmapped_epoch(source, step_fn: Callable, *, own_rows: bool) -> Callable:
     # the sweep vmaps that very program rather than a copy of it
     one = source._epoch_fn(step_fn)
     axis = 1 if own_rows else None
-    return functions.get(("sweep_vmapped", one, axis),
-                         lambda: jax.jit(jax.vmap(one, in_axes=(0, None, axis, axis))))
+    return functions.get(
+        ("sweep_vmapped", one, axis), lambda: jax.jit(jax.vmap(one, in_axes=(0, None, axis, axis)))
+    )
 
 
 def run_epoch_vmapped(source, step_fn: Callable, carry, rows, lab_rows=None):
@@ -168,8 +199,10 @@ def run_epoch_vmapped(source, step_fn: Callable, carry, rows, lab_rows=None):
 
 def masked(active, new, old):
     """``new`` for the members marked in ``active`` (K,), ``old`` for the rest."""
+
     def pick(a, b):
         return jnp.where(active.reshape(active.shape + (1,) * (a.ndim - 1)), a, b)
+
     return jax.tree_util.tree_map(pick, new, old)
 
 

@@ -52,11 +52,15 @@ def check(config, cells, module_config) -> None:
         need = X.data.nbytes * 2 + X.indptr.nbytes + cells.n_obs * 64
         if need > mem:
             raise InputError(
-                "data_source", "device", f"the counts need {need / GIB:.1f} GiB on the "
+                "data_source",
+                "device",
+                f"the counts need {need / GIB:.1f} GiB on the "
                 f"device ({cells.n_obs} cells, {X.nnz} non-zeros), more than {where} has "
-                f"({mem / GIB:.1f} GiB)", "pass data_source='host' (a minibatch is copied "
+                f"({mem / GIB:.1f} GiB)",
+                "pass data_source='host' (a minibatch is copied "
                 "per step), or 'stream' with a backed AnnData (anndata.read_h5ad(path, "
-                "backed='r')), or keep fewer genes")
+                "backed='r')), or keep fewer genes",
+            )
     cells_per_step = min(config.batch_size, cells.n_obs)
     classes = 1
     if hasattr(module_config, "class_chunk_size"):  # scANVI enumerates cell types
@@ -65,8 +69,11 @@ def check(config, cells, module_config) -> None:
     if need > mem:
         per_class = f" x {classes} cell types enumerated at once" if classes > 1 else ""
         raise InputError(
-            "batch_size", config.batch_size, f"one training step needs at least "
+            "batch_size",
+            config.batch_size,
+            f"one training step needs at least "
             f"{need / GIB:.1f} GiB ({cells_per_step} cells x {G} genes{per_class} x "
             f"{STEP_BYTES_PER_ENTRY} bytes), more than {where} has ({mem / GIB:.1f} GiB)",
             "pass a smaller batch_size, keep fewer genes (e.g. highly variable ones)"
-            + (", or a smaller class_chunk_size" if classes > 1 else ""))
+            + (", or a smaller class_chunk_size" if classes > 1 else ""),
+        )

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,16 +114,18 @@ def layout(rows: np.ndarray, lab_rows: np.ndarray | None, n_dev: int, steps: int
         # each cell once, in file order: reads and copies go run by run
         cells = np.unique(flat[valid])
         pos = np.where(valid, np.searchsorted(cells, flat), -1).astype(np.int32)
-        local[:s, cols] = pos[:s * b].reshape(s, b)
+        local[:s, cols] = pos[: s * b].reshape(s, b)
         if lab_rows is not None:
-            local_lab[:s, cols] = pos[s * b:].reshape(s, b)
+            local_lab[:s, cols] = pos[s * b :].reshape(s, b)
         take.append(cells)
     return Layout(local, local_lab, take, s)
 
 
-def chunk_nnz(row_nnz: np.ndarray, rows: np.ndarray, lab_rows: np.ndarray | None,
-              steps: int, n_dev: int) -> int:
+def chunk_nnz(
+    row_nnz: np.ndarray, rows: np.ndarray, lab_rows: np.ndarray | None, steps: int, n_dev: int
+) -> int:
     """The most non-zeros any device's chunk of an epoch holds."""
+
     def per_chunk(r):
         s, B = r.shape
         pad = -s % steps
@@ -130,14 +133,16 @@ def chunk_nnz(row_nnz: np.ndarray, rows: np.ndarray, lab_rows: np.ndarray | None
         nz = np.where(r >= 0, row_nnz[np.maximum(r, 0)], 0).astype(np.int64)
         # (chunks, steps, devices, b) -> per chunk and device
         return nz.reshape(-1, steps, n_dev, B // n_dev).sum(axis=(1, 3))
+
     total = per_chunk(np.asarray(rows))
     if lab_rows is not None:
         total = total + per_chunk(np.asarray(lab_rows))
     return int(total.max()) if total.size else 0
 
 
-def host_chunk(cells, take: np.ndarray, read: Callable, rows_cap: int,
-               nnz_cap: int) -> list[np.ndarray]:
+def host_chunk(
+    cells, take: np.ndarray, read: Callable, rows_cap: int, nnz_cap: int
+) -> list[np.ndarray]:
     """One device's chunk as host arrays, in the field order of `DeviceCells`.
 
     ``read(take)`` gives the CSR rows of cells ``take``; the CSR is padded to
@@ -151,7 +156,7 @@ def host_chunk(cells, take: np.ndarray, read: Callable, rows_cap: int,
     indices = np.zeros(nnz_cap, np.int32)
     data[:nnz], indices[:nnz] = X.data, X.indices
     indptr = np.full(rows_cap + 1, nnz, np.int32)  # a chunk's offsets fit 32 bits
-    indptr[:m + 1] = X.indptr
+    indptr[: m + 1] = X.indptr
     return [data, indices, indptr, *columns(cells, take, rows_cap)]
 
 
@@ -168,7 +173,7 @@ def prefetched(produce: Callable, n: int, depth: int = 2):
                     return
                 q.put(produce(i))
             q.put(done)
-        except BaseException as e:  # surfaced in the consumer
+        except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
             q.put(e)
 
     threading.Thread(target=work, daemon=True).start()
@@ -186,4 +191,5 @@ def prefetched(produce: Callable, n: int, depth: int = 2):
             stop.set()
             while not q.empty():
                 q.get_nowait()
+
     return items()

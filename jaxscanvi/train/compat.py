@@ -39,10 +39,10 @@ _LOADER_IGNORED = ("num_workers", "pin_memory", "persistent_workers", "prefetch_
 # what cannot apply, and what to do instead
 REFUSED = {
     "callbacks": "Lightning callbacks cannot run here; use early_stopping=..., "
-                 "checkpoint_dir=... or read model.history after training",
+    "checkpoint_dir=... or read model.history after training",
     "accumulate_grad_batches": "pass a larger batch_size",
     "max_steps": "training runs whole epochs; pass max_epochs "
-                 "(about max_steps * batch_size / n_cells)",
+    "(about max_steps * batch_size / n_cells)",
     "min_epochs": "leave it out; with early stopping pass early_stopping_patience",
     "min_steps": "leave it out; with early stopping pass early_stopping_patience",
     "max_time": "pass max_epochs",
@@ -54,22 +54,45 @@ REFUSED = {
     "plugins": "leave it out",
     "num_nodes": "run one process per host with jaxscanvi.distributed.initialize()",
     "datamodule": "set the AnnData up with setup_anndata; custom data modules cannot "
-                  "feed the compiled epoch",
+    "feed the compiled epoch",
 }
 # Lightning's defaults of the refused keywords: passing them asks for nothing
-_DEFAULTS = {"max_steps": (-1, None), "min_epochs": (None,), "min_steps": (None,),
-             "max_time": (None,), "accumulate_grad_batches": (1, None),
-             "limit_train_batches": (None, 1.0), "limit_val_batches": (None, 1.0),
-             "val_check_interval": (None, 1.0), "overfit_batches": (0, 0.0),
-             "fast_dev_run": (False,), "callbacks": (None, ()), "plugins": (None, ()),
-             "num_nodes": (1,), "datamodule": (None,)}
+_DEFAULTS = {
+    "max_steps": (-1, None),
+    "min_epochs": (None,),
+    "min_steps": (None,),
+    "max_time": (None,),
+    "accumulate_grad_batches": (1, None),
+    "limit_train_batches": (None, 1.0),
+    "limit_val_batches": (None, 1.0),
+    "val_check_interval": (None, 1.0),
+    "overfit_batches": (0, 0.0),
+    "fast_dev_run": (False,),
+    "callbacks": (None, ()),
+    "plugins": (None, ()),
+    "num_nodes": (1,),
+    "datamodule": (None,),
+}
 _ACCELERATORS = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}
-_PRECISIONS = {32: "float32", "32": "float32", "32-true": "float32", "float32": "float32",
-               "bf16": "bfloat16", "bf16-mixed": "bfloat16", "bf16-true": "bfloat16",
-               "bfloat16": "bfloat16"}
+_PRECISIONS = {
+    32: "float32",
+    "32": "float32",
+    "32-true": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bf16-mixed": "bfloat16",
+    "bf16-true": "bfloat16",
+    "bfloat16": "bfloat16",
+}
 # what TrainConfig itself has a field for
-MAPPED = ("enable_progress_bar", "early_stopping_min_delta", "gradient_clip_val",
-          "gradient_clip_algorithm", "early_stopping_mode", "strategy")
+MAPPED = (
+    "enable_progress_bar",
+    "early_stopping_min_delta",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+    "early_stopping_mode",
+    "strategy",
+)
 
 
 def _ignore(name: str, why: str) -> None:
@@ -83,39 +106,50 @@ def translate(arguments: dict) -> dict:
     into ``plan_kwargs`` (scvi-tools 1.4's dict forms of the same things).
     """
     args = dict(arguments)
-    extra = {**(args.pop("trainer_config", None) or {}),
-             **(args.pop("trainer_kwargs", None) or {})}
+    extra = {**(args.pop("trainer_config", None) or {}), **(args.pop("trainer_kwargs", None) or {})}
     plan = {**(args.pop("plan_config", None) or {}), **(args.get("plan_kwargs") or {})}
     for name in ("datamodule", "load_sparse_tensor"):
         if args.get(name):
             extra[name] = args.pop(name)
     if args.pop("adversarial_classifier", None):
-        raise InputError("adversarial_classifier", True, "scANVI's adversarial classifier "
-                         "is not implemented", "leave adversarial_classifier=None")
+        raise InputError(
+            "adversarial_classifier",
+            True,
+            "scANVI's adversarial classifier is not implemented",
+            "leave adversarial_classifier=None",
+        )
     for name, value in extra.items():
         if name in REFUSED and _is_default(name, value):
             continue
         if name in REFUSED:
-            raise InputError(name, value, "cannot apply to jaxscanvi's training",
-                             REFUSED[name])
+            raise InputError(name, value, "cannot apply to jaxscanvi's training", REFUSED[name])
         if name in IGNORED:
             _ignore(name, IGNORED[name])
         elif name not in MAPPED:
-            raise InputError(name, value, "is not an argument of train()",
-                             "see help(model.train) for scvi-tools' and jaxscanvi's "
-                             "arguments")
+            raise InputError(
+                name,
+                value,
+                "is not an argument of train()",
+                "see help(model.train) for scvi-tools' and jaxscanvi's arguments",
+            )
     if "enable_progress_bar" in extra:
         args["progress_bar"] = bool(extra["enable_progress_bar"])
     if "early_stopping_min_delta" in extra:
         args["early_stopping_min_delta"] = float(extra["early_stopping_min_delta"])
     if extra.get("early_stopping_mode", "min") != "min":
-        raise InputError("early_stopping_mode", extra["early_stopping_mode"],
-                         "only 'min' applies: every monitored quantity here is a loss",
-                         "monitor a loss (e.g. 'elbo_validation') with mode 'min'")
+        raise InputError(
+            "early_stopping_mode",
+            extra["early_stopping_mode"],
+            "only 'min' applies: every monitored quantity here is a loss",
+            "monitor a loss (e.g. 'elbo_validation') with mode 'min'",
+        )
     strategy = extra.get("strategy", "auto")
     if strategy != "auto":
-        _ignore("strategy", "several devices always split each minibatch between them "
-                "(data parallelism); choose them with devices=...")
+        _ignore(
+            "strategy",
+            "several devices always split each minibatch between them "
+            "(data parallelism); choose them with devices=...",
+        )
     plan.update(_clipping(extra))
     args["plan_kwargs"] = plan or None
     _split_options(args)
@@ -129,8 +163,9 @@ def translate(arguments: dict) -> dict:
 def _is_default(name: str, value) -> bool:
     if isinstance(value, list) and not value:
         value = ()
-    return any(value is d or (type(value) is type(d) and value == d)
-               for d in _DEFAULTS.get(name, ()))
+    return any(
+        value is d or (type(value) is type(d) and value == d) for d in _DEFAULTS.get(name, ())
+    )
 
 
 def _clipping(extra: dict) -> dict:
@@ -138,14 +173,22 @@ def _clipping(extra: dict) -> dict:
     clip = extra.get("gradient_clip_val")
     if clip is not None and clip != 0:
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
-            raise InputError("gradient_clip_val", clip, "not a positive number",
-                             "pass e.g. gradient_clip_val=1.0, or leave it out")
+            raise InputError(
+                "gradient_clip_val",
+                clip,
+                "not a positive number",
+                "pass e.g. gradient_clip_val=1.0, or leave it out",
+            )
         out["gradient_clip_val"] = float(clip)
     algorithm = extra.get("gradient_clip_algorithm")
     if algorithm is not None:
         if algorithm not in ("norm", "value"):
-            raise InputError("gradient_clip_algorithm", algorithm, "not 'norm' or 'value'",
-                             "pass 'norm' (Lightning's default) or 'value'")
+            raise InputError(
+                "gradient_clip_algorithm",
+                algorithm,
+                "not 'norm' or 'value'",
+                "pass 'norm' (Lightning's default) or 'value'",
+            )
         out["gradient_clip_algorithm"] = algorithm
     return out
 
@@ -156,54 +199,83 @@ def _split_options(args: dict) -> None:
     for name in _LOADER_IGNORED:
         if name in options:
             options.pop(name)
-            _ignore(f"datasplitter_kwargs[{name!r}]", "no data-loader processes: "
-                    "minibatches are gathered from arrays in memory")
+            _ignore(
+                f"datasplitter_kwargs[{name!r}]",
+                "no data-loader processes: minibatches are gathered from arrays in memory",
+            )
     if "shuffle_set_split" in options:
         args["shuffle_set_split"] = bool(options.pop("shuffle_set_split"))
     if options:
-        raise InputError("datasplitter_kwargs", sorted(options), "cannot apply here",
-                         f"pass only {list(_LOADER_IGNORED)} (ignored) or "
-                         "shuffle_set_split; train_size and validation_size are "
-                         "train()'s own arguments")
+        raise InputError(
+            "datasplitter_kwargs",
+            sorted(options),
+            "cannot apply here",
+            f"pass only {list(_LOADER_IGNORED)} (ignored) or "
+            "shuffle_set_split; train_size and validation_size are "
+            "train()'s own arguments",
+        )
 
 
 def _precision(value) -> str:
     if value in _PRECISIONS:
         return _PRECISIONS[value]
-    raise InputError("precision", value, "not a precision jaxscanvi trains in",
-                     "pass 32 / '32-true' / 'float32', or 'bf16-mixed' / 'bfloat16' "
-                     "(bf16 matrix products, float32 elsewhere); float16 and float64 "
-                     "are not supported")
+    raise InputError(
+        "precision",
+        value,
+        "not a precision jaxscanvi trains in",
+        "pass 32 / '32-true' / 'float32', or 'bf16-mixed' / 'bfloat16' "
+        "(bf16 matrix products, float32 elsewhere); float16 and float64 "
+        "are not supported",
+    )
 
 
 def devices_for(accelerator, devices):
     """scvi-tools' (accelerator, devices) as our ``devices``: "auto", an int, or
     a list of jax devices."""
     if accelerator in (None, "auto"):
-        if isinstance(devices, (list, tuple)) and devices and all(
-                isinstance(d, int) and not isinstance(d, bool) for d in devices):
+        if (
+            isinstance(devices, (list, tuple))
+            and devices
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in devices)
+        ):
             return _by_index(jax.local_devices(), devices)  # Lightning: device indices
         return "auto" if devices in (-1, "-1") else devices
     platform = _ACCELERATORS.get(accelerator) if isinstance(accelerator, str) else None
     if platform is None:
-        raise InputError("accelerator", accelerator, "not an accelerator JAX can run on",
-                         "pass 'auto', 'cpu', 'gpu' (or 'cuda') or 'tpu'")
+        raise InputError(
+            "accelerator",
+            accelerator,
+            "not an accelerator JAX can run on",
+            "pass 'auto', 'cpu', 'gpu' (or 'cuda') or 'tpu'",
+        )
     default = jax.default_backend()
     if platform != default:
         have = f"JAX runs on {default}"
         if platform == "cpu":
-            raise InputError("accelerator", accelerator, f"{have}; jaxscanvi trains on "
-                             "JAX's default backend", "leave accelerator='auto', or start "
-                             "Python with JAX_PLATFORMS=cpu to train on the CPU")
-        raise InputError("accelerator", accelerator, f"{have}; no {platform} is visible "
-                         "to JAX", "pass accelerator='auto' or 'cpu', or install jax with "
-                         f"{platform} support (e.g. pip install 'jax[cuda12]')")
+            raise InputError(
+                "accelerator",
+                accelerator,
+                f"{have}; jaxscanvi trains on JAX's default backend",
+                "leave accelerator='auto', or start "
+                "Python with JAX_PLATFORMS=cpu to train on the CPU",
+            )
+        raise InputError(
+            "accelerator",
+            accelerator,
+            f"{have}; no {platform} is visible to JAX",
+            "pass accelerator='auto' or 'cpu', or install jax with "
+            f"{platform} support (e.g. pip install 'jax[cuda12]')",
+        )
     return devices_for("auto", devices)
 
 
 def _by_index(local: list, ids) -> list:
     bad = [i for i in ids if not 0 <= i < len(local)]
     if bad:
-        raise InputError("devices", list(ids), f"there are {len(local)} local device(s)",
-                         f"pass indices from 0 to {len(local) - 1}, an int or 'auto'")
+        raise InputError(
+            "devices",
+            list(ids),
+            f"there are {len(local)} local device(s)",
+            f"pass indices from 0 to {len(local) - 1}, an int or 'auto'",
+        )
     return [local[i] for i in ids]

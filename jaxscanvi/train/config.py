@@ -16,20 +16,40 @@ from ..errors import InputError, check_positive_int
 from .compat import translate
 from .state import KLSchedule
 
-PLAN_KEYS = {"lr", "eps", "weight_decay", "n_epochs_kl_warmup", "n_steps_kl_warmup",
-             "max_kl_weight", "min_kl_weight", "reduce_lr_on_plateau", "lr_factor",
-             "lr_patience", "lr_threshold", "lr_min", "lr_scheduler_metric",
-             "classification_ratio", "objective", "sparse_likelihood", "optimizer",
-             "gradient_clip_val", "gradient_clip_algorithm"}
+PLAN_KEYS = {
+    "lr",
+    "eps",
+    "weight_decay",
+    "n_epochs_kl_warmup",
+    "n_steps_kl_warmup",
+    "max_kl_weight",
+    "min_kl_weight",
+    "reduce_lr_on_plateau",
+    "lr_factor",
+    "lr_patience",
+    "lr_threshold",
+    "lr_min",
+    "lr_scheduler_metric",
+    "classification_ratio",
+    "objective",
+    "sparse_likelihood",
+    "optimizer",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+}
 OPTIMIZERS = ("Adam", "AdamW")
-_SCHEDULE_KEYS = ("n_epochs_kl_warmup", "n_steps_kl_warmup", "max_kl_weight",
-                  "min_kl_weight")
-_PLATEAU_KEYS = ("reduce_lr_on_plateau", "lr_factor", "lr_patience", "lr_threshold",
-                 "lr_min", "lr_scheduler_metric")
+_SCHEDULE_KEYS = ("n_epochs_kl_warmup", "n_steps_kl_warmup", "max_kl_weight", "min_kl_weight")
+_PLATEAU_KEYS = (
+    "reduce_lr_on_plateau",
+    "lr_factor",
+    "lr_patience",
+    "lr_threshold",
+    "lr_min",
+    "lr_scheduler_metric",
+)
 
 
-def max_epochs_heuristic(n_obs: int, epochs_cap: int = 400,
-                         decay_at_n_obs: int = 20_000) -> int:
+def max_epochs_heuristic(n_obs: int, epochs_cap: int = 400, decay_at_n_obs: int = 20_000) -> int:
     """scvi-tools' default: 400 epochs up to 20k cells, then fewer."""
     return max(min(round((decay_at_n_obs / n_obs) * epochs_cap), epochs_cap), 1)
 
@@ -44,26 +64,38 @@ class Plan:
     """
 
     options: tuple = ()
-    schedule: KLSchedule = KLSchedule()
+    schedule: KLSchedule = KLSchedule()  # noqa: RUF009 - frozen: one shared default is safe
     plateau: tuple = ()
 
     @classmethod
     def parse(cls, plan_kwargs: dict | None, defaults: dict | None = None) -> Plan:
         unknown = set(plan_kwargs or {}) - PLAN_KEYS
         if unknown:
-            raise InputError("plan_kwargs", sorted(unknown), "unknown training-plan "
-                             "options", f"use only {sorted(PLAN_KEYS)}")
+            raise InputError(
+                "plan_kwargs",
+                sorted(unknown),
+                "unknown training-plan options",
+                f"use only {sorted(PLAN_KEYS)}",
+            )
         plan = {**(defaults or {}), **(plan_kwargs or {})}
         lr = plan.get("lr", 1e-3)
         if not (isinstance(lr, (int, float)) and lr > 0):
-            raise InputError("plan_kwargs['lr']", lr, "must be a positive number",
-                             "pass e.g. plan_kwargs={'lr': 1e-3}")
+            raise InputError(
+                "plan_kwargs['lr']",
+                lr,
+                "must be a positive number",
+                "pass e.g. plan_kwargs={'lr': 1e-3}",
+            )
         optimizer = plan.get("optimizer", "Adam")
         if optimizer not in OPTIMIZERS:
-            raise InputError("plan_kwargs['optimizer']", optimizer, "not an optimiser "
-                             "jaxscanvi has", "pass 'Adam' (default: L2 weight decay, "
-                             "torch.optim.Adam) or 'AdamW' (decoupled weight decay); "
-                             "'Custom' optimizer_creator functions are torch-only")
+            raise InputError(
+                "plan_kwargs['optimizer']",
+                optimizer,
+                "not an optimiser jaxscanvi has",
+                "pass 'Adam' (default: L2 weight decay, "
+                "torch.optim.Adam) or 'AdamW' (decoupled weight decay); "
+                "'Custom' optimizer_creator functions are torch-only",
+            )
         schedule = KLSchedule(**{k: plan.pop(k) for k in _SCHEDULE_KEYS if k in plan})
         plateau = {k: plan.pop(k) for k in _PLATEAU_KEYS if k in plan}
         return cls(tuple(sorted(plan.items())), schedule, tuple(sorted(plateau.items())))
@@ -107,23 +139,32 @@ class TrainConfig:
         check_positive_int("data_shards", self.data_shards, allow_none=True)
         check_positive_int("max_epochs", self.max_epochs)
         if self.on_nonfinite not in ("raise", "skip_step"):
-            raise InputError("on_nonfinite", self.on_nonfinite, "not 'raise' or 'skip_step'",
-                             "pass on_nonfinite='raise' (default) or 'skip_step'")
+            raise InputError(
+                "on_nonfinite",
+                self.on_nonfinite,
+                "not 'raise' or 'skip_step'",
+                "pass on_nonfinite='raise' (default) or 'skip_step'",
+            )
         if self.data_source not in ("auto", "device", "host", "stream"):
-            raise InputError("data_source", self.data_source,
-                             "not 'auto', 'device', 'host' or 'stream'",
-                             "pass data_source='auto' (default), 'device', 'host' or "
-                             "'stream'")
+            raise InputError(
+                "data_source",
+                self.data_source,
+                "not 'auto', 'device', 'host' or 'stream'",
+                "pass data_source='auto' (default), 'device', 'host' or 'stream'",
+            )
         if self.resume and self.checkpoint_dir is None:
-            raise InputError("resume", True, "resuming needs checkpoint_dir",
-                             "pass checkpoint_dir=... (the folder written by an "
-                             "earlier train(..., checkpoint_dir=...))")
+            raise InputError(
+                "resume",
+                True,
+                "resuming needs checkpoint_dir",
+                "pass checkpoint_dir=... (the folder written by an "
+                "earlier train(..., checkpoint_dir=...))",
+            )
         if self.checkpoint_dir is not None:
             check_positive_int("checkpoint_every", self.checkpoint_every)
 
     @classmethod
-    def from_arguments(cls, arguments: dict, *, default_plan: dict | None = None
-                       ) -> TrainConfig:
+    def from_arguments(cls, arguments: dict, *, default_plan: dict | None = None) -> TrainConfig:
         """From `train()`'s arguments (its ``locals()``): each field by its name,
         ``plan_kwargs`` parsed, ``loss_terms``/``loss_weights`` checked. scvi-tools'
         and Lightning's keywords are translated first (`compat.translate`)."""
@@ -145,24 +186,38 @@ class TrainConfig:
 def resolve_weights(loss_terms, loss_weights) -> dict | None:
     """Each extra loss term's weight (default 1), checked; None without terms."""
     if loss_terms is not None and not isinstance(loss_terms, dict):
-        raise InputError("loss_terms", type(loss_terms).__name__, "not a dict",
-                         "pass loss_terms={'name': fn}, fn(outputs, batch, params) "
-                         "-> scalar")
+        raise InputError(
+            "loss_terms",
+            type(loss_terms).__name__,
+            "not a dict",
+            "pass loss_terms={'name': fn}, fn(outputs, batch, params) -> scalar",
+        )
     for name, fn in (loss_terms or {}).items():
         if not callable(fn):
-            raise InputError(f"loss_terms[{name!r}]", type(fn).__name__,
-                             "not a function", "pass fn(outputs, batch, params) -> "
-                             "scalar")
+            raise InputError(
+                f"loss_terms[{name!r}]",
+                type(fn).__name__,
+                "not a function",
+                "pass fn(outputs, batch, params) -> scalar",
+            )
     if not loss_terms:
         if loss_weights:
-            raise InputError("loss_weights", sorted(loss_weights), "names no loss term",
-                             "pass loss_terms={...} with these names")
+            raise InputError(
+                "loss_weights",
+                sorted(loss_weights),
+                "names no loss term",
+                "pass loss_terms={...} with these names",
+            )
         return None
     loss_weights = dict(loss_weights or {})
     unknown = set(loss_weights) - set(loss_terms)
     if unknown:
-        raise InputError("loss_weights", sorted(unknown), "names no loss term",
-                         f"use names of loss_terms: {sorted(loss_terms)}")
+        raise InputError(
+            "loss_weights",
+            sorted(unknown),
+            "names no loss term",
+            f"use names of loss_terms: {sorted(loss_terms)}",
+        )
     return {k: _weight(k, loss_weights.get(k, 1.0)) for k in loss_terms}
 
 
@@ -170,7 +225,10 @@ def _weight(name: str, w):
     if callable(w):
         return w
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-        raise InputError(f"loss_weights[{name!r}]", w, "not a finite number or "
-                         "a schedule", "pass a float, or a function of the "
-                         "step such as optax.linear_schedule(0.0, 1.0, 1000)")
+        raise InputError(
+            f"loss_weights[{name!r}]",
+            w,
+            "not a finite number or a schedule",
+            "pass a float, or a function of the step such as optax.linear_schedule(0.0, 1.0, 1000)",
+        )
     return float(w)

@@ -7,8 +7,9 @@ epoch loop. It knows nothing of AnnData or of the model classes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from functools import partial
-from typing import Any, Callable, Hashable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -62,30 +63,52 @@ def step_fns(config: TrainConfig, task: Task):
     """(optimizer, train StepFns, eval step), compiled once per specification."""
     masks = task.freeze if task.freeze is not None else (None, None)
     numerics = backend.current(config.precision)
-    spec = ("train_step", task.loss_spec, config.plan, config.on_nonfinite,
-            config.loss_terms, config.loss_weights, mask_key(masks[0]), mask_key(masks[1]),
-            numerics)
+    spec = (
+        "train_step",
+        task.loss_spec,
+        config.plan,
+        config.on_nonfinite,
+        config.loss_terms,
+        config.loss_weights,
+        mask_key(masks[0]),
+        mask_key(masks[1]),
+        numerics,
+    )
 
     def build():
         plan = config.plan
         eps = plan.get("eps", 0.01)
         decay, decoupled = plan.get("weight_decay", 1e-6), plan.get("optimizer") == "AdamW"
-        tx = make_optimizer(plan.get("lr", 1e-3), eps, decay, masks[0],
-                            decoupled=decoupled, clip=_clip(plan))
-        pending = partial(pending_update, eps=eps, trainable_mask=masks[0],
-                          decoupled_decay=decay if decoupled else 0.0) \
-            if numerics.kernels.deferred_adam else None
-        step = make_train_step(task.make_loss(train=True), tx, plan.schedule,
-                               config.on_nonfinite, masks[1], pending)
+        tx = make_optimizer(
+            plan.get("lr", 1e-3), eps, decay, masks[0], decoupled=decoupled, clip=_clip(plan)
+        )
+        pending = (
+            partial(
+                pending_update,
+                eps=eps,
+                trainable_mask=masks[0],
+                decoupled_decay=decay if decoupled else 0.0,
+            )
+            if numerics.kernels.deferred_adam
+            else None
+        )
+        step = make_train_step(
+            task.make_loss(train=True), tx, plan.schedule, config.on_nonfinite, masks[1], pending
+        )
         evaluate = make_eval_step(task.make_loss(train=False), plan.schedule)
         return tx, pinned(step, numerics), backend.traced(evaluate, numerics)
+
     return functions.get(spec, build)
 
 
 def pinned(fns: StepFns, numerics: backend.Numerics) -> StepFns:
     """A train step and its deferred pair, each traced under ``numerics``."""
-    return StepFns(*(None if f is None else backend.traced(f, numerics)
-                     for f in (fns.step, fns.deferred, fns.finish)))
+    return StepFns(
+        *(
+            None if f is None else backend.traced(f, numerics)
+            for f in (fns.step, fns.deferred, fns.finish)
+        )
+    )
 
 
 def data_shards(config: TrainConfig, n_obs: int) -> np.ndarray | None:
@@ -93,13 +116,15 @@ def data_shards(config: TrainConfig, n_obs: int) -> np.ndarray | None:
     hosts = jax.process_count()
     n = hosts if config.data_shards is None else config.data_shards
     if hosts > 1 and n != hosts:
-        raise InputError("data_shards", n, f"this run has {hosts} processes, "
-                         "each drawing from its own slice of the cells",
-                         f"leave data_shards unset (or pass {hosts})")
+        raise InputError(
+            "data_shards",
+            n,
+            f"this run has {hosts} processes, each drawing from its own slice of the cells",
+            f"leave data_shards unset (or pass {hosts})",
+        )
     if n == 1:
         return None
-    distributed.check_batch_size(config.batch_size, n,
-                                 jax.local_device_count() if hosts > 1 else 1)
+    distributed.check_batch_size(config.batch_size, n, jax.local_device_count() if hosts > 1 else 1)
     return distributed.shard_bounds(n_obs, n)
 
 
@@ -109,8 +134,13 @@ def check(config: TrainConfig, cells: CellData):
     parallel = DataParallel.over(config.devices)
     shards = data_shards(config, cells.n_obs)
     check_source(config.data_source, cells)
-    split = split_indices(cells.n_obs, config.train_size, config.validation_size,
-                          config.seed, shuffle=config.shuffle_set_split)
+    split = split_indices(
+        cells.n_obs,
+        config.train_size,
+        config.validation_size,
+        config.seed,
+        shuffle=config.shuffle_set_split,
+    )
     return parallel, shards, *split
 
 
@@ -121,10 +151,13 @@ def fit(config: TrainConfig, task: Task) -> FitResult:
     The checkpoint folder, if any, is locked for the whole run (`lock`): a
     second run writing to it fails at once instead of mixing its files in."""
     # process 0 writes; a refusal there stops every process (`agree`)
-    held = distributed.agree(lambda: lock.acquire(config.checkpoint_dir, "training "
-                                                  "checkpoints")
-                             if config.checkpoint_dir is not None and distributed.is_main()
-                             else None)
+    held = distributed.agree(
+        lambda: (
+            lock.acquire(config.checkpoint_dir, "training checkpoints")
+            if config.checkpoint_dir is not None and distributed.is_main()
+            else None
+        )
+    )
     try:
         return _fit(config, task, held)
     finally:
@@ -138,11 +171,15 @@ def _fit(config: TrainConfig, task: Task, held) -> FitResult:
     tx, train_step, eval_step = step_fns(config, task)
     # key and counters from numpy: jax.random.PRNGKey and jnp.asarray would each
     # compile a small program
-    rng = prng.host_key(config.seed) if prng.host_keys_ok() \
-        else jax.random.PRNGKey(config.seed)
-    ts = TrainState(params=task.params, state=task.state,
-                    opt_state=tx.init(task.params), rng=jax.device_put(rng),
-                    step=jax.device_put(np.int32(0)), epoch=jax.device_put(np.int32(0)))
+    rng = prng.host_key(config.seed) if prng.host_keys_ok() else jax.random.PRNGKey(config.seed)
+    ts = TrainState(
+        params=task.params,
+        state=task.state,
+        opt_state=tx.init(task.params),
+        rng=jax.device_put(rng),
+        step=jax.device_put(np.int32(0)),
+        epoch=jax.device_put(np.int32(0)),
+    )
     fingerprint = _fingerprint(config, cells.n_obs)
     loop = None
     if config.resume:
@@ -150,25 +187,44 @@ def _fit(config: TrainConfig, task: Task, held) -> FitResult:
         if restored is not None:
             ts, loop = restored
     # data_shards unset on one host: the device source on n devices draws from n slices
-    source = make_source(config.data_source, cells, config.batch_size, parallel=parallel,
-                         shards=shards, spread=config.data_shards is None)
+    source = make_source(
+        config.data_source,
+        cells,
+        config.batch_size,
+        parallel=parallel,
+        shards=shards,
+        spread=config.data_shards is None,
+    )
     # inference runs on each process's own devices
     infer = parallel if jax.process_count() == 1 else DataParallel.over("local")
-    result = partial(FitResult, train_idx=train_idx, val_idx=val_idx, parallel=infer,
-                     data_bytes_per_device=source.device_bytes())
+    result = partial(
+        FitResult,
+        train_idx=train_idx,
+        val_idx=val_idx,
+        parallel=infer,
+        data_bytes_per_device=source.device_bytes(),
+    )
     try:
         ts, loop = run_loop(
-            ts, cfg=loop_config(config), source=source, train_step=train_step,
-            eval_step=eval_step, train_idx=train_idx, val_idx=val_idx,
-            labelled_idx=None if task.labelled is None else
-            partial(task.labelled, train_idx=train_idx),
-            val_labelled=None if task.val_labelled is None else
-            partial(task.val_labelled, val_idx),
-            extra_val_metrics=_val_metrics(task, val_idx, infer), loop=loop,
-            on_epoch_end=_checkpointer(config, fingerprint, task.owner, held))
+            ts,
+            cfg=loop_config(config),
+            source=source,
+            train_step=train_step,
+            eval_step=eval_step,
+            train_idx=train_idx,
+            val_idx=val_idx,
+            labelled_idx=None
+            if task.labelled is None
+            else partial(task.labelled, train_idx=train_idx),
+            val_labelled=None if task.val_labelled is None else partial(task.val_labelled, val_idx),
+            extra_val_metrics=_val_metrics(task, val_idx, infer),
+            loop=loop,
+            on_epoch_end=_checkpointer(config, fingerprint, task.owner, held),
+        )
     except NonFiniteLossError as err:
-        err.result = result(getattr(err, "train_state", ts),
-                            getattr(err, "loop_state", LoopState()))
+        err.result = result(
+            getattr(err, "train_state", ts), getattr(err, "loop_state", LoopState())
+        )
         raise
     except Exception as err:
         lost = distributed.peer_lost(err)  # another process died: say which
@@ -180,14 +236,19 @@ def _fit(config: TrainConfig, task: Task, held) -> FitResult:
 
 def loop_config(config: TrainConfig) -> FitConfig:
     """The loop's settings from a `TrainConfig` (`fit` and `jaxscanvi.sweep`)."""
-    return FitConfig(max_epochs=config.max_epochs, batch_size=config.batch_size,
-                     seed=config.seed, check_val_every_n_epoch=config.check_val_every_n_epoch,
-                     early_stopping=config.early_stopping,
-                     early_stopping_monitor=config.early_stopping_monitor,
-                     early_stopping_patience=config.early_stopping_patience,
-                     early_stopping_min_delta=config.early_stopping_min_delta,
-                     on_nonfinite=config.on_nonfinite, progress_bar=config.progress_bar,
-                     **dict(config.plan.plateau))
+    return FitConfig(
+        max_epochs=config.max_epochs,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        check_val_every_n_epoch=config.check_val_every_n_epoch,
+        early_stopping=config.early_stopping,
+        early_stopping_monitor=config.early_stopping_monitor,
+        early_stopping_patience=config.early_stopping_patience,
+        early_stopping_min_delta=config.early_stopping_min_delta,
+        on_nonfinite=config.on_nonfinite,
+        progress_bar=config.progress_bar,
+        **dict(config.plan.plateau),
+    )
 
 
 def _clip(plan) -> tuple | None:
@@ -198,12 +259,18 @@ def _clip(plan) -> tuple | None:
 
 def _fingerprint(config: TrainConfig, n_obs: int) -> dict:
     """The settings a resumed run must share with the one that wrote the checkpoint."""
-    return {"batch_size": config.batch_size, "seed": config.seed,
-            "train_size": config.train_size, "validation_size": config.validation_size,
-            # only when set, so older checkpoints keep resuming
-            **({} if config.shuffle_set_split else {"shuffle_set_split": False}),
-            "plan": repr(list(config.plan.options)), "schedule": repr(config.plan.schedule),
-            "loss_terms": list(config.loss_term_names), "n_obs": n_obs}
+    return {
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "train_size": config.train_size,
+        "validation_size": config.validation_size,
+        # only when set, so older checkpoints keep resuming
+        **({} if config.shuffle_set_split else {"shuffle_set_split": False}),
+        "plan": repr(list(config.plan.options)),
+        "schedule": repr(config.plan.schedule),
+        "loss_terms": list(config.loss_term_names),
+        "n_obs": n_obs,
+    }
 
 
 def _checkpointer(config: TrainConfig, fingerprint: dict, owner: dict, held):
@@ -217,6 +284,7 @@ def _checkpointer(config: TrainConfig, fingerprint: dict, owner: dict, held):
         e = int(ts.epoch)
         if e % config.checkpoint_every == 0 or e >= config.max_epochs or loop.stopped_early:
             checkpoint.save(config.checkpoint_dir, ts, loop, fingerprint, owner)
+
     return on_epoch_end
 
 
@@ -228,4 +296,5 @@ def _val_metrics(task: Task, val_idx: np.ndarray, parallel):
         if jax.process_count() > 1:
             ts = to_default_device(ts)
         return task.val_metrics({"params": ts.params, **ts.state}, val_idx, parallel)
+
     return metrics

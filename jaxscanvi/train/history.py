@@ -69,5 +69,7 @@ class History(dict):
         return len(self._frame)
 
     def __repr__(self) -> str:
-        return (f"History({self.n_epochs} epochs; metrics: {list(self)}; "
-                "history[name] is a DataFrame, history.to_frame() all of them)")
+        return (
+            f"History({self.n_epochs} epochs; metrics: {list(self)}; "
+            "history[name] is a DataFrame, history.to_frame() all of them)"
+        )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +39,14 @@ class StepFns:
         return self.step(carry, batch)
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
-                    schedule: KLSchedule, on_nonfinite: str = "raise",
-                    state_mask=None, pending: Callable | None = None) -> StepFns:
+def make_train_step(
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule: KLSchedule,
+    on_nonfinite: str = "raise",
+    state_mask=None,
+    pending: Callable | None = None,
+) -> StepFns:
     """One optimisation step as a scan body: (carry, batch) -> (carry, out).
 
     carry = (TrainState, first_bad_step). A step whose loss is not finite
@@ -62,7 +67,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
         kl_w = schedule(ts.epoch, ts.step)
         key = jax.random.fold_in(ts.rng, ts.step)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, ts.state, batch, key, kl_w, step=ts.step)
+            params, ts.state, batch, key, kl_w, step=ts.step
+        )
         updates, opt_state = tx.update(grads, ts.opt_state, params)
         finite = jnp.isfinite(loss)
         ok = finite if on_nonfinite == "skip_step" else finite & (bad < 0)
@@ -73,10 +79,16 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
         new_state = aux.state
         if state_mask is not None:
             new_state = jax.tree_util.tree_map(
-                lambda a, b, m: a if m.all() else jnp.where(m, a, b), new_state, ts.state,
-                state_mask)
-        new_ts = ts.replace(opt_state=pick(opt_state, ts.opt_state),
-                            state=pick(new_state, ts.state), step=ts.step + 1)
+                lambda a, b, m: a if m.all() else jnp.where(m, a, b),
+                new_state,
+                ts.state,
+                state_mask,
+            )
+        new_ts = ts.replace(
+            opt_state=pick(opt_state, ts.opt_state),
+            state=pick(new_state, ts.state),
+            step=ts.step + 1,
+        )
         bad = jnp.where(~finite & (bad < 0), ts.step, bad)
         main = batch if isinstance(batch, Batch) else batch[0]
         # a skipped step counts no cells, so epoch means cover the steps taken
@@ -94,8 +106,9 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
         return StepFns(step)
 
     def caught_up(ts, due):
-        return jax.tree_util.tree_map(lambda a, b: jnp.where(due, a, b),
-                                      pending(ts.opt_state, ts.params), ts.params)
+        return jax.tree_util.tree_map(
+            lambda a, b: jnp.where(due, a, b), pending(ts.opt_state, ts.params), ts.params
+        )
 
     def deferred(carry, batch):
         ts, bad, due = carry
@@ -130,8 +143,10 @@ def epoch_means(terms: dict, counts) -> dict[str, float]:
     counts = np.asarray(counts, np.float64)
     total = max(counts.sum(), 1.0)
     # where(): a skipped step's NaN terms times a zero count would still be NaN
-    return {k: float(np.where(counts > 0, np.asarray(v, np.float64), 0.0).dot(counts) / total)
-            for k, v in terms.items()}
+    return {
+        k: float(np.where(counts > 0, np.asarray(v, np.float64), 0.0).dot(counts) / total)
+        for k, v in terms.items()
+    }
 
 
 @dataclass
@@ -167,26 +182,38 @@ class LoopState:
     stopped_early: bool = False
 
 
-def run_loop(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,  # noqa: PLR0913 (keyword-only; fit builds them)
-        eval_step: Callable, train_idx: np.ndarray, val_idx: np.ndarray,
-        labelled_idx: Callable[[np.random.Generator], np.ndarray] | None = None,
-        val_labelled: Callable[[], np.ndarray] | None = None,
-        loop: LoopState | None = None,
-        on_epoch_end: Callable[[TrainState, LoopState], None] | None = None,
-        extra_val_metrics: Callable[[TrainState], dict] | None = None,
-        ) -> tuple[TrainState, LoopState]:
+def run_loop(  # noqa: PLR0913 - the loop's parts, keyword-only
+    ts: TrainState,
+    *,
+    cfg: FitConfig,
+    source,
+    train_step: Callable,
+    eval_step: Callable,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    labelled_idx: Callable[[np.random.Generator], np.ndarray] | None = None,
+    val_labelled: Callable[[], np.ndarray] | None = None,
+    loop: LoopState | None = None,
+    on_epoch_end: Callable[[TrainState, LoopState], None] | None = None,
+    extra_val_metrics: Callable[[TrainState], dict] | None = None,
+) -> tuple[TrainState, LoopState]:
     """Train until max_epochs (or early stop). Epochs already in ``ts.epoch`` are skipped."""
     loop = loop or LoopState()
     start = int(ts.epoch)
     has_val = len(val_idx) > 0
-    bar = tqdm(range(start, cfg.max_epochs), initial=start, total=cfg.max_epochs,
-               desc="Training", disable=not cfg.progress_bar, leave=False)
+    bar = tqdm(
+        range(start, cfg.max_epochs),
+        initial=start,
+        total=cfg.max_epochs,
+        desc="Training",
+        disable=not cfg.progress_bar,
+        leave=False,
+    )
     for epoch in bar:
         t0 = time.perf_counter()
         rng, rows, lab_rows = epoch_orders(source, cfg, epoch, train_idx, labelled_idx)
         carry = (ts, jnp.asarray(-1, jnp.int32))
-        (ts_new, bad), (terms, counts, klw) = source.run_epoch(
-            train_step, carry, rows, lab_rows)
+        (ts_new, bad), (terms, counts, klw) = source.run_epoch(train_step, carry, rows, lab_rows)
         bad = int(bad)
         if bad >= 0 and cfg.on_nonfinite == "raise":
             err = nonfinite_error(ts_new, bad, terms, epoch)
@@ -217,29 +244,34 @@ def run_loop(ts: TrainState, *, cfg: FitConfig, source, train_step: Callable,  #
 # The pieces of an epoch's bookkeeping, each on one model's LoopState: run_loop
 # uses them, and a sweep (`jaxscanvi.sweep`) uses them for each of its members.
 
-def epoch_orders(source, cfg: FitConfig, epoch: int, train_idx: np.ndarray,
-                 labelled_idx: Callable | None):
+
+def epoch_orders(
+    source, cfg: FitConfig, epoch: int, train_idx: np.ndarray, labelled_idx: Callable | None
+):
     """(rng, rows, labelled rows or None) of epoch ``epoch``, drawn from
     ``default_rng([seed, epoch])``; the rng goes on to `validation_orders`."""
     rng = np.random.default_rng([cfg.seed, epoch])
     rows = source.order(rng, train_idx, cfg.batch_size)
     lab_rows = None
     if labelled_idx is not None:
-        lab_rows = source.labelled_order(rng, labelled_idx(rng), rows.shape[0],
-                                         cfg.batch_size)
+        lab_rows = source.labelled_order(rng, labelled_idx(rng), rows.shape[0], cfg.batch_size)
     return rng, rows, lab_rows
 
 
-def validation_orders(source, cfg: FitConfig, epoch: int, rng, val_idx: np.ndarray,  # noqa: PLR0913 (what an epoch's validation draws from)
-                      val_labelled: Callable | None):
+def validation_orders(
+    source, cfg: FitConfig, epoch: int, rng, val_idx: np.ndarray, val_labelled: Callable | None
+):
     """(rows, labelled rows or None) of a validation pass, in cell order."""
     vrows = source.order(rng, val_idx, cfg.batch_size, shuffle=False)
     vlab = None
     if val_labelled is not None:
         vl = val_labelled()
-        vlab = source.labelled_order(np.random.default_rng([cfg.seed, epoch, 1]),
-                                     vl if len(vl) else val_idx, vrows.shape[0],
-                                     cfg.batch_size)
+        vlab = source.labelled_order(
+            np.random.default_rng([cfg.seed, epoch, 1]),
+            vl if len(vl) else val_idx,
+            vrows.shape[0],
+            cfg.batch_size,
+        )
     return vrows, vlab
 
 
@@ -304,14 +336,15 @@ def _check_monitor(cfg: FitConfig, record: dict) -> None:
     stop training or lower the learning rate: refuse it at the first one."""
     if not any(k.endswith("_validation") for k in record):
         return
-    for on, name, arg in ((cfg.early_stopping, cfg.early_stopping_monitor,
-                           "early_stopping_monitor"),
-                          (cfg.reduce_lr_on_plateau, cfg.lr_scheduler_metric,
-                           "plan_kwargs['lr_scheduler_metric']")):
+    for on, name, arg in (
+        (cfg.early_stopping, cfg.early_stopping_monitor, "early_stopping_monitor"),
+        (cfg.reduce_lr_on_plateau, cfg.lr_scheduler_metric, "plan_kwargs['lr_scheduler_metric']"),
+    ):
         if on and name not in record:
             metrics = sorted(k for k in record if "validation" in k)
-            raise InputError(arg, name, "is not a metric of this training's history",
-                             f"pass one of {metrics}")
+            raise InputError(
+                arg, name, "is not a metric of this training's history", f"pass one of {metrics}"
+            )
 
 
 def plateau(loop: LoopState, metric: float, lr: float, cfg: FitConfig) -> float:
@@ -340,4 +373,5 @@ def nonfinite_error(ts, bad_step, terms, epoch) -> NonFiniteLossError:
         f"{[float(np.asarray(terms[k])[first]) for k in culprit]}. The model keeps the "
         "parameters of the last finite step. Fix: lower the learning rate "
         "(plan_kwargs={'lr': ...}), check the input counts, or pass "
-        "on_nonfinite='skip_step' to skip such steps")
+        "on_nonfinite='skip_step' to skip such steps"
+    )

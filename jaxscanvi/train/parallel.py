@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ..data.batch import Batch
 from ..errors import InputError
@@ -33,28 +34,45 @@ def resolve_devices(devices) -> list | None:
         return local if len(local) > 1 else None
     if jax.process_count() > 1:  # many hosts: one mesh over every device of every process
         if devices != "auto" and devices != len(local):
-            raise InputError("devices", devices, f"this run has {jax.process_count()} "
-                             "processes, and trains on every device of each",
-                             "pass devices='auto'; choose each process's devices with "
-                             "jaxscanvi.distributed.initialize(local_device_ids=...)")
+            raise InputError(
+                "devices",
+                devices,
+                f"this run has {jax.process_count()} processes, and trains on every device of each",
+                "pass devices='auto'; choose each process's devices with "
+                "jaxscanvi.distributed.initialize(local_device_ids=...)",
+            )
         return jax.devices()
     if isinstance(devices, str):
         if devices != "auto":
-            raise InputError("devices", devices, "not 'auto', an int or a list of devices",
-                             "pass devices='auto' (all local devices) or e.g. devices=2")
+            raise InputError(
+                "devices",
+                devices,
+                "not 'auto', an int or a list of devices",
+                "pass devices='auto' (all local devices) or e.g. devices=2",
+            )
         chosen = local
     elif isinstance(devices, int) and not isinstance(devices, bool):
         if not 1 <= devices <= len(local):
-            raise InputError("devices", devices, f"this process has {len(local)} local "
-                             f"device(s) ({local[0].platform})",
-                             f"pass an int from 1 to {len(local)}, or devices='auto'")
+            raise InputError(
+                "devices",
+                devices,
+                f"this process has {len(local)} local device(s) ({local[0].platform})",
+                f"pass an int from 1 to {len(local)}, or devices='auto'",
+            )
         chosen = local[:devices]
-    elif isinstance(devices, (list, tuple)) and devices and all(
-            isinstance(d, jax.Device) for d in devices):
+    elif (
+        isinstance(devices, (list, tuple))
+        and devices
+        and all(isinstance(d, jax.Device) for d in devices)
+    ):
         chosen = list(devices)
     else:
-        raise InputError("devices", devices, "not 'auto', an int or a list of devices",
-                         "pass devices='auto' (all local devices) or e.g. devices=2")
+        raise InputError(
+            "devices",
+            devices,
+            "not 'auto', an int or a list of devices",
+            "pass devices='auto' (all local devices) or e.g. devices=2",
+        )
     return chosen if len(chosen) > 1 else None
 
 
@@ -89,17 +107,20 @@ class DataParallel:
         extra = -rows.shape[-1] % self.size
         if extra:
             rows = np.concatenate(
-                [rows, np.full(rows.shape[:-1] + (extra,), -1, rows.dtype)], axis=-1)
+                [rows, np.full((*rows.shape[:-1], extra), -1, rows.dtype)], axis=-1
+            )
         return rows
 
     def batch_shardings(self, batch):
         """Per-row fields split across devices; the non-zero list replicated."""
+
         def one(b: Batch):
             spec = {f: self.rows for f in b._fields}
             out = b._replace(**{f: spec[f] for f in b._fields if f != "nz"})
             if b.nz is not None:
                 out = out._replace(nz=type(b.nz)(*(self.replicated for _ in b.nz)))
             return out
+
         return one(batch) if isinstance(batch, Batch) else tuple(one(b) for b in batch)
 
     def put(self, batch):
@@ -111,8 +132,9 @@ class DataParallel:
 
     def put_local(self, batch):
         """This process's rows of a global minibatch (runs of several processes)."""
-        return jax.tree_util.tree_map(jax.make_array_from_process_local_data,
-                                      self.batch_shardings(batch), batch)
+        return jax.tree_util.tree_map(
+            jax.make_array_from_process_local_data, self.batch_shardings(batch), batch
+        )
 
     def local_replica(self, a: np.ndarray) -> jax.Array:
         """A host value every process holds, replicated over the mesh from this
@@ -121,7 +143,8 @@ class DataParallel:
         a = np.asarray(a)
         mine = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
         return jax.make_array_from_single_device_arrays(
-            a.shape, self.replicated, [jax.device_put(a, d) for d in mine])
+            a.shape, self.replicated, [jax.device_put(a, d) for d in mine]
+        )
 
     def replicate(self, tree):
         if jax.process_count() == 1:
@@ -132,6 +155,7 @@ class DataParallel:
             if isinstance(a, jax.Array) and a.sharding == rep:
                 return a
             return jax.device_put(np.asarray(a), rep)
+
         return jax.tree_util.tree_map(one, tree)
 
 
@@ -148,4 +172,5 @@ def to_default_device(tree):
                 a = a.addressable_data(0)
             return jax.device_put(a, dev)
         return a
+
     return jax.tree_util.tree_map(one, tree)

@@ -18,38 +18,53 @@ order and gives the same loss trajectory.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data.batch import (MAX_OFFSET, DenseDeviceCells, DeviceCells, check_offsets,
-                          dense_device_batch, device_batch)
+from ..compile_cache import functions as _COMPILED
 from ..data.backed import BackedRows
-from ..data.sharded import (local_rows, per_device, resident_bytes, shard_cells, sharded_batch,
-                            slice_nnz, stack_on_devices)
-from ..data.shuffle import BUFFER_CELLS, RunCache, buffer_order, gather_rows
+from ..data.batch import (
+    MAX_OFFSET,
+    DenseDeviceCells,
+    DeviceCells,
+    check_offsets,
+    dense_device_batch,
+    device_batch,
+)
 from ..data.cells import CellData
+from ..data.sharded import (
+    local_rows,
+    per_device,
+    resident_bytes,
+    shard_cells,
+    sharded_batch,
+    slice_nnz,
+    stack_on_devices,
+)
+from ..data.shuffle import BUFFER_CELLS, RunCache, buffer_order, gather_rows
 from ..distributed import shard_bounds
 from ..distributions import sparse_pays
 from ..errors import InputError
-from ..compile_cache import functions as _COMPILED
 from .chunks import chunk_nnz, chunk_steps, host_chunk, layout, prefetched, scan_program
 
 
-def epoch_rows(rng: np.random.Generator, idx: np.ndarray, batch_size: int, *,
-               shuffle: bool = True) -> np.ndarray:
+def epoch_rows(
+    rng: np.random.Generator, idx: np.ndarray, batch_size: int, *, shuffle: bool = True
+) -> np.ndarray:
     """Rows of one epoch as (n_steps, B); the short last minibatch is padded with -1."""
     order = rng.permutation(idx) if shuffle else np.asarray(idx)
     n_steps = max(-(-len(order) // batch_size), 1)
     rows = np.full(n_steps * batch_size, -1, np.int32)
-    rows[:len(order)] = order
+    rows[: len(order)] = order
     return rows.reshape(n_steps, batch_size)
 
 
-def labelled_rows(rng: np.random.Generator, lab_idx: np.ndarray, n_steps: int,
-                  batch_size: int, shuffle=None) -> np.ndarray:
+def labelled_rows(
+    rng: np.random.Generator, lab_idx: np.ndarray, n_steps: int, batch_size: int, shuffle=None
+) -> np.ndarray:
     """Labelled rows for every step: shuffled passes over lab_idx, cycled as needed.
 
     ``shuffle(rng, idx)`` orders one pass (default: a random permutation).
@@ -88,8 +103,9 @@ def grown_cap(k_cap: int, row_nnz: np.ndarray, *rows) -> int:
 def _side_by_side(parts: list[np.ndarray]) -> np.ndarray:
     """(n_i, b) row blocks padded with -1 steps to the longest, then joined by columns."""
     n = max(p.shape[0] for p in parts)
-    return np.concatenate([np.pad(p, ((0, n - p.shape[0]), (0, 0)), constant_values=-1)
-                           for p in parts], axis=1).astype(np.int32)
+    return np.concatenate(
+        [np.pad(p, ((0, n - p.shape[0]), (0, 0)), constant_values=-1) for p in parts], axis=1
+    ).astype(np.int32)
 
 
 class Source:
@@ -118,26 +134,28 @@ class Source:
         n = len(self.shards) - 1
         idx = np.asarray(idx)
         seeds = rng.integers(0, 2**63 - 1, size=n)
-        parts = [idx[(idx >= lo) & (idx < hi)] for lo, hi in zip(self.shards[:-1],
-                                                                 self.shards[1:])]
+        parts = [idx[(idx >= lo) & (idx < hi)] for lo, hi in zip(self.shards[:-1], self.shards[1:])]
         return [np.random.default_rng(int(s)) for s in seeds], parts, batch_size // n
 
-    def order(self, rng: np.random.Generator, idx: np.ndarray, batch_size: int,
-              *, shuffle: bool = True) -> np.ndarray:
+    def order(
+        self, rng: np.random.Generator, idx: np.ndarray, batch_size: int, *, shuffle: bool = True
+    ) -> np.ndarray:
         if self.shards is None:
             return self._order(rng, idx, batch_size, shuffle=shuffle)
         rngs, parts, b = self._split(rng, idx, batch_size)
-        return _side_by_side([self._order(r, p, b, shuffle=shuffle)
-                              for r, p in zip(rngs, parts)])
+        return _side_by_side([self._order(r, p, b, shuffle=shuffle) for r, p in zip(rngs, parts)])
 
     def labelled_order(self, rng, lab_idx, n_steps: int, batch_size: int) -> np.ndarray:
         if self.shards is None:
             return self._labelled(rng, lab_idx, n_steps, batch_size)
         rngs, parts, b = self._split(rng, lab_idx, batch_size)
         # a slice without labelled cells contributes padding (weight 0)
-        return _side_by_side([self._labelled(r, p, n_steps, b) if len(p) else
-                              np.full((n_steps, b), -1, np.int32)
-                              for r, p in zip(rngs, parts)])
+        return _side_by_side(
+            [
+                self._labelled(r, p, n_steps, b) if len(p) else np.full((n_steps, b), -1, np.int32)
+                for r, p in zip(rngs, parts)
+            ]
+        )
 
 
 class DeviceSource(Source):
@@ -157,8 +175,15 @@ class DeviceSource(Source):
 
     kind = "device"
 
-    def __init__(self, cells: CellData, batch_size: int, device=None,
-                 dense_max_bytes: int = 1 << 30, parallel=None, bounds=None):
+    def __init__(
+        self,
+        cells: CellData,
+        batch_size: int,
+        device=None,
+        dense_max_bytes: int = 1 << 30,
+        parallel=None,
+        bounds=None,
+    ):
         self.n_genes = cells.n_vars
         self.batch_size = batch_size
         self.parallel = parallel
@@ -203,6 +228,7 @@ class DeviceSource(Source):
 
             run = scan_program(step_fn, gather, partial=False)
             return jax.jit(run)
+
         return _COMPILED.get(key, build)
 
     def run_epoch(self, step_fn, carry, rows, lab_rows=None):
@@ -210,8 +236,9 @@ class DeviceSource(Source):
         if not self.dense:  # dense counts need no list of non-zeros
             if sharded:  # each device lists the non-zeros of its own rows
                 n = len(self.bounds) - 1
-                self.k_cap = grown_cap(self.k_cap, self.row_nnz, per_device(rows, n),
-                                       per_device(lab_rows, n))
+                self.k_cap = grown_cap(
+                    self.k_cap, self.row_nnz, per_device(rows, n), per_device(lab_rows, n)
+                )
             else:
                 self.k_cap = grown_cap(self.k_cap, self.row_nnz, rows, lab_rows)
         if self.parallel is not None:
@@ -238,8 +265,14 @@ class HostSource(Source):
     kind = "host"
     chunk_cells: int | None = None  # `chunks.CHUNK_CELLS`
 
-    def __init__(self, cells: CellData, batch_size: int, prefetch: int = 2, parallel=None,
-                 process: int | None = None):
+    def __init__(
+        self,
+        cells: CellData,
+        batch_size: int,
+        prefetch: int = 2,
+        parallel=None,
+        process: int | None = None,
+    ):
         self.parallel = parallel
         self.process = process
         # the list of non-zeros goes to the likelihood where it pays (`backend`)
@@ -270,6 +303,7 @@ class HostSource(Source):
 
             run = scan_program(step_fn, gather, partial=True)
             return jax.jit(run) if par is None else jax.jit(run, out_shardings=par.replicated)
+
         return _COMPILED.get(key, build)
 
     def _put(self, parts: dict):
@@ -289,23 +323,29 @@ class HostSource(Source):
         n_dev = 1 if par is None else par.size
         n_steps, B = rows.shape
         S = chunk_steps(n_steps, B, self.chunk_cells)
-        self.k_cap = grown_cap(self.k_cap, self.row_nnz, per_device(rows, n_dev),
-                               per_device(lab_rows, n_dev))
+        self.k_cap = grown_cap(
+            self.k_cap, self.row_nnz, per_device(rows, n_dev), per_device(lab_rows, n_dev)
+        )
         need = chunk_nnz(self.row_nnz, rows, lab_rows, S, n_dev)
         if need > self.nnz_cap:  # 1/8 headroom: a new shape (compile) is rare
             self.nnz_cap = max(need + need // 8, 1)
         rows_cap = S * (B // n_dev) * (1 if lab_rows is None else 2)
-        mine = range(n_dev) if par is None else [
-            d for d, dev in enumerate(par.mesh.devices.flat)
-            if dev.process_index == jax.process_index()]
+        mine = (
+            range(n_dev)
+            if par is None
+            else [
+                d
+                for d, dev in enumerate(par.mesh.devices.flat)
+                if dev.process_index == jax.process_index()
+            ]
+        )
         put = jnp.asarray if par is None else par.local_replica
         cells, nnz_cap = self.host, self.nnz_cap
 
         def produce(i):
             sl = slice(i * S, (i + 1) * S)
             lay = layout(rows[sl], None if lab_rows is None else lab_rows[sl], n_dev, S)
-            parts = {d: host_chunk(cells, lay.take[d], self.read, rows_cap, nnz_cap)
-                     for d in mine}
+            parts = {d: host_chunk(cells, lay.take[d], self.read, rows_cap, nnz_cap) for d in mine}
             lab = None if lay.local_lab is None else put(lay.local_lab)
             return self._put(parts), put(lay.local), lab, put(np.int32(lay.n_valid))
 
@@ -363,24 +403,39 @@ class StreamSource(HostSource):
 
     def _labelled(self, rng, lab_idx, n_steps, batch_size):
         cells = self._buffer(n_steps * batch_size, batch_size)
-        return labelled_rows(rng, lab_idx, n_steps, batch_size,
-                             shuffle=lambda r, idx: buffer_order(r, idx, buffer_cells=cells))
+        return labelled_rows(
+            rng,
+            lab_idx,
+            n_steps,
+            batch_size,
+            shuffle=lambda r, idx: buffer_order(r, idx, buffer_cells=cells),
+        )
+
 
 def check_source(kind: str, cells: CellData) -> None:
     """Refuse a source that cannot serve where the counts are."""
     backed = isinstance(cells.X, BackedRows)
     if kind in ("device", "host") and backed:
-        raise InputError("data_source", kind, "the counts are on disk (a backed AnnData)",
-                         "pass data_source='stream' (or 'auto'), or load the AnnData "
-                         "into memory with adata.to_memory()")
+        raise InputError(
+            "data_source",
+            kind,
+            "the counts are on disk (a backed AnnData)",
+            "pass data_source='stream' (or 'auto'), or load the AnnData "
+            "into memory with adata.to_memory()",
+        )
     if kind == "stream" and not backed:
-        raise InputError("data_source", kind, "the counts are in memory",
-                         "stream from a backed AnnData (anndata.read_h5ad(path, "
-                         "backed='r')), or pass data_source='auto'")
+        raise InputError(
+            "data_source",
+            kind,
+            "the counts are in memory",
+            "stream from a backed AnnData (anndata.read_h5ad(path, "
+            "backed='r')), or pass data_source='auto'",
+        )
 
 
-def device_bounds(shards, n_devices: int, n_obs: int, batch_size: int, *,
-                  spread: bool) -> np.ndarray | None:
+def device_bounds(
+    shards, n_devices: int, n_obs: int, batch_size: int, *, spread: bool
+) -> np.ndarray | None:
     """Each device's contiguous slice of the cells for the device source, or None.
 
     With ``shards`` (k slices per device), device d takes slices
@@ -396,9 +451,17 @@ def device_bounds(shards, n_devices: int, n_obs: int, batch_size: int, *,
     return np.asarray(shards)[::k] if rest == 0 else None
 
 
-def make_source(kind: str, cells: CellData, batch_size: int, *,
-                device_budget_bytes: int | None = None, dense_max_bytes: int = 1 << 30,
-                parallel=None, shards: np.ndarray | None = None, spread: bool = False):
+def make_source(
+    kind: str,
+    cells: CellData,
+    batch_size: int,
+    *,
+    device_budget_bytes: int | None = None,
+    dense_max_bytes: int = 1 << 30,
+    parallel=None,
+    shards: np.ndarray | None = None,
+    spread: bool = False,
+):
     """Pick a source: 'device', 'host', or 'auto' (device when it fits the budget).
 
     With ``parallel`` (a `DataParallel`), minibatches are split across its
@@ -412,12 +475,17 @@ def make_source(kind: str, cells: CellData, batch_size: int, *,
         kind = "stream"
     if jax.process_count() > 1:  # each process feeds its slice from the host
         if kind == "device":
-            raise InputError("data_source", kind, f"this run has {jax.process_count()} "
-                             "processes, and each feeds its own cells from the host",
-                             "pass data_source='auto', 'host' or 'stream'")
+            raise InputError(
+                "data_source",
+                kind,
+                f"this run has {jax.process_count()} "
+                "processes, and each feeds its own cells from the host",
+                "pass data_source='auto', 'host' or 'stream'",
+            )
         kind = "host" if kind == "auto" else kind
         src = (StreamSource if kind == "stream" else HostSource)(
-            cells, batch_size, parallel=parallel, process=jax.process_index())
+            cells, batch_size, parallel=parallel, process=jax.process_index()
+        )
         src.shards = shards
         return src
     bounds = None
@@ -433,8 +501,9 @@ def make_source(kind: str, cells: CellData, batch_size: int, *,
         fits = resident_nnz(cells.X.indptr, bounds) <= MAX_OFFSET
         kind = "device" if nbytes <= budget and fits else "host"
     if kind == "device":
-        src = DeviceSource(cells, batch_size, dense_max_bytes=dense_max_bytes,
-                           parallel=parallel, bounds=bounds)
+        src = DeviceSource(
+            cells, batch_size, dense_max_bytes=dense_max_bytes, parallel=parallel, bounds=bounds
+        )
         if bounds is not None and shards is None:  # minibatches drawn device by device
             shards = bounds
     elif kind == "host":
@@ -467,6 +536,6 @@ def _device_budget() -> int:
         limit = stats.get("bytes_limit")
         if limit:
             return int(limit * 0.5)
-    except Exception:  # CPU devices report no memory stats
+    except Exception:  # noqa: BLE001 - CPU devices report no memory stats
         pass
     return 1 << 30

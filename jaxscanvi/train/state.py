@@ -17,16 +17,22 @@ class TrainState:
     """Everything that changes during training; saving it makes training resumable."""
 
     params: Any
-    state: Any          # mutable collections: batch_stats, constants
+    state: Any  # mutable collections: batch_stats, constants
     opt_state: Any
-    rng: jax.Array      # base key; step keys are fold_in(rng, step)
-    step: jax.Array     # int32, optimisation steps taken
-    epoch: jax.Array    # int32, epochs completed
+    rng: jax.Array  # base key; step keys are fold_in(rng, step)
+    step: jax.Array  # int32, optimisation steps taken
+    epoch: jax.Array  # int32, epochs completed
 
 
-def make_optimizer(lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e-6,
-                   trainable_mask=None, *, decoupled: bool = False,
-                   clip: tuple | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+    lr: float = 1e-3,
+    eps: float = 0.01,
+    weight_decay: float = 1e-6,
+    trainable_mask=None,
+    *,
+    decoupled: bool = False,
+    clip: tuple | None = None,
+) -> optax.GradientTransformation:
     """torch.optim.Adam(lr, eps, weight_decay): coupled L2 (scvi-tools' "Adam");
     with ``decoupled``, torch.optim.AdamW (its "AdamW"): p -= lr * (adam + wd * p).
 
@@ -48,12 +54,12 @@ def make_optimizer(lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e
         first.append(optax.add_decayed_weights(weight_decay))
     after = [optax.add_decayed_weights(weight_decay)] if decoupled else []
     # one element as it is: the state's structure (and old checkpoints) unchanged
-    head = first[0] if len(first) == 1 else optax.chain(*first) if first \
-        else optax.identity()
+    head = first[0] if len(first) == 1 else optax.chain(*first) if first else optax.identity()
 
     def build(learning_rate):
-        return optax.chain(head, optax.scale_by_adam(eps=eps), *after,
-                           optax.scale_by_learning_rate(learning_rate))
+        return optax.chain(
+            head, optax.scale_by_adam(eps=eps), *after, optax.scale_by_learning_rate(learning_rate)
+        )
 
     tx = optax.inject_hyperparams(build)(learning_rate=lr)
     if trainable_mask is not None:
@@ -61,8 +67,16 @@ def make_optimizer(lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e
     return tx
 
 
-def pending_update(opt_state, params, *, eps: float = 0.01, trainable_mask=None,  # noqa: PLR0913 (keyword-only)
-                   b1: float = 0.9, b2: float = 0.999, decoupled_decay: float = 0.0):
+def pending_update(
+    opt_state,
+    params,
+    *,
+    eps: float = 0.01,
+    trainable_mask=None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    decoupled_decay: float = 0.0,
+):
     """Apply the Adam update held in ``opt_state`` to ``params``.
 
     ``opt_state`` is `make_optimizer`'s state after the step's moments were
@@ -79,8 +93,12 @@ def pending_update(opt_state, params, *, eps: float = 0.01, trainable_mask=None,
     lr = inner.hyperparams["learning_rate"]
     mu_hat = optax.tree.bias_correction(adam.mu, b1, adam.count)
     nu_hat = optax.tree.bias_correction(adam.nu, b2, adam.count)
-    updates = jax.tree.map(lambda m, v, p: (m / (jnp.sqrt(v) + eps) + decoupled_decay * p)
-                           * -lr, mu_hat, nu_hat, params)
+    updates = jax.tree.map(
+        lambda m, v, p: (m / (jnp.sqrt(v) + eps) + decoupled_decay * p) * -lr,
+        mu_hat,
+        nu_hat,
+        params,
+    )
     if trainable_mask is not None:
         updates, _ = zero_frozen(trainable_mask).update(updates, optax.EmptyState())
     return optax.apply_updates(params, updates)
@@ -97,7 +115,8 @@ def zero_frozen(trainable_mask) -> optax.GradientTransformation:
     def update(updates, state, params=None):
         del params
         out = jax.tree_util.tree_map(
-            lambda u, m: u if m.all() else jnp.where(m, u, jnp.zeros_like(u)), updates, masks)
+            lambda u, m: u if m.all() else jnp.where(m, u, jnp.zeros_like(u)), updates, masks
+        )
         return out, state
 
     return optax.GradientTransformation(init, update)
@@ -143,10 +162,8 @@ class KLSchedule:
         step = jnp.asarray(step, jnp.float32)
         if self.n_epochs_kl_warmup:
             n = float(self.n_epochs_kl_warmup)
-            return jnp.where(epoch < n, slope * epoch / n + self.min_kl_weight,
-                             self.max_kl_weight)
+            return jnp.where(epoch < n, slope * epoch / n + self.min_kl_weight, self.max_kl_weight)
         if self.n_steps_kl_warmup:
             n = float(self.n_steps_kl_warmup)
-            return jnp.where(step < n, slope * step / n + self.min_kl_weight,
-                             self.max_kl_weight)
+            return jnp.where(step < n, slope * step / n + self.min_kl_weight, self.max_kl_weight)
         return jnp.asarray(self.max_kl_weight, jnp.float32)
