@@ -275,7 +275,7 @@ HAND_ROWS = [
         "a missing file, labels or batch column",
         "`InputError` or `FileNotFoundError` text on one line (`jaxscanvi <command>: "
         "error: ...`), exit status 2",
-        "tests/test_query.py::test_cli_bad_input_one_line_and_exit_2",
+        "tests/test_cli.py::test_cli_bad_input_one_line_and_exit_2",
     ),
 ]
 
