@@ -26,7 +26,7 @@ from ..compile_cache import functions
 from ..train.fit import pinned
 from ..train.loop import StepFns, make_eval_step, make_train_step
 from ..train.sources import grown_cap
-from ..train.state import inject_state, mask_key, pending_update, zero_frozen
+from ..train.state import hyperparams, mask_key, pending_update, zero_frozen
 
 # a member's extra-term weight, in its optimiser's hyperparams
 WEIGHT_KEY = "loss_weight:"
@@ -35,7 +35,7 @@ WEIGHT_KEY = "loss_weight:"
 def sweep_optimizer(
     eps: float, trainable_mask=None, *, decoupled: bool = False, clip: tuple | None = None
 ) -> optax.GradientTransformation:
-    """`train.state.make_optimizer`'s chain (Adam at element 1, coupled L2 or, with
+    """`train.state.make_optimizer`'s chain (Adam after the clipping, coupled L2 or, with
     ``decoupled``, AdamW; Lightning's clipping), with the weight decay injected too.
 
     The factory ignores the other numbers a member keeps in its hyperparams.
@@ -64,7 +64,7 @@ def sweep_optimizer(
 
 def numbers(ts) -> dict:
     """A member's traced hyperparameters (see the module docstring)."""
-    return inject_state(ts.opt_state).hyperparams
+    return hyperparams(ts.opt_state)
 
 
 @dataclass(frozen=True)
