@@ -26,10 +26,15 @@ block of code, and the environment variable ``JAXSCANVI_KERNELS`` for a
 process, e.g. ``JAXSCANVI_KERNELS=library`` (every kernel off),
 ``all``, or ``prng=0,fused_likelihood=1``.
 
-The choice is read when a step is traced, so it is part of every
-compiled-function cache key (`Numerics`), and `traced` pins it for a
-function: whatever is active when the function is built holds whenever JAX
-traces it.
+The choice is read when a step is traced, from one context variable
+(`_ACTIVE`), which `current` alone reads: the layers, the sampler and the
+likelihood ask `kernels()` and `matmul_dtype()`, both `current()`'s fields.
+`use` sets it for a block, `traced` for one function: whatever is active when
+the function is built holds whenever JAX traces it. So the `Numerics` a
+program is built under is a field of its compiled-function cache key
+(`compile_cache.KernelKey`, `TrainStepKey`, `SweepMemberKey`); the epoch
+programs' keys hold it through their step, which `traced` pinned to it
+(docs/guide/internals.md, "The kernel choice").
 """
 
 from __future__ import annotations
@@ -151,6 +156,9 @@ class Numerics:
         return jnp.bfloat16 if self.precision == "bfloat16" else None
 
 
+# The one context of the kernel choice: set by `use` (a block) and `traced` (a
+# function), read by `current` alone. None: the backend's defaults, changed by
+# JAXSCANVI_KERNELS.
 _ACTIVE: contextvars.ContextVar[Numerics | None] = contextvars.ContextVar(
     "jaxscanvi_numerics", default=None
 )
@@ -169,7 +177,7 @@ def check_precision(precision) -> str:
 
 
 def current(precision: str | None = None) -> Numerics:
-    """What a function built now will trace with."""
+    """What a function built now will trace with (the only reader of `_ACTIVE`)."""
     active = _ACTIVE.get()
     if active is not None:
         if precision is None or precision == active.precision:
@@ -180,10 +188,12 @@ def current(precision: str | None = None) -> Numerics:
 
 
 def kernels() -> Kernels:
+    """The kernels of `current`: what a layer being traced now runs."""
     return current().kernels
 
 
 def matmul_dtype():
+    """The matmul dtype of `current` (None: float32)."""
     return current().matmul_dtype
 
 

@@ -20,13 +20,17 @@ import os
 import tempfile
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 
 from ._export_cache import exported  # noqa: F401 (the API: compile_cache.exported)
+
+if TYPE_CHECKING:
+    from .backend import Numerics
 
 ENV = "JAXSCANVI_COMPILATION_CACHE"
 _OFF = {"0", "false", "no", "off", "none"}
@@ -132,21 +136,134 @@ def configure_at_import() -> Path | None:
 
 
 # ------------------------------------------------------ compiled functions in memory
+class ProgramKey:
+    """A key of the compiled-function cache (`functions`).
+
+    There is one frozen dataclass per kind of program, below, and each is
+    built in one place: the function that makes that program. Two keys are
+    equal when they are of the same kind and their fields are equal, so a
+    field names everything the program's trace depends on. The kernel choice
+    (`backend.Numerics`) is a field where the program reads it; see
+    docs/guide/internals.md, "Cache keys".
+    """
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True)
+class InitKey(ProgramKey):
+    """A module's initialisation (`model._base.init_variables`).
+
+    No numerics: initialisation draws with `jax.random` alone and returns
+    only the variables, whatever kernels the traced forward pass would use,
+    so one program serves every choice.
+    """
+
+    module: Hashable  # a flax module: its class and fields
+
+
+@dataclass(frozen=True)
+class KernelKey(ProgramKey):
+    """An inference kernel, ``partial(func, *args, **keywords)``, pinned to
+    ``numerics`` (`model._inference.jitted`)."""
+
+    func: Callable
+    args: tuple
+    keywords: tuple  # the partial's keywords as sorted (name, value) pairs
+    numerics: Numerics
+
+
+@dataclass(frozen=True)
+class TrainStepKey(ProgramKey):
+    """The optimiser, train step and eval step of one training configuration
+    (`train.fit.step_fns`)."""
+
+    loss_spec: Hashable  # the model's loss (`train.fit.Task.loss_spec`)
+    plan: Hashable  # the optimiser plan (`TrainConfig.plan`)
+    on_nonfinite: str
+    loss_terms: Hashable
+    loss_weights: Hashable
+    params_mask: Hashable  # `train.state.mask_key` of what training may change
+    state_mask: Hashable
+    numerics: Numerics
+
+
+@dataclass(frozen=True)
+class SweepMemberKey(ProgramKey):
+    """The step of any sweep member (`sweep._step.member_steps`): like
+    `TrainStepKey`, less the numbers each member traces from its state."""
+
+    loss_spec: Hashable
+    plan_options: tuple  # the plan's options other than the traced numbers
+    on_nonfinite: str
+    loss_terms: Hashable
+    callable_weights: tuple  # the extra-term weights that are schedules
+    params_mask: Hashable
+    state_mask: Hashable
+    numerics: Numerics
+    schedule_mode: str
+
+
+@dataclass(frozen=True)
+class DeviceEpochKey(ProgramKey):
+    """One epoch over cells resident on the device (`train.sources.DeviceSource`).
+
+    The step holds the numerics: it is pinned to them (`backend.traced`) by
+    the program that made it, whose key has them; the gather reads none.
+    """
+
+    step_fn: Callable
+    n_genes: int
+    k_cap: int  # room for non-zeros per minibatch (0: dense counts)
+    dense: bool
+    parallel: Hashable  # `train.parallel.DataParallel`, or None
+    sharded: bool  # each device holds its own slice of the cells
+
+
+@dataclass(frozen=True)
+class ChunkEpochKey(ProgramKey):
+    """One chunk of S minibatches shipped from the host (`train.sources.HostSource`
+    and the stream source); the numerics are the step's, as in `DeviceEpochKey`."""
+
+    step_fn: Callable
+    n_genes: int
+    k_cap: int
+    sparse: bool  # the likelihood takes the list of non-zeros (`backend`)
+    parallel: Hashable
+
+
+@dataclass(frozen=True)
+class SweepEpochKey(ProgramKey):
+    """A device epoch program vmapped over K members (`sweep._step.vmapped_epoch`);
+    ``own_rows_axis`` is 1 when each member draws its own rows, else None."""
+
+    epoch_fn: Callable
+    own_rows_axis: int | None
+
+
 class FunctionCache:
     """Jitted functions by a hashable spec; the least recently used go first.
 
     One cache for every train step, epoch program and inference kernel, so a
     new model with the same architecture and settings reuses what an earlier
     one compiled. It is bounded because an entry's closure can hold arrays
-    (a device source keeps its model's counts on the device).
+    (a device source keeps its model's counts on the device). With
+    ``key_type``, a spec of another type is refused (TypeError): `functions`
+    takes only `ProgramKey`s.
     """
 
-    def __init__(self, max_entries: int):
+    def __init__(self, max_entries: int, key_type: type | None = None):
         self.max_entries = max_entries
+        self.key_type = key_type
         self._entries: OrderedDict = OrderedDict()
 
     def get(self, spec, build: Callable[[], Any]):
         """The function for ``spec``, made by ``build()`` the first time it is asked for."""
+        if self.key_type is not None and not isinstance(spec, self.key_type):
+            raise TypeError(
+                f"compiled-function cache key {type(spec).__name__}: expected a "
+                f"{self.key_type.__name__} (one per kind of program, compile_cache.py)"
+            )
         if spec in self._entries:
             self._entries.move_to_end(spec)
             return self._entries[spec]
@@ -163,7 +280,7 @@ class FunctionCache:
         return len(self._entries)
 
 
-functions = FunctionCache(max_entries=128)
+functions = FunctionCache(max_entries=128, key_type=ProgramKey)
 
 
 def clear_caches() -> None:

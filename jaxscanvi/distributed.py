@@ -86,6 +86,17 @@ class LostProcessError(RuntimeError):
 
 
 def _client():
+    """The runtime's key-value store client, or None (one process, or a JAX without it).
+
+    The one use of JAX's private modules in jaxscanvi: `jax.distributed`
+    publishes only ``initialize``, ``shutdown`` and ``is_initialized``, and no
+    public API lets processes leave each other a note. Each process writes who
+    it is (host, pid) there so a lost one can be named (`lost_processes`). If a
+    JAX release moves it, this returns None and a lost process is named by its
+    index alone: every caller treats None as "unknown". Pinned by
+    ``tests/test_public_apis.py`` (None without a run) and by
+    ``tests/test_multihost.py``'s lost-process test (a dead peer named by pid).
+    """
     try:
         from jax._src import distributed as jd
 

@@ -15,6 +15,7 @@ tests/test_multihost.py compares all of it with one process replaying the run.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,17 @@ def main() -> int:
     from jaxscanvi import distributed
 
     distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
+    # what each process left the others (`distributed._client`, JAX's private store)
+    client = distributed._client()
+    peer = (pid + 1) % nproc
+    note = (
+        None
+        if client is None
+        else client.blocking_key_value_get(f"{distributed._KEY}/{peer}", 60_000)
+    )
+    (out / f"client_{pid}.json").write_text(
+        json.dumps({"own_pid": os.getpid(), "peer": None if note is None else json.loads(note)})
+    )
 
     import anndata as ad
 

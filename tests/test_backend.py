@@ -148,3 +148,44 @@ def test_bfloat16_validation_elbo_within_half_a_percent(atlas):
     assert any(not np.array_equal(x, y) for x, y in zip(_leaves(f32), _leaves(bf16)))
     for leaf in _leaves(bf16):  # parameters stay float32
         assert leaf.dtype == jnp.float32
+
+
+def _kernel_fn(variables, batch, key, scale=1.0):
+    return {"out": batch * scale}
+
+
+def test_the_kernel_choice_is_a_field_of_the_kernel_key():
+    """An inference kernel built under another choice is another program; under
+    the same choice it is the same one (`compile_cache.KernelKey.numerics`)."""
+    from functools import partial
+
+    from jaxscanvi.model._inference import jitted
+
+    fn = partial(_kernel_fn, scale=2.0)
+    with backend.use("library"):
+        lib = jitted(fn)
+        assert jitted(partial(_kernel_fn, scale=2.0)) is lib
+    with backend.use("all"):
+        every = jitted(fn)
+    with backend.use("library", precision="bfloat16"):
+        bf16 = jitted(fn)
+    assert len({id(lib), id(every), id(bf16)}) == 3
+
+
+def test_the_kernel_choice_has_one_context_and_one_reader():
+    """`backend._ACTIVE` is the one context: set by `use` and `traced`, read by
+    `current` alone; every other module asks `current`, `kernels` or `matmul_dtype`."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    package = Path(backend.__file__).parent
+    outside = [
+        str(f.relative_to(package))
+        for f in package.rglob("*.py")
+        if f.name != "backend.py" and re.search(r"\b_ACTIVE\b|ContextVar", f.read_text())
+    ]
+    assert outside == []
+    src = Path(backend.__file__).read_text()
+    assert src.count("_ACTIVE.get(") == 1
+    assert "_ACTIVE.get(" in inspect.getsource(backend.current)

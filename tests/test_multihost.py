@@ -93,6 +93,17 @@ def _close(a: dict, b: dict, tol: float):
 
 
 @pytest.mark.system
+def test_each_process_names_itself_to_the_others(run):
+    """`distributed._client` (JAX's private key-value store, wrapped in one
+    function) holds each process's host and pid, read by the others: what names
+    a lost process (`distributed.lost_processes`)."""
+    notes = [json.loads((run / f"client_{p}.json").read_text()) for p in range(2)]
+    for p in range(2):
+        peer = notes[p]["peer"]
+        assert peer == {"host": socket.gethostname(), "pid": notes[1 - p]["own_pid"]}, notes
+
+
+@pytest.mark.system
 def test_each_process_reads_only_its_slice(run):
     slices = []
     for p in range(2):

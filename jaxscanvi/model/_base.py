@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..compile_cache import exported, functions
+from ..compile_cache import InitKey, exported, functions
 from ..data.batch import Batch, NonZeros, host_batch
 from ..data.cells import CellData, cell_data
 from ..data.registry import Registry
@@ -332,7 +332,7 @@ def init_variables(
     # otherwise take most of the construction time (same values either way);
     # initialisation draws with jax.random alone, so no backend pinning. The
     # key is split inside, so construction is this one program
-    init = functions.get(("init", module), lambda: _init_program(module, key, batch))
+    init = functions.get(InitKey(module), lambda: _init_program(module, key, batch))
     # an exported program's outputs come back committed to their device, which
     # would make training compile its epoch again on the next train() call;
     # through the host they are plain (uncommitted) arrays, as jit's (parameters

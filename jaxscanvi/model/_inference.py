@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import backend, distributed
 from .._settings import settings
-from ..compile_cache import exported, functions
+from ..compile_cache import KernelKey, exported, functions
 from ..data.batch import host_batch
 from ..data.cells import CellData
 from ..errors import InputError, check_positive_int
@@ -30,7 +30,7 @@ def jitted(fn: partial):
     its spec has a stable text, through `compile_cache.exported`, so a warm
     process loads the traced program instead of tracing it."""
     numerics = backend.current()
-    spec = ("kernel", fn.func, fn.args, tuple(sorted(fn.keywords.items())), numerics)
+    spec = KernelKey(fn.func, fn.args, tuple(sorted(fn.keywords.items())), numerics)
     return functions.get(
         spec, lambda: Kernel(backend.traced(fn, numerics), stable_key(fn, numerics))
     )

@@ -154,7 +154,23 @@ def align_genes(
     new.uns.pop(UNS_KEY, None)  # a registry of the old gene layout no longer applies
     if not inplace:
         return new
-    adata._init_as_actual(
+    _become(adata, new)
+    return None
+
+
+def _become(adata, new) -> None:
+    """Make ``adata`` hold ``new``'s contents, in place (its gene axis changes).
+
+    anndata has no public way to change an object's shape in place (scvi-tools
+    calls the private ``AnnData._init_as_actual``). Re-running the public
+    constructor on the object does exactly that through a public signature:
+    ``AnnData.__init__`` with these arguments calls ``_init_as_actual`` with
+    them, which resets every field (a view becomes an actual object; ``varm``,
+    ``varp`` and ``raw`` are dropped, as they do not fit the new gene axis).
+    ``tests/test_public_apis.py`` pins it.
+    """
+    ad.AnnData.__init__(
+        adata,
         X=new.X,
         obs=new.obs,
         var=new.var,
@@ -163,7 +179,6 @@ def align_genes(
         obsp=new.obsp,
         layers=new.layers,
     )
-    return None
 
 
 def _load_reference(cls, reference_model):

@@ -35,7 +35,7 @@ from ..train.loop import (
     validates,
     validation_orders,
 )
-from ..train.state import TrainState, inject_state
+from ..train.state import TrainState, hyperparams, with_hyperparams
 from ._step import masked_jit, run_epoch_vmapped
 
 
@@ -74,9 +74,8 @@ def member_of(tree, k: int):
 def member_state(m: Member, tx, hp: dict) -> TrainState:
     """A member's train state as `fit` starts one (key PRNGKey(seed)), its
     traced numbers ``hp`` (name -> scalar) in its optimiser's hyperparams."""
-    opt_state = tx.init(m.task.params)
-    inject_state(opt_state).hyperparams.update(
-        {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
+    opt_state = with_hyperparams(
+        tx.init(m.task.params), **{k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
     )
     return TrainState(
         params=m.task.params,
@@ -179,7 +178,7 @@ def run_vmapped(
             )
             loops[m].stopped_early = True
         active &= ~failed
-        lrs = np.asarray(inject_state(ts.opt_state).hyperparams["learning_rate"], np.float64)
+        lrs = np.asarray(hyperparams(ts.opt_state)["learning_rate"], np.float64)
         counts, klw = np.asarray(counts), np.asarray(klw)
         records = {
             m: train_record(epoch, {n: t[m] for n, t in terms.items()}, counts[m], klw[m], lrs[m])
@@ -214,7 +213,8 @@ def run_vmapped(
             lrs[m], stop = after_epoch(loops[m], rec, lrs[m], cfgs[m])
             active[m] &= not stop
         if cfg.reduce_lr_on_plateau:
-            inject_state(ts.opt_state).hyperparams["learning_rate"] = jnp.asarray(lrs, jnp.float32)
+            lr = jnp.asarray(lrs, jnp.float32)
+            ts = ts.replace(opt_state=with_hyperparams(ts.opt_state, learning_rate=lr))
         bar.set_postfix(active=int(active.sum()))
         if not active.any():
             break

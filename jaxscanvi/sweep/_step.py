@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import optax
 
 from .. import backend
-from ..compile_cache import functions
+from ..compile_cache import SweepEpochKey, SweepMemberKey, functions
 from ..train.fit import pinned
 from ..train.loop import StepFns, make_eval_step, make_train_step
 from ..train.sources import grown_cap
-from ..train.state import inject_state, mask_key, pending_update, zero_frozen
+from ..train.state import hyperparams, mask_key, pending_update, zero_frozen
 
 # a member's extra-term weight, in its optimiser's hyperparams
 WEIGHT_KEY = "loss_weight:"
@@ -35,7 +35,7 @@ WEIGHT_KEY = "loss_weight:"
 def sweep_optimizer(
     eps: float, trainable_mask=None, *, decoupled: bool = False, clip: tuple | None = None
 ) -> optax.GradientTransformation:
-    """`train.state.make_optimizer`'s chain (Adam at element 1, coupled L2 or, with
+    """`train.state.make_optimizer`'s chain (Adam after the clipping, coupled L2 or, with
     ``decoupled``, AdamW; Lightning's clipping), with the weight decay injected too.
 
     The factory ignores the other numbers a member keeps in its hyperparams.
@@ -64,7 +64,7 @@ def sweep_optimizer(
 
 def numbers(ts) -> dict:
     """A member's traced hyperparameters (see the module docstring)."""
-    return inject_state(ts.opt_state).hyperparams
+    return hyperparams(ts.opt_state)
 
 
 @dataclass(frozen=True)
@@ -111,17 +111,16 @@ def member_steps(task, config, *, schedule_mode: str):
     numerics = backend.current(config.precision)
     plan = config.plan
     traced_plan = {"lr", "weight_decay", "classification_ratio"}
-    spec = (
-        "sweep_member",
-        task.loss_spec,
-        tuple(kv for kv in plan.options if kv[0] not in traced_plan),
-        config.on_nonfinite,
-        config.loss_terms,
-        tuple((k, w) for k, w in config.loss_weights if callable(w)),
-        mask_key(masks[0]),
-        mask_key(masks[1]),
-        numerics,
-        schedule_mode,
+    spec = SweepMemberKey(
+        loss_spec=task.loss_spec,
+        plan_options=tuple(kv for kv in plan.options if kv[0] not in traced_plan),
+        on_nonfinite=config.on_nonfinite,
+        loss_terms=config.loss_terms,
+        callable_weights=tuple((k, w) for k, w in config.loss_weights if callable(w)),
+        params_mask=mask_key(masks[0]),
+        state_mask=mask_key(masks[1]),
+        numerics=numerics,
+        schedule_mode=schedule_mode,
     )
 
     def build():
@@ -184,7 +183,7 @@ def vmapped_epoch(source, step_fn: Callable, *, own_rows: bool) -> Callable:
     one = source._epoch_fn(step_fn)
     axis = 1 if own_rows else None
     return functions.get(
-        ("sweep_vmapped", one, axis), lambda: jax.jit(jax.vmap(one, in_axes=(0, None, axis, axis)))
+        SweepEpochKey(one, axis), lambda: jax.jit(jax.vmap(one, in_axes=(0, None, axis, axis)))
     )
 
 

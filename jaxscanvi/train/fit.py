@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from .. import backend, distributed, lock
-from ..compile_cache import functions
+from ..compile_cache import TrainStepKey, functions
 from ..data.cells import CellData
 from ..data.split import split_indices
 from ..errors import InputError, NonFiniteLossError
@@ -63,16 +63,15 @@ def step_fns(config: TrainConfig, task: Task):
     """(optimizer, train StepFns, eval step), compiled once per specification."""
     masks = task.freeze if task.freeze is not None else (None, None)
     numerics = backend.current(config.precision)
-    spec = (
-        "train_step",
-        task.loss_spec,
-        config.plan,
-        config.on_nonfinite,
-        config.loss_terms,
-        config.loss_weights,
-        mask_key(masks[0]),
-        mask_key(masks[1]),
-        numerics,
+    spec = TrainStepKey(
+        loss_spec=task.loss_spec,
+        plan=config.plan,
+        on_nonfinite=config.on_nonfinite,
+        loss_terms=config.loss_terms,
+        loss_weights=config.loss_weights,
+        params_mask=mask_key(masks[0]),
+        state_mask=mask_key(masks[1]),
+        numerics=numerics,
     )
 
     def build():

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..compile_cache import ChunkEpochKey, DeviceEpochKey
 from ..compile_cache import functions as _COMPILED
 from ..data.backed import BackedRows
 from ..data.batch import (
@@ -213,7 +214,7 @@ class DeviceSource(Source):
         par = self.parallel
         sharded = self.bounds is not None
         dense = self.dense
-        key = ("device", step_fn, self.n_genes, self.k_cap, dense, par, sharded)
+        key = DeviceEpochKey(step_fn, self.n_genes, self.k_cap, dense, par, sharded)
 
         # the closure holds no reference to self: a cached program must not keep
         # a finished model's device data alive
@@ -291,7 +292,7 @@ class HostSource(Source):
 
     def _epoch_fn(self, step_fn: Callable):
         par, G, K, sparse = self.parallel, self.n_genes, self.k_cap, self.sparse
-        key = ("chunks", step_fn, G, K, sparse, par)
+        key = ChunkEpochKey(step_fn, G, K, sparse, par)
 
         def build():
             def gather(cells, r):

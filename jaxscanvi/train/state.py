@@ -46,7 +46,7 @@ def make_optimizer(
     marked False gets an update of exactly zero, weight decay included.
     """
 
-    first = []  # before Adam; Adam stays the chain's element 1 (see pending_update)
+    first = []  # before Adam
     if clip is not None:
         kind, c = clip
         first.append(optax.clip_by_global_norm(c) if kind == "norm" else optax.clip(c))
@@ -88,9 +88,8 @@ def pending_update(
     tenth of a step on memory traffic. ``decoupled_decay``: AdamW's weight
     decay, which the moments do not hold.
     """
-    inner = inject_state(opt_state)
-    adam = inner.inner_state[1]
-    lr = inner.hyperparams["learning_rate"]
+    adam = adam_state(opt_state)
+    lr = hyperparams(opt_state)["learning_rate"]
     mu_hat = optax.tree.bias_correction(adam.mu, b1, adam.count)
     nu_hat = optax.tree.bias_correction(adam.nu, b2, adam.count)
     updates = jax.tree.map(
@@ -131,20 +130,36 @@ def mask_key(mask) -> tuple | None:
 
 
 def get_lr(opt_state) -> float:
-    return float(inject_state(opt_state).hyperparams["learning_rate"])
+    return float(hyperparams(opt_state)["learning_rate"])
 
 
 def set_lr(opt_state, lr: float):
-    inner = inject_state(opt_state)
-    inner.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
-    return opt_state
+    """A copy of ``opt_state`` with learning rate ``lr`` (the state is not changed)."""
+    return with_hyperparams(opt_state, learning_rate=jnp.asarray(lr, jnp.float32))
 
 
-def inject_state(opt_state):
-    """The optimiser state that holds the hyperparameters (``learning_rate``)."""
-    if hasattr(opt_state, "hyperparams"):
-        return opt_state
-    return opt_state[0]  # chained with freeze
+# The optimiser state is read and written through optax's public tree
+# utilities (`optax.tree_utils.tree_get` / `tree_set`), by the names optax
+# documents: the field ``hyperparams`` of `optax.inject_hyperparams`' state and
+# the class `optax.ScaleByAdamState`. Nothing here depends on where in the
+# chain (or in a chain with `zero_frozen`) they sit.
+
+
+def hyperparams(opt_state) -> dict:
+    """The injected hyper-parameters (name -> value) of `make_optimizer`'s state
+    (or the sweep's), wherever the chain holds them."""
+    return optax.tree_utils.tree_get(opt_state, "hyperparams")
+
+
+def with_hyperparams(opt_state, **values):
+    """A copy of ``opt_state`` whose injected hyper-parameters have ``values``
+    (names not yet there are added: the sweep keeps its own numbers there)."""
+    return optax.tree_utils.tree_set(opt_state, hyperparams={**hyperparams(opt_state), **values})
+
+
+def adam_state(opt_state) -> optax.ScaleByAdamState:
+    """The Adam moments and count inside ``opt_state``."""
+    return optax.tree_utils.tree_get(opt_state, "ScaleByAdamState")
 
 
 @dataclass(frozen=True)
