@@ -1,4 +1,6 @@
-"""Helpers shared by the benchmark scripts: environment record, memory, metrics.
+"""Helpers shared by the benchmark scripts: argument parsing, worker processes,
+alternating A/B rounds, environment record, memory, metrics, paired
+intervals, JSON output.
 
 Nothing here imports scvi-tools or torch; the scripts import them only inside
 the code paths that compare against scvi-tools.
@@ -6,13 +8,16 @@ the code paths that compare against scvi-tools.
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,15 +79,20 @@ def _mem_total_gb() -> float | None:
     return None
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count()
+
+
 def machine_info(with_jax: bool = True) -> dict:
     info = {
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
+        "cpus_usable": usable_cores(),
         "mem_total_gb": _mem_total_gb(),
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python_executable": sys.executable,
@@ -108,6 +118,72 @@ def machine_info(with_jax: bool = True) -> dict:
 
 def loadavg() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+# ------------------------------------------------------ arguments and workers
+def parser(doc: str, *, paragraph: bool = True) -> argparse.ArgumentParser:
+    """A script's parser, described by its docstring's first paragraph (or line)."""
+    head = doc.split("\n\n" if paragraph else "\n")[0]
+    return argparse.ArgumentParser(
+        description=head, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def add_smoke(p: argparse.ArgumentParser, help: str) -> None:
+    """``--quick`` and its alias ``--smoke`` (``args.quick``): the run CI makes."""
+    p.add_argument("--quick", "--smoke", dest="quick", action="store_true", help=help)
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    """The hidden ``--worker SPEC_JSON --worker-out PATH`` of a script's own workers."""
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+
+
+def args_record(args: argparse.Namespace, skip: str | None = None) -> dict:
+    """The arguments for the JSON (paths as strings; names starting ``skip`` left out)."""
+    return {
+        k: str(v) if isinstance(v, Path) else v
+        for k, v in vars(args).items()
+        if not (skip and k.startswith(skip))
+    }
+
+
+def run_worker(script, spec: dict, timeout: float | None = None, env: dict | None = None) -> dict:
+    """Run ``script --worker SPEC --worker-out FILE`` in a fresh process and read its
+    JSON back, with ``process_seconds`` (wall time of the process). A failure
+    gives ``{"error", "log_tail", "process_seconds"}``."""
+    fd, out = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable, str(script), "--worker", json.dumps(spec), "--worker-out", out]
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        )
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+    except subprocess.TimeoutExpired as e:
+        rc, tail = "timeout", str(e)[-3000:]
+    wall = time.perf_counter() - t
+    try:
+        if rc != 0:
+            return {"error": f"worker exit {rc}", "log_tail": tail, "process_seconds": wall}
+        res = json.loads(Path(out).read_text())
+        res["process_seconds"] = wall
+        return res
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
+def round_order(arms, r: int, *, rotate: bool = False) -> list:
+    """The order of the arms in round ``r`` of alternating A/B runs: reversed in
+    odd rounds (or, with ``rotate``, rotated by ``r``), so a machine shared with
+    other jobs slows every arm alike."""
+    arms = list(arms)
+    if rotate:
+        r %= len(arms)
+        return arms[r:] + arms[:r]
+    return arms[::-1] if r % 2 else arms
 
 
 # --------------------------------------------------------------------- memory
