@@ -48,7 +48,7 @@ from _common import (
     versions,
     write_json,
 )
-from label_transfer import top_variance_genes
+from _label_transfer_runs import top_variance_genes
 
 DATA = HERE.parents[1] / "shared" / "data"
 OUT = HERE / "results" / "integration.json"
