@@ -23,9 +23,9 @@ from _plots_common import (
 )
 
 
-def fig_scale_cells(results: Path, out: Path) -> None:
-    """Throughput and peak memory against the number of cells (CPU and GPU)."""
-    cpu, gpu = [], []  # (n_cells, cells_per_s, peak_gb, data_gb, label)
+def _scale_cpu_points(results: Path) -> list[tuple]:
+    """(n_cells, cells_per_s, peak_gb, data_gb, label) of the CPU runs."""
+    cpu = []
     t = load(results, "train_throughput.json", required=False)
     if t and t.get("summary"):
         s = next(
@@ -72,6 +72,12 @@ def fig_scale_cells(results: Path, out: Path) -> None:
                     f"streamed from disk\n({st.get('steps', '?')} steps)",
                 )
             )
+    return cpu
+
+
+def _scale_gpu_points(results: Path) -> list[tuple]:
+    """(n_cells, cells_per_s, peak_gb, data_gb, label) of the GPU runs."""
+    gpu = []
     g = load(results, "gpu/gpu_check_h200.json", required=False)
     gname = "gpu/gpu_check_h200.json"
     if g:
@@ -119,49 +125,47 @@ def fig_scale_cells(results: Path, out: Path) -> None:
             break
         if part:
             print(f"  note: {name}: atlas_10m status {part.get('status')!r}, not used")
-    if not cpu and not gpu:
-        raise Skip("no scale figures in the JSON")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.9))
-    for pts, color, mk, lab, dy in (
-        (cpu, JAX, "o", "CPU (host RSS)", -1),
-        (gpu, "#2a9d8f", "s", "H200 (device memory)", 1),
-    ):
-        if not pts:
-            continue
-        pts = sorted(pts)
-        n = [p[0] for p in pts]
-        axes[0].plot(n, [p[1] for p in pts], mk, color=color, label=lab.split(" (")[0])
-        axes[1].plot(n, [p[2] for p in pts], mk, color=color, label=f"peak, {lab}")
-        dn = [(p[0], p[3]) for p in pts if p[3] is not None]
-        if dn:
-            axes[1].plot(
-                *zip(*dn),
-                mk,
-                mfc="none",
-                color=color,
-                ms=8,
-                label=f"data size, {lab.split(' (')[0]}",
-            )
-        for p in pts:
-            axes[0].annotate(
-                f"{p[1]:,.0f}/s\n{p[4]}",
-                (p[0], p[1]),
-                xytext=(0, 8 * dy),
-                textcoords="offset points",
-                fontsize=6.5,
-                color=color,
-                ha="center",
-                va="bottom" if dy > 0 else "top",
-            )
-            axes[1].annotate(
-                f"{p[2]:.1f} GiB",
-                (p[0], p[2]),
-                xytext=(7, 0),
-                textcoords="offset points",
-                fontsize=6.5,
-                color=color,
-                va="center",
-            )
+    return gpu
+
+
+def _draw_scale_points(axes, pts, color, mk, lab, dy) -> None:
+    pts = sorted(pts)
+    n = [p[0] for p in pts]
+    axes[0].plot(n, [p[1] for p in pts], mk, color=color, label=lab.split(" (")[0])
+    axes[1].plot(n, [p[2] for p in pts], mk, color=color, label=f"peak, {lab}")
+    dn = [(p[0], p[3]) for p in pts if p[3] is not None]
+    if dn:
+        axes[1].plot(
+            *zip(*dn),
+            mk,
+            mfc="none",
+            color=color,
+            ms=8,
+            label=f"data size, {lab.split(' (')[0]}",
+        )
+    for p in pts:
+        axes[0].annotate(
+            f"{p[1]:,.0f}/s\n{p[4]}",
+            (p[0], p[1]),
+            xytext=(0, 8 * dy),
+            textcoords="offset points",
+            fontsize=6.5,
+            color=color,
+            ha="center",
+            va="bottom" if dy > 0 else "top",
+        )
+        axes[1].annotate(
+            f"{p[2]:.1f} GiB",
+            (p[0], p[2]),
+            xytext=(7, 0),
+            textcoords="offset points",
+            fontsize=6.5,
+            color=color,
+            va="center",
+        )
+
+
+def _scale_axes(axes) -> None:
     for ax in axes:
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -181,27 +185,27 @@ def fig_scale_cells(results: Path, out: Path) -> None:
     axes[1].set_yticks([t for t in (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64) if lo <= t <= hi])
     axes[1].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     axes[1].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def fig_scale_cells(results: Path, out: Path) -> None:
+    """Throughput and peak memory against the number of cells (CPU and GPU)."""
+    cpu = _scale_cpu_points(results)
+    gpu = _scale_gpu_points(results)
+    if not cpu and not gpu:
+        raise Skip("no scale figures in the JSON")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.9))
+    for pts, color, mk, lab, dy in (
+        (cpu, JAX, "o", "CPU (host RSS)", -1),
+        (gpu, "#2a9d8f", "s", "H200 (device memory)", 1),
+    ):
+        if pts:
+            _draw_scale_points(axes, pts, color, mk, lab, dy)
+    _scale_axes(axes)
     fig.tight_layout()
     save(fig, out, "scale_cells")
 
 
-def fig_scale_classes(results: Path, out: Path) -> None:
-    """scANVI step time and memory against the number of cell types; forced devices."""
-    name = "scale.json"
-    d = load(results, name)
-    print("  " + source(name, d))
-    cl = d.get("classes")
-    if not cl:
-        raise Skip(f"{name} has no 'classes' part")
-    dev = d.get("devices") or []
-    fig, axes = plt.subplots(
-        1,
-        3 if dev else 2,
-        figsize=(10.5 if dev else 7.5, 3.5),
-        gridspec_kw={"width_ratios": [1, 1, 0.6][: 3 if dev else 2]},
-    )
-    c = [r["n_labels"] for r in cl]
-    ax = axes[0]
+def _classes_step(ax, cl, c) -> None:
     ax.plot(c, [r["step_ms"] for r in cl], "o-", color=JAX, label="step (ms)")
     ax.plot(
         c,
@@ -230,7 +234,9 @@ def fig_scale_classes(results: Path, out: Path) -> None:
     )
     ax.legend(frameon=False, fontsize=7)
     ax.grid(alpha=0.3)
-    ax = axes[1]
+
+
+def _classes_memory(ax, cl, c) -> None:
     ax.plot(c, [r["peak_rss_mb"] for r in cl], "o-", color=JAX, label="peak RSS")
     ax.plot(
         c,
@@ -254,19 +260,42 @@ def fig_scale_classes(results: Path, out: Path) -> None:
     ax.set_ylabel("MB")
     ax.set_title("scANVI host memory against C")
     ax.legend(frameon=False, fontsize=7, loc="lower right")
+
+
+def _classes_devices(ax, d: dict, dev: list) -> None:
+    b = ax.bar(
+        [str(r["devices"]) for r in dev],
+        [r["cells_per_second"] for r in dev],
+        color=[JAX, JAX2][: len(dev)],
+    )
+    label_bars(ax, b)
+    ax.set_xlabel("forced host devices\n(data parallel)")
+    ax.set_ylabel("training cells / s")
+    cores = (d.get("machine") or {}).get("cpus_usable")
+    ax.set_title(f"devices on {cores} cores" if cores else "devices")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+
+
+def fig_scale_classes(results: Path, out: Path) -> None:
+    """scANVI step time and memory against the number of cell types; forced devices."""
+    name = "scale.json"
+    d = load(results, name)
+    print("  " + source(name, d))
+    cl = d.get("classes")
+    if not cl:
+        raise Skip(f"{name} has no 'classes' part")
+    dev = d.get("devices") or []
+    fig, axes = plt.subplots(
+        1,
+        3 if dev else 2,
+        figsize=(10.5 if dev else 7.5, 3.5),
+        gridspec_kw={"width_ratios": [1, 1, 0.6][: 3 if dev else 2]},
+    )
+    c = [r["n_labels"] for r in cl]
+    _classes_step(axes[0], cl, c)
+    _classes_memory(axes[1], cl, c)
     if dev:
-        ax = axes[2]
-        b = ax.bar(
-            [str(r["devices"]) for r in dev],
-            [r["cells_per_second"] for r in dev],
-            color=[JAX, JAX2][: len(dev)],
-        )
-        label_bars(ax, b)
-        ax.set_xlabel("forced host devices\n(data parallel)")
-        ax.set_ylabel("training cells / s")
-        cores = (d.get("machine") or {}).get("cpus_usable")
-        ax.set_title(f"devices on {cores} cores" if cores else "devices")
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+        _classes_devices(axes[2], d, dev)
     fig.suptitle(f"{name}: {machine(d)}", fontsize=9)
     fig.tight_layout()
     save(fig, out, "scale_classes")
