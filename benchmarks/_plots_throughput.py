@@ -21,6 +21,106 @@ from _plots_common import (
 )
 
 
+def _throughput_bar(ax, s: dict, xpos: float, width: float, bs: int, runs: list, shown: set):
+    """One configuration's bar, its repeats as dots, and its ratio to scvi-tools."""
+    fw = s["framework"]
+    seed_obj = s["model"].endswith("[seed]")
+    color = REF if fw == "scvi-tools" else (JAX2 if seed_obj else JAX)
+    label = (
+        "scvi-tools"
+        if fw == "scvi-tools"
+        else "jaxscanvi (scANVI seed objective)"
+        if seed_obj
+        else "jaxscanvi"
+    )
+    bar = ax.bar(
+        xpos,
+        s["cells_per_s"],
+        width * 0.95,
+        color=color,
+        label=None if label in shown else label,
+    )
+    shown.add(label)
+    label_bars(ax, bar, fontsize=6.5)
+    # each repeat's steady cells/s
+    base, _, obj = s["model"].partition("[")
+    obj = obj.rstrip("]") or None
+    reps = [
+        r["cells_per_s"]
+        for r in runs
+        if r.get("spec", {}).get("framework") == fw
+        and r["spec"].get("model") == base
+        and r["spec"].get("batch_size") == bs
+        and (fw == "scvi-tools" or r["spec"].get("objective") == obj)
+        and r.get("cells_per_s")
+    ]
+    if len(reps) > 1:
+        ax.plot(np.full(len(reps), xpos), reps, "k.", ms=2.5, alpha=0.6)
+    ratio = s.get("ratio_vs_scvi_tools")
+    if ratio and not seed_obj:
+        ax.annotate(
+            f"{ratio:.1f}x",
+            (xpos, s["cells_per_s"]),
+            xytext=(0, 11),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+            fontweight="bold",
+            color=JAX,
+        )
+
+
+def _throughput_panel(ax, name: str, d: dict) -> None:
+    """One JSON's panel: bars per (model, batch size), one per library or objective."""
+    print("  " + source(name, d))
+    summ = d["summary"]
+    runs = d.get("runs") or []
+    groups = []  # (model, batch_size)
+    for s in summ:
+        key = (model_name(s["model"]), s["batch_size"])
+        if key not in groups:
+            groups.append(key)
+    groups.sort(key=lambda k: (k[1], k[0] != "scVI"))
+    jax_variants = []
+    for s in summ:
+        if s["framework"] == "jaxscanvi" and s["model"] not in jax_variants:
+            jax_variants.append(s["model"])
+    # scANVI objectives: the scvi-tools objective (the default) first
+    series = [
+        ("jaxscanvi", "scvi"),
+        ("jaxscanvi", "scanvi[scvi-tools]"),
+        ("jaxscanvi", "scanvi[seed]"),
+        ("scvi-tools", None),
+    ]
+    width = 0.26
+    x = np.arange(len(groups))
+    shown = set()
+    for gi, (mname, bs) in enumerate(groups):
+        rows = [s for s in summ if model_name(s["model"]) == mname and s["batch_size"] == bs]
+        cols = []
+        for fw, mod in series:
+            for s in rows:
+                if s["framework"] == fw and (mod is None or s["model"] == mod):
+                    cols.append(s)
+        n = len(cols)
+        for ci, s in enumerate(cols):
+            off = (ci - (n - 1) / 2) * width
+            _throughput_bar(ax, s, gi + off, width, bs, runs, shown)
+    ax.set_xticks(x, [f"{m}\nbatch {b}" for m, b in groups])
+    ax.set_ylabel("training cells / s (steady epochs)")
+    a = d.get("args", {})
+    data = d.get("data", {})
+    extra = ", validation every epoch" if a.get("validate") else ""
+    lab = data.get("labelled_fraction")
+    ax.set_title(
+        f"{name}\n{machine(d)}\n{data.get('n_cells', '?'):,} cells x "
+        f"{data.get('n_genes', '?'):,} genes"
+        + (f", {lab:.0%} labelled" if isinstance(lab, float) else "")
+        + extra
+    )
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+
+
 def fig_throughput_cpu(results: Path, out: Path) -> None:
     """Training cells/s, jaxscanvi vs scvi-tools, on CPU (one panel per JSON)."""
     panels = []
@@ -46,97 +146,7 @@ def fig_throughput_cpu(results: Path, out: Path) -> None:
         gridspec_kw={"width_ratios": ngroups},
     )
     for ax, (name, d) in zip(axes[0], panels):
-        print("  " + source(name, d))
-        summ = d["summary"]
-        runs = d.get("runs") or []
-        groups = []  # (model, batch_size)
-        for s in summ:
-            key = (model_name(s["model"]), s["batch_size"])
-            if key not in groups:
-                groups.append(key)
-        groups.sort(key=lambda k: (k[1], k[0] != "scVI"))
-        jax_variants = []
-        for s in summ:
-            if s["framework"] == "jaxscanvi" and s["model"] not in jax_variants:
-                jax_variants.append(s["model"])
-        # scANVI objectives: the scvi-tools objective (the default) first
-        series = [
-            ("jaxscanvi", "scvi"),
-            ("jaxscanvi", "scanvi[scvi-tools]"),
-            ("jaxscanvi", "scanvi[seed]"),
-            ("scvi-tools", None),
-        ]
-        width = 0.26
-        x = np.arange(len(groups))
-        shown = set()
-        for gi, (mname, bs) in enumerate(groups):
-            rows = [s for s in summ if model_name(s["model"]) == mname and s["batch_size"] == bs]
-            cols = []
-            for fw, mod in series:
-                for s in rows:
-                    if s["framework"] == fw and (mod is None or s["model"] == mod):
-                        cols.append(s)
-            n = len(cols)
-            for ci, s in enumerate(cols):
-                off = (ci - (n - 1) / 2) * width
-                fw = s["framework"]
-                seed_obj = s["model"].endswith("[seed]")
-                color = REF if fw == "scvi-tools" else (JAX2 if seed_obj else JAX)
-                label = (
-                    "scvi-tools"
-                    if fw == "scvi-tools"
-                    else "jaxscanvi (scANVI seed objective)"
-                    if seed_obj
-                    else "jaxscanvi"
-                )
-                bar = ax.bar(
-                    gi + off,
-                    s["cells_per_s"],
-                    width * 0.95,
-                    color=color,
-                    label=None if label in shown else label,
-                )
-                shown.add(label)
-                label_bars(ax, bar, fontsize=6.5)
-                # each repeat's steady cells/s
-                base, _, obj = s["model"].partition("[")
-                obj = obj.rstrip("]") or None
-                reps = [
-                    r["cells_per_s"]
-                    for r in runs
-                    if r.get("spec", {}).get("framework") == fw
-                    and r["spec"].get("model") == base
-                    and r["spec"].get("batch_size") == bs
-                    and (fw == "scvi-tools" or r["spec"].get("objective") == obj)
-                    and r.get("cells_per_s")
-                ]
-                if len(reps) > 1:
-                    ax.plot(np.full(len(reps), gi + off), reps, "k.", ms=2.5, alpha=0.6)
-                ratio = s.get("ratio_vs_scvi_tools")
-                if ratio and not seed_obj:
-                    ax.annotate(
-                        f"{ratio:.1f}x",
-                        (gi + off, s["cells_per_s"]),
-                        xytext=(0, 11),
-                        textcoords="offset points",
-                        ha="center",
-                        fontsize=8,
-                        fontweight="bold",
-                        color=JAX,
-                    )
-        ax.set_xticks(x, [f"{m}\nbatch {b}" for m, b in groups])
-        ax.set_ylabel("training cells / s (steady epochs)")
-        a = d.get("args", {})
-        data = d.get("data", {})
-        extra = ", validation every epoch" if a.get("validate") else ""
-        lab = data.get("labelled_fraction")
-        ax.set_title(
-            f"{name}\n{machine(d)}\n{data.get('n_cells', '?'):,} cells x "
-            f"{data.get('n_genes', '?'):,} genes"
-            + (f", {lab:.0%} labelled" if isinstance(lab, float) else "")
-            + extra
-        )
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+        _throughput_panel(ax, name, d)
     handles, labels = [], []
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
