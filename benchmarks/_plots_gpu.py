@@ -187,6 +187,80 @@ def fig_gpu_kernels(results: Path, out: Path) -> None:
     save(fig, out, "gpu_kernels")
 
 
+def _first_epoch_phases(ax, name: str, d: dict, rows: list) -> None:
+    y = np.arange(len(rows))[::-1]
+    h = 0.27
+    for off, mode, color in ((h, "cold", REF), (0, "off", GREY), (-h, "warm", JAX)):
+        v = [r[f"{mode}_s"] for r in rows]
+        ax.barh(
+            y + off,
+            v,
+            h * 0.95,
+            color=color,
+            label={
+                "cold": "cache on, empty (cold)",
+                "off": "cache off",
+                "warm": "cache on, filled (warm)",
+            }[mode],
+        )
+    for yi, r in zip(y, rows):
+        ax.text(
+            max(r["cold_s"], r["off_s"]), yi + h, f" {r['cold_s']:.1f} s", va="center", fontsize=6.5
+        )
+        ax.text(r["warm_s"], yi - h, f" {r['warm_s']:.1f} s", va="center", fontsize=6.5, color=JAX)
+    ax.set_yticks(y, [r["phase"].replace("#1", " (1st call)") for r in rows])
+    ax.set_xlabel("seconds, fresh process per mode")
+    hl = d.get("headline") or {}
+    ax.set_title(
+        f"{name}: first call of each phase, {machine(d)}\n"
+        f"all phases: {hl.get('wall_seconds_cold', float('nan')):.1f} s cold, "
+        f"{hl.get('wall_seconds_warm', float('nan')):.1f} s warm, "
+        f"{hl.get('wall_seconds_off', float('nan')):.1f} s off; compile "
+        f"{hl.get('compile_seconds_cold', float('nan')):.1f} vs "
+        f"{hl.get('compile_seconds_warm', float('nan')):.1f} s"
+    )
+    ax.legend(frameon=False, loc="lower right")
+    ax.set_xlim(0, max(r["cold_s"] for r in rows) * 1.18)
+
+
+def _first_epoch_vs_scvi_tools(ax, t: dict) -> None:
+    summ = [s for s in t["summary"] if s["batch_size"] == 128 and not s["model"].endswith("[seed]")]
+    models = ["scvi", "scanvi"]
+    width = 0.38
+    for i, m in enumerate(models):
+        for off, fw, color in ((-width / 2, "jaxscanvi", JAX), (width / 2, "scvi-tools", REF)):
+            s = next(
+                (s for s in summ if s["framework"] == fw and s["model"].split("[")[0] == m),
+                None,
+            )
+            if s is None:
+                continue
+            b = ax.bar(
+                i + off,
+                s["first_epoch_seconds"],
+                width,
+                color=color,
+                label=fw if i == 0 else None,
+            )
+            label_bars(ax, b, fmt="{:.1f} s")
+            ax.plot(
+                [i + off - width * 0.45, i + off + width * 0.45],
+                [s["steady_epoch_seconds_median"]] * 2,
+                "k-",
+                lw=1.5,
+                label="steady epoch (median)" if i == 0 and fw == "jaxscanvi" else None,
+            )
+    ax.set_xticks(range(len(models)), [model_name(m) for m in models])
+    ax.set_ylabel("seconds")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
+    dd = t.get("data", {})
+    ax.set_title(
+        f"train_throughput.json, batch 128,\n{dd.get('n_cells', 0):,} cells: "
+        f"first vs steady epoch\n{machine(t)}"
+    )
+    ax.legend(frameon=False, loc="upper left")
+
+
 def fig_first_epoch(results: Path, out: Path) -> None:
     """Time to first epoch: persistent compilation cache cold, warm, off; vs scvi-tools."""
     name = "first_epoch.json"
@@ -222,79 +296,9 @@ def fig_first_epoch(results: Path, out: Path) -> None:
         squeeze=False,
         gridspec_kw={"width_ratios": [1.5, 1][: 2 if two else 1]},
     )
-    ax = axes[0][0]
-    y = np.arange(len(rows))[::-1]
-    h = 0.27
-    for off, mode, color in ((h, "cold", REF), (0, "off", GREY), (-h, "warm", JAX)):
-        v = [r[f"{mode}_s"] for r in rows]
-        ax.barh(
-            y + off,
-            v,
-            h * 0.95,
-            color=color,
-            label={
-                "cold": "cache on, empty (cold)",
-                "off": "cache off",
-                "warm": "cache on, filled (warm)",
-            }[mode],
-        )
-    for yi, r in zip(y, rows):
-        ax.text(
-            max(r["cold_s"], r["off_s"]), yi + h, f" {r['cold_s']:.1f} s", va="center", fontsize=6.5
-        )
-        ax.text(r["warm_s"], yi - h, f" {r['warm_s']:.1f} s", va="center", fontsize=6.5, color=JAX)
-    ax.set_yticks(y, [r["phase"].replace("#1", " (1st call)") for r in rows])
-    ax.set_xlabel("seconds, fresh process per mode")
-    hl = d.get("headline") or {}
-    ax.set_title(
-        f"{name}: first call of each phase, {machine(d)}\n"
-        f"all phases: {hl.get('wall_seconds_cold', float('nan')):.1f} s cold, "
-        f"{hl.get('wall_seconds_warm', float('nan')):.1f} s warm, "
-        f"{hl.get('wall_seconds_off', float('nan')):.1f} s off; compile "
-        f"{hl.get('compile_seconds_cold', float('nan')):.1f} vs "
-        f"{hl.get('compile_seconds_warm', float('nan')):.1f} s"
-    )
-    ax.legend(frameon=False, loc="lower right")
-    ax.set_xlim(0, max(r["cold_s"] for r in rows) * 1.18)
+    _first_epoch_phases(axes[0][0], name, d, rows)
     if two:
         print("  " + source("train_throughput.json", t))
-        ax = axes[0][1]
-        summ = [
-            s for s in t["summary"] if s["batch_size"] == 128 and not s["model"].endswith("[seed]")
-        ]
-        models = ["scvi", "scanvi"]
-        width = 0.38
-        for i, m in enumerate(models):
-            for off, fw, color in ((-width / 2, "jaxscanvi", JAX), (width / 2, "scvi-tools", REF)):
-                s = next(
-                    (s for s in summ if s["framework"] == fw and s["model"].split("[")[0] == m),
-                    None,
-                )
-                if s is None:
-                    continue
-                b = ax.bar(
-                    i + off,
-                    s["first_epoch_seconds"],
-                    width,
-                    color=color,
-                    label=fw if i == 0 else None,
-                )
-                label_bars(ax, b, fmt="{:.1f} s")
-                ax.plot(
-                    [i + off - width * 0.45, i + off + width * 0.45],
-                    [s["steady_epoch_seconds_median"]] * 2,
-                    "k-",
-                    lw=1.5,
-                    label="steady epoch (median)" if i == 0 and fw == "jaxscanvi" else None,
-                )
-        ax.set_xticks(range(len(models)), [model_name(m) for m in models])
-        ax.set_ylabel("seconds")
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
-        dd = t.get("data", {})
-        ax.set_title(
-            f"train_throughput.json, batch 128,\n{dd.get('n_cells', 0):,} cells: "
-            f"first vs steady epoch\n{machine(t)}"
-        )
-        ax.legend(frameon=False, loc="upper left")
+        _first_epoch_vs_scvi_tools(axes[0][1], t)
     fig.tight_layout()
     save(fig, out, "first_epoch")
