@@ -20,6 +20,112 @@ from _plots_common import (
 )
 
 
+def _integration_scores(ax, dname: str, ds: dict, keys: list, colors: dict) -> None:
+    summ = ds["summary"]
+    methods = list(summ)
+    width = 0.8 / len(methods)
+    for mi, m in enumerate(methods):
+        xs = np.arange(len(keys)) + (mi - (len(methods) - 1) / 2) * width
+        means = [summ[m][k]["mean"] for k in keys]
+        sds = [summ[m][k]["sd"] for k in keys]
+        b = ax.bar(
+            xs,
+            means,
+            width * 0.95,
+            yerr=sds,
+            capsize=1.5,
+            color=colors.get(m, GREY),
+            label=m,
+            error_kw={"lw": 0.7},
+        )
+        label_bars(ax, b, fmt="{:.2f}", fontsize=5.5, rotation=90)
+        for x, k in zip(xs, keys):
+            seeds = [s["scores"][m][k] for s in ds.get("per_seed", []) if m in s["scores"]]
+            ax.plot(np.full(len(seeds), x), seeds, "k.", ms=2, alpha=0.6)
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("scib-metrics score")
+    ax.set_title(
+        f"{dname} ({ds.get('n_cells', 0):,} cells): mean +- sd over "
+        f"{len(ds.get('per_seed', []))} seeds"
+    )
+    ax.legend(frameon=False, fontsize=6.5, loc="upper left", ncol=3)
+
+
+def _integration_paired(ax, ds: dict) -> None:
+    pair = ds.get("paired_total_jax_minus_scvi") or {}
+    for i, p in enumerate(pair.values()):
+        v = p["total_difference_per_seed"]
+        ax.plot(np.full(len(v), i), v, "k.", ms=4, alpha=0.6)
+        lo, hi = p.get("ci95") or (p["mean"] - p["sd"], p["mean"] + p["sd"])
+        ax.errorbar(
+            i,
+            p["mean"],
+            yerr=[[p["mean"] - lo], [hi - p["mean"]]],
+            fmt="o",
+            color=JAX,
+            capsize=4,
+        )
+        ax.annotate(
+            f"{p['mean']:+.3f}",
+            (i, p["mean"]),
+            xytext=(8, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=7,
+        )
+    ax.axhline(0, color=GREY, lw=0.8)
+    ax.set_xticks(range(len(pair)), list(pair))
+    ax.set_xlim(-0.5, len(pair) - 0.3)
+    ax.set_ylabel("Total: jaxscanvi - scvi-tools")
+    interval = "95% t interval" if any("ci95" in p for p in pair.values()) else "sd"
+    ax.set_title(f"paired by seed (mean, {interval})")
+
+
+def _integration_times(ax, d: dict, ds: dict) -> None:
+    ps = [
+        s
+        for s in ds.get("per_seed", [])
+        if s.get("jaxscanvi_seconds") and s.get("scvi_tools_seconds")
+    ]
+    if ps:
+        seeds = [str(s["seed"]) for s in ps]
+        x = np.arange(len(ps))
+        ax.bar(
+            x - 0.2,
+            [s["jaxscanvi_seconds"] / 60 for s in ps],
+            0.38,
+            color=JAX,
+            label="jaxscanvi",
+        )
+        ax.bar(
+            x + 0.2,
+            [s["scvi_tools_seconds"] / 60 for s in ps],
+            0.38,
+            color=REF,
+            label="scvi-tools",
+        )
+        for xi, s in zip(x, ps):
+            ax.annotate(
+                f"{s['scvi_tools_seconds'] / s['jaxscanvi_seconds']:.1f}x",
+                (xi, max(s["jaxscanvi_seconds"], s["scvi_tools_seconds"]) / 60),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+                fontweight="bold",
+            )
+        ax.set_xticks(x, seeds)
+        ax.set_xlabel("seed")
+        ax.set_ylabel("minutes (scVI + scANVI)")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+        a = d.get("args", {})
+        ax.set_title(f"wall time, {a.get('scvi_epochs')} + {a.get('scanvi_epochs')} epochs")
+        ax.legend(frameon=False, fontsize=7)
+    else:
+        ax.set_visible(False)
+
+
 def fig_integration(results: Path, out: Path) -> None:
     """scIB aggregate scores per method with seeds, paired totals and wall time."""
     name = "integration.json"
@@ -41,106 +147,9 @@ def fig_integration(results: Path, out: Path) -> None:
         "scvi-tools scANVI": REF,
     }
     for row, (dname, ds) in zip(axes, datasets.items()):
-        summ = ds["summary"]
-        methods = list(summ)
-        width = 0.8 / len(methods)
-        ax = row[0]
-        for mi, m in enumerate(methods):
-            xs = np.arange(len(keys)) + (mi - (len(methods) - 1) / 2) * width
-            means = [summ[m][k]["mean"] for k in keys]
-            sds = [summ[m][k]["sd"] for k in keys]
-            b = ax.bar(
-                xs,
-                means,
-                width * 0.95,
-                yerr=sds,
-                capsize=1.5,
-                color=colors.get(m, GREY),
-                label=m,
-                error_kw={"lw": 0.7},
-            )
-            label_bars(ax, b, fmt="{:.2f}", fontsize=5.5, rotation=90)
-            for x, k in zip(xs, keys):
-                seeds = [s["scores"][m][k] for s in ds.get("per_seed", []) if m in s["scores"]]
-                ax.plot(np.full(len(seeds), x), seeds, "k.", ms=2, alpha=0.6)
-        ax.set_xticks(range(len(keys)), keys)
-        ax.set_ylim(0, 1.08)
-        ax.set_ylabel("scib-metrics score")
-        ax.set_title(
-            f"{dname} ({ds.get('n_cells', 0):,} cells): mean +- sd over "
-            f"{len(ds.get('per_seed', []))} seeds"
-        )
-        ax.legend(frameon=False, fontsize=6.5, loc="upper left", ncol=3)
-        ax = row[1]
-        pair = ds.get("paired_total_jax_minus_scvi") or {}
-        for i, p in enumerate(pair.values()):
-            v = p["total_difference_per_seed"]
-            ax.plot(np.full(len(v), i), v, "k.", ms=4, alpha=0.6)
-            lo, hi = p.get("ci95") or (p["mean"] - p["sd"], p["mean"] + p["sd"])
-            ax.errorbar(
-                i,
-                p["mean"],
-                yerr=[[p["mean"] - lo], [hi - p["mean"]]],
-                fmt="o",
-                color=JAX,
-                capsize=4,
-            )
-            ax.annotate(
-                f"{p['mean']:+.3f}",
-                (i, p["mean"]),
-                xytext=(8, 0),
-                textcoords="offset points",
-                va="center",
-                fontsize=7,
-            )
-        ax.axhline(0, color=GREY, lw=0.8)
-        ax.set_xticks(range(len(pair)), list(pair))
-        ax.set_xlim(-0.5, len(pair) - 0.3)
-        ax.set_ylabel("Total: jaxscanvi - scvi-tools")
-        interval = "95% t interval" if any("ci95" in p for p in pair.values()) else "sd"
-        ax.set_title(f"paired by seed (mean, {interval})")
-        ax = row[2]
-        ps = [
-            s
-            for s in ds.get("per_seed", [])
-            if s.get("jaxscanvi_seconds") and s.get("scvi_tools_seconds")
-        ]
-        if ps:
-            seeds = [str(s["seed"]) for s in ps]
-            x = np.arange(len(ps))
-            ax.bar(
-                x - 0.2,
-                [s["jaxscanvi_seconds"] / 60 for s in ps],
-                0.38,
-                color=JAX,
-                label="jaxscanvi",
-            )
-            ax.bar(
-                x + 0.2,
-                [s["scvi_tools_seconds"] / 60 for s in ps],
-                0.38,
-                color=REF,
-                label="scvi-tools",
-            )
-            for xi, s in zip(x, ps):
-                ax.annotate(
-                    f"{s['scvi_tools_seconds'] / s['jaxscanvi_seconds']:.1f}x",
-                    (xi, max(s["jaxscanvi_seconds"], s["scvi_tools_seconds"]) / 60),
-                    xytext=(0, 3),
-                    textcoords="offset points",
-                    ha="center",
-                    fontsize=7,
-                    fontweight="bold",
-                )
-            ax.set_xticks(x, seeds)
-            ax.set_xlabel("seed")
-            ax.set_ylabel("minutes (scVI + scANVI)")
-            ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
-            a = d.get("args", {})
-            ax.set_title(f"wall time, {a.get('scvi_epochs')} + {a.get('scanvi_epochs')} epochs")
-            ax.legend(frameon=False, fontsize=7)
-        else:
-            ax.set_visible(False)
+        _integration_scores(row[0], dname, ds, keys, colors)
+        _integration_paired(row[1], ds)
+        _integration_times(row[2], d, ds)
     fig.suptitle(f"{name}: {machine(d)}", fontsize=9)
     fig.tight_layout()
     save(fig, out, "integration_summary")
