@@ -206,6 +206,74 @@ def fig_mmd(results: Path, out: Path) -> None:
     save(fig, out, "mmd_mixing")
 
 
+def _parity_forward(ax, d: dict, res: list) -> None:
+    for i, r in enumerate(res):
+        v = list(r["max_rel_diff"].values())
+        ax.plot(np.full(len(v), i) + np.linspace(-0.15, 0.15, len(v)), v, "o", ms=3, color=JAX)
+    tol = d.get("tolerance")
+    if tol:
+        ax.axhline(tol, color=REF, ls="--", label=f"tolerance {tol:g}")
+        ax.legend(frameon=False, loc="upper right")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(res)), [r["case"] for r in res], fontsize=7, rotation=25, ha="right")
+    ax.set_ylabel("max relative difference (log)")
+    ax.set_title(
+        f"same weights, one forward pass: {len(res)} models\n"
+        "(dots: latent, likelihood, losses, predictions)"
+    )
+    ax.set_ylim(top=max(tol or 0, ax.get_ylim()[1]) * 10)
+
+
+def _parity_curves(ax, curves: list) -> None:
+    for c, ls in zip(curves, ("-", "--")):
+        ep = np.arange(1, len(c["elbo_train_jaxscanvi"]) + 1)
+        ax.plot(
+            ep,
+            c["elbo_train_scvi_tools"],
+            ls,
+            color=REF,
+            marker="o",
+            ms=3,
+            label=f"{c['model']} scvi-tools",
+        )
+        ax.plot(
+            ep,
+            c["elbo_train_jaxscanvi"],
+            ls,
+            color=JAX,
+            marker="x",
+            ms=4,
+            label=f"{c['model']} jaxscanvi (max rel. diff {c['max_rel_diff']:.1e})",
+        )
+    ax.set_xticks(ep)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train ELBO loss per cell")
+    ax.set_title("training from the same initial weights")
+    ax.legend(frameon=False, fontsize=6.5)
+
+
+def _parity_posterior(ax, d: dict, post: list) -> None:
+    zmax = d.get("z_max")
+    keys = sorted({q for p in post for q in p.get("z", {})})
+    for qi, (q, mk) in enumerate(zip(keys, "os^")):
+        ax.plot(
+            np.arange(len(post)) + (qi - 0.5) * 0.2,
+            [p["z"].get(q, np.nan) for p in post],
+            mk,
+            color=[JAX, REF, GREY][qi],
+            label=q,
+        )
+    if zmax:
+        ax.axhspan(-zmax, zmax, color="0.92", zorder=0, label=f"|z| < {zmax:g}")
+    ax.axhline(0, color=GREY, lw=0.6)
+    ax.set_xticks(
+        range(len(post)), [p["case"] for p in post], fontsize=6.5, rotation=25, ha="right"
+    )
+    ax.set_ylabel("z of the mean difference")
+    ax.set_title("Monte Carlo posterior estimates")
+    ax.legend(frameon=False, fontsize=6.5, loc="lower left")
+
+
 def fig_parity(results: Path, out: Path) -> None:
     """Same weights, same numbers: relative differences to scvi-tools."""
     name = "parity.json"
@@ -227,72 +295,13 @@ def fig_parity(results: Path, out: Path) -> None:
         squeeze=False,
         gridspec_kw={"width_ratios": [1.5] + [1] * (ncols - 1)},
     )
-    ax = axes[0][0]
-    for i, r in enumerate(res):
-        v = list(r["max_rel_diff"].values())
-        ax.plot(np.full(len(v), i) + np.linspace(-0.15, 0.15, len(v)), v, "o", ms=3, color=JAX)
-    tol = d.get("tolerance")
-    if tol:
-        ax.axhline(tol, color=REF, ls="--", label=f"tolerance {tol:g}")
-        ax.legend(frameon=False, loc="upper right")
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(res)), [r["case"] for r in res], fontsize=7, rotation=25, ha="right")
-    ax.set_ylabel("max relative difference (log)")
-    ax.set_title(
-        f"same weights, one forward pass: {len(res)} models\n"
-        "(dots: latent, likelihood, losses, predictions)"
-    )
-    ax.set_ylim(top=max(tol or 0, ax.get_ylim()[1]) * 10)
+    _parity_forward(axes[0][0], d, res)
     k = 1
     if curves:
-        ax = axes[0][k]
+        _parity_curves(axes[0][k], curves)
         k += 1
-        for c, ls in zip(curves, ("-", "--")):
-            ep = np.arange(1, len(c["elbo_train_jaxscanvi"]) + 1)
-            ax.plot(
-                ep,
-                c["elbo_train_scvi_tools"],
-                ls,
-                color=REF,
-                marker="o",
-                ms=3,
-                label=f"{c['model']} scvi-tools",
-            )
-            ax.plot(
-                ep,
-                c["elbo_train_jaxscanvi"],
-                ls,
-                color=JAX,
-                marker="x",
-                ms=4,
-                label=f"{c['model']} jaxscanvi (max rel. diff {c['max_rel_diff']:.1e})",
-            )
-        ax.set_xticks(ep)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("train ELBO loss per cell")
-        ax.set_title("training from the same initial weights")
-        ax.legend(frameon=False, fontsize=6.5)
     if post:
-        ax = axes[0][k]
-        zmax = d.get("z_max")
-        keys = sorted({q for p in post for q in p.get("z", {})})
-        for qi, (q, mk) in enumerate(zip(keys, "os^")):
-            ax.plot(
-                np.arange(len(post)) + (qi - 0.5) * 0.2,
-                [p["z"].get(q, np.nan) for p in post],
-                mk,
-                color=[JAX, REF, GREY][qi],
-                label=q,
-            )
-        if zmax:
-            ax.axhspan(-zmax, zmax, color="0.92", zorder=0, label=f"|z| < {zmax:g}")
-        ax.axhline(0, color=GREY, lw=0.6)
-        ax.set_xticks(
-            range(len(post)), [p["case"] for p in post], fontsize=6.5, rotation=25, ha="right"
-        )
-        ax.set_ylabel("z of the mean difference")
-        ax.set_title("Monte Carlo posterior estimates")
-        ax.legend(frameon=False, fontsize=6.5, loc="lower left")
+        _parity_posterior(axes[0][k], d, post)
     fig.suptitle(
         f"{name}: jaxscanvi vs scvi-tools {d.get('scvi_tools', '?')} (torch {d.get('torch', '?')})",
         fontsize=9,
