@@ -62,6 +62,78 @@ def _metric_bars(ax, groups, metrics, title):
     )
 
 
+def _label_transfer_panel(lt: dict) -> tuple:
+    """(groups, metrics, title, per-class recall) of label_transfer.json."""
+    groups = []
+    for s in lt["summary"]:
+        fw, obj = s["framework"], s.get("objective")
+        lab = fw if fw == "scvi-tools" else f"jaxscanvi ({obj} objective)"
+        color = REF if fw == "scvi-tools" else (JAX if obj == "scvi-tools" else JAX2)
+        vals = {
+            m: (s[m]["mean"], s[m]["sd"], [v[m] for v in (s.get("per_seed") or {}).values()])
+            for m in ("balanced_accuracy", "accuracy")
+            if m in s
+        }
+        groups.append((lab, color, vals))
+    groups.sort(key=lambda g: ("scvi-tools" in g[0] and "jaxscanvi" not in g[0], g[0]))
+    a = lt.get("args", {})
+    dname = Path(a.get("data", "?")).stem
+    per_class = _per_class(lt.get("runs") or [], objective="scvi-tools")
+    return (
+        groups,
+        ["balanced_accuracy", "accuracy"],
+        f"label_transfer.json: {dname}, {a.get('hide_fraction', 0):.0%} of labels "
+        f"hidden\n{len(a.get('seeds', []))} seeds, scVI {a.get('scvi_epochs')} + "
+        f"scANVI {a.get('scanvi_epochs')} epochs; {machine(lt)}",
+        per_class,
+    )
+
+
+def _ref_query_panel(rq: dict) -> tuple:
+    """(groups, metrics, title, per-class recall) of reference_to_query.json."""
+    groups = []
+    for s in rq["summary"]:
+        fw = s["framework"]
+        seeds = [r for r in rq.get("runs") or [] if r["framework"] == fw]
+        vals = {
+            m: (s[m]["mean"], s[m]["sd"], [r[m] for r in seeds])
+            for m in ("balanced_accuracy", "accuracy", "macro_f1")
+            if m in s
+        }
+        groups.append((fw, JAX if fw == "jaxscanvi" else REF, vals))
+    a = rq.get("args", {})
+    return (
+        groups,
+        ["balanced_accuracy", "accuracy", "macro_f1"],
+        f"reference_to_query.json: {Path(a.get('data', '?')).stem}, v1 run -> "
+        f"v2 run\n{len(a.get('seeds', []))} seeds, query {a.get('query_epochs')} "
+        f"epochs; {machine(rq)}",
+        _per_class(rq.get("runs") or []),
+    )
+
+
+def _recall_bars(ax, per_class: dict, k: int, n_panels: int) -> None:
+    """Recall per cell type, jaxscanvi beside scvi-tools."""
+    classes = sorted({c for fw in per_class for c in per_class[fw]})
+    width = 0.38
+    for fi, (fw, color) in enumerate((("jaxscanvi", JAX), ("scvi-tools", REF))):
+        if fw not in per_class:
+            continue
+        xs = np.arange(len(classes)) + (fi - 0.5) * width
+        ys = [100 * per_class[fw].get(c, np.nan) for c in classes]
+        b = ax.bar(xs, ys, width * 0.95, color=color, label=fw)
+        label_bars(ax, b, fmt="{:.0f}", fontsize=6.5)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_ylim(0, 118)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylabel("recall (%), mean over seeds")
+    ax.set_title(
+        "recall per cell type"
+        + (" (jaxscanvi: scvi-tools objective)" if k == 0 and n_panels == 2 else "")
+    )
+    ax.legend(frameon=False, loc="upper left", fontsize=7, ncol=2)
+
+
 def fig_accuracy(results: Path, out: Path) -> None:
     """Label transfer and reference-to-query accuracy, jaxscanvi vs scvi-tools."""
     lt = load(results, "label_transfer.json", required=False)
@@ -71,54 +143,10 @@ def fig_accuracy(results: Path, out: Path) -> None:
     panels = []
     if lt and lt.get("summary"):
         print("  " + source("label_transfer.json", lt))
-        groups = []
-        for s in lt["summary"]:
-            fw, obj = s["framework"], s.get("objective")
-            lab = fw if fw == "scvi-tools" else f"jaxscanvi ({obj} objective)"
-            color = REF if fw == "scvi-tools" else (JAX if obj == "scvi-tools" else JAX2)
-            vals = {
-                m: (s[m]["mean"], s[m]["sd"], [v[m] for v in (s.get("per_seed") or {}).values()])
-                for m in ("balanced_accuracy", "accuracy")
-                if m in s
-            }
-            groups.append((lab, color, vals))
-        groups.sort(key=lambda g: ("scvi-tools" in g[0] and "jaxscanvi" not in g[0], g[0]))
-        a = lt.get("args", {})
-        dname = Path(a.get("data", "?")).stem
-        per_class = _per_class(lt.get("runs") or [], objective="scvi-tools")
-        panels.append(
-            (
-                groups,
-                ["balanced_accuracy", "accuracy"],
-                f"label_transfer.json: {dname}, {a.get('hide_fraction', 0):.0%} of labels "
-                f"hidden\n{len(a.get('seeds', []))} seeds, scVI {a.get('scvi_epochs')} + "
-                f"scANVI {a.get('scanvi_epochs')} epochs; {machine(lt)}",
-                per_class,
-            )
-        )
+        panels.append(_label_transfer_panel(lt))
     if rq and rq.get("summary"):
         print("  " + source("reference_to_query.json", rq))
-        groups = []
-        for s in rq["summary"]:
-            fw = s["framework"]
-            seeds = [r for r in rq.get("runs") or [] if r["framework"] == fw]
-            vals = {
-                m: (s[m]["mean"], s[m]["sd"], [r[m] for r in seeds])
-                for m in ("balanced_accuracy", "accuracy", "macro_f1")
-                if m in s
-            }
-            groups.append((fw, JAX if fw == "jaxscanvi" else REF, vals))
-        a = rq.get("args", {})
-        panels.append(
-            (
-                groups,
-                ["balanced_accuracy", "accuracy", "macro_f1"],
-                f"reference_to_query.json: {Path(a.get('data', '?')).stem}, v1 run -> "
-                f"v2 run\n{len(a.get('seeds', []))} seeds, query {a.get('query_epochs')} "
-                f"epochs; {machine(rq)}",
-                _per_class(rq.get("runs") or []),
-            )
-        )
+        panels.append(_ref_query_panel(rq))
     fig, axes = plt.subplots(2, len(panels), figsize=(5.3 * len(panels), 7.2), squeeze=False)
     for k, (groups, metrics, title, per_class) in enumerate(panels):
         ax = axes[0][k]
@@ -127,25 +155,7 @@ def fig_accuracy(results: Path, out: Path) -> None:
         lo = max(0, min(100 * v[m][0] for _, _, v in groups for m in v) - 25)
         ax.set_ylim(lo, 100 + 0.18 * (100 - lo))
         ax.set_yticks([t for t in range(0, 101, 5 if 100 - lo <= 40 else 10) if t >= lo])
-        ax = axes[1][k]
-        classes = sorted({c for fw in per_class for c in per_class[fw]})
-        width = 0.38
-        for fi, (fw, color) in enumerate((("jaxscanvi", JAX), ("scvi-tools", REF))):
-            if fw not in per_class:
-                continue
-            xs = np.arange(len(classes)) + (fi - 0.5) * width
-            ys = [100 * per_class[fw].get(c, np.nan) for c in classes]
-            b = ax.bar(xs, ys, width * 0.95, color=color, label=fw)
-            label_bars(ax, b, fmt="{:.0f}", fontsize=6.5)
-        ax.set_xticks(range(len(classes)), classes)
-        ax.set_ylim(0, 118)
-        ax.set_yticks(range(0, 101, 20))
-        ax.set_ylabel("recall (%), mean over seeds")
-        ax.set_title(
-            "recall per cell type"
-            + (" (jaxscanvi: scvi-tools objective)" if k == 0 and len(panels) == 2 else "")
-        )
-        ax.legend(frameon=False, loc="upper left", fontsize=7, ncol=2)
+        _recall_bars(axes[1][k], per_class, k, len(panels))
     fig.tight_layout()
     save(fig, out, "accuracy")
 
