@@ -146,8 +146,8 @@ def write_csr_blocks(
 
 def part_memory(n_cells: int, batch_size: int, tmp: Path) -> dict:
     import h5py
+    from _scale_workers import RssSampler
     from anndata.io import sparse_dataset
-    from scale import RssSampler
 
     from jaxscanvi.data.backed import BackedRows
     from jaxscanvi.train.sources import StreamSource

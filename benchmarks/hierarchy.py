@@ -276,7 +276,7 @@ def part_accuracy(args) -> dict:
 # -------------------------------------------------------------- step time
 def synthetic_adata(n_cells: int, n_genes: int, n_types: int, seed: int = 0):
     import anndata as ad
-    from scale import obs_frame, synthetic_csr
+    from _scale_workers import obs_frame, synthetic_csr
 
     X = synthetic_csr(n_cells, n_genes, 300, seed=seed)
     obs = obs_frame(n_cells, 2, n_types, seed=seed)
