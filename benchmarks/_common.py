@@ -49,6 +49,27 @@ def have_scvi_tools() -> bool:
     )
 
 
+def scvi_tools_session(seed: int, threads: int):
+    """``(scvi, torch)`` imported, Lightning's and scvi-tools' loggers quiet,
+    torch's threads and scvi-tools' seed set: how every comparison starts."""
+    import logging
+
+    import scvi
+    import torch
+
+    for name in ("lightning", "lightning.pytorch", "scvi"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    torch.set_num_threads(threads)
+    scvi.settings.seed = seed
+    return scvi, torch
+
+
+# scvi-tools' train() on the CPU, quiet, as every comparison calls it
+SCVI_TOOLS_CPU = dict(
+    enable_progress_bar=False, accelerator="cpu", devices=1, enable_model_summary=False
+)
+
+
 def versions() -> dict[str, str | None]:
     out = {"python": platform.python_version()}
     for p in PACKAGES:

@@ -10,7 +10,15 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from _common import accuracy, balanced_accuracy, memory_snapshot, per_class_recall, write_json
+from _common import (
+    SCVI_TOOLS_CPU,
+    accuracy,
+    balanced_accuracy,
+    memory_snapshot,
+    per_class_recall,
+    scvi_tools_session,
+    write_json,
+)
 
 ARCH = dict(n_hidden=128, n_latent=10, n_layers=1, gene_likelihood="zinb")
 TRAIN_SIZE = 0.9
@@ -151,24 +159,9 @@ def run_jaxscanvi(adata, seed: int, args, truth, hidden) -> list[dict]:
 
 
 def run_scvi_tools(adata, seed: int, args, truth, hidden) -> dict:
-    import logging
-
-    import scvi
-    import torch
-
-    for name in ("lightning", "lightning.pytorch", "scvi"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    torch.set_num_threads(args.torch_threads)
-    scvi.settings.seed = seed
+    scvi, torch = scvi_tools_session(seed, args.torch_threads)
     a = with_labels(adata, args._labels)
-    tkw = dict(
-        batch_size=args.batch_size,
-        train_size=TRAIN_SIZE,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        devices=1,
-        enable_model_summary=False,
-    )
+    tkw = dict(batch_size=args.batch_size, train_size=TRAIN_SIZE, **SCVI_TOOLS_CPU)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scvi.model.SCVI.setup_anndata(a, batch_key="batch", labels_key="labels_hidden")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import (
+    SCVI_TOOLS_CPU,
     accuracy,
     balanced_accuracy,
     format_table,
@@ -32,6 +33,7 @@ from _common import (
     mean_sd,
     memory_snapshot,
     per_class_recall,
+    scvi_tools_session,
     versions,
     write_json,
 )
@@ -119,23 +121,9 @@ def run_jaxscanvi(ref, query, truth, seed, args, arch) -> dict:
 
 
 def run_scvi_tools(ref, query, truth, seed, args, arch) -> dict:
-    import logging
-
-    import scvi
-    import torch
-
-    for name in ("lightning", "lightning.pytorch", "scvi"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    torch.set_num_threads(args.torch_threads)
-    scvi.settings.seed = seed
+    scvi, _ = scvi_tools_session(seed, args.torch_threads)
     ref, query = ref.copy(), query.copy()
-    tkw = dict(
-        batch_size=args.batch_size,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        devices=1,
-        enable_model_summary=False,
-    )
+    tkw = dict(batch_size=args.batch_size, **SCVI_TOOLS_CPU)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()

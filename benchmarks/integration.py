@@ -39,12 +39,14 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import (
+    SCVI_TOOLS_CPU,
     add_smoke,
     format_table,
     have_scvi_tools,
     machine_info,
     mean_sd,
     parser,
+    scvi_tools_session,
     t_interval,
     usable_cores,
     versions,
@@ -146,24 +148,9 @@ def run_jaxscanvi(a, seed: int, args) -> dict[str, np.ndarray]:
 
 
 def run_scvi_tools(a, seed: int, args) -> dict[str, np.ndarray]:
-    import logging
-
-    import scvi
-    import torch
-
-    for name in ("lightning", "lightning.pytorch", "scvi"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    torch.set_num_threads(args.torch_threads)
-    scvi.settings.seed = seed
+    scvi, _ = scvi_tools_session(seed, args.torch_threads)
     a = a.copy()
-    kw = dict(
-        batch_size=args.batch_size,
-        train_size=TRAIN_SIZE,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        devices=1,
-        enable_model_summary=False,
-    )
+    kw = dict(batch_size=args.batch_size, train_size=TRAIN_SIZE, **SCVI_TOOLS_CPU)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scvi.model.SCVI.setup_anndata(a, batch_key="batch", labels_key="cell_type")
