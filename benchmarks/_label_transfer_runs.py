@@ -10,15 +10,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from _common import (
-    SCVI_TOOLS_CPU,
-    accuracy,
-    balanced_accuracy,
-    memory_snapshot,
-    per_class_recall,
-    scvi_tools_session,
-    write_json,
-)
+from _common import SCVI_TOOLS_CPU, memory_snapshot, scvi_tools_session, write_json
+from _metrics import accuracy, balanced_accuracy, per_class_recall
 
 ARCH = dict(n_hidden=128, n_latent=10, n_layers=1, gene_likelihood="zinb")
 TRAIN_SIZE = 0.9

@@ -24,20 +24,16 @@ from pathlib import Path
 import numpy as np
 from _common import (
     SCVI_TOOLS_CPU,
-    accuracy,
-    balanced_accuracy,
     format_table,
     have_scvi_tools,
     machine_info,
-    macro_f1,
-    mean_sd,
     memory_snapshot,
-    per_class_recall,
     scvi_tools_session,
     versions,
     write_json,
 )
 from _label_transfer_runs import ARCH, earlier_runs, seed_done, top_variance_genes, write_partial
+from _metrics import accuracy, balanced_accuracy, macro_f1, mean_sd, per_class_recall
 
 UNKNOWN = "Unknown"
 REF_BATCH, QUERY_BATCH = "pbmc3k_v1", "pbmc4k_v2"

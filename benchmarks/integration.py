@@ -44,15 +44,14 @@ from _common import (
     format_table,
     have_scvi_tools,
     machine_info,
-    mean_sd,
     parser,
     scvi_tools_session,
-    t_interval,
     usable_cores,
     versions,
     write_json,
 )
 from _label_transfer_runs import top_variance_genes
+from _metrics import mean_sd, t_interval
 
 DATA = HERE.parents[1] / "shared" / "data"
 OUT = HERE / "results" / "integration.json"

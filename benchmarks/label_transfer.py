@@ -57,7 +57,6 @@ from _common import (
     have_scvi_tools,
     loadavg,
     machine_info,
-    mean_sd,
     parser,
     usable_cores,
     versions,
@@ -75,6 +74,7 @@ from _label_transfer_runs import (
     seed_done,
     write_partial,
 )
+from _metrics import mean_sd
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "pbmc_3k_4k.h5ad"

@@ -9,7 +9,7 @@ contrib.mmd_batch_penalty(2)}`` at each weight in ``--weights`` (0 = plain
 scVI), all else equal, and the latent means are scored:
 
 * batch mixing: mean normalised entropy of batch labels among each cell's 50
-  nearest neighbours (1 = perfectly mixed, 0 = separated; `_common.batch_entropy`,
+  nearest neighbours (1 = perfectly mixed, 0 = separated; `_metrics.batch_entropy`,
   on scikit-learn's neighbours);
 * cell-type separation: leave-one-out 15-NN accuracy of the cell-type labels
   (not used in training);
@@ -37,14 +37,15 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import format_table, machine_info, mean_sd, versions, write_json
+from _common import format_table, machine_info, versions, write_json
+from _metrics import mean_sd
 
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "pbmc_3k_4k.h5ad"
 DEFAULT_OUT = HERE / "results" / "mmd_mixing.json"
 
 
 def run(adata, weight: float, seed: int, epochs: int) -> dict:
-    from _common import batch_entropy, knn_accuracy, knn_predict
+    from _metrics import batch_entropy, knn_accuracy, knn_predict
 
     import jaxscanvi as js
     from jaxscanvi import contrib

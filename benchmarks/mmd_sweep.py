@@ -41,7 +41,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import format_table, machine_info, t_interval, versions, write_json
+from _common import format_table, machine_info, versions, write_json
+from _metrics import t_interval
 
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "pbmc_3k_4k.h5ad"
 OUT = HERE / "results" / "mmd_sweep.json"
