@@ -1,4 +1,6 @@
-"""Helpers shared by the benchmark scripts: environment record, memory, metrics.
+"""Helpers shared by the benchmark scripts: argument parsing, worker processes,
+alternating A/B rounds, environment record, memory, metrics, paired
+intervals, JSON output.
 
 Nothing here imports scvi-tools or torch; the scripts import them only inside
 the code paths that compare against scvi-tools.
@@ -6,13 +8,16 @@ the code paths that compare against scvi-tools.
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +47,27 @@ def have_scvi_tools() -> bool:
         importlib.util.find_spec("scvi") is not None
         and importlib.util.find_spec("torch") is not None
     )
+
+
+def scvi_tools_session(seed: int, threads: int):
+    """``(scvi, torch)`` imported, Lightning's and scvi-tools' loggers quiet,
+    torch's threads and scvi-tools' seed set: how every comparison starts."""
+    import logging
+
+    import scvi
+    import torch
+
+    for name in ("lightning", "lightning.pytorch", "scvi"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    torch.set_num_threads(threads)
+    scvi.settings.seed = seed
+    return scvi, torch
+
+
+# scvi-tools' train() on the CPU, quiet, as every comparison calls it
+SCVI_TOOLS_CPU = dict(
+    enable_progress_bar=False, accelerator="cpu", devices=1, enable_model_summary=False
+)
 
 
 def versions() -> dict[str, str | None]:
@@ -74,15 +100,20 @@ def _mem_total_gb() -> float | None:
     return None
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count()
+
+
 def machine_info(with_jax: bool = True) -> dict:
     info = {
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
+        "cpus_usable": usable_cores(),
         "mem_total_gb": _mem_total_gb(),
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python_executable": sys.executable,
@@ -108,6 +139,72 @@ def machine_info(with_jax: bool = True) -> dict:
 
 def loadavg() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+# ------------------------------------------------------ arguments and workers
+def parser(doc: str, *, paragraph: bool = True) -> argparse.ArgumentParser:
+    """A script's parser, described by its docstring's first paragraph (or line)."""
+    head = doc.split("\n\n" if paragraph else "\n")[0]
+    return argparse.ArgumentParser(
+        description=head, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def add_smoke(p: argparse.ArgumentParser, help: str) -> None:
+    """``--quick`` and its alias ``--smoke`` (``args.quick``): the run CI makes."""
+    p.add_argument("--quick", "--smoke", dest="quick", action="store_true", help=help)
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    """The hidden ``--worker SPEC_JSON --worker-out PATH`` of a script's own workers."""
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+
+
+def args_record(args: argparse.Namespace, skip: str | None = None) -> dict:
+    """The arguments for the JSON (paths as strings; names starting ``skip`` left out)."""
+    return {
+        k: str(v) if isinstance(v, Path) else v
+        for k, v in vars(args).items()
+        if not (skip and k.startswith(skip))
+    }
+
+
+def run_worker(script, spec: dict, timeout: float | None = None, env: dict | None = None) -> dict:
+    """Run ``script --worker SPEC --worker-out FILE`` in a fresh process and read its
+    JSON back, with ``process_seconds`` (wall time of the process). A failure
+    gives ``{"error", "log_tail", "process_seconds"}``."""
+    fd, out = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable, str(script), "--worker", json.dumps(spec), "--worker-out", out]
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        )
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+    except subprocess.TimeoutExpired as e:
+        rc, tail = "timeout", str(e)[-3000:]
+    wall = time.perf_counter() - t
+    try:
+        if rc != 0:
+            return {"error": f"worker exit {rc}", "log_tail": tail, "process_seconds": wall}
+        res = json.loads(Path(out).read_text())
+        res["process_seconds"] = wall
+        return res
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
+def round_order(arms, r: int, *, rotate: bool = False) -> list:
+    """The order of the arms in round ``r`` of alternating A/B runs: reversed in
+    odd rounds (or, with ``rotate``, rotated by ``r``), so a machine shared with
+    other jobs slows every arm alike."""
+    arms = list(arms)
+    if rotate:
+        r %= len(arms)
+        return arms[r:] + arms[:r]
+    return arms[::-1] if r % 2 else arms
 
 
 # --------------------------------------------------------------------- memory
@@ -164,110 +261,6 @@ class Phases:
         self.records[name] = rec
         self.last = now
         return rec
-
-
-# -------------------------------------------------------------------- metrics
-# scikit-learn's definitions (the bench extra installs it); labels compared as strings
-def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import recall_score
-
-    y_true, y_pred = np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)
-    classes = np.unique(y_true)
-    rec = recall_score(y_true, y_pred, labels=classes, average=None, zero_division=0)
-    return {str(c): float(r) for c, r in zip(classes, rec)}
-
-
-def balanced_accuracy(y_true, y_pred) -> float:
-    """Mean per-class recall over the classes present in ``y_true``."""
-    from sklearn.metrics import balanced_accuracy_score
-
-    if not len(y_true):
-        return float("nan")
-    return float(
-        balanced_accuracy_score(np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str))
-    )
-
-
-def accuracy(y_true, y_pred) -> float:
-    from sklearn.metrics import accuracy_score
-
-    if not len(y_true):
-        return float("nan")
-    return float(accuracy_score(np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)))
-
-
-def macro_f1(y_true, y_pred) -> float:
-    """Macro F1 over the classes present in ``y_true``."""
-    from sklearn.metrics import f1_score
-
-    y_true, y_pred = np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)
-    return float(
-        f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0)
-    )
-
-
-def knn_predict(z, labels, k: int = 15, reference=None, query=None) -> np.ndarray:
-    """Majority label among each query cell's k nearest reference cells (itself
-    excluded); ``reference``/``query``: boolean masks (default all cells)."""
-    from sklearn.neighbors import NearestNeighbors
-
-    z, labels = np.asarray(z), np.asarray(labels)
-    n = len(labels)
-    ref_idx = np.arange(n) if reference is None else np.flatnonzero(reference)
-    qry_idx = np.arange(n) if query is None else np.flatnonzero(query)
-    cats, codes = np.unique(labels[ref_idx], return_inverse=True)
-    ind = (
-        NearestNeighbors(n_neighbors=k + 1)
-        .fit(z[ref_idx])
-        .kneighbors(z[qry_idx], return_distance=False)
-    )
-    own = ref_idx[ind] == qry_idx[:, None]  # a query cell that is also a reference
-    keep = np.argsort(own, axis=1, kind="stable")[:, :k]  # drop it, else the (k+1)-th
-    votes = codes[np.take_along_axis(ind, keep, 1)]
-    return cats[[np.bincount(v, minlength=len(cats)).argmax() for v in votes]]
-
-
-def knn_accuracy(z, labels, k: int = 15) -> float:
-    """Leave-one-out k-NN accuracy."""
-    return accuracy(labels, knn_predict(np.asarray(z), labels, k))
-
-
-def batch_entropy(z, batches, k: int = 15) -> float:
-    """Mean entropy of batch labels among each cell's k neighbours, each batch's
-    share divided by its global share, over log(#batches): 1 = fully mixed."""
-    from sklearn.neighbors import NearestNeighbors
-
-    cats, codes = np.unique(np.asarray(batches), return_inverse=True)
-    if len(cats) < 2:
-        return 1.0
-    ind = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z, return_distance=False)
-    counts = np.stack([(codes[ind[:, 1:]] == c).sum(1) for c in range(len(cats))], 1)
-    p = counts / (np.bincount(codes) / len(codes))
-    p /= p.sum(1, keepdims=True)
-    ent = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(1)
-    return float(ent.mean() / np.log(len(cats)))
-
-
-def mean_sd(values) -> dict:
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    if v.size == 0:
-        return {"mean": None, "sd": None, "n": 0}
-    return {
-        "mean": float(v.mean()),
-        "sd": float(v.std(ddof=1)) if v.size > 1 else None,
-        "n": int(v.size),
-    }
-
-
-def t_interval(differences) -> list[float] | None:
-    """Two-sided 95 % t interval of the mean of paired differences (None below 2)."""
-    from scipy import stats
-
-    d = np.asarray(differences, dtype=float)
-    if d.size < 2:
-        return None
-    half = float(stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size))
-    return [float(d.mean()) - half, float(d.mean()) + half]
 
 
 # ------------------------------------------------------------------- output

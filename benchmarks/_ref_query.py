@@ -16,11 +16,24 @@ time of each stage.
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
-from _common import accuracy, balanced_accuracy, macro_f1, memory_snapshot, per_class_recall
+from _common import (
+    SCVI_TOOLS_CPU,
+    format_table,
+    have_scvi_tools,
+    machine_info,
+    memory_snapshot,
+    scvi_tools_session,
+    versions,
+    write_json,
+)
+from _label_transfer_runs import ARCH, earlier_runs, seed_done, top_variance_genes, write_partial
+from _metrics import accuracy, balanced_accuracy, macro_f1, mean_sd, per_class_recall
 
 UNKNOWN = "Unknown"
 REF_BATCH, QUERY_BATCH = "pbmc3k_v1", "pbmc4k_v2"
@@ -104,23 +117,9 @@ def run_jaxscanvi(ref, query, truth, seed, args, arch) -> dict:
 
 
 def run_scvi_tools(ref, query, truth, seed, args, arch) -> dict:
-    import logging
-
-    import scvi
-    import torch
-
-    for name in ("lightning", "lightning.pytorch", "scvi"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    torch.set_num_threads(args.torch_threads)
-    scvi.settings.seed = seed
+    scvi, _ = scvi_tools_session(seed, args.torch_threads)
     ref, query = ref.copy(), query.copy()
-    tkw = dict(
-        batch_size=args.batch_size,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        devices=1,
-        enable_model_summary=False,
-    )
+    tkw = dict(batch_size=args.batch_size, **SCVI_TOOLS_CPU)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
@@ -145,3 +144,101 @@ def run_scvi_tools(ref, query, truth, seed, args, arch) -> dict:
         "query_seconds": t3 - t2,
         **memory_snapshot(),
     }
+
+
+# ------------------------------------------------------- reference to query
+QUERY_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "scvi_seconds",
+    "scanvi_seconds",
+    "query_seconds",
+)
+
+
+def query_runs(args, ref, query, truth, use_scvi: bool) -> list[dict]:
+    runs = earlier_runs(args)
+    for seed in args.seeds:
+        if seed_done(runs, seed, use_scvi):
+            print(f"seed {seed}: in {args.out} already (--resume)", flush=True)
+            continue
+        fns = [run_jaxscanvi] + ([run_scvi_tools] if use_scvi else [])
+        for fn in fns:
+            r = fn(ref, query, truth, seed, args, ARCH)
+            runs.append(r)
+            print(
+                f"  seed {seed} {r['framework']}: acc {100 * r['accuracy']:.2f}, BA "
+                f"{100 * r['balanced_accuracy']:.2f}, macro F1 {100 * r['macro_f1']:.2f}"
+                f" (scVI {r['scvi_seconds']:.0f} s, scANVI {r['scanvi_seconds']:.0f} s, "
+                f"query {r['query_seconds']:.0f} s)",
+                flush=True,
+            )
+        write_partial(args, runs)
+    return runs
+
+
+def query_summary(runs: list[dict], use_scvi: bool) -> list[dict]:
+    frameworks = ["jaxscanvi"] + (["scvi-tools"] if use_scvi else [])
+    summary = []
+    for fw in frameworks:
+        rs = [r for r in runs if r["framework"] == fw]
+        summary.append({"framework": fw, **{m: mean_sd([r[m] for r in rs]) for m in QUERY_METRICS}})
+    return summary
+
+
+def print_query_summary(seeds, summary: list[dict]) -> None:
+    headers = ["method", "acc %", "BA %", "macro F1 %", "scVI s", "scANVI s", "query s"]
+    rows = [
+        [r["framework"]]
+        + [
+            f"{100 * r[m]['mean']:.2f}"
+            + (f" ± {100 * r[m]['sd']:.2f}" if r[m]["sd"] is not None else "")
+            for m in ("accuracy", "balanced_accuracy", "macro_f1")
+        ]
+        + [f"{r[m]['mean']:.1f}" for m in ("scvi_seconds", "scanvi_seconds", "query_seconds")]
+        for r in summary
+    ]
+    print()
+    print(f"query cells with a source label, {len(seeds)} seed(s)")
+    print(format_table(headers, rows))
+
+
+def main_query(args, default_out: Path) -> int:
+    """label_transfer.py --reference-to-query."""
+    if args.quick:
+        args.n_hvg, args.seeds, args.scvi_epochs, args.scanvi_epochs = 300, [0], 2, 1
+        args.query_epochs = 2
+    out_path = args.out or str(
+        default_out.with_name(
+            "reference_to_query_quick.json" if args.quick else "reference_to_query.json"
+        )
+    )
+    data_path = Path(args.data)
+    if not data_path.exists():
+        print(f"label_transfer: {data_path} not found; nothing to do.", file=sys.stderr)
+        return 0
+    use_scvi = not args.no_scvi_tools and have_scvi_tools()
+    ref, query, truth = split(data_path, args.labels_key, args.n_hvg, top_variance_genes)
+    print(
+        f"reference {ref.n_obs} cells ({REF_BATCH}), query {query.n_obs} cells "
+        f"({QUERY_BATCH}), {ref.n_vars} genes; epochs scVI {args.scvi_epochs}, "
+        f"scANVI {args.scanvi_epochs}, query {args.query_epochs}",
+        flush=True,
+    )
+    args.out = out_path
+    runs = query_runs(args, ref, query, truth, use_scvi)
+    summary = query_summary(runs, use_scvi)
+    print_query_summary(args.seeds, summary)
+    meta = {
+        "versions": versions(),
+        "machine": machine_info(),
+        "args": vars(args),
+        "architecture": ARCH,
+        "setting": "reference-to-query",
+        "method": __doc__,
+        "scvi_tools_compared": use_scvi,
+    }
+    out = write_json(out_path, {**meta, "summary": summary, "runs": runs})
+    print(f"\nwrote {out}")
+    return 0

@@ -20,7 +20,7 @@ Three parts, each written to ``benchmarks/results/atlas.json`` (``--out``):
   included).
 * ``mixing``: a synthetic atlas sorted by batch (60,000 cells x 1,000 genes,
   6 batches), scVI for 10 epochs from memory (device) and streamed from the
-  sorted file: kNN batch entropy (`_common.batch_entropy`, k=50) and
+  sorted file: kNN batch entropy (`_metrics.batch_entropy`, k=50) and
   leave-one-out 15-NN cell-type accuracy of the latent means.
 
 Run: ``python benchmarks/atlas.py`` (about 20 minutes on 2 CPU cores);
@@ -146,8 +146,8 @@ def write_csr_blocks(
 
 def part_memory(n_cells: int, batch_size: int, tmp: Path) -> dict:
     import h5py
+    from _scale_workers import RssSampler
     from anndata.io import sparse_dataset
-    from scale import RssSampler
 
     from jaxscanvi.data.backed import BackedRows
     from jaxscanvi.train.sources import StreamSource
@@ -247,7 +247,7 @@ def part_overhead(n_cells: int, epochs: int, rounds: int, tmp: Path) -> dict:
 
 def part_mixing(n_cells: int, n_genes: int, epochs: int, tmp: Path, seeds=(0,)) -> dict:
     import anndata as ad
-    from _common import batch_entropy, knn_accuracy, t_interval
+    from _metrics import batch_entropy, knn_accuracy, t_interval
 
     a = _sorted_atlas(n_cells, n_genes, 6)
     a.write_h5ad(tmp / "sorted.h5ad")

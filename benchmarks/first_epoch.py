@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import shutil
 import subprocess
@@ -49,183 +48,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, loadavg, machine_info, versions, write_json
-from _programs import ProgramLog
-
-ARCH = dict(n_hidden=128, n_latent=10, n_layers=1, gene_likelihood="zinb")
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "first_epoch.json"
-PHASES = (
-    "import",
-    "scvi_init",
-    "scvi_train",
-    "scvi_latent",
-    "scanvi_init",
-    "scanvi_train",
-    "scanvi_predict",
-    "scvi_query_init",
-    "scvi_query_train",
-    "scanvi_query_init",
-    "scanvi_query_train",
-    "scanvi_query_predict",
+from _common import (
+    add_smoke,
+    add_worker_args,
+    format_table,
+    machine_info,
+    parser,
+    round_order,
+    run_worker,
+    versions,
+    write_json,
 )
-TWICE = (
-    "scvi_train",
-    "scvi_latent",
-    "scanvi_train",
-    "scanvi_predict",
-    "scvi_query_train",
-    "scanvi_query_train",
-    "scanvi_query_predict",
-)
+from _first_epoch_worker import ARCH, PHASES, TWICE, make_data, worker_main
 
-
-# ============================================================== worker side
-def _delta(after: dict, before: dict) -> dict:
-    d = {k: after[k] - before[k] for k in after}
-    d["compile_s"] = d["trace_s"] + d["lower_s"] + d["backend_s"]
-    return d
-
-
-def _worker(spec: dict) -> dict:
-    t_start = time.perf_counter()
-    import jax
-
-    log = ProgramLog().start()
-    import warnings
-
-    import anndata as ad
-
-    import jaxscanvi
-    from jaxscanvi import SCANVI, SCVI
-
-    warnings.simplefilter("ignore")
-    out: dict = {"cache_dir": jax.config.jax_compilation_cache_dir, "phases": {}}
-    state = {"t": t_start, "c": log.snapshot(), "n": 0}
-
-    def mark(name, **extra):
-        now, snap = time.perf_counter(), log.snapshot()
-        progs = [f"{n} {s:.3f}" for n, s in log.programs[state["n"] :]]
-        out["phases"][name] = {
-            "seconds": now - state["t"],
-            **_delta(snap, state["c"]),
-            "programs": progs,
-            **extra,
-        }
-        state["t"], state["c"], state["n"] = now, snap, len(log.programs)
-
-    mark("import", jaxscanvi_file=jaxscanvi.__file__)
-    ref = ad.read_h5ad(spec["ref"])
-    query = ad.read_h5ad(spec["query"])
-    state["t"], state["c"] = time.perf_counter(), log.snapshot()  # loading is not compiling
-    state["n"] = len(log.programs)
-    kw = dict(batch_size=spec["batch_size"], progress_bar=False, seed=0)
-
-    def twice(name, fn):
-        for i in (1, 2):
-            fn()
-            mark(f"{name}#{i}")
-
-    SCVI.setup_anndata(ref, batch_key="batch", labels_key="labels")
-    vae = SCVI(ref, **ARCH, seed=0)
-    mark("scvi_init")
-    twice("scvi_train", lambda: vae.train(max_epochs=1, **kw))
-    twice("scvi_latent", lambda: vae.get_latent_representation())
-    lv = SCANVI.from_scvi_model(vae, unlabeled_category="Unknown")
-    mark("scanvi_init")
-    twice("scanvi_train", lambda: lv.train(max_epochs=1, **kw))
-    twice("scanvi_predict", lambda: lv.predict())
-    q_scvi = query.copy()
-    SCVI.prepare_query_anndata(q_scvi, vae)
-    qv = SCVI.load_query_data(q_scvi, vae)
-    mark("scvi_query_init")
-    qkw = dict(kw, plan_kwargs={"weight_decay": 0.0})
-    twice("scvi_query_train", lambda: qv.train(max_epochs=1, **qkw))
-    q_scanvi = query.copy()
-    SCANVI.prepare_query_anndata(q_scanvi, lv)
-    ql = SCANVI.load_query_data(q_scanvi, lv)
-    mark("scanvi_query_init")
-    twice("scanvi_query_train", lambda: ql.train(max_epochs=1, **qkw))
-    twice("scanvi_query_predict", lambda: ql.predict())
-    out["total"] = {
-        "seconds": time.perf_counter() - t_start,
-        **_delta(log.snapshot(), ProgramLog().snapshot()),
-        "programs_by_name": log.by_name(),
-    }
-    out["jax_devices"] = [str(d) for d in jax.devices()]
-    return out
-
-
-def worker_main(spec_json: str, out_path: str) -> None:
-    spec = json.loads(spec_json)
-    res = {"loadavg_before": loadavg()}
-    res.update(_worker(spec))
-    res["loadavg_after"] = loadavg()
-    Path(out_path).write_text(json.dumps(res))
-
-
-# ============================================================== parent side
-def make_data(
-    folder: Path, n_ref: int, n_query: int, n_genes: int, label_fraction: float, seed: int = 0
-) -> dict:
-    """A 3-batch synthetic atlas: batches 0-1 the reference (part labelled), batch 2
-    the query (unlabelled), written as two .h5ad files."""
-    import numpy as np
-    import pandas as pd
-
-    from jaxscanvi.data.synthetic import synthetic_atlas
-
-    n = n_ref + n_query
-    adata = synthetic_atlas(n_cells=n, n_genes=n_genes, n_batches=3, seed=seed)
-    adata.layers.pop("counts", None)
-    adata.uns.pop("synthetic", None)
-    rng = np.random.default_rng(seed)
-    batch = adata.obs["batch"].astype(str).to_numpy()
-    is_query = batch == sorted(set(batch))[-1]
-    ct = adata.obs["cell_type"].astype(str).to_numpy()
-    hidden = is_query | (rng.random(n) >= label_fraction)
-    cats = [*list(adata.obs["cell_type"].cat.categories), "Unknown"]
-    adata.obs["labels"] = pd.Categorical(np.where(hidden, "Unknown", ct), categories=cats)
-    ref, query = adata[~is_query].copy(), adata[is_query].copy()
-    ref.write_h5ad(folder / "ref.h5ad")
-    query.write_h5ad(folder / "query.h5ad")
-    return {
-        "n_ref": int(ref.n_obs),
-        "n_query": int(query.n_obs),
-        "n_genes": n_genes,
-        "n_cell_types": int(adata.obs["cell_type"].nunique()),
-        "labelled_fraction_ref": float((ref.obs["labels"] != "Unknown").mean()),
-        "generator": f"jaxscanvi.synthetic_atlas(n_cells={n}, n_genes={n_genes}, "
-        f"n_batches=3, seed={seed}); the last batch is the query",
-    }
-
-
-def run_worker(spec: dict, env: dict, timeout: float | None) -> dict:
-    fd, out = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        json.dumps(spec),
-        "--worker-out",
-        out,
-    ]
-    t = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}
-        )
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
-    except subprocess.TimeoutExpired as e:
-        rc, tail = "timeout", str(e)[-3000:]
-    try:
-        if rc != 0:
-            return {"error": f"worker exit {rc}", "log_tail": tail}
-        res = json.loads(Path(out).read_text())
-        res["process_seconds"] = time.perf_counter() - t
-        return res
-    finally:
-        Path(out).unlink(missing_ok=True)
+SCRIPT = Path(__file__).resolve()
+DEFAULT_OUT = SCRIPT.parent / "results" / "first_epoch.json"
 
 
 IMPORTS = {
@@ -341,10 +178,20 @@ def summarise(runs: dict) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+METHOD = {
+    "phases": "each '#1' is a phase's first call in the process (it compiles), "
+    "'#2' the same call again (compiled); *_init is model "
+    "construction; train phases are train(max_epochs=1)",
+    "modes": "cold: persistent cache on, empty folder; warm: same folder, new "
+    "process; off: JAXSCANVI_COMPILATION_CACHE=0",
+    "compile_s": "trace + lowering + backend compile seconds from "
+    "jax.monitoring duration events (backend compile includes a "
+    "persistent-cache lookup and load)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = parser(__doc__)
     p.add_argument(
         "--out",
         default=None,
@@ -357,7 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--label-fraction", type=float, default=0.5)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
-    p.add_argument("--quick", action="store_true", help="smoke run: 600 + 300 cells x 200 genes")
+    add_smoke(p, "smoke run: 600 + 300 cells x 200 genes")
     p.add_argument(
         "--baseline",
         default=None,
@@ -370,44 +217,47 @@ def main(argv=None) -> int:
         default=5,
         help="fresh processes per import statement (alternating)",
     )
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        worker_main(args.worker, args.worker_out)
-        return 0
-    # this process only writes the data; it must not create the user's cache folder
-    os.environ["JAXSCANVI_COMPILATION_CACHE"] = "0"
-    if args.quick:
-        args.n_ref, args.n_query, args.n_genes = 600, 300, 200
-        args.import_repeats = min(args.import_repeats, 2)
-    if args.out is None:
-        args.out = str(
-            DEFAULT_OUT.with_name("first_epoch_quick.json") if args.quick else DEFAULT_OUT
-        )
+    add_worker_args(p)
+    return p
 
-    meta = {
-        "versions": versions(),
-        "machine": machine_info(),
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
-        "architecture": ARCH,
-        "method": {
-            "phases": "each '#1' is a phase's first call in the process (it compiles), "
-            "'#2' the same call again (compiled); *_init is model "
-            "construction; train phases are train(max_epochs=1)",
-            "modes": "cold: persistent cache on, empty folder; warm: same folder, new "
-            "process; off: JAXSCANVI_COMPILATION_CACHE=0",
-            "compile_s": "trace + lowering + backend compile seconds from "
-            "jax.monitoring duration events (backend compile includes a "
-            "persistent-cache lookup and load)",
-        },
+
+def run_modes(args, code: dict, tmp: Path, meta: dict) -> dict | None:
+    """The workflow cold, warm and off for each checkout, the checkouts
+    alternating; None where a worker failed."""
+    spec = {
+        "ref": str(tmp / "ref.h5ad"),
+        "query": str(tmp / "query.h5ad"),
+        "batch_size": args.batch_size,
     }
-    print(
-        f"machine: {meta['machine']['cpu_model']} | cpus usable "
-        f"{meta['machine']['cpus_usable']} | load {meta['machine']['loadavg_at_start']} "
-        f"| jax {meta['versions']['jax']}",
-        flush=True,
-    )
+    runs = {pre: {} for pre in code}
+    for i, mode in enumerate(("cold", "warm", "off")):
+        for pre in round_order(code, i):  # the checkouts alternate
+            xdg = tmp / f"xdg{pre}"
+            env = {
+                "PYTHONPATH": _path(code[pre]),
+                **(
+                    {"XDG_CACHE_HOME": str(xdg), "JAXSCANVI_COMPILATION_CACHE": "1"}
+                    if mode != "off"
+                    else {"JAXSCANVI_COMPILATION_CACHE": "0"}
+                ),
+            }
+            t = time.perf_counter()
+            r = runs[pre][mode] = run_worker(SCRIPT, spec, args.timeout, env)
+            if "error" in r:
+                print(f"{pre}{mode}: {r['error']}\n{r['log_tail']}", file=sys.stderr)
+                return None
+            print(
+                f"{pre}{mode}: {time.perf_counter() - t:.1f} s, cache {r['cache_dir']}",
+                flush=True,
+            )
+            if mode == "cold":
+                n_files, n_bytes = _folder_size(xdg / "jaxscanvi")
+                meta[f"{pre}cache_folder"] = {"files": n_files, "bytes": n_bytes}
+    return runs
+
+
+def measure(args, meta: dict) -> tuple[dict, dict] | None:
+    """Data, import times and the workflow's runs, in a temporary folder."""
     tmp = Path(tempfile.mkdtemp(prefix="jaxscanvi_first_epoch_"))
     try:
         meta["data"] = make_data(tmp, args.n_ref, args.n_query, args.n_genes, args.label_fraction)
@@ -416,11 +266,6 @@ def main(argv=None) -> int:
             f"cells x {args.n_genes} genes",
             flush=True,
         )
-        spec = {
-            "ref": str(tmp / "ref.h5ad"),
-            "query": str(tmp / "query.h5ad"),
-            "batch_size": args.batch_size,
-        }
         here = str(Path(__file__).resolve().parents[1])
         code = {
             "": here,
@@ -440,90 +285,46 @@ def main(argv=None) -> int:
             ),
             flush=True,
         )
-        runs = {pre: {} for pre in code}
-        for i, mode in enumerate(("cold", "warm", "off")):
-            for pre in list(code)[:: (-1) ** i]:  # the checkouts alternate
-                xdg = tmp / f"xdg{pre}"
-                env = {
-                    "PYTHONPATH": _path(code[pre]),
-                    **(
-                        {"XDG_CACHE_HOME": str(xdg), "JAXSCANVI_COMPILATION_CACHE": "1"}
-                        if mode != "off"
-                        else {"JAXSCANVI_COMPILATION_CACHE": "0"}
-                    ),
-                }
-                t = time.perf_counter()
-                r = runs[pre][mode] = run_worker(spec, env, args.timeout)
-                if "error" in r:
-                    print(f"{pre}{mode}: {r['error']}\n{r['log_tail']}", file=sys.stderr)
-                    return 1
-                print(
-                    f"{pre}{mode}: {time.perf_counter() - t:.1f} s, cache {r['cache_dir']}",
-                    flush=True,
-                )
-                if mode == "cold":
-                    n_files, n_bytes = _folder_size(xdg / "jaxscanvi")
-                    meta[f"{pre}cache_folder"] = {"files": n_files, "bytes": n_bytes}
-        all_rows = {pre: summarise(runs[pre]) for pre in code}
+        runs = run_modes(args, code, tmp, meta)
+        if runs is None:
+            return None
+        return code, runs
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    rows = all_rows[""]
-    meta["headline"] = headline(rows[-1], meta["import"], "")
-    if args.baseline:
-        b = headline(all_rows["baseline_"][-1], meta["import"], "baseline_")
-        meta["baseline"] = {
-            "code": code["baseline_"],
-            "headline": b,
-            "rows": all_rows["baseline_"],
-            "runs": runs["baseline_"],
-        }
-        meta["baseline_over_current"] = {
-            k: b[k] / v
-            for k, v in meta["headline"].items()
-            if isinstance(v, (int, float)) and v and isinstance(b.get(k), (int, float))
-        }
-    runs = runs[""]
-    write_json(args.out, {**meta, "rows": rows, "runs": runs})
-    if args.baseline:
-        print(
-            "baseline / current: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in meta["baseline_over_current"].items())
-        )
-    headers = [
-        "phase",
-        "cold s",
-        "warm s",
-        "ratio",
-        "off s",
-        "compile cold",
-        "compile warm",
-        "programs",
-        "traced warm",
-        "hits warm",
-        "misses warm",
-    ]
-    print(
-        format_table(
-            headers,
-            [
-                [
-                    r["phase"],
-                    r["cold_s"],
-                    r["warm_s"],
-                    r["ratio"],
-                    r["off_s"],
-                    r["cold_compile_s"],
-                    r["warm_compile_s"],
-                    r["cold_programs"],
-                    r["warm_traced"],
-                    r["warm_hits"],
-                    r["warm_misses"],
-                ]
-                for r in rows
-            ],
-        )
-    )
+
+def add_baseline(meta: dict, code: dict, runs: dict, all_rows: dict) -> None:
+    b = headline(all_rows["baseline_"][-1], meta["import"], "baseline_")
+    meta["baseline"] = {
+        "code": code["baseline_"],
+        "headline": b,
+        "rows": all_rows["baseline_"],
+        "runs": runs["baseline_"],
+    }
+    meta["baseline_over_current"] = {
+        k: b[k] / v
+        for k, v in meta["headline"].items()
+        if isinstance(v, (int, float)) and v and isinstance(b.get(k), (int, float))
+    }
+
+
+TABLE = {  # header: row key
+    "phase": "phase",
+    "cold s": "cold_s",
+    "warm s": "warm_s",
+    "ratio": "ratio",
+    "off s": "off_s",
+    "compile cold": "cold_compile_s",
+    "compile warm": "warm_compile_s",
+    "programs": "cold_programs",
+    "traced warm": "warm_traced",
+    "hits warm": "warm_hits",
+    "misses warm": "warm_misses",
+}
+
+
+def report(meta: dict, rows: list[dict], out) -> None:
+    print(format_table(list(TABLE), [[r[k] for k in TABLE.values()] for r in rows]))
     h = meta["headline"]
     print(
         f"\ncompile time (trace + lower + XLA): cold {h['compile_seconds_cold']:.2f} s, "
@@ -535,8 +336,53 @@ def main(argv=None) -> int:
         f"(traced warm {h['traced_warm']}); import jax {h['import_jax_median_s']:.2f} s, "
         f"jaxscanvi {h['import_jaxscanvi_median_s']:.2f} s\n"
         f"cache folder {meta['cache_folder']['files']} files, "
-        f"{meta['cache_folder']['bytes'] / 2**20:.1f} MiB\nwrote {args.out}"
+        f"{meta['cache_folder']['bytes'] / 2**20:.1f} MiB\nwrote {out}"
     )
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        worker_main(args.worker, args.worker_out)
+        return 0
+    # this process only writes the data; it must not create the user's cache folder
+    os.environ["JAXSCANVI_COMPILATION_CACHE"] = "0"
+    if args.quick:
+        args.n_ref, args.n_query, args.n_genes = 600, 300, 200
+        args.import_repeats = min(args.import_repeats, 2)
+    if args.out is None:
+        args.out = str(
+            DEFAULT_OUT.with_name("first_epoch_quick.json") if args.quick else DEFAULT_OUT
+        )
+    meta = {
+        "versions": versions(),
+        "machine": machine_info(),
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
+        "architecture": ARCH,
+        "method": METHOD,
+    }
+    m = meta["machine"]
+    print(
+        f"machine: {m['cpu_model']} | cpus usable {m['cpus_usable']} | load "
+        f"{m['loadavg_at_start']} | jax {meta['versions']['jax']}",
+        flush=True,
+    )
+    measured = measure(args, meta)
+    if measured is None:
+        return 1
+    code, runs = measured
+    all_rows = {pre: summarise(runs[pre]) for pre in code}
+    rows = all_rows[""]
+    meta["headline"] = headline(rows[-1], meta["import"], "")
+    if args.baseline:
+        add_baseline(meta, code, runs, all_rows)
+    write_json(args.out, {**meta, "rows": rows, "runs": runs[""]})
+    if args.baseline:
+        print(
+            "baseline / current: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in meta["baseline_over_current"].items())
+        )
+    report(meta, rows, args.out)
     return 0
 
 

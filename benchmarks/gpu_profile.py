@@ -37,8 +37,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import machine_info, versions, write_json
+from _gpu_workers import ARCH, TRAIN_SIZE, _jax_model, anndata_for
 from _trace import latest_trace, op_table
-from gpu_check import ARCH, TRAIN_SIZE, _jax_model, anndata_for
 
 # dense datasheet peaks of the SXM parts (FLOP/s, bytes/s). Float32 matrix
 # products run on tensor cores as TF32 unless precision is set "highest"

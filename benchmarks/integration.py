@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
@@ -40,15 +39,19 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import (
+    SCVI_TOOLS_CPU,
+    add_smoke,
     format_table,
     have_scvi_tools,
     machine_info,
-    mean_sd,
-    t_interval,
+    parser,
+    scvi_tools_session,
+    usable_cores,
     versions,
     write_json,
 )
-from label_transfer import top_variance_genes
+from _label_transfer_runs import top_variance_genes
+from _metrics import mean_sd, t_interval
 
 DATA = HERE.parents[1] / "shared" / "data"
 OUT = HERE / "results" / "integration.json"
@@ -144,24 +147,9 @@ def run_jaxscanvi(a, seed: int, args) -> dict[str, np.ndarray]:
 
 
 def run_scvi_tools(a, seed: int, args) -> dict[str, np.ndarray]:
-    import logging
-
-    import scvi
-    import torch
-
-    for name in ("lightning", "lightning.pytorch", "scvi"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    torch.set_num_threads(args.torch_threads)
-    scvi.settings.seed = seed
+    scvi, _ = scvi_tools_session(seed, args.torch_threads)
     a = a.copy()
-    kw = dict(
-        batch_size=args.batch_size,
-        train_size=TRAIN_SIZE,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        devices=1,
-        enable_model_summary=False,
-    )
+    kw = dict(batch_size=args.batch_size, train_size=TRAIN_SIZE, **SCVI_TOOLS_CPU)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scvi.model.SCVI.setup_anndata(a, batch_key="batch", labels_key="cell_type")
@@ -225,10 +213,8 @@ def plot_table(means: dict[str, dict[str, float]], path: Path, title: str) -> No
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    p = parser(__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     p.add_argument("--scvi-epochs", type=int, default=400)
     p.add_argument("--scanvi-epochs", type=int, default=10)
@@ -237,17 +223,91 @@ def main(argv=None) -> int:
     p.add_argument("--max-cells", type=int, default=None)
     p.add_argument("--datasets", nargs="+", default=None, help="file stems; default all")
     p.add_argument("--no-scvi-tools", action="store_true")
-    p.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument(
-        "--quick", action="store_true", help="smoke run: 1 seed, 800 cells, 500 genes, 5 + 2 epochs"
-    )
+    p.add_argument("--torch-threads", type=int, default=usable_cores())
+    add_smoke(p, "smoke run: 1 seed, 800 cells, 500 genes, 5 + 2 epochs")
     p.add_argument("--out", default=None)
     p.add_argument(
         "--resume",
         action="store_true",
         help="keep the seeds --out already holds; run only the others",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def run_seeds(a, pca, name: str, args, use_scvi: bool, earlier: dict, save) -> list[dict]:
+    """Each seed's embeddings and scores (seeds in ``earlier`` kept as they
+    are); ``save(per_seed)`` after each."""
+    per_seed = []
+    for seed in args.seeds:
+        if seed in earlier:
+            per_seed.append(earlier[seed])
+            continue
+        t = time.perf_counter()
+        emb = {"Unintegrated": pca, **run_jaxscanvi(a, seed, args)}
+        t_jax = time.perf_counter() - t
+        if use_scvi:
+            t = time.perf_counter()
+            emb.update(run_scvi_tools(a, seed, args))
+            t_torch = time.perf_counter() - t
+        scores = scib_scores(a, emb)
+        per_seed.append(
+            {
+                "seed": seed,
+                "scores": scores,
+                "jaxscanvi_seconds": t_jax,
+                "scvi_tools_seconds": t_torch if use_scvi else None,
+            }
+        )
+        print(
+            f"{name} seed {seed}: " + ", ".join(f"{m} {s['Total']:.3f}" for m, s in scores.items()),
+            flush=True,
+        )
+        save(per_seed)
+    return per_seed
+
+
+def summarise(per_seed: list[dict], use_scvi: bool) -> tuple[dict, dict]:
+    """Mean and sd per method and metric; the paired jaxscanvi - scvi-tools Totals."""
+    methods = list(per_seed[0]["scores"])
+    metrics = list(per_seed[0]["scores"][methods[0]])
+    summary = {
+        m: {k: mean_sd([s["scores"][m][k] for s in per_seed]) for k in metrics} for m in methods
+    }
+    paired = {}
+    if use_scvi:
+        for model in ("scVI", "scANVI"):
+            d = [
+                s["scores"][f"jaxscanvi {model}"]["Total"]
+                - s["scores"][f"scvi-tools {model}"]["Total"]
+                for s in per_seed
+            ]
+            paired[model] = {"total_difference_per_seed": d, **mean_sd(d), "ci95": t_interval(d)}
+    return summary, paired
+
+
+def run_dataset(path: Path, args, use_scvi: bool, doc: dict, done: dict, out: Path) -> dict:
+    """One dataset: its seeds, summary and table figure; the summary returned."""
+    a = load(path, args.n_hvg, args.max_cells)
+    pca = unintegrated_pca(a)
+    earlier = {r["seed"]: r for r in done.get(path.stem, {}).get("per_seed", [])}
+
+    def save(per_seed):
+        doc["datasets"][path.stem] = {
+            "n_cells": int(a.n_obs),
+            "n_genes": int(a.n_vars),
+            "per_seed": per_seed,
+        }
+        write_json(out, doc)
+
+    per_seed = run_seeds(a, pca, path.stem, args, use_scvi, earlier, save)
+    summary, paired = summarise(per_seed, use_scvi)
+    doc["datasets"][path.stem].update({"summary": summary, "paired_total_jax_minus_scvi": paired})
+    write_json(out, doc)
+    return summary
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.seeds, args.scvi_epochs, args.scanvi_epochs = [0], 5, 2
         args.max_cells, args.n_hvg = 800, 500
@@ -274,82 +334,17 @@ def main(argv=None) -> int:
     done = json.loads(out.read_text())["datasets"] if args.resume and out.exists() else {}
     rows = []
     for path in paths:
-        a = load(path, args.n_hvg, args.max_cells)
-        pca = unintegrated_pca(a)
-        per_seed = []
-        earlier = {r["seed"]: r for r in done.get(path.stem, {}).get("per_seed", [])}
-        for seed in args.seeds:
-            if seed in earlier:
-                per_seed.append(earlier[seed])
-                continue
-            t = time.perf_counter()
-            emb = {"Unintegrated": pca, **run_jaxscanvi(a, seed, args)}
-            t_jax = time.perf_counter() - t
-            if use_scvi:
-                t = time.perf_counter()
-                emb.update(run_scvi_tools(a, seed, args))
-                t_torch = time.perf_counter() - t
-            scores = scib_scores(a, emb)
-            per_seed.append(
-                {
-                    "seed": seed,
-                    "scores": scores,
-                    "jaxscanvi_seconds": t_jax,
-                    "scvi_tools_seconds": t_torch if use_scvi else None,
-                }
-            )
-            print(
-                f"{path.stem} seed {seed}: "
-                + ", ".join(f"{m} {s['Total']:.3f}" for m, s in scores.items()),
-                flush=True,
-            )
-            doc["datasets"][path.stem] = {
-                "n_cells": int(a.n_obs),
-                "n_genes": int(a.n_vars),
-                "per_seed": per_seed,
-            }
-            write_json(out, doc)
-        methods = list(per_seed[0]["scores"])
-        metrics = list(per_seed[0]["scores"][methods[0]])
-        summary = {
-            m: {k: mean_sd([s["scores"][m][k] for s in per_seed]) for k in metrics} for m in methods
-        }
-        paired = {}
-        if use_scvi:
-            for model in ("scVI", "scANVI"):
-                d = [
-                    s["scores"][f"jaxscanvi {model}"]["Total"]
-                    - s["scores"][f"scvi-tools {model}"]["Total"]
-                    for s in per_seed
-                ]
-                paired[model] = {
-                    "total_difference_per_seed": d,
-                    **mean_sd(d),
-                    "ci95": t_interval(d),
-                }
-        doc["datasets"][path.stem].update(
-            {"summary": summary, "paired_total_jax_minus_scvi": paired}
-        )
-        write_json(out, doc)
+        summary = run_dataset(path, args, use_scvi, doc, done, out)
         plot_table(
-            {m: {k: v["mean"] for k, v in summary[m].items()} for m in methods},
+            {m: {k: v["mean"] for k, v in s.items()} for m, s in summary.items()},
             out.with_suffix(".png")
             if len(paths) == 1
             else out.with_name(f"{out.stem}_{path.stem}.png"),
             f"{path.stem}: scib-metrics, mean over seeds {args.seeds}",
         )
-        for m in methods:
-            s = summary[m]
-            rows.append(
-                [
-                    path.stem,
-                    m,
-                    s["Bio conservation"]["mean"],
-                    s["Batch correction"]["mean"],
-                    s["Total"]["mean"],
-                    s["Total"]["sd"],
-                ]
-            )
+        keys = ("Bio conservation", "Batch correction", "Total")
+        for m, s in summary.items():
+            rows.append([path.stem, m, *(s[k]["mean"] for k in keys), s["Total"]["sd"]])
     print(format_table(["dataset", "method", "bio", "batch", "total", "total sd"], rows))
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")

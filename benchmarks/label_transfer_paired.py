@@ -45,7 +45,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import t_interval
+from _metrics import t_interval
 
 DATA = HERE.parent.parent / "shared" / "data"
 RESULTS = HERE / "results"

@@ -9,7 +9,7 @@ contrib.mmd_batch_penalty(2)}`` at each weight in ``--weights`` (0 = plain
 scVI), all else equal, and the latent means are scored:
 
 * batch mixing: mean normalised entropy of batch labels among each cell's 50
-  nearest neighbours (1 = perfectly mixed, 0 = separated; `_common.batch_entropy`,
+  nearest neighbours (1 = perfectly mixed, 0 = separated; `_metrics.batch_entropy`,
   on scikit-learn's neighbours);
 * cell-type separation: leave-one-out 15-NN accuracy of the cell-type labels
   (not used in training);
@@ -37,14 +37,15 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import format_table, machine_info, mean_sd, versions, write_json
+from _common import format_table, machine_info, versions, write_json
+from _metrics import mean_sd
 
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "pbmc_3k_4k.h5ad"
 DEFAULT_OUT = HERE / "results" / "mmd_mixing.json"
 
 
 def run(adata, weight: float, seed: int, epochs: int) -> dict:
-    from _common import batch_entropy, knn_accuracy, knn_predict
+    from _metrics import batch_entropy, knn_accuracy, knn_predict
 
     import jaxscanvi as js
     from jaxscanvi import contrib
@@ -82,6 +83,39 @@ def run(adata, weight: float, seed: int, epochs: int) -> dict:
     }
 
 
+def summarise(runs: list[dict], weights) -> dict:
+    """Mean and sd over seeds per weight, printed as a table."""
+    metrics = (
+        "batch_entropy_k50",
+        "knn_accuracy_cell_type",
+        "cross_batch_transfer_accuracy",
+        "reconstruction_loss_train",
+        "train_seconds",
+    )
+    summary = {
+        f"{w:g}": {m: mean_sd([r[m] for r in runs if r["weight"] == w]) for m in metrics}
+        for w in weights
+    }
+    rows = [
+        [w] + [f"{s[m]['mean']:.3f} ± {s[m]['sd'] or 0:.3f}" for m in metrics]
+        for w, s in summary.items()
+    ]
+    print(
+        format_table(
+            [
+                "MMD weight",
+                "batch entropy (k=50)",
+                "kNN acc. type",
+                "cross-batch kNN acc.",
+                "reconstruction loss",
+                "train s",
+            ],
+            rows,
+        )
+    )
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(DEFAULT_DATA))
@@ -90,7 +124,17 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--n-hvg", type=int, default=2000)
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seed 0, weights 0 and 1, 2 epochs, 200 genes: a check that it runs "
+        "(writes mmd_mixing_smoke.json unless --out)",
+    )
     args = p.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.weights, args.epochs, args.n_hvg = [0], [0.0, 1.0], 2, 200
+        if args.out == str(DEFAULT_OUT):
+            args.out = str(DEFAULT_OUT.with_name("mmd_mixing_smoke.json"))
     path = Path(args.data)
     if not path.exists():
         print(f"{path} not found: this benchmark needs ../shared/data/pbmc_3k_4k.h5ad")
@@ -115,34 +159,7 @@ def main(argv=None) -> int:
                 f"{r['train_seconds']:.0f} s",
                 flush=True,
             )
-    metrics = (
-        "batch_entropy_k50",
-        "knn_accuracy_cell_type",
-        "cross_batch_transfer_accuracy",
-        "reconstruction_loss_train",
-        "train_seconds",
-    )
-    summary = {
-        f"{w:g}": {m: mean_sd([r[m] for r in runs if r["weight"] == w]) for m in metrics}
-        for w in args.weights
-    }
-    rows = [
-        [w] + [f"{s[m]['mean']:.3f} ± {s[m]['sd'] or 0:.3f}" for m in metrics]
-        for w, s in summary.items()
-    ]
-    print(
-        format_table(
-            [
-                "MMD weight",
-                "batch entropy (k=50)",
-                "kNN acc. type",
-                "cross-batch kNN acc.",
-                "reconstruction loss",
-                "train s",
-            ],
-            rows,
-        )
-    )
+    summary = summarise(runs, args.weights)
     write_json(
         args.out,
         {

@@ -41,7 +41,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import format_table, machine_info, t_interval, versions, write_json
+from _common import format_table, machine_info, versions, write_json
+from _metrics import t_interval
 
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "pbmc_3k_4k.h5ad"
 OUT = HERE / "results" / "mmd_sweep.json"
@@ -212,50 +213,30 @@ def report(doc: dict) -> None:
     )
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(DEFAULT_DATA))
-    p.add_argument("--out", default=str(OUT))
-    p.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 3.0, 10.0])
-    p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--n-hvg", type=int, default=2000)
-    p.add_argument("--report", action="store_true", help="redraw from the JSON")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    if args.report:
-        import json
-
-        doc = json.loads(out.read_text())
-        report(doc)
-        plot(doc, out.with_suffix(".png"))
-        return 0
-    if 0.0 not in args.weights:
-        p.error("--weights must include 0 (plain scVI, the baseline)")
-    path = Path(args.data)
-    if not path.exists():
-        print(f"{path} not found: this benchmark needs ../shared/data/pbmc_3k_4k.h5ad")
-        return 0
+def load_counts(path: Path, n_hvg: int):
+    """The counts of the ``n_hvg`` most variable genes (batch-aware), set up for SCVI."""
     import anndata as ad
 
     from jaxscanvi import SCVI
     from jaxscanvi.data.hvg import highly_variable_genes
 
     adata = ad.read_h5ad(path)
-    adata = adata[:, highly_variable_genes(adata, args.n_hvg, batch_key="batch")].copy()
+    adata = adata[:, highly_variable_genes(adata, n_hvg, batch_key="batch")].copy()
     SCVI.setup_anndata(adata, batch_key="batch")
-    weights = [0.0] + [w for w in args.weights if w != 0.0]
-    result, seconds = train(adata, args.seeds, weights, args.epochs)
-    print(f"trained {len(result.models)} models in one sweep: {seconds:.0f} s", flush=True)
-    members = result.members.to_dict("records")
-    latents = {
+    return adata
+
+
+def latents(members: list[dict], models) -> dict:
+    return {
         f"w{m['loss_weights.mmd']:g}_s{m['seed']}": model.get_latent_representation()
-        for m, model in zip(members, result.models)
+        for m, model in zip(members, models)
     }
-    t0 = time.perf_counter()
-    scores = scib(adata, latents)
+
+
+def collect_runs(members: list[dict], models, scores: dict) -> list[dict]:
+    """Each member's seed, weight, scib scores and final history."""
     runs = []
-    for m, model in zip(members, result.models):
+    for m, model in zip(members, models):
         name = f"w{m['loss_weights.mmd']:g}_s{m['seed']}"
         last = model.history.to_frame().iloc[-1]
         runs.append(
@@ -270,6 +251,52 @@ def main(argv=None) -> int:
                 },
             }
         )
+    return runs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 3.0, 10.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--n-hvg", type=int, default=2000)
+    p.add_argument("--report", action="store_true", help="redraw from the JSON")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="2 seeds, weights 0 and 1, 2 epochs, 200 genes: a check that it runs "
+        "(writes mmd_sweep_smoke.json unless --out)",
+    )
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.weights, args.epochs, args.n_hvg = [0, 1], [0.0, 1.0], 2, 200
+        if args.out == str(OUT):
+            args.out = str(OUT.with_name("mmd_sweep_smoke.json"))
+    out = Path(args.out)
+    if args.report:
+        import json
+
+        doc = json.loads(out.read_text())
+        report(doc)
+        plot(doc, out.with_suffix(".png"))
+        return 0
+    if 0.0 not in args.weights:
+        p.error("--weights must include 0 (plain scVI, the baseline)")
+    path = Path(args.data)
+    if not path.exists():
+        print(f"{path} not found: this benchmark needs ../shared/data/pbmc_3k_4k.h5ad")
+        return 0
+    adata = load_counts(path, args.n_hvg)
+    weights = [0.0] + [w for w in args.weights if w != 0.0]
+    result, seconds = train(adata, args.seeds, weights, args.epochs)
+    print(f"trained {len(result.models)} models in one sweep: {seconds:.0f} s", flush=True)
+    members = result.members.to_dict("records")
+    zs = latents(members, result.models)
+    t0 = time.perf_counter()
+    scores = scib(adata, zs)
+    runs = collect_runs(members, result.models, scores)
     doc = {
         "benchmark": "mmd_sweep",
         "data": str(path),

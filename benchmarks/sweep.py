@@ -67,81 +67,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, loadavg, machine_info, versions, write_json
+from _common import (
+    args_record,
+    format_table,
+    loadavg,
+    machine_info,
+    parser,
+    round_order,
+    versions,
+    write_json,
+)
+from _sweep_arms import ARCH, ensemble, load_counts, sequential, trace, vmapped
 
-ARCH = dict(n_hidden=128, n_latent=10, n_layers=1)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sweep.json"
-
-
-def sequential(js, adata, k: int, train: dict) -> dict:
-    t0, c0 = time.perf_counter(), time.process_time()
-    epochs = 0.0
-    for s in range(k):
-        m = js.SCVI(adata, seed=s, **ARCH).train(seed=s, **train)
-        epochs += float(m.history.to_frame()["epoch_seconds"].sum())
-    return {
-        "seconds": time.perf_counter() - t0,
-        "cpu_seconds": time.process_time() - c0,
-        "epoch_seconds": epochs,
-    }
-
-
-def vmapped(js, adata, k: int, train: dict, order: str, vectorize="auto") -> dict:
-    from jaxscanvi import sweep
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = sweep.train_many(
-        lambda s: js.SCVI(adata, seed=s, **ARCH),
-        seeds=list(range(k)),
-        order=order,
-        vectorize=vectorize,
-        **train,
-    )
-    return {
-        "seconds": time.perf_counter() - t0,
-        "cpu_seconds": time.process_time() - c0,
-        "epoch_seconds": float(out.models[0].history.to_frame()["epoch_seconds"].sum()),
-    }
-
-
-def op_seconds(run) -> float:
-    """Thread-seconds of XLA operations while ``run()`` trains (a `jax.profiler`
-    trace: every event that names the HLO operation it executed). Two cores
-    running two operations at once count twice, so this measures work, not
-    wall time."""
-    import glob
-    import gzip
-    import json
-    import tempfile
-
-    import jax
-
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
-        run()
-        jax.profiler.stop_trace()
-        (path,) = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
-        with gzip.open(path) as f:
-            events = json.load(f)["traceEvents"]
-    return 1e-6 * sum(
-        e["dur"] for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})
-    )
-
-
-def trace(js, adata, k: int, train: dict) -> dict:
-    """XLA operation time of one `train()` run and of a K-member sweep (each
-    warmed up first), per member: does a member cost the sweep less work than
-    a run of its own?"""
-    one = lambda: sequential(js, adata, 1, train)  # noqa: E731
-    many = lambda: vmapped(js, adata, k, train, "shared")  # noqa: E731
-    one(), many()
-    single, swept = op_seconds(one), op_seconds(many)
-    return {
-        "k": k,
-        "op_seconds_single_run": single,
-        "op_seconds_sweep": swept,
-        "op_seconds_ratio_per_member": swept / (k * single),
-    }
 
 
 def write_side(args, name: str, res: dict) -> None:
@@ -157,18 +95,6 @@ def write_side(args, name: str, res: dict) -> None:
             "result": res,
         },
     )
-
-
-def load_counts(js, args):
-    """``--adata``'s counts on its ``--n-genes`` most variable genes, or a simulated atlas."""
-    if not args.adata:
-        return js.synthetic_atlas(n_cells=args.n_cells, n_genes=args.n_genes, seed=0)
-    import anndata
-
-    from jaxscanvi.data.hvg import highly_variable_genes
-
-    adata = anndata.read_h5ad(args.adata)
-    return adata[:, highly_variable_genes(adata, args.n_genes)].copy()
 
 
 COLD_ARMS = {"sequential": None, "sweep": "auto", "vmapped": True}
@@ -213,7 +139,7 @@ def cold(args) -> dict:
     arms, reps = list(COLD_ARMS), []
     for r in range(args.repeats):
         rec = {"repeat": r, "loadavg": loadavg()}
-        for arm in arms[r % 3 :] + arms[: r % 3]:
+        for arm in round_order(arms, r, rotate=True):
             out = subprocess.run(
                 [*base, "--worker", arm], env=env, check=True, capture_output=True, text=True
             ).stdout
@@ -238,57 +164,8 @@ def cold(args) -> dict:
     return res
 
 
-def ensemble(js, args) -> dict:
-    from jaxscanvi import sweep
-
-    if args.adata:  # real counts: the n_genes most variable genes
-        import anndata
-
-        from jaxscanvi.data.hvg import highly_variable_genes
-
-        adata = anndata.read_h5ad(args.adata)
-        adata = adata[:, highly_variable_genes(adata, args.n_genes)].copy()
-    else:
-        adata = js.synthetic_atlas(
-            n_cells=args.n_cells, n_genes=args.n_genes, seed=1, batch_effect=1.0
-        )
-    if "batch" not in adata.obs:
-        adata.obs["batch"] = "b0"
-    truth = adata.obs[args.labels_key].astype(str).to_numpy()
-    hidden = np.random.default_rng(0).random(adata.n_obs) < 1 / 3
-    adata.obs["labels"] = np.where(hidden, "Unknown", truth)
-    js.SCANVI.setup_anndata(
-        adata, labels_key="labels", unlabeled_category="Unknown", batch_key="batch"
-    )
-    t0 = time.perf_counter()
-    out = sweep.train_many(
-        lambda s: js.SCANVI(adata, seed=s, **ARCH),
-        seeds=list(range(max(args.ks))),
-        max_epochs=args.epochs,
-        order="per_model",
-        batch_size=args.batch_size,
-        progress_bar=False,
-    )
-    seconds = time.perf_counter() - t0
-    idx = np.flatnonzero(hidden)
-    scored = adata.copy()  # the hidden cells with their true labels, for scoring
-    scored.obs["labels"] = truth
-    cal = sweep.ensemble_calibration(out.models, adata=scored[idx].copy())
-    ens = sweep.ensemble_predict(out.models, indices=idx)
-    wrong = ens.prediction != truth[idx]
-    return {
-        "k": len(out.models),
-        "epochs": args.epochs,
-        "train_seconds": seconds,
-        "hidden_cells": len(idx),
-        **cal,
-        "mean_disagreement_correct": float(ens.disagreement[~wrong].mean()),
-        "mean_disagreement_wrong": float(ens.disagreement[wrong].mean()) if wrong.any() else None,
-    }
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = parser(__doc__, paragraph=False)
     p.add_argument("--n-cells", type=int, default=3000)
     p.add_argument("--n-genes", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128)
@@ -320,88 +197,144 @@ def main(argv=None) -> int:
     )
     p.add_argument("--worker", choices=list(COLD_ARMS), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = p.parse_args(argv)
+    return p
+
+
+def main_cold(args) -> int:
+    res = cold(args)
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+    doc["cold_start"] = {
+        "args": args_record(args),
+        "versions": versions(),
+        "architecture": ARCH,
+        **res,
+    }
+    write_json(args.out, doc)
+    rows = [
+        [
+            res["k"],
+            arm,
+            np.median([x[arm]["seconds"] for x in res["repeats"]]),
+            res.get(f"ratio_{arm}_seconds", 1.0),
+            res.get(f"ratio_{arm}_cpu_seconds", 1.0),
+        ]
+        for arm in COLD_ARMS
+    ]
+    print(
+        format_table(
+            ["K", "arm", "median s", "ratio to sequential (wall)", "ratio (CPU time)"], rows
+        )
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main_ensemble(js, args) -> int:
+    if args.out == DEFAULT_OUT:
+        args.out = DEFAULT_OUT.with_name("sweep_ensemble.json")
+    res = ensemble(js, args)
+    write_side(args, "sweep_ensemble", res)
+    members = zip(res["accuracy_members"], res["ece_members"])
+    print(
+        format_table(
+            ["", "accuracy", "ECE"],
+            [["ensemble", res["accuracy_ensemble"], res["ece_ensemble"]]]
+            + [[f"member {i}", a, e] for i, (a, e) in enumerate(members)],
+        )
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main_trace(js, adata, args, train: dict) -> int:
+    if args.out == DEFAULT_OUT:
+        args.out = DEFAULT_OUT.with_name("sweep_trace.json")
+    res = trace(js, adata, max(args.ks), train)
+    write_side(args, "sweep_trace", res)
+    keys = ("k", "op_seconds_single_run", "op_seconds_sweep", "op_seconds_ratio_per_member")
+    print(
+        format_table(
+            ["K", "op s, one run", "op s, sweep", "per member ratio"], [[res[k] for k in keys]]
+        )
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def time_k(js, adata, args, k: int, orders: list[str], train: dict) -> tuple[dict, list]:
+    """The arms for one K, warmed up, then alternating over the repeats; the
+    result for the JSON and the table's rows."""
+    warm = {**train, "max_epochs": 1}
+    sequential(js, adata, 1, warm)  # compiles the single-run epoch (shared by all K)
+    for order in orders:
+        vmapped(js, adata, k, warm, order)  # compiles the K-member epoch
+    reps = []
+    for r in range(args.repeats):
+        rec = {"repeat": r, "loadavg": loadavg()}
+        for arm in round_order(["sequential", *orders], r):
+            rec[arm] = (
+                sequential(js, adata, k, train)
+                if arm == "sequential"
+                else vmapped(js, adata, k, train, arm)
+            )
+            print(f"K={k} repeat {r} {arm}: {rec[arm]['seconds']:.1f} s", flush=True)
+        reps.append(rec)
+    res, rows = {"k": k, "repeats": reps}, []
+    for order in orders:
+        for what in ("seconds", "cpu_seconds", "epoch_seconds"):
+            ratios = [r[order][what] / r["sequential"][what] for r in reps]
+            res[f"ratio_{order}_{what}"] = float(np.median(ratios))
+        rows.append(
+            [
+                k,
+                order,
+                np.median([r["sequential"]["seconds"] for r in reps]),
+                np.median([r[order]["seconds"] for r in reps]),
+                *(res[f"ratio_{order}_{w}"] for w in ("seconds", "cpu_seconds", "epoch_seconds")),
+            ]
+        )
+    # how many of the machine's cores one run keeps busy: near all of them,
+    # a sweep cannot win by filling idle ones
+    res["sequential_cpu_per_wall"] = float(
+        np.median([r["sequential"]["cpu_seconds"] / r["sequential"]["seconds"] for r in reps])
+    )
+    return res, rows
+
+
+TABLE = [
+    "K",
+    "order",
+    "sequential s",
+    "vmapped s",
+    "ratio (wall)",
+    "ratio (CPU time)",
+    "ratio (epochs)",
+]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.worker:
         return cold_worker(args)
     if args.cold:
-        res = cold(args)
-        doc = json.loads(args.out.read_text()) if args.out.exists() else {}
-        doc["cold_start"] = {
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "versions": versions(),
-            "architecture": ARCH,
-            **res,
-        }
-        write_json(args.out, doc)
-        print(
-            format_table(
-                ["K", "arm", "median s", "ratio to sequential (wall)", "ratio (CPU time)"],
-                [
-                    [
-                        res["k"],
-                        arm,
-                        np.median([x[arm]["seconds"] for x in res["repeats"]]),
-                        res.get(f"ratio_{arm}_seconds", 1.0),
-                        res.get(f"ratio_{arm}_cpu_seconds", 1.0),
-                    ]
-                    for arm in COLD_ARMS
-                ],
-            )
-        )
-        print(f"wrote {args.out}")
-        return 0
+        return main_cold(args)
     if args.smoke:
         args.n_cells, args.n_genes, args.epochs, args.ks, args.repeats = 300, 200, 1, [1, 2], 1
         if args.out == DEFAULT_OUT:
             args.out = DEFAULT_OUT.with_name("sweep_smoke.json")
-
     import jaxscanvi as js
 
     if args.ensemble:
-        if args.out == DEFAULT_OUT:
-            args.out = DEFAULT_OUT.with_name("sweep_ensemble.json")
-        res = ensemble(js, args)
-        write_side(args, "sweep_ensemble", res)
-        print(
-            format_table(
-                ["", "accuracy", "ECE"],
-                [["ensemble", res["accuracy_ensemble"], res["ece_ensemble"]]]
-                + [
-                    [f"member {i}", a, e]
-                    for i, (a, e) in enumerate(zip(res["accuracy_members"], res["ece_members"]))
-                ],
-            )
-        )
-        print(f"wrote {args.out}")
-        return 0
+        return main_ensemble(js, args)
     adata = load_counts(js, args)
     js.SCVI.setup_anndata(adata, batch_key="batch" if "batch" in adata.obs else None)
     train = dict(max_epochs=args.epochs, batch_size=args.batch_size, progress_bar=False, devices=1)
-    warm = {**train, "max_epochs": 1}
     if args.trace:
-        if args.out == DEFAULT_OUT:
-            args.out = DEFAULT_OUT.with_name("sweep_trace.json")
-        res = trace(js, adata, max(args.ks), train)
-        write_side(args, "sweep_trace", res)
-        print(
-            format_table(
-                ["K", "op s, one run", "op s, sweep", "per member ratio"],
-                [
-                    [
-                        res["k"],
-                        res["op_seconds_single_run"],
-                        res["op_seconds_sweep"],
-                        res["op_seconds_ratio_per_member"],
-                    ]
-                ],
-            )
-        )
-        print(f"wrote {args.out}")
-        return 0
+        return main_trace(js, adata, args, train)
     orders = ["shared"] + (["per_model"] if args.per_model else [])
     doc = {
         "benchmark": "sweep",
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": args_record(args),
         "machine": machine_info(),
         "versions": versions(),
         "architecture": ARCH,
@@ -412,63 +345,14 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     rows = []
     for k in args.ks:
-        sequential(js, adata, 1, warm)  # compiles the single-run epoch (shared by all K)
-        for order in orders:
-            vmapped(js, adata, k, warm, order)  # compiles the K-member epoch
-        reps = []
-        for r in range(args.repeats):
-            arms = ["sequential", *orders]
-            if r % 2:
-                arms = arms[::-1]
-            rec = {"repeat": r, "loadavg": loadavg()}
-            for arm in arms:
-                rec[arm] = (
-                    sequential(js, adata, k, train)
-                    if arm == "sequential"
-                    else vmapped(js, adata, k, train, arm)
-                )
-                print(f"K={k} repeat {r} {arm}: {rec[arm]['seconds']:.1f} s", flush=True)
-            reps.append(rec)
-        res = {"k": k, "repeats": reps}
-        for order in orders:
-            for what in ("seconds", "cpu_seconds", "epoch_seconds"):
-                ratios = [r[order][what] / r["sequential"][what] for r in reps]
-                res[f"ratio_{order}_{what}"] = float(np.median(ratios))
-            rows.append(
-                [
-                    k,
-                    order,
-                    np.median([r["sequential"]["seconds"] for r in reps]),
-                    np.median([r[order]["seconds"] for r in reps]),
-                    res[f"ratio_{order}_seconds"],
-                    res[f"ratio_{order}_cpu_seconds"],
-                    res[f"ratio_{order}_epoch_seconds"],
-                ]
-            )
-        # how many of the machine's cores one run keeps busy: near all of them,
-        # a sweep cannot win by filling idle ones
-        res["sequential_cpu_per_wall"] = float(
-            np.median([r["sequential"]["cpu_seconds"] / r["sequential"]["seconds"] for r in reps])
-        )
+        res, k_rows = time_k(js, adata, args, k, orders, train)
+        rows += k_rows
         doc["results"].append(res)
         write_json(args.out, doc)
     doc["total_seconds"] = time.perf_counter() - t_start
     doc["loadavg_at_end"] = loadavg()
     write_json(args.out, doc)
-    print(
-        format_table(
-            [
-                "K",
-                "order",
-                "sequential s",
-                "vmapped s",
-                "ratio (wall)",
-                "ratio (CPU time)",
-                "ratio (epochs)",
-            ],
-            rows,
-        )
-    )
+    print(format_table(TABLE, rows))
     print(f"wrote {args.out}")
     return 0
 
