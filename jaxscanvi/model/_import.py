@@ -477,8 +477,7 @@ def import_model(cls, dir_path, adata, model_name: str, extra_kwargs=None):
     # built without data so nothing is estimated from it: every value comes from the file
     model = cls(None, registry=registry, **kwargs)
     variables = map_weights(saved["state"], model.variables, model_name)
-    model.params = variables["params"]
-    model.state = {k: v for k, v in variables.items() if k != "params"}
+    model._adopt_variables(variables)
     model.adata, model._cells = adata, None
     model.is_trained = bool(attr.get("is_trained_", True))
     for ours, theirs in (

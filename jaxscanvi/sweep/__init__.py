@@ -74,7 +74,6 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..train.fit import check
 from ..train.sources import make_source
 from . import _members, _memory
 from ._loop import Member, initial_state, run_in_turn, run_vmapped
@@ -192,12 +191,12 @@ def train_many(
     ]
     progress = kwargs[0].get("progress_bar", False)
     models = [_build(model, s["seed"]) for s in specs]
-    captured = [_capture(m, kw) for m, kw in zip(models, kwargs)]
-    configs = [c for c, _ in captured]
+    plans = [m.fit_plan(**kw) for m, kw in zip(models, kwargs)]
+    configs = [p.config for p in plans]
     group = []
-    for spec, (config, task) in zip(specs, captured):
-        _, _, train_idx, val_idx = check(config, task.cells)  # every input error first
-        group.append(Member(config, task, train_idx, val_idx, spec["seed"]))
+    for spec, m, plan in zip(specs, models, plans):
+        _, _, train_idx, val_idx = m._check_plan(plan)  # every input error first
+        group.append(Member(plan.config, plan.task, train_idx, val_idx, spec["seed"]))
     _same_program(group)
     mode = _members.schedule_mode(configs)
     first = group[0]
@@ -220,8 +219,8 @@ def train_many(
         )
     else:
         results = run_in_turn(group, tx, hp, source=source, steps=steps)
-    for m, kw, result in zip(models, kwargs, results):
-        _finish(m, kw, result)
+    for m, plan, result in zip(models, plans, results):
+        _finish(m, plan, result)
     return _result(models, specs, kwargs)
 
 
@@ -229,7 +228,7 @@ def _build(model, seed: int):
     from ..model._base import BaseModel
 
     if isinstance(model, BaseModel):
-        return _copy(model)
+        return model._twin()
     if not callable(model):
         raise InputError(
             "model",
@@ -248,43 +247,10 @@ def _build(model, seed: int):
     return built
 
 
-def _copy(model):
-    """A member that starts where ``model`` is; shares its data and module."""
-    import copy
-
-    twin = copy.copy(model)
-    for name, value in vars(model).items():
-        if isinstance(value, (dict, list)):
-            setattr(twin, name, copy.copy(value))
-    return twin
-
-
-class _Captured(Exception):
-    def __init__(self, config, task):
-        super().__init__("captured")
-        self.config, self.task = config, task
-
-
-def _capture(model, kwargs: dict):
-    """The `TrainConfig` and `Task` that ``model.train(**kwargs)`` would fit."""
-
-    def grab(config, task):
-        raise _Captured(config, task)
-
-    with model._fit_with(grab):
-        try:
-            model.train(**kwargs)
-        except _Captured as got:
-            return got.config, got.task
-    raise RuntimeError(f"{type(model).__name__}.train returned without training")
-
-
-def _finish(model, kwargs: dict, result) -> None:
-    """Run ``model.train(**kwargs)`` again with ``result`` as its fit, so what the
-    model does after fitting (scANVI: calibration, reference statistics) runs."""
-    # the result is in memory already: a memory check now would count it against itself
-    with model._fit_with(lambda config, task: result, check_budget=False):
-        model.train(**kwargs)
+def _finish(model, plan, result) -> None:
+    """Hand ``model`` its member's ``result`` as the fit of ``plan``, so that what
+    the model does after fitting (scANVI: calibration, reference statistics) runs."""
+    model._train(plan, result)
 
 
 def _same_program(group: list[Member]) -> None:
