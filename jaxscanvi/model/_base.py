@@ -33,23 +33,18 @@ from ..train.fit import FitFailed, FitPlan, FitResult, Task, check, fit
 from ..train.history import History
 from ..train.parallel import to_default_device
 from ..train.state import TrainState
-from . import _downstream, _persist, _posterior, _query, _setup_view
+from . import _de, _downstream, _persist, _posterior, _query, _setup_view
 from ._inference import map_cells, nnz_bucket, row_positions
 from ._query import QueryInfo
 
-# `_adopt`'s "leave this as it is"
-_KEEP: Any = object()
+_KEEP: Any = object()  # `_adopt`'s "leave this as it is"
 
 
 class BaseModel:
     """Shared machinery; use `SCVI` or `SCANVI`."""
 
-    params: Any
-    state: dict
-    _freeze: tuple | None
-    _history: History
-
     config_cls: ClassVar[type]  # the module's config class, for `load`
+    train: Callable[..., Any]  # each model's own; `fit_plan` binds to its signature
     # set by `load_query_data`: what the query added to its reference
     query_info: QueryInfo | None = None
 
@@ -63,7 +58,7 @@ class BaseModel:
     get_elbo = _posterior.get_elbo
     get_reconstruction_error = _posterior.get_reconstruction_error
     get_marginal_ll = _posterior.get_marginal_ll
-    differential_expression = _downstream.differential_expression
+    differential_expression = _de.differential_expression
     posterior_predictive_sample = _downstream.posterior_predictive_sample
     get_likelihood_parameters = _downstream.get_likelihood_parameters
     get_latent_library_size = _downstream.get_latent_library_size
@@ -187,13 +182,10 @@ class BaseModel:
         )
 
     def fit_plan(self, **train_kwargs) -> FitPlan:
-        """What ``train(**train_kwargs)`` would fit, without fitting it: the
-        `TrainConfig` and the `Task` (cells, variables, loss), as a `FitPlan`.
-
-        The arguments are `train`'s, bound by name to its signature (its
-        defaults fill the rest); those that need no data are checked here,
-        the rest when the plan is trained. `jaxscanvi.sweep` plans each member
-        this way and fits them together.
+        """What ``train(**train_kwargs)`` would fit, without fitting it: its
+        `TrainConfig` and `Task` (cells, variables, loss), as a `FitPlan`.
+        The keywords are bound by name to `train`'s signature, its defaults
+        fill the rest; what needs no data is checked here, the rest by `_train`.
         """
         bound = inspect.signature(self.train).bind(**train_kwargs)
         bound.apply_defaults()
@@ -215,9 +207,8 @@ class BaseModel:
         return checked
 
     def _train(self, plan: FitPlan, result: FitResult | None = None):
-        """Fit ``plan`` and keep the result; ``result``: one fitted elsewhere (a
-        sweep's member), adopted as if `fit` had returned it. A failed fit keeps
-        the last finite state (`FitFailed.result`) and raises."""
+        """Fit ``plan`` and keep the result (or adopt ``result``, fitted elsewhere:
+        a sweep's member). A failed fit keeps its `FitFailed.result` and raises."""
         config = plan.config
         if self.loss_term_names and not config.loss_terms:
             warnings.warn(
@@ -243,9 +234,8 @@ class BaseModel:
 
     # ------------------------------------------------------ the model's state
     def _twin(self):
-        """A model that starts where this one is (a sweep's member): it shares
-        the data and module; its dicts and lists (variables, history records) are
-        its own, one level deep."""
+        """A model that starts where this one is (a sweep's member): the same data
+        and module; its own dicts and lists (variables, records), one level deep."""
         twin = copy.copy(self)
         for name, value in vars(self).items():
             if isinstance(value, (dict, list)):
