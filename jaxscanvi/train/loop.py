@@ -104,6 +104,12 @@ def make_train_step(
 
     if pending is None:
         return StepFns(step)
+    return StepFns(step, *_deferred_pair(body, pending))
+
+
+def _deferred_pair(body: Callable, pending: Callable) -> tuple[Callable, Callable]:
+    """`StepFns`' ``deferred`` and ``finish`` around ``body``: each step first applies
+    the update (``pending``) its predecessor left in the optimiser state, if ``due``."""
 
     def caught_up(ts, due):
         return jax.tree_util.tree_map(
@@ -121,7 +127,7 @@ def make_train_step(
         ts, bad, due = carry
         return ts.replace(params=caught_up(ts, due)), bad
 
-    return StepFns(step, deferred, finish)
+    return deferred, finish
 
 
 def make_eval_step(loss_fn: Callable, schedule: KLSchedule) -> Callable:
@@ -360,12 +366,8 @@ def plateau(loop: LoopState, metric: float, lr: float, cfg: FitConfig) -> float:
 
 
 class NonFiniteEpoch(NonFiniteLossError):
-    """`run_loop`'s error for an epoch whose loss went non-finite.
-
-    ``train_state`` is the state after the last finite step (the epoch not
-    counted) and ``loop_state`` the bookkeeping of the epochs before: what a
-    caller keeps. Both are always set.
-    """
+    """`run_loop`'s error for a non-finite epoch; always set: ``train_state``, after
+    the last finite step (the epoch not counted), and ``loop_state``, the epochs before."""
 
     def __init__(self, message: str, train_state: TrainState, loop_state: LoopState):
         super().__init__(message)
