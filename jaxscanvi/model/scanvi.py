@@ -129,16 +129,7 @@ class SCANVI(BaseModel):
                 "call SCANVI.setup_anndata(adata, labels_key=..., unlabeled_category=...)",
             )
         if _config is None:
-            cls_kw = dict(classifier_parameters or {})
-            allowed = {"n_hidden", "n_layers", "dropout_rate", "use_batch_norm", "use_layer_norm"}
-            unknown = set(cls_kw) - allowed
-            if unknown:
-                raise InputError(
-                    "classifier_parameters",
-                    sorted(unknown),
-                    "unknown classifier options",
-                    f"use only {sorted(allowed)}",
-                )
+            cls_kw = _classifier_options(classifier_parameters)
             _config = SCANVIConfig(
                 n_genes=registry.n_vars,
                 n_batch=registry.n_batch,
@@ -525,6 +516,21 @@ class SCANVI(BaseModel):
 
 
 UNASSIGNED = "Unassigned"
+
+
+def _classifier_options(classifier_parameters: dict | None) -> dict:
+    """scvi-tools' ``classifier_parameters``, checked: the options our classifier has."""
+    cls_kw = dict(classifier_parameters or {})
+    allowed = {"n_hidden", "n_layers", "dropout_rate", "use_batch_norm", "use_layer_norm"}
+    unknown = set(cls_kw) - allowed
+    if unknown:
+        raise InputError(
+            "classifier_parameters",
+            sorted(unknown),
+            "unknown classifier options",
+            f"use only {sorted(allowed)}",
+        )
+    return cls_kw
 
 
 def _loss(module, config: TrainConfig, replay, *, train: bool):
