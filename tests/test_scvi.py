@@ -573,8 +573,8 @@ def test_max_epochs_default_heuristic(tiny_adata, monkeypatch):
     model = SCVI(tiny_adata, **TINY)
     seen = {}
 
-    def fake_train(config, task):
-        seen["max_epochs"] = config.max_epochs
+    def fake_train(plan):
+        seen["max_epochs"] = plan.config.max_epochs
         return model
 
     monkeypatch.setattr(model, "_train", fake_train)
@@ -604,6 +604,27 @@ def test_nonfinite_raise_keeps_last_finite_parameters(tiny_adata):
     assert all_finite(model.params)
     assert not all(np.array_equal(a, b) for a, b in zip(init, leaves(model.params)))
     assert int(model.train_state.step) == 5
+
+
+def test_failed_fit_carries_what_the_model_keeps(tiny_adata):
+    """`fit` raises `FitFailed` (a NonFiniteLossError) whose typed ``result`` is
+    the fit up to the last finite step; the model adopts exactly that."""
+    from jaxscanvi.train.fit import FitFailed, FitResult, fit
+
+    model = SCVI(tiny_adata, **TINY, seed=0)
+    boom = {"boom": _nan_on_short_minibatch}
+    plan = model.fit_plan(**TRAIN, train_size=1.0, loss_terms=boom)
+    with pytest.raises(FitFailed) as err:
+        fit(plan.config, plan.task)
+    assert isinstance(err.value, NonFiniteLossError) and "boom" in str(err.value)
+    result = err.value.result
+    assert isinstance(result, FitResult) and result.loop.history == []  # epoch 0 failed
+    assert int(result.train_state.step) == 5 and all_finite(result.train_state.params)
+    with pytest.raises(FitFailed) as err:
+        model.train(**TRAIN, train_size=1.0, loss_terms=boom)
+    kept = err.value.result.train_state
+    assert model.train_state is kept and not model.is_trained
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(kept.params), leaves(model.params)))
 
 
 def test_nonfinite_skip_step(tiny_adata):

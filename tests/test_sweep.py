@@ -272,7 +272,7 @@ def test_memory_refuses_too_many_members(data):
 
 def test_memory_estimate_covers_what_xla_allocates(data):
     """The estimate is at least XLA's own count for the compiled epoch of 4 members."""
-    from jaxscanvi.sweep import _capture, _members
+    from jaxscanvi.sweep import _members
     from jaxscanvi.sweep._loop import Member, initial_state
     from jaxscanvi.sweep._step import member_steps, vmapped_epoch
     from jaxscanvi.train.fit import check, loop_config
@@ -283,7 +283,8 @@ def test_memory_estimate_covers_what_xla_allocates(data):
     group = []
     for s in range(4):
         m = js.SCVI(adata, seed=s, **NET)
-        config, task = _capture(m, {"max_epochs": 1, **FIT})
+        plan = m.fit_plan(max_epochs=1, **FIT)
+        config, task = plan.config, plan.task
         _, _, tr, va = check(config, task.cells)
         group.append(Member(config, task, tr, va, s))
     source = make_source("device", group[0].task.cells, 64)
@@ -330,42 +331,48 @@ def test_bad_sweeps_are_refused_before_compiling(data):
         assert err.value.field == field, kwargs
 
 
-def test_fit_with_swaps_the_fit_alone(data):
-    """The model layer's seam for sweeps: inside `_fit_with`, train() still checks
-    its input and adopts what the given fit returns; outside, `fit` runs again,
-    also after the given fit raised."""
+def test_fit_plan_and_a_given_fit(data):
+    """The model layer's seam for sweeps: `fit_plan` says what train() would fit
+    and fits nothing; `_train(plan, result)` still checks its input and adopts the
+    given result; train() itself fits again."""
     from jaxscanvi.train.config import TrainConfig
-    from jaxscanvi.train.fit import Task, fit
+    from jaxscanvi.train.fit import FitPlan, Task, fit
 
     adata, _ = data
     m = js.SCVI(adata, seed=0, **NET)
-    seen = []
+    init = np.asarray(m.params["z_encoder"]["mean"]["kernel"]).copy()
+    plan = m.fit_plan(max_epochs=1, **FIT)
+    assert isinstance(plan, FitPlan) and not m.is_trained
+    assert isinstance(plan.config, TrainConfig) and isinstance(plan.task, Task)
+    assert plan.config.max_epochs == 1 and plan.task.cells.n_obs == adata.n_obs
+    assert plan.config.batch_size == 64 and plan.config.seed == js.settings.seed  # train's defaults
+    assert np.array_equal(init, m.params["z_encoder"]["mean"]["kernel"])
+    # the same names and checks as train(): an unknown keyword is refused alike
+    with pytest.raises(InputError, match="not an argument of train"):
+        m.fit_plan(max_epochs=1, no_such_argument=1, **FIT)
 
-    def spy(config, task):
-        seen.append((config, task))
-        return fit(config, task)
+    result = fit(plan.config, plan.task)
+    m._train(plan, result)
+    assert m.is_trained and m.train_state is result.train_state
+    assert int(m.train_state.step) > 0
 
-    with m._fit_with(spy):
-        m.train(max_epochs=1, **FIT)
-    assert len(seen) == 1 and m.is_trained and int(m.train_state.step) > 0
-    assert isinstance(seen[0][0], TrainConfig) and isinstance(seen[0][1], Task)
-    assert seen[0][0].max_epochs == 1 and seen[0][1].cells.n_obs == adata.n_obs
-
-    def refuse(config, task):
-        raise RuntimeError("no fit here")
-
-    # check() inside _train refuses this (the config alone cannot): before the fit
-    with pytest.raises(InputError, match="data_source"), m._fit_with(refuse):
-        m.train(max_epochs=1, data_source="stream", **FIT)
-    with m._fit_with(refuse), m._fit_with(spy, check_budget=False):  # blocks nest
-        assert m._fit_fn is spy and not m._fit_budget
-    assert "_fit_fn" not in vars(m) and m._fit_budget
-    with pytest.raises(RuntimeError, match="no fit here"), m._fit_with(refuse):
-        m.train(max_epochs=1, **FIT)
+    # check() inside _train refuses this (the config alone cannot): before adopting
+    stream = m.fit_plan(max_epochs=1, data_source="stream", **FIT)
+    with pytest.raises(InputError, match="data_source"):
+        m._train(stream, result)
     before = np.asarray(m.params["z_encoder"]["mean"]["kernel"]).copy()
-    m.train(max_epochs=1, **FIT)  # the real fit is back
+    m.train(max_epochs=1, **FIT)  # the real fit
     after = np.asarray(m.params["z_encoder"]["mean"]["kernel"])
-    assert len(seen) == 1 and not np.allclose(before, after)
+    assert m.train_state is not result.train_state and not np.allclose(before, after)
+
+
+def test_scanvi_fit_plan_carries_calibrate(data):
+    _, adata = data
+    m = js.SCANVI(adata, seed=0, **NET)
+    assert m.fit_plan(max_epochs=1, **FIT).calibrate
+    plan = m.fit_plan(max_epochs=1, calibrate=False, **FIT)
+    assert not plan.calibrate and plan.task.labelled is not None
+    assert dict(plan.config.plan.options)["classification_ratio"] == 50.0
 
 
 def _both_ways(make, **kwargs):

@@ -2,13 +2,16 @@
 
 A model holds a registry, a linen module and its variables. Its methods are
 thin: each public one below is bound from the file that implements it
-(`_posterior`, `_downstream`, `_persist`, `_query`), and `train()` builds a
-`TrainConfig` and hands it to `train.fit`.
+(`_posterior`, `_downstream`, `_persist`, `_query`). `train()` plans a fit
+(`fit_plan`: a `TrainConfig` and a `Task`) and `_train` hands it to
+`train.fit`. `_adopt` is the one place the model's variables, freeze masks
+and history are set.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import inspect
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -22,23 +25,26 @@ from ..compile_cache import InitKey, exported, functions
 from ..data.batch import Batch, NonZeros, host_batch
 from ..data.cells import CellData, cell_data
 from ..data.registry import Registry
-from ..errors import InputError, NonFiniteLossError
+from ..errors import InputError
 from ..nn import prng
 from ..train import budget
 from ..train.config import TrainConfig
-from ..train.fit import FitResult, Task, check, fit
+from ..train.fit import FitFailed, FitPlan, FitResult, Task, check, fit
 from ..train.history import History
 from ..train.parallel import to_default_device
 from ..train.state import TrainState
-from . import _downstream, _persist, _posterior, _query, _setup_view
+from . import _de, _downstream, _persist, _posterior, _query, _setup_view
 from ._inference import map_cells, nnz_bucket, row_positions
 from ._query import QueryInfo
+
+_KEEP: Any = object()  # `_adopt`'s "leave this as it is"
 
 
 class BaseModel:
     """Shared machinery; use `SCVI` or `SCANVI`."""
 
     config_cls: ClassVar[type]  # the module's config class, for `load`
+    train: Callable[..., Any]  # each model's own; `fit_plan` binds to its signature
     # set by `load_query_data`: what the query added to its reference
     query_info: QueryInfo | None = None
 
@@ -52,7 +58,7 @@ class BaseModel:
     get_elbo = _posterior.get_elbo
     get_reconstruction_error = _posterior.get_reconstruction_error
     get_marginal_ll = _posterior.get_marginal_ll
-    differential_expression = _downstream.differential_expression
+    differential_expression = _de.differential_expression
     posterior_predictive_sample = _downstream.posterior_predictive_sample
     get_likelihood_parameters = _downstream.get_likelihood_parameters
     get_latent_library_size = _downstream.get_latent_library_size
@@ -96,17 +102,14 @@ class BaseModel:
             constants,
         )
         self.module = module
-        self.params = variables["params"]
-        self.state = {k: v for k, v in variables.items() if k != "params"}
+        # (params mask, state mask) after query surgery: what train() may change
+        self._adopt_variables(variables, freeze=None, history=History())
         self.init_seed = seed
         self.is_trained = False
-        self._history = History()
         self.train_indices = np.zeros(0, np.int64)
         self.validation_indices = np.zeros(0, np.int64)
         self.train_state: TrainState | None = None
         self.loss_term_names: tuple[str, ...] = ()
-        # (params mask, state mask) after query surgery: what train() may change
-        self._freeze = None
         self.query_info = None
         # the devices of the last train(devices=...), which inference shards over too
         self._parallel = None
@@ -178,33 +181,35 @@ class BaseModel:
             **hooks,
         )
 
-    # what `_train` fits with, and whether to check memory first; `_fit_with`
-    # swaps them for one block
-    _fit_fn: Callable | None = None
-    _fit_budget: bool = True
+    def fit_plan(self, **train_kwargs) -> FitPlan:
+        """What ``train(**train_kwargs)`` would fit, without fitting it: its
+        `TrainConfig` and `Task` (cells, variables, loss), as a `FitPlan`.
+        The keywords are bound by name to `train`'s signature, its defaults
+        fill the rest; what needs no data is checked here, the rest by `_train`.
+        """
+        bound = inspect.signature(self.train).bind(**train_kwargs)
+        bound.apply_defaults()
+        return self._plan(dict(bound.arguments))
 
-    @contextlib.contextmanager
-    def _fit_with(self, fn: Callable, *, check_budget: bool = True):
-        """Within the block, `train()` checks its input, warns and adopts the
-        result as always, but the fit itself is ``fn(config, task) ->
-        FitResult``. `jaxscanvi.sweep` fits many models in one program: it
-        reads each member's config and task this way (``fn`` raises with
-        them), then hands each its result, so that what follows a fit (scANVI:
-        reference statistics, calibration) runs as after `fit`.
-        ``check_budget=False`` skips the memory check, for a result that is
-        already in memory. Blocks nest."""
-        before = {k: self.__dict__[k] for k in ("_fit_fn", "_fit_budget") if k in self.__dict__}
-        self._fit_fn, self._fit_budget = fn, bool(check_budget)
-        try:
-            yield self
-        finally:
-            for k in ("_fit_fn", "_fit_budget"):
-                if k in before:
-                    setattr(self, k, before[k])
-                else:
-                    self.__dict__.pop(k, None)
+    def _plan(self, arguments: dict) -> FitPlan:
+        """The plan of `train` called with ``arguments`` (its parameter names)."""
+        raise NotImplementedError
 
-    def _train(self, config: TrainConfig, task: Task):
+    def _after_fit(self, plan: FitPlan) -> None:
+        """What follows a successful fit (scANVI: reference statistics, calibration)."""
+
+    def _check_plan(self, plan: FitPlan, *, memory: bool = True):
+        """Every input error of ``plan`` before anything compiles (and, with
+        ``memory``, before anything is allocated): `fit.check`'s output."""
+        checked = check(plan.config, plan.task.cells)
+        if memory:
+            budget.check(plan.config, plan.task.cells, self.module.config)
+        return checked
+
+    def _train(self, plan: FitPlan, result: FitResult | None = None):
+        """Fit ``plan`` and keep the result (or adopt ``result``, fitted elsewhere:
+        a sweep's member). A failed fit keeps its `FitFailed.result` and raises."""
+        config = plan.config
         if self.loss_term_names and not config.loss_terms:
             warnings.warn(
                 f"this model was trained with extra loss terms "
@@ -214,28 +219,59 @@ class BaseModel:
                 stacklevel=3,
             )
         self.loss_term_names = config.loss_term_names
-        check(config, task.cells)  # every input error before anything compiles
-        if self._fit_budget:  # and before allocating
-            budget.check(config, task.cells, self.module.config)
-        try:
-            result = (self._fit_fn or fit)(config, task)
-        except NonFiniteLossError as err:
-            if hasattr(err, "result"):  # raised by the loop: keep the last good state
-                self._adopt(err.result)
-            raise
-        self._adopt(result)
+        # a result in memory already: a memory check now would count it against itself
+        self._check_plan(plan, memory=result is None)
+        if result is None:
+            try:
+                result = fit(config, plan.task)
+            except FitFailed as err:  # keep the last good state
+                self._adopt_fit(err.result)
+                raise
+        self._adopt_fit(result)
         self.is_trained = True
+        self._after_fit(plan)
         return self
 
-    def _adopt(self, result: FitResult) -> None:
+    # ------------------------------------------------------ the model's state
+    def _twin(self):
+        """A model that starts where this one is (a sweep's member): the same data
+        and module; its own dicts and lists (variables, records), one level deep."""
+        twin = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, (dict, list)):
+                setattr(twin, name, copy.copy(value))
+        return twin
+
+    def _adopt(self, *, params=_KEEP, state=_KEEP, freeze=_KEEP, history=_KEEP) -> None:
+        """The one place a model's parameters, mutable state, freeze masks and
+        history are set; what is not passed stays. Construction, training,
+        loading, importing, query surgery and pretraining all come through here."""
+        if params is not _KEEP:
+            self.params = params
+        if state is not _KEEP:
+            self.state = state
+        if freeze is not _KEEP:
+            self._freeze = freeze
+        if history is not _KEEP:
+            self._history = history
+
+    def _adopt_variables(self, variables: dict, **rest) -> None:
+        """`_adopt` with a flax variables dict: ``params`` and the other collections."""
+        self._adopt(
+            params=variables["params"],
+            state={k: v for k, v in variables.items() if k != "params"},
+            **rest,
+        )
+
+    def _adopt_fit(self, result: FitResult) -> None:
         ts = result.train_state
         # one copy on the default device: every inference path can use it as is
-        self.params, self.state = to_default_device((ts.params, ts.state))
+        params, state = to_default_device((ts.params, ts.state))
+        self._adopt(params=params, state=state, history=History.from_records(result.loop.history))
         self.train_state = ts
         self.train_indices, self.validation_indices = result.train_idx, result.val_idx
         self._parallel = result.parallel
         self.data_bytes_per_device = result.data_bytes_per_device
-        self._history = History.from_records(result.loop.history)
 
     # ------------------------------------------------------------- inference
     @property

@@ -23,7 +23,7 @@ import numpy as np
 from .. import torchfile
 from .._version import __version__
 from ..errors import InputError
-from ._import import _LINEAR, _NETS_SCVI, map_weights
+from ._weights import _LINEAR, _NETS_SCVI, map_weights
 
 SCVI_TOOLS_VERSION = "1.4.2"  # the registry layout written (scvi-tools >= 1.0 reads it)
 

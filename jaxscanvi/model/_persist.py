@@ -173,14 +173,12 @@ def load(
     )
     model._read_metadata(meta)
     restored = io.from_bytes(model.variables, blob, "parameters")
-    model.params = restored["params"]
-    model.state = {k: v for k, v in restored.items() if k != "params"}
+    hist = meta.get("history") or []
+    model._adopt_variables(restored, history=History.from_records(hist))
     model.is_trained = bool(meta.get("is_trained", False))
     model.loss_term_names = tuple(meta.get("loss_terms", ()))
-    hist = meta.get("history") or []
-    model._history = History.from_records(hist)
     if "freeze" in meta.get("files", {}):
-        model._freeze = _freeze_masks(dir_path, meta, model)
+        model._adopt(freeze=_freeze_masks(dir_path, meta, model))
         info = meta.get("query_info")
         model.query_info = None if info is None else QueryInfo.from_dict(info)
     model.train_indices = np.asarray(meta.get("train_indices", []), np.int64)

@@ -102,8 +102,8 @@ def from_scvi_model(
     scanvi_kwargs.setdefault("encoder", scvi_model.module.encoder_cls)
     scanvi_kwargs.setdefault("decoder", scvi_model.module.decoder_cls)
     model = cls(adata, **arch, **scanvi_kwargs, seed=scvi_model.init_seed, registry=new_reg)
-    model.params = _copy_shared(scvi_model.params, model.params)
-    model.state = _copy_shared(scvi_model.state, model.state)
+    params = _copy_shared(scvi_model.params, model.params)
+    model._adopt(params=params, state=_copy_shared(scvi_model.state, model.state))
     model.was_pretrained = True
     return model
 

@@ -469,9 +469,7 @@ def load_query_data(
         decoder=reference_model.module.decoder_cls,
     )
     merged, is_new = transplant(reference_model.variables, model.variables)
-    model.params = merged["params"]
-    model.state = {k: v for k, v in merged.items() if k != "params"}
-    model._freeze = freeze_masks(merged, is_new, flags)
+    model._adopt_variables(merged, freeze=freeze_masks(merged, is_new, flags))
     model.query_info = QueryInfo(
         new_batches=tuple(added["batch"]),
         new_labels=tuple(added["labels"]),

@@ -16,8 +16,9 @@ from ..errors import InputError, check_positive_int
 from ..losses import scanvi_elbo
 from ..module import SCANVAE, SCANVIConfig
 from ..train.config import TrainConfig, max_epochs_heuristic
+from ..train.fit import FitPlan
 from ..train.history import History
-from . import _calibration, _hierarchy, _kernels, _novelty, _posterior, _pretrained
+from . import _calibration, _hierarchy, _kernels, _novelty, _posterior, _pretrained, _train_docs
 from ._base import BaseModel
 from ._calibration import expected_calibration_error, softmax
 from ._inference import jitted, map_cells
@@ -128,16 +129,7 @@ class SCANVI(BaseModel):
                 "call SCANVI.setup_anndata(adata, labels_key=..., unlabeled_category=...)",
             )
         if _config is None:
-            cls_kw = dict(classifier_parameters or {})
-            allowed = {"n_hidden", "n_layers", "dropout_rate", "use_batch_norm", "use_layer_norm"}
-            unknown = set(cls_kw) - allowed
-            if unknown:
-                raise InputError(
-                    "classifier_parameters",
-                    sorted(unknown),
-                    "unknown classifier options",
-                    f"use only {sorted(allowed)}",
-                )
+            cls_kw = _classifier_options(classifier_parameters)
             _config = SCANVIConfig(
                 n_genes=registry.n_vars,
                 n_batch=registry.n_batch,
@@ -268,27 +260,58 @@ class SCANVI(BaseModel):
         calibrate: bool = True,
         **trainer_kwargs,
     ):
-        """Train on all cells, each minibatch paired with a minibatch of labelled cells.
+        # documented in _train_docs.SCANVI_TRAIN: each argument reaches fit_plan by name
+        return self._train(
+            self.fit_plan(
+                max_epochs=max_epochs,
+                n_samples_per_label=n_samples_per_label,
+                check_val_every_n_epoch=check_val_every_n_epoch,
+                train_size=train_size,
+                validation_size=validation_size,
+                shuffle_set_split=shuffle_set_split,
+                batch_size=batch_size,
+                accelerator=accelerator,
+                devices=devices,
+                adversarial_classifier=adversarial_classifier,
+                datasplitter_kwargs=datasplitter_kwargs,
+                plan_config=plan_config,
+                plan_kwargs=plan_kwargs,
+                datamodule=datamodule,
+                trainer_config=trainer_config,
+                early_stopping=early_stopping,
+                early_stopping_patience=early_stopping_patience,
+                early_stopping_monitor=early_stopping_monitor,
+                seed=seed,
+                progress_bar=progress_bar,
+                on_nonfinite=on_nonfinite,
+                data_source=data_source,
+                loss_terms=loss_terms,
+                loss_weights=loss_weights,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every=checkpoint_every,
+                resume=resume,
+                data_shards=data_shards,
+                precision=precision,
+                calibrate=calibrate,
+                **trainer_kwargs,
+            )
+        )
 
-        ``n_samples_per_label`` re-draws, every epoch, a class-balanced subset
-        of at most that many labelled training cells per type for the
-        labelled minibatches. ``plan_kwargs`` adds ``classification_ratio``
-        (50) and ``objective`` ("seed" or "scvi-tools") to SCVI's options.
-        A query model (`load_query_data`) may have no labelled cells; it then
-        trains on the unlabelled bound alone. With ``calibrate`` and labelled
-        validation cells, a temperature is fitted at the end (`calibrate`).
-        scvi-tools' and Lightning's other arguments as in `SCVI.train`.
-        """
+    train.__doc__ = _train_docs.SCANVI_TRAIN
+
+    def _plan(self, arguments: dict) -> FitPlan:
         cells = self._train_cells()
-        if max_epochs is None:
+        if arguments["max_epochs"] is None:
             max_epochs = max_epochs_heuristic(cells.n_obs)
             if self.was_pretrained:
                 max_epochs = int(min(10, max(2, round(max_epochs / 3.0))))
-        check_positive_int("max_epochs", max_epochs)
-        seed = default_seed(seed)
-        check_positive_int("n_samples_per_label", n_samples_per_label, allow_none=True)
+            arguments["max_epochs"] = max_epochs
+        check_positive_int("max_epochs", arguments["max_epochs"])
+        arguments["seed"] = default_seed(arguments["seed"])
+        n_per_label = arguments["n_samples_per_label"]
+        check_positive_int("n_samples_per_label", n_per_label, allow_none=True)
         config = TrainConfig.from_arguments(
-            locals(), default_plan={"objective": "seed", "classification_ratio": 50.0}
+            arguments, default_plan={"objective": "seed", "classification_ratio": 50.0}
         )
         objective = config.plan.get("objective")
         if objective not in ("seed", "scvi-tools"):
@@ -305,22 +328,25 @@ class SCANVI(BaseModel):
         hooks = {"val_metrics": partial(self._validation_metrics, cells)}
         if not unlabelled_query:
             hooks["labelled"] = partial(
-                _labelled_training_cells, labels, C, n_samples_per_label, config.train_size
+                _labelled_training_cells, labels, C, n_per_label, config.train_size
             )
             hooks["val_labelled"] = partial(_labelled_among, labels, C)
-        self._train(
+        task = self._task(
             config,
-            self._task(
-                config,
-                partial(_loss, self.module, config, replay),
-                ("scanvi", self.module, replay_spec(replay)),
-                **hooks,
-            ),
+            partial(_loss, self.module, config, replay),
+            ("scanvi", self.module, replay_spec(replay)),
+            **hooks,
         )
+        return FitPlan(config, task, calibrate=bool(arguments["calibrate"]))
+
+    def _after_fit(self, plan: FitPlan) -> None:
+        """The reference's latent statistics, then calibration on the labelled
+        validation cells (with ``train(calibrate=True)`` and at least ten)."""
         if self.query_info is None:
             self.reference_stats = _novelty.reference_statistics(self)
+        labels, C = self._train_cells().labels, self.registry.n_labels
         val_lab = self.validation_indices[labels[self.validation_indices] < C]
-        if calibrate and len(val_lab) >= 10:
+        if plan.calibrate and len(val_lab) >= 10:
             self.calibrate(indices=val_lab)
             if self._history.n_epochs:
                 frame = self._history.to_frame()
@@ -329,8 +355,7 @@ class SCANVI(BaseModel):
                 frame.loc[last, "calibration_error_validation_calibrated"] = self.calibration[
                     "ece_after"
                 ]
-                self._history = History(frame)
-        return self
+                self._adopt(history=History(frame))
 
     def _validation_metrics(self, cells, variables, val_idx, parallel) -> dict:
         """The classifier's loss, accuracy and calibration error on the labelled
@@ -491,6 +516,21 @@ class SCANVI(BaseModel):
 
 
 UNASSIGNED = "Unassigned"
+
+
+def _classifier_options(classifier_parameters: dict | None) -> dict:
+    """scvi-tools' ``classifier_parameters``, checked: the options our classifier has."""
+    cls_kw = dict(classifier_parameters or {})
+    allowed = {"n_hidden", "n_layers", "dropout_rate", "use_batch_norm", "use_layer_norm"}
+    unknown = set(cls_kw) - allowed
+    if unknown:
+        raise InputError(
+            "classifier_parameters",
+            sorted(unknown),
+            "unknown classifier options",
+            f"use only {sorted(allowed)}",
+        )
+    return cls_kw
 
 
 def _loss(module, config: TrainConfig, replay, *, train: bool):

@@ -74,7 +74,6 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..train.fit import check
 from ..train.sources import make_source
 from . import _members, _memory
 from ._loop import Member, initial_state, run_in_turn, run_vmapped
@@ -162,6 +161,44 @@ def train_many(
         every member; ``seed``, checkpoints and ``data_shards`` are the
         sweep's to set.
     """
+    specs, data_seed = _members_of(seeds, grid, members, order, data_seed, vectorize)
+    shared = order == "shared"
+    kwargs = [
+        _members.train_arguments(s, train_kwargs, data_seed if shared else None) for s in specs
+    ]
+    models = [_build(model, s["seed"]) for s in specs]
+    plans = [m.fit_plan(**kw) for m, kw in zip(models, kwargs)]
+    configs = [p.config for p in plans]
+    group = []
+    for spec, m, plan in zip(specs, models, plans):
+        _, _, train_idx, val_idx = m._check_plan(plan)  # every input error first
+        group.append(Member(plan.config, plan.task, train_idx, val_idx, spec["seed"]))
+    _same_program(group)
+    mode = _members.schedule_mode(configs)
+    first = group[0]
+    has_ratio = "classification_ratio" in getattr(first.task.make_loss(train=True), "keywords", {})
+    hp = _members.hyper_arrays(configs, has_ratio=has_ratio)
+    _fits(first, len(group), first.task.cells, shared=shared, budget=memory_budget)
+    source = make_source("device", first.task.cells, first.config.batch_size)
+    tx, *steps = member_steps(first.task, first.config, schedule_mode=mode)
+    results = _run(
+        group,
+        tx,
+        hp,
+        source=source,
+        steps=steps,
+        shared=shared,
+        vectorize=vectorize,
+        progress_bar=kwargs[0].get("progress_bar", False),
+    )
+    for m, plan, result in zip(models, plans, results):
+        _finish(m, plan, result)
+    return _result(models, specs, kwargs)
+
+
+def _members_of(seeds, grid, members, order: str, data_seed, vectorize):
+    """`train_many`'s checks, in order, then (each member's seed and
+    hyperparameters, the seed of the shared order or None)."""
     if order not in ("shared", "per_model"):
         raise InputError(
             "order",
@@ -177,8 +214,7 @@ def train_many(
             "pass vectorize='auto' (vmapped on accelerators, in turn on the CPU), True or False",
         )
     specs = _members.expand(seeds, grid, members)
-    shared = order == "shared"
-    if shared:
+    if order == "shared":
         data_seed = specs[0]["seed"] if data_seed is None else data_seed
     elif data_seed is not None:
         raise InputError(
@@ -187,26 +223,11 @@ def train_many(
             "applies to order='shared' only",
             "leave data_seed out, or pass order='shared'",
         )
-    kwargs = [
-        _members.train_arguments(s, train_kwargs, data_seed if shared else None) for s in specs
-    ]
-    progress = kwargs[0].get("progress_bar", False)
-    models = [_build(model, s["seed"]) for s in specs]
-    captured = [_capture(m, kw) for m, kw in zip(models, kwargs)]
-    configs = [c for c, _ in captured]
-    group = []
-    for spec, (config, task) in zip(specs, captured):
-        _, _, train_idx, val_idx = check(config, task.cells)  # every input error first
-        group.append(Member(config, task, train_idx, val_idx, spec["seed"]))
-    _same_program(group)
-    mode = _members.schedule_mode(configs)
-    first = group[0]
-    has_ratio = "classification_ratio" in getattr(first.task.make_loss(train=True), "keywords", {})
-    hp = _members.hyper_arrays(configs, has_ratio=has_ratio)
-    cells = first.task.cells
-    _fits(first, len(group), cells, shared=shared, budget=memory_budget)
-    source = make_source("device", cells, first.config.batch_size)
-    tx, *steps = member_steps(first.task, first.config, schedule_mode=mode)
+    return specs, data_seed
+
+
+def _run(group, tx, hp, *, source, steps, shared: bool, vectorize, progress_bar: bool) -> list:
+    """Every member's `FitResult`: vmapped, or in turn on the CPU ("auto")."""
     if vectorize == "auto":
         vectorize = jax.default_backend() != "cpu"
     if vectorize:
@@ -216,20 +237,18 @@ def train_many(
             source=source,
             steps=steps,
             shared=shared,
-            progress_bar=progress,
+            progress_bar=progress_bar,
         )
     else:
         results = run_in_turn(group, tx, hp, source=source, steps=steps)
-    for m, kw, result in zip(models, kwargs, results):
-        _finish(m, kw, result)
-    return _result(models, specs, kwargs)
+    return results
 
 
 def _build(model, seed: int):
     from ..model._base import BaseModel
 
     if isinstance(model, BaseModel):
-        return _copy(model)
+        return model._twin()
     if not callable(model):
         raise InputError(
             "model",
@@ -248,43 +267,10 @@ def _build(model, seed: int):
     return built
 
 
-def _copy(model):
-    """A member that starts where ``model`` is; shares its data and module."""
-    import copy
-
-    twin = copy.copy(model)
-    for name, value in vars(model).items():
-        if isinstance(value, (dict, list)):
-            setattr(twin, name, copy.copy(value))
-    return twin
-
-
-class _Captured(Exception):
-    def __init__(self, config, task):
-        super().__init__("captured")
-        self.config, self.task = config, task
-
-
-def _capture(model, kwargs: dict):
-    """The `TrainConfig` and `Task` that ``model.train(**kwargs)`` would fit."""
-
-    def grab(config, task):
-        raise _Captured(config, task)
-
-    with model._fit_with(grab):
-        try:
-            model.train(**kwargs)
-        except _Captured as got:
-            return got.config, got.task
-    raise RuntimeError(f"{type(model).__name__}.train returned without training")
-
-
-def _finish(model, kwargs: dict, result) -> None:
-    """Run ``model.train(**kwargs)`` again with ``result`` as its fit, so what the
-    model does after fitting (scANVI: calibration, reference statistics) runs."""
-    # the result is in memory already: a memory check now would count it against itself
-    with model._fit_with(lambda config, task: result, check_budget=False):
-        model.train(**kwargs)
+def _finish(model, plan, result) -> None:
+    """Hand ``model`` its member's ``result`` as the fit of ``plan``, so that what
+    the model does after fitting (scANVI: calibration, reference statistics) runs."""
+    model._train(plan, result)
 
 
 def _same_program(group: list[Member]) -> None:

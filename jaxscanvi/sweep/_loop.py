@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import NonFiniteLossError
 from ..train.fit import FitResult, loop_config
 from ..train.loop import (
     LoopState,
+    NonFiniteEpoch,
     add_validation,
     after_epoch,
     close_record,
@@ -113,7 +113,7 @@ def run_in_turn(members: list[Member], tx, hp: dict, *, source, steps) -> list[F
                 val_labelled=m.val_labelled(),
                 extra_val_metrics=m.val_metrics,
             )
-        except NonFiniteLossError as err:  # this member stops; the others train
+        except NonFiniteEpoch as err:  # this member stops; the others train
             _warn_stopped(i, m, err)
             ts, loop = err.train_state, err.loop_state
             loop.stopped_early = True

@@ -14,6 +14,7 @@ import warnings
 
 import jax
 
+from ..data.counts import _user_stacklevel
 from ..errors import InputError
 
 # Lightning's own machinery, with nothing to do here
@@ -96,7 +97,8 @@ MAPPED = (
 
 
 def _ignore(name: str, why: str) -> None:
-    warnings.warn(f"train(): {name} is ignored ({why})", UserWarning, stacklevel=5)
+    # at the caller of train() or fit_plan(), however many frames lie between
+    warnings.warn(f"train(): {name} is ignored ({why})", UserWarning, stacklevel=_user_stacklevel())
 
 
 def translate(arguments: dict) -> dict:

@@ -8,6 +8,7 @@ epoch loop. It knows nothing of AnnData or of the model classes.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -22,7 +23,15 @@ from ..errors import InputError, NonFiniteLossError
 from ..nn import prng
 from . import checkpoint
 from .config import TrainConfig
-from .loop import FitConfig, LoopState, StepFns, make_eval_step, make_train_step, run_loop
+from .loop import (
+    FitConfig,
+    LoopState,
+    NonFiniteEpoch,
+    StepFns,
+    make_eval_step,
+    make_train_step,
+    run_loop,
+)
 from .parallel import DataParallel, to_default_device
 from .sources import check_source, make_source
 from .state import TrainState, make_optimizer, mask_key, pending_update
@@ -50,6 +59,19 @@ class Task(NamedTuple):
     val_metrics: Callable | None = None
 
 
+@dataclass(frozen=True)
+class FitPlan:
+    """What one `train()` call fits: its settings and what the model brings.
+
+    A model's ``fit_plan(**train_kwargs)`` returns it and ``_train`` fits it;
+    ``calibrate`` is scANVI's ``train(calibrate=...)``, which acts after the fit.
+    """
+
+    config: TrainConfig
+    task: Task
+    calibrate: bool = False
+
+
 class FitResult(NamedTuple):
     train_state: TrainState
     loop: LoopState
@@ -57,6 +79,18 @@ class FitResult(NamedTuple):
     val_idx: np.ndarray
     parallel: DataParallel | None  # the devices inference should use afterwards
     data_bytes_per_device: int = 0  # cells resident on the fullest device (0: fed per step)
+
+
+class FitFailed(NonFiniteLossError):
+    """`fit`'s error when the loss went non-finite: ``result`` (always set) is the
+    fit up to the last finite step, what the model keeps."""
+
+    def __init__(self, message: str, result: FitResult):
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self):
+        return type(self), (str(self), self.result)
 
 
 def step_fns(config: TrainConfig, task: Task):
@@ -144,8 +178,8 @@ def check(config: TrainConfig, cells: CellData):
 
 
 def fit(config: TrainConfig, task: Task) -> FitResult:
-    """Train ``task`` as ``config`` says. On a non-finite loss the error carries
-    the last good state as ``err.result`` (a `FitResult`).
+    """Train ``task`` as ``config`` says. On a non-finite loss it raises
+    `FitFailed`, whose ``result`` holds the last good state.
 
     The checkpoint folder, if any, is locked for the whole run (`lock`): a
     second run writing to it fails at once instead of mixing its files in."""
@@ -220,11 +254,10 @@ def _fit(config: TrainConfig, task: Task, held) -> FitResult:
             loop=loop,
             on_epoch_end=_checkpointer(config, fingerprint, task.owner, held),
         )
-    except NonFiniteLossError as err:
-        err.result = result(
-            getattr(err, "train_state", ts), getattr(err, "loop_state", LoopState())
-        )
-        raise
+    except NonFiniteEpoch as err:  # the loop's: it says what to keep
+        raise FitFailed(str(err), result(err.train_state, err.loop_state)) from err
+    except NonFiniteLossError as err:  # from elsewhere: keep the state we started from
+        raise FitFailed(str(err), result(ts, LoopState())) from err
     except Exception as err:
         lost = distributed.peer_lost(err)  # another process died: say which
         if lost is None:

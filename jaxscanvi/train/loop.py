@@ -104,6 +104,12 @@ def make_train_step(
 
     if pending is None:
         return StepFns(step)
+    return StepFns(step, *_deferred_pair(body, pending))
+
+
+def _deferred_pair(body: Callable, pending: Callable) -> tuple[Callable, Callable]:
+    """`StepFns`' ``deferred`` and ``finish`` around ``body``: each step first applies
+    the update (``pending``) its predecessor left in the optimiser state, if ``due``."""
 
     def caught_up(ts, due):
         return jax.tree_util.tree_map(
@@ -121,7 +127,7 @@ def make_train_step(
         ts, bad, due = carry
         return ts.replace(params=caught_up(ts, due)), bad
 
-    return StepFns(step, deferred, finish)
+    return deferred, finish
 
 
 def make_eval_step(loss_fn: Callable, schedule: KLSchedule) -> Callable:
@@ -216,9 +222,7 @@ def run_loop(  # noqa: PLR0913 - the loop's parts, keyword-only
         (ts_new, bad), (terms, counts, klw) = source.run_epoch(train_step, carry, rows, lab_rows)
         bad = int(bad)
         if bad >= 0 and cfg.on_nonfinite == "raise":
-            err = nonfinite_error(ts_new, bad, terms, epoch)
-            err.train_state, err.loop_state = ts_new, loop
-            raise err
+            raise NonFiniteEpoch(nonfinite_message(ts_new, bad, terms, epoch), ts_new, loop)
         ts = ts_new.replace(epoch=ts_new.epoch + 1)
         record = train_record(epoch, terms, counts, klw, get_lr(ts.opt_state))
         if has_val and validates(cfg, epoch):
@@ -361,13 +365,31 @@ def plateau(loop: LoopState, metric: float, lr: float, cfg: FitConfig) -> float:
     return lr
 
 
+class NonFiniteEpoch(NonFiniteLossError):
+    """`run_loop`'s error for a non-finite epoch; always set: ``train_state``, after
+    the last finite step (the epoch not counted), and ``loop_state``, the epochs before."""
+
+    def __init__(self, message: str, train_state: TrainState, loop_state: LoopState):
+        super().__init__(message)
+        self.train_state = train_state
+        self.loop_state = loop_state
+
+    def __reduce__(self):
+        return type(self), (str(self), self.train_state, self.loop_state)
+
+
 def nonfinite_error(ts, bad_step, terms, epoch) -> NonFiniteLossError:
     """The error for an epoch whose step ``bad_step`` went non-finite, naming the terms."""
+    return NonFiniteLossError(nonfinite_message(ts, bad_step, terms, epoch))
+
+
+def nonfinite_message(ts, bad_step, terms, epoch) -> str:
+    """What went non-finite at step ``bad_step`` (global) of epoch ``epoch``, and the fixes."""
     first = int(bad_step) - (int(ts.step) - len(np.asarray(terms["loss"])))
     first = min(max(first, 0), len(np.asarray(terms["loss"])) - 1)
     names = [k for k, v in terms.items() if not np.isfinite(np.asarray(v)[first])]
     culprit = [k for k in names if k not in ("loss", "elbo")] or names
-    return NonFiniteLossError(
+    return (
         f"non-finite loss at epoch {epoch}, step {first} of the epoch (global step "
         f"{int(bad_step)}): term(s) {culprit} became "
         f"{[float(np.asarray(terms[k])[first]) for k in culprit]}. The model keeps the "

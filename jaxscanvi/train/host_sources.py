@@ -1,0 +1,196 @@
+"""The host and stream minibatch sources: cells fed to the device in chunks.
+
+* `HostSource`: CSR in host memory; the device source's scan runs over
+  chunks of S minibatches, each shipped as a small CSR while the last one
+  computes (`jaxscanvi.train.chunks`).
+* `StreamSource`: counts on disk (a backed .h5ad or .zarr, or a store of
+  `jaxscanvi.data`), read in runs into a shuffle buffer
+  (`jaxscanvi.data.shuffle`) and fed as the host source's chunks.
+
+`sources.make_source` picks among them and the device source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..compile_cache import ChunkEpochKey
+from ..compile_cache import functions as _COMPILED
+from ..data.batch import (
+    DeviceCells,
+    device_batch,
+)
+from ..data.cells import CellData
+from ..data.sharded import (
+    per_device,
+    sharded_batch,
+    stack_on_devices,
+)
+from ..data.shuffle import BUFFER_CELLS, RunCache, buffer_order, gather_rows
+from ..distributions import sparse_pays
+from .chunks import chunk_nnz, chunk_steps, host_chunk, layout, prefetched, scan_program
+from .orders import Source, epoch_rows, grown_cap, labelled_rows
+
+
+class HostSource(Source):
+    """CSR in host memory, fed to the device in chunks of S minibatches.
+
+    Each chunk holds the cells of S minibatches as CSR, built by a thread and
+    shipped while the previous chunk computes; the device runs the device
+    source's scan over it (`jaxscanvi.train.chunks`). With several devices
+    each gets a chunk of its own rows; in a run of several processes
+    (``process``) each builds only its own devices' chunks.
+    """
+
+    kind = "host"
+    chunk_cells: int | None = None  # `chunks.CHUNK_CELLS`
+
+    def __init__(
+        self,
+        cells: CellData,
+        batch_size: int,
+        prefetch: int = 2,
+        parallel=None,
+        process: int | None = None,
+    ):
+        self.parallel = parallel
+        self.process = process
+        # the list of non-zeros goes to the likelihood where it pays (`backend`)
+        self.sparse = sparse_pays()
+        self.host = cells
+        self.n_genes = cells.n_vars
+        self.batch_size = batch_size
+        self.row_nnz = cells.row_nnz()
+        self.k_cap = 0  # grown to what each epoch's minibatches hold (`grown_cap`)
+        self.nnz_cap = 0  # grown to what each epoch's chunks hold
+        self.prefetch = prefetch
+
+    def read(self, take: np.ndarray):
+        """CSR rows ``take`` (increasing) of the counts."""
+        return gather_rows(self.host.X, take)
+
+    def _epoch_fn(self, step_fn: Callable):
+        par, G, K, sparse = self.parallel, self.n_genes, self.k_cap, self.sparse
+        key = ChunkEpochKey(step_fn, G, K, sparse, par)
+
+        def build():
+            def gather(cells, r):
+                if par is None:
+                    b = device_batch(cells, r, G, K)
+                else:
+                    b = par.constrain(sharded_batch(cells, r, par.mesh, G, K))
+                return b if sparse else b._replace(nz=None)
+
+            run = scan_program(step_fn, gather, partial=True)
+            return jax.jit(run) if par is None else jax.jit(run, out_shardings=par.replicated)
+
+        return _COMPILED.get(key, build)
+
+    def _put(self, parts: dict):
+        """Device d's chunk arrays ``parts[d]`` onto device d (as DeviceCells)."""
+        if self.parallel is None:
+            return DeviceCells(*jax.device_put(parts[0]))
+        return DeviceCells(*stack_on_devices(parts, self.parallel.mesh))
+
+    def chunks(self, rows, lab_rows=None):
+        """An epoch's chunks on the device, built ``prefetch`` ahead by a thread:
+        (cells, local rows, local labelled rows, steps used) each."""
+        par = self.parallel
+        rows = np.asarray(rows)
+        lab_rows = None if lab_rows is None else np.asarray(lab_rows)
+        if par is not None and self.process is None:
+            rows, lab_rows = par.pad(rows), par.pad(lab_rows)
+        n_dev = 1 if par is None else par.size
+        n_steps, B = rows.shape
+        S = chunk_steps(n_steps, B, self.chunk_cells)
+        self.k_cap = grown_cap(
+            self.k_cap, self.row_nnz, per_device(rows, n_dev), per_device(lab_rows, n_dev)
+        )
+        need = chunk_nnz(self.row_nnz, rows, lab_rows, S, n_dev)
+        if need > self.nnz_cap:  # 1/8 headroom: a new shape (compile) is rare
+            self.nnz_cap = max(need + need // 8, 1)
+        rows_cap = S * (B // n_dev) * (1 if lab_rows is None else 2)
+        mine = (
+            range(n_dev)
+            if par is None
+            else [
+                d
+                for d, dev in enumerate(par.mesh.devices.flat)
+                if dev.process_index == jax.process_index()
+            ]
+        )
+        put = jnp.asarray if par is None else par.local_replica
+        cells, nnz_cap = self.host, self.nnz_cap
+
+        def produce(i):
+            sl = slice(i * S, (i + 1) * S)
+            lay = layout(rows[sl], None if lab_rows is None else lab_rows[sl], n_dev, S)
+            parts = {d: host_chunk(cells, lay.take[d], self.read, rows_cap, nnz_cap) for d in mine}
+            lab = None if lay.local_lab is None else put(lay.local_lab)
+            return self._put(parts), put(lay.local), lab, put(np.int32(lay.n_valid))
+
+        return prefetched(produce, -(-n_steps // S), self.prefetch)
+
+    def run_epoch(self, step_fn, carry, rows, lab_rows=None):
+        par = self.parallel
+        n_steps = np.shape(rows)[0]
+        stream = self.chunks(rows, lab_rows)  # sets the caps the program is built for
+        fn = self._epoch_fn(step_fn)
+        if par is not None:
+            carry = par.replicate(carry)
+        outs = []
+        for chunk, local, local_lab, n_valid in stream:
+            carry, out = fn(carry, chunk, local, local_lab, n_valid)
+            if par is not None and jax.default_backend() == "cpu":
+                # sharded programs queued back to back can stall XLA's CPU
+                # collectives: there one chunk is in flight at a time
+                jax.block_until_ready(carry)
+            outs.append(out)
+        out = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a)[:n_steps], *outs)
+        return carry, out
+
+
+class StreamSource(HostSource):
+    """Counts on disk (`BackedRows`): read in runs into a shuffle buffer.
+
+    An epoch's order is `jaxscanvi.data.shuffle.buffer_order`: runs of
+    consecutive cells from all over the file, shuffled inside buffers of
+    about 65,536 cells, so no minibatch comes from one place in the file.
+    The chunk builder reads each run once (`RunCache`) and keeps about two
+    buffers in memory, however many cells the file holds.
+    """
+
+    kind = "stream"
+    chunk_cells = BUFFER_CELLS  # one shuffle buffer per chunk
+
+    def __init__(self, cells: CellData, batch_size: int, **kwargs):
+        super().__init__(cells, batch_size, **kwargs)
+        self.runs = RunCache(cells.X)
+
+    def read(self, take: np.ndarray):
+        return self.runs.rows(take)
+
+    def _buffer(self, n_cells: int, batch_size: int) -> int:
+        """Cells per buffer: exactly one chunk of the epoch."""
+        steps = -(-n_cells // batch_size)
+        return chunk_steps(steps, batch_size, self.chunk_cells) * batch_size
+
+    def _order(self, rng, idx, batch_size, *, shuffle):
+        if not shuffle:
+            return epoch_rows(rng, idx, batch_size, shuffle=False)
+        order = buffer_order(rng, idx, buffer_cells=self._buffer(len(idx), batch_size))
+        return epoch_rows(rng, order, batch_size, shuffle=False)
+
+    def _labelled(self, rng, lab_idx, n_steps, batch_size):
+        cells = self._buffer(n_steps * batch_size, batch_size)
+        return labelled_rows(
+            rng,
+            lab_idx,
+            n_steps,
+            batch_size,
+            shuffle=lambda r, idx: buffer_order(r, idx, buffer_cells=cells),
+        )
