@@ -158,7 +158,7 @@ def _warn_zero_genes(gene_totals: np.ndarray, field: str, var_names: pd.Index) -
 def categories_of(series: pd.Series, field: str) -> tuple[str, ...]:
     """Categories actually present, in the column's category order (or sorted)."""
     if series.isna().any():
-        first = series.index[series.isna().to_numpy()][0]
+        first = series.loc[series.isna().to_numpy()].index[0]
         raise InputError(
             field,
             "NaN",
@@ -167,8 +167,8 @@ def categories_of(series: pd.Series, field: str) -> tuple[str, ...]:
             "fill them with a category of their own, e.g. .cat.add_categories"
             "('unknown').fillna('unknown'), or drop those cells",
         )
-    if pd.api.types.is_float_dtype(series.dtype) and (series % 1 != 0).any():
-        first = series[(series % 1 != 0).to_numpy()].iloc[0]
+    if pd.api.types.is_float_dtype(series.dtype) and series.mod(1).ne(0).any():
+        first = series.loc[series.mod(1).ne(0).to_numpy()].iloc[0]
         raise InputError(
             field,
             float(first),
@@ -408,7 +408,7 @@ def _label_categories(adata, labels_key, unlabeled_category) -> tuple[str, ...]:
 def _check_size_factors(adata, size_factor_key) -> None:
     if size_factor_key is not None:
         sf = _obs_column(adata, size_factor_key, "size_factor_key")
-        vals = pd.to_numeric(sf, errors="coerce").to_numpy(dtype=float)
+        vals = np.asarray(pd.to_numeric(sf, errors="coerce"), dtype=float)
         if not np.isfinite(vals).all() or (vals <= 0).any():
             raise InputError(
                 f"adata.obs[{size_factor_key!r}]",

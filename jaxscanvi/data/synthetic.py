@@ -98,13 +98,14 @@ def synthetic_atlas(  # noqa: PLR0913 - the simulation's knobs, keyword-only
                 categories=[f"L{l}" for l in range(n_lineages)],
             ),
         },
-        index=[f"cell{i}" for i in range(n_cells)],
+        index=pd.Index([f"cell{i}" for i in range(n_cells)]),
     )
     var = pd.DataFrame(
-        {"marker_of": marker_of.astype(str)}, index=[f"gene{g}" for g in range(n_genes)]
+        {"marker_of": marker_of.astype(str)}, index=pd.Index([f"gene{g}" for g in range(n_genes)])
     )
-    adata = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
-    adata.layers["counts"] = adata.X.copy()
+    X = sp.csr_matrix(counts)
+    adata = ad.AnnData(X=X, obs=obs, var=var)
+    adata.layers["counts"] = X.copy()
     adata.uns["synthetic"] = {
         "seed": seed,
         "de_genes": {k: v.tolist() for k, v in type_markers.items()},
