@@ -13,6 +13,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,7 @@ def _settings(args, **over):
     from .annotate import AnnotateSettings
 
     g = vars(args).get
-    kw = dict(
+    kw: dict[str, Any] = dict(  # argparse's values: typed by the parser, not here
         labels_key=g("labels_key"),
         batch_key=g("batch_key"),
         unlabeled=g("unlabeled", "Unknown"),
@@ -210,6 +211,7 @@ def demo(args) -> int:
     ref = adata[~is_query & (truth != novel)].copy()
     query = adata[is_query].copy()
     qtruth = truth[is_query]
+    assert isinstance(query.obs, pd.DataFrame)  # anndata types obs loosely; in memory here
     del query.obs["cell_type"]
     print(
         f"synthetic atlas, {adata.n_vars} genes, 12 cell types in 4 lineages: reference "
@@ -231,7 +233,7 @@ def demo(args) -> int:
     pred = obs["prediction"].astype(str).to_numpy()
     known = qtruth != novel
     m = _metrics(qtruth[known], pred[known])
-    probs = out_adata.obsm["prediction_probabilities"]
+    probs = np.asarray(out_adata.obsm["prediction_probabilities"])
     classes = list(out_adata.uns["prediction_classes"])
     codes = np.asarray([classes.index(t) for t in qtruth[known]])
     ece = expected_calibration_error(probs[known], codes)

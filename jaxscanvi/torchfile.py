@@ -19,7 +19,9 @@ import pickle
 import struct
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -350,7 +352,9 @@ def load(path) -> object:
         return _unpickle(z.read(pkl[0]), storage, repr(str(path)))
 
 
-def _read_storage(z, infos, name: str, kind: str, numel: int, order: str) -> np.ndarray:
+def _read_storage(
+    z, infos, name: str, kind: str, numel: int, order: Literal["<", ">"]
+) -> np.ndarray:
     code = _STORAGES[kind]
     size = numel * _ITEMSIZE.get(code, np.dtype(code).itemsize)
     info = infos.get(name)
@@ -395,6 +399,11 @@ class _Global:
 class _Pickler(pickle._Pickler):
     """Writes torch's tensor and storage references without importing torch."""
 
+    # the pure-Python pickler's internals this class drives (typeshed declares
+    # only pickle's public API)
+    write: Callable[[bytes], object]
+    save_reduce: Callable[..., None]
+
     def __init__(self, file, storages: list):
         super().__init__(file, protocol=2)
         self._storages = storages
@@ -415,7 +424,7 @@ class _Pickler(pickle._Pickler):
                 obj=obj,
             )
             return
-        super().save(obj, save_persistent_id)
+        super().save(obj, save_persistent_id)  # pyright: ignore[reportAttributeAccessIssue]  # as above
 
     def persistent_id(self, obj):
         if isinstance(obj, _StorageRef):
