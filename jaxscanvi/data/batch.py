@@ -12,9 +12,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.sparse as sp
 
 from ..errors import InputError
+from .backed import BackedRows
 from .cells import CellData
 
 # device CSR offsets are int32 (what gathers index with on every backend)
@@ -139,7 +139,7 @@ class DeviceCells(NamedTuple):
     @staticmethod
     def from_cells(cells: CellData, device=None) -> DeviceCells:
         X = cells.X
-        assert isinstance(X, sp.csr_matrix)  # sources refuse on-disk counts for the device
+        assert not isinstance(X, BackedRows)  # sources refuse on-disk counts for the device
         check_offsets(X.indptr[-1], "the count matrix")
         lsf = (
             cells.log_size_factor
@@ -184,7 +184,7 @@ class DenseDeviceCells(NamedTuple):
             if cells.log_size_factor is not None
             else np.zeros(cells.n_obs, np.float32)
         )
-        assert isinstance(cells.X, sp.csr_matrix)  # as in DeviceCells.from_cells
+        assert not isinstance(cells.X, BackedRows)  # as in DeviceCells.from_cells
         arrays = (
             cells.X.toarray(),
             cells.batch,

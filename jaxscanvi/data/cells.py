@@ -254,7 +254,7 @@ def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellDat
     if check_genes:
         check_var_names(adata, registry)
     X, totals, lg, field = _counts(adata, registry)
-    n = X.shape[0]  # pyright: ignore[reportOptionalSubscript]  # scipy: see CellData.n_obs
+    n = adata.n_obs  # the rows of X (AnnData keeps them equal)
     obs = adata.obs
     if registry.batch_key is not None:
         batch = encode(
