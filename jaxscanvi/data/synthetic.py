@@ -39,54 +39,17 @@ def synthetic_atlas(  # noqa: PLR0913 - the simulation's knobs, keyword-only
     ``type_weights`` hold the ground truth the counts were drawn from.
     """
     rng = np.random.default_rng(seed)
-    n_types = n_lineages * types_per_lineage
-    types = [f"L{l}_T{t}" for l in range(n_lineages) for t in range(types_per_lineage)]
-    lineage_of = np.repeat(np.arange(n_lineages), types_per_lineage)
-
-    base = rng.normal(0.0, 1.0, n_genes)  # log expression shape across genes
-    free = rng.permutation(n_genes)
-    marker_of = np.full(n_genes, "", dtype=object)
-    take = 0
-    lin_markers = []
-    for l in range(n_lineages):
-        g = free[take : take + markers_per_type]
-        take += markers_per_type
-        marker_of[g] = f"L{l}"
-        lin_markers.append(g)
-    type_markers = {}
-    for name in types:
-        g = free[take : take + markers_per_type]
-        take += markers_per_type
-        marker_of[g] = name
-        type_markers[name] = g
-    if take > n_genes:
-        raise ValueError(
-            f"n_genes={n_genes} is too small for {n_types} types with "
-            f"{markers_per_type} markers each"
-        )
-    logits = np.tile(base, (n_types, 1))
-    for t, name in enumerate(types):
-        logits[t, lin_markers[lineage_of[t]]] += marker_lfc * 0.75
-        logits[t, type_markers[name]] += marker_lfc
-
-    batch_lfc = rng.normal(0.0, batch_effect, (n_batches, n_genes))
-    batch_lib_shift = rng.normal(0.0, 0.3, n_batches)
-    theta = rng.gamma(2.0, 2.0, n_genes) + 0.2
-
-    weights = rng.dirichlet(np.full(n_types, 4.0))
-    cell_type = rng.choice(n_types, n_cells, p=weights)
-    batch = rng.integers(0, n_batches, n_cells)
-    lib = np.exp(rng.normal(library_log_mean + batch_lib_shift[batch], library_log_sd))
-    cell_noise = rng.normal(0.0, 0.2, (n_cells, n_genes))
-    log_rho = logits[cell_type] + batch_lfc[batch] + cell_noise
-    rho = np.exp(log_rho - log_rho.max(1, keepdims=True))
-    rho /= rho.sum(1, keepdims=True)
-    mu = lib[:, None] * rho
-    lam = rng.gamma(theta[None, :], mu / theta[None, :])
-    counts = rng.poisson(lam).astype(dtype)
-    empty = counts.sum(1) == 0
-    counts[empty, rng.integers(0, n_genes, empty.sum())] = 1
-
+    types, lineage_of, logits, marker_of, type_markers = _programme(
+        rng, n_genes, n_lineages, types_per_lineage, markers_per_type, marker_lfc
+    )
+    counts, cell_type, batch, batch_lfc, weights = _draw_counts(
+        rng,
+        logits,
+        n_cells,
+        n_batches,
+        (batch_effect, library_log_mean, library_log_sd),
+        dtype,
+    )
     obs = pd.DataFrame(
         {
             "batch": pd.Categorical(
@@ -116,3 +79,68 @@ def synthetic_atlas(  # noqa: PLR0913 - the simulation's knobs, keyword-only
         "type_weights": weights.astype(np.float32),
     }
     return adata
+
+
+def _programme(rng, n_genes, n_lineages, types_per_lineage, markers_per_type, marker_lfc):
+    """Type names, each type's lineage, per-type logits and the marker genes.
+
+    Draws only the base expression and the gene permutation, in that order,
+    so that the counts drawn after stay the same for a seed.
+    """
+    n_types = n_lineages * types_per_lineage
+    types = [f"L{l}_T{t}" for l in range(n_lineages) for t in range(types_per_lineage)]
+    lineage_of = np.repeat(np.arange(n_lineages), types_per_lineage)
+
+    base = rng.normal(0.0, 1.0, n_genes)  # log expression shape across genes
+    free = rng.permutation(n_genes)
+    marker_of = np.full(n_genes, "", dtype=object)
+    take = 0
+    lin_markers = []
+    for l in range(n_lineages):
+        g = free[take : take + markers_per_type]
+        take += markers_per_type
+        marker_of[g] = f"L{l}"
+        lin_markers.append(g)
+    type_markers = {}
+    for name in types:
+        g = free[take : take + markers_per_type]
+        take += markers_per_type
+        marker_of[g] = name
+        type_markers[name] = g
+    if take > n_genes:
+        raise ValueError(
+            f"n_genes={n_genes} is too small for {n_types} types with "
+            f"{markers_per_type} markers each"
+        )
+    logits = np.tile(base, (n_types, 1))
+    for t, name in enumerate(types):
+        logits[t, lin_markers[lineage_of[t]]] += marker_lfc * 0.75
+        logits[t, type_markers[name]] += marker_lfc
+    return types, lineage_of, logits, marker_of, type_markers
+
+
+def _draw_counts(rng, logits, n_cells, n_batches, library, dtype):
+    """Batch effects, type and batch per cell, and the NB counts.
+
+    ``library`` is (batch_effect, library_log_mean, library_log_sd).
+    """
+    batch_effect, library_log_mean, library_log_sd = library
+    n_types, n_genes = logits.shape
+    batch_lfc = rng.normal(0.0, batch_effect, (n_batches, n_genes))
+    batch_lib_shift = rng.normal(0.0, 0.3, n_batches)
+    theta = rng.gamma(2.0, 2.0, n_genes) + 0.2
+
+    weights = rng.dirichlet(np.full(n_types, 4.0))
+    cell_type = rng.choice(n_types, n_cells, p=weights)
+    batch = rng.integers(0, n_batches, n_cells)
+    lib = np.exp(rng.normal(library_log_mean + batch_lib_shift[batch], library_log_sd))
+    cell_noise = rng.normal(0.0, 0.2, (n_cells, n_genes))
+    log_rho = logits[cell_type] + batch_lfc[batch] + cell_noise
+    rho = np.exp(log_rho - log_rho.max(1, keepdims=True))
+    rho /= rho.sum(1, keepdims=True)
+    mu = lib[:, None] * rho
+    lam = rng.gamma(theta[None, :], mu / theta[None, :])
+    counts = rng.poisson(lam).astype(dtype)
+    empty = counts.sum(1) == 0
+    counts[empty, rng.integers(0, n_genes, empty.sum())] = 1
+    return counts, cell_type, batch, batch_lfc, weights
