@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jaxlib.version
 import numpy as np
 
 MAGIC = b"jaxscanvi-exported 1\n"
@@ -45,7 +46,8 @@ def available() -> bool:
 def folder() -> Path | None:
     """Where entries go: beside JAX's persistent cache; None when it is off
     (or serialization is unavailable)."""
-    jax_dir = jax.config.jax_compilation_cache_dir
+    # jax.config's flags are attributes set at run time: pyright does not see them
+    jax_dir = jax.config.jax_compilation_cache_dir  # pyright: ignore[reportAttributeAccessIssue]
     if not jax_dir or not available():
         return None
     p = Path(jax_dir)
@@ -102,10 +104,10 @@ def key_text(key, avals, platform: str) -> str:
             "platform": platform,
             "numerics": backend.current(),
             "jax": jax.__version__,
-            "jaxlib": jax.lib.__version__,
+            "jaxlib": jaxlib.version.__version__,
             "jaxscanvi": __version__,
             "sources": source_digest(),
-            "x64": bool(jax.config.jax_enable_x64),
+            "x64": bool(jax.config.jax_enable_x64),  # pyright: ignore[reportAttributeAccessIssue]  # as in folder()
         }
     )
 

@@ -118,6 +118,7 @@ def map_query(query, reference: SCANVI, s: AnnotateSettings) -> SCANVI:
 def write_predictions(adata, model: SCANVI, s: AnnotateSettings, prefix: str = "") -> None:
     """Predictions, calibrated probabilities, Unassigned, novelty and latent into adata."""
     probs = model.predict(adata, soft=True)
+    assert isinstance(probs, pd.DataFrame)  # soft=True: one column per class
     top = probs.to_numpy().max(1)
     pred = np.asarray(probs.columns, dtype=object)[probs.to_numpy().argmax(1)]
     adata.obs[f"{prefix}prediction"] = pd.Categorical(pred)
@@ -149,7 +150,9 @@ def annotate(reference, query, s: AnnotateSettings) -> tuple[ad.AnnData, SCANVI,
     if s.mode == "joint":
         with warnings.catch_warnings():
             warnings.simplefilter("default")
-            q = align_genes(q, pd.Index(ref.var_names.astype(str)), inplace=False)
+            aligned = align_genes(q, pd.Index(ref.var_names.astype(str)), inplace=False)
+        assert aligned is not None  # inplace=False returns the aligned copy
+        q = aligned
         q.obs[s.labels_key] = s.unlabeled
         both = ad.concat([ref, q], label="_dataset", keys=["reference", "query"], index_unique="-")
         both.obs[s.labels_key] = both.obs[s.labels_key].astype(str)

@@ -309,6 +309,8 @@ def from_bytes(template, data: bytes, what: str):
 
     try:
         raw = serialization.msgpack_restore(data)
+        if not isinstance(raw, dict):  # what to_bytes writes restores as a dict
+            raise TypeError(f"a {type(raw).__name__}, not a state dict")
         tree = serialization.from_state_dict(template, raw)
     except Exception as e:  # noqa: BLE001 - msgpack or structure mismatch: one error
         raise ModelFormatError(

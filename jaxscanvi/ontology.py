@@ -20,7 +20,9 @@ ROOT_ID = "CL:0000000"  # "cell"
 
 def _parser(schema_version: str | None):
     try:
-        from cellxgene_ontology_guide.ontology_parser import OntologyParser
+        from cellxgene_ontology_guide.ontology_parser import (  # pyright: ignore[reportMissingImports]  # optional extra (ontology)
+            OntologyParser,
+        )
     except ImportError:
         raise InputError(
             "cellxgene-ontology-guide",

@@ -55,8 +55,8 @@ def history(model_or_df, terms: Sequence[str] | None = None, save=None):
     for ax, t in zip(axes[0], terms):
         for split, style in (("train", "-"), ("validation", "--")):
             col = f"{t}_{split}"
-            if col in df and df[col].notna().any():
-                s = df[col].dropna()
+            s = df[col].dropna() if col in df else None
+            if s is not None and len(s):
                 ax.plot(s.index + 1, s.values, style, label=split)
         ax.set_title(t)
         ax.set_xlabel("epoch")
@@ -104,7 +104,8 @@ def confusion_matrix(y_true, y_pred, labels: Sequence[str] | None = None, save=N
                     color="white" if m[i, j] > 0.5 else "black",
                 )
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.matrix = m
+    # the matrix rides on the figure for callers (matplotlib's Figure does not declare it)
+    fig.matrix = m  # pyright: ignore[reportAttributeAccessIssue]
     return _finish(fig, save)
 
 
@@ -125,7 +126,8 @@ def de_volcano(de_result: pd.DataFrame, n_labels: int = 10, save=None, title=Non
     if "lfc_mean" in df:
         x, y, ylab = df["lfc_mean"], df["proba_de"], "P(|LFC| > delta)"
     else:
-        x = np.log2(df["scale1"] / df["scale2"])
+        ratio = df["scale1"].to_numpy() / df["scale2"].to_numpy()
+        x = pd.Series(np.log2(ratio), index=df.index)
         y, ylab = df["bayes_factor"], "Bayes factor"
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.5, 3.8))
@@ -136,7 +138,7 @@ def de_volcano(de_result: pd.DataFrame, n_labels: int = 10, save=None, title=Non
     # out below the points, per side, so they stay readable
     span = float(y.max() - y.min()) or 1.0
     for side in (x[top_idx] >= 0, x[top_idx] < 0):
-        genes = x[top_idx][side].abs().sort_values(ascending=False).index
+        genes = x.loc[top_idx][side].abs().sort_values(ascending=False).index
         for i, g in enumerate(genes):
             ty = y[g] - span * (0.07 + 0.06 * i)
             ax.annotate(

@@ -28,7 +28,7 @@ from .collection import _anndata_io
 
 def _require_annbatch():
     try:
-        import annbatch
+        import annbatch  # pyright: ignore[reportMissingImports]  # optional extra (atlas, Python >= 3.12)
     except ImportError:
         raise InputError(
             "annbatch",
@@ -42,7 +42,7 @@ def _require_annbatch():
 @functools.lru_cache(maxsize=1)
 def _runs_sampler_class():
     """A sampler that yields one load request: the runs it was given, in order."""
-    from annbatch.abc import Sampler
+    from annbatch.abc import Sampler  # pyright: ignore[reportMissingImports]  # optional extra
 
     class RunsSampler(Sampler):
         def __init__(self):

@@ -31,10 +31,9 @@ from .backed import BackedRows
 
 def canonical(X) -> sp.csr_matrix:
     """``X`` as float32 CSR with sorted, unique column indices (in place when it can)."""
-    if not isinstance(X, sp.csr_matrix):
-        X = sp.csr_matrix(X)
+    X = backed.as_csr_matrix(X)
     if X.dtype != np.float32:
-        X = X.astype(np.float32)
+        X = backed.as_csr_matrix(X.astype(np.float32))
     if not X.has_canonical_format:
         X.sum_duplicates()
     return X
@@ -50,7 +49,9 @@ def offsets(row_nnz: np.ndarray) -> np.ndarray:
 class AtlasRows(BackedRows, anndata.abc.CSRDataset):
     """On-disk counts read through a library (abstract: see the module notes)."""
 
-    backend = "atlas"
+    # anndata's CSRDataset lists only its own backends ("zarr", "hdf5"); a store
+    # here names its library
+    backend = "atlas"  # pyright: ignore[reportAssignmentType]
     dtype = np.dtype(np.float32)
     # > 1: `read_runs` reads its runs on that many threads (for libraries that
     # read concurrently: TileDB, zarr; h5py serialises every call)
@@ -77,7 +78,8 @@ class AtlasRows(BackedRows, anndata.abc.CSRDataset):
             self._pool = ThreadPoolExecutor(
                 self.read_threads, thread_name_prefix=f"{self.backend}-read"
             )
-        return sp.vstack(list(self._pool.map(lambda r: self.read(*r), runs)), format="csr")
+        parts = list(self._pool.map(lambda r: self.read(*r), runs))
+        return backed.as_csr_matrix(sp.vstack(parts, format="csr"))
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         raise NotImplementedError

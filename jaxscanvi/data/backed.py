@@ -25,19 +25,33 @@ def is_backed(X) -> bool:
     return hasattr(X, "to_memory") and hasattr(X, "group") and hasattr(X, "format")
 
 
+def as_csr_matrix(X) -> sp.csr_matrix:
+    """``X`` itself when it is a ``csr_matrix`` (no copy), else converted to one.
+
+    scipy has no type information: to a type checker its ``vstack``, ``astype``
+    and indexing return any sparse matrix or array. This pins the type the
+    callers already get at run time."""
+    return X if isinstance(X, sp.csr_matrix) else sp.csr_matrix(X)
+
+
 class RowRuns:
     """What every on-disk counts reader shares: several runs of rows in one call.
 
-    A subclass provides ``read(start, stop)``; a store that can batch the
-    reads of many runs (one query for all of them) overrides `read_runs`.
+    A subclass provides ``read(start, stop)`` and ``shape``; a store that can
+    batch the reads of many runs (one query for all of them) overrides `read_runs`.
     """
+
+    shape: tuple[int, ...]
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        raise NotImplementedError
 
     def read_runs(self, starts, stops) -> sp.csr_matrix:
         """Rows [starts[i], stops[i]) for each i, one run after another, as CSR."""
         parts = [self.read(int(a), int(b)) for a, b in zip(starts, stops)]
         if not parts:
             return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
-        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+        return parts[0] if len(parts) == 1 else as_csr_matrix(sp.vstack(parts, format="csr"))
 
 
 class BackedRows(RowRuns):
@@ -160,8 +174,9 @@ class BackedRows(RowRuns):
             parts.append(self.block(int(b))[rows[sel] - self._span(int(b))[0]])
             where[sel] = offset + np.arange(sel.size)
             offset += sel.size
-        stacked = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
-        return stacked[where] if len(parts) > 1 else stacked
+        if len(parts) == 1:
+            return parts[0]
+        return as_csr_matrix(sp.vstack(parts, format="csr"))[where]
 
     def to_memory(self) -> sp.csr_matrix:
         return self.read(0, self.shape[0])

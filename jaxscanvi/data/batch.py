@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import InputError
+from .backed import BackedRows
 from .cells import CellData
 
 # device CSR offsets are int32 (what gathers index with on every backend)
@@ -34,28 +35,32 @@ def check_offsets(nnz: int, where: str) -> None:
         )
 
 
+# a host batch holds numpy arrays, a device batch JAX arrays (same fields)
+HostOrDevice = jax.Array | np.ndarray
+
+
 class NonZeros(NamedTuple):
     """The non-zero entries of a (B, G) count matrix as padded COO.
 
     Padding entries have ``val == 0`` and contribute exactly zero.
     """
 
-    row: jax.Array  # (K,) int32 in [0, B)
-    col: jax.Array  # (K,) int32 in [0, G)
-    val: jax.Array  # (K,) float32
+    row: HostOrDevice  # (K,) int32 in [0, B)
+    col: HostOrDevice  # (K,) int32 in [0, G)
+    val: HostOrDevice  # (K,) float32
 
 
 class Batch(NamedTuple):
-    x: jax.Array  # (B, G) float32 counts
+    x: HostOrDevice  # (B, G) float32 counts
     nz: NonZeros | None  # non-zero entries of x padded to K (None: use x densely)
-    weight: jax.Array  # (B,) 1 for real cells, 0 for padding
-    batch: jax.Array  # (B,) int32
-    labels: jax.Array  # (B,) int32
-    cat_covs: jax.Array  # (B, k) int32
-    cont_covs: jax.Array  # (B, m) float32
-    log_size_factor: jax.Array  # (B,) float32 (zeros when unused)
-    log_library: jax.Array  # (B,) float32
-    lgamma_const: jax.Array  # (B,) float32
+    weight: HostOrDevice  # (B,) 1 for real cells, 0 for padding
+    batch: HostOrDevice  # (B,) int32
+    labels: HostOrDevice  # (B,) int32
+    cat_covs: HostOrDevice  # (B, k) int32
+    cont_covs: HostOrDevice  # (B, m) float32
+    log_size_factor: HostOrDevice  # (B,) float32 (zeros when unused)
+    log_library: HostOrDevice  # (B,) float32
+    lgamma_const: HostOrDevice  # (B,) float32
 
 
 def nnz_cap(row_nnz: np.ndarray, batch_size: int) -> int:
@@ -75,7 +80,7 @@ def host_batch(cells: CellData, rows: np.ndarray, batch_size: int, k_cap: int | 
     pos = np.flatnonzero(rows >= 0)
     rows = rows[pos]
     X = cells.X[rows]
-    G = X.shape[1]
+    G = cells.n_vars
     x = np.zeros((batch_size, G), np.float32)
     if len(rows):
         x[pos] = X.toarray()
@@ -134,6 +139,7 @@ class DeviceCells(NamedTuple):
     @staticmethod
     def from_cells(cells: CellData, device=None) -> DeviceCells:
         X = cells.X
+        assert not isinstance(X, BackedRows)  # sources refuse on-disk counts for the device
         check_offsets(X.indptr[-1], "the count matrix")
         lsf = (
             cells.log_size_factor
@@ -178,6 +184,7 @@ class DenseDeviceCells(NamedTuple):
             if cells.log_size_factor is not None
             else np.zeros(cells.n_obs, np.float32)
         )
+        assert not isinstance(cells.X, BackedRows)  # as in DeviceCells.from_cells
         arrays = (
             cells.X.toarray(),
             cells.batch,

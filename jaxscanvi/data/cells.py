@@ -16,7 +16,7 @@ from .. import distributed
 from ..errors import InputError
 from . import hierarchy
 from .atlas import AtlasRows
-from .backed import BackedRows, is_backed
+from .backed import BackedRows, as_csr_matrix, is_backed
 from .counts import _cat, _scan_shards, check_counts, counts_matrix, row_nnz, row_stats
 from .registry import Registry
 
@@ -25,7 +25,7 @@ from .registry import Registry
 class CellData:
     """Model inputs for N cells, on the host."""
 
-    X: sp.csr_matrix  # (N, G) float32 counts (or BackedRows: on disk)
+    X: sp.csr_matrix | BackedRows  # (N, G) float32 counts (BackedRows: on disk)
     batch: np.ndarray  # (N,) int32
     labels: np.ndarray  # (N,) int32; n_labels: "unlabelled", above: inner nodes
     cat_covs: np.ndarray  # (N, k) int32
@@ -35,13 +35,14 @@ class CellData:
     lgamma_const: np.ndarray  # (N,) float32: sum_g lgamma(x_g + 1)
     obs_names: pd.Index
 
+    # scipy has no type information: pyright reads csr_matrix.shape as None
     @property
     def n_obs(self) -> int:
-        return self.X.shape[0]
+        return self.X.shape[0]  # pyright: ignore[reportOptionalSubscript]
 
     @property
     def n_vars(self) -> int:
-        return self.X.shape[1]
+        return self.X.shape[1]  # pyright: ignore[reportOptionalSubscript]
 
     def row_nnz(self) -> np.ndarray:
         return np.diff(self.X.indptr)
@@ -67,11 +68,10 @@ def to_csr(X) -> sp.csr_matrix:
         X = X.to_memory()
     if sp.issparse(X):
         src = X
-        X = X.tocsr()
-        if not isinstance(X, sp.csr_matrix):  # a sparse array (csr_array): one type
-            X = sp.csr_matrix(X)
+        # a sparse array (csr_array) becomes a csr_matrix: one type
+        X = as_csr_matrix(X.tocsr())
         if X.dtype != np.float32:
-            X = X.astype(np.float32)
+            X = as_csr_matrix(X.astype(np.float32))
         shares = X is src or any(
             np.shares_memory(getattr(X, k), getattr(src, k))
             for k in ("data", "indices", "indptr")
@@ -128,7 +128,9 @@ def check_var_names(adata, registry: Registry) -> None:
     )
 
 
-def _backed_counts(raw, field: str, *, allow_noninteger: bool):
+def _backed_counts(
+    raw, field: str, *, allow_noninteger: bool
+) -> tuple[BackedRows, np.ndarray, np.ndarray]:
     """On-disk counts as `BackedRows`, each cell's total and sum of lgamma(x + 1):
     from one checked pass, or from set-up's pass over an atlas store."""
     X = raw if isinstance(raw, BackedRows) else BackedRows(raw)
@@ -154,73 +156,68 @@ def _backed_counts(raw, field: str, *, allow_noninteger: bool):
     return X, totals, lg
 
 
-def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellData:
-    """Read ``adata`` as ``registry`` says. Raises InputError on any mismatch."""
-    if adata.n_obs == 0:
-        raise InputError(
-            "adata.n_obs", 0, "the AnnData has no cells", "pass an AnnData with at least one cell"
-        )
-    if check_genes:
-        check_var_names(adata, registry)
+def _counts(
+    adata, registry: Registry
+) -> tuple[sp.csr_matrix | BackedRows, np.ndarray, np.ndarray, str]:
+    """The counts (in memory, or `BackedRows` when they stay on disk), each cell's
+    total and sum of lgamma(x + 1), and the field they came from."""
     raw = counts_matrix(adata, registry.layer)
     field = f"adata.layers[{registry.layer!r}]" if registry.layer else "adata.X"
-    backed = is_backed(raw) or isinstance(raw, BackedRows)
-    if backed:  # counts stay on disk: checks and per-cell statistics in one pass
+    if is_backed(raw) or isinstance(raw, BackedRows):
+        # counts stay on disk: checks and per-cell statistics in one pass
         X, totals, lg = _backed_counts(
             raw, field, allow_noninteger=registry.allow_noninteger_counts
         )
-    else:
-        check_counts(raw, field, allow_noninteger=registry.allow_noninteger_counts)
-        X = to_csr(raw)
-    n = X.shape[0]
-    obs = adata.obs
+        return X, totals, lg, field
+    check_counts(raw, field, allow_noninteger=registry.allow_noninteger_counts)
+    X = to_csr(raw)
+    totals, lg = row_stats(X)
+    return X, totals, lg, field
 
-    def column(key: str, fname: str) -> pd.Series:
-        if key not in obs.columns:
-            raise InputError(
-                fname, key, "not a column of adata.obs", "add the column the model was set up with"
-            )
-        return obs[key]
 
-    if registry.batch_key is not None:
-        batch = encode(
-            column(registry.batch_key, "batch_key"),
-            registry.batch_categories,
-            f"adata.obs[{registry.batch_key!r}]",
+def _column(obs, key: str, fname: str) -> pd.Series:
+    if key not in obs.columns:
+        raise InputError(
+            fname, key, "not a column of adata.obs", "add the column the model was set up with"
         )
-    else:
-        batch = np.zeros(n, np.int32)
+    return obs[key]
 
+
+def _labels(obs, registry: Registry, n: int) -> np.ndarray:
     tree = hierarchy.from_registry(registry)
     if tree is not None and registry.labels_key in obs.columns:
-        labels = tree.encode(
+        return tree.encode(
             obs[registry.labels_key],
             f"adata.obs[{registry.labels_key!r}]",
             registry.unlabeled_category,
         )
-    elif registry.labels_key is not None and registry.labels_key in obs.columns:
-        labels = encode(
+    if registry.labels_key is not None and registry.labels_key in obs.columns:
+        return encode(
             obs[registry.labels_key],
             registry.label_categories,
             f"adata.obs[{registry.labels_key!r}]",
             extra=registry.unlabeled_category,
         )
-    elif registry.labels_key is not None and registry.unlabeled_category is not None:
-        labels = np.full(n, registry.n_labels, np.int32)  # query without labels
-    elif registry.labels_key is not None:
-        column(registry.labels_key, "labels_key")
-        raise AssertionError  # column() raised
-    else:
-        labels = np.zeros(n, np.int32)
+    if registry.labels_key is not None and registry.unlabeled_category is not None:
+        return np.full(n, registry.n_labels, np.int32)  # query without labels
+    if registry.labels_key is not None:
+        _column(obs, registry.labels_key, "labels_key")
+        raise AssertionError  # _column() raised
+    return np.zeros(n, np.int32)
 
+
+def _covariates(obs, registry: Registry, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Categorical covariates' codes (N, k) and continuous covariates (N, m)."""
     cat_covs = np.zeros((n, len(registry.categorical_covariate_keys)), np.int32)
     for j, (k, cats) in enumerate(
         zip(registry.categorical_covariate_keys, registry.categorical_covariate_categories)
     ):
-        cat_covs[:, j] = encode(column(k, "categorical_covariate_keys"), cats, f"adata.obs[{k!r}]")
+        cat_covs[:, j] = encode(
+            _column(obs, k, "categorical_covariate_keys"), cats, f"adata.obs[{k!r}]"
+        )
     cont_covs = np.zeros((n, len(registry.continuous_covariate_keys)), np.float32)
     for j, k in enumerate(registry.continuous_covariate_keys):
-        col = column(k, "continuous_covariate_keys")
+        col = _column(obs, k, "continuous_covariate_keys")
         if not pd.api.types.is_numeric_dtype(col.dtype):
             raise InputError(
                 f"adata.obs[{k!r}]", str(col.dtype), "not numeric", "convert it with pd.to_numeric"
@@ -231,21 +228,45 @@ def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellDat
                 f"adata.obs[{k!r}]", "NaN", "NaN or inf values", "impute or drop those cells"
             )
         cont_covs[:, j] = v
+    return cat_covs, cont_covs
 
-    log_sf = None
-    if registry.size_factor_key is not None:
-        sf = column(registry.size_factor_key, "size_factor_key").to_numpy(dtype=np.float64)
-        if not np.isfinite(sf).all() or (sf <= 0).any():
-            raise InputError(
-                f"adata.obs[{registry.size_factor_key!r}]",
-                "non-positive",
-                "size factors must be finite and positive",
-                "recompute the size factors",
-            )
-        log_sf = np.log(sf).astype(np.float32)
 
-    if not backed:
-        totals, lg = row_stats(X)
+def _log_size_factor(obs, registry: Registry) -> np.ndarray | None:
+    if registry.size_factor_key is None:
+        return None
+    sf = _column(obs, registry.size_factor_key, "size_factor_key").to_numpy(dtype=np.float64)
+    if not np.isfinite(sf).all() or (sf <= 0).any():
+        raise InputError(
+            f"adata.obs[{registry.size_factor_key!r}]",
+            "non-positive",
+            "size factors must be finite and positive",
+            "recompute the size factors",
+        )
+    return np.log(sf).astype(np.float32)
+
+
+def cell_data(adata, registry: Registry, *, check_genes: bool = True) -> CellData:
+    """Read ``adata`` as ``registry`` says. Raises InputError on any mismatch."""
+    if adata.n_obs == 0:
+        raise InputError(
+            "adata.n_obs", 0, "the AnnData has no cells", "pass an AnnData with at least one cell"
+        )
+    if check_genes:
+        check_var_names(adata, registry)
+    X, totals, lg, field = _counts(adata, registry)
+    n = adata.n_obs  # the rows of X (AnnData keeps them equal)
+    obs = adata.obs
+    if registry.batch_key is not None:
+        batch = encode(
+            _column(obs, registry.batch_key, "batch_key"),
+            registry.batch_categories,
+            f"adata.obs[{registry.batch_key!r}]",
+        )
+    else:
+        batch = np.zeros(n, np.int32)
+    labels = _labels(obs, registry, n)
+    cat_covs, cont_covs = _covariates(obs, registry, n)
+    log_sf = _log_size_factor(obs, registry)
     if (totals <= 0).any():
         i = int(np.flatnonzero(totals <= 0)[0])
         raise InputError(

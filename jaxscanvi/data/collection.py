@@ -26,7 +26,7 @@ import scipy.sparse as sp
 
 from ..errors import InputError
 from .atlas import AtlasRows, atlas_anndata, canonical
-from .backed import is_backed
+from .backed import as_csr_matrix, is_backed
 from .counts import counts_matrix
 
 
@@ -96,16 +96,17 @@ class FileCollection(AtlasRows):
             hi = min(stop, self.bounds[f + 1]) - self.bounds[f]
             if hi > lo:
                 pieces.append(canonical(self._file_rows(f, int(lo), int(hi))))
-        return pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
+        return pieces[0] if len(pieces) == 1 else as_csr_matrix(sp.vstack(pieces, format="csr"))
 
     def _file_rows(self, f: int, lo: int, hi: int) -> sp.csr_matrix:
         """Rows [lo, hi) of file f (see the module notes)."""
-        if self.arrays[f] is None:
+        arrays = self.arrays[f]
+        if arrays is None:
             return self.parts[f][lo:hi]
         g0, g1 = self.bounds[f] + lo, self.bounds[f] + hi
         a, b = int(self.indptr[g0]), int(self.indptr[g1])
         s = int(self.shift[f])
-        data, indices = self.arrays[f]
+        data, indices = arrays
         return sp.csr_matrix(
             (data[a - s : b - s], indices[a - s : b - s], self.indptr[g0 : g1 + 1] - a),
             shape=(hi - lo, self.shape[1]),
@@ -248,4 +249,8 @@ def read_collection(
         keys=keys,
         index_unique=index_unique,
     )
-    return atlas_anndata(store, meta.obs, var[0])
+    meta_obs = meta.obs
+    # anndata types obs loosely (a DataFrame or its lazy Dataset2D); concat of
+    # in-memory AnnDatas gives a DataFrame
+    assert isinstance(meta_obs, pd.DataFrame)
+    return atlas_anndata(store, meta_obs, var[0])

@@ -134,11 +134,13 @@ def _scan_shards(X, field: str, each_block, *, allow_noninteger: bool) -> list[l
     rows = None
     if distributed.process_count() > 1 and (is_backed(X) or isinstance(X, BackedRows)):
         rows = distributed.local_slice(X.shape[0])
-    return distributed.agree(
+    results = distributed.agree(
         lambda: scan_counts(
             X, field, allow_noninteger=allow_noninteger, each_block=each_block, rows=rows
         )
     )
+    assert results is not None  # agree returns fn()'s result (or raises)
+    return results
 
 
 def _cat(parts, dtype) -> np.ndarray:
@@ -176,7 +178,7 @@ def col_sums(block) -> np.ndarray:
 def row_stats(X: sp.csr_matrix, rows_per_chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Per-row total counts and sum of lgamma(x + 1) (float64), in row chunks so
     the float64 temporaries stay small next to the matrix."""
-    n = X.shape[0]
+    n = X.shape[0]  # pyright: ignore[reportOptionalSubscript]  # scipy is untyped: shape reads as None
     totals, lg = np.empty(n), np.empty(n)
     for s in range(0, n, rows_per_chunk):
         e = min(s + rows_per_chunk, n)

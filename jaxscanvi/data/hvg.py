@@ -252,7 +252,9 @@ def _seurat(X, batches, n_top: int) -> np.ndarray:
         df = _dispersion_table(Xb[:, expressed])
         hv = np.zeros(expressed.sum(), bool)
         hv[_top_dispersion(df, n_top)] = True
-        full = pd.DataFrame(0.0, index=np.arange(X.shape[1]), columns=["dispersions_norm"])
+        full = pd.DataFrame(
+            0.0, index=np.arange(X.shape[1]), columns=pd.Index(["dispersions_norm"])
+        )
         full.loc[np.flatnonzero(expressed), "dispersions_norm"] = df["dispersions_norm"].to_numpy()
         hv_count[np.flatnonzero(expressed)] += hv
         frames.append(full["dispersions_norm"].to_numpy())
@@ -278,7 +280,7 @@ def _dispersion_table(X, n_bins: int = 20) -> pd.DataFrame:
     df = pd.DataFrame({"means": np.log1p(mean), "dispersions": np.log(disp)})
     df["mean_bin"] = pd.cut(df["means"], bins=n_bins)
     stats = df.groupby("mean_bin", observed=True)["dispersions"].agg(avg="mean", dev="std")
-    single = stats["dev"].isnull()  # a bin with one gene: normalised dispersion 1
+    single = pd.isna(stats["dev"])  # a bin with one gene: normalised dispersion 1
     stats.loc[single, "dev"] = stats.loc[single, "avg"]
     stats.loc[single, "avg"] = 0
     per_gene = stats.loc[df["mean_bin"]].set_index(df.index)

@@ -162,6 +162,7 @@ def sharded_batch(cells, rows: jax.Array, mesh: Mesh, n_genes: int, k_cap: int) 
         if dense:
             return dense_device_batch(c, r)
         b = device_batch(c, r, n_genes, k_cap)
+        assert b.nz is not None  # device_batch always lists the non-zeros
         # rows of the global minibatch: this device's block starts at d * b
         start = jax.lax.axis_index(AXIS) * r.shape[0]
         return b._replace(nz=b.nz._replace(row=b.nz.row + start))

@@ -28,6 +28,8 @@ from collections import OrderedDict
 import numpy as np
 import scipy.sparse as sp
 
+from .backed import as_csr_matrix
+
 RUN_CELLS = 64
 BUFFER_CELLS = 1 << 16
 
@@ -79,7 +81,8 @@ def gather_rows(X: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
     counts = np.diff(X.indptr)[rows]
     indptr = np.zeros(rows.size + 1, np.int64)
     np.cumsum(counts, out=indptr[1:])
-    return sp.csr_matrix((data, indices, indptr), shape=(rows.size, X.shape[1]))
+    n_genes = X.shape[1]  # pyright: ignore[reportOptionalSubscript]  # scipy is untyped: shape reads as None
+    return sp.csr_matrix((data, indices, indptr), shape=(rows.size, n_genes))
 
 
 class RunCache:
@@ -127,23 +130,26 @@ class RunCache:
             self._segments[seg] = self.reader.read_runs(lo, hi)
         else:
             parts = [self.reader.read(a, b) for a, b in spans]
-            self._segments[seg] = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+            self._segments[seg] = (
+                as_csr_matrix(sp.vstack(parts, format="csr")) if len(parts) > 1 else parts[0]
+            )
 
     def _evict(self, keep: set) -> None:
-        total = sum(m.shape[0] for m in self._segments.values())
+        # rows of each segment (scipy is untyped: pyright reads csr_matrix.shape as None)
+        total = sum(m.shape[0] for m in self._segments.values())  # pyright: ignore[reportOptionalSubscript]
         for seg in list(self._segments):
             if total <= self.max_cells:
                 break
             if seg in keep:
                 continue
-            total -= self._segments.pop(seg).shape[0]
+            total -= self._segments.pop(seg).shape[0]  # pyright: ignore[reportOptionalSubscript]
             self._where = {r: w for r, w in self._where.items() if w[0] != seg}
 
     @staticmethod
     def _gather(X: sp.csr_matrix, row: np.ndarray) -> sp.csr_matrix:
         if row.size > 1 and np.all(np.diff(row) > 0):
             return gather_rows(X, row)
-        return X[row]
+        return as_csr_matrix(X[row])
 
     def rows(self, take: np.ndarray) -> sp.csr_matrix:
         """CSR rows ``take`` (global row numbers), in that order; increasing
@@ -166,13 +172,15 @@ class RunCache:
         if segs.size == 1:
             X = self._segments[int(segs[0])]
             # a chunk that is exactly the buffer it loaded: nothing to gather
-            whole = row.size == X.shape[0] and np.array_equal(row, np.arange(row.size))
+            whole = row.size == X.shape[0] and np.array_equal(row, np.arange(row.size))  # pyright: ignore[reportOptionalSubscript]  # scipy: as in _evict
             out = X if whole else self._gather(X, row)
         else:  # rows of each segment, then back into the order asked
             pos = [np.flatnonzero(seg == s_) for s_ in segs]
-            stacked = sp.vstack(
-                [self._gather(self._segments[int(s_)], row[p]) for s_, p in zip(segs, pos)],
-                format="csr",
+            stacked = as_csr_matrix(
+                sp.vstack(
+                    [self._gather(self._segments[int(s_)], row[p]) for s_, p in zip(segs, pos)],
+                    format="csr",
+                )
             )
             inverse = np.empty(take.size, np.int64)
             inverse[np.concatenate(pos)] = np.arange(take.size)

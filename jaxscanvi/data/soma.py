@@ -29,7 +29,7 @@ FILTER_FIX = (
 
 def _require_tiledbsoma():
     try:
-        import tiledbsoma
+        import tiledbsoma  # pyright: ignore[reportMissingImports]  # optional extra (atlas)
     except ImportError:
         raise InputError(
             "tiledbsoma",
@@ -92,7 +92,7 @@ class SomaRows(AtlasRows):
         dim1 = table["soma_dim_1"].to_numpy()
         data = table["soma_data"].to_numpy()
         r = dim0 - ids[0] if contiguous else np.searchsorted(ids, dim0)
-        c = dim1 if self._all_vars else self._var_pos.get_indexer(dim1)
+        c = dim1 if self._var_pos is None else self._var_pos.get_indexer(dim1)  # None: all vars
         if r.size and (np.diff(r) < 0).any():  # not row-major after all: let scipy sort
             return canonical(sp.coo_matrix((data, (r, c)), shape=(n, G)).tocsr())
         ptr = offsets(np.bincount(r, minlength=n))

@@ -39,6 +39,54 @@ def synthetic_atlas(  # noqa: PLR0913 - the simulation's knobs, keyword-only
     ``type_weights`` hold the ground truth the counts were drawn from.
     """
     rng = np.random.default_rng(seed)
+    types, lineage_of, logits, marker_of, type_markers = _programme(
+        rng, n_genes, n_lineages, types_per_lineage, markers_per_type, marker_lfc
+    )
+    counts, cell_type, batch, batch_lfc, weights = _draw_counts(
+        rng,
+        logits,
+        n_cells,
+        n_batches,
+        (batch_effect, library_log_mean, library_log_sd),
+        dtype,
+    )
+    obs = pd.DataFrame(
+        {
+            "batch": pd.Categorical(
+                [f"batch{b}" for b in batch], categories=[f"batch{b}" for b in range(n_batches)]
+            ),
+            "cell_type": pd.Categorical([types[t] for t in cell_type], categories=types),
+            "lineage": pd.Categorical(
+                [f"L{lineage_of[t]}" for t in cell_type],
+                categories=[f"L{l}" for l in range(n_lineages)],
+            ),
+        },
+        index=pd.Index([f"cell{i}" for i in range(n_cells)]),
+    )
+    var = pd.DataFrame(
+        {"marker_of": marker_of.astype(str)}, index=pd.Index([f"gene{g}" for g in range(n_genes)])
+    )
+    X = sp.csr_matrix(counts)
+    adata = ad.AnnData(X=X, obs=obs, var=var)
+    adata.layers["counts"] = X.copy()
+    adata.uns["synthetic"] = {
+        "seed": seed,
+        "de_genes": {k: v.tolist() for k, v in type_markers.items()},
+        # ground truth for tests: per-type log expression (up to a constant),
+        # per-batch log fold changes, and the type proportions
+        "type_logits": logits.astype(np.float32),
+        "batch_lfc": batch_lfc.astype(np.float32),
+        "type_weights": weights.astype(np.float32),
+    }
+    return adata
+
+
+def _programme(rng, n_genes, n_lineages, types_per_lineage, markers_per_type, marker_lfc):
+    """Type names, each type's lineage, per-type logits and the marker genes.
+
+    Draws only the base expression and the gene permutation, in that order,
+    so that the counts drawn after stay the same for a seed.
+    """
     n_types = n_lineages * types_per_lineage
     types = [f"L{l}_T{t}" for l in range(n_lineages) for t in range(types_per_lineage)]
     lineage_of = np.repeat(np.arange(n_lineages), types_per_lineage)
@@ -68,7 +116,16 @@ def synthetic_atlas(  # noqa: PLR0913 - the simulation's knobs, keyword-only
     for t, name in enumerate(types):
         logits[t, lin_markers[lineage_of[t]]] += marker_lfc * 0.75
         logits[t, type_markers[name]] += marker_lfc
+    return types, lineage_of, logits, marker_of, type_markers
 
+
+def _draw_counts(rng, logits, n_cells, n_batches, library, dtype):
+    """Batch effects, type and batch per cell, and the NB counts.
+
+    ``library`` is (batch_effect, library_log_mean, library_log_sd).
+    """
+    batch_effect, library_log_mean, library_log_sd = library
+    n_types, n_genes = logits.shape
     batch_lfc = rng.normal(0.0, batch_effect, (n_batches, n_genes))
     batch_lib_shift = rng.normal(0.0, 0.3, n_batches)
     theta = rng.gamma(2.0, 2.0, n_genes) + 0.2
@@ -86,32 +143,4 @@ def synthetic_atlas(  # noqa: PLR0913 - the simulation's knobs, keyword-only
     counts = rng.poisson(lam).astype(dtype)
     empty = counts.sum(1) == 0
     counts[empty, rng.integers(0, n_genes, empty.sum())] = 1
-
-    obs = pd.DataFrame(
-        {
-            "batch": pd.Categorical(
-                [f"batch{b}" for b in batch], categories=[f"batch{b}" for b in range(n_batches)]
-            ),
-            "cell_type": pd.Categorical([types[t] for t in cell_type], categories=types),
-            "lineage": pd.Categorical(
-                [f"L{lineage_of[t]}" for t in cell_type],
-                categories=[f"L{l}" for l in range(n_lineages)],
-            ),
-        },
-        index=[f"cell{i}" for i in range(n_cells)],
-    )
-    var = pd.DataFrame(
-        {"marker_of": marker_of.astype(str)}, index=[f"gene{g}" for g in range(n_genes)]
-    )
-    adata = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
-    adata.layers["counts"] = adata.X.copy()
-    adata.uns["synthetic"] = {
-        "seed": seed,
-        "de_genes": {k: v.tolist() for k, v in type_markers.items()},
-        # ground truth for tests: per-type log expression (up to a constant),
-        # per-batch log fold changes, and the type proportions
-        "type_logits": logits.astype(np.float32),
-        "batch_lfc": batch_lfc.astype(np.float32),
-        "type_weights": weights.astype(np.float32),
-    }
-    return adata
+    return counts, cell_type, batch, batch_lfc, weights

@@ -2,9 +2,11 @@
 
 `common` holds what both models use, `scvi` the scVI bound (and its
 per-cell terms and importance weights), `scanvi` scANVI's bounds,
-`hierarchy` the class terms of cells labelled at inner nodes of a tree.
+`class_grid` their class terms for every class at once, `hierarchy` the
+class terms of cells labelled at inner nodes of a tree.
 """
 
+from .class_grid import class_bounds
 from .common import (
     ExtraTerm,
     LossAux,
@@ -18,7 +20,6 @@ from .common import (
 )
 from .hierarchy import label_mask, subtree_bound, subtree_cross_entropy
 from .scanvi import (
-    class_bounds,
     classification_loss,
     labelled_bound,
     marginal_bound,

@@ -68,10 +68,10 @@ class SCANVIConfig(VAEConfig):
                 "pass e.g. 64",
             )
         if self.label_parents is not None:
-            self._check_parents()
+            self._check_parents(self.label_parents)
 
-    def _check_parents(self):
-        p, C = self.label_parents, self.n_labels
+    def _check_parents(self, p: tuple[int, ...]) -> None:
+        C = self.n_labels
         n = len(p)
         if (
             n <= C

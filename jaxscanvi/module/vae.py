@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import flax.linen as nn
 import jax
@@ -110,6 +110,15 @@ def validate_choice(name: str, value, allowed) -> None:
             f"not one of {list(allowed)}",
             f"pass one of {', '.join(map(repr, allowed))}",
         )
+
+
+class Generative(TypedDict):
+    """What `VAE.generative` returns: the decoder's outputs for ``z``."""
+
+    log_scale: jax.Array
+    log_mu: jax.Array
+    log_theta: jax.Array | None  # None for a Poisson likelihood
+    zi_logits: jax.Array | None  # None unless the likelihood is zero-inflated
 
 
 class VAE(nn.Module):
@@ -234,9 +243,7 @@ class VAE(nn.Module):
         out["library"] = library
         return out
 
-    def generative(
-        self, z, library, batch: Batch, *, train: bool, batch_index=None
-    ) -> dict[str, jax.Array]:
+    def generative(self, z, library, batch: Batch, *, train: bool, batch_index=None) -> Generative:
         c = self.config
         b = batch.batch if batch_index is None else batch_index
         cats = (b, *tuple(batch.cat_covs[:, j] for j in range(batch.cat_covs.shape[1])))
@@ -252,6 +259,7 @@ class VAE(nn.Module):
             log_scale, theta_cell, zi = (None if o is None else o.reshape(S, B, -1) for o in outs)
         else:
             log_scale, theta_cell, zi = self.decoder(dec_in, cats, train=train, mask=batch.weight)
+        assert log_scale is not None  # the decoder always returns the scale
         size = batch.log_size_factor if c.use_size_factor_key else library
         log_mu = log_scale + size[..., None]
         if c.dispersion == "gene":

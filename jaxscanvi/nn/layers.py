@@ -134,7 +134,8 @@ class BatchNorm(nn.Module):
             y = (x - mean) * r * scale + bias
         else:
             norm = batch_norm if backend.kernels().batch_norm else batch_norm_plain
-            y, mean, s2, n = norm(x, w, scale, bias, self.epsilon, self.axis_name)
+            # a jax.custom_vjp made through functools.partial: pyright loses its return type
+            y, mean, s2, n = norm(x, w, scale, bias, self.epsilon, self.axis_name)  # pyright: ignore[reportGeneralTypeIssues]
         if not self.is_initializing():
             unbiased = s2 / jnp.maximum(n - 1.0, 1.0)
             m = self.momentum
@@ -232,7 +233,7 @@ class Dropout(nn.Module):
     rate: float
 
     @nn.compact
-    def __call__(self, x, *, deterministic: bool, relu: bool = False, keep_mask=None):
+    def __call__(self, x, *, deterministic: bool, relu: bool = False, keep_mask=None) -> jax.Array:
         """``keep_mask``: the entries to keep (bool, x's shape) when the caller drew them."""
         if deterministic or self.rate == 0.0:
             return nn.relu(x) if relu else x
@@ -242,7 +243,8 @@ class Dropout(nn.Module):
             mask = prng.bernoulli(self.make_rng("dropout"), keep, x.shape)
         if relu:
             if backend.kernels().relu_dropout:
-                return _relu_dropout(x, mask, keep)
+                # a jax.custom_vjp made through functools.partial: pyright loses its return type
+                return _relu_dropout(x, mask, keep)  # pyright: ignore[reportReturnType]
             return jax.lax.select(mask, nn.relu(x) / keep, jnp.zeros_like(x))
         return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
 

@@ -43,16 +43,17 @@ def threefry2x32(k0, k1, x0, x1):
 def _key_words(key):
     """The two uint32 words of a Threefry key, or None for another generator
     (or when the written-out kernel is off)."""
-    if not (jax.config.jax_threefry_partitionable and backend.kernels().prng):
+    # (jax.config's flags are attributes set at run time: pyright does not see them)
+    if not (jax.config.jax_threefry_partitionable and backend.kernels().prng):  # pyright: ignore[reportAttributeAccessIssue]
         return None
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if "threefry" not in str(jax.random.key_impl(key)):
             return None
         key = jax.random.key_data(key)
     elif (
         key.shape[-1:] != (2,)
         or key.dtype != jnp.uint32
-        or "threefry" not in str(jax.config.jax_default_prng_impl)
+        or "threefry" not in str(jax.config.jax_default_prng_impl)  # pyright: ignore[reportAttributeAccessIssue]
     ):
         return None
     return key[..., 0], key[..., 1]
@@ -109,7 +110,8 @@ _MASK = 0xFFFFFFFF
 def host_key(seed: int) -> np.ndarray:
     """``np.asarray(jax.random.PRNGKey(seed))`` computed in numpy."""
     s = int(seed)
-    hi = (s >> 32) & _MASK if jax.config.jax_enable_x64 else 0  # JAX keeps 32 bits
+    x64 = jax.config.jax_enable_x64  # pyright: ignore[reportAttributeAccessIssue]  # a run-time flag
+    hi = (s >> 32) & _MASK if x64 else 0  # JAX keeps 32 bits
     return np.array([hi, s & _MASK], np.uint32)
 
 
@@ -125,6 +127,7 @@ def host_keys_ok() -> bool:
     """Whether the keys JAX makes are raw Threefry words (its default), so
     `host_key` and `host_fold_in` stand for them."""
     return (
-        "threefry" in str(jax.config.jax_default_prng_impl)
-        and not jax.config.jax_enable_custom_prng
+        # jax.config's flags are attributes set at run time: pyright does not see them
+        "threefry" in str(jax.config.jax_default_prng_impl)  # pyright: ignore[reportAttributeAccessIssue]
+        and not jax.config.jax_enable_custom_prng  # pyright: ignore[reportAttributeAccessIssue]
     )
