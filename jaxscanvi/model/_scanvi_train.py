@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -34,11 +35,13 @@ def train_config(arguments: dict, n_obs: int, *, was_pretrained: bool) -> TrainC
 
 def task_hooks(
     module, cells, n_labels: int, config: TrainConfig, n_per_label, *, labelled: bool
-) -> dict:
+) -> dict[str, Callable]:
     """The task's scANVI hooks: validation metrics and (unless no cell is
     ``labelled``: an unlabelled query) the labelled cells of each epoch."""
     labels = cells.labels
-    hooks = {"val_metrics": partial(_predict.validation_metrics, module, n_labels, cells)}
+    hooks: dict[str, Callable] = {
+        "val_metrics": partial(_predict.validation_metrics, module, n_labels, cells)
+    }
     if labelled:
         hooks["labelled"] = partial(
             labelled_training_cells, labels, n_labels, n_per_label, config.train_size
