@@ -16,7 +16,7 @@ import pandas as pd
 
 from .data.hvg import highly_variable_genes
 from .errors import InputError
-from .model._query import align_genes
+from .model._align import align_genes
 from .model.scanvi import SCANVI, UNASSIGNED
 from .model.scvi import SCVI
 

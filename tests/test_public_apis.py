@@ -1,7 +1,7 @@
 """Other libraries are used through their public APIs; each exception is one
 documented wrapper, and these tests pin what it does.
 
-* `jaxscanvi.model._query._become`: an AnnData takes another's contents in
+* `jaxscanvi.model._align._become`: an AnnData takes another's contents in
   place (anndata has no public way to change the gene axis of an object).
 * `jaxscanvi.distributed._client`: JAX's key-value store (no public API).
 
@@ -22,7 +22,7 @@ import pytest
 import scipy.sparse as sp
 
 from jaxscanvi import distributed
-from jaxscanvi.model._query import _become
+from jaxscanvi.model._align import _become
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxscanvi"
 

@@ -24,7 +24,7 @@ from jaxscanvi import SCANVI, SCVI, InputError
 from jaxscanvi.data.batch import Batch
 from jaxscanvi.distributions import normal_log_prob
 from jaxscanvi.losses import classification_loss, forward, scanvi_elbo, scvi_terms
-from jaxscanvi.model import scanvi as scanvi_mod
+from jaxscanvi.model import _scanvi_train
 from jaxscanvi.model._base import init_variables
 from jaxscanvi.model._calibration import softmax
 from jaxscanvi.model.scanvi import expected_calibration_error
@@ -646,7 +646,7 @@ def test_expected_calibration_error_by_hand():
 def test_max_epochs_heuristic_is_applied(
     scvi_model, hidden_atlas, monkeypatch, h, pretrained, expected
 ):
-    monkeypatch.setattr(scanvi_mod, "max_epochs_heuristic", lambda n_obs: h)
+    monkeypatch.setattr(_scanvi_train, "max_epochs_heuristic", lambda n_obs: h)
     if pretrained:
         model = SCANVI.from_scvi_model(scvi_model, UNL, labels_key="labels_obs")
     else:

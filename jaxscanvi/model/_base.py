@@ -33,7 +33,7 @@ from ..train.fit import FitFailed, FitPlan, FitResult, Task, check, fit
 from ..train.history import History
 from ..train.parallel import to_default_device
 from ..train.state import TrainState
-from . import _de, _downstream, _persist, _posterior, _query, _setup_view
+from . import _align, _de, _downstream, _persist, _posterior, _query, _setup_view
 from ._inference import map_cells, nnz_bucket, row_positions
 from ._query import QueryInfo
 
@@ -49,7 +49,7 @@ class BaseModel:
     query_info: QueryInfo | None = None
 
     # ------------------------------------------------ the public methods' homes
-    prepare_query_anndata = staticmethod(_query.prepare_query_anndata)
+    prepare_query_anndata = staticmethod(_align.prepare_query_anndata)
     load_query_data = classmethod(_query.load_query_data)
     save = _persist.save
     load = classmethod(_persist.load)

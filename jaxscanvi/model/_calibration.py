@@ -1,7 +1,9 @@
 """Temperature calibration of SCANVI's probabilities, and the calibration error.
 
-`calibrate` and `calibration_error` are functions of the model, bound as
-SCANVI's methods; the rest is plain numpy on logits.
+`temperature_fit` and `labelled_error` read a model (its cells and
+logits) and change nothing: `SCANVI.calibrate` keeps what the first returns,
+`SCANVI.calibration_error` returns the second. The rest is plain numpy on
+logits.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import itertools
 import numpy as np
 
 from ..errors import InputError
+from ..train.history import History
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -72,16 +75,9 @@ def labelled_cells(model, adata, indices) -> tuple:
     return cells, idx, cells.labels[idx]
 
 
-def calibrate(self, adata=None, indices=None, batch_size: int | None = None) -> dict:
-    """Fit the temperature T of softmax(logits / T) on labelled cells.
-
-    Default cells: the labelled validation cells (the ones training did
-    not fit). T minimises their negative log-likelihood; it never changes
-    which type is predicted, only how confident the probabilities are.
-    Returns (and keeps in ``model.calibration``) T, the expected
-    calibration error and the NLL before and after.
-    """
-    cells, idx, y = labelled_cells(self, adata, indices)
+def temperature_fit(model, adata, indices, batch_size: int | None) -> dict:
+    """`fit_temperature` on the labelled cells `labelled_cells` selects (ten or more)."""
+    cells, idx, y = labelled_cells(model, adata, indices)
     if len(idx) < 10:
         raise InputError(
             "indices",
@@ -90,18 +86,14 @@ def calibrate(self, adata=None, indices=None, batch_size: int | None = None) -> 
             "train with validation cells that carry labels (train_size < 1) "
             "or pass adata/indices with labelled cells",
         )
-    logits = self._logits(self.variables, cells, idx, batch_size, parallel=self._parallel)
-    self.calibration = fit_temperature(logits, y)
-    self.temperature = self.calibration["temperature"]
-    return dict(self.calibration)
+    logits = model._logits(model.variables, cells, idx, batch_size, parallel=model._parallel)
+    return fit_temperature(logits, y)
 
 
-def calibration_error(
-    self, adata=None, indices=None, n_bins: int = 10, batch_size: int | None = None
-) -> float:
-    """Expected calibration error of ``predict(soft=True)`` on labelled cells
-    (default: the labelled validation cells)."""
-    cells, idx, y = labelled_cells(self, adata, indices)
+def labelled_error(model, adata, indices, n_bins: int, batch_size: int | None) -> float:
+    """The calibration error of the model's tempered probabilities on the labelled
+    cells `labelled_cells` selects."""
+    cells, idx, y = labelled_cells(model, adata, indices)
     if len(idx) == 0:
         raise InputError(
             "indices",
@@ -109,5 +101,15 @@ def calibration_error(
             "the calibration error needs cells with known labels",
             "pass adata/indices with labels",
         )
-    logits = self._logits(self.variables, cells, idx, batch_size, parallel=self._parallel)
-    return expected_calibration_error(softmax(logits / self.temperature), y, n_bins)
+    logits = model._logits(model.variables, cells, idx, batch_size, parallel=model._parallel)
+    return expected_calibration_error(softmax(logits / model.temperature), y, n_bins)
+
+
+def with_calibration(history: History, calibration: dict) -> History:
+    """``history`` with the temperature and the calibrated validation error
+    added to its last epoch."""
+    frame = history.to_frame()
+    last = frame.index[-1]
+    frame.loc[last, "temperature"] = calibration["temperature"]
+    frame.loc[last, "calibration_error_validation_calibrated"] = calibration["ece_after"]
+    return History(frame)

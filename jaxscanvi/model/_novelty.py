@@ -1,8 +1,8 @@
 """Novelty: how poorly the reference's cell types explain a cell's counts.
 
-`novelty_score` is a function of the model, bound as SCANVI's method;
-`reference_statistics` is what reference training keeps for it (and for
-replay, `_replay`).
+`novelty_scores` reads a model and changes nothing (`SCANVI.novelty_score`
+returns it); `reference_statistics` is what reference training keeps for it
+(and for replay, `_replay`).
 """
 
 from __future__ import annotations
@@ -65,22 +65,9 @@ def reference_statistics(model, quantile: float = 0.99) -> dict | None:
     }
 
 
-def novelty_score(self, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
-    """How poorly the reference's cell types explain each cell; above 1 means novel.
-
-    scANVI maps a cell of a type it never saw onto the nearest known
-    type, confidently, so neither the latent space nor the classifier
-    flags it. Its counts do: the decoder, given that latent position,
-    under-predicts the novel type's own genes. The statistic is the
-    fraction of the cell's counts the model leaves unexplained (the
-    excess x - mu summed over genes with x > 3 mu + 3, mu the decoder's
-    mean at the posterior mean of z), divided by the 99th percentile of
-    the same statistic over the labelled reference cells at the end of
-    reference training; a query model keeps its reference's threshold.
-    A batch effect that surgery leaves unexplained raises every query
-    cell's score: compare a type's flag rate with the query's overall rate.
-    """
-    if not self.reference_stats or "threshold" not in self.reference_stats:
+def novelty_scores(model, adata, indices, batch_size: int | None) -> np.ndarray:
+    """The unexplained count fraction of each cell over the reference's threshold."""
+    if not model.reference_stats or "threshold" not in model.reference_stats:
         raise InputError(
             "model",
             "no reference statistics",
@@ -89,5 +76,5 @@ def novelty_score(self, adata=None, indices=None, batch_size: int | None = None)
             "one)",
             "train the reference SCANVI first",
         )
-    scores = unexplained(self, self._cells_for(adata), indices, batch_size)
-    return scores / self.reference_stats["threshold"]
+    scores = unexplained(model, model._cells_for(adata), indices, batch_size)
+    return scores / model.reference_stats["threshold"]

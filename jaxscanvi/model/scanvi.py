@@ -7,21 +7,25 @@ from functools import partial
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 
 from .._settings import default_seed
 from ..data.registry import registry_of
 from ..data.registry import setup_anndata as _setup
-from ..errors import InputError, check_positive_int
-from ..losses import scanvi_elbo
 from ..module import SCANVAE, SCANVIConfig
-from ..train.config import TrainConfig, max_epochs_heuristic
 from ..train.fit import FitPlan
-from ..train.history import History
-from . import _calibration, _hierarchy, _kernels, _novelty, _posterior, _pretrained, _train_docs
+from . import (
+    _calibration,
+    _novelty,
+    _posterior,
+    _predict,
+    _pretrained,
+    _scanvi_args,
+    _scanvi_train,
+    _train_docs,
+)
 from ._base import BaseModel
-from ._calibration import expected_calibration_error, softmax
-from ._inference import jitted, map_cells
+from ._calibration import expected_calibration_error
+from ._predict import UNASSIGNED
 from ._replay import replay_of, replay_spec
 
 __all__ = ["SCANVI", "UNASSIGNED", "expected_calibration_error"]
@@ -40,9 +44,6 @@ class SCANVI(BaseModel):
     """
 
     config_cls = SCANVIConfig
-    calibrate = _calibration.calibrate
-    calibration_error = _calibration.calibration_error
-    novelty_score = _novelty.novelty_score
 
     @staticmethod
     def setup_anndata(
@@ -66,20 +67,7 @@ class SCANVI(BaseModel):
         it (see the hierarchy guide). Refused before training: cycles, several
         roots, a label missing from the map, a leaf no cell carries.
         """
-        if labels_key is None:
-            raise InputError(
-                "labels_key",
-                None,
-                "scANVI needs a cell-type column",
-                "pass labels_key naming the adata.obs column of labels",
-            )
-        if unlabeled_category is None:
-            raise InputError(
-                "unlabeled_category",
-                None,
-                "scANVI needs the value that marks unlabelled cells",
-                "pass e.g. unlabeled_category='Unknown'",
-            )
+        _scanvi_args.check_setup_keys(labels_key, unlabeled_category)
         _setup(
             adata,
             layer=layer,
@@ -121,21 +109,10 @@ class SCANVI(BaseModel):
     ):
         seed = default_seed(seed)
         registry = registry if registry is not None else registry_of(adata)
-        if registry.unlabeled_category is None or registry.labels_key is None:
-            raise InputError(
-                "adata",
-                "set up without unlabeled_category",
-                "SCANVI needs labels_key and unlabeled_category",
-                "call SCANVI.setup_anndata(adata, labels_key=..., unlabeled_category=...)",
-            )
+        _scanvi_args.check_registry(registry)
         if _config is None:
-            cls_kw = _classifier_options(classifier_parameters)
-            _config = SCANVIConfig(
-                n_genes=registry.n_vars,
-                n_batch=registry.n_batch,
-                n_labels=registry.n_labels,
-                n_cats_per_cov=registry.n_cats_per_cov,
-                n_continuous_cov=registry.n_continuous_cov,
+            _config = _scanvi_args.config_of(
+                registry,
                 n_hidden=n_hidden,
                 n_latent=n_latent,
                 n_layers=n_layers,
@@ -148,46 +125,16 @@ class SCANVI(BaseModel):
                 use_batch_norm=use_batch_norm,
                 use_layer_norm=use_layer_norm,
                 use_observed_lib_size=use_observed_lib_size,
-                use_size_factor_key=registry.size_factor_key is not None,
-                classifier_n_hidden=cls_kw.get("n_hidden", 0 if linear_classifier else n_hidden),
-                classifier_n_layers=cls_kw.get("n_layers", 0 if linear_classifier else n_layers),
-                classifier_dropout_rate=cls_kw.get("dropout_rate", dropout_rate),
-                classifier_use_batch_norm=cls_kw.get("use_batch_norm"),
-                classifier_use_layer_norm=cls_kw.get("use_layer_norm"),
-                y_prior=None if y_prior is None else tuple(float(p) for p in y_prior),
+                linear_classifier=linear_classifier,
+                y_prior=y_prior,
+                classifier_parameters=classifier_parameters,
                 class_chunk_size=class_chunk_size,
-                label_parents=_hierarchy.parents_of(registry),
             )
-        self._build(
-            adata, registry, SCANVAE(_config, encoder_cls=encoder, decoder_cls=decoder), seed
-        )
-        self.was_pretrained = False
-        self.temperature = 1.0
-        self.calibration: dict = {}
-        self.reference_stats: dict | None = None
+        module = SCANVAE(_config, encoder_cls=encoder, decoder_cls=decoder)
+        self._build(adata, registry, module, seed)
+        self._read_metadata({})  # not pretrained, temperature 1, no statistics
         if adata is not None and _config is None:  # internal paths may lack labels
-            self._check_labels()
-
-    def _check_labels(self) -> None:
-        labels = self._train_cells().labels
-        C = self.registry.n_labels
-        if self.registry.label_hierarchy and (labels != C).any():
-            return  # every leaf has cells (setup_anndata checked)
-        present = np.unique(labels[labels < C])
-        if len(present) == 0:
-            raise InputError(
-                f"adata.obs[{self.registry.labels_key!r}]",
-                "all unlabelled",
-                "no cell carries a label",
-                "label some cells of at least two types",
-            )
-        if len(present) < 2:
-            raise InputError(
-                f"adata.obs[{self.registry.labels_key!r}]",
-                self.registry.label_categories[present[0]],
-                "only one cell type is labelled",
-                "label cells of at least two types",
-            )
+            _scanvi_args.check_labels(self._train_cells().labels, self.registry)
 
     @classmethod
     def from_scvi_tools(cls, dir_path, adata=None) -> SCANVI:
@@ -205,16 +152,12 @@ class SCANVI(BaseModel):
     def _read_metadata(self, meta: dict) -> None:
         self.was_pretrained = bool(meta.get("was_pretrained", False))
         self.temperature = float(meta.get("temperature", 1.0))
-        self.calibration = dict(meta.get("calibration") or {})
-        self.reference_stats = meta.get("reference_stats")
+        self.calibration: dict = dict(meta.get("calibration") or {})
+        self.reference_stats: dict | None = meta.get("reference_stats")
 
     def _metadata(self):
-        return {
-            "was_pretrained": self.was_pretrained,
-            "temperature": self.temperature,
-            "calibration": self.calibration,
-            "reference_stats": self.reference_stats,
-        }
+        names = ("was_pretrained", "temperature", "calibration", "reference_stats")
+        return {k: getattr(self, k) for k in names}
 
     def _inherit_reference(self, reference_model) -> None:
         # a frozen encoder maps reference cells as before, so the reference's
@@ -300,40 +243,18 @@ class SCANVI(BaseModel):
     train.__doc__ = _train_docs.SCANVI_TRAIN
 
     def _plan(self, arguments: dict) -> FitPlan:
-        cells = self._train_cells()
-        if arguments["max_epochs"] is None:
-            max_epochs = max_epochs_heuristic(cells.n_obs)
-            if self.was_pretrained:
-                max_epochs = int(min(10, max(2, round(max_epochs / 3.0))))
-            arguments["max_epochs"] = max_epochs
-        check_positive_int("max_epochs", arguments["max_epochs"])
-        arguments["seed"] = default_seed(arguments["seed"])
-        n_per_label = arguments["n_samples_per_label"]
-        check_positive_int("n_samples_per_label", n_per_label, allow_none=True)
-        config = TrainConfig.from_arguments(
-            arguments, default_plan={"objective": "seed", "classification_ratio": 50.0}
+        cells, C = self._train_cells(), self.registry.n_labels
+        config = _scanvi_train.train_config(
+            arguments, cells.n_obs, was_pretrained=self.was_pretrained
         )
-        objective = config.plan.get("objective")
-        if objective not in ("seed", "scvi-tools"):
-            raise InputError(
-                "plan_kwargs['objective']",
-                objective,
-                "unknown objective",
-                "pass 'seed' (default) or 'scvi-tools'",
-            )
-        labels, C = cells.labels, self.registry.n_labels
         # an unlabelled query trains on the L_U bound alone
-        unlabelled_query = self.query_info is not None and not (labels != C).any()
+        labelled = self.query_info is None or (cells.labels != C).any()
+        n_per = arguments["n_samples_per_label"]
+        hooks = _scanvi_train.task_hooks(self.module, cells, C, config, n_per, labelled=labelled)
         replay = replay_of(self.query_info, self.reference_stats)
-        hooks = {"val_metrics": partial(self._validation_metrics, cells)}
-        if not unlabelled_query:
-            hooks["labelled"] = partial(
-                _labelled_training_cells, labels, C, n_per_label, config.train_size
-            )
-            hooks["val_labelled"] = partial(_labelled_among, labels, C)
         task = self._task(
             config,
-            partial(_loss, self.module, config, replay),
+            partial(_scanvi_train.loss, self.module, config, replay),
             ("scanvi", self.module, replay_spec(replay)),
             **hooks,
         )
@@ -344,55 +265,54 @@ class SCANVI(BaseModel):
         validation cells (with ``train(calibrate=True)`` and at least ten)."""
         if self.query_info is None:
             self.reference_stats = _novelty.reference_statistics(self)
-        labels, C = self._train_cells().labels, self.registry.n_labels
-        val_lab = self.validation_indices[labels[self.validation_indices] < C]
+        val_lab = _calibration.labelled_cells(self, None, None)[1]  # of the validation cells
         if plan.calibrate and len(val_lab) >= 10:
             self.calibrate(indices=val_lab)
             if self._history.n_epochs:
-                frame = self._history.to_frame()
-                last = frame.index[-1]
-                frame.loc[last, "temperature"] = self.temperature
-                frame.loc[last, "calibration_error_validation_calibrated"] = self.calibration[
-                    "ece_after"
-                ]
-                self._adopt(history=History(frame))
-
-    def _validation_metrics(self, cells, variables, val_idx, parallel) -> dict:
-        """The classifier's loss, accuracy and calibration error on the labelled
-        validation cells (extra history columns)."""
-        C = self.registry.n_labels
-        val_lab = val_idx[cells.labels[val_idx] < C]  # leaf-labelled cells
-        if len(val_lab) == 0:
-            return {}
-        probs = softmax(self._logits(variables, cells, val_lab, None, parallel=parallel))
-        y = cells.labels[val_lab]
-        p_true = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)
-        return {
-            "classification_loss_validation_labelled": float(-np.log(p_true).mean()),
-            "accuracy_validation_labelled": float((probs.argmax(1) == y).mean()),
-            "calibration_error_validation": expected_calibration_error(probs, y),
-        }
+                history = _calibration.with_calibration(self._history, self.calibration)
+                self._adopt(history=history)
 
     # ------------------------------------------------------------ prediction
-    def _logits(
-        self,
-        variables,
-        cells,
-        indices,
-        batch_size,
-        *,
-        use_posterior_mean: bool = True,
-        parallel=None,
-    ) -> np.ndarray:
-        """q(c|z)'s logits for the selected cells, under ``variables``."""
-        if use_posterior_mean:  # the model's shared encoding program
-            fn = jitted(partial(_kernels.encode_fn, self.module))
-            out = map_cells(fn, variables, cells, indices, batch_size, parallel=parallel)
-            return np.asarray(out["logits"], np.float64)
-        fn = jitted(partial(_kernels.classify_fn, self.module, use_posterior_mean=False))
-        return np.asarray(
-            map_cells(fn, variables, cells, indices, batch_size, parallel=parallel), np.float64
-        )
+    def calibrate(self, adata=None, indices=None, batch_size: int | None = None) -> dict:
+        """Fit the temperature T of softmax(logits / T) on labelled cells.
+
+        Default cells: the labelled validation cells (the ones training did
+        not fit). T minimises their negative log-likelihood; it never changes
+        which type is predicted, only how confident the probabilities are.
+        Returns (and keeps in ``model.calibration``) T, the expected
+        calibration error and the NLL before and after.
+        """
+        calibration = _calibration.temperature_fit(self, adata, indices, batch_size)
+        self.calibration, self.temperature = calibration, calibration["temperature"]
+        return dict(self.calibration)
+
+    def calibration_error(
+        self, adata=None, indices=None, n_bins: int = 10, batch_size: int | None = None
+    ) -> float:
+        """Expected calibration error of ``predict(soft=True)`` on labelled cells
+        (default: the labelled validation cells)."""
+        return _calibration.labelled_error(self, adata, indices, n_bins, batch_size)
+
+    def novelty_score(self, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
+        """How poorly the reference's cell types explain each cell; above 1 means novel.
+
+        scANVI maps a cell of a type it never saw onto the nearest known
+        type, confidently, so neither the latent space nor the classifier
+        flags it. Its counts do: the decoder, given that latent position,
+        under-predicts the novel type's own genes. The statistic is the
+        fraction of the cell's counts the model leaves unexplained (the
+        excess x - mu summed over genes with x > 3 mu + 3, mu the decoder's
+        mean at the posterior mean of z), divided by the 99th percentile of
+        the same statistic over the labelled reference cells at the end of
+        reference training; a query model keeps its reference's threshold.
+        A batch effect that surgery leaves unexplained raises every query
+        cell's score: compare a type's flag rate with the query's overall rate.
+        """
+        return _novelty.novelty_scores(self, adata, indices, batch_size)
+
+    def _logits(self, variables, cells, indices, batch_size, **options) -> np.ndarray:
+        """q(c|z)'s logits for the selected cells, under ``variables`` (`_predict.logits`)."""
+        return _predict.logits(self.module, variables, cells, indices, batch_size, **options)
 
     def get_normalized_expression(
         self,
@@ -417,17 +337,7 @@ class SCANVI(BaseModel):
         label (its prediction when unlabelled), then z1' = E p(z1 | u, label),
         then the count decoder. Without ``label`` the usual z1 is decoded.
         """
-        kernel, kernel_kw = _kernels.expression_fn, {}
-        if label is not None:
-            cats = list(self.registry.label_categories)
-            if str(label) not in cats:
-                raise InputError(
-                    "label",
-                    label,
-                    f"is not a cell type of the model ({cats[:10]})",
-                    "pass one of model.registry.label_categories",
-                )
-            kernel, kernel_kw = _kernels.label_expression_fn, {"target": cats.index(str(label))}
+        kernel, kernel_kw = _predict.expression_kernel(self.registry, label)
         return _posterior.normalized_expression(
             self,
             kernel,
@@ -472,104 +382,18 @@ class SCANVI(BaseModel):
         (an int) the most probable node at depth d (1: the root's children;
         leaves shallower than d count as themselves).
         """
-        _hierarchy.check_level(self, level, threshold, soft, unassigned_threshold)
-        if unassigned_threshold is not None:
-            if soft:
-                raise InputError(
-                    "unassigned_threshold",
-                    unassigned_threshold,
-                    "applies to hard predictions only",
-                    "pass soft=False, or threshold the probabilities yourself",
-                )
-            if not (
-                isinstance(unassigned_threshold, (int, float)) and 0 <= unassigned_threshold <= 1
-            ):
-                raise InputError(
-                    "unassigned_threshold",
-                    unassigned_threshold,
-                    "must be a probability in [0, 1]",
-                    "pass e.g. unassigned_threshold=0.5",
-                )
-        cells = self._cells_for(adata)
-        logits = self._logits(
-            self.variables,
-            cells,
-            indices,
-            batch_size,
-            use_posterior_mean=use_posterior_mean,
-            parallel=self._parallel,
+        _predict.check_options(
+            self, level, threshold, soft=soft, unassigned_threshold=unassigned_threshold
         )
-        probs = softmax(logits / self.temperature)
-        names = np.asarray(self.registry.label_categories, dtype=object)
-        idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
-        if level != "leaf":
-            return _hierarchy.predict_level(
-                self.registry, probs, level, threshold, cells.obs_names[idx]
-            )
-        if not soft:
-            pred = names[probs.argmax(1)]
-            if unassigned_threshold is not None:
-                pred = np.where(probs.max(1) < unassigned_threshold, UNASSIGNED, pred)
-            return pred
-        probs = probs / probs.sum(1, keepdims=True)
-        return pd.DataFrame(probs, index=cells.obs_names[idx], columns=list(names))
-
-
-UNASSIGNED = "Unassigned"
-
-
-def _classifier_options(classifier_parameters: dict | None) -> dict:
-    """scvi-tools' ``classifier_parameters``, checked: the options our classifier has."""
-    cls_kw = dict(classifier_parameters or {})
-    allowed = {"n_hidden", "n_layers", "dropout_rate", "use_batch_norm", "use_layer_norm"}
-    unknown = set(cls_kw) - allowed
-    if unknown:
-        raise InputError(
-            "classifier_parameters",
-            sorted(unknown),
-            "unknown classifier options",
-            f"use only {sorted(allowed)}",
+        probs, names = _predict.probabilities(
+            self, adata, indices, batch_size, use_posterior_mean=use_posterior_mean
         )
-    return cls_kw
-
-
-def _loss(module, config: TrainConfig, replay, *, train: bool):
-    return partial(
-        scanvi_elbo,
-        module,
-        train=train,
-        objective=config.plan.get("objective"),
-        classification_ratio=float(config.plan.get("classification_ratio")),
-        sparse=config.plan.get("sparse_likelihood", True),
-        extra_terms=dict(config.loss_terms),
-        extra_weights=dict(config.loss_weights),
-        replay=replay,
-    )
-
-
-def _labelled_among(labels: np.ndarray, n_labels: int, idx: np.ndarray) -> np.ndarray:
-    # at a leaf (code < n_labels) or an inner node of a hierarchy (> n_labels)
-    return idx[labels[idx] != n_labels]
-
-
-def _labelled_training_cells(
-    labels, n_labels: int, n_per_label: int | None, train_size, rng, *, train_idx: np.ndarray
-) -> np.ndarray:
-    """The labelled training cells an epoch pairs minibatches with: all of them, or
-    a class-balanced draw of at most ``n_per_label`` per type."""
-    lab = _labelled_among(labels, n_labels, train_idx)
-    if len(lab) == 0:
-        raise InputError(
-            "train_size",
-            train_size,
-            "no labelled cell fell in the training split",
-            "label more cells or raise train_size",
+        return _predict.predictions(
+            self.registry,
+            probs,
+            names,
+            soft=soft,
+            level=level,
+            threshold=threshold,
+            unassigned_threshold=unassigned_threshold,
         )
-    if n_per_label is None:
-        return lab
-    picks = []
-    for c in np.unique(labels[lab]):  # leaves, and inner nodes of a hierarchy
-        of_c = lab[labels[lab] == c]
-        if len(of_c):
-            picks.append(rng.choice(of_c, min(n_per_label, len(of_c)), replace=False))
-    return np.sort(np.concatenate(picks))

@@ -121,8 +121,24 @@ def run_in_turn(members: list[Member], tx, hp: dict, *, source, steps) -> list[F
     return results
 
 
-def _warn_stopped(i: int, m: Member, err: Exception) -> None:
-    warnings.warn(f"member {i} (seed {m.seed}) stopped: {err}", RuntimeWarning, stacklevel=4)
+def _warn_stopped(i: int, m: Member, err: Exception, stacklevel: int = 4) -> None:
+    warnings.warn(
+        f"member {i} (seed {m.seed}) stopped: {err}", RuntimeWarning, stacklevel=stacklevel
+    )
+
+
+def _stop_nonfinite(failed, members, loops, ts, bad, terms: dict, epoch: int) -> None:
+    """Warn of each ``failed`` member's non-finite loss and mark it stopped."""
+    for m in failed:
+        _warn_stopped(
+            m,
+            members[m],
+            nonfinite_error(
+                member_of(ts, m), int(bad[m]), {n: v[m] for n, v in terms.items()}, epoch
+            ),
+            stacklevel=5,  # the frame it named when run_vmapped warned itself
+        )
+        loops[m].stopped_early = True
 
 
 def _joined(parts: list, *, shared: bool):
@@ -168,15 +184,7 @@ def run_vmapped(
         new = new.replace(epoch=jnp.where(jnp.asarray(done), new.epoch + 1, new.epoch))
         ts = new if active.all() else masked_jit(jnp.asarray(active), new, ts)
         terms = {n: np.asarray(v) for n, v in terms.items()}
-        for m in np.flatnonzero(failed):
-            _warn_stopped(
-                m,
-                members[m],
-                nonfinite_error(
-                    member_of(ts, m), int(bad[m]), {n: v[m] for n, v in terms.items()}, epoch
-                ),
-            )
-            loops[m].stopped_early = True
+        _stop_nonfinite(np.flatnonzero(failed), members, loops, ts, bad, terms, epoch)
         active &= ~failed
         lrs = np.asarray(hyperparams(ts.opt_state)["learning_rate"], np.float64)
         counts, klw = np.asarray(counts), np.asarray(klw)
@@ -185,28 +193,16 @@ def run_vmapped(
             for m in np.flatnonzero(done)
         }
         if has_val and validates(cfg, epoch) and records:
-            v = [
-                validation_orders(
-                    source,
-                    cfgs[i],
-                    epoch,
-                    drawn[i][0],
-                    members[i].val_idx,
-                    members[i].val_labelled(),
-                )
-                for i in drawing
-            ]
-            _, (vterms, vcounts, _) = run_epoch_vmapped(
-                source,
-                evaluate,
+            _validate_members(
+                members,
                 ts,
-                _joined([x[0] for x in v], shared=shared),
-                _joined([x[1] for x in v], shared=shared),
+                epoch,
+                records,
+                [d[0] for d in drawn],
+                source=source,
+                evaluate=evaluate,
+                shared=shared,
             )
-            vterms, vcounts = {n: np.asarray(t) for n, t in vterms.items()}, np.asarray(vcounts)
-            for m, rec in records.items():
-                add_validation(rec, {n: t[m] for n, t in vterms.items()}, vcounts[m])
-                rec.update(members[m].val_metrics(member_of(ts, m)))
         seconds = time.perf_counter() - t0
         for m, rec in records.items():
             close_record(loops[m], rec, seconds)
@@ -225,3 +221,42 @@ def run_vmapped(
         )
         for m, mem in enumerate(members)
     ]
+
+
+def _validate_members(
+    members: list[Member],
+    ts: TrainState,
+    epoch: int,
+    records: dict,
+    train_orders: list,
+    *,
+    source,
+    evaluate,
+    shared: bool,
+) -> None:
+    """Every member's validation of ``epoch`` in one vmapped program, added to
+    ``records`` (member -> this epoch's record) with its extra metrics.
+    ``train_orders``: the epoch's orders of the members who drew them (the
+    first alone when the order is shared)."""
+    v = [
+        validation_orders(
+            source,
+            loop_config(members[i].config),
+            epoch,
+            orders,
+            members[i].val_idx,
+            members[i].val_labelled(),
+        )
+        for i, orders in enumerate(train_orders)
+    ]
+    _, (vterms, vcounts, _) = run_epoch_vmapped(
+        source,
+        evaluate,
+        ts,
+        _joined([x[0] for x in v], shared=shared),
+        _joined([x[1] for x in v], shared=shared),
+    )
+    vterms, vcounts = {n: np.asarray(t) for n, t in vterms.items()}, np.asarray(vcounts)
+    for m, rec in records.items():
+        add_validation(rec, {n: t[m] for n, t in vterms.items()}, vcounts[m])
+        rec.update(members[m].val_metrics(member_of(ts, m)))
