@@ -56,6 +56,7 @@ def scan_program(step_fn: Callable, gather: Callable, *, partial: bool):
     leave the carry as it is (their outputs are zeros).
     """
     deferred = step_fn.deferred if isinstance(step_fn, StepFns) else None
+    finish = step_fn.finish if isinstance(step_fn, StepFns) else None
     fn = step_fn if deferred is None else deferred
 
     def one(c, cells, r):
@@ -77,7 +78,8 @@ def scan_program(step_fn: Callable, gather: Callable, *, partial: bool):
         steps = jnp.arange(rows.shape[0], dtype=jnp.int32)
         carry, out = jax.lax.scan(body, carry, (steps, (rows, lab_rows)))
         if deferred is not None:
-            carry = step_fn.finish(carry)
+            assert finish is not None  # a StepFns with deferred updates has both
+            carry = finish(carry)
         return carry, out
 
     return run
@@ -115,7 +117,7 @@ def layout(rows: np.ndarray, lab_rows: np.ndarray | None, n_dev: int, steps: int
         cells = np.unique(flat[valid])
         pos = np.where(valid, np.searchsorted(cells, flat), -1).astype(np.int32)
         local[:s, cols] = pos[: s * b].reshape(s, b)
-        if lab_rows is not None:
+        if local_lab is not None:  # (None exactly when lab_rows is)
             local_lab[:s, cols] = pos[s * b :].reshape(s, b)
         take.append(cells)
     return Layout(local, local_lab, take, s)

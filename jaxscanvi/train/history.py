@@ -58,7 +58,9 @@ class History(dict):
         """JSON-ready list of per-epoch dicts (NaN as None), as saved in model folders."""
         if not len(self._frame):
             return []
-        return json.loads(self._frame.reset_index().to_json(orient="records"))
+        text = self._frame.reset_index().to_json(orient="records")
+        assert text is not None  # to_json returns the text when given no path
+        return json.loads(text)
 
     def to_frame(self) -> pd.DataFrame:
         """Every metric as one DataFrame: one row per epoch, one column per metric."""

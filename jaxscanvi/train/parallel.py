@@ -118,7 +118,7 @@ class DataParallel:
             spec = {f: self.rows for f in b._fields}
             out = b._replace(**{f: spec[f] for f in b._fields if f != "nz"})
             if b.nz is not None:
-                out = out._replace(nz=type(b.nz)(*(self.replicated for _ in b.nz)))
+                out = out._replace(nz=b.nz._replace(**dict.fromkeys(b.nz._fields, self.replicated)))
             return out
 
         return one(batch) if isinstance(batch, Batch) else tuple(one(b) for b in batch)
