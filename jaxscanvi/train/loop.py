@@ -295,7 +295,7 @@ def validates(cfg: FitConfig, epoch: int) -> bool:
 
 def train_record(epoch: int, terms: dict, counts, klw, lr: float) -> dict:
     """An epoch's history record from its per-step outputs (one model's)."""
-    record = {"epoch": epoch}
+    record: dict[str, float] = {"epoch": epoch}
     record.update({f"{k}_train": v for k, v in epoch_means(terms, counts).items()})
     record["train_loss"] = record.pop("loss_train")
     record["kl_weight"] = float(np.asarray(klw)[-1])
