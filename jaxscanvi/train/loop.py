@@ -16,7 +16,10 @@ from tqdm.auto import tqdm
 from ..data.batch import Batch
 from ..errors import InputError, NonFiniteLossError
 from .history import add_scvi_tools_names
-from .state import KLSchedule, TrainState, get_lr, set_lr
+from .state import TrainState, get_lr, set_lr
+
+# the KL weight at (epoch, step): a `state.KLSchedule`, or a sweep's traced one
+Schedule = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class StepFns:
 def make_train_step(
     loss_fn: Callable,
     tx: optax.GradientTransformation,
-    schedule: KLSchedule,
+    schedule: Schedule,
     on_nonfinite: str = "raise",
     state_mask=None,
     pending: Callable | None = None,
@@ -130,7 +133,7 @@ def _deferred_pair(body: Callable, pending: Callable) -> tuple[Callable, Callabl
     return deferred, finish
 
 
-def make_eval_step(loss_fn: Callable, schedule: KLSchedule) -> Callable:
+def make_eval_step(loss_fn: Callable, schedule: Schedule) -> Callable:
     """Evaluation (no update) as a scan body."""
 
     def step(carry, batch):
