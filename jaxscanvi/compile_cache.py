@@ -61,9 +61,14 @@ def _writable(path: Path) -> bool:
         return False
 
 
+def _flag(name: str) -> Any:
+    """A JAX flag's value (jax.config sets its flags as dynamic attributes)."""
+    return getattr(jax.config, name)
+
+
 def _user_dir() -> str | None:
     """A cache folder the user gave JAX (not one jaxscanvi set)."""
-    current = jax.config.jax_compilation_cache_dir
+    current = _flag("jax_compilation_cache_dir")
     if current is not None and current != _ours:
         return current
     return os.environ.get("JAX_COMPILATION_CACHE_DIR") or None
@@ -73,16 +78,16 @@ def _apply(path: str | None) -> None:
     global _ours
     from jax.experimental.compilation_cache import compilation_cache as cc
 
-    if jax.config.jax_compilation_cache_dir != path:
+    if _flag("jax_compilation_cache_dir") != path:
         jax.config.update("jax_compilation_cache_dir", path)
         cc.reset_cache()  # JAX reads the folder once, at its first compile
     _ours = path
     if path is not None:
         # JAX's defaults (1 s, 0 bytes) would leave most of our programs out;
         # a threshold the user changed is kept
-        if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:
+        if _flag("jax_persistent_cache_min_compile_time_secs") == 1.0:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
-        if jax.config.jax_persistent_cache_min_entry_size_bytes == 0:
+        if _flag("jax_persistent_cache_min_entry_size_bytes") == 0:
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", MIN_ENTRY_BYTES)
 
 

@@ -278,7 +278,7 @@ class BaseModel:
     def _n_devices(self) -> int:
         return 1 if self._parallel is None else self._parallel.size
 
-    def _map(self, fn, cells: CellData, indices, batch_size, seed: int = 0):
+    def _map(self, fn, cells: CellData, indices, batch_size, seed: int = 0) -> Any:
         """`map_cells` with this model's variables and devices."""
         return map_cells(
             fn, self.variables, cells, indices, batch_size, parallel=self._parallel, seed=seed

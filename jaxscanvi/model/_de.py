@@ -262,7 +262,9 @@ def _comparison(
     key = "proba_de" if mode == "change" else "bayes_factor"
     res = res.sort_values(by=key, ascending=False, kind="stable")
     if mode == "change":
-        res[f"is_de_fdr_{fdr_target}"] = de.fdr_de_prediction(res["proba_de"], fdr_target)
+        proba = res["proba_de"]
+        assert isinstance(proba, pd.Series)  # one column of that name
+        res[f"is_de_fdr_{fdr_target}"] = de.fdr_de_prediction(proba, fdr_target)
     return res
 
 

@@ -221,8 +221,8 @@ def get_feature_correlation_matrix(
         else:
             from scipy.stats import spearmanr
 
-            mats.append(spearmanr(flat).statistic)
-    names = list(self.registry.var_names)
+            mats.append(spearmanr(flat)[0])  # (statistic, pvalue)
+    names = pd.Index(list(self.registry.var_names))
     return pd.DataFrame(np.mean(mats, 0), index=names, columns=names)
 
 

@@ -118,7 +118,8 @@ def _check_round_trip(model, state: dict) -> None:
     ours = jax.tree_util.tree_leaves_with_path(_np(model.variables))
     theirs = dict(jax.tree_util.tree_leaves_with_path(_np(back)))
     for path, value in ours:
-        if not np.array_equal(theirs.get(path), value):
+        other = theirs.get(path)
+        if other is None or not np.array_equal(other, value):
             raise AssertionError(f"export of {jax.tree_util.keystr(path)} does not round-trip")
 
 
@@ -126,7 +127,7 @@ def _objects(values) -> np.ndarray:
     return np.asarray([str(v) for v in values], dtype=object)
 
 
-def _mapping(key, cats) -> tuple[np.ndarray, str]:
+def _mapping(key, cats) -> tuple[np.ndarray, str | None]:
     # scvi-tools codes a missing key as one category 0 in an "_scvi_<field>" column
     return (np.zeros(1, np.int64), None) if key is None else (_objects(cats), key)
 

@@ -33,6 +33,7 @@ def check_level(model, level, threshold, soft, unassigned_threshold) -> None:
             f"pass one of {list(LEVELS)} or a depth (1 = the root's children)",
         )
     if is_depth and model.registry.label_hierarchy:
+        assert isinstance(level, int | np.integer)  # (is_depth)
         if level < 1:
             raise InputError(
                 "level",
@@ -96,9 +97,16 @@ def check_level(model, level, threshold, soft, unassigned_threshold) -> None:
             )
 
 
+def _tree(registry) -> hierarchy.Hierarchy:
+    """The registry's hierarchy, where the caller has one."""
+    tree = hierarchy.from_registry(registry)
+    assert tree is not None  # callers run only for models set up with label_hierarchy
+    return tree
+
+
 def node_probabilities(registry, probs: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
     """(N, n_nodes) summed leaf probabilities and the node names, in code order."""
-    tree = hierarchy.from_registry(registry)
+    tree = _tree(registry)
     mask = hierarchy.leaf_mask(tree.parents, len(tree.leaves))
     return probs @ mask.T.astype(probs.dtype), tree.nodes
 
@@ -116,8 +124,8 @@ def predict_level(registry, probs: np.ndarray, level: str, threshold, index) -> 
     """`SCANVI.predict` for ``level="deepest"`` or ``"all"``."""
     node_probs, names = node_probabilities(registry, probs)
     if level == "all":
-        return pd.DataFrame(node_probs, index=index, columns=list(names))
-    tree = hierarchy.from_registry(registry)
+        return pd.DataFrame(node_probs, index=index, columns=pd.Index(list(names)))
+    tree = _tree(registry)
     depths = tree.depths()
     if not isinstance(level, str):  # a depth: nodes there, and shallower leaves
         C = len(tree.leaves)
@@ -145,7 +153,7 @@ def query_labels(adata, ref, extension, field: str):
     """
     from ..data.registry import categories_of
 
-    ref_tree = hierarchy.from_registry(ref)
+    ref_tree = _tree(ref)
     merged = dict(ref_tree.parent)
     clash = sorted(set(hierarchy.normalise(extension)) & set(merged)) if extension else []
     if clash:

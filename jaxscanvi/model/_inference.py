@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import zlib
 from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -62,9 +63,7 @@ class Kernel:
     def __call__(self, *args):
         leaves, tree = jax.tree_util.tree_flatten(args)
         if self._key is None or any(
-            len(getattr(x, "sharding", None).device_set) > 1
-            for x in leaves
-            if isinstance(x, jax.Array)
+            len(x.sharding.device_set) > 1 for x in leaves if isinstance(x, jax.Array)
         ):
             return self._jit(*args)
         sig = (
@@ -120,7 +119,7 @@ def chunks(cells: CellData, indices, batch_size: int | None, n_devices: int = 1)
 
 def map_cells(
     fn, variables: dict, cells: CellData, indices, batch_size, *, parallel=None, seed: int = 0
-):
+) -> Any:
     """``fn(variables, batch, key)`` over the selected cells, results in their order.
 
     ``fn`` returns arrays with the cell axis first. With ``parallel`` (the
@@ -156,7 +155,9 @@ def _map_slices(fn, variables, cells, indices, batch_size, parallel, seed):
     if idx.size == 0:
         raise InputError("indices", [], "selects no cells", "pass at least one index")
     # a collective: every process must ask for the same cells
-    sig = np.array([[idx.size, zlib.crc32(np.ascontiguousarray(idx, np.int64))]], np.int64)
+    # an ndarray is a buffer; numpy's stubs declare `__buffer__` only from Python 3.12
+    crc = zlib.crc32(np.ascontiguousarray(idx, np.int64))  # pyright: ignore[reportArgumentType]
+    sig = np.array([[idx.size, crc]], np.int64)
     if (distributed.gather_rows(sig) != sig).any():
         raise InputError(
             "indices",

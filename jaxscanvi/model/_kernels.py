@@ -103,9 +103,16 @@ def _generate(mdl, b, n_samples, batch_code=None):
     return inf, gen
 
 
-def _theta(gen, shape):
+def _theta(gen, shape) -> jax.Array | None:
     lt = gen["log_theta"]
     return None if lt is None else jnp.broadcast_to(jnp.exp(lt), shape)
+
+
+def _dispersion(gen, shape) -> jax.Array:
+    """`_theta` of a negative-binomial likelihood (nb, zinb), which always has one."""
+    theta = _theta(gen, shape)
+    assert theta is not None
+    return theta
 
 
 def predictive_fn(module, variables, batch, key, batch_code, *, n_samples: int):
@@ -118,10 +125,10 @@ def predictive_fn(module, variables, batch, key, batch_code, *, n_samples: int):
         if lik == "poisson":
             d = dist.Poisson(mu)
         elif lik == "nb":
-            d = dist.NegativeBinomial2(mean=mu, concentration=_theta(gen, mu.shape))
+            d = dist.NegativeBinomial2(mean=mu, concentration=_dispersion(gen, mu.shape))
         else:
             d = dist.ZeroInflatedNegativeBinomial2(
-                mean=mu, concentration=_theta(gen, mu.shape), gate_logits=gen["zi_logits"]
+                mean=mu, concentration=_dispersion(gen, mu.shape), gate_logits=gen["zi_logits"]
             )
         x = d.sample(mdl.make_rng("sample"))
         return jnp.moveaxis(x, 0, -1) if n_samples > 1 else x  # (B, G[, S])
@@ -135,7 +142,7 @@ def likelihood_fn(module, variables, batch, key, *, n_samples: int):
         mu = jnp.exp(gen["log_mu"])
         out = {"mean": mu}
         if mdl.config.gene_likelihood != "poisson":
-            out["dispersions"] = _theta(gen, mu.shape)
+            out["dispersions"] = _dispersion(gen, mu.shape)
         if mdl.config.gene_likelihood == "zinb":
             out["dropout"] = jax.nn.sigmoid(gen["zi_logits"])
         # the chunk mapper concatenates along axis 0: put cells first

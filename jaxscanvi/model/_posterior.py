@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from functools import partial
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -149,7 +150,7 @@ def normalized_expression(self, kernel, kernel_kw: dict, args: dict):
             names = (
                 self.registry.var_names if args["gene_list"] is None else list(args["gene_list"])
             )
-            return pd.DataFrame(expr, columns=list(names))
+            return pd.DataFrame(expr, columns=pd.Index(list(names)))
         return expr
     jfn = jitted(
         partial(
@@ -160,10 +161,12 @@ def normalized_expression(self, kernel, kernel_kw: dict, args: dict):
             latent_library=library_size == "latent",
         )
     )
-    expr = sum(
+    # the sum of one (cells[, samples], genes) array per batch code (not the int 0)
+    total = sum(
         self._map(partial(_with_batch, jfn, code), cells, indices, args["batch_size"])
         for code in batches
-    ) / len(batches)
+    )
+    expr = cast(np.ndarray, total) / len(batches)
     if library_size != "latent":
         expr = expr * float(library_size)
     if gene_mask is not None:
@@ -178,7 +181,7 @@ def normalized_expression(self, kernel, kernel_kw: dict, args: dict):
     gene_list = args["gene_list"]
     names = self.registry.var_names if gene_list is None else list(gene_list)
     idx = np.arange(cells.n_obs) if indices is None else np.asarray(indices)
-    return pd.DataFrame(expr, index=cells.obs_names[idx], columns=list(names))
+    return pd.DataFrame(expr, index=cells.obs_names[idx], columns=pd.Index(list(names)))
 
 
 def _importance_weighted(args: dict, kernel, batches) -> bool:

@@ -8,6 +8,7 @@ a shape that differs; `_export` reads the same tables the other way.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +44,7 @@ _LINEAR = {
 }
 
 
-def _get(tree, path):
+def _get(tree, path) -> Any:
     for p in path:
         if not isinstance(tree, dict) or p not in tree:
             return None

@@ -68,12 +68,15 @@ accelerator that is most of a small model's step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import jax
 import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..train.config import TrainConfig
+from ..train.fit import Task
 from ..train.sources import make_source
 from . import _members, _memory
 from ._loop import Member, initial_state, run_in_turn, run_vmapped
@@ -111,7 +114,8 @@ class SweepResult:
                 "not a history column",
                 f"pass one of {sorted(self.history.columns)}",
             )
-        return self.models[int(self.final[metric].idxmin())]
+        best = self.final[metric].idxmin()  # a label of `final`'s index: a member number
+        return self.models[int(cast(int, best))]
 
 
 def train_many(
@@ -273,15 +277,27 @@ def _finish(model, plan, result) -> None:
     model._train(plan, result)
 
 
+def _task(member: Member) -> Task:
+    """A member's task (`Member` holds its config and task as ``object``)."""
+    assert isinstance(member.task, Task)
+    return member.task
+
+
+def _config(member: Member) -> TrainConfig:
+    """A member's config (see `_task`)."""
+    assert isinstance(member.config, TrainConfig)
+    return member.config
+
+
 def _same_program(group: list[Member]) -> None:
     """Members must share every shape and every setting that is not traced."""
-    ref = group[0]
-    tree = jax.tree_util.tree_structure(ref.task.params)
-    shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(ref.task.params)]
-    for m in group[1:]:
+    ref = _task(group[0])
+    tree = jax.tree_util.tree_structure(ref.params)
+    shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(ref.params)]
+    for m in map(_task, group[1:]):
         if (
-            jax.tree_util.tree_structure(m.task.params) != tree
-            or [np.shape(x) for x in jax.tree_util.tree_leaves(m.task.params)] != shapes
+            jax.tree_util.tree_structure(m.params) != tree
+            or [np.shape(x) for x in jax.tree_util.tree_leaves(m.params)] != shapes
         ):
             raise InputError(
                 "model",
@@ -289,7 +305,7 @@ def _same_program(group: list[Member]) -> None:
                 "a sweep vmaps one architecture",
                 "build every member with the same network sizes and data",
             )
-        if m.task.loss_spec != ref.task.loss_spec:
+        if m.loss_spec != ref.loss_spec:
             raise InputError(
                 "model",
                 "members with different losses",
@@ -299,17 +315,18 @@ def _same_program(group: list[Member]) -> None:
 
 
 def _fits(first: Member, k: int, cells, *, shared: bool, budget: int | None) -> None:
-    B, G = first.config.batch_size, cells.n_vars
+    task = _task(first)
+    B, G = _config(first).batch_size, cells.n_vars
     dense = cells.n_obs * G * 4 <= 1 << 30
     data = cells.n_obs * G * 4 if dense else cells.X.data.nbytes * 2 + cells.X.indptr.nbytes
-    paired = first.task.labelled is not None
+    paired = task.labelled is not None
     budget = _memory.available_bytes() if budget is None else int(budget)
     _memory.check_fits(
         k,
         budget,
         lambda n: _memory.estimate(
-            first.task.params,
-            first.task.state,
+            task.params,
+            task.state,
             n_members=n,
             batch_size=B,
             n_genes=G,

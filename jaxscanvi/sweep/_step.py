@@ -162,10 +162,20 @@ def member_steps(task, config, *, schedule_mode: str):
                 ts, batch
             )
 
+        def deferred_step(c, b):
+            f = fns(c[0]).deferred
+            assert f is not None  # numerics defer Adam's update: the pair is built
+            return f(c, b)
+
+        def finish(c):
+            f = fns(c[0]).finish
+            assert f is not None  # as in deferred_step
+            return f(c)
+
         train = StepFns(
             lambda c, b: fns(c[0]).step(c, b),
-            (lambda c, b: fns(c[0]).deferred(c, b)) if deferred else None,
-            (lambda c: fns(c[0]).finish(c)) if deferred else None,
+            deferred_step if deferred else None,
+            finish if deferred else None,
         )
         return tx, pinned(train, numerics), backend.traced(evaluate, numerics)
 

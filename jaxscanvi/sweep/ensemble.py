@@ -71,7 +71,7 @@ def ensemble_predict(models: Sequence, adata=None, indices=None) -> EnsemblePred
     mi = _entropy(mean) - _entropy(probs).mean(0)
     index = models[0].predict(adata=adata, indices=indices, soft=True).index
     return EnsemblePrediction(
-        pd.DataFrame(mean, index=index, columns=list(names)),
+        pd.DataFrame(mean, index=index, columns=pd.Index(list(names))),
         names[top],
         disagreement,
         np.maximum(mi, 0.0),

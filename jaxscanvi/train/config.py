@@ -100,7 +100,7 @@ class Plan:
         plateau = {k: plan.pop(k) for k in _PLATEAU_KEYS if k in plan}
         return cls(tuple(sorted(plan.items())), schedule, tuple(sorted(plateau.items())))
 
-    def get(self, name: str, default=None):
+    def get(self, name: str, default: Any = None) -> Any:
         return dict(self.options).get(name, default)
 
 

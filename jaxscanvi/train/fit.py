@@ -44,7 +44,7 @@ class Task(NamedTuple):
     params: Any
     state: Any
     # make_loss(train=...) -> loss(params, state, batch, rng, kl_weight, step=...)
-    make_loss: Callable[[bool], Callable]
+    make_loss: Callable[..., Callable]
     # equal specs make equal losses: with the config, the compiled step's cache key
     loss_spec: Hashable
     # model_class, config, registry: what a checkpoint must match to be resumed
@@ -136,12 +136,11 @@ def step_fns(config: TrainConfig, task: Task):
 
 def pinned(fns: StepFns, numerics: backend.Numerics) -> StepFns:
     """A train step and its deferred pair, each traced under ``numerics``."""
-    return StepFns(
-        *(
-            None if f is None else backend.traced(f, numerics)
-            for f in (fns.step, fns.deferred, fns.finish)
-        )
-    )
+
+    def pin(f: Callable | None) -> Callable | None:
+        return None if f is None else backend.traced(f, numerics)
+
+    return StepFns(backend.traced(fns.step, numerics), pin(fns.deferred), pin(fns.finish))
 
 
 def data_shards(config: TrainConfig, n_obs: int) -> np.ndarray | None:
@@ -321,12 +320,13 @@ def _checkpointer(config: TrainConfig, fingerprint: dict, owner: dict, held):
 
 
 def _val_metrics(task: Task, val_idx: np.ndarray, parallel):
-    if task.val_metrics is None:
+    val_metrics = task.val_metrics
+    if val_metrics is None:
         return None
 
     def metrics(ts):
         if jax.process_count() > 1:
             ts = to_default_device(ts)
-        return task.val_metrics({"params": ts.params, **ts.state}, val_idx, parallel)
+        return val_metrics({"params": ts.params, **ts.state}, val_idx, parallel)
 
     return metrics

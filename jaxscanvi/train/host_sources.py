@@ -20,6 +20,7 @@ import numpy as np
 
 from ..compile_cache import ChunkEpochKey
 from ..compile_cache import functions as _COMPILED
+from ..data.backed import BackedRows
 from ..data.batch import (
     DeviceCells,
     device_batch,
@@ -71,7 +72,9 @@ class HostSource(Source):
 
     def read(self, take: np.ndarray):
         """CSR rows ``take`` (increasing) of the counts."""
-        return gather_rows(self.host.X, take)
+        X = self.host.X
+        assert not isinstance(X, BackedRows)  # check_source: on-disk counts stream
+        return gather_rows(X, take)
 
     def _epoch_fn(self, step_fn: Callable):
         par, G, K, sparse = self.parallel, self.n_genes, self.k_cap, self.sparse

@@ -16,7 +16,10 @@ from tqdm.auto import tqdm
 from ..data.batch import Batch
 from ..errors import InputError, NonFiniteLossError
 from .history import add_scvi_tools_names
-from .state import KLSchedule, TrainState, get_lr, set_lr
+from .state import TrainState, get_lr, set_lr
+
+# the KL weight at (epoch, step): a `state.KLSchedule`, or a sweep's traced one
+Schedule = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class StepFns:
 def make_train_step(
     loss_fn: Callable,
     tx: optax.GradientTransformation,
-    schedule: KLSchedule,
+    schedule: Schedule,
     on_nonfinite: str = "raise",
     state_mask=None,
     pending: Callable | None = None,
@@ -130,7 +133,7 @@ def _deferred_pair(body: Callable, pending: Callable) -> tuple[Callable, Callabl
     return deferred, finish
 
 
-def make_eval_step(loss_fn: Callable, schedule: KLSchedule) -> Callable:
+def make_eval_step(loss_fn: Callable, schedule: Schedule) -> Callable:
     """Evaluation (no update) as a scan body."""
 
     def step(carry, batch):
@@ -295,7 +298,7 @@ def validates(cfg: FitConfig, epoch: int) -> bool:
 
 def train_record(epoch: int, terms: dict, counts, klw, lr: float) -> dict:
     """An epoch's history record from its per-step outputs (one model's)."""
-    record = {"epoch": epoch}
+    record: dict[str, float] = {"epoch": epoch}
     record.update({f"{k}_train": v for k, v in epoch_means(terms, counts).items()})
     record["train_loss"] = record.pop("loss_train")
     record["kl_weight"] = float(np.asarray(klw)[-1])

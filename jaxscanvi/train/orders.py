@@ -9,6 +9,8 @@ padded non-zero lists of the minibatches. The sources themselves are in
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 
@@ -92,10 +94,12 @@ class Source:
         return labelled_rows(rng, lab_idx, n_steps, batch_size)
 
     def _split(self, rng, idx, batch_size: int):
-        n = len(self.shards) - 1
+        shards = self.shards
+        assert shards is not None  # called only when drawing slice by slice
+        n = len(shards) - 1
         idx = np.asarray(idx)
         seeds = rng.integers(0, 2**63 - 1, size=n)
-        parts = [idx[(idx >= lo) & (idx < hi)] for lo, hi in zip(self.shards[:-1], self.shards[1:])]
+        parts = [idx[(idx >= lo) & (idx < hi)] for lo, hi in itertools.pairwise(shards)]
         return [np.random.default_rng(int(s)) for s in seeds], parts, batch_size // n
 
     def order(

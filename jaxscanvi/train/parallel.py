@@ -10,6 +10,7 @@ inserts, so the result is the single-device result up to summation order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import overload
 
 import jax
 import numpy as np
@@ -99,7 +100,11 @@ class DataParallel:
     def rows(self) -> NamedSharding:
         return NamedSharding(self.mesh, P(AXIS))
 
-    def pad(self, rows):
+    @overload
+    def pad(self, rows: None) -> None: ...
+    @overload
+    def pad(self, rows: np.ndarray) -> np.ndarray: ...
+    def pad(self, rows: np.ndarray | None) -> np.ndarray | None:
         """Pad (n_steps, B) row indices with -1 columns to a multiple of the device count."""
         if rows is None:
             return None

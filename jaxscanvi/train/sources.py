@@ -50,6 +50,7 @@ from ..errors import InputError
 from .chunks import scan_program
 from .host_sources import HostSource, StreamSource
 from .orders import Source, epoch_rows, grown_cap, labelled_rows, rows_nnz
+from .parallel import DataParallel
 
 __all__ = [
     "DeviceSource",
@@ -91,7 +92,7 @@ class DeviceSource(Source):
         batch_size: int,
         device=None,
         dense_max_bytes: int = 1 << 30,
-        parallel=None,
+        parallel: DataParallel | None = None,
         bounds=None,
     ):
         self.n_genes = cells.n_vars
@@ -107,6 +108,7 @@ class DeviceSource(Source):
         if not self.dense:  # refused before any copy, never wrapped
             check_offsets(resident_nnz(cells.X.indptr, self.bounds), "the fullest device")
         if self.bounds is not None:
+            assert parallel is not None  # bounds are kept only with parallel
             self.cells = shard_cells(cells, self.bounds, parallel.mesh, dense=self.dense)
         elif self.dense:
             self.cells = DenseDeviceCells.from_cells(cells, device)
@@ -132,6 +134,7 @@ class DeviceSource(Source):
 
             def gather(cells, r):
                 if sharded:  # each device densifies its own rows
+                    assert par is not None  # bounds are kept only with parallel
                     return par.constrain(sharded_batch(cells, r, par.mesh, G, K))
                 b = dense_device_batch(cells, r) if dense else device_batch(cells, r, G, K)
                 return b if par is None else par.constrain(b)
@@ -142,10 +145,11 @@ class DeviceSource(Source):
         return _COMPILED.get(key, build)
 
     def run_epoch(self, step_fn, carry, rows, lab_rows=None):
-        sharded = self.bounds is not None
+        bounds = self.bounds
+        sharded = bounds is not None
         if not self.dense:  # dense counts need no list of non-zeros
             if sharded:  # each device lists the non-zeros of its own rows
-                n = len(self.bounds) - 1
+                n = len(bounds) - 1
                 self.k_cap = grown_cap(
                     self.k_cap, self.row_nnz, per_device(rows, n), per_device(lab_rows, n)
                 )
@@ -155,8 +159,8 @@ class DeviceSource(Source):
             rows, lab_rows = self.parallel.pad(rows), self.parallel.pad(lab_rows)
             carry = self.parallel.replicate(carry)
         if sharded:  # cells are indexed within their device's slice
-            rows = local_rows(rows, self.bounds)
-            lab_rows = None if lab_rows is None else local_rows(lab_rows, self.bounds)
+            rows = local_rows(rows, bounds)
+            lab_rows = None if lab_rows is None else local_rows(lab_rows, bounds)
         fn = self._epoch_fn(step_fn)
         lab = None if lab_rows is None else jnp.asarray(lab_rows)
         return fn(carry, self.cells, jnp.asarray(rows), lab)
@@ -208,7 +212,7 @@ def make_source(
     *,
     device_budget_bytes: int | None = None,
     dense_max_bytes: int = 1 << 30,
-    parallel=None,
+    parallel: DataParallel | None = None,
     shards: np.ndarray | None = None,
     spread: bool = False,
 ):
@@ -245,6 +249,7 @@ def make_source(
         nnz = int(cells.X.indptr[-1])
         nbytes = nnz * 8 + (cells.n_obs + 1) * 8 + cells.n_obs * 64
         if bounds is not None:  # each device holds about its share
+            assert parallel is not None  # bounds come only with parallel
             nbytes = nbytes // parallel.size
         budget = device_budget_bytes if device_budget_bytes is not None else _device_budget()
         # past 32-bit offsets on a device the chunked host path trains it

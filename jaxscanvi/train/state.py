@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,10 @@ class TrainState:
     rng: jax.Array  # base key; step keys are fold_in(rng, step)
     step: jax.Array  # int32, optimisation steps taken
     epoch: jax.Array  # int32, epochs completed
+
+    if TYPE_CHECKING:  # `struct.dataclass` adds it at runtime; declared for the checker
+
+        def replace(self, **changes: Any) -> TrainState: ...
 
 
 def make_optimizer(
