@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import cast
 
 import anndata as ad
 import numpy as np
@@ -56,7 +57,7 @@ def _reorder_columns(X, take: np.ndarray, n_out: int):
             (np.ones(keep.sum(), X.dtype), (take[keep], np.flatnonzero(keep))),
             shape=(X.shape[1], n_out),
         )
-        out = sp.csr_matrix(X) @ sel
+        out = cast(sp.csr_matrix, sp.csr_matrix(X) @ sel)  # scipy is untyped
         out.sort_indices()
         return out.tocsc() if sp.isspmatrix_csc(X) else out
     X = np.asarray(X)

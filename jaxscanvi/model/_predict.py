@@ -107,7 +107,7 @@ def predictions(
             pred = np.where(probs.max(1) < unassigned_threshold, UNASSIGNED, pred)
         return pred
     probs = probs / probs.sum(1, keepdims=True)
-    return pd.DataFrame(probs, index=index, columns=list(names))
+    return pd.DataFrame(probs, index=index, columns=pd.Index(list(names)))
 
 
 def expression_kernel(registry, label) -> tuple:

@@ -37,7 +37,7 @@ def _load_reference(cls, reference_model):
             if is_scvi_tools_folder(reference_model)
             else io.read_metadata(reference_model).get("model_class")
         )
-        kind = kinds.get(name)
+        kind = kinds.get(name) if isinstance(name, str) else None
         if kind is None:
             raise ModelFormatError(
                 f"{str(reference_model)!r} holds a {name!r} model, not SCVI or SCANVI"

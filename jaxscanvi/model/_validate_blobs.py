@@ -60,7 +60,7 @@ def check_variables(dir_path, config, data: bytes, *, encoder=None, decoder=None
                 f"{str(dir_path)!r}: config.{field}={n}, but the saved parameters hold "
                 f"only {len(got)} arrays; the folder is damaged. Fix: save the model again"
             )
-    want = _expected(module)
+    want = _expected(module)  # pyright: ignore[reportArgumentType] - linen modules hash
     if set(got) != set(want):
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         raise ModelFormatError(

@@ -277,24 +277,12 @@ def _finish(model, plan, result) -> None:
     model._train(plan, result)
 
 
-def _task(member: Member) -> Task:
-    """A member's task (`Member` holds its config and task as ``object``)."""
-    assert isinstance(member.task, Task)
-    return member.task
-
-
-def _config(member: Member) -> TrainConfig:
-    """A member's config (see `_task`)."""
-    assert isinstance(member.config, TrainConfig)
-    return member.config
-
-
 def _same_program(group: list[Member]) -> None:
     """Members must share every shape and every setting that is not traced."""
-    ref = _task(group[0])
+    ref = group[0].task
     tree = jax.tree_util.tree_structure(ref.params)
     shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(ref.params)]
-    for m in map(_task, group[1:]):
+    for m in (member.task for member in group[1:]):
         if (
             jax.tree_util.tree_structure(m.params) != tree
             or [np.shape(x) for x in jax.tree_util.tree_leaves(m.params)] != shapes
@@ -315,8 +303,8 @@ def _same_program(group: list[Member]) -> None:
 
 
 def _fits(first: Member, k: int, cells, *, shared: bool, budget: int | None) -> None:
-    task = _task(first)
-    B, G = _config(first).batch_size, cells.n_vars
+    task = first.task
+    B, G = first.config.batch_size, cells.n_vars
     dense = cells.n_obs * G * 4 <= 1 << 30
     data = cells.n_obs * G * 4 if dense else cells.X.data.nbytes * 2 + cells.X.indptr.nbytes
     paired = task.labelled is not None

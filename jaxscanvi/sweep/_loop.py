@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..train.fit import FitResult, loop_config
+from ..train.config import TrainConfig
+from ..train.fit import FitResult, Task, loop_config
 from ..train.loop import (
     LoopState,
     NonFiniteEpoch,
@@ -43,8 +44,8 @@ from ._step import masked_jit, run_epoch_vmapped
 class Member:
     """One member's fixed inputs: its run's config, task, split and seed."""
 
-    config: object
-    task: object
+    config: TrainConfig
+    task: Task
     train_idx: np.ndarray
     val_idx: np.ndarray
     seed: int

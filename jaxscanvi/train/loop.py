@@ -16,10 +16,7 @@ from tqdm.auto import tqdm
 from ..data.batch import Batch
 from ..errors import InputError, NonFiniteLossError
 from .history import add_scvi_tools_names
-from .state import TrainState, get_lr, set_lr
-
-# the KL weight at (epoch, step): a `state.KLSchedule`, or a sweep's traced one
-Schedule = Callable[[jax.Array, jax.Array], jax.Array]
+from .state import Schedule, TrainState, get_lr, set_lr
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -164,6 +165,10 @@ def with_hyperparams(opt_state, **values):
 def adam_state(opt_state) -> optax.ScaleByAdamState:
     """The Adam moments and count inside ``opt_state``."""
     return optax.tree_utils.tree_get(opt_state, "ScaleByAdamState")
+
+
+# the KL weight at (epoch, step): a `KLSchedule`, or a sweep's traced one
+Schedule = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @dataclass(frozen=True)
