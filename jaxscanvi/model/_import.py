@@ -46,7 +46,8 @@ _IGNORED = {
     "unlabeled_category",
     "pretrained_model",
 }
-_ARCH = {
+# the architecture fields of a scVI/scANVI config (`_pretrained` checks them too)
+ARCH_KEYS = (
     "n_hidden",
     "n_latent",
     "n_layers",
@@ -59,7 +60,8 @@ _ARCH = {
     "use_batch_norm",
     "use_layer_norm",
     "use_observed_lib_size",
-}
+)
+_ARCH = set(ARCH_KEYS)
 _SCANVI_ARCH = {"linear_classifier", "classifier_parameters", "y_prior"}
 
 

@@ -8,22 +8,8 @@ import numpy as np
 
 from ..data.registry import build_registry
 from ..errors import InputError
+from ._import import ARCH_KEYS
 from .scvi import SCVI
-
-_ARCH_KEYS = (
-    "n_hidden",
-    "n_latent",
-    "n_layers",
-    "dropout_rate",
-    "dispersion",
-    "gene_likelihood",
-    "latent_distribution",
-    "encode_covariates",
-    "deeply_inject_covariates",
-    "use_batch_norm",
-    "use_layer_norm",
-    "use_observed_lib_size",
-)
 
 
 def from_scvi_model(
@@ -64,7 +50,7 @@ def from_scvi_model(
             "pass labels_key=...",
         )
     cfg = scvi_model.module.config
-    for k in _ARCH_KEYS:
+    for k in ARCH_KEYS:
         if k in scanvi_kwargs:
             warnings.warn(
                 f"Ignoring param '{k}' as it was already passed in to the "
@@ -98,7 +84,7 @@ def from_scvi_model(
             "pretrain scVI with dispersion='gene' or 'gene-batch'",
         )
     adata.uns["_jaxscanvi_registry"] = new_reg.to_json()
-    arch = {k: getattr(cfg, k) for k in _ARCH_KEYS}
+    arch = {k: getattr(cfg, k) for k in ARCH_KEYS}
     scanvi_kwargs.setdefault("encoder", scvi_model.module.encoder_cls)
     scanvi_kwargs.setdefault("decoder", scvi_model.module.decoder_cls)
     model = cls(adata, **arch, **scanvi_kwargs, seed=scvi_model.init_seed, registry=new_reg)
