@@ -95,7 +95,7 @@ def _read_bounds(open_x, n: int, batch_size: int) -> dict:
 
     ``runs``: the store's ``read_runs`` replayed over the very spans a
     streamed epoch asks for (recorded from one), on a freshly opened store;
-    ``sequential``: the same rows read in order, 65,536 per call."""
+    ``sequential``: the same rows read in order, 65,536 per call. Best of two."""
     from jaxscanvi.train.sources import StreamSource
 
     X = open_x()
@@ -107,16 +107,24 @@ def _read_bounds(open_x, n: int, batch_size: int) -> dict:
 
     X.read_runs = record
     _loader_epoch(StreamSource(_cells(X), batch_size), n, batch_size)
-    X = open_x()
-    t0 = time.perf_counter()
-    for lo, hi in calls:
-        X.read_runs(lo, hi)
-    runs = time.perf_counter() - t0
-    X = open_x()
-    t0 = time.perf_counter()
-    for a in range(0, n, 1 << 16):
-        X.read_runs([a], [min(a + (1 << 16), n)])
-    seq = time.perf_counter() - t0
+
+    def replay():
+        X = open_x()
+        t0 = time.perf_counter()
+        for lo, hi in calls:
+            X.read_runs(lo, hi)
+        return time.perf_counter() - t0
+
+    def in_order():
+        X = open_x()
+        t0 = time.perf_counter()
+        for a in range(0, n, 1 << 16):
+            X.read_runs([a], [min(a + (1 << 16), n)])
+        return time.perf_counter() - t0
+
+    # the best of two, as the loader's epochs are
+    runs = min(replay() for _ in range(2))
+    seq = min(in_order() for _ in range(2))
     return {
         "read_runs_cells_per_s": round(n / runs),
         "read_runs_calls": len(calls),
