@@ -7,7 +7,9 @@ Three parts, each written to ``benchmarks/results/atlas.json`` (``--out``):
   every store `stores.py` builds (one backed ``.h5ad``; 4 ``.h5ad``/``.zarr``
   files; annbatch and TileDB-SOMA where installed), read from the page
   cache (each file is read once before timing). Cells/s, CSR GB/s and the
-  RSS it adds.
+  RSS it adds; for each store, ``reading_alone``: its library's read rate
+  for the same runs (replayed, nothing built or shipped) and for all rows in
+  order, the bound on what the loader can reach.
 * ``overhead``: scVI trained through the device, host and stream sources in
   alternating rounds, steady epochs only (the first compiles): host and
   stream cells/s as a ratio of the device source's, with a tiny network
@@ -88,6 +90,48 @@ def _loader_epoch(src, n: int, batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
+def _read_bounds(open_x, n: int, batch_size: int) -> dict:
+    """What the store's library allows, reading alone (no chunks built or shipped).
+
+    ``runs``: the store's ``read_runs`` replayed over the very spans a
+    streamed epoch asks for (recorded from one), on a freshly opened store;
+    ``sequential``: the same rows read in order, 65,536 per call. Best of two."""
+    from jaxscanvi.train.sources import StreamSource
+
+    X = open_x()
+    calls, read_runs = [], X.read_runs
+
+    def record(lo, hi):
+        calls.append((lo, hi))
+        return read_runs(lo, hi)
+
+    X.read_runs = record
+    _loader_epoch(StreamSource(_cells(X), batch_size), n, batch_size)
+
+    def replay():
+        X = open_x()
+        t0 = time.perf_counter()
+        for lo, hi in calls:
+            X.read_runs(lo, hi)
+        return time.perf_counter() - t0
+
+    def in_order():
+        X = open_x()
+        t0 = time.perf_counter()
+        for a in range(0, n, 1 << 16):
+            X.read_runs([a], [min(a + (1 << 16), n)])
+        return time.perf_counter() - t0
+
+    # the best of two, as the loader's epochs are
+    runs = min(replay() for _ in range(2))
+    seq = min(in_order() for _ in range(2))
+    return {
+        "read_runs_cells_per_s": round(n / runs),
+        "read_runs_calls": len(calls),
+        "sequential_cells_per_s": round(n / seq),
+    }
+
+
 def part_loader(n_cells: int, batch_size: int, tmp: Path) -> dict:
     """Each store's streamed epoch of chunks, against the in-memory host source's."""
     from stores import build, warm
@@ -101,6 +145,7 @@ def part_loader(n_cells: int, batch_size: int, tmp: Path) -> dict:
     for name, (open_x, paths) in stores.items():
         warm(paths)  # the page cache, as the target reads
         makers[name] = (lambda o: lambda: StreamSource(_cells(o()), batch_size))(open_x)
+    openers = {name: open_x for name, (open_x, _) in stores.items()}
     out = {
         "n_cells": n_cells,
         "n_genes": 2000,
@@ -121,6 +166,10 @@ def part_loader(n_cells: int, batch_size: int, tmp: Path) -> dict:
             "rss_added_mb": round((current_rss_mb() or 0.0) - rss0, 1),
         }
         print(f"loader {name}: {n_cells / best:,.0f} cells/s ({gb / best:.2f} GB/s)")
+        if name in openers:  # the library's own read rate: the bound on the loader
+            bound = _read_bounds(openers[name], n_cells, batch_size)
+            out["stores"][name]["reading_alone"] = bound
+            print(f"  reading alone: {bound}")
     return out
 
 

@@ -308,3 +308,60 @@ def test_backed_rows_read_runs(tmp_path, fmt):
     cache = RunCache(rows, run_cells=16, max_cells=128)
     take = np.random.default_rng(0).integers(0, 500, 200)
     np.testing.assert_array_equal(cache.rows(take).toarray(), X[take].toarray())
+
+
+def test_ranges_of_reads_zarr_ranges_together(tmp_path, monkeypatch):
+    """zarr ranges whose chunks touch are read as one slice, and every range
+    comes back in the order asked (out of order, empty, past the span limit)."""
+    import zarr
+
+    from jaxscanvi.data import backed
+
+    values = np.arange(1000, dtype=np.float32)
+    z = zarr.create_array(str(tmp_path / "v.zarr"), shape=(1000,), chunks=(50,), dtype="f4")
+    z[:] = values
+    reads = []
+
+    class Counted:  # the zarr array, its slices counted
+        chunks = z.chunks
+        dtype = z.dtype
+        get_orthogonal_selection = z.get_orthogonal_selection
+
+        def __getitem__(self, key):
+            reads.append(key)
+            return z[key]
+
+    a = np.array([0, 60, 70, 120, 400, 420, 10, 990, 500])
+    b = np.array([5, 65, 100, 130, 410, 420, 20, 1000, 900])
+    want = np.concatenate([values[i:j] for i, j in zip(a, b)])
+    np.testing.assert_array_equal(backed.ranges_of(Counted(), a, b), want)
+    # [0, 130) in one read; 400-420; 10-20 (back); 990-1000; 500-900
+    assert len(reads) == 5
+    monkeypatch.setattr(backed, "SPAN_VALUES", 30)
+    reads.clear()
+    np.testing.assert_array_equal(backed.ranges_of(Counted(), a, b), want)
+    assert len(reads) == 8  # [0, 130) is now four reads
+
+
+def test_copy_rows_pads_in_place_from_several_sources():
+    """copy_rows fills a chunk's capacity in place: rows from several sources in
+    the order asked, slices where consecutive, one value at a time where not."""
+    from jaxscanvi.data.shuffle import as_matrix, copy_rows, gather_rows
+
+    A = sp.random(50, 7, density=0.4, format="csr", dtype=np.float32, random_state=1)
+    B = sp.random(30, 7, density=0.4, format="csr", dtype=np.float32, random_state=2)
+    sources = [(M.data, M.indices, M.indptr.astype(np.int64)) for M in (A, B)]
+    for seg, row in [
+        (np.r_[np.zeros(20, int), np.ones(10, int)], np.r_[np.arange(5, 25), np.arange(10)]),
+        (np.array([1, 0, 1, 0, 0]), np.array([3, 40, 0, 2, 2])),  # short pieces, repeats
+    ]:
+        want = sp.vstack([(A, B)[s][[r]] for s, r in zip(seg, row)]).toarray()
+        parts = copy_rows(sources, seg, row, pad=2000)
+        assert parts[0].size == parts[1].size == 2000
+        assert not parts[0][int(parts[2][-1]) :].any()
+        np.testing.assert_array_equal(as_matrix(parts, 7).toarray(), want)
+    take = np.array([4, 9, 10, 11, 30])
+    got = gather_rows(A, take, 500, indptr=A.indptr.astype(np.int32))
+    np.testing.assert_array_equal(as_matrix(got, 7).toarray(), A[take].toarray())
+    with pytest.raises(ValueError, match="capacity"):
+        gather_rows(A, take, 1)

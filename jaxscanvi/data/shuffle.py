@@ -22,13 +22,12 @@ annbatch's rule (chunks gathered into a preloaded, shuffled buffer).
 
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
 
 import numpy as np
 import scipy.sparse as sp
 
-from .backed import as_csr_matrix
+from .backed import as_csr_matrix, offsets_of
 
 RUN_CELLS = 64
 BUFFER_CELLS = 1 << 16
@@ -62,27 +61,95 @@ def buffer_order(
     return out
 
 
-def gather_rows(X: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
-    """``X[rows]`` for increasing ``rows``, copied run by run where rows are
-    consecutive (a buffer's cells sorted back into their runs): a few large
-    copies instead of scipy's row-by-row gather. Falls back to scipy when
-    runs are short."""
+def padded_empty(nnz: int, pad: int, dtype) -> np.ndarray:
+    """An array of max(nnz, pad) entries, zeros past ``nnz`` (a chunk's fixed capacity)."""
+    if pad and nnz > pad:
+        raise ValueError(f"chunk holds {nnz} non-zeros, more than its capacity {pad}")
+    out = np.empty(max(nnz, pad), dtype)
+    out[nnz:] = 0
+    return out
+
+
+def _row_index(indptr, src, rows: np.ndarray, data: np.ndarray, indices: np.ndarray) -> bool:
+    """scipy's C++ row gather (what ``X[rows]`` runs) straight into ``data`` and
+    ``indices``: no intermediate CSR. False where the types differ from what
+    it takes (one index type throughout)."""
+    try:
+        from scipy.sparse._sparsetools import csr_row_index  # a private module
+    except ImportError:
+        return False
+    s_data, s_indices = src
+    if not (indptr.dtype == s_indices.dtype == indices.dtype and s_data.dtype == data.dtype):
+        return False
+    csr_row_index(rows.size, rows.astype(indptr.dtype), indptr, s_indices, s_data, indices, data)
+    return True
+
+
+def copy_rows(sources: list, seg: np.ndarray, row: np.ndarray, pad: int = 0):
+    """Rows ``row[i]`` of CSR ``sources[seg[i]]`` (each (data, indices, indptr)),
+    in that order, as (data, indices, indptr): data and indices hold
+    max(nnz, pad) entries, zeros past nnz (a chunk's capacity, filled in
+    place). Rows consecutive in one source are copied as one slice."""
+    m = row.size
+    counts = np.empty(m, np.int64)
+    for s, (_, _, ptr) in enumerate(sources):
+        here = slice(None) if len(sources) == 1 else seg == s
+        r = row[here]
+        counts[here] = ptr[r + 1] - ptr[r]
+    out_ptr = offsets_of(counts)
+    nnz = int(out_ptr[-1])
+    data = padded_empty(nnz, pad, np.float32)
+    indices = padded_empty(nnz, pad, np.int32)
+    # pieces: rows consecutive in one source
+    brk = np.flatnonzero((np.diff(seg) != 0) | (np.diff(row) != 1)) + 1
+    first = np.r_[0, brk]
+    if first.size * 8 > m and len(sources) == 1:  # short pieces: one C++ gather
+        d, ix, ptr = sources[0]
+        if _row_index(ptr, (d, ix), row, data[:nnz], indices[:nnz]):
+            return data, indices, out_ptr
+    if first.size * 8 > m:  # short pieces, several sources: element by element
+        _copy_elements(sources, seg, row, counts, out_ptr, data, indices)
+        return data, indices, out_ptr
+    starts = np.empty(first.size, np.int64)
+    seg_first = seg[first]
+    for s, (_, _, ptr) in enumerate(sources):
+        here = seg_first == s
+        starts[here] = ptr[row[first[here]]]
+    dst, size = out_ptr[first], np.diff(np.r_[out_ptr[first], nnz])
+    for s, (d, ix, _) in enumerate(sources):
+        here = np.flatnonzero(seg_first == s)
+        for a, o, k in zip(starts[here].tolist(), dst[here].tolist(), size[here].tolist()):
+            data[o : o + k] = d[a : a + k]
+            indices[o : o + k] = ix[a : a + k]
+    return data, indices, out_ptr
+
+
+def _copy_elements(sources, seg, row, counts, out_ptr, data, indices) -> None:
+    """`copy_rows` one value at a time (vectorised): for rows in short pieces."""
+    for s, (d, ix, ptr) in enumerate(sources):
+        p = np.flatnonzero(seg == s)
+        c = counts[p]
+        local = np.arange(int(c.sum())) - np.repeat(offsets_of(c)[:-1], c)
+        dst = np.repeat(out_ptr[p], c) + local
+        src = np.repeat(ptr[row[p]], c) + local
+        data[dst] = d[src]
+        indices[dst] = ix[src]
+
+
+def gather_rows(X: sp.csr_matrix, rows: np.ndarray, pad: int = 0, indptr=None):
+    """``X[rows]`` as (data, indices, indptr), padded as `copy_rows` says.
+    ``indptr``: X's offsets in the type of its indices (scipy's fast gather
+    takes one index type), where the caller keeps such a copy."""
     rows = np.asarray(rows, np.int64)
-    if rows.size == 0:
-        return X[rows]
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    if breaks.size * 8 > rows.size:  # runs shorter than 8 rows: scipy is faster
-        return X[rows]
-    first = rows[np.r_[0, breaks]]
-    last = rows[np.r_[breaks - 1, rows.size - 1]] + 1
-    a, b = X.indptr[first], X.indptr[last]
-    data = np.concatenate([X.data[i:j] for i, j in zip(a, b)])
-    indices = np.concatenate([X.indices[i:j] for i, j in zip(a, b)])
-    counts = np.diff(X.indptr)[rows]
-    indptr = np.zeros(rows.size + 1, np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    n_genes = X.shape[1]  # pyright: ignore[reportOptionalSubscript]  # scipy is untyped: shape reads as None
-    return sp.csr_matrix((data, indices, indptr), shape=(rows.size, n_genes))
+    ptr = X.indptr if indptr is None else indptr
+    return copy_rows([(X.data, X.indices, ptr)], np.zeros(rows.size, np.int8), rows, pad)
+
+
+def as_matrix(parts, n_genes: int) -> sp.csr_matrix:
+    """(data, indices, indptr) with padded data and indices as CSR (its first nnz)."""
+    data, indices, indptr = parts
+    nnz = int(indptr[-1])
+    return sp.csr_matrix((data[:nnz], indices[:nnz], indptr), shape=(indptr.size - 1, n_genes))
 
 
 class RunCache:
@@ -93,7 +160,9 @@ class RunCache:
     missing aligned run of ``run_cells`` rows once (adjacent ones in one
     read). The runs one call reads are joined into one segment, so the chunks
     that follow index one matrix per buffer, not one per run. Segments are
-    dropped, least recently used first, past ``max_cells`` cells.
+    dropped, least recently used first, past ``max_cells`` cells. Where each
+    run lies is kept in two arrays (one entry per run of the file), so a
+    chunk's bookkeeping is a few numpy calls, not a loop over its runs.
     """
 
     def __init__(self, reader, run_cells: int = RUN_CELLS, max_cells: int = 3 * BUFFER_CELLS):
@@ -104,86 +173,75 @@ class RunCache:
         lim = getattr(reader, "rows", None)
         n = reader.shape[0]
         self.lo, self.hi = (0, n) if lim is None else (lim.start, min(lim.stop, n))
-        self._segments: OrderedDict[int, sp.csr_matrix] = OrderedDict()
-        self._where: dict[int, tuple[int, int]] = {}  # run -> (segment, its first row there)
+        # segment -> ((data, indices, indptr), the runs it holds)
+        self._segments: OrderedDict[int, tuple] = OrderedDict()
+        n_runs = -(-n // self.run_cells)
+        self._seg = np.full(n_runs, -1, np.int64)  # run -> its segment, -1: not held
+        self._first = np.zeros(n_runs, np.int64)  # run -> its first row in the segment
         self._next = 0
         self.reads = 0  # calls to reader.read (for tests and benchmarks)
 
-    def _span(self, first: int, last: int) -> tuple[int, int]:
-        L = self.run_cells
-        return max(first * L, self.lo), min((last + 1) * L, self.hi)
-
     def _load(self, missing: np.ndarray) -> None:
-        cuts = np.r_[0, np.flatnonzero(np.diff(missing) != 1) + 1, missing.size]
-        spans, offset, seg = [], 0, self._next
+        """Read runs ``missing`` (increasing) into a new segment, adjacent ones together."""
+        L = self.run_cells
+        cuts = np.r_[0, np.flatnonzero(np.diff(missing) != 1) + 1]
+        lo = np.maximum(missing[cuts] * L, self.lo)
+        hi = np.minimum((np.r_[missing[cuts[1:] - 1], missing[-1]] + 1) * L, self.hi)
+        self.reads += lo.size
+        # each run's first row in the segment: its span's place plus its own
+        span_at = np.cumsum(hi - lo) - (hi - lo)
+        flag = np.zeros(missing.size, np.int64)
+        flag[cuts] = 1
+        which = np.cumsum(flag) - 1  # each run's span
+        run_lo = np.maximum(missing * L, self.lo)
+        seg = self._next
         self._next += 1
-        for a, b in itertools.pairwise(cuts):  # adjacent missing runs: one read
-            first, last = int(missing[a]), int(missing[b - 1])
-            lo, hi = self._span(first, last)
-            spans.append((lo, hi))
-            for r in range(first, last + 1):
-                self._where[r] = (seg, offset + self._span(r, r)[0] - lo)
-            offset += hi - lo
-        self.reads += len(spans)
-        lo, hi = np.asarray(spans, np.int64).T
+        self._seg[missing] = seg
+        self._first[missing] = span_at[which] + run_lo - lo[which]
         if hasattr(self.reader, "read_runs"):  # one CSR for all the runs
-            self._segments[seg] = self.reader.read_runs(lo, hi)
+            X = self.reader.read_runs(lo, hi)
         else:
-            parts = [self.reader.read(a, b) for a, b in spans]
-            self._segments[seg] = (
-                as_csr_matrix(sp.vstack(parts, format="csr")) if len(parts) > 1 else parts[0]
-            )
+            parts = [self.reader.read(int(a), int(b)) for a, b in zip(lo, hi)]
+            X = as_csr_matrix(sp.vstack(parts, format="csr")) if len(parts) > 1 else parts[0]
+        self._segments[seg] = ((X.data, X.indices, X.indptr), missing)
 
     def _evict(self, keep: set) -> None:
-        # rows of each segment (scipy is untyped: pyright reads csr_matrix.shape as None)
-        total = sum(m.shape[0] for m in self._segments.values())  # pyright: ignore[reportOptionalSubscript]
+        total = sum(p[2].size - 1 for p, _ in self._segments.values())
         for seg in list(self._segments):
             if total <= self.max_cells:
                 break
             if seg in keep:
                 continue
-            total -= self._segments.pop(seg).shape[0]  # pyright: ignore[reportOptionalSubscript]
-            self._where = {r: w for r, w in self._where.items() if w[0] != seg}
+            parts, runs = self._segments.pop(seg)
+            total -= parts[2].size - 1
+            self._seg[runs] = -1
 
-    @staticmethod
-    def _gather(X: sp.csr_matrix, row: np.ndarray) -> sp.csr_matrix:
-        if row.size > 1 and np.all(np.diff(row) > 0):
-            return gather_rows(X, row)
-        return as_csr_matrix(X[row])
-
-    def rows(self, take: np.ndarray) -> sp.csr_matrix:
-        """CSR rows ``take`` (global row numbers), in that order; increasing
-        ``take`` is read run by run (`gather_rows`)."""
+    def rows(self, take: np.ndarray, pad: int | None = None):
+        """Rows ``take`` (global row numbers), in that order, as CSR; with
+        ``pad``, as (data, indices, indptr) padded to ``pad`` non-zeros
+        (`copy_rows`): what a chunk ships."""
         take = np.asarray(take, np.int64)
+        n_genes = self.reader.shape[1]
         if take.size == 0:
-            return sp.csr_matrix((0, self.reader.shape[1]), dtype=np.float32)
+            parts = (
+                np.zeros(pad or 0, np.float32),
+                np.zeros(pad or 0, np.int32),
+                np.zeros(1, np.int64),
+            )
+            return parts if pad is not None else as_matrix(parts, n_genes)
         run = take // self.run_cells
-        needed = np.unique(run)
-        missing = np.asarray([r for r in needed.tolist() if r not in self._where], np.int64)
+        sorted_ = bool(np.all(run[1:] >= run[:-1]))
+        needed = run[np.r_[True, run[1:] != run[:-1]]] if sorted_ else np.unique(run)
+        missing = needed[self._seg[needed] < 0]
         if missing.size:
             self._load(missing)
-        info = np.asarray([self._where[r] for r in needed.tolist()], np.int64)
-        k = np.searchsorted(needed, run)
-        seg = info[k, 0]
-        row = info[k, 1] + take - np.maximum(run * self.run_cells, self.lo)
+        seg = self._seg[run]
+        row = self._first[run] + take - np.maximum(run * self.run_cells, self.lo)
         segs = np.unique(seg)
-        for s_ in segs:
-            self._segments.move_to_end(int(s_))
-        if segs.size == 1:
-            X = self._segments[int(segs[0])]
-            # a chunk that is exactly the buffer it loaded: nothing to gather
-            whole = row.size == X.shape[0] and np.array_equal(row, np.arange(row.size))  # pyright: ignore[reportOptionalSubscript]  # scipy: as in _evict
-            out = X if whole else self._gather(X, row)
-        else:  # rows of each segment, then back into the order asked
-            pos = [np.flatnonzero(seg == s_) for s_ in segs]
-            stacked = as_csr_matrix(
-                sp.vstack(
-                    [self._gather(self._segments[int(s_)], row[p]) for s_, p in zip(segs, pos)],
-                    format="csr",
-                )
-            )
-            inverse = np.empty(take.size, np.int64)
-            inverse[np.concatenate(pos)] = np.arange(take.size)
-            out = stacked[inverse]
+        for s_ in segs.tolist():
+            self._segments.move_to_end(s_)
+        sources = [self._segments[s_][0] for s_ in segs.tolist()]
+        local = np.searchsorted(segs, seg) if segs.size > 1 else np.zeros(take.size, np.int8)
+        out = copy_rows(sources, local, row, pad or 0)
         self._evict(set(segs.tolist()))
-        return out
+        return out if pad is not None else as_matrix(out, n_genes)

@@ -112,15 +112,28 @@ def layout(rows: np.ndarray, lab_rows: np.ndarray | None, n_dev: int, steps: int
         flat = rows[:, cols].ravel()
         if lab_rows is not None:
             flat = np.concatenate([flat, lab_rows[:, cols].ravel()])
-        valid = flat >= 0
-        # each cell once, in file order: reads and copies go run by run
-        cells = np.unique(flat[valid])
-        pos = np.where(valid, np.searchsorted(cells, flat), -1).astype(np.int32)
+        cells, pos = _unique_positions(flat)
         local[:s, cols] = pos[: s * b].reshape(s, b)
         if local_lab is not None:  # (None exactly when lab_rows is)
             local_lab[:s, cols] = pos[s * b :].reshape(s, b)
         take.append(cells)
     return Layout(local, local_lab, take, s)
+
+
+def _unique_positions(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct cells of ``flat`` in file order (so reads and copies go run
+    by run), and each entry's place among them (-1 for padding): what
+    ``np.unique`` and ``searchsorted`` give, from one argsort (several times
+    faster on a chunk's cells)."""
+    valid = np.flatnonzero(flat >= 0)
+    order = valid[np.argsort(flat[valid])]
+    ranked = flat[order]
+    new = np.empty(ranked.size, bool)
+    new[:1] = True
+    np.not_equal(ranked[1:], ranked[:-1], out=new[1:])
+    pos = np.full(flat.size, -1, np.int32)
+    pos[order] = np.cumsum(new) - 1  # repeats (labelled rows) share a place
+    return ranked[new], pos
 
 
 def chunk_nnz(
@@ -147,18 +160,16 @@ def host_chunk(
 ) -> list[np.ndarray]:
     """One device's chunk as host arrays, in the field order of `DeviceCells`.
 
-    ``read(take)`` gives the CSR rows of cells ``take``; the CSR is padded to
-    ``nnz_cap`` entries and ``rows_cap`` rows (empty rows past the end).
+    ``read(take, nnz_cap)`` gives the CSR (data, indices, indptr) of cells
+    ``take``, data and indices already padded to ``nnz_cap`` entries (built in
+    place: no second copy); the offsets are padded to ``rows_cap`` rows here
+    (empty rows past the end).
     """
-    X = read(take)
-    m, nnz = len(take), X.nnz
-    if nnz > nnz_cap:
-        raise ValueError(f"chunk holds {nnz} non-zeros, more than its capacity {nnz_cap}")
-    data = np.zeros(nnz_cap, np.float32)
-    indices = np.zeros(nnz_cap, np.int32)
-    data[:nnz], indices[:nnz] = X.data, X.indices
-    indptr = np.full(rows_cap + 1, nnz, np.int32)  # a chunk's offsets fit 32 bits
-    indptr[: m + 1] = X.indptr
+    data, indices, ptr = read(take, nnz_cap)
+    m = len(take)
+    indptr = np.empty(rows_cap + 1, np.int32)  # a chunk's offsets fit 32 bits
+    indptr[: m + 1] = ptr
+    indptr[m + 1 :] = ptr[-1]
     return [data, indices, indptr, *columns(cells, take, rows_cap)]
 
 

@@ -69,12 +69,20 @@ class HostSource(Source):
         self.k_cap = 0  # grown to what each epoch's minibatches hold (`grown_cap`)
         self.nnz_cap = 0  # grown to what each epoch's chunks hold
         self.prefetch = prefetch
+        self._indptr = None  # the counts' offsets for `read` (made when first read)
 
-    def read(self, take: np.ndarray):
-        """CSR rows ``take`` (increasing) of the counts."""
+    def read(self, take: np.ndarray, pad: int):
+        """CSR rows ``take`` (increasing) of the counts, data and indices padded
+        to ``pad`` entries (`gather_rows`)."""
         X = self.host.X
         assert not isinstance(X, BackedRows)  # check_source: on-disk counts stream
-        return gather_rows(X, take)
+        if self._indptr is None:
+            # offsets in the indices' type: scipy's one-type C++ gather then
+            # copies each row straight into the chunk (built once, n + 1 entries)
+            ptr, ix = X.indptr, X.indices
+            fits = ix.dtype == np.int32 and int(ptr[-1]) <= np.iinfo(np.int32).max
+            self._indptr = ptr.astype(ix.dtype, copy=False) if fits else ptr
+        return gather_rows(X, take, pad, indptr=self._indptr)
 
     def _epoch_fn(self, step_fn: Callable):
         par, G, K, sparse = self.parallel, self.n_genes, self.k_cap, self.sparse
@@ -126,7 +134,7 @@ class HostSource(Source):
                 if dev.process_index == jax.process_index()
             ]
         )
-        put = jnp.asarray if par is None else par.local_replica
+        put = jax.device_put if par is None else par.local_replica
         cells, nnz_cap = self.host, self.nnz_cap
 
         def produce(i):
@@ -174,8 +182,8 @@ class StreamSource(HostSource):
         super().__init__(cells, batch_size, **kwargs)
         self.runs = RunCache(cells.X)
 
-    def read(self, take: np.ndarray):
-        return self.runs.rows(take)
+    def read(self, take: np.ndarray, pad: int):
+        return self.runs.rows(take, pad)
 
     def _buffer(self, n_cells: int, batch_size: int) -> int:
         """Cells per buffer: exactly one chunk of the epoch."""
