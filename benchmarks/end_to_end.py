@@ -41,8 +41,12 @@ jaxscanvi's compile seconds per phase are ``jax.monitoring`` duration events
 ``benchmarks/_programs.py``), as first_epoch.py counts them.
 
 ``demo``: ``jaxscanvi demo`` (default arguments, ``--quiet``, ``--out`` a
-temporary folder) in a new process with an empty cache: its wall time from
-before ``import jax``, its compile seconds and their share of the wall time.
+temporary folder) in a new process with an empty cache, after the first
+round: its wall time from before ``import jax``, its compile seconds and
+their share of the wall time.
+
+The JSON is written after every round (``complete`` false until the last),
+so an interrupted run keeps the rounds it finished.
 
 Usage (one command; about 25 minutes on 2 CPU cores):
     python benchmarks/end_to_end.py
@@ -170,29 +174,26 @@ def _order(r: int, use_scvi: bool) -> list[str]:
     return [a for a in arms if use_scvi or a != "scvi-tools"]
 
 
-def run_rounds(args, spec: dict, tmp: Path, py: str | None) -> list[dict]:
-    """Every round's runs, ``{arm: [result, ...]}`` per round; raises on a failed worker."""
-    rounds = []
-    for r in range(args.repeats):
-        xdg = tmp / f"xdg{r}"
-        xdg.mkdir()
-        rec: dict[str, list] = {}
-        for arm in _order(r, py is not None):
-            if arm == "scvi-tools":
-                s = dict(spec, arm="scvi-tools", torch_threads=usable_cores())
-                res = run_worker(SCRIPT, s, args.timeout, python=py)
-            else:
-                res = run_worker(SCRIPT, dict(spec, arm="jaxscanvi"), args.timeout, _jax_env(xdg))
-            if "error" in res:
-                raise RuntimeError(f"round {r} {arm}: {res['error']}\n{res['log_tail']}")
-            if arm != "scvi-tools" and not str(res["cache_dir"]).startswith(str(xdg)):
-                raise RuntimeError(f"{arm} used the cache {res['cache_dir']}, not {xdg}")
-            rec.setdefault(arm, []).append(res)
-            extra = f", compile {res['compile']['compile_s']:.1f} s" if "compile" in res else ""
-            print(f"round {r} {arm}: {res['total_s']:.1f} s{extra}", flush=True)
-        rounds.append(rec)
-        shutil.rmtree(xdg, ignore_errors=True)
-    return rounds
+def run_round(args, spec: dict, tmp: Path, py: str | None, r: int) -> dict:
+    """Round ``r``'s runs, ``{arm: [result, ...]}``; raises on a failed worker."""
+    xdg = tmp / f"xdg{r}"
+    xdg.mkdir()
+    rec: dict[str, list] = {}
+    for arm in _order(r, py is not None):
+        if arm == "scvi-tools":
+            s = dict(spec, arm="scvi-tools", torch_threads=usable_cores())
+            res = run_worker(SCRIPT, s, args.timeout, python=py)
+        else:
+            res = run_worker(SCRIPT, dict(spec, arm="jaxscanvi"), args.timeout, _jax_env(xdg))
+        if "error" in res:
+            raise RuntimeError(f"round {r} {arm}: {res['error']}\n{res['log_tail']}")
+        if arm != "scvi-tools" and not str(res["cache_dir"]).startswith(str(xdg)):
+            raise RuntimeError(f"{arm} used the cache {res['cache_dir']}, not {xdg}")
+        rec.setdefault(arm, []).append(res)
+        extra = f", compile {res['compile']['compile_s']:.1f} s" if "compile" in res else ""
+        print(f"round {r} {arm}: {res['total_s']:.1f} s{extra}", flush=True)
+    shutil.rmtree(xdg, ignore_errors=True)
+    return rec
 
 
 def run_demo(args, tmp: Path) -> dict:
@@ -292,6 +293,55 @@ def print_table(summary: dict) -> None:
     print(format_table(heads, rows))
 
 
+def save(
+    args, meta: dict, t0: float, rounds: list[dict], demo: dict | None, complete: bool
+) -> Path:
+    """The JSON with the rounds so far (``complete`` false until the last)."""
+    py = meta["scvi_tools_python"]
+    doc = {
+        **meta,
+        "complete": complete,
+        "rounds_done": len(rounds),
+        "scvi_tools_versions": rounds[0]["scvi-tools"][0]["versions"] if py else None,
+        "seconds": time.perf_counter() - t0,
+        "summary": summarise(rounds),
+        "demo": demo,
+        "rounds": rounds,
+    }
+    doc["machine"] = {**meta["machine"], "loadavg_at_end": loadavg()}
+    return write_json(args.out, doc)
+
+
+def measure(args, py: str | None, tmp: Path, argv) -> dict:
+    """Data, then the rounds, the demo after the first; the JSON after each round."""
+    src = Path(args.data) if Path(args.data).exists() else None
+    if src is None and not args.quick:
+        raise SystemExit(f"{args.data} not found (pass --data)")
+    data = make_data(src, tmp / "cells.h5ad", args.n_cells, args.n_genes, args.hidden)
+    print(f"data: {data}", flush=True)
+    keys = ("batch_size", "scvi_epochs", "scanvi_epochs")
+    spec = {"data": str(tmp / "cells.h5ad"), **{k: getattr(args, k) for k in keys}}
+    meta = {
+        "versions": versions(),
+        "machine": machine_info(),
+        "data": data,
+        "method": __doc__,
+        "command": "python benchmarks/end_to_end.py " + " ".join(argv or sys.argv[1:]),
+        "args": args_record(args, skip="worker"),
+        "scvi_tools_python": py,
+    }
+    warm_page_cache(py, _jax_env(tmp / "xdg_warmup"))
+    t0 = time.perf_counter()
+    rounds, demo = [], None
+    for r in range(args.repeats):
+        rounds.append(run_round(args, spec, tmp, py, r))
+        if r == 0 and not args.no_demo:
+            demo = run_demo(args, tmp)
+        out = save(args, meta, t0, rounds, demo, complete=r == args.repeats - 1)
+    print(f"\nwrote {out}")
+    return summarise(rounds)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
@@ -301,40 +351,14 @@ def main(argv=None) -> int:
     py = setup(args)
     tmp = Path(tempfile.mkdtemp(prefix="jaxscanvi_e2e_"))
     try:
-        src = Path(args.data) if Path(args.data).exists() else None
-        if src is None and not args.quick:
-            raise SystemExit(f"{args.data} not found (pass --data)")
-        data = make_data(src, tmp / "cells.h5ad", args.n_cells, args.n_genes, args.hidden)
-        print(f"data: {data}", flush=True)
-        keys = ("batch_size", "scvi_epochs", "scanvi_epochs")
-        spec = {"data": str(tmp / "cells.h5ad"), **{k: getattr(args, k) for k in keys}}
-        meta = {"versions": versions(), "machine": machine_info(), "data": data}
-        warm_page_cache(py, _jax_env(tmp / "xdg_warmup"))
-        t = time.perf_counter()
-        rounds = run_rounds(args, spec, tmp, py)
-        demo = None if args.no_demo else run_demo(args, tmp)
-        meta["machine"]["loadavg_at_end"] = loadavg()
+        summary = measure(args, py, tmp, argv)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    summary = summarise(rounds)
     print_table(summary)
     for mode in ("cold", "warm"):
         if f"ratio_{mode}" in summary:
             r = summary[f"ratio_{mode}"]
             print(f"scvi-tools / jaxscanvi {mode}: {r['total']:.2f}x (95 % t {r['t_interval_95']})")
-    doc = {
-        **meta,
-        "method": __doc__,
-        "command": "python benchmarks/end_to_end.py " + " ".join(argv or sys.argv[1:]),
-        "args": args_record(args, skip="worker"),
-        "scvi_tools_python": py,
-        "scvi_tools_versions": rounds[0]["scvi-tools"][0]["versions"] if py else None,
-        "seconds": time.perf_counter() - t,
-        "summary": summary,
-        "demo": demo,
-        "rounds": rounds,
-    }
-    print(f"\nwrote {write_json(args.out, doc)}")
     return 0
 
 
