@@ -335,9 +335,11 @@ def measure(args, py: str | None, tmp: Path, argv) -> dict:
     rounds, demo = [], None
     for r in range(args.repeats):
         rounds.append(run_round(args, spec, tmp, py, r))
+        last = r == args.repeats - 1
+        out = save(args, meta, t0, rounds, demo, complete=last and args.no_demo)
         if r == 0 and not args.no_demo:
             demo = run_demo(args, tmp)
-        out = save(args, meta, t0, rounds, demo, complete=r == args.repeats - 1)
+            out = save(args, meta, t0, rounds, demo, complete=last)
     print(f"\nwrote {out}")
     return summarise(rounds)
 
