@@ -170,13 +170,20 @@ def args_record(args: argparse.Namespace, skip: str | None = None) -> dict:
     }
 
 
-def run_worker(script, spec: dict, timeout: float | None = None, env: dict | None = None) -> dict:
-    """Run ``script --worker SPEC --worker-out FILE`` in a fresh process and read its
-    JSON back, with ``process_seconds`` (wall time of the process). A failure
-    gives ``{"error", "log_tail", "process_seconds"}``."""
+def run_worker(
+    script,
+    spec: dict,
+    timeout: float | None = None,
+    env: dict | None = None,
+    python: str | None = None,
+) -> dict:
+    """Run ``script --worker SPEC --worker-out FILE`` in a fresh process (of
+    ``python``, else this one's) and read its JSON back, with ``process_seconds``
+    (wall time of the process). A failure gives ``{"error", "log_tail",
+    "process_seconds"}``."""
     fd, out = tempfile.mkstemp(suffix=".json")
     os.close(fd)
-    cmd = [sys.executable, str(script), "--worker", json.dumps(spec), "--worker-out", out]
+    cmd = [python or sys.executable, str(script), "--worker", json.dumps(spec), "--worker-out", out]
     t = time.perf_counter()
     try:
         proc = subprocess.run(
