@@ -34,7 +34,7 @@ from .loop import (
 )
 from .parallel import DataParallel, to_default_device
 from .sources import check_source, make_source
-from .state import TrainState, make_optimizer, mask_key, pending_update
+from .state import TrainState, host_init, make_optimizer, mask_key, pending_update
 
 
 class Task(NamedTuple):
@@ -207,7 +207,7 @@ def _fit(config: TrainConfig, task: Task, held) -> FitResult:
     ts = TrainState(
         params=task.params,
         state=task.state,
-        opt_state=tx.init(task.params),
+        opt_state=host_init(tx, task.params),
         rng=jax.device_put(rng),
         step=jax.device_put(np.int32(0)),
         epoch=jax.device_put(np.int32(0)),

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..compile_cache import DeviceEpochKey
@@ -162,8 +161,9 @@ class DeviceSource(Source):
             rows = local_rows(rows, bounds)
             lab_rows = None if lab_rows is None else local_rows(lab_rows, bounds)
         fn = self._epoch_fn(step_fn)
-        lab = None if lab_rows is None else jnp.asarray(lab_rows)
-        return fn(carry, self.cells, jnp.asarray(rows), lab)
+        # device_put, not jnp.asarray: that compiles a copy program per shape
+        lab = None if lab_rows is None else jax.device_put(lab_rows)
+        return fn(carry, self.cells, jax.device_put(rows), lab)
 
 
 def check_source(kind: str, cells: CellData) -> None:
