@@ -129,18 +129,22 @@ def step_fns(config: TrainConfig, task: Task):
             task.make_loss(train=True), tx, plan.schedule, config.on_nonfinite, masks[1], pending
         )
         evaluate = make_eval_step(task.make_loss(train=False), plan.schedule)
-        return tx, pinned(step, numerics), backend.traced(evaluate, numerics)
+        # the spec names the steps in any process: their epochs can be exported
+        text = None if " at 0x" in repr(spec) else repr(spec)
+        ev = StepFns(backend.traced(evaluate, numerics), key=text and "eval " + text)
+        return tx, pinned(step, numerics, text and "train " + text), ev
 
     return functions.get(spec, build)
 
 
-def pinned(fns: StepFns, numerics: backend.Numerics) -> StepFns:
+def pinned(fns: StepFns, numerics: backend.Numerics, key: str | None = None) -> StepFns:
     """A train step and its deferred pair, each traced under ``numerics``."""
 
     def pin(f: Callable | None) -> Callable | None:
         return None if f is None else backend.traced(f, numerics)
 
-    return StepFns(backend.traced(fns.step, numerics), pin(fns.deferred), pin(fns.finish))
+    step = backend.traced(fns.step, numerics)
+    return StepFns(step, pin(fns.deferred), pin(fns.finish), key)
 
 
 def data_shards(config: TrainConfig, n_obs: int) -> np.ndarray | None:

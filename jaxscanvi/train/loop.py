@@ -29,11 +29,12 @@ class StepFns:
     scan of ``step`` does. Calling it calls ``step``, so it stands wherever
     a plain scan body does; a frozen dataclass rather than a NamedTuple
     because `jax.jit` and `lax.scan` keep weak references to what they trace.
-    """
+    ``key``: a text naming the step in every process (`compile_cache.exported`)."""
 
     step: Callable
     deferred: Callable | None = None
     finish: Callable | None = None
+    key: str | None = field(default=None, compare=False)
 
     def __call__(self, carry, batch):
         return self.step(carry, batch)
@@ -223,8 +224,7 @@ def run_loop(  # noqa: PLR0913 - the loop's parts, keyword-only
         bad = int(bad)
         if bad >= 0 and cfg.on_nonfinite == "raise":
             raise NonFiniteEpoch(nonfinite_message(ts_new, bad, terms, epoch), ts_new, loop)
-        # the count from the host: an eager add would compile a program
-        ts = ts_new.replace(epoch=jax.device_put(np.int32(epoch + 1)))
+        ts = ts_new.replace(epoch=jax.device_put(np.int32(epoch + 1)))  # no eager add
         record = train_record(epoch, terms, counts, klw, get_lr(ts.opt_state))
         if has_val and validates(cfg, epoch):
             vrows, vlab = validation_orders(source, cfg, epoch, rng, val_idx, val_labelled)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from .._export_cache import CarryProgram
 from ..compile_cache import DeviceEpochKey
 from ..compile_cache import functions as _COMPILED
 from ..data.backed import BackedRows
@@ -139,7 +140,11 @@ class DeviceSource(Source):
                 return b if par is None else par.constrain(b)
 
             run = scan_program(step_fn, gather, partial=False)
-            return jax.jit(run)
+            name = getattr(step_fn, "key", None)
+            if par is not None or name is None:  # (exported programs are one device's)
+                return jax.jit(run)
+            # a warm process loads the epoch instead of tracing it
+            return CarryProgram(("device-epoch", name, G, K, dense), run)
 
         return _COMPILED.get(key, build)
 
