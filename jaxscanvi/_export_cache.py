@@ -187,6 +187,7 @@ class CarryProgram:
             new, out = fn(carry, *rest)
             return jax.tree_util.tree_leaves(new), out
 
+        flat.__name__ = getattr(fn, "__name__", "flat")  # jit names its program so
         self._flat = flat
 
     def __call__(self, carry, *rest):
