@@ -163,7 +163,41 @@ class ExportedCall:
             )
         if self._out is None:  # plain jit of the original function
             return self._run(*args)
+        # its outputs are committed to their device (JAX's rule for exported
+        # calls): committing every input too keeps one program for both
+        leaves = [_committed(x) for x in leaves]
         return _rebuild(self._out, iter(self._run(*leaves)))
+
+
+def _committed(x):
+    if isinstance(x, jax.Array) and not x.committed and len(x.devices()) == 1:
+        return jax.device_put(x, next(iter(x.devices())))  # the same buffer, no copy
+    return x
+
+
+class CarryProgram:
+    """``fn(carry, *rest) -> (carry, out)`` through `exported`, once per argument
+    signature. The carry's structure (any pytree: entries hold only dicts,
+    lists and tuples) comes back from the argument's, as a scan keeps it."""
+
+    def __init__(self, key, fn: Callable):
+        self._key, self._programs = key, {}
+
+        def flat(carry, *rest):
+            new, out = fn(carry, *rest)
+            return jax.tree_util.tree_leaves(new), out
+
+        flat.__name__ = getattr(fn, "__name__", "flat")  # jit names its program so
+        self._flat = flat
+
+    def __call__(self, carry, *rest):
+        args = (carry, *rest)
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        sig = (tree, tuple((np.shape(x), str(jax.numpy.result_type(x))) for x in leaves))
+        if sig not in self._programs:
+            self._programs[sig] = exported(self._key, self._flat, *args)
+        new, out = self._programs[sig](*args)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(carry), new), out
 
 
 def exported(
@@ -185,6 +219,7 @@ def exported(
     an exported program's outputs are committed to their device: a jitted
     function fed with them and, on another call, with uncommitted arrays
     compiles twice (copy them through the host, or keep their origin alike).
+    The result commits its own inputs, so it runs one program for either.
     """
     leaves, in_tree = jax.tree_util.tree_flatten(example_args)
     avals = tuple((tuple(np.shape(x)), str(jax.numpy.result_type(x))) for x in leaves)
@@ -194,7 +229,9 @@ def exported(
     if where is None:
         return plain
     platform = jax.default_backend()
-    text = key_text((key, sorted(opts.items())), avals, platform)
+    text = key_text((key, sorted(opts.items()), repr(in_tree)), avals, platform)
+    if " at 0x" in text:  # an address differs in every process: no stable key
+        return plain
     path = where / (hashlib.sha256(text.encode()).hexdigest() + ".jxe")
     try:
         blob = path.read_bytes()

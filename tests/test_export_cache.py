@@ -160,3 +160,45 @@ def test_model_inference_loads_its_program(cache, small_atlas):
         _inference.exported = real
     assert [k.source for k in kernels] == ["disk"]
     np.testing.assert_array_equal(z, z2)
+
+
+def _fit_history(adata):
+    from jaxscanvi import SCVI
+
+    m = SCVI(adata, n_hidden=16, n_latent=3, seed=0)
+    m.train(max_epochs=2, batch_size=32, progress_bar=False, data_source="device")
+    return m.history["elbo_train"].to_numpy().ravel(), m
+
+
+def test_device_epoch_loads_from_disk_and_survives_damage(cache, small_atlas):
+    from jaxscanvi import SCVI, clear_caches
+    from jaxscanvi._export_cache import MAGIC
+
+    adata = small_atlas.copy()
+    SCVI.setup_anndata(adata, batch_key="batch")
+    h1, m1 = _fit_history(adata)
+    entries = set(cache.glob("*.jxe"))
+    assert len(entries) == 2  # construction and the epoch
+    clear_caches()  # a new process: nothing in memory, the files stay
+    built = []
+    real = _export_cache.exported
+
+    def spy(*a, **k):
+        built.append(real(*a, **k))
+        return built[-1]
+
+    _export_cache.exported = spy
+    try:
+        h2, m2 = _fit_history(adata)
+        assert [b.source for b in built] == ["disk"]
+        for path in entries:  # damaged entries: ignored, rebuilt, the same training
+            path.write_bytes(MAGIC + b"\0" * 40)
+        clear_caches()
+        built.clear()
+        h3, _ = _fit_history(adata)
+        assert [b.source for b in built] == ["exported"]
+    finally:
+        _export_cache.exported = real
+    np.testing.assert_array_equal(h1, h2)
+    np.testing.assert_array_equal(h1, h3)
+    _same(m1.params, m2.params)

@@ -72,3 +72,40 @@ def test_scanvi_inference_calls_share_a_program(small_atlas):
     assert rest.n_programs == 0, rest.by_name()
     assert z.shape == (adata.n_obs, 3) and np.allclose(z[:10], z10) and np.allclose(z, qm)
     assert np.allclose(np.asarray(probs).sum(1), 1.0, atol=1e-5) and (qv > 0).all()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"trainable_mask": {"a": True, "b": np.array([True, False])}, "clip": ("norm", 1.0)},
+        {"decoupled": True, "clip": ("value", 0.5)},
+    ],
+)
+def test_host_init_is_the_optimizers_init(kw):
+    from jaxscanvi.train.state import host_init, make_optimizer
+
+    p = {
+        "a": jax.device_put(np.ones((3, 4), np.float32)),
+        "b": jax.device_put(np.ones(2, np.float32)),
+    }
+    tx = make_optimizer(1e-3, 0.01, 1e-6, **kw)
+    with ProgramLog() as log:
+        got = host_init(tx, p)
+    assert log.n_programs == 0, log.by_name()
+    ref = tx.init(p)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(ref)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+        assert (a.dtype, a.shape, a.weak_type) == (b.dtype, b.shape, b.weak_type)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_training_compiles_only_its_epoch(small_atlas):
+    from jaxscanvi import SCVI
+
+    adata = small_atlas.copy()
+    SCVI.setup_anndata(adata, batch_key="batch")
+    m = SCVI(adata, n_hidden=24, n_latent=3, seed=0)
+    with ProgramLog() as log:
+        m.train(max_epochs=2, batch_size=64, progress_bar=False)
+    assert log.by_name() == {"jit(run)": 1}

@@ -34,7 +34,7 @@ from .loop import (
 )
 from .parallel import DataParallel, to_default_device
 from .sources import check_source, make_source
-from .state import TrainState, make_optimizer, mask_key, pending_update
+from .state import TrainState, host_init, make_optimizer, mask_key, pending_update
 
 
 class Task(NamedTuple):
@@ -129,18 +129,22 @@ def step_fns(config: TrainConfig, task: Task):
             task.make_loss(train=True), tx, plan.schedule, config.on_nonfinite, masks[1], pending
         )
         evaluate = make_eval_step(task.make_loss(train=False), plan.schedule)
-        return tx, pinned(step, numerics), backend.traced(evaluate, numerics)
+        # the spec names the steps in any process: their epochs can be exported
+        text = None if " at 0x" in repr(spec) else repr(spec)
+        ev = StepFns(backend.traced(evaluate, numerics), key=text and "eval " + text)
+        return tx, pinned(step, numerics, text and "train " + text), ev
 
     return functions.get(spec, build)
 
 
-def pinned(fns: StepFns, numerics: backend.Numerics) -> StepFns:
+def pinned(fns: StepFns, numerics: backend.Numerics, key: str | None = None) -> StepFns:
     """A train step and its deferred pair, each traced under ``numerics``."""
 
     def pin(f: Callable | None) -> Callable | None:
         return None if f is None else backend.traced(f, numerics)
 
-    return StepFns(backend.traced(fns.step, numerics), pin(fns.deferred), pin(fns.finish))
+    step = backend.traced(fns.step, numerics)
+    return StepFns(step, pin(fns.deferred), pin(fns.finish), key)
 
 
 def data_shards(config: TrainConfig, n_obs: int) -> np.ndarray | None:
@@ -207,7 +211,7 @@ def _fit(config: TrainConfig, task: Task, held) -> FitResult:
     ts = TrainState(
         params=task.params,
         state=task.state,
-        opt_state=tx.init(task.params),
+        opt_state=host_init(tx, task.params),
         rng=jax.device_put(rng),
         step=jax.device_put(np.int32(0)),
         epoch=jax.device_put(np.int32(0)),

@@ -29,11 +29,12 @@ class StepFns:
     scan of ``step`` does. Calling it calls ``step``, so it stands wherever
     a plain scan body does; a frozen dataclass rather than a NamedTuple
     because `jax.jit` and `lax.scan` keep weak references to what they trace.
-    """
+    ``key``: a text naming the step in every process (`compile_cache.exported`)."""
 
     step: Callable
     deferred: Callable | None = None
     finish: Callable | None = None
+    key: str | None = field(default=None, compare=False)
 
     def __call__(self, carry, batch):
         return self.step(carry, batch)
@@ -218,12 +219,12 @@ def run_loop(  # noqa: PLR0913 - the loop's parts, keyword-only
     for epoch in bar:
         t0 = time.perf_counter()
         rng, rows, lab_rows = epoch_orders(source, cfg, epoch, train_idx, labelled_idx)
-        carry = (ts, jnp.asarray(-1, jnp.int32))
+        carry = (ts, jax.device_put(np.int32(-1)))
         (ts_new, bad), (terms, counts, klw) = source.run_epoch(train_step, carry, rows, lab_rows)
         bad = int(bad)
         if bad >= 0 and cfg.on_nonfinite == "raise":
             raise NonFiniteEpoch(nonfinite_message(ts_new, bad, terms, epoch), ts_new, loop)
-        ts = ts_new.replace(epoch=ts_new.epoch + 1)
+        ts = ts_new.replace(epoch=jax.device_put(np.int32(epoch + 1)))  # no eager add
         record = train_record(epoch, terms, counts, klw, get_lr(ts.opt_state))
         if has_val and validates(cfg, epoch):
             vrows, vlab = validation_orders(source, cfg, epoch, rng, val_idx, val_labelled)

@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from .._export_cache import CarryProgram
 from ..compile_cache import DeviceEpochKey
 from ..compile_cache import functions as _COMPILED
 from ..data.backed import BackedRows
@@ -140,7 +140,11 @@ class DeviceSource(Source):
                 return b if par is None else par.constrain(b)
 
             run = scan_program(step_fn, gather, partial=False)
-            return jax.jit(run)
+            name = getattr(step_fn, "key", None)
+            if par is not None or name is None:  # (exported programs are one device's)
+                return jax.jit(run)
+            # a warm process loads the epoch instead of tracing it
+            return CarryProgram(("device-epoch", name, G, K, dense), run)
 
         return _COMPILED.get(key, build)
 
@@ -162,8 +166,9 @@ class DeviceSource(Source):
             rows = local_rows(rows, bounds)
             lab_rows = None if lab_rows is None else local_rows(lab_rows, bounds)
         fn = self._epoch_fn(step_fn)
-        lab = None if lab_rows is None else jnp.asarray(lab_rows)
-        return fn(carry, self.cells, jnp.asarray(rows), lab)
+        # device_put, not jnp.asarray: that compiles a copy program per shape
+        lab = None if lab_rows is None else jax.device_put(lab_rows)
+        return fn(carry, self.cells, jax.device_put(rows), lab)
 
 
 def check_source(kind: str, cells: CellData) -> None:

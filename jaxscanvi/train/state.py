@@ -126,6 +126,44 @@ def zero_frozen(trainable_mask) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+# what an optimiser's init may compute from its constants alone
+_HOST_OPS = {
+    "broadcast_in_dim": lambda x, shape, **_: None if np.ndim(x) else np.broadcast_to(x, shape),
+    "convert_element_type": lambda x, new_dtype, **_: np.asarray(x, new_dtype),
+    "mul": lambda x, y, **_: np.multiply(x, y),
+}
+
+
+def host_init(tx: optax.GradientTransformation, params):
+    """``tx.init(params)``, computed in numpy when it reads only the shapes of
+    ``params`` (as Adam's zeros and injected constants do).
+
+    Called eagerly, ``tx.init`` compiles a small program per operation and
+    shape (a dozen per model); traced once here and evaluated on the host, it
+    compiles none. Any other operation, or a value read from ``params``,
+    falls back to ``tx.init`` itself.
+    """
+    closed, shapes = jax.make_jaxpr(tx.init, return_shape=True)(params)
+    jaxpr, env = closed.jaxpr, {}
+    for v, c in zip(jaxpr.constvars, closed.consts):
+        env[v] = np.asarray(c)
+
+    def read(v):
+        return np.asarray(v.val, v.aval.dtype) if hasattr(v, "val") else env.get(v)
+
+    for eqn in jaxpr.eqns:
+        args = [read(v) for v in eqn.invars]
+        op = _HOST_OPS.get(eqn.primitive.name)
+        out = None if op is None or any(a is None for a in args) else op(*args, **eqn.params)
+        if out is None or eqn.primitive.multiple_results:
+            return tx.init(params)
+        env[eqn.outvars[0]] = np.asarray(out, eqn.outvars[0].aval.dtype)
+    outs = [read(v) for v in jaxpr.outvars]
+    if any(o is None or getattr(v.aval, "weak_type", False) for o, v in zip(outs, jaxpr.outvars)):
+        return tx.init(params)  # (a weakly typed leaf would change the epoch program's key)
+    return jax.device_put(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), outs))
+
+
 def mask_key(mask) -> tuple | None:
     """A hashable summary of a mask pytree (structure and every element)."""
     if mask is None:
