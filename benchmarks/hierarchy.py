@@ -25,7 +25,8 @@ fine truth), hierarchical minus flat_fine; coarse balanced accuracy (both
 runs, "Unknown" left out), the hierarchical model's most probable depth-1
 node (``predict(level=1)``: its leaves' probabilities summed) minus
 flat_coarse (the coarse ancestor of its top leaf is reported beside it);
-paired over seeds, 95 % t interval (`_metrics.t_interval`), in points. The
+per seed also each type's recall and the misses (true -> predicted counts)
+of each arm at both levels (``per_class``); paired over seeds, 95 % t interval (`_metrics.t_interval`), in points. The
 deepest node with probability >= 0.9 (``predict(level="deepest")``): per
 depth, the fraction of hidden cells there and the accuracy there. A call is correct when it lies on the path
 of the truth: an ancestor of (or equal to) the true type, or, for a pbmc4k
@@ -59,7 +60,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from _common import machine_info, versions, write_json
 from _hierarchy_workers import ROOT, UNL, WORKERS
-from _metrics import balanced_accuracy, t_interval
+from _metrics import balanced_accuracy, per_class_recall, t_interval
 
 DATA = HERE.parent.parent / "shared" / "data" / "pbmc_3k_4k.h5ad"
 RESULTS = HERE / "results"
@@ -174,10 +175,32 @@ def one_seed(data, seed: int, scvi_epochs: int, scanvi_epochs: int, threshold: f
             coarse[coarse_cells], leaf_coarse[coarse_cells]
         ),
     }
+    out["per_class"] = per_class(
+        {"fine": (fine, fine_cells), "coarse": (coarse, coarse_cells)},
+        {"hier": pred["hier"], "flat_fine": pred["flat_fine"]},
+        {"hier": hier_coarse, "flat_coarse": pred["flat_coarse"]},
+    )
     deep = models["hier"].predict(level="deepest", threshold=threshold)
     tree_obj = hierarchy.from_registry(models["hier"].registry)
     truth = np.where(is_fine, fine, coarse)
     out["deepest"] = deepest_summary(deep, truth, hidden & (truth != UNL), is_fine, tree_obj)
+    return out
+
+
+def per_class(truths: dict, fine_preds: dict, coarse_preds: dict) -> dict:
+    """Per level and arm: each true type's recall on the hidden cells, and the
+    confusion (true type -> predicted type -> count) of its misses."""
+    out: dict = {}
+    for level, preds in (("fine", fine_preds), ("coarse", coarse_preds)):
+        truth, cells = truths[level]
+        out[level] = {}
+        for arm, p in preds.items():
+            t, q = truth[cells], p[cells]
+            miss: dict = {}
+            for a, b in zip(t[t != q], q[t != q]):
+                miss.setdefault(str(a), {}).setdefault(str(b), 0)
+                miss[str(a)][str(b)] += 1
+            out[level][arm] = {"recall": per_class_recall(t, q), "misses": miss}
     return out
 
 

@@ -260,6 +260,10 @@ def test_hierarchy_benchmark_smoke(tmp_path):
     acc = doc["accuracy"]
     assert acc["fine_balanced_accuracy"]["n"] == 2 and "ci95" in acc["fine_balanced_accuracy"]
     assert set(acc["deepest_at_threshold"]["all"]) == {"0", "1", "2"}
+    per_class = acc["runs"][0]["per_class"]
+    assert set(per_class["fine"]) == {"hier", "flat_fine"}
+    assert set(per_class["coarse"]) == {"hier", "flat_coarse"}
+    assert all(0 <= r <= 1 for r in per_class["fine"]["hier"]["recall"].values())
     assert doc["steptime"]["ratio_flat_over_none_cpu"] > 0
     assert [r["n_labels"] for r in doc["scale"]] == [10, 100]
     assert all(r["final_loss_finite"] for r in doc["scale"])
