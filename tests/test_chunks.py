@@ -10,7 +10,13 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from jaxscanvi.data.batch import MAX_OFFSET, Batch, DeviceCells, check_offsets
+from jaxscanvi.data.batch import (
+    MAX_OFFSET,
+    Batch,
+    DenseDeviceCells,
+    DeviceCells,
+    check_offsets,
+)
 from jaxscanvi.data.cells import CellData, cell_data
 from jaxscanvi.data.sharded import slice_nnz
 from jaxscanvi.data.shuffle import RunCache, buffer_order
@@ -47,10 +53,12 @@ def _collect(carry, b):
     return carry + 1, out
 
 
+@pytest.mark.parametrize("dense", [True, False])
 @pytest.mark.parametrize("labelled", [False, True])
-def test_chunks_give_the_device_sources_epoch(monkeypatch, labelled):
+def test_chunks_give_the_device_sources_epoch(monkeypatch, labelled, dense):
     """Several chunks, the last one short, give the very minibatches the
-    resident source gathers, and count exactly the epoch's steps."""
+    resident source gathers, and count exactly the epoch's steps; dense
+    chunks (the CPU's) and CSR ones (accelerators', big chunks) alike."""
     monkeypatch.setattr(chunks, "CHUNK_CELLS", 16)  # 2 steps of 8 per chunk
     cells = _cells()
     B = 8
@@ -60,6 +68,12 @@ def test_chunks_give_the_device_sources_epoch(monkeypatch, labelled):
     rows, lab = rows[:7], None if lab is None else lab[:7]  # 7 steps: 4 chunks, last half
     assert chunks.chunk_steps(7, B) == 2
     host = HostSource(cells, B)
+    if not dense:
+        host.dense_chunk_bytes = 0
+    # dense on the CPU with the dense likelihood only
+    dense = dense and jax.default_backend() == "cpu" and not host.sparse
+    first = next(host.chunks(rows, lab))[0]
+    assert isinstance(first, DenseDeviceCells if dense else DeviceCells)
     c_host, out_host = host.run_epoch(_collect, jnp.asarray(0), rows, lab)
     c_dev, out_dev = DeviceSource(cells, B, dense_max_bytes=0).run_epoch(
         _collect, jnp.asarray(0), rows, lab

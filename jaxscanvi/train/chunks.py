@@ -5,7 +5,9 @@ from CSR counts on the device (`scan_program`). The device source scans all
 of an epoch's minibatches over the cells it holds. The host and stream
 sources run the same scan over *chunks*: the cells of S minibatches, gathered
 on the host into a small CSR (its data, indices and row offsets, plus the
-per-cell columns), shipped to the device and densified there. A thread
+per-cell columns), shipped to the device and densified there; on the CPU,
+where shipping is free, the host densifies it and the device gathers rows,
+as the device source does (`HostSource._dense`). A thread
 builds and ships chunk i+1 while chunk i computes, and nothing synchronises
 per step: per chunk, the host only dispatches.
 
@@ -143,23 +145,42 @@ def chunk_nnz(
 
 
 def host_chunk(
-    cells, take: np.ndarray, read: Callable, rows_cap: int, nnz_cap: int
+    cells, take: np.ndarray, read: Callable, rows_cap: int, nnz_cap: int, dense: int = 0
 ) -> list[np.ndarray]:
-    """One device's chunk as host arrays, in the field order of `DeviceCells`.
+    """One device's chunk as host arrays, in the field order of `DeviceCells`
+    (`DenseDeviceCells` with ``dense``, its number of genes).
 
     ``read(take)`` gives the CSR rows of cells ``take``; the CSR is padded to
     ``nnz_cap`` entries and ``rows_cap`` rows (empty rows past the end).
     """
     X = read(take)
     m, nnz = len(take), X.nnz
+    if dense:  # (rows_cap, G) counts, rows past the end zero
+        x = aligned_zeros((rows_cap, dense), np.float32)
+        if X.dtype == np.float32:
+            X.toarray(out=x[:m])  # adds into the zeros, duplicates summed as on the device
+        else:
+            x[:m] = X.toarray()
+        return [x, *columns(cells, take, rows_cap)]
     if nnz > nnz_cap:
         raise ValueError(f"chunk holds {nnz} non-zeros, more than its capacity {nnz_cap}")
-    data = np.zeros(nnz_cap, np.float32)
-    indices = np.zeros(nnz_cap, np.int32)
+    data = aligned_zeros(nnz_cap, np.float32)
+    indices = aligned_zeros(nnz_cap, np.int32)
     data[:nnz], indices[:nnz] = X.data, X.indices
-    indptr = np.full(rows_cap + 1, nnz, np.int32)  # a chunk's offsets fit 32 bits
+    indptr = aligned_zeros(rows_cap + 1, np.int32)  # a chunk's offsets fit 32 bits
+    indptr[:] = nnz
     indptr[: m + 1] = X.indptr
     return [data, indices, indptr, *columns(cells, take, rows_cap)]
+
+
+def aligned_zeros(shape, dtype) -> np.ndarray:
+    """Zeros whose buffer starts on 64 bytes: the CPU client then uses it in
+    place instead of copying it (`jax.device_put`), for a chunk never written again."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    buf = np.zeros(size + 64, np.uint8)
+    start = -buf.ctypes.data % 64
+    return buf[start : start + size].view(dtype).reshape(shape)
 
 
 def prefetched(produce: Callable, n: int, depth: int = 2):
