@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import anndata as ad
 import jax
 import jax.numpy as jnp
@@ -322,3 +324,27 @@ def test_backed_rows_read_runs(tmp_path, fmt):
     cache = RunCache(rows, run_cells=16, max_cells=128)
     take = np.random.default_rng(0).integers(0, 500, 200)
     np.testing.assert_array_equal(cache.rows(take).toarray(), X[take].toarray())
+
+
+def test_chunk_buffers_are_used_again_only_once_free():
+    """A pooled buffer comes back zeroed, and never while an array or a device
+    copy that uses it in place still holds it."""
+    pool = chunks.Buffers(keep=4)
+    shape = (1000, 100)
+    a = pool.zeros(shape, np.float32)
+    a[:] = 1
+    b = pool.zeros(shape, np.float32)
+    assert b is not a
+    del a
+    c = pool.zeros(shape, np.float32)
+    reused, zeroed = c is pool.held[0][1], not c.any()
+    assert reused and zeroed  # a's buffer, zeroed
+    d = jax.device_put(c)
+    del c
+    e = pool.zeros(shape, np.float32)
+    fresh = e is not pool.held[0][1] and e is not b
+    assert fresh  # d may still read c's buffer
+    del d
+    gc.collect()  # the device array lets go of the buffer once collected
+    again = pool.zeros(shape, np.float32) is pool.held[0][1]
+    assert again

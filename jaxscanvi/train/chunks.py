@@ -22,6 +22,7 @@ cells.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import NamedTuple
@@ -145,18 +146,26 @@ def chunk_nnz(
 
 
 def host_chunk(
-    cells, take: np.ndarray, read: Callable, rows_cap: int, nnz_cap: int, dense: int = 0
+    cells,
+    take: np.ndarray,
+    read: Callable,
+    rows_cap: int,
+    nnz_cap: int,
+    dense: int = 0,
+    zeros: Callable | None = None,
 ) -> list[np.ndarray]:
     """One device's chunk as host arrays, in the field order of `DeviceCells`
     (`DenseDeviceCells` with ``dense``, its number of genes).
 
     ``read(take)`` gives the CSR rows of cells ``take``; the CSR is padded to
     ``nnz_cap`` entries and ``rows_cap`` rows (empty rows past the end).
+    ``zeros(shape, dtype)`` gives the arrays (`aligned_zeros`, or a `Buffers`').
     """
+    zeros = aligned_zeros if zeros is None else zeros
     X = read(take)
     m, nnz = len(take), X.nnz
     if dense:  # (rows_cap, G) counts, rows past the end zero
-        x = aligned_zeros((rows_cap, dense), np.float32)
+        x = zeros((rows_cap, dense), np.float32)
         if X.dtype == np.float32:
             X.toarray(out=x[:m])  # adds into the zeros, duplicates summed as on the device
         else:
@@ -164,10 +173,10 @@ def host_chunk(
         return [x, *columns(cells, take, rows_cap)]
     if nnz > nnz_cap:
         raise ValueError(f"chunk holds {nnz} non-zeros, more than its capacity {nnz_cap}")
-    data = aligned_zeros(nnz_cap, np.float32)
-    indices = aligned_zeros(nnz_cap, np.int32)
+    data = zeros((nnz_cap,), np.float32)
+    indices = zeros((nnz_cap,), np.int32)
     data[:nnz], indices[:nnz] = X.data, X.indices
-    indptr = aligned_zeros(rows_cap + 1, np.int32)  # a chunk's offsets fit 32 bits
+    indptr = zeros((rows_cap + 1,), np.int32)  # a chunk's offsets fit 32 bits
     indptr[:] = nnz
     indptr[: m + 1] = X.indptr
     return [data, indices, indptr, *columns(cells, take, rows_cap)]
@@ -181,6 +190,48 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
     buf = np.zeros(size + 64, np.uint8)
     start = -buf.ctypes.data % 64
     return buf[start : start + size].view(dtype).reshape(shape)
+
+
+class Buffers:
+    """Chunk arrays used again once nothing holds them: a fresh chunk's pages
+    cost the kernel a fault each, as much as building it.
+
+    A buffer the CPU client uses in place is held through its owner (the
+    base array) until no program needs it; one is free when only this pool
+    refers to it and to its owner. At most ``keep`` are kept.
+    """
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.held: list[tuple] = []  # (owner, array, refcounts when free)
+        self.lock = threading.Lock()
+
+    def zeros(self, shape: tuple, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        with self.lock:
+            for entry in self.held:
+                if entry[1].shape == shape and entry[1].dtype == dtype and _refs(entry) == entry[2]:
+                    entry[1].fill(0)
+                    return entry[1]
+            a = aligned_zeros(shape, dtype)
+            if len(self.held) >= self.keep:
+                return a
+            owner = a
+            while owner.base is not None:
+                owner = owner.base
+            self.held.append((owner, a, None))
+            del owner, a
+            refs = _refs(self.held[-1])  # before the new tuple takes its own references
+            owner, a, _ = self.held[-1]
+            self.held[-1] = (owner, a, refs)
+            return a
+
+
+def _refs(entry: tuple) -> tuple[int, int]:
+    """References to a held buffer's owner and array (the same count whenever
+    the buffer is free: the pool's, and this call's)."""
+    owner, a = entry[0], entry[1]
+    return sys.getrefcount(owner), sys.getrefcount(a)
 
 
 def prefetched(produce: Callable, n: int, depth: int = 2):

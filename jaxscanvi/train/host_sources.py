@@ -35,7 +35,15 @@ from ..data.sharded import (
 )
 from ..data.shuffle import BUFFER_CELLS, RunCache, buffer_order, gather_rows
 from ..distributions import sparse_pays
-from .chunks import chunk_nnz, chunk_steps, host_chunk, layout, prefetched, scan_program
+from .chunks import (
+    Buffers,
+    chunk_nnz,
+    chunk_steps,
+    host_chunk,
+    layout,
+    prefetched,
+    scan_program,
+)
 from .orders import Source, epoch_rows, grown_cap, labelled_rows
 
 
@@ -73,6 +81,8 @@ class HostSource(Source):
         self.k_cap = 0  # grown to what each epoch's minibatches hold (`grown_cap`)
         self.nnz_cap = 0  # grown to what each epoch's chunks hold
         self.prefetch = prefetch
+        # the chunks in flight, each up to 3 arrays (CSR): used again, not faulted in
+        self.buffers = Buffers(3 * (prefetch + 2))
 
     def read(self, take: np.ndarray):
         """CSR rows ``take`` (increasing) of the counts."""
@@ -148,12 +158,14 @@ class HostSource(Source):
         cells, nnz_cap = self.host, self.nnz_cap
         dense = self.n_genes if self._dense(rows_cap) else 0
         kind = DenseDeviceCells if dense else DeviceCells
+        zeros = self.buffers.zeros
 
         def produce(i):
             sl = slice(i * S, (i + 1) * S)
             lay = layout(rows[sl], None if lab_rows is None else lab_rows[sl], n_dev, S)
             parts = {
-                d: host_chunk(cells, lay.take[d], self.read, rows_cap, nnz_cap, dense) for d in mine
+                d: host_chunk(cells, lay.take[d], self.read, rows_cap, nnz_cap, dense, zeros)
+                for d in mine
             }
             lab = None if lay.local_lab is None else put(lay.local_lab)
             return self._put(parts, kind), put(lay.local), lab, put(np.int32(lay.n_valid))
