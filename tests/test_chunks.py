@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import anndata as ad
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,13 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from jaxscanvi.data.batch import MAX_OFFSET, Batch, DeviceCells, check_offsets
+from jaxscanvi.data.batch import (
+    MAX_OFFSET,
+    Batch,
+    DenseDeviceCells,
+    DeviceCells,
+    check_offsets,
+)
 from jaxscanvi.data.cells import CellData, cell_data
 from jaxscanvi.data.sharded import slice_nnz
 from jaxscanvi.data.shuffle import RunCache, buffer_order
@@ -47,10 +55,12 @@ def _collect(carry, b):
     return carry + 1, out
 
 
+@pytest.mark.parametrize("dense", [True, False])
 @pytest.mark.parametrize("labelled", [False, True])
-def test_chunks_give_the_device_sources_epoch(monkeypatch, labelled):
+def test_chunks_give_the_device_sources_epoch(monkeypatch, labelled, dense):
     """Several chunks, the last one short, give the very minibatches the
-    resident source gathers, and count exactly the epoch's steps."""
+    resident source gathers, and count exactly the epoch's steps; dense
+    chunks (the CPU's) and CSR ones (accelerators', big chunks) alike."""
     monkeypatch.setattr(chunks, "CHUNK_CELLS", 16)  # 2 steps of 8 per chunk
     cells = _cells()
     B = 8
@@ -60,6 +70,12 @@ def test_chunks_give_the_device_sources_epoch(monkeypatch, labelled):
     rows, lab = rows[:7], None if lab is None else lab[:7]  # 7 steps: 4 chunks, last half
     assert chunks.chunk_steps(7, B) == 2
     host = HostSource(cells, B)
+    if not dense:
+        host.dense_chunk_bytes = 0
+    # dense on the CPU with the dense likelihood only
+    dense = dense and jax.default_backend() == "cpu" and not host.sparse
+    first = next(host.chunks(rows, lab))[0]
+    assert isinstance(first, DenseDeviceCells if dense else DeviceCells)
     c_host, out_host = host.run_epoch(_collect, jnp.asarray(0), rows, lab)
     c_dev, out_dev = DeviceSource(cells, B, dense_max_bytes=0).run_epoch(
         _collect, jnp.asarray(0), rows, lab
@@ -365,3 +381,27 @@ def test_copy_rows_pads_in_place_from_several_sources():
     np.testing.assert_array_equal(as_matrix(got, 7).toarray(), A[take].toarray())
     with pytest.raises(ValueError, match="capacity"):
         gather_rows(A, take, 1)
+
+
+def test_chunk_buffers_are_used_again_only_once_free():
+    """A pooled buffer comes back zeroed, and never while an array or a device
+    copy that uses it in place still holds it."""
+    pool = chunks.Buffers(keep=4)
+    shape = (1000, 100)
+    a = pool.zeros(shape, np.float32)
+    a[:] = 1
+    b = pool.zeros(shape, np.float32)
+    assert b is not a
+    del a
+    c = pool.zeros(shape, np.float32)
+    reused, zeroed = c is pool.held[0][1], not c.any()
+    assert reused and zeroed  # a's buffer, zeroed
+    d = jax.device_put(c)
+    del c
+    e = pool.zeros(shape, np.float32)
+    fresh = e is not pool.held[0][1] and e is not b
+    assert fresh  # d may still read c's buffer
+    del d
+    gc.collect()  # the device array lets go of the buffer once collected
+    again = pool.zeros(shape, np.float32) is pool.held[0][1]
+    assert again

@@ -5,7 +5,9 @@ from CSR counts on the device (`scan_program`). The device source scans all
 of an epoch's minibatches over the cells it holds. The host and stream
 sources run the same scan over *chunks*: the cells of S minibatches, gathered
 on the host into a small CSR (its data, indices and row offsets, plus the
-per-cell columns), shipped to the device and densified there. A thread
+per-cell columns), shipped to the device and densified there; on the CPU,
+where shipping is free, the host densifies it and the device gathers rows,
+as the device source does (`HostSource._dense`). A thread
 builds and ships chunk i+1 while chunk i computes, and nothing synchronises
 per step: per chunk, the host only dispatches.
 
@@ -20,6 +22,7 @@ cells.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import NamedTuple
@@ -27,6 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse as sp
 
 from ..data.sharded import columns
 from .loop import StepFns
@@ -156,21 +160,90 @@ def chunk_nnz(
 
 
 def host_chunk(
-    cells, take: np.ndarray, read: Callable, rows_cap: int, nnz_cap: int
+    cells,
+    take: np.ndarray,
+    read: Callable,
+    rows_cap: int,
+    nnz_cap: int,
+    dense: int = 0,
+    zeros: Callable | None = None,
 ) -> list[np.ndarray]:
-    """One device's chunk as host arrays, in the field order of `DeviceCells`.
+    """One device's chunk as host arrays, in the field order of `DeviceCells`
+    (`DenseDeviceCells` with ``dense``, its number of genes).
 
-    ``read(take, nnz_cap)`` gives the CSR (data, indices, indptr) of cells
-    ``take``, data and indices already padded to ``nnz_cap`` entries (built in
-    place: no second copy); the offsets are padded to ``rows_cap`` rows here
-    (empty rows past the end).
+    ``read(take, pad)`` gives the CSR (data, indices, indptr) of cells
+    ``take``, data and indices padded to ``pad`` entries (built in place: no
+    second copy); the offsets are padded to ``rows_cap`` rows here (empty rows
+    past the end). ``zeros(shape, dtype)`` gives the dense counts' array
+    (`aligned_zeros`, or a `Buffers`').
     """
-    data, indices, ptr = read(take, nnz_cap)
     m = len(take)
+    if dense:  # (rows_cap, G) counts, rows past the end zero
+        zeros = aligned_zeros if zeros is None else zeros
+        x = zeros((rows_cap, dense), np.float32)
+        X = sp.csr_matrix(read(take, 0), shape=(m, dense))
+        if X.dtype == np.float32:
+            X.toarray(out=x[:m])  # adds into the zeros, duplicates summed as on the device
+        else:
+            x[:m] = X.toarray()
+        return [x, *columns(cells, take, rows_cap)]
+    data, indices, ptr = read(take, nnz_cap)
     indptr = np.empty(rows_cap + 1, np.int32)  # a chunk's offsets fit 32 bits
     indptr[: m + 1] = ptr
     indptr[m + 1 :] = ptr[-1]
     return [data, indices, indptr, *columns(cells, take, rows_cap)]
+
+
+def aligned_zeros(shape, dtype) -> np.ndarray:
+    """Zeros whose buffer starts on 64 bytes: the CPU client then uses it in
+    place instead of copying it (`jax.device_put`), for a chunk never written again."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    buf = np.zeros(size + 64, np.uint8)
+    start = -buf.ctypes.data % 64
+    return buf[start : start + size].view(dtype).reshape(shape)
+
+
+class Buffers:
+    """Chunk arrays used again once nothing holds them: a fresh chunk's pages
+    cost the kernel a fault each, as much as building it.
+
+    A buffer the CPU client uses in place is held through its owner (the
+    base array) until no program needs it; one is free when only this pool
+    refers to it and to its owner. At most ``keep`` are kept.
+    """
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.held: list[tuple] = []  # (owner, array, refcounts when free)
+        self.lock = threading.Lock()
+
+    def zeros(self, shape: tuple, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        with self.lock:
+            for entry in self.held:
+                if entry[1].shape == shape and entry[1].dtype == dtype and _refs(entry) == entry[2]:
+                    entry[1].fill(0)
+                    return entry[1]
+            a = aligned_zeros(shape, dtype)
+            if len(self.held) >= self.keep:
+                return a
+            owner = a
+            while owner.base is not None:
+                owner = owner.base
+            self.held.append((owner, a, None))
+            del owner, a
+            refs = _refs(self.held[-1])  # before the new tuple takes its own references
+            owner, a, _ = self.held[-1]
+            self.held[-1] = (owner, a, refs)
+            return a
+
+
+def _refs(entry: tuple) -> tuple[int, int]:
+    """References to a held buffer's owner and array (the same count whenever
+    the buffer is free: the pool's, and this call's)."""
+    owner, a = entry[0], entry[1]
+    return sys.getrefcount(owner), sys.getrefcount(a)
 
 
 def prefetched(produce: Callable, n: int, depth: int = 2):

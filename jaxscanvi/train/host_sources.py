@@ -22,7 +22,9 @@ from ..compile_cache import ChunkEpochKey
 from ..compile_cache import functions as _COMPILED
 from ..data.backed import BackedRows
 from ..data.batch import (
+    DenseDeviceCells,
     DeviceCells,
+    dense_device_batch,
     device_batch,
 )
 from ..data.cells import CellData
@@ -33,7 +35,15 @@ from ..data.sharded import (
 )
 from ..data.shuffle import BUFFER_CELLS, RunCache, buffer_order, gather_rows
 from ..distributions import sparse_pays
-from .chunks import chunk_nnz, chunk_steps, host_chunk, layout, prefetched, scan_program
+from .chunks import (
+    Buffers,
+    chunk_nnz,
+    chunk_steps,
+    host_chunk,
+    layout,
+    prefetched,
+    scan_program,
+)
 from .orders import Source, epoch_rows, grown_cap, labelled_rows
 
 
@@ -49,6 +59,8 @@ class HostSource(Source):
 
     kind = "host"
     chunk_cells: int | None = None  # `chunks.CHUNK_CELLS`
+    # the most bytes of dense counts a chunk may hold (a few are in flight)
+    dense_chunk_bytes = 1 << 28
 
     def __init__(
         self,
@@ -70,6 +82,8 @@ class HostSource(Source):
         self.nnz_cap = 0  # grown to what each epoch's chunks hold
         self.prefetch = prefetch
         self._indptr = None  # the counts' offsets for `read` (made when first read)
+        # the dense chunks in flight: used again, not faulted in (`Buffers`)
+        self.buffers = Buffers(3 * (prefetch + 2))
 
     def read(self, take: np.ndarray, pad: int):
         """CSR rows ``take`` (increasing) of the counts, data and indices padded
@@ -90,7 +104,9 @@ class HostSource(Source):
 
         def build():
             def gather(cells, r):
-                if par is None:
+                if par is None and isinstance(cells, DenseDeviceCells):
+                    b = dense_device_batch(cells, r)
+                elif par is None:
                     b = device_batch(cells, r, G, K)
                 else:
                     b = par.constrain(sharded_batch(cells, r, par.mesh, G, K))
@@ -101,11 +117,23 @@ class HostSource(Source):
 
         return _COMPILED.get(key, build)
 
-    def _put(self, parts: dict):
-        """Device d's chunk arrays ``parts[d]`` onto device d (as DeviceCells)."""
+    def _put(self, parts: dict, kind: type):
+        """Device d's chunk arrays ``parts[d]`` onto device d (as ``kind``, a
+        `DeviceCells` or `DenseDeviceCells`)."""
         if self.parallel is None:
-            return DeviceCells(*jax.device_put(parts[0]))
-        return DeviceCells(*stack_on_devices(parts, self.parallel.mesh))
+            return kind(*jax.device_put(parts[0]))
+        return kind(*stack_on_devices(parts, self.parallel.mesh))
+
+    def _dense(self, rows_cap: int) -> bool:
+        """Whether chunks go dense: on the CPU, with the dense likelihood, when a
+        chunk's dense counts stay small. There the host densifies with numpy
+        and the device gathers rows, as the device source does; an accelerator
+        would pay the dense copy over its link, so it gets the CSR."""
+        return (
+            jax.default_backend() == "cpu"
+            and not self.sparse
+            and rows_cap * self.n_genes * 4 <= self.dense_chunk_bytes
+        )
 
     def chunks(self, rows, lab_rows=None):
         """An epoch's chunks on the device, built ``prefetch`` ahead by a thread:
@@ -136,13 +164,19 @@ class HostSource(Source):
         )
         put = jax.device_put if par is None else par.local_replica
         cells, nnz_cap = self.host, self.nnz_cap
+        dense = self.n_genes if self._dense(rows_cap) else 0
+        kind = DenseDeviceCells if dense else DeviceCells
+        zeros = self.buffers.zeros
 
         def produce(i):
             sl = slice(i * S, (i + 1) * S)
             lay = layout(rows[sl], None if lab_rows is None else lab_rows[sl], n_dev, S)
-            parts = {d: host_chunk(cells, lay.take[d], self.read, rows_cap, nnz_cap) for d in mine}
+            parts = {
+                d: host_chunk(cells, lay.take[d], self.read, rows_cap, nnz_cap, dense, zeros)
+                for d in mine
+            }
             lab = None if lay.local_lab is None else put(lay.local_lab)
-            return self._put(parts), put(lay.local), lab, put(np.int32(lay.n_valid))
+            return self._put(parts, kind), put(lay.local), lab, put(np.int32(lay.n_valid))
 
         return prefetched(produce, -(-n_steps // S), self.prefetch)
 
