@@ -25,7 +25,8 @@ With a label hierarchy (``config.label_parents``) a cell labelled at node v
 gets `subtree_bound`: the class terms summed over the leaves under v, q(c|z1)
 renormalised there, and its classification term is -log of q's mass under v
 (`subtree_cross_entropy`). A leaf label is L_S and the root L_U, so the flat
-case is the special case of one rule.
+case is the special case of one rule; a flat hierarchy (every leaf under the
+root) has no ``label_parents``, and so trains flat scANVI's program.
 """
 
 from __future__ import annotations

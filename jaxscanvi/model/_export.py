@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import torchfile
 from .._version import __version__
+from ..data import hierarchy
 from ..errors import InputError
 from ._weights import _LINEAR, _NETS_SCVI, map_weights
 
@@ -318,6 +319,34 @@ def _check_exportable(model) -> None:
                 "scvi-tools gives the classifier the encoder's normalisation, not its own",
                 "save it with format='jaxscanvi'",
             )
+    _check_flat_hierarchy(model)
+
+
+def _check_flat_hierarchy(model) -> None:
+    """A flat hierarchy is flat scANVI, which scvi-tools holds; but not cells
+    labelled with its root, a name outside scvi-tools' labels. The hierarchy
+    itself is not written (warned)."""
+    tree = hierarchy.from_registry(model.registry)
+    if tree is None:
+        return
+    reg = model.registry
+    if tree.root != reg.unlabeled_category and model.adata is not None:
+        at_root = int((model.adata.obs[reg.labels_key].astype(str) == tree.root).sum())
+        if at_root:
+            raise InputError(
+                "format",
+                "scvi-tools",
+                f"{at_root} cells are labelled with the hierarchy's root "
+                f"{tree.root!r}, which scvi-tools' SCANVI has no code for",
+                f"label them {reg.unlabeled_category!r} (the same to training), or "
+                "save with format='jaxscanvi'",
+            )
+    warnings.warn(
+        "scvi-tools format has no place for the label hierarchy: the file loads as "
+        "flat scANVI (the same weights and leaf predictions), without predict(level=...)",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def write_scvi_tools(model, dir_path, *, overwrite: bool, save_anndata: bool) -> None:

@@ -17,9 +17,13 @@ LEVELS = ("leaf", "deepest", "all")
 
 
 def parents_of(registry) -> tuple[int, ...] | None:
-    """The config's ``label_parents`` for a registry (None: flat labels)."""
+    """The config's ``label_parents`` for a registry: None for flat labels, and
+    for a flat hierarchy (the root the only inner node), whose bound and
+    classification loss are flat scANVI's (a leaf label is L_S, the root L_U),
+    so it trains flat scANVI's program. Prediction by level reads the
+    registry's hierarchy, not this."""
     tree = hierarchy.from_registry(registry)
-    return None if tree is None else tree.parents
+    return None if tree is None or not tree.inner else tree.parents
 
 
 def check_level(model, level, threshold, soft, unassigned_threshold) -> None:

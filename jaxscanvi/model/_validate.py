@@ -15,6 +15,7 @@ import dataclasses
 from ..data import hierarchy
 from ..data.registry import Registry
 from ..errors import InputError, ModelFormatError
+from ._hierarchy import parents_of
 from ._validate_blobs import check_variables
 from ._validate_core import MAX_DIM, Bad, int_in, is_int, is_num, str_list, want
 from ._validate_model import model_fields
@@ -216,10 +217,9 @@ def _sizes(config, registry: Registry) -> None:
     ):
         want(declared == actual, f"config.{field}", declared, f"the registry lists {actual}")
     declared = getattr(config, "label_parents", None)
-    tree = hierarchy.from_registry(registry)
     want(
-        declared == (None if tree is None else tree.parents),
+        declared == parents_of(registry),
         "config.label_parents",
         None if declared is None else list(declared)[:10],
-        "must be the tree of the registry's label_hierarchy",
+        "must be the tree of the registry's label_hierarchy (null when flat)",
     )

@@ -39,7 +39,8 @@ class SCANVIConfig(VAEConfig):
     y_prior: tuple[float, ...] | None = None
     class_chunk_size: int = 64
     # a label hierarchy: each label code's parent code (leaves, root, inner
-    # nodes; the root's is -1), or None for flat labels
+    # nodes; the root's is -1), or None for flat labels and flat hierarchies
+    # (`model._hierarchy.parents_of`)
     label_parents: tuple[int, ...] | None = None
 
     def __post_init__(self):
@@ -110,6 +111,10 @@ class SCANVIConfig(VAEConfig):
         for k in ("y_prior", "label_parents"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
+        parents = d.get("label_parents")
+        if parents is not None and len(parents) == d.get("n_labels", -1) + 1:
+            # a flat hierarchy's parents, in files saved before it trained as flat labels
+            d["label_parents"] = None
         return cls(**d)
 
     def leaf_mask(self):
