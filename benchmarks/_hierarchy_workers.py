@@ -150,6 +150,8 @@ def worker_steptime(
         "rounds": rounds,
         "epochs_per_round": epochs_per_round,
         "steps_per_epoch": steps,
+        # equal configs: the flat arm trains with the none arm's compiled program
+        "same_config": models["flat"].module.config == models["none"].module.config,
         "step_ms_none": round(1000 * float(np.median(wall["none"])) / steps, 3),
         "step_ms_flat_hierarchy": round(1000 * float(np.median(wall["flat"])) / steps, 3),
         "ratio_flat_over_none_wall": round(float(np.median(ratio_wall)), 4),

@@ -264,6 +264,6 @@ def test_hierarchy_benchmark_smoke(tmp_path):
     assert set(per_class["fine"]) == {"hier", "flat_fine"}
     assert set(per_class["coarse"]) == {"hier", "flat_coarse"}
     assert all(0 <= r <= 1 for r in per_class["fine"]["hier"]["recall"].values())
-    assert doc["steptime"]["ratio_flat_over_none_cpu"] > 0
+    assert doc["steptime"]["ratio_flat_over_none_cpu"] > 0 and doc["steptime"]["same_config"]
     assert [r["n_labels"] for r in doc["scale"]] == [10, 100]
     assert all(r["final_loss_finite"] for r in doc["scale"])

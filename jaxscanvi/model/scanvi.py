@@ -65,7 +65,8 @@ class SCANVI(BaseModel):
         cells carry labels at any depth: its leaves are the predicted types,
         and a cell labelled at an inner node is trained on the leaves under
         it (see the hierarchy guide). Refused before training: cycles, several
-        roots, a label missing from the map, a leaf no cell carries.
+        roots, a label missing from the map, a leaf no cell carries. A flat
+        hierarchy (every type under the root) trains exactly as flat labels.
         """
         _scanvi_args.check_setup_keys(labels_key, unlabeled_category)
         _setup(
