@@ -262,6 +262,7 @@ def test_atlas_benchmark_smoke(tmp_path):
     doc = json.loads(out.read_text())
     loaded = doc["loader"]["stores"]
     assert "memory (host source)" in loaded and "one .h5ad (BackedRows)" in loaded
+    assert "memory (host source), dense chunks" in loaded
     assert all(s["cells_per_s"] > 0 for s in loaded.values())
     for net in ("tiny", "default"):
         assert doc["overhead"][net]["host_vs_device"] > 0
