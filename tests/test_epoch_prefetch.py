@@ -119,8 +119,7 @@ def test_a_prepared_epoch_with_outgrown_shapes_is_built_again(monkeypatch):
     non-zeros grows the cap, so the prepared chunk is dropped and rebuilt at
     the cap the epoch would have had without it."""
     monkeypatch.setattr(chunks, "CHUNK_CELLS", 16)
-    X = sp.random(60, 7, density=0.3, format="csr", random_state=0, dtype=np.float32)
-    X.data[:] = 1
+    X = sp.csr_matrix((np.random.default_rng(0).random((60, 7)) < 0.3).astype(np.float32))
     X = sp.vstack([X, sp.csr_matrix(np.ones((20, 7), np.float32))], format="csr")
     cells = dataclasses.replace(_cells(80), X=X)
     src = HostSource(cells, B)
@@ -130,6 +129,7 @@ def test_a_prepared_epoch_with_outgrown_shapes_is_built_again(monkeypatch):
     r1 = epoch_rows(np.random.default_rng(1), np.arange(60), B)
     full = epoch_rows(np.random.default_rng(2), np.arange(60, 80), B, shuffle=False)
     src.run_epoch(_collecting(), jnp.asarray(0), r0, then=(r1, None))
+    assert src._ahead is not None
     feed = src._ahead.feed
     cap = src.nnz_cap
     src.run_epoch(_collecting(), jnp.asarray(0), full)  # leaves the prepared epoch be
