@@ -304,7 +304,8 @@ class Feed:
         _drain(self._q)
 
     def __del__(self):
-        self.close(wait=False)
+        if hasattr(self, "_thread"):  # (not when __init__ failed before it)
+            self.close(wait=False)
 
 
 _DONE = object()
