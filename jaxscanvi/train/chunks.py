@@ -8,7 +8,8 @@ on the host into a small CSR (its data, indices and row offsets, plus the
 per-cell columns), shipped to the device and densified there; on the CPU,
 where shipping is free, the host densifies it and the device gathers rows,
 as the device source does (`HostSource._dense`). A thread
-builds and ships chunk i+1 while chunk i computes, and nothing synchronises
+builds and ships chunk i+1 while chunk i computes (`Feed`), and the next
+epoch's first chunk while an epoch's last one computes; nothing synchronises
 per step: per chunk, the host only dispatches.
 
 Every chunk has the same shapes (S steps, the same row and non-zero
@@ -246,36 +247,94 @@ def _refs(entry: tuple) -> tuple[int, int]:
     return sys.getrefcount(owner), sys.getrefcount(a)
 
 
-def prefetched(produce: Callable, n: int, depth: int = 2):
-    """``produce(i)`` for i < n, computed ``depth`` items ahead by a thread that
-    starts at once (the first chunk is built while the program compiles)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done, stop = object(), threading.Event()
+class Feed:
+    """``produce(i)`` for i < n, built ``depth`` items ahead by a thread that
+    starts at once (the first chunk is built while the program compiles).
 
-    def work():
+    A ``held`` feed builds its first item only, and the rest once it is first
+    read: an epoch's first chunk built while the previous epoch's last one
+    computes, and no more before that epoch starts. `close` (or dropping
+    the feed) stops the thread; items it built are let go.
+    """
+
+    def __init__(self, produce: Callable, n: int, depth: int = 2, *, held: bool = False):
+        self.n = n
+        self._built = [0]  # items the thread has produced
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop, self._go = threading.Event(), threading.Event()
+        self._ended = False
+        if not held:
+            self._go.set()
+        # the thread holds no reference to the feed, so a dropped one is collected
+        args = (produce, n, self._q, self._stop, self._go, self._built)
+        self._thread = threading.Thread(
+            target=_feed_work, args=args, daemon=True, name="jaxscanvi-feed"
+        )
+        self._thread.start()
+
+    @property
+    def built(self) -> int:
+        """Items the thread has produced so far."""
+        return self._built[0]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._ended:
+            raise StopIteration
+        self._go.set()
+        item = self._q.get()
+        if item is _DONE:
+            self._ended = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self, *, wait: bool = True) -> None:
+        """Stop the thread (and, with ``wait``, wait for the item it is building)."""
+        self._ended = True
+        self._stop.set()
+        self._go.set()
+        _drain(self._q)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
+        _drain(self._q)
+
+    def __del__(self):
+        if hasattr(self, "_thread"):  # (not when __init__ failed before it)
+            self.close(wait=False)
+
+
+_DONE = object()
+
+
+def _feed_work(produce, n, q: queue.Queue, stop, go, built: list) -> None:
+    try:
+        for i in range(n):
+            if i == 1:
+                go.wait()  # a held feed goes on once read
+            if stop.is_set():
+                return
+            item = produce(i)
+            built[0] += 1
+            q.put(item)
+        if not stop.is_set():  # (after a close the queue may have no room)
+            q.put(_DONE)
+    except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
+        q.put(e)
+
+
+def _drain(q: queue.Queue) -> None:
+    while True:
         try:
-            for i in range(n):
-                if stop.is_set():
-                    return
-                q.put(produce(i))
-            q.put(done)
-        except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
-            q.put(e)
+            q.get_nowait()
+        except queue.Empty:
+            return
 
-    threading.Thread(target=work, daemon=True).start()
 
-    def items():
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:  # a consumer that stops early frees the thread
-            stop.set()
-            while not q.empty():
-                q.get_nowait()
-
-    return items()
+def prefetched(produce: Callable, n: int, depth: int = 2) -> Feed:
+    """``produce(i)`` for i < n, built ``depth`` ahead (a `Feed`)."""
+    return Feed(produce, n, depth)

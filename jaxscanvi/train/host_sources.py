@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +39,11 @@ from ..data.shuffle import BUFFER_CELLS, RunCache, buffer_order, gather_rows
 from ..distributions import sparse_pays
 from .chunks import (
     Buffers,
+    Feed,
     chunk_nnz,
     chunk_steps,
     host_chunk,
     layout,
-    prefetched,
     scan_program,
 )
 from .orders import Source, epoch_rows, grown_cap, labelled_rows
@@ -84,6 +86,7 @@ class HostSource(Source):
         self._indptr = None  # the counts' offsets for `read` (made when first read)
         # the dense chunks in flight: used again, not faulted in (`Buffers`)
         self.buffers = Buffers(3 * (prefetch + 2))
+        self._ahead: _Ahead | None = None  # the next epoch's first chunk (`prepare`)
 
     def read(self, take: np.ndarray, pad: int):
         """CSR rows ``take`` (increasing) of the counts, data and indices padded
@@ -135,9 +138,8 @@ class HostSource(Source):
             and rows_cap * self.n_genes * 4 <= self.dense_chunk_bytes
         )
 
-    def chunks(self, rows, lab_rows=None):
-        """An epoch's chunks on the device, built ``prefetch`` ahead by a thread:
-        (cells, local rows, local labelled rows, steps used) each."""
+    def _plan(self, rows, lab_rows, *, commit: bool = True) -> _Plan:
+        """An epoch's chunk shapes; with ``commit``, its caps grown into the source's."""
         par = self.parallel
         rows = np.asarray(rows)
         lab_rows = None if lab_rows is None else np.asarray(lab_rows)
@@ -146,13 +148,25 @@ class HostSource(Source):
         n_dev = 1 if par is None else par.size
         n_steps, B = rows.shape
         S = chunk_steps(n_steps, B, self.chunk_cells)
-        self.k_cap = grown_cap(
-            self.k_cap, self.row_nnz, per_device(rows, n_dev), per_device(lab_rows, n_dev)
-        )
-        need = chunk_nnz(self.row_nnz, rows, lab_rows, S, n_dev)
-        if need > self.nnz_cap:  # 1/8 headroom: a new shape (compile) is rare
-            self.nnz_cap = max(need + need // 8, 1)
         rows_cap = S * (B // n_dev) * (1 if lab_rows is None else 2)
+        dense = self.n_genes if self._dense(rows_cap) else 0
+        nnz_cap = self.nnz_cap
+        if commit or not dense:  # (a dense chunk holds no list of non-zeros)
+            need = chunk_nnz(self.row_nnz, rows, lab_rows, S, n_dev)
+            if need > nnz_cap:  # 1/8 headroom: a new shape (compile) is rare
+                nnz_cap = max(need + need // 8, 1)
+        if commit:
+            self.nnz_cap = nnz_cap
+            self.k_cap = grown_cap(
+                self.k_cap, self.row_nnz, per_device(rows, n_dev), per_device(lab_rows, n_dev)
+            )
+        return _Plan(rows, lab_rows, S, rows_cap, 0 if dense else nnz_cap, dense)
+
+    def _feed(self, plan: _Plan, *, held: bool = False) -> Feed:
+        """The chunks of ``plan``, built ``prefetch`` ahead by a thread."""
+        par = self.parallel
+        rows, lab_rows, S, rows_cap, nnz_cap, dense = plan
+        n_dev = 1 if par is None else par.size
         mine = (
             range(n_dev)
             if par is None
@@ -163,10 +177,8 @@ class HostSource(Source):
             ]
         )
         put = jax.device_put if par is None else par.local_replica
-        cells, nnz_cap = self.host, self.nnz_cap
-        dense = self.n_genes if self._dense(rows_cap) else 0
+        cells, zeros = self.host, self.buffers.zeros
         kind = DenseDeviceCells if dense else DeviceCells
-        zeros = self.buffers.zeros
 
         def produce(i):
             sl = slice(i * S, (i + 1) * S)
@@ -178,9 +190,39 @@ class HostSource(Source):
             lab = None if lay.local_lab is None else put(lay.local_lab)
             return self._put(parts, kind), put(lay.local), lab, put(np.int32(lay.n_valid))
 
-        return prefetched(produce, -(-n_steps // S), self.prefetch)
+        return Feed(produce, -(-rows.shape[0] // S), self.prefetch, held=held)
 
-    def run_epoch(self, step_fn, carry, rows, lab_rows=None):
+    def chunks(self, rows, lab_rows=None) -> Feed:
+        """An epoch's chunks on the device, built ``prefetch`` ahead by a thread:
+        (cells, local rows, local labelled rows, steps used) each. The next
+        epoch's, when `run_epoch` was told them, are already under way."""
+        plan = self._plan(rows, lab_rows)
+        ahead = self._ahead
+        if ahead is not None and _same(ahead.given, (rows, lab_rows)):
+            self._ahead = None
+            if ahead.plan[2:] == plan[2:]:  # built to the shapes this epoch takes
+                return ahead.feed
+            ahead.feed.close()
+        return self._feed(plan)
+
+    def prepare(self, rows, lab_rows=None) -> None:
+        """Start building the first chunk of an epoch of ``rows`` (taken up by
+        the `chunks` call given them); any earlier one not taken up is dropped.
+        Its caps are not the source's until then: an epoch in between (a
+        validation) grows them as it would have."""
+        self.close()
+        plan = self._plan(rows, lab_rows, commit=False)
+        self._ahead = _Ahead((rows, lab_rows), plan, self._feed(plan, held=True))
+
+    def close(self) -> None:
+        """Drop a prepared epoch's chunks and stop its thread."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.feed.close()
+
+    def run_epoch(self, step_fn, carry, rows, lab_rows=None, then=None):
+        """``then``: the next epoch's (rows, labelled rows), its first chunk
+        built while this epoch's last one computes (`prepare`)."""
         par = self.parallel
         n_steps = np.shape(rows)[0]
         stream = self.chunks(rows, lab_rows)  # sets the caps the program is built for
@@ -188,7 +230,10 @@ class HostSource(Source):
         if par is not None:
             carry = par.replicate(carry)
         outs = []
-        for chunk, local, local_lab, n_valid in stream:
+        for i, (chunk, local, local_lab, n_valid) in enumerate(stream):
+            if then is not None and i == stream.n - 1:
+                # before the dispatch, which may wait for the chunk's steps
+                self.prepare(*then)
             carry, out = fn(carry, chunk, local, local_lab, n_valid)
             if par is not None and jax.default_backend() == "cpu":
                 # sharded programs queued back to back can stall XLA's CPU
@@ -197,6 +242,32 @@ class HostSource(Source):
             outs.append(out)
         out = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a)[:n_steps], *outs)
         return carry, out
+
+
+class _Plan(NamedTuple):
+    """An epoch's rows (padded for the devices) and its chunks' shapes."""
+
+    rows: np.ndarray
+    lab_rows: np.ndarray | None
+    steps: int
+    rows_cap: int
+    nnz_cap: int  # 0 for dense chunks
+    dense: int  # genes, or 0 for CSR chunks
+
+
+class _Ahead(NamedTuple):
+    """A prepared epoch: the rows it was given, its plan, its chunks."""
+
+    given: tuple
+    plan: _Plan
+    feed: Feed
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Whether two (rows, labelled rows) pairs hold the same rows."""
+    return all(
+        x is y or (x is not None and y is not None and np.array_equal(x, y)) for x, y in zip(a, b)
+    )
 
 
 class StreamSource(HostSource):
@@ -215,9 +286,12 @@ class StreamSource(HostSource):
     def __init__(self, cells: CellData, batch_size: int, **kwargs):
         super().__init__(cells, batch_size, **kwargs)
         self.runs = RunCache(cells.X)
+        # a prepared epoch's first chunk may be read while a validation's are
+        self._reading = threading.Lock()
 
     def read(self, take: np.ndarray, pad: int):
-        return self.runs.rows(take, pad)
+        with self._reading:
+            return self.runs.rows(take, pad)
 
     def _buffer(self, n_cells: int, batch_size: int) -> int:
         """Cells per buffer: exactly one chunk of the epoch."""

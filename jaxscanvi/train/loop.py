@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..data.batch import Batch
 from ..errors import InputError, NonFiniteLossError
 from .history import add_scvi_tools_names
+from .orders import epoch_orders, validation_orders
 from .state import Schedule, TrainState, get_lr, set_lr
 
 
@@ -216,68 +217,50 @@ def run_loop(  # noqa: PLR0913 - the loop's parts, keyword-only
         disable=not cfg.progress_bar,
         leave=False,
     )
-    for epoch in bar:
-        t0 = time.perf_counter()
-        rng, rows, lab_rows = epoch_orders(source, cfg, epoch, train_idx, labelled_idx)
-        carry = (ts, jax.device_put(np.int32(-1)))
-        (ts_new, bad), (terms, counts, klw) = source.run_epoch(train_step, carry, rows, lab_rows)
-        bad = int(bad)
-        if bad >= 0 and cfg.on_nonfinite == "raise":
-            raise NonFiniteEpoch(nonfinite_message(ts_new, bad, terms, epoch), ts_new, loop)
-        ts = ts_new.replace(epoch=jax.device_put(np.int32(epoch + 1)))  # no eager add
-        record = train_record(epoch, terms, counts, klw, get_lr(ts.opt_state))
-        if has_val and validates(cfg, epoch):
-            vrows, vlab = validation_orders(source, cfg, epoch, rng, val_idx, val_labelled)
-            _, (vterms, vcounts, _) = source.run_epoch(eval_step, ts, vrows, vlab)
-            add_validation(record, vterms, vcounts)
-            if extra_val_metrics is not None:
-                record.update(extra_val_metrics(ts))
-        close_record(loop, record, time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{record['train_loss']:.4g}")
-        lr = get_lr(ts.opt_state)
-        new_lr, stop = after_epoch(loop, record, lr, cfg)
-        if new_lr != lr:
-            ts = ts.replace(opt_state=set_lr(ts.opt_state, new_lr))
-        if on_epoch_end is not None:
-            on_epoch_end(ts, loop)
-        if stop:
-            break
+    # the next epoch's orders, drawn an epoch early: the host and stream
+    # sources build its first chunk while this epoch's last one computes
+    ahead = None
+    try:
+        for epoch in bar:
+            t0 = time.perf_counter()
+            rng, rows, lab_rows = ahead or epoch_orders(source, cfg, epoch, train_idx, labelled_idx)
+            ahead = None
+            if epoch + 1 < cfg.max_epochs:  # each epoch's rng is its own: no other draw moves
+                ahead = epoch_orders(source, cfg, epoch + 1, train_idx, labelled_idx)
+            carry = (ts, jax.device_put(np.int32(-1)))
+            (ts_new, bad), (terms, counts, klw) = source.run_epoch(
+                train_step, carry, rows, lab_rows, then=ahead and ahead[1:]
+            )
+            bad = int(bad)
+            if bad >= 0 and cfg.on_nonfinite == "raise":
+                raise NonFiniteEpoch(nonfinite_message(ts_new, bad, terms, epoch), ts_new, loop)
+            ts = ts_new.replace(epoch=jax.device_put(np.int32(epoch + 1)))  # no eager add
+            record = train_record(epoch, terms, counts, klw, get_lr(ts.opt_state))
+            if has_val and validates(cfg, epoch):
+                vrows, vlab = validation_orders(source, cfg, epoch, rng, val_idx, val_labelled)
+                _, (vterms, vcounts, _) = source.run_epoch(eval_step, ts, vrows, vlab)
+                add_validation(record, vterms, vcounts)
+                if extra_val_metrics is not None:
+                    record.update(extra_val_metrics(ts))
+            close_record(loop, record, time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{record['train_loss']:.4g}")
+            lr = get_lr(ts.opt_state)
+            new_lr, stop = after_epoch(loop, record, lr, cfg)
+            if new_lr != lr:
+                ts = ts.replace(opt_state=set_lr(ts.opt_state, new_lr))
+            if on_epoch_end is not None:
+                on_epoch_end(ts, loop)
+            if stop:
+                break
+    finally:  # a prepared epoch that never runs (early stop, error) is dropped
+        source.close()
     bar.close()
     return ts, loop
 
 
 # The pieces of an epoch's bookkeeping, each on one model's LoopState: run_loop
-# uses them, and a sweep (`jaxscanvi.sweep`) uses them for each of its members.
-
-
-def epoch_orders(
-    source, cfg: FitConfig, epoch: int, train_idx: np.ndarray, labelled_idx: Callable | None
-):
-    """(rng, rows, labelled rows or None) of epoch ``epoch``, drawn from
-    ``default_rng([seed, epoch])``; the rng goes on to `validation_orders`."""
-    rng = np.random.default_rng([cfg.seed, epoch])
-    rows = source.order(rng, train_idx, cfg.batch_size)
-    lab_rows = None
-    if labelled_idx is not None:
-        lab_rows = source.labelled_order(rng, labelled_idx(rng), rows.shape[0], cfg.batch_size)
-    return rng, rows, lab_rows
-
-
-def validation_orders(
-    source, cfg: FitConfig, epoch: int, rng, val_idx: np.ndarray, val_labelled: Callable | None
-):
-    """(rows, labelled rows or None) of a validation pass, in cell order."""
-    vrows = source.order(rng, val_idx, cfg.batch_size, shuffle=False)
-    vlab = None
-    if val_labelled is not None:
-        vl = val_labelled()
-        vlab = source.labelled_order(
-            np.random.default_rng([cfg.seed, epoch, 1]),
-            vl if len(vl) else val_idx,
-            vrows.shape[0],
-            cfg.batch_size,
-        )
-    return vrows, vlab
+# uses them, and a sweep (`jaxscanvi.sweep`) uses them for each of its members
+# (with `epoch_orders` and `validation_orders`, from `orders`).
 
 
 def validation_every(cfg: FitConfig) -> int | None:

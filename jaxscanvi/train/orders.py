@@ -4,14 +4,20 @@
 for padding); `Source` is what every source shares: that order, split by
 slice of the cells in a many-host run. `rows_nnz` and `grown_cap` size the
 padded non-zero lists of the minibatches. The sources themselves are in
-`sources` (device) and `host_sources` (host and stream).
+`sources` (device) and `host_sources` (host and stream). `epoch_orders`
+and `validation_orders` draw a training loop's epoch from its seed.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .loop import FitConfig
 
 
 def epoch_rows(
@@ -87,6 +93,9 @@ class Source:
         """Bytes of cells resident on the fullest device (none: fed per step)."""
         return 0
 
+    def close(self) -> None:
+        """Let go of what was prepared for an epoch that will not run (`HostSource`)."""
+
     def _order(self, rng, idx, batch_size: int, *, shuffle: bool) -> np.ndarray:
         return epoch_rows(rng, idx, batch_size, shuffle=shuffle)
 
@@ -121,3 +130,33 @@ class Source:
                 for r, p in zip(rngs, parts)
             ]
         )
+
+
+def epoch_orders(
+    source, cfg: FitConfig, epoch: int, train_idx: np.ndarray, labelled_idx: Callable | None
+):
+    """(rng, rows, labelled rows or None) of epoch ``epoch``, drawn from
+    ``default_rng([seed, epoch])``; the rng goes on to `validation_orders`."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    rows = source.order(rng, train_idx, cfg.batch_size)
+    lab_rows = None
+    if labelled_idx is not None:
+        lab_rows = source.labelled_order(rng, labelled_idx(rng), rows.shape[0], cfg.batch_size)
+    return rng, rows, lab_rows
+
+
+def validation_orders(
+    source, cfg: FitConfig, epoch: int, rng, val_idx: np.ndarray, val_labelled: Callable | None
+):
+    """(rows, labelled rows or None) of a validation pass, in cell order."""
+    vrows = source.order(rng, val_idx, cfg.batch_size, shuffle=False)
+    vlab = None
+    if val_labelled is not None:
+        vl = val_labelled()
+        vlab = source.labelled_order(
+            np.random.default_rng([cfg.seed, epoch, 1]),
+            vl if len(vl) else val_idx,
+            vrows.shape[0],
+            cfg.batch_size,
+        )
+    return vrows, vlab

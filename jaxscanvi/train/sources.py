@@ -148,7 +148,9 @@ class DeviceSource(Source):
 
         return _COMPILED.get(key, build)
 
-    def run_epoch(self, step_fn, carry, rows, lab_rows=None):
+    def run_epoch(self, step_fn, carry, rows, lab_rows=None, then=None):
+        """``then`` (the next epoch's rows) is for the host sources: here every
+        cell is on the device already."""
         bounds = self.bounds
         sharded = bounds is not None
         if not self.dense:  # dense counts need no list of non-zeros
