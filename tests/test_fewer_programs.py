@@ -35,7 +35,9 @@ def test_init_is_one_program_with_the_same_values(small_atlas):
 
     adata = small_atlas.copy()
     SCVI.setup_anndata(adata, batch_key="batch")
-    clear_caches()  # the draw program, shared by every model, compiled anew
+    # the draw program, shared by every model, compiled anew
+    clear_caches()
+    jax.clear_caches()
     with ProgramLog() as log:
         m = SCVI(adata, n_hidden=24, n_latent=3, seed=3)
     assert log.n_programs == 1, log.by_name()
