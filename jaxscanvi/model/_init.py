@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,7 +76,7 @@ def _described(module) -> dict:
 def variable_shapes(module) -> dict:
     """The variables `init_variables` would make, as shapes and dtypes only:
     traced abstractly, so nothing of their size is allocated."""
-    shapes = dict(flax.linen.meta.unbox(_described(module)))
+    shapes = dict(nn.meta.unbox(_described(module)))
     shapes.setdefault("batch_stats", {})
     const = jax.ShapeDtypeStruct((module.config.n_batch,), jnp.float32)
     shapes["constants"] = {"library_log_means": const, "library_log_vars": const}
