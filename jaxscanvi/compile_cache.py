@@ -157,7 +157,8 @@ class ProgramKey:
 
 @dataclass(frozen=True)
 class InitKey(ProgramKey):
-    """A module's initialisation (`model._base.init_variables`).
+    """A module's initialisation by ``module.init`` (`model._init.init_variables`,
+    for modules it cannot describe).
 
     No numerics: initialisation draws with `jax.random` alone and returns
     only the variables, whatever kernels the traced forward pass would use,
@@ -165,6 +166,15 @@ class InitKey(ProgramKey):
     """
 
     module: Hashable  # a flax module: its class and fields
+
+
+@dataclass(frozen=True)
+class InitDrawKey(ProgramKey):
+    """The draws of every described module's initialisation
+    (`model._init._draw_rows`): one program for all models, by block shape."""
+
+    rows: int
+    chunk: int
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,20 @@ def test_host_keys_are_jax_keys(seed):
 
 def test_init_is_one_program_with_the_same_values(small_atlas):
     from jaxscanvi import SCVI
-    from jaxscanvi.model._base import dummy_batch
+    from jaxscanvi.compile_cache import clear_caches
+    from jaxscanvi.model._init import dummy_batch
 
     adata = small_atlas.copy()
     SCVI.setup_anndata(adata, batch_key="batch")
+    # the draw program, shared by every model, compiled anew
+    clear_caches()
+    jax.clear_caches()
     with ProgramLog() as log:
         m = SCVI(adata, n_hidden=24, n_latent=3, seed=3)
     assert log.n_programs == 1, log.by_name()
+    with ProgramLog() as log:
+        SCVI(adata, n_hidden=20, n_latent=3, seed=3)
+    assert log.n_programs == 0, log.by_name()
     # as construction compiled before: keys split outside, the same options
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(3), 3)
     c = m.module.config

@@ -142,7 +142,7 @@ def test_encoder_input_is_log1p_of_the_counts():
     """The encoders' input log(1 + x) equals XLA's log1p bit for bit on counts up
     to 2^20, and is within 1e-7 of log1p on non-integer values."""
     from jaxscanvi.data.batch import Batch
-    from jaxscanvi.model._base import init_variables
+    from jaxscanvi.model._init import init_variables
     from jaxscanvi.module import VAE, VAEConfig
 
     r = np.random.default_rng(0)

@@ -25,8 +25,8 @@ from jaxscanvi.data.batch import Batch
 from jaxscanvi.distributions import normal_log_prob
 from jaxscanvi.losses import classification_loss, forward, scanvi_elbo, scvi_terms
 from jaxscanvi.model import _scanvi_train
-from jaxscanvi.model._base import init_variables
 from jaxscanvi.model._calibration import softmax
+from jaxscanvi.model._init import init_variables
 from jaxscanvi.model.scanvi import expected_calibration_error
 from jaxscanvi.module import VAE
 from jaxscanvi.module.scanvae import class_noise

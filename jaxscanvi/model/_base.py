@@ -14,19 +14,15 @@ import copy
 import inspect
 import warnings
 from collections.abc import Callable
-from functools import partial
 from typing import Any, ClassVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ..compile_cache import InitKey, exported, functions
-from ..data.batch import Batch, NonZeros, host_batch
+from ..data.batch import Batch, host_batch
 from ..data.cells import CellData, cell_data
 from ..data.registry import Registry
 from ..errors import InputError
-from ..nn import prng
 from ..train import budget
 from ..train.config import TrainConfig
 from ..train.fit import FitFailed, FitPlan, FitResult, Task, check, fit
@@ -35,6 +31,7 @@ from ..train.parallel import to_default_device
 from ..train.state import TrainState
 from . import _align, _de, _downstream, _persist, _posterior, _query, _setup_view
 from ._inference import map_cells, nnz_bucket, row_positions
+from ._init import init_variables
 from ._query import QueryInfo
 
 _KEEP: Any = object()  # `_adopt`'s "leave this as it is"
@@ -317,84 +314,3 @@ def library_prior(cells, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
         if ll.size:
             means[b], var[b] = ll.mean(), ll.var()
     return means, var
-
-
-def dummy_batch(n_genes: int, n_cont: int, n_cat: int) -> Batch:
-    """Two cells of numpy arrays (jnp.ones would compile a program per shape)."""
-    B, f, i = 2, np.float32, np.int32
-    return Batch(
-        x=np.ones((B, n_genes), f),
-        nz=NonZeros(np.zeros(1, i), np.zeros(1, i), np.zeros(1, f)),
-        weight=np.ones(B, f),
-        batch=np.zeros(B, i),
-        labels=np.zeros(B, i),
-        cat_covs=np.zeros((B, n_cat), i),
-        cont_covs=np.zeros((B, n_cont), f),
-        log_size_factor=np.zeros(B, f),
-        log_library=np.ones(B, f),
-        lgamma_const=np.zeros(B, f),
-    )
-
-
-def variable_shapes(module) -> dict:
-    """The variables `init_variables` would make, as shapes and dtypes only:
-    traced abstractly, so nothing of their size is allocated."""
-    c = module.config
-
-    def init():
-        keys = dict(
-            zip(("params", "sample", "dropout"), jax.random.split(jax.random.PRNGKey(0), 3))
-        )
-        return dict(
-            module.init(
-                keys, dummy_batch(c.n_genes, c.n_continuous_cov, len(c.n_cats_per_cov)), train=False
-            )
-        )
-
-    shapes = jax.eval_shape(init)
-    shapes.setdefault("batch_stats", {})
-    const = jax.ShapeDtypeStruct((c.n_batch,), jnp.float32)
-    shapes["constants"] = {"library_log_means": const, "library_log_vars": const}
-    return shapes
-
-
-def init_variables(
-    module, n_genes: int, n_cont: int, n_cat: int, seed: int, constants: dict | None = None
-):
-    """Initialise a module's variables on a dummy batch of two cells."""
-    batch = dummy_batch(n_genes, n_cont, n_cat)
-    key = prng.host_key(seed) if prng.host_keys_ok() else jax.random.PRNGKey(seed)
-    # init runs once per model: skip XLA's backend optimisation, which would
-    # otherwise take most of the construction time (same values either way);
-    # initialisation draws with jax.random alone, so no backend pinning. The
-    # key is split inside, so construction is this one program
-    init = functions.get(InitKey(module), lambda: _init_program(module, key, batch))
-    # an exported program's outputs come back committed to their device, which
-    # would make training compile its epoch again on the next train() call;
-    # through the host they are plain (uncommitted) arrays, as jit's (parameters
-    # are megabytes, copied once per model)
-    variables = jax.tree_util.tree_map(
-        lambda a: jax.device_put(np.asarray(a)), dict(init(key, batch))
-    )
-    variables.setdefault("batch_stats", {})
-    if constants is not None:
-        variables["constants"] = constants
-    return variables
-
-
-_INIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _init_program(module, key, batch):
-    # through the exported-program cache where the module prints stably
-    text = repr(module)
-    if " at 0x" in text:
-        return jax.jit(partial(_init, module), compiler_options=_INIT_OPTIONS)
-    return exported(
-        ("init", text), partial(_init, module), key, batch, compiler_options=_INIT_OPTIONS
-    )
-
-
-def _init(module, key, batch):
-    k1, k2, k3 = jax.random.split(key, 3)
-    return module.init({"params": k1, "sample": k2, "dropout": k3}, batch, train=False)

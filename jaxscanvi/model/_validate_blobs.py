@@ -16,7 +16,7 @@ from ..module.vae import VAE
 
 @functools.lru_cache(maxsize=16)
 def _expected(module) -> dict:
-    from ._base import variable_shapes
+    from ._init import variable_shapes
 
     flat = {}
 

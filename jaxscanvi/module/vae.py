@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from ..data.batch import Batch
 from ..errors import InputError
 from ..nn import prng
+from ..nn.init import Normal
 from ..nn.networks import DecoderSCVI, Encoder
 
 Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
@@ -189,7 +190,7 @@ class VAE(nn.Module):
             "gene-cell": None,
         }[c.dispersion]
         if shape is not None and c.gene_likelihood != "poisson":
-            self.px_r = self.param("px_r", nn.initializers.normal(1.0), shape)
+            self.px_r = self.param("px_r", Normal(1.0), shape)
 
     def _cats(self, batch: Batch):
         return (batch.batch, *tuple(batch.cat_covs[:, j] for j in range(batch.cat_covs.shape[1])))

@@ -27,15 +27,11 @@ import jax.numpy as jnp
 
 from .. import backend
 from . import prng
+from .init import Fill, TorchUniform
 
 
-def torch_uniform(fan_in: int):
-    bound = 1.0 / jnp.sqrt(max(fan_in, 1))
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+def torch_uniform(fan_in: int) -> TorchUniform:
+    return TorchUniform(fan_in)
 
 
 def _matmul(a, b):
@@ -111,10 +107,10 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool, mask=None):
         features = x.shape[-1]
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
-        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,))
-        scale = self.param("scale", nn.initializers.ones, (features,))
-        bias = self.param("bias", nn.initializers.zeros, (features,))
+        ra_mean = self.variable("batch_stats", "mean", Fill(0.0), None, (features,))
+        ra_var = self.variable("batch_stats", "var", Fill(1.0), None, (features,))
+        scale = self.param("scale", Fill(1.0), (features,))
+        bias = self.param("bias", Fill(0.0), (features,))
         if not train or self.frozen:
             y = (x - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon)
             return y * scale + bias
