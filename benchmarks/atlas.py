@@ -8,9 +8,7 @@ Three parts, each written to ``benchmarks/results/atlas.json`` (``--out``):
   files; annbatch and TileDB-SOMA where installed), read from the page
   cache (each file is read once before timing). In memory also with the
   dense chunks CPU training ships instead (``dense chunks``: each chunk's
-  counts densified on the host, 1.6 GB written per epoch here). First it
-  writes ``--pretouch-gib`` of memory once (`pretouch`: on a VM that backs
-  its memory lazily, first touches otherwise dominate the epochs). Cells/s,
+  counts densified on the host, 1.6 GB written per epoch here). Cells/s,
   CSR GB/s and the RSS it adds; for each store, ``reading_alone``: its library's read rate
   for the same runs (replayed, nothing built or shipped) and for all rows in
   order, the bound on what the loader can reach.
@@ -143,29 +141,12 @@ def _read_bounds(open_x, n: int, batch_size: int) -> dict:
     }
 
 
-def pretouch(gib: float) -> float:
-    """Write ``gib`` GiB once and free it; the seconds that took.
-
-    A virtual machine may back its memory lazily: there the first write to
-    a page the guest never used costs the hypervisor a fault (about 4 s per
-    GB on the development VM), and the loader's epochs, which allocate
-    chunk and read buffers, scattered from 0.2 s to 1.8 s with the same
-    reads. Touched once, the pages stay backed, so the epochs then time the
-    loader, not the hypervisor."""
-    t0 = time.perf_counter()
-    if gib > 0:
-        a = np.ones(int(gib * (1 << 30)), np.uint8)
-        del a
-    return time.perf_counter() - t0
-
-
-def part_loader(n_cells: int, batch_size: int, tmp: Path, pretouch_gib: float = 0.0) -> dict:
+def part_loader(n_cells: int, batch_size: int, tmp: Path) -> dict:
     """Each store's streamed epoch of chunks, against the in-memory host source's."""
     from stores import build, warm
 
     from jaxscanvi.train.sources import HostSource, StreamSource
 
-    touched = pretouch(pretouch_gib)
     X = random_csr(n_cells, 2000, 0.05)
     gb = (X.data.nbytes + X.indices.nbytes) / 1e9
     stores, _ = build(X, tmp)  # one .h5ad, 4 files, annbatch, SOMA: what is installed
@@ -184,8 +165,6 @@ def part_loader(n_cells: int, batch_size: int, tmp: Path, pretouch_gib: float = 
         "density": 0.05,
         "csr_gb": round(gb, 3),
         "batch_size": batch_size,
-        "pretouch_gib": pretouch_gib,
-        "pretouch_seconds": round(touched, 2),
         "stores": {},
     }
     for name, make in makers.items():
@@ -383,12 +362,6 @@ def main(argv=None) -> int:
     p.add_argument("--mixing-cells", type=int, default=60_000)
     p.add_argument("--memory-cells", type=int, default=20_000_000)
     p.add_argument("--mixing-seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument(
-        "--pretouch-gib",
-        type=float,
-        default=6.0,
-        help="memory written once before the loader part (`pretouch`; 0: none)",
-    )
     p.add_argument("--tmp", default=None, help="folder for the stores (memory: 16 GB)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
@@ -403,9 +376,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=args.tmp) as d:
         tmp = Path(d)
         if "loader" in args.parts:
-            result["loader"] = part_loader(
-                sizes["loader"], 1024 if big else 128, tmp, args.pretouch_gib if big else 0.0
-            )
+            result["loader"] = part_loader(sizes["loader"], 1024 if big else 128, tmp)
         if "overhead" in args.parts:
             result["overhead"] = part_overhead(
                 sizes["overhead"], 4 if big else 2, 3 if big else 1, tmp
