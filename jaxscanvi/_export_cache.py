@@ -46,9 +46,15 @@ def available() -> bool:
 def folder() -> Path | None:
     """Where entries go: beside JAX's persistent cache; None when it is off
     (or serialization is unavailable)."""
+    return entries_folder() if available() else None
+
+
+def entries_folder() -> Path | None:
+    """``<JAX's persistent cache folder>_exported``; None when that cache is off.
+    Entries that need no serializer (`model._plan_store`) go here too."""
     # jax.config's flags are attributes set at run time: pyright does not see them
     jax_dir = jax.config.jax_compilation_cache_dir  # pyright: ignore[reportAttributeAccessIssue]
-    if not jax_dir or not available():
+    if not jax_dir:
         return None
     p = Path(jax_dir)
     return p.with_name(p.name + "_exported")

@@ -35,6 +35,8 @@ def cache(tmp_path):
     saved = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
     cc.reset_cache()
+    # programs an earlier test built with the cache off (the draw program)
+    compile_cache.clear_caches()
     TRACES.clear()
     yield tmp_path / "jax_exported"
     jax.config.update("jax_compilation_cache_dir", saved)

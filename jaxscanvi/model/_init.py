@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -29,6 +29,8 @@ from ..compile_cache import InitDrawKey, InitKey, exported, functions
 from ..data.batch import Batch, NonZeros
 from ..nn import prng
 from ..nn.init import Described, describing
+from . import _plan_store
+from ._plan_store import Leaf
 
 # init runs once per model: skip XLA's backend optimisation, which would
 # otherwise take most of the construction time (same values either way)
@@ -75,8 +77,14 @@ def _described(module) -> dict:
 
 def variable_shapes(module) -> dict:
     """The variables `init_variables` would make, as shapes and dtypes only:
-    traced abstractly, so nothing of their size is allocated."""
-    shapes = dict(nn.meta.unbox(_described(module)))
+    from the plan, else traced abstractly; nothing of their size is allocated."""
+    plan = _plan(module)
+    if plan is not None:
+        tree, leaves = plan
+        structs = [jax.ShapeDtypeStruct(leaf.shape, jnp.float32) for leaf in leaves]
+        shapes = dict(jax.tree_util.tree_unflatten(tree, structs))
+    else:
+        shapes = dict(nn.meta.unbox(_described(module)))
     shapes.setdefault("batch_stats", {})
     const = jax.ShapeDtypeStruct((module.config.n_batch,), jnp.float32)
     shapes["constants"] = {"library_log_means": const, "library_log_vars": const}
@@ -133,24 +141,27 @@ def describable(module) -> bool:
     return _plan(module) is not None
 
 
-class Leaf(NamedTuple):
-    """One variable: its kind and arguments (`nn.init.Described`), its shape,
-    and for a draw the data Flax folds into the params key for it."""
-
-    kind: str
-    args: tuple
-    shape: tuple[int, ...]
-    fold: int | None
-
-
 @functools.lru_cache(maxsize=32)
 def _plan(module) -> tuple[Any, tuple[Leaf, ...]] | None:
     """(tree structure, leaves) of the module's variables, or None where some
-    variable is not described (or Flax's keys cannot be derived here)."""
+    variable is not described (or Flax's keys cannot be derived here).
+    Kept on disk (`_plan_store`) where the module prints stably, so a warm
+    process neither traces ``module.init`` nor describes it again."""
     if not _host_draws_ok() or getattr(module, "encoder_cls", None) is not None:
         return None
     if getattr(module, "decoder_cls", None) is not None:
         return None
+    text = repr(module)
+    stable = " at 0x" not in text  # an address differs in every process
+    plan = _plan_store.load(text) if stable else None
+    if plan is None:
+        plan = _traced_plan(module)
+        if plan is not None and stable:
+            _plan_store.save(text, *plan)
+    return plan
+
+
+def _traced_plan(module) -> tuple[Any, tuple[Leaf, ...]] | None:
     is_box = lambda x: isinstance(x, Described)  # noqa: E731
     flat, tree = jax.tree_util.tree_flatten_with_path(_described(module), is_leaf=is_box)
     if not all(is_box(v) and v.value.dtype == jnp.float32 for _, v in flat):
