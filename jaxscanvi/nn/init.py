@@ -10,7 +10,7 @@ trace of ``module.init`` and draws the values outside any per-model program.
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-# the calls recorded so far, while `describing()` is on
-_calls: contextvars.ContextVar[list | None] = contextvars.ContextVar("init_calls", default=None)
+# the calls recorded so far, while `describing()` is on in this thread (a
+# thread-local: `backend` keeps the package's one context variable)
+_state = threading.local()
 
 
 class Described(struct.PyTreeNode, nn.meta.AxisMetadata):
@@ -49,16 +50,17 @@ class Described(struct.PyTreeNode, nn.meta.AxisMetadata):
 @contextlib.contextmanager
 def describing():
     """Initialisers called inside return `Described` boxes."""
-    token = _calls.set([])
+    outer = getattr(_state, "calls", None)
+    _state.calls = []
     try:
         yield
     finally:
-        _calls.reset(token)
+        _state.calls = outer
 
 
 def _described(kind: str, args: tuple, shape, dtype) -> Any:
     """A `Described` box while describing (typed Any: it stands in for an array), else None."""
-    calls = _calls.get()
+    calls = getattr(_state, "calls", None)
     if calls is None:
         return None
     calls.append(kind)
